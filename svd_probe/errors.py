@@ -1,0 +1,84 @@
+"""Typed errors of svd-probe.
+
+Every error a user can cause (a bad model name, a corrupt shard, a bad flag, a missing token)
+is an `SvdProbeError`. It carries a short message that names the problem and a `hint` that names
+the fix; the CLI prints both and exits non-zero, never with a traceback. Library users catch the
+specific subclass they care about.
+"""
+
+from __future__ import annotations
+
+
+class SvdProbeError(Exception):
+    """Base class: a problem the user can fix. `hint` says how."""
+
+    exit_code: int = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n{self.hint}"
+
+
+# --- Model names and checkpoint access -------------------------------------------------------
+
+
+class UnknownModelError(SvdProbeError):
+    """MODEL is neither a known alias, a Hub repo id `org/name`, nor an existing local folder."""
+
+
+class RepoNotFoundError(SvdProbeError):
+    """The Hub (or mirror) has no such repository, or it is private and no token was given."""
+
+
+class RevisionNotFoundError(SvdProbeError):
+    """The repository exists but `--revision` names no branch, tag or commit of it."""
+
+
+class GatedRepoError(SvdProbeError):
+    """The repository is gated or needs authentication."""
+
+
+class EntryNotFoundError(SvdProbeError):
+    """A file the checkpoint layout requires (config.json, an index, a shard) is missing."""
+
+
+class CorruptShardError(SvdProbeError):
+    """A safetensors file has an invalid header or a tensor whose bytes do not match it."""
+
+    def __init__(self, message: str, *, file: str, tensor: str | None = None, hint: str | None = None):
+        where = f"{file}" + (f" (tensor {tensor})" if tensor else "")
+        super().__init__(f"corrupt shard {where}: {message}", hint)
+        self.file = file
+        self.tensor = tensor
+
+
+class TransferError(SvdProbeError):
+    """A range read kept failing after every retry (network down, server errors)."""
+
+    exit_code = 3
+
+
+class UnsupportedModelError(SvdProbeError):
+    """config.json names a `model_type` that no architecture adapter reads."""
+
+
+# --- Analysis options and cache --------------------------------------------------------------
+
+
+class BadOptionError(SvdProbeError):
+    """A flag's value is malformed or asks for something the model lacks (e.g. `--layers 99`)."""
+
+
+class CacheMissError(SvdProbeError):
+    """The cache holds no analysis for this model and options; the hint names the command."""
+
+
+# --- Training --------------------------------------------------------------------------------
+
+
+class TrainingInputError(SvdProbeError):
+    """A data path, tokenizer or model config for `svd-probe train` is missing or malformed."""

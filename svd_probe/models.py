@@ -1,0 +1,83 @@
+"""Model names: aliases, Hub repo ids and local folders, resolved to one `ModelRef`.
+
+Everywhere a command takes MODEL it accepts an alias (`deepseek-v3`), a Hub repo id
+(`org/name`) or a local folder. An existing folder wins over everything else, so a folder named
+like an alias still means the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from svd_probe.errors import UnknownModelError
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    alias: str
+    repo_id: str
+    note: str = ""
+
+
+# Known checkpoints. Shapes for the `models` table come from `svd_probe.hub.known_configs`.
+ALIASES: dict[str, ModelAlias] = {
+    a.alias: a
+    for a in [
+        ModelAlias("deepseek-v3", "deepseek-ai/DeepSeek-V3"),
+        ModelAlias("deepseek-v3-base", "deepseek-ai/DeepSeek-V3-Base"),
+        ModelAlias("deepseek-r1", "deepseek-ai/DeepSeek-R1"),
+        ModelAlias("deepseek-v3.1", "deepseek-ai/DeepSeek-V3.1"),
+        ModelAlias("kimi-k2", "moonshotai/Kimi-K2-Instruct"),
+        ModelAlias("kimi-k2-base", "moonshotai/Kimi-K2-Base"),
+        ModelAlias("kimi-k2-thinking", "moonshotai/Kimi-K2-Thinking"),
+        ModelAlias("deepseek-v2", "deepseek-ai/DeepSeek-V2"),
+        ModelAlias("deepseek-v2-lite", "deepseek-ai/DeepSeek-V2-Lite"),
+        ModelAlias("moonlight", "moonshotai/Moonlight-16B-A3B"),
+        ModelAlias("llama-3.1-8b", "meta-llama/Llama-3.1-8B", "gated: needs a token"),
+        ModelAlias("qwen2.5-7b", "Qwen/Qwen2.5-7B"),
+        ModelAlias("mistral-7b", "mistralai/Mistral-7B-v0.1"),
+    ]
+}
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a MODEL argument names."""
+
+    name: str  # as the user typed it
+    repo_id: str | None = None  # Hub repo, for aliases and repo ids
+    local_path: Path | None = None  # for local folders
+    alias: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.local_path is not None
+
+    @property
+    def display(self) -> str:
+        return self.alias or self.repo_id or str(self.local_path)
+
+
+def resolve_model(name: str) -> ModelRef:
+    """Turn a MODEL argument into a `ModelRef`, or raise `UnknownModelError` naming the fix."""
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        return ModelRef(name=name, local_path=path.resolve())
+    key = name.lower()
+    if key in ALIASES:
+        return ModelRef(name=name, repo_id=ALIASES[key].repo_id, alias=key)
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and not _REPO_ID.match(name)
+    if looks_like_path:
+        raise UnknownModelError(f"no such folder: {name}", "Pass an existing checkpoint folder, an alias, or a Hub repo id org/name.")
+    if _REPO_ID.match(name):
+        return ModelRef(name=name, repo_id=name)
+    raise UnknownModelError(
+        f"unknown model {name!r}",
+        "Use an alias (" + ", ".join(ALIASES) + "), a Hub repo id like org/name, or a local folder. "
+        "`svd-probe models` lists the aliases.",
+    )

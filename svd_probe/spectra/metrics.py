@@ -1,0 +1,139 @@
+"""Effective-rank metrics of a stored spectrum (REFERENCE.md §4).
+
+Each metric is a pure function of σ (sorted descending) and, where the definition needs it,
+the matrix shape (m, n) and the storage dtype's machine epsilon. They run on numpy float64 so
+that the cache, the exporter and the plots agree to the last digit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DEFAULT_ERRORS = (0.01, 0.001)
+
+# Machine epsilon of the dtypes weights are stored in; the meaningful tolerance for the
+# numerical rank of a quantized weight is its storage precision, not float64's.
+STORAGE_EPS = {
+    "F8_E4M3": 2.0**-3,
+    "F8_E5M2": 2.0**-2,
+    "BF16": 2.0**-7,
+    "F16": 2.0**-10,
+    "F32": 2.0**-23,
+    "F64": 2.0**-52,
+}
+
+
+def _sorted(sigma) -> np.ndarray:
+    s = np.asarray(sigma, dtype=np.float64).ravel()
+    return np.sort(np.clip(s, 0.0, None))[::-1]
+
+
+def energy_rank(sigma, error: float) -> int:
+    """Smallest r with Σ_{i≤r} σ_i² ≥ (1 − error)·Σσ² ("rank at `error`"); 0 for a zero matrix."""
+    if not 0.0 <= error < 1.0:
+        raise ValueError(f"error must be in [0, 1), got {error}")
+    s2 = _sorted(sigma) ** 2
+    total = s2.sum()
+    if total == 0.0:
+        return 0
+    cum = np.cumsum(s2)
+    # A relative slack of a few ulps keeps exact cases (e.g. error=0 on a rank-r matrix)
+    # from being pushed one index further by rounding in the cumulative sum.
+    target = (1.0 - error) * total * (1.0 - 8 * np.finfo(np.float64).eps)
+    return int(np.searchsorted(cum, target, side="left") + 1)
+
+
+def entropy_rank(sigma) -> float:
+    """Roy & Vetterli (2007): exp(H(p)), p_i = σ_i / Σσ."""
+    s = _sorted(sigma)
+    total = s.sum()
+    if total == 0.0:
+        return 0.0
+    p = s[s > 0] / total
+    return float(math.exp(-(p * np.log(p)).sum()))
+
+
+def stable_rank(sigma) -> float:
+    """‖A‖_F² / ‖A‖_2² = Σσ² / σ₁²."""
+    s = _sorted(sigma)
+    if s.size == 0 or s[0] == 0.0:
+        return 0.0
+    return float((s**2).sum() / s[0] ** 2)
+
+
+def participation_ratio(sigma) -> float:
+    """(Σσ²)² / Σσ⁴."""
+    s2 = _sorted(sigma) ** 2
+    denom = (s2**2).sum()
+    return 0.0 if denom == 0.0 else float(s2.sum() ** 2 / denom)
+
+
+def numerical_rank(sigma, shape: tuple[int, int], eps: float) -> int:
+    """#{σ_i > max(m, n)·eps·σ₁} with eps the storage dtype's machine epsilon."""
+    s = _sorted(sigma)
+    if s.size == 0 or s[0] == 0.0:
+        return 0
+    tol = max(shape) * eps * s[0]
+    return int((s > tol).sum())
+
+
+def gavish_donoho_omega(beta: float) -> float:
+    """ω(β) of the optimal hard threshold with unknown noise (Gavish & Donoho 2014, eq. 5)."""
+    return 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+
+
+def gavish_donoho_rank(sigma, shape: tuple[int, int]) -> int:
+    """#{σ_i > ω(β)·median(σ)} with β = min(m, n) / max(m, n)."""
+    s = _sorted(sigma)
+    if s.size == 0:
+        return 0
+    m, n = shape
+    beta = min(m, n) / max(m, n)
+    tau = gavish_donoho_omega(beta) * float(np.median(s))
+    return int((s > tau).sum())
+
+
+def relative_error_at_rank(sigma, r: int) -> float:
+    """‖A − A_r‖_F / ‖A‖_F for the best rank-r approximation: sqrt(Σ_{i>r} σ_i² / Σσ²)."""
+    if r < 0:
+        raise ValueError(f"rank must be ≥ 0, got {r}")
+    s2 = _sorted(sigma) ** 2
+    total = s2.sum()
+    if total == 0.0:
+        return 0.0
+    return float(math.sqrt(max(s2[r:].sum(), 0.0) / total))
+
+
+def energy_kept_at_rank(sigma, r: int) -> float:
+    """Fraction of Σσ² captured by the top r singular values."""
+    return 1.0 - relative_error_at_rank(sigma, r) ** 2
+
+
+def error_column(error: float) -> str:
+    """Column name of the energy rank at `error`: 0.01 → 'rank_1pct', 0.001 → 'rank_0.1pct'."""
+    pct = f"{error * 100:.6g}"
+    return f"rank_{pct}pct"
+
+
+def spectrum_metrics(
+    sigma,
+    shape: tuple[int, int],
+    *,
+    storage_dtype: str = "F32",
+    errors: tuple[float, ...] = DEFAULT_ERRORS,
+    at_rank: int | None = None,
+) -> dict[str, float | int]:
+    """All metrics of one spectrum, as one row of the metrics table."""
+    row: dict[str, float | int] = {"full_rank": int(min(shape)), "sigma_max": float(_sorted(sigma)[0]) if np.size(sigma) else 0.0}
+    for e in errors:
+        row[error_column(e)] = energy_rank(sigma, e)
+    row["entropy_rank"] = entropy_rank(sigma)
+    row["stable_rank"] = stable_rank(sigma)
+    row["participation_ratio"] = participation_ratio(sigma)
+    row["numerical_rank"] = numerical_rank(sigma, shape, STORAGE_EPS.get(storage_dtype, STORAGE_EPS["F32"]))
+    row["gavish_donoho_rank"] = gavish_donoho_rank(sigma, shape)
+    if at_rank is not None:
+        row[f"rel_error_at_{at_rank}"] = relative_error_at_rank(sigma, at_rank)
+    return row
