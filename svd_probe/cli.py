@@ -90,7 +90,8 @@ def analyze_cmd(
         force=force,
         concurrency=concurrency,
     )
-    with analysis_progress(err, enabled=not as_json and err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
+    # Progress goes to stderr, so it never mixes with --json on stdout.
+    with analysis_progress(err, enabled=err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
         result = analyze(request, progress=progress)
     rows = summary_rows(result)
     if as_json:

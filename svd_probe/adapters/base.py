@@ -82,11 +82,15 @@ class ModelDims:
 
 
 class ArchitectureAdapter(Protocol):
-    """What the analysis needs from a layout. Implementations live beside this module."""
+    """What the analysis needs from a layout. Implementations live beside this module.
+
+    Constructed as `Adapter(config, tensor_names)`: the names let an adapter find where the
+    layers live (e.g. under a `language_model.` prefix) without a hard-coded prefix.
+    """
 
     model_types: tuple[str, ...]
 
-    def dims(self, config: dict) -> ModelDims: ...
+    def dims(self, config: dict | None = None) -> ModelDims: ...
 
     def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:
         """Names of the weights (and norm weights) layer `layer` needs for these matrix kinds.

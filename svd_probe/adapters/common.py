@@ -1,0 +1,34 @@
+"""Small pieces every adapter uses: norm folding and finding where layers live in the names."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+
+
+def fold(weight: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
+    """Fold a norm's elementwise weight into the projection that reads the normalized vector.
+
+    y = W · (g ⊙ x̂) = (W · diag(g)) · x̂, so g multiplies W's columns.
+    """
+    if norm_weight is None:
+        return weight
+    return weight * norm_weight.to(weight.dtype).reshape(1, -1)
+
+
+def layer_prefix_finder(tensor_names: set[str] | None, probe_suffix: str, default: str = "model.layers.") -> Callable[[int], str]:
+    """Return layer → name prefix, discovering the real prefix from the checkpoint's names.
+
+    Some releases put the decoder under another prefix (e.g. `language_model.model.layers.`).
+    We look for `<prefix><L>.<probe_suffix>` and keep `<prefix>`; names are matched by exact
+    suffix, so stray tensors such as `rotary_emb.inv_freq` never confuse it.
+    """
+    base = default
+    if tensor_names:
+        pattern = re.compile(r"^(.*?)(\d+)\." + re.escape(probe_suffix) + r"$")
+        found = sorted({m.group(1) for name in tensor_names if (m := pattern.match(name))}, key=len)
+        if found:
+            base = found[0]
+    return lambda layer: f"{base}{layer}."

@@ -1,0 +1,119 @@
+"""Multi-head latent attention: DeepSeek-V2/V3/V3.2, Kimi-K2, Moonlight (REFERENCE.md §1, §3).
+
+Tensors of layer L (prefix `…layers.L.self_attn.`):
+    q_a_proj [q_lora, H], q_a_layernorm [q_lora], q_b_proj [n·(d_nope+d_rope), q_lora]
+        or, without a query latent (q_lora_rank: null), q_proj [n·(d_nope+d_rope), H]
+    kv_a_proj_with_mqa [kv_lora + d_rope, H], kv_a_layernorm [kv_lora]
+    kv_b_proj [n·(d_nope + d_v), kv_lora]   — per head [key rows | value rows], interleaved
+    o_proj [H, n·d_v]                       — head-major columns
+and `…layers.L.input_layernorm.weight` [H]. DeepSeek-V3.2's `self_attn.indexer.*` tensors are
+never named, so never fetched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from svd_probe.adapters.base import AttentionFactors, ModelDims
+from svd_probe.adapters.common import fold, layer_prefix_finder
+
+
+class MLAAdapter:
+    model_types = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "kimi_k2")
+
+    def __init__(self, config: dict, tensor_names: set[str] | None = None):
+        self.config = config
+        self._prefix = layer_prefix_finder(tensor_names, "self_attn.o_proj.weight")
+        self.has_q_latent = config.get("q_lora_rank") is not None
+
+    # --- shapes ------------------------------------------------------------------------------
+    def dims(self, config: dict | None = None) -> ModelDims:
+        c = config or self.config
+        n_mtp = int(c.get("num_nextn_predict_layers") or 0)
+        return ModelDims(
+            model_type=c.get("model_type", "deepseek_v3"),
+            num_layers=int(c["num_hidden_layers"]) + n_mtp,
+            num_mtp_layers=n_mtp,
+            d_model=int(c["hidden_size"]),
+            n_heads=int(c["num_attention_heads"]),
+            n_kv_groups=int(c["num_attention_heads"]),
+            d_qk=int(c["qk_nope_head_dim"]),
+            d_rope=int(c["qk_rope_head_dim"]),
+            d_v=int(c["v_head_dim"]),
+            q_latent=int(c["q_lora_rank"]) if self.has_q_latent else None,
+            kv_latent=int(c["kv_lora_rank"]),
+        )
+
+    def supported_kinds(self) -> tuple[str, ...]:
+        kinds = ("Q", "Q_pe", "K", "V", "O", "VO", "QK", "KQ", "KVA", "KVA_pe")
+        return kinds + (("QA",) if self.has_q_latent else ())
+
+    # --- which tensors -----------------------------------------------------------------------
+    def _names(self, layer: int) -> dict[str, str]:
+        p = self._prefix(layer)
+        a = f"{p}self_attn."
+        return {
+            "input_norm": f"{p}input_layernorm.weight",
+            "q_a": a + "q_a_proj.weight",
+            "q_a_norm": a + "q_a_layernorm.weight",
+            "q_b": a + "q_b_proj.weight",
+            "q": a + "q_proj.weight",
+            "kv_a": a + "kv_a_proj_with_mqa.weight",
+            "kv_a_norm": a + "kv_a_layernorm.weight",
+            "kv_b": a + "kv_b_proj.weight",
+            "o": a + "o_proj.weight",
+        }
+
+    def _roles(self, kinds: set[str], fold_norms: bool) -> set[str]:
+        roles: set[str] = set()
+        if kinds & {"Q", "Q_pe", "QK", "KQ"}:
+            if self.has_q_latent:
+                roles |= {"q_b"} | ({"q_a_norm"} if fold_norms else set())
+            else:
+                roles |= {"q"} | ({"input_norm"} if fold_norms else set())
+        if kinds & {"K", "V", "VO", "QK", "KQ"}:
+            roles |= {"kv_b"} | ({"kv_a_norm"} if fold_norms else set())
+        if kinds & {"O", "VO"}:
+            roles.add("o")
+        if "QA" in kinds and self.has_q_latent:
+            roles |= {"q_a"} | ({"input_norm"} if fold_norms else set())
+        if kinds & {"KVA", "KVA_pe"}:
+            roles |= {"kv_a"} | ({"input_norm"} if fold_norms else set())
+        return roles
+
+    def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:
+        names = self._names(layer)
+        return sorted(names[r] for r in self._roles(kinds, fold_norms))
+
+    # --- slicing into heads --------------------------------------------------------------------
+    def factors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> AttentionFactors:
+        d = self.dims()
+        names = self._names(layer)
+        roles = self._roles(kinds, fold_norms)
+        t = {r: tensors[names[r]] for r in roles}
+        n, d_qk, d_rope, d_v = d.n_heads, d.d_qk, d.d_rope, d.d_v
+        input_norm = t.get("input_norm") if fold_norms else None
+
+        q = q_pe = k = v = o = None
+        if "q_b" in t or "q" in t:
+            if self.has_q_latent:
+                w = fold(t["q_b"], t.get("q_a_norm") if fold_norms else None)
+            else:
+                w = fold(t["q"], input_norm)
+            w = w.reshape(n, d_qk + d_rope, w.shape[1])
+            q, q_pe = w[:, :d_qk], w[:, d_qk:]
+        if "kv_b" in t:
+            w = fold(t["kv_b"], t.get("kv_a_norm") if fold_norms else None).reshape(n, d_qk + d_v, -1)
+            # Rows interleave per head: [key rows | value rows] for head 0, then head 1, ...
+            k, v = w[:, :d_qk], w[:, d_qk:]
+        if "o" in t:
+            # o_proj columns are head-major: head h owns columns h·d_v:(h+1)·d_v.
+            o = t["o"].reshape(d.d_model, n, d_v).permute(1, 0, 2)
+
+        layer_mats: dict[str, torch.Tensor] = {}
+        if "q_a" in t:
+            layer_mats["QA"] = fold(t["q_a"], input_norm)
+        if "kv_a" in t:
+            w = fold(t["kv_a"], input_norm)
+            layer_mats["KVA"], layer_mats["KVA_pe"] = w[: d.kv_latent], w[d.kv_latent :]
+        return AttentionFactors(q=q, k=k, v=v, o=o, q_pe=q_pe, layer=layer_mats)

@@ -1,0 +1,70 @@
+"""Raw tensor bytes → float32 tensors on the analysis device.
+
+The bytes are moved to the device in their storage dtype (1 byte per FP8 weight) and widened
+there: on a GPU that is 4× less host→device traffic than widening on the CPU first.
+FP8 E4M3 weights carry `<name>_scale_inv` (F32, one factor per 128×128 tile; REFERENCE.md §1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from svd_probe.errors import CorruptShardError
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+
+FLOAT_DTYPES = frozenset(_TORCH_DTYPES)
+
+
+def to_tensor(buf, dtype: str, shape: tuple[int, ...], device: torch.device | str, *, file: str = "?", name: str = "?") -> torch.Tensor:
+    """Interpret little-endian safetensors bytes as a tensor of `dtype` on `device` (not widened)."""
+    if dtype not in _TORCH_DTYPES:
+        raise CorruptShardError(f"dtype {dtype} is not a floating-point weight dtype svd-probe reads", file=file, tensor=name)
+    tdt = _TORCH_DTYPES[dtype]
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=tdt, device=device)
+    # frombuffer shares memory with `buf` (a bytearray we own); the reshape keeps it zero-copy.
+    t = torch.frombuffer(buf, dtype=torch.uint8).view(tdt).reshape(shape)
+    return t.to(device)
+
+
+def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128), *, file: str = "?", name: str = "?") -> torch.Tensor:
+    """float32 `w * scale_inv[i // bm, j // bn]` for an FP8 matrix and its per-tile scales.
+
+    Edge tiles are partial (e.g. 576 rows = 4 full row blocks + one of 64 rows), so the scale
+    grid is ceil(m/bm) × ceil(n/bn); any other shape means the checkpoint is inconsistent.
+    """
+    if w.dim() != 2:
+        raise CorruptShardError(f"FP8 weight with block scales must be 2-D, got shape {tuple(w.shape)}", file=file, tensor=name)
+    m, n = w.shape
+    bm, bn = block
+    grid = (math.ceil(m / bm), math.ceil(n / bn))
+    if tuple(scale_inv.shape) != grid:
+        raise CorruptShardError(
+            f"scale_inv has shape {tuple(scale_inv.shape)}, expected {grid} for a {m}×{n} weight in {bm}×{bn} blocks",
+            file=file, tensor=name + "_scale_inv",
+        )
+    out = w.to(torch.float32)
+    s = scale_inv.to(device=out.device, dtype=torch.float32)
+    if m % bm == 0 and n % bn == 0:
+        # Common case (every DeepSeek dim except 576): multiply through a blocked view, no copy.
+        out.view(grid[0], bm, grid[1], bn).mul_(s[:, None, :, None])
+    else:
+        # Partial edge tiles: expand the grid to full size and crop; costs one weight-sized buffer.
+        full = s.repeat_interleave(bm, dim=0)[:m].repeat_interleave(bn, dim=1)[:, :n]
+        out.mul_(full)
+    return out
+
+
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of a BF16/F16/F32/F64 or unscaled FP8 tensor."""
+    return t.to(torch.float32)

@@ -1,0 +1,112 @@
+"""Shared look of every figure: one colour per matrix kind, titles, headless figures.
+
+Figures are built with `matplotlib.figure.Figure` directly, never through pyplot: no global
+backend is selected or required (so rendering works on a machine without a display, and in a
+notebook whose backend we must not switch), and a figure is freed as soon as it is dropped
+instead of living on in pyplot's figure registry.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterable
+
+import matplotlib
+from matplotlib.figure import Figure
+
+from svd_probe.adapters.base import ALL_KINDS
+
+if TYPE_CHECKING:
+    from svd_probe.results import Analysis
+
+# One colour per matrix kind, the same in every figure (Okabe-Ito plus a few tab20 tones, so the
+# six kinds most figures show stay distinguishable for colour-blind readers).
+KIND_COLORS: dict[str, str] = {
+    "O": "#D55E00",  # vermillion
+    "VO": "#0072B2",  # blue
+    "V": "#009E73",  # bluish green
+    "Q": "#CC79A7",  # reddish purple
+    "K": "#E69F00",  # orange
+    "QK": "#56B4E9",  # sky blue
+    "Q_pe": "#8C564B",
+    "KQ": "#7F7F7F",
+    "QA": "#BCBD22",
+    "KVA": "#17BECF",
+    "KVA_pe": "#9467BD",
+}
+assert set(KIND_COLORS) == set(ALL_KINDS), "every matrix kind needs a colour"
+
+# Line styles tell models apart in comparison figures, where colour already means the kind.
+MODEL_LINESTYLES = ("-", "--", ":", "-.")
+MODEL_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+RC = {
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "figure.titlesize": 10,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "savefig.bbox": "tight",
+}
+
+
+def kind_color(kind: str) -> str:
+    return KIND_COLORS.get(kind, "#333333")
+
+
+@contextmanager
+def plot_style():
+    """Our rc settings for the duration of drawing, leaving the caller's rcParams untouched."""
+    with matplotlib.rc_context(RC):
+        yield
+
+
+def new_figure(width: float, height: float, dpi: float = 100) -> Figure:
+    return Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+
+
+def pct(error: float) -> str:
+    """0.01 → '1%', 0.001 → '0.1%'."""
+    return f"{error * 100:.6g}%"
+
+
+def short_revision(analysis: "Analysis") -> str:
+    """'main @ 1a2b3c4d' or, when a commit was asked for, just the short commit."""
+    short = analysis.commit[:8]
+    if re.fullmatch(r"[0-9a-f]{40}", analysis.revision or ""):
+        return short
+    return f"{analysis.revision} @ {short}"
+
+
+def options_text(analysis: "Analysis") -> str:
+    o = analysis.options
+    return ("norms folded" if o.fold_norms else "norms not folded") + ", " + (
+        "heads normalized before stacking" if o.normalize_stacked else "raw heads stacked"
+    )
+
+
+def model_line(analysis: "Analysis") -> str:
+    return f"{analysis.display} ({short_revision(analysis)}; {options_text(analysis)})"
+
+
+def title(analyses: "Analysis | Iterable[Analysis]", what: str, threshold: str | None = None) -> str:
+    """Figure title: what is drawn, then model, revision, options, threshold (one line each)."""
+    items = [analyses] if not isinstance(analyses, (list, tuple)) else list(analyses)
+    lines = [what + (f" — {threshold}" if threshold else "")]
+    lines += [model_line(a) for a in items]
+    return "\n".join(lines)
+
+
+def model_slug(analysis_or_name) -> str:
+    """A file-system-safe name for a model: alias, org--name, or a local folder's name."""
+    ref = getattr(analysis_or_name, "ref", None)
+    if ref is not None:
+        name = ref.alias or (ref.repo_id.replace("/", "--") if ref.repo_id else ref.local_path.name)
+    else:
+        name = str(analysis_or_name).replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._\-]+", "_", name)

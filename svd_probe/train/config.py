@@ -1,0 +1,166 @@
+"""Model configs of the training lab: variants, size presets, overrides and JSON config files.
+
+Precedence, lowest first: the `--size` preset, then `--config file.json`, then explicit flags.
+Every problem a user can cause here is a `TrainingInputError` with a hint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from svd_probe.errors import TrainingInputError
+
+VARIANTS = ("mha", "mla", "mla-o")
+SIZES = ("small", "tiny")
+MODEL_TYPE = "svd_probe_encoder"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of one encoder. Latent sizes are ignored by the variants that lack them."""
+
+    variant: str = "mha"
+    vocab_size: int = 30522
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 8
+    head_dim: int = 32
+    ffn_dim: int = 1024
+    rope_dims: int = 32
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    q_latent: int = 64  # mla, mla-o
+    kv_latent: int = 32  # mla, mla-o
+    o_latent: int = 64  # mla-o
+    max_seq_len: int = 128
+
+    @property
+    def attn_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def hf_config(self) -> dict[str, Any]:
+        """config.json beside model.safetensors: our fields plus the generic names tools look for."""
+        d = {"model_type": MODEL_TYPE, "architectures": ["SvdProbeEncoder"], **self.to_dict()}
+        d.update(hidden_size=self.d_model, num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads)
+        if self.variant == "mha":
+            for k in ("q_latent", "kv_latent", "o_latent"):
+                d.pop(k)
+        elif self.variant == "mla":
+            d.pop("o_latent")
+        return d
+
+
+# Latent sizes and RoPE widths per variant, as the issue specifies them for `--size small`.
+_SMALL = {
+    "mha": dict(rope_dims=32),
+    "mla": dict(rope_dims=16, q_latent=64, kv_latent=32),
+    "mla-o": dict(rope_dims=32, q_latent=64, kv_latent=32, o_latent=64),
+}
+# `--size tiny`: a CPU smoke-test model with the same structure at a quarter of the width.
+_TINY_BASE = dict(d_model=64, n_layers=2, n_heads=4, head_dim=16, ffn_dim=128)
+_TINY = {
+    "mha": dict(rope_dims=16),
+    "mla": dict(rope_dims=8, q_latent=32, kv_latent=16),
+    "mla-o": dict(rope_dims=16, q_latent=32, kv_latent=16, o_latent=32),
+}
+
+# Keys a --config file may hold besides the model fields: the training recipe.
+TRAIN_KEYS = {
+    "pretrain_steps", "finetune_steps", "finetune_epochs", "batch_size", "finetune_batch_size",
+    "lr", "finetune_lr", "warmup_frac", "weight_decay", "seed", "checkpoint_every", "seq_len",
+}
+_MODEL_KEYS = {f.name for f in fields(ModelConfig)}
+
+
+def check_variant(variant: str) -> str:
+    v = variant.lower()
+    if v not in VARIANTS:
+        raise TrainingInputError(f"unknown variant {variant!r}", hint=f"use one of: {', '.join(VARIANTS)}")
+    return v
+
+
+def preset(variant: str, size: str = "small") -> ModelConfig:
+    variant = check_variant(variant)
+    if size == "small":
+        return ModelConfig(variant=variant, **_SMALL[variant])
+    if size == "tiny":
+        return ModelConfig(variant=variant, **_TINY_BASE, **_TINY[variant])
+    raise TrainingInputError(f"unknown size {size!r}", hint=f"use one of: {', '.join(SIZES)}")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A JSON object of model fields and/or training keys; anything else is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingInputError(f"config file not found: {path}", hint="pass --config PATH to a JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TrainingInputError(f"config file {path} is not valid JSON: {e}", hint="fix the JSON syntax") from None
+    if not isinstance(data, dict):
+        raise TrainingInputError(f"config file {path} must hold a JSON object, not {type(data).__name__}")
+    # A config.json written by a run (model_type, generic names) is accepted as input too.
+    data = {k: v for k, v in data.items() if k not in {"model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads"}}
+    unknown = sorted(set(data) - _MODEL_KEYS - TRAIN_KEYS)
+    if unknown:
+        raise TrainingInputError(
+            f"config file {path} has unknown keys: {', '.join(unknown)}",
+            hint=f"model keys: {', '.join(sorted(_MODEL_KEYS))}; training keys: {', '.join(sorted(TRAIN_KEYS))}",
+        )
+    return data
+
+
+def build_config(
+    variant: str | None,
+    size: str = "small",
+    file_values: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ModelConfig:
+    """Preset, then the config file's model fields, then flags that were given (not None)."""
+    file_values = dict(file_values or {})
+    variant = variant or file_values.get("variant") or "mha"
+    cfg = preset(variant, size)
+    model_vals = {k: v for k, v in file_values.items() if k in _MODEL_KEYS and k != "variant"}
+    model_vals.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        cfg = replace(cfg, **model_vals)
+    except TypeError as e:
+        raise TrainingInputError(f"bad model config: {e}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ModelConfig) -> None:
+    def bad(msg: str, hint: str | None = None):
+        raise TrainingInputError(f"bad model config: {msg}", hint=hint)
+
+    check_variant(cfg.variant)
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "ffn_dim", "q_latent", "kv_latent", "o_latent", "max_seq_len"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            bad(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(cfg.rope_dims, int) or cfg.rope_dims < 0 or cfg.rope_dims % 2 or cfg.rope_dims > cfg.head_dim:
+        bad(f"rope_dims must be an even integer in [0, head_dim={cfg.head_dim}], got {cfg.rope_dims!r}")
+    for name in ("rope_theta", "norm_eps"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            bad(f"{name} must be a positive number, got {v!r}")
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of the pretraining model (embeddings, encoder, tied head), from the shapes."""
+    d, f, h, hd, L = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.head_dim, cfg.n_layers
+    ffn = 2 * (d * f + f) + (f * d + d)
+    if cfg.variant == "mha":
+        attn = d * 3 * h * hd + h * hd * d
+    else:
+        ql, kvl = cfg.q_latent, cfg.kv_latent
+        attn = d * (ql + kvl) + ql + kvl + ql * h * hd + kvl * h * 2 * hd
+        attn += h * hd * d if cfg.variant == "mla" else h * hd * cfg.o_latent + cfg.o_latent * d
+    return cfg.vocab_size * d + L * (2 * d + attn + ffn)

@@ -1,0 +1,235 @@
+"""The encoders of the training lab: one pre-norm block stack, three kinds of attention.
+
+    h = embed(tokens)                       # no position embeddings: RoPE carries position
+    for each layer:
+        h = h + attn(rmsnorm(h))
+        h = h + swiglu(rmsnorm(h))
+    mlm logits = h @ embed.weight.T         # tied head, no bias, no final norm
+
+Attention variants (shapes for the small preset: d=256, 8 heads of 32):
+
+    mha    qkv [3·H·D, d] (rows: all q heads | all k heads | all v heads), o_proj [d, H·D]
+    mla    down [q_latent + kv_latent, d] -> q_norm / kv_norm
+           q_up [H·D, q_latent]; kv_up [H·2D, kv_latent], per head [key D | value D]
+           o_proj [d, H·D]
+    mla-o  as mla, with the output through a shared latent: o_down [o_latent, H·D], o_up [d, o_latent]
+
+RoPE rotates the first `rope_dims` dimensions of every query and key head (rotate-half
+pairing inside that block: dim i pairs with i + rope_dims/2). The tables carry cos=1, sin=0
+beyond rope_dims, so partial and full RoPE cost the same one fused multiply-add; with
+rope_dims == head_dim (mha, mla-o) no slicing is needed at all.
+
+Tensor names (the adapter in svd_probe/adapters/svd_probe_train.py depends on them):
+`embed.weight`, `layers.L.{attn_norm,ffn_norm}.weight`, `layers.L.attn.*.weight`,
+`layers.L.ffn.{gate_up,down}.{weight,bias}`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from svd_probe.train.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rope(nn.Module):
+    """cos/sin tables of shape [T, head_dim]; identity (cos 1, sin 0) beyond rope_dims."""
+
+    def __init__(self, head_dim: int, rope_dims: int, theta: float, max_len: int):
+        super().__init__()
+        self.head_dim, self.rope_dims = head_dim, rope_dims
+        cos = torch.ones(max_len, head_dim)
+        sin = torch.zeros(max_len, head_dim)
+        if rope_dims:
+            half = rope_dims // 2
+            inv_freq = 1.0 / theta ** (torch.arange(half, dtype=torch.float64) * 2 / rope_dims)
+            angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+            cos[:, :rope_dims] = torch.cat([angles.cos(), angles.cos()], dim=-1).float()
+            sin[:, :rope_dims] = torch.cat([angles.sin(), angles.sin()], dim=-1).float()
+        # Not saved in checkpoints: a function of the config, rebuilt on load.
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        r, half = self.rope_dims, self.rope_dims // 2
+        if r == self.head_dim:
+            return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        # Dims past rope_dims are multiplied by sin = 0; any value serves, so pass them through.
+        return torch.cat([-x[..., half:r], x[..., :half], x[..., r:]], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, ..., head_dim] (sequence on dim 1)."""
+        if not self.rope_dims:
+            return x
+        T = x.shape[1]
+        shape = (1, T) + (1,) * (x.dim() - 3) + (self.head_dim,)
+        cos = self.cos[:T].view(shape).to(x.dtype)
+        sin = self.sin[:T].view(shape).to(x.dtype)
+        return x * cos + self._rotate(x) * sin
+
+
+def _attend(q, k, v, key_mask):
+    """q, k, v: [B, T, H, D] -> [B, T, H·D], heads contiguous for the output projection."""
+    B, T, H, D = q.shape
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask)
+    return out.transpose(1, 2).reshape(B, T, H * D)
+
+
+class MHA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h, self.d = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.attn_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
+        self.rope = Rope(cfg.head_dim, cfg.rope_dims, cfg.rope_theta, cfg.max_seq_len)
+
+    def forward(self, x, key_mask=None):
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.h, self.d)
+        qk = self.rope(qkv[:, :, :2])  # one RoPE pass for queries and keys together
+        return self.o_proj(_attend(qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2], key_mask))
+
+
+class MLA(nn.Module):
+    """Low-rank queries and keys/values through normalized latents; mla-o also factors the output."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h, self.d, self.q_latent = cfg.n_heads, cfg.head_dim, cfg.q_latent
+        self.down = nn.Linear(cfg.d_model, cfg.q_latent + cfg.kv_latent, bias=False)
+        self.q_norm = RMSNorm(cfg.q_latent, cfg.norm_eps)
+        self.kv_norm = RMSNorm(cfg.kv_latent, cfg.norm_eps)
+        self.q_up = nn.Linear(cfg.q_latent, cfg.attn_dim, bias=False)
+        self.kv_up = nn.Linear(cfg.kv_latent, 2 * cfg.attn_dim, bias=False)
+        self.shared_output = cfg.variant == "mla-o"
+        if self.shared_output:
+            # One [o_latent, H·D] matmul over the contiguous head outputs, not H small ones.
+            self.o_down = nn.Linear(cfg.attn_dim, cfg.o_latent, bias=False)
+            self.o_up = nn.Linear(cfg.o_latent, cfg.d_model, bias=False)
+        else:
+            self.o_proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
+        self.rope = Rope(cfg.head_dim, cfg.rope_dims, cfg.rope_theta, cfg.max_seq_len)
+
+    def forward(self, x, key_mask=None):
+        B, T, _ = x.shape
+        c_q, c_kv = self.down(x).split([self.q_latent, self.down.out_features - self.q_latent], dim=-1)
+        q = self.rope(self.q_up(self.q_norm(c_q)).view(B, T, self.h, self.d))
+        kv = self.kv_up(self.kv_norm(c_kv)).view(B, T, self.h, 2, self.d)
+        k = self.rope(kv[..., 0, :])
+        heads = _attend(q, k, kv[..., 1, :], key_mask)
+        if self.shared_output:
+            return self.o_up(self.o_down(heads))
+        return self.o_proj(heads)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # gate and up fused into one matmul: rows [gate | up].
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.ffn_dim, bias=True)
+        self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=True)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = MHA(cfg) if cfg.variant == "mha" else MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg)
+
+    def forward(self, h, key_mask=None):
+        h = h + self.attn(self.attn_norm(h), key_mask)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # GPT-2 style: N(0, 0.02), with the projections that write into the residual stream
+        # scaled by 1/sqrt(2·layers) so the stream's variance does not grow with depth.
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "o_up.weight", "ffn.down.weight")):
+                nn.init.normal_(p, std=residual_std)
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, ids: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, T]; pad_mask [B, T] True for real tokens (None: no padding)."""
+        key_mask = None if pad_mask is None else pad_mask[:, None, None, :]
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = layer(h, key_mask)
+        return h
+
+
+class MaskedLM(nn.Module):
+    """Encoder + tied MLM head, evaluated only at the masked positions (~15% of the vocab matmul).
+
+    Every sequence has the same number of masked positions (see data.mask_tokens), so the
+    gather has a fixed shape: no host sync and no recompiles under torch.compile.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.encoder = Encoder(cfg)
+
+    def forward(self, ids, positions, targets):
+        """ids [B, T]; positions, targets [B, k]. Returns (mean loss, number of correct predictions)."""
+        h = self.encoder(ids)
+        picked = torch.gather(h, 1, positions[..., None].expand(-1, -1, h.shape[-1]))
+        logits = picked @ self.encoder.embed.weight.T.to(h.dtype)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        correct = (logits.argmax(-1) == targets).sum()
+        return loss, correct
+
+
+class Classifier(nn.Module):
+    """Encoder + a linear head on the first ([CLS]) token."""
+
+    def __init__(self, cfg: ModelConfig, n_labels: int = 2):
+        super().__init__()
+        self.encoder = Encoder(cfg)
+        self.head = nn.Linear(cfg.d_model, n_labels)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids, pad_mask=None):
+        return self.head(self.encoder(ids, pad_mask)[:, 0])
+
+
+def parameter_shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {n: list(p.shape) for n, p in model.named_parameters()}
+
+
+def num_parameters(model: nn.Module) -> int:
+    # Tied weights are one Parameter, which named_parameters() yields once.
+    return sum(p.numel() for p in model.parameters())
