@@ -18,6 +18,19 @@ def fold(weight: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor
     return weight * norm_weight.to(weight.dtype).reshape(1, -1)
 
 
+def decoder_config(config: dict) -> dict:
+    """The part of config.json that describes the decoder.
+
+    Multimodal releases (Kimi-VL, Kimi-K2.5) wrap it: the outer config names the multimodal model
+    and nests the language model's own config, with its model_type and shapes, under
+    `text_config`. A config that has its own layer count is taken as it is.
+    """
+    inner = config.get("text_config")
+    if isinstance(inner, dict) and inner.get("model_type") and "num_hidden_layers" not in config:
+        return inner
+    return config
+
+
 def layer_prefix_finder(tensor_names: set[str] | None, probe_suffix: str, default: str = "model.layers.") -> Callable[[int], str]:
     """Return layer → name prefix, discovering the real prefix from the checkpoint's names.
 

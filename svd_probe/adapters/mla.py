@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.adapters.common import fold, layer_prefix_finder
+from svd_probe.adapters.common import decoder_config, fold, layer_prefix_finder
 
 
 class MLAAdapter:
@@ -28,7 +28,7 @@ class MLAAdapter:
 
     # --- shapes ------------------------------------------------------------------------------
     def dims(self, config: dict | None = None) -> ModelDims:
-        c = config or self.config
+        c = decoder_config(config) if config else self.config
         n_mtp = int(c.get("num_nextn_predict_layers") or 0)
         return ModelDims(
             model_type=c.get("model_type", "deepseek_v3"),

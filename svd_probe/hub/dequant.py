@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from svd_probe.errors import CorruptShardError
@@ -37,6 +38,21 @@ def to_tensor(buf, dtype: str, shape: tuple[int, ...], device: torch.device | st
     return t.to(device)
 
 
+_LUTS: dict[torch.dtype, np.ndarray] = {}
+
+
+def fp8_to_float32(w: torch.Tensor) -> torch.Tensor:
+    """Widen an FP8 tensor. On the CPU a 256-entry lookup table indexed by numpy is ~4× faster
+    than torch's element-wise float8 cast (measured 0.5 s vs 2.0 s for a 7168×16384 o_proj)."""
+    if w.device.type != "cpu":
+        return w.to(torch.float32)
+    lut = _LUTS.get(w.dtype)
+    if lut is None:
+        lut = _LUTS[w.dtype] = torch.arange(256, dtype=torch.uint8).view(w.dtype).to(torch.float32).numpy()
+    codes = w.contiguous().view(torch.uint8).numpy()
+    return torch.from_numpy(lut[codes])
+
+
 def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128), *, file: str = "?", name: str = "?") -> torch.Tensor:
     """float32 `w * scale_inv[i // bm, j // bn]` for an FP8 matrix and its per-tile scales.
 
@@ -53,7 +69,7 @@ def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple
             f"scale_inv has shape {tuple(scale_inv.shape)}, expected {grid} for a {m}×{n} weight in {bm}×{bn} blocks",
             file=file, tensor=name + "_scale_inv",
         )
-    out = w.to(torch.float32)
+    out = fp8_to_float32(w)
     s = scale_inv.to(device=out.device, dtype=torch.float32)
     if m % bm == 0 and n % bn == 0:
         # Common case (every DeepSeek dim except 576): multiply through a blocked view, no copy.
@@ -67,4 +83,6 @@ def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple
 
 def widen(t: torch.Tensor) -> torch.Tensor:
     """A float32 copy of a BF16/F16/F32/F64 or unscaled FP8 tensor."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return fp8_to_float32(t)
     return t.to(torch.float32)

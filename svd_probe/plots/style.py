@@ -52,6 +52,8 @@ RC = {
     "axes.spines.top": False,
     "axes.spines.right": False,
     "savefig.bbox": "tight",
+    # Fixed ids in svg output, so the same cache gives the same file (read at save time).
+    "svg.hashsalt": "svd-probe",
 }
 
 

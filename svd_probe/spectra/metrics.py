@@ -35,14 +35,18 @@ def energy_rank(sigma, error: float) -> int:
     if not 0.0 <= error < 1.0:
         raise ValueError(f"error must be in [0, 1), got {error}")
     s2 = _sorted(sigma) ** 2
-    total = s2.sum()
-    if total == 0.0:
+    if s2.size == 0:
         return 0
     cum = np.cumsum(s2)
+    # The total is the cumulative sum's own last entry: `s2.sum()` sums pairwise and can exceed
+    # it by many ulps on long spectra, which pushed error=0 past the end (rank len + 1).
+    total = cum[-1]
+    if total == 0.0:
+        return 0
     # A relative slack of a few ulps keeps exact cases (e.g. error=0 on a rank-r matrix)
     # from being pushed one index further by rounding in the cumulative sum.
     target = (1.0 - error) * total * (1.0 - 8 * np.finfo(np.float64).eps)
-    return int(np.searchsorted(cum, target, side="left") + 1)
+    return int(min(np.searchsorted(cum, target, side="left") + 1, s2.size))
 
 
 def entropy_rank(sigma) -> float:

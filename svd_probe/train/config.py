@@ -62,12 +62,12 @@ _SMALL = {
     "mla": dict(rope_dims=16, q_latent=64, kv_latent=32),
     "mla-o": dict(rope_dims=32, q_latent=64, kv_latent=32, o_latent=64),
 }
-# `--size tiny`: a CPU smoke-test model with the same structure at a quarter of the width.
-_TINY_BASE = dict(d_model=64, n_layers=2, n_heads=4, head_dim=16, ffn_dim=128)
+# `--size tiny`: a CPU smoke-test model, a quarter of the width; latents keep small's ratios.
+_TINY_BASE = dict(d_model=64, n_layers=2, n_heads=4, head_dim=16, ffn_dim=256)
 _TINY = {
     "mha": dict(rope_dims=16),
-    "mla": dict(rope_dims=8, q_latent=32, kv_latent=16),
-    "mla-o": dict(rope_dims=16, q_latent=32, kv_latent=16, o_latent=32),
+    "mla": dict(rope_dims=8, q_latent=16, kv_latent=8),
+    "mla-o": dict(rope_dims=16, q_latent=16, kv_latent=8, o_latent=16),
 }
 
 # Keys a --config file may hold besides the model fields: the training recipe.

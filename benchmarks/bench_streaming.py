@@ -1,0 +1,212 @@
+"""Streaming benchmark: DeepSeek-V3-shaped attention served by the loopback Hub stand-in.
+
+Generates (in a temp dir, deleted afterwards unless --keep) a checkpoint whose attention layers
+have DeepSeek-V3's real shapes (187 MB per layer, FP8 + scales) and whose experts make up most
+bytes, serves it with `svd_probe.testing.fake_hub.FakeHub` on 127.0.0.1, and reports:
+
+1. bytes svd-probe fetches vs the whole-shard approach (download every shard holding attention);
+2. read throughput of svd-probe's range reads vs a plain sequential read of the same bytes
+   (one `open/seek/read` per tensor from the local files, and one HTTP range at a time);
+3. the effect of the number of requests in flight (--concurrency 1 2 4 8 16).
+4. end to end: `stream_layers` with FP8 → float32 dequantization on the CPU.
+
+    python benchmarks/bench_streaming.py                   # ~3.2 GB checkpoint, 4 layers
+    python benchmarks/bench_streaming.py --layers 2 --experts 6 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import urllib.request
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+class _RemoteStats:
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+
+    def stats(self, reset: bool = False) -> dict:
+        with urllib.request.urlopen(self.endpoint + "/_stats" + ("?reset" if reset else "")) as r:
+            return json.loads(r.read())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=14, help="real-shaped experts per layer (44 MB each)")
+    ap.add_argument("--shards", type=int, default=6)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is reported")
+    ap.add_argument("--keep", type=Path, default=None, help="generate into / reuse this folder instead of a temp dir")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--in-process", action="store_true", help="run the Hub stand-in in this process (GIL shared)")
+    args = ap.parse_args()
+
+    hf_home = tempfile.mkdtemp(prefix="bench-hf-")
+    os.environ["HF_HOME"] = hf_home  # before huggingface_hub is imported
+    from svd_probe.hub.ranges import HubFiles
+    from svd_probe.hub.source import open_checkpoint
+    from svd_probe.hub.stream import stream_layers
+    from svd_probe.models import ModelRef
+    from svd_probe.testing.checkpoints import Checkpoint, build_deepseek_v3_real
+    from svd_probe.testing.fake_hub import FakeHub
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
+    t0 = time.perf_counter()
+    if args.keep and (work / "model.safetensors.index.json").is_file():
+        cfg = json.loads((work / "config.json").read_text())
+        wm = json.loads((work / "model.safetensors.index.json").read_text())["weight_map"]
+        ck = Checkpoint(work, cfg, wm, cfg["num_hidden_layers"], "F8_E4M3")
+    else:
+        ck = build_deepseek_v3_real(work, layers=args.layers, experts_per_layer=args.experts, n_shards=args.shards)
+    gen_s = time.perf_counter() - t0
+    shard_files = sorted(set(ck.weight_map.values()))
+    ckpt_bytes = sum((work / s).stat().st_size for s in shard_files)
+    names = ck.all_attention_tensor_names()
+    attn_shards = sorted({ck.weight_map[n] for n in names})
+    whole_shard_bytes = sum((work / s).stat().st_size for s in attn_shards)
+    print(f"checkpoint: {ckpt_bytes / 1e9:.2f} GB in {len(shard_files)} shards, generated in {gen_s:.1f} s; "
+          f"{ck.num_layers} layers of real DeepSeek-V3 attention shapes")
+
+    results: dict = {
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "checkpoint_bytes": ckpt_bytes,
+        "layers": ck.num_layers,
+        "load_average_at_start": os.getloadavg(),
+        "hub_in_process": args.in_process,
+    }
+    proc = None
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.in_process:
+                hub = stack.enter_context(FakeHub())
+                hub.add_repo("bench/deepseek-v3-real", work)
+                endpoint = hub.endpoint
+            else:
+                # The stand-in in its own process: its Python request handling must not share
+                # the client's GIL, or the benchmark measures the lock, not the reader.
+                proc = subprocess.Popen([sys.executable, "-m", "svd_probe.testing.fake_hub", f"bench/deepseek-v3-real={work}"],
+                                        stdout=subprocess.PIPE, text=True)
+                endpoint = proc.stdout.readline().strip()
+            hub = _RemoteStats(endpoint)
+            ref = ModelRef(name="bench", repo_id="bench/deepseek-v3-real")
+
+            # Warm the page cache so every method reads the same (memory-resident) bytes.
+            for s in attn_shards:
+                with open(work / s, "rb") as f:
+                    while f.read(64 << 20):
+                        pass
+
+            # -- 1 + 3: raw range reads at several concurrencies -------------------------------
+            per_conc = []
+            for c in args.concurrency:
+                best = None
+                for _ in range(args.repeats):
+                    src = open_checkpoint(ref, endpoint=endpoint, concurrency=c)
+                    hub.stats(reset=True)
+                    t = time.perf_counter()
+                    spans = src.headers(attn_shards)
+                    infos = [spans[ck.weight_map[n]].tensors[n] for n in names]
+                    bufs = src._files.read_many([(ck.weight_map[n], i.begin, i.end) for n, i in zip(names, infos)])
+                    dt = time.perf_counter() - t
+                    fetched = src.bytes_fetched
+                    st = hub.stats()
+                    assert fetched == st["bytes_served"] and st["shard_gets_without_range"] == 0, st
+                    nreq = st["ranged_206"]
+                    del bufs
+                    src.close()
+                    if best is None or dt < best[0]:
+                        best = (dt, fetched, nreq)
+                dt, fetched, nreq = best
+                per_conc.append({"concurrency": c, "seconds": dt, "bytes": fetched, "GBps": fetched / dt / 1e9, "requests": nreq})
+                print(f"  svd-probe range reads, {c:2d} in flight: {fetched / 1e9:.3f} GB in {dt:.2f} s = {fetched / dt / 1e9:.2f} GB/s ({nreq} requests)")
+            results["range_reads"] = per_conc
+            fetched = per_conc[0]["bytes"]
+            attn_bytes = sum(i.nbytes for i in infos)
+            results["bytes"] = {
+                "svd_probe_fetched": fetched,
+                "attention_tensors": attn_bytes,
+                "whole_shard_approach": whole_shard_bytes,
+                "ratio_whole_vs_svd_probe": whole_shard_bytes / fetched,
+            }
+            print(f"bytes: svd-probe {fetched / 1e9:.3f} GB (attention {attn_bytes / 1e9:.3f} GB + headers); "
+                  f"whole shards {whole_shard_bytes / 1e9:.2f} GB ({whole_shard_bytes / fetched:.1f}×)")
+
+            # -- 2: baselines over the same bytes --------------------------------------------
+            order = sorted(zip(names, infos), key=lambda x: (ck.weight_map[x[0]], x[1].begin))
+            best = None
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                total = 0
+                for n, i in order:
+                    with open(work / ck.weight_map[n], "rb") as f:
+                        f.seek(i.begin)
+                        total += len(f.read(i.nbytes))
+                dt = time.perf_counter() - t
+                best = dt if best is None else min(best, dt)
+            results["local_sequential_read"] = {"seconds": best, "GBps": total / best / 1e9}
+            print(f"  plain sequential local read of the same bytes (page cache): {total / best / 1e9:.2f} GB/s")
+
+            commit = src.commit
+            best = None
+            for _ in range(args.repeats):
+                # One request at a time, whole tensor per request: no splitting, no parallelism.
+                files = HubFiles(endpoint, ref.repo_id, commit, concurrency=1, chunk_size=1 << 40, max_gap=0)
+                t = time.perf_counter()
+                for n, i in order:
+                    files.read_many([(ck.weight_map[n], i.begin, i.end)])
+                dt = time.perf_counter() - t
+                files.close()
+                best = dt if best is None else min(best, dt)
+            results["http_one_at_a_time"] = {"seconds": best, "GBps": total / best / 1e9}
+            print(f"  plain sequential HTTP (one whole-tensor range at a time): {total / best / 1e9:.2f} GB/s")
+
+            # Whole-shard download speed of one shard (what the public approach does, no disk write).
+            files = HubFiles(endpoint, ref.repo_id, commit, concurrency=1, chunk_size=1 << 40)
+            s0 = attn_shards[0]
+            size = (work / s0).stat().st_size
+            t = time.perf_counter()
+            files.read_many([(s0, 0, size)])
+            dt = time.perf_counter() - t
+            files.close()
+            results["whole_shard_http"] = {"bytes": size, "seconds": dt, "GBps": size / dt / 1e9,
+                                           "est_seconds_all_attention_shards": whole_shard_bytes / (size / dt)}
+            print(f"  whole-shard GET: {size / dt / 1e9:.2f} GB/s → {whole_shard_bytes / (size / dt):.1f} s for all attention shards")
+
+            # -- 4: end to end with dequantization -----------------------------------------------
+            c = max(per_conc, key=lambda r: r["GBps"])["concurrency"]
+            src = open_checkpoint(ref, endpoint=endpoint, concurrency=c)
+            t = time.perf_counter()
+            for _layer, tensors in stream_layers(src, range(ck.num_layers), ck.attention_weight_names, "cpu", prefetch=1):
+                del tensors
+            dt = time.perf_counter() - t
+            results["stream_layers_cpu_dequant"] = {"concurrency": c, "seconds": dt, "GBps": src.bytes_fetched / dt / 1e9}
+            print(f"  stream_layers incl. FP8→float32 dequant on CPU ({c} in flight): {src.bytes_fetched / dt / 1e9:.2f} GB/s of fetched bytes")
+            src.close()
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(hf_home, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    json.dump(results, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()

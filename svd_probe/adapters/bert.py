@@ -1,0 +1,87 @@
+"""BERT encoders: multi-head attention with post-LayerNorm (REFERENCE.md §2).
+
+Tensors of layer L (prefix `encoder.layer.L.`, or `bert.encoder.layer.L.` in checkpoints saved
+from BertForMaskedLM / BertForPreTraining and most fine-tunes):
+    attention.self.query.weight [H, H], attention.self.key.weight [H, H],
+    attention.self.value.weight [H, H]   — head-major rows, n heads of width d = H/n
+    attention.output.dense.weight [H, H] — head-major columns
+Every Linear has a bias; biases are affine offsets, not part of the linear maps analysed, so
+they are never fetched.
+
+No norm folding: BERT normalizes *after* each residual sum, so the vector attention reads is the
+residual stream itself, with no LayerNorm in between whose weight could fold into q/k/v. (The
+`attention.output.LayerNorm` acts on the sum after o, outside the attention map.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from svd_probe.adapters.base import AttentionFactors, ModelDims
+from svd_probe.adapters.common import decoder_config, layer_prefix_finder
+
+
+class BertAdapter:
+    model_types = ("bert",)
+
+    def __init__(self, config: dict, tensor_names: set[str] | None = None):
+        self.config = config
+        self._prefix = layer_prefix_finder(tensor_names, "attention.self.query.weight", default="encoder.layer.")
+
+    # --- shapes ------------------------------------------------------------------------------
+    def dims(self, config: dict | None = None) -> ModelDims:
+        c = decoder_config(config) if config else self.config
+        n = int(c["num_attention_heads"])
+        d_model = int(c["hidden_size"])
+        if d_model % n:
+            raise ValueError(f"hidden_size={d_model} is not a multiple of num_attention_heads={n}")
+        return ModelDims(
+            model_type=c.get("model_type", "bert"),
+            num_layers=int(c["num_hidden_layers"]),
+            num_mtp_layers=0,
+            d_model=d_model,
+            n_heads=n,
+            n_kv_groups=n,
+            d_qk=d_model // n,
+            d_rope=0,
+            d_v=d_model // n,
+        )
+
+    def supported_kinds(self) -> tuple[str, ...]:
+        return ("Q", "K", "V", "O", "VO", "QK", "KQ")
+
+    # --- which tensors -----------------------------------------------------------------------
+    def _names(self, layer: int) -> dict[str, str]:
+        p = self._prefix(layer)
+        return {
+            "q": p + "attention.self.query.weight",
+            "k": p + "attention.self.key.weight",
+            "v": p + "attention.self.value.weight",
+            "o": p + "attention.output.dense.weight",
+        }
+
+    def _roles(self, kinds: set[str]) -> set[str]:
+        roles: set[str] = set()
+        if kinds & {"Q", "QK", "KQ"}:
+            roles.add("q")
+        if kinds & {"K", "QK", "KQ"}:
+            roles.add("k")
+        if kinds & {"V", "VO"}:
+            roles.add("v")
+        if kinds & {"O", "VO"}:
+            roles.add("o")
+        return roles
+
+    def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:
+        names = self._names(layer)
+        return sorted(names[r] for r in self._roles(kinds))
+
+    # --- slicing into heads --------------------------------------------------------------------
+    def factors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> AttentionFactors:
+        d = self.dims()
+        names = self._names(layer)
+        t = {r: tensors[names[r]] for r in self._roles(kinds)}
+        n, hd = d.n_heads, d.d_qk
+        q, k, v = (t[r].reshape(n, hd, -1) if r in t else None for r in ("q", "k", "v"))
+        o = t["o"].reshape(d.d_model, n, hd).permute(1, 0, 2) if "o" in t else None
+        return AttentionFactors(q=q, k=k, v=v, o=o)

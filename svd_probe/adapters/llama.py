@@ -1,0 +1,121 @@
+"""Llama-style grouped-query attention: Llama, Mistral, Qwen2, Qwen3 (REFERENCE.md §2-3).
+
+Tensors of layer L (prefix `…layers.L.`):
+    self_attn.q_proj [n·d, H], self_attn.k_proj [g·d, H], self_attn.v_proj [g·d, H]
+    self_attn.o_proj [H, n·d]                — head-major columns
+    input_layernorm [H]                      — RMSNorm read by q/k/v
+    self_attn.q_norm [d], self_attn.k_norm [d]   — Qwen3 only: RMSNorm of each head's q and k
+with n query heads, g key/value heads (`num_key_value_heads`, g = n for plain MHA) and head
+width d (`head_dim` where the config gives one: Mistral-Nemo and Qwen3 have d·n ≠ H).
+Query head h reads key/value group h // (n/g). Qwen2's q/k/v biases are not part of the
+linear maps analysed, so they are never named and never fetched.
+
+RoPE rotates every query/key dimension here (there is no decoupled RoPE part), so QK is the
+position-free bilinear form Q_hᵀ·K_g; the model has no Q_pe, and no MLA layer matrices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from svd_probe.adapters.base import AttentionFactors, ModelDims
+from svd_probe.adapters.common import decoder_config, fold, layer_prefix_finder
+
+
+class LlamaAdapter:
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+
+    def __init__(self, config: dict, tensor_names: set[str] | None = None):
+        self.config = config
+        self._prefix = layer_prefix_finder(tensor_names, "self_attn.o_proj.weight")
+        # Qwen3 normalizes each head's query and key before RoPE; other members of the family do not.
+        self.has_qk_norm = config.get("model_type") == "qwen3"
+
+    # --- shapes ------------------------------------------------------------------------------
+    def dims(self, config: dict | None = None) -> ModelDims:
+        c = decoder_config(config) if config else self.config
+        n = int(c["num_attention_heads"])
+        g = int(c.get("num_key_value_heads") or n)
+        d_model = int(c["hidden_size"])
+        head_dim = int(c.get("head_dim") or d_model // n)
+        if n % g:
+            raise ValueError(f"num_attention_heads={n} is not a multiple of num_key_value_heads={g}")
+        return ModelDims(
+            model_type=c.get("model_type", "llama"),
+            num_layers=int(c["num_hidden_layers"]),
+            num_mtp_layers=0,
+            d_model=d_model,
+            n_heads=n,
+            n_kv_groups=g,
+            d_qk=head_dim,
+            d_rope=0,
+            d_v=head_dim,
+        )
+
+    def supported_kinds(self) -> tuple[str, ...]:
+        return ("Q", "K", "V", "O", "VO", "QK", "KQ")
+
+    # --- which tensors -----------------------------------------------------------------------
+    def _names(self, layer: int) -> dict[str, str]:
+        p = self._prefix(layer)
+        a = f"{p}self_attn."
+        return {
+            "input_norm": f"{p}input_layernorm.weight",
+            "q": a + "q_proj.weight",
+            "k": a + "k_proj.weight",
+            "v": a + "v_proj.weight",
+            "o": a + "o_proj.weight",
+            "q_norm": a + "q_norm.weight",
+            "k_norm": a + "k_norm.weight",
+        }
+
+    def _roles(self, kinds: set[str], fold_norms: bool) -> set[str]:
+        roles: set[str] = set()
+        if kinds & {"Q", "QK", "KQ"}:
+            roles.add("q")
+        if kinds & {"K", "QK", "KQ"}:
+            roles.add("k")
+        if kinds & {"V", "VO"}:
+            roles.add("v")
+        if kinds & {"O", "VO"}:
+            roles.add("o")
+        if fold_norms:
+            if roles & {"q", "k", "v"}:
+                roles.add("input_norm")
+            if self.has_qk_norm:
+                roles |= {"q_norm"} if "q" in roles else set()
+                roles |= {"k_norm"} if "k" in roles else set()
+        return roles
+
+    def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:
+        names = self._names(layer)
+        return sorted(names[r] for r in self._roles(kinds, fold_norms))
+
+    # --- slicing into heads --------------------------------------------------------------------
+    def factors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> AttentionFactors:
+        d = self.dims()
+        names = self._names(layer)
+        t = {r: tensors[names[r]] for r in self._roles(kinds, fold_norms)}
+        n, g, hd = d.n_heads, d.n_kv_groups, d.d_qk
+        input_norm = t.get("input_norm") if fold_norms else None
+
+        def heads(role: str, count: int, head_norm: str | None = None) -> torch.Tensor:
+            # Rows are head-major: head i owns rows i·d:(i+1)·d. Reading the normalized residual
+            # folds input_layernorm into the columns.
+            w = fold(t[role], input_norm).reshape(count, hd, -1)
+            if head_norm is not None and head_norm in t:
+                # Qwen3 applies RMSNorm to each head's *output*, q_h = w ⊙ (W_h·x)/rms(W_h·x), so
+                # its weight w scales the head's rows (the same w for every head), not columns.
+                # 1/rms is a positive scalar per token: it rescales all singular values of that
+                # token's map alike and turns no direction, so the fixed linear map is diag(w)·W_h.
+                w = w * t[head_norm].to(w.dtype).reshape(1, hd, 1)
+            return w
+
+        q = heads("q", n, "q_norm") if "q" in t else None
+        k = heads("k", g, "k_norm") if "k" in t else None
+        v = heads("v", g) if "v" in t else None
+        o = t["o"].reshape(d.d_model, n, hd).permute(1, 0, 2) if "o" in t else None
+        # n/g consecutive query heads share one key/value head (repeat_kv in the reference code).
+        device = next((x.device for x in t.values()), torch.device("cpu"))
+        kv_group = torch.arange(n, device=device) // (n // g)
+        return AttentionFactors(q=q, k=k, v=v, o=o, kv_group=kv_group)

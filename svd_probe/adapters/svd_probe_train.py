@@ -1,0 +1,170 @@
+"""Adapter for the encoders that `svd-probe train` writes (config.json `model_type: svd_probe_encoder`).
+
+Tensor layout (svd_probe/train/model.py), per layer L, prefix `layers.L.`:
+
+    attn_norm.weight                [d]            RMSNorm before attention
+    mha:   attn.qkv.weight          [3·H·D, d]     rows: all q heads | all k heads | all v heads
+           attn.o_proj.weight       [d, H·D]       head h = columns h·D:(h+1)·D
+    mla:   attn.down.weight         [ql + kvl, d]  rows 0:ql the query latent (QA), ql: the KV latent (KVA)
+           attn.q_norm.weight       [ql]
+           attn.kv_norm.weight      [kvl]
+           attn.q_up.weight         [H·D, ql]
+           attn.kv_up.weight        [H·2D, kvl]    per head 2D rows: D key rows, then D value rows
+           attn.o_proj.weight       [d, H·D]                      (mla)
+           attn.o_down.weight       [ol, H·D], attn.o_up.weight [d, ol]   (mla-o: O_h = o_up · o_down[:, head h])
+
+RoPE choice. These models rotate the first `rope_dims` dimensions of every query and key head
+(there is no decoupled, shared RoPE key as in DeepSeek's MLA). So:
+- partial RoPE (0 < rope_dims < head_dim, e.g. the mla preset's 16 of 32): Q_h is the head's
+  last head_dim − rope_dims query rows (position-free), Q_pe_h its first rope_dims rows, and K_h
+  the matching last key rows; QK_h = Q_hᵀ·K_h covers the position-free part only, as in
+  REFERENCE §3. The RoPE key rows are not reported (there is no per-head K_pe kind; KVA_pe
+  does not exist here).
+- full RoPE (rope_dims == head_dim, the mha and mla-o presets) or none: like Llama, Q_h and
+  K_h are the whole head and there is no Q_pe.
+
+Norm folding (REFERENCE §3): attn_norm multiplies the columns of qkv (mha) or of down (mla),
+q_norm the columns of q_up, kv_norm the columns of kv_up. Nothing folds into the output side.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from svd_probe.adapters.base import AttentionFactors, ModelDims
+from svd_probe.errors import UnsupportedModelError
+
+_QK_KINDS = {"Q", "Q_pe", "K", "QK", "KQ"}
+
+
+class SvdProbeTrainAdapter:
+    """Reads checkpoints of the training lab (mha, mla, mla-o variants)."""
+
+    model_types = ("svd_probe_encoder",)
+
+    def __init__(self, config: dict | None = None):
+        self._config = config
+
+    # -- config ------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> dict:
+        if self._config is None:
+            raise RuntimeError("SvdProbeTrainAdapter needs the config: call dims(config) or pass it to the constructor")
+        return self._config
+
+    def _shape(self):
+        c = self.config
+        variant = c.get("variant")
+        if variant not in ("mha", "mla", "mla-o"):
+            raise UnsupportedModelError(f"svd_probe_encoder config has unknown variant {variant!r}", hint="expected mha, mla or mla-o")
+        H, D, rope = int(c["n_heads"]), int(c["head_dim"]), int(c.get("rope_dims", 0))
+        partial = 0 < rope < D
+        return variant, H, D, rope, partial
+
+    def dims(self, config: dict) -> ModelDims:
+        self._config = config
+        variant, H, D, rope, partial = self._shape()
+        mla = variant != "mha"
+        return ModelDims(
+            model_type=config.get("model_type", self.model_types[0]),
+            num_layers=int(config["n_layers"]),
+            num_mtp_layers=0,
+            d_model=int(config["d_model"]),
+            n_heads=H,
+            n_kv_groups=H,
+            d_qk=D - rope if partial else D,
+            d_rope=rope if partial else 0,
+            d_v=D,
+            q_latent=int(config["q_latent"]) if mla else None,
+            kv_latent=int(config["kv_latent"]) if mla else None,
+        )
+
+    def supported_kinds(self) -> tuple[str, ...]:
+        variant, _, _, _, partial = self._shape()
+        kinds = ["Q"] + (["Q_pe"] if partial else []) + ["K", "V", "O", "VO", "QK", "KQ"]
+        if variant != "mha":
+            kinds += ["QA", "KVA"]
+        return tuple(kinds)
+
+    # -- tensors -----------------------------------------------------------------------------
+
+    def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:
+        variant = self._shape()[0]
+        p = f"layers.{layer}."
+        names: list[str] = []
+        need_q = bool(kinds & (_QK_KINDS - {"K"}))
+        need_k = bool(kinds & {"K", "QK", "KQ"})
+        need_v = bool(kinds & {"V", "VO"})
+        need_o = bool(kinds & {"O", "VO"})
+        if variant == "mha":
+            if need_q or need_k or need_v:
+                names.append(p + "attn.qkv.weight")
+                if fold_norms:
+                    names.append(p + "attn_norm.weight")
+        else:
+            if need_q:
+                names.append(p + "attn.q_up.weight")
+                if fold_norms:
+                    names.append(p + "attn.q_norm.weight")
+            if need_k or need_v:
+                names.append(p + "attn.kv_up.weight")
+                if fold_norms:
+                    names.append(p + "attn.kv_norm.weight")
+            if kinds & {"QA", "KVA"}:
+                names.append(p + "attn.down.weight")
+                if fold_norms:
+                    names.append(p + "attn_norm.weight")
+        if need_o:
+            names += [p + "attn.o_down.weight", p + "attn.o_up.weight"] if variant == "mla-o" else [p + "attn.o_proj.weight"]
+        return list(dict.fromkeys(names))
+
+    def factors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> AttentionFactors:
+        variant, H, D, rope, partial = self._shape()
+        p = f"layers.{layer}."
+        t = {name[len(p):]: w for name, w in tensors.items() if name.startswith(p)}
+
+        def folded(weight_name: str, norm_name: str) -> torch.Tensor:
+            w = t[weight_name].float()
+            return w * t[norm_name].float()[None, :] if fold_norms else w
+
+        q_heads = k_heads = v = None
+        layer_mats: dict[str, torch.Tensor] = {}
+        if variant == "mha":
+            if "attn.qkv.weight" in t:
+                qkv = folded("attn.qkv.weight", "attn_norm.weight")
+                d = qkv.shape[1]
+                q_heads, k_heads, v = qkv.view(3, H, D, d).unbind(0)
+        else:
+            if "attn.q_up.weight" in t:
+                q_heads = folded("attn.q_up.weight", "attn.q_norm.weight").view(H, D, -1)
+            if "attn.kv_up.weight" in t:
+                kv = folded("attn.kv_up.weight", "attn.kv_norm.weight").view(H, 2, D, -1)
+                k_heads, v = kv[:, 0], kv[:, 1]
+            if "attn.down.weight" in t:
+                down = folded("attn.down.weight", "attn_norm.weight")
+                ql = int(self.config["q_latent"])
+                layer_mats = {"QA": down[:ql], "KVA": down[ql:]}
+
+        q = q_pe = k = None
+        if q_heads is not None:
+            q, q_pe = (q_heads[:, rope:], q_heads[:, :rope]) if partial else (q_heads, None)
+        if k_heads is not None:
+            k = k_heads[:, rope:] if partial else k_heads
+
+        o = None
+        if "attn.o_proj.weight" in t:
+            w = t["attn.o_proj.weight"].float()
+            o = w.view(w.shape[0], H, D).permute(1, 0, 2)  # [H, d, D]
+        elif "attn.o_down.weight" in t and "attn.o_up.weight" in t:
+            down, up = t["attn.o_down.weight"].float(), t["attn.o_up.weight"].float()
+            # O_h = o_up · o_down[:, head h]: rank at most o_latent, shared column space.
+            o = torch.einsum("dl,lhe->hde", up, down.view(down.shape[0], H, D))
+
+        return AttentionFactors(
+            q=_contig(q), k=_contig(k), v=_contig(v), o=_contig(o), q_pe=_contig(q_pe), layer={k_: v_.contiguous() for k_, v_ in layer_mats.items()}
+        )
+
+
+def _contig(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.contiguous()

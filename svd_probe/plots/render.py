@@ -1,0 +1,221 @@
+"""`make_plots`: load cached analyses, draw the selected figures, write them to disk.
+
+Everything is read from the cache, so this works offline. A model that is not cached at all
+raises `CacheMissError` (from `load_analysis`) before anything is drawn; a figure whose spectra
+are missing is skipped with a note that names the `analyze` command that would add them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from svd_probe.errors import BadOptionError
+from svd_probe.plots import figures as F
+from svd_probe.plots.planner import PlannerResult
+from svd_probe.plots.style import model_slug, plot_style
+
+# `--kind` names, in drawing order. `compare` needs two models or more.
+FIGURE_KINDS = ("layerwise", "headwise", "grid", "heatmap", "spectra", "error", "planner", "compare")
+FORMATS = ("png", "svg", "pdf")
+DEFAULT_OUT_ROOT = Path("plots")
+
+
+@dataclass
+class PlotReport:
+    """What `make_plots` did: files written, figures skipped (with why), the data drawn."""
+
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    results: list[F.FigureResult] = field(default_factory=list)
+    plans: list[PlannerResult] = field(default_factory=list)
+    out_dirs: dict[str, Path] = field(default_factory=dict)
+
+    def result(self, kind: str, model: str | None = None) -> F.FigureResult:
+        """The first drawn figure of a kind (of one model, by display name), for tests and notebooks."""
+        for r in self.results:
+            if r.kind == kind and (model is None or r.extra.get("model") == model):
+                return r
+        raise KeyError(kind)
+
+
+def parse_choices(values: Iterable[str] | str | None, allowed: Sequence[str], what: str) -> list[str]:
+    """Repeatable and/or comma-separated option values, checked against `allowed`; None → all."""
+    if values is None:
+        return list(allowed)
+    if isinstance(values, str):
+        values = [values]
+    picked = [v.strip().lower() for item in values for v in str(item).split(",") if v.strip()]
+    bad = [v for v in picked if v not in allowed]
+    if bad:
+        raise BadOptionError(f"unknown {what} {', '.join(map(repr, bad))}", f"Choose from: {', '.join(allowed)}.")
+    return list(dict.fromkeys(picked)) or list(allowed)
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """'0,10-12,60' → [0, 10, 11, 12, 60] (the `--layers` syntax of `analyze`)."""
+    if not text:
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out += range(int(a), int(b) + 1)
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise BadOptionError(f"bad layer list {text!r}", "Use comma-separated layers and ranges, e.g. 0,30,60 or 0-3.") from None
+    return list(dict.fromkeys(out))
+
+
+def parse_matrices(values: Iterable[str] | str | None) -> list[str] | None:
+    """'O,VO' (any case) → ['O', 'VO'], checked against the stacked matrix kinds; None → None."""
+    from svd_probe.adapters.base import STACKED_KINDS
+
+    if values is None:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    by_lower = {k.lower(): k for k in STACKED_KINDS}
+    picked = [v.strip() for item in values for v in str(item).split(",") if v.strip()]
+    bad = [v for v in picked if v.lower() not in by_lower]
+    if bad:
+        raise BadOptionError(f"unknown matrix kind {', '.join(map(repr, bad))}", f"Choose from: {', '.join(STACKED_KINDS)}.")
+    return list(dict.fromkeys(by_lower[v.lower()] for v in picked)) or None
+
+
+def output_dirs(analyses: Sequence, out_dir: str | Path | None) -> tuple[dict[str, Path], Path | None]:
+    """Per-model folders and the comparison folder.
+
+    One model: `--out DIR` itself, default `plots/<model>/`. Several: `DIR/<model>/` for each
+    and `DIR/` for the comparison, default `plots/<model>/` and `plots/compare-<a>-vs-<b>/`.
+    """
+    slugs = [model_slug(a) for a in analyses]
+    if len(analyses) == 1:
+        return {slugs[0]: Path(out_dir) if out_dir else DEFAULT_OUT_ROOT / slugs[0]}, None
+    root = Path(out_dir) if out_dir else DEFAULT_OUT_ROOT
+    compare_dir = Path(out_dir) if out_dir else DEFAULT_OUT_ROOT / ("compare-" + "-vs-".join(slugs))
+    return {s: root / s for s in slugs}, compare_dir
+
+
+def _save(result: F.FigureResult, folder: Path, formats: Sequence[str], dpi: float, write_data: bool) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        path = folder / f"{result.stem}.{fmt}"
+        # No creation date in vector files, so rerunning on the same cache gives the same bytes.
+        meta = {"Date": None} if fmt == "svg" else {"CreationDate": None} if fmt == "pdf" else None
+        with plot_style():  # savefig.* and svg.* settings are read when saving, not drawing
+            result.figure.savefig(path, format=fmt, dpi=dpi, metadata=meta)
+        written.append(path)
+    if write_data:
+        path = folder / f"{result.stem}.csv"
+        result.data.to_csv(path, index=False)
+        written.append(path)
+    return written
+
+
+def make_plots(
+    models: Sequence,
+    out_dir: str | Path | None = None,
+    formats: Sequence[str] | str = ("png",),
+    kinds: Iterable[str] | str | None = None,
+    layer: int | None = None,
+    latent: int | None = None,
+    rank: int | None = None,
+    *,
+    revision: str = "main",
+    cache_dir: str | Path | None = None,
+    fold_norms: bool = True,
+    normalize_stacked: bool = True,
+    error: float = 0.01,
+    spectra_layers: Sequence[int] | None = None,
+    spectra_kinds: Sequence[str] | None = None,
+    dpi: float = 150,
+    write_data: bool = False,
+    keep_figures: bool = False,
+) -> PlotReport:
+    """Draw the selected figures of one or more cached models and write them to disk.
+
+    `models` are MODEL names (alias, repo id, local folder) or already loaded `Analysis` objects.
+    `kinds` picks figures from FIGURE_KINDS (default: all; `compare` only with several models).
+    `layer` is the head-wise figure's layer (default: the middle cached layer); `latent` the
+    planner's D (default 3/7 of d_model, 3072 for DeepSeek-V3); `rank` the fixed rank of the
+    error figure (default 4/7 of d_model, 4096 for DeepSeek-V3). Always writes the planner's CSV
+    when the planner is drawn; `write_data` also writes every figure's data as CSV beside it.
+    Figures are closed after saving unless `keep_figures`.
+    """
+    from svd_probe.results import load_analysis
+
+    if not models:
+        raise BadOptionError("no model given", "Name at least one cached model, e.g. `svd-probe plot deepseek-v3`.")
+    formats = parse_choices(formats, FORMATS, "format")
+    kinds_asked = kinds is not None and parse_choices(kinds, FIGURE_KINDS, "figure kind") != list(FIGURE_KINDS)
+    kinds = parse_choices(kinds, FIGURE_KINDS, "figure kind")
+    if error <= 0 or error >= 1:
+        raise BadOptionError(f"error threshold must be in (0, 1), got {error}")
+    analyses = [
+        m if hasattr(m, "layer_spectra") else load_analysis(m, revision, cache_dir, fold_norms=fold_norms, normalize_stacked=normalize_stacked)
+        for m in models
+    ]
+    for a in analyses:
+        n_layers = a.dims.get("num_layers")
+        if layer is not None and n_layers and not 0 <= layer < n_layers:
+            raise BadOptionError(f"--layer {layer}: {a.display} has layers 0-{n_layers - 1}")
+    dirs, compare_dir = output_dirs(analyses, out_dir)
+    report = PlotReport(out_dirs=dict(dirs))
+    errors = tuple(sorted({0.01, 0.001, error}, reverse=True))
+
+    def emit(result: F.FigureResult, folder: Path, model: str | None) -> None:
+        result.extra["model"] = model
+        report.files += _save(result, folder, formats, dpi, write_data)
+        report.notes += result.notes
+        if not keep_figures:
+            result.figure = None
+        report.results.append(result)
+
+    all_metrics = []
+    for a, folder in zip(analyses, dirs.values()):
+        metrics = a.metrics(errors=errors)
+        # Kept only for the comparison figure: a big model's table is tens of thousands of rows.
+        all_metrics.append(metrics if "compare" in kinds and len(analyses) > 1 else None)
+        draw = {
+            "layerwise": lambda: F.layerwise_ranks(a, metrics, dpi=dpi),
+            "headwise": lambda: F.headwise_ranks(a, layer, metrics, error=error, dpi=dpi),
+            "grid": lambda: F.headwise_grid(a, metrics, error=error, dpi=dpi),
+            "heatmap": lambda: F.rank_heatmaps(a, metrics, error=error, dpi=dpi),
+            "spectra": lambda: F.spectra(a, spectra_layers, spectra_kinds or F.SPECTRA_KINDS, error=error, dpi=dpi),
+            "error": lambda: F.error_at_rank(a, rank, dpi=dpi),
+            "planner": lambda: F.planner_figure(a, latent, dpi=dpi),
+        }
+        for kind in kinds:
+            if kind not in draw:
+                continue
+            try:
+                result = draw[kind]()
+            except F.MissingFigureData as e:
+                report.notes.append(f"skipped {kind}: {e}")
+                continue
+            emit(result, folder, a.display)
+            if kind == "planner":
+                plan = result.extra["plan"]
+                report.plans.append(plan)
+                csv = folder / f"planner-D{plan.latent}.csv"
+                plan.to_csv_frame().to_csv(csv, index=False)
+                report.files.append(csv)
+
+    if "compare" in kinds:
+        if len(analyses) < 2:
+            if kinds_asked:
+                report.notes.append("skipped compare: it needs two models or more")
+        else:
+            try:
+                emit(F.compare_models(analyses, all_metrics, error=error, dpi=dpi), compare_dir, None)
+            except F.MissingFigureData as e:
+                report.notes.append(f"skipped compare: {e}")
+    return report

@@ -1,0 +1,220 @@
+"""Data for the training lab: tokenizer, WikiText for MLM pretraining, SST-2 for fine-tuning.
+
+`datasets` (WikiText-103) is imported only when asked for, so offline machines without it run.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from svd_probe.errors import TrainingInputError
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# WikiText's own tokenization: rare words are `<unk>`, and number/hyphen joins are escaped.
+_WIKITEXT_REPLACE = (("<unk>", "[UNK]"), (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
+
+
+@dataclass
+class Tok:
+    """A `tokenizers.Tokenizer` and the ids of the special tokens the lab needs."""
+
+    tokenizer: object
+    name: str
+    vocab_size: int
+    pad_id: int
+    unk_id: int
+    cls_id: int
+    sep_id: int
+    mask_id: int
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids without [CLS]/[SEP]: callers place those themselves."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def load_tokenizer(spec: str) -> Tok:
+    """`spec`: a WordPiece vocab.txt, a tokenizer.json, a folder with either, or a Hub name."""
+    from tokenizers import BertWordPieceTokenizer, Tokenizer
+
+    path = Path(spec).expanduser()
+    hint = "pass --tokenizer PATH/vocab.txt (e.g. ../shared/data/vocab/bert-base-uncased-vocab.txt), a tokenizer.json, or a Hub name when online"
+    if path.is_dir():
+        for candidate in ("tokenizer.json", "vocab.txt"):
+            if (path / candidate).is_file():
+                path = path / candidate
+                break
+        else:
+            raise TrainingInputError(f"tokenizer folder {path} holds neither tokenizer.json nor vocab.txt", hint=hint)
+    try:
+        if path.is_file():
+            if path.suffix == ".json":
+                tok = Tokenizer.from_file(str(path))
+            else:
+                if path.stat().st_size == 0:
+                    raise ValueError("empty vocabulary file")
+                tok = BertWordPieceTokenizer(str(path), lowercase=True)
+        elif looks_like_path(spec):
+            raise TrainingInputError(f"tokenizer file not found: {spec}", hint=hint)
+        else:
+            tok = Tokenizer.from_pretrained(spec)  # Hub name; needs the network
+    except TrainingInputError:
+        raise
+    except Exception as e:  # tokenizers raises plain Exception for unreadable files and Hub errors
+        raise TrainingInputError(f"cannot load tokenizer {spec!r}: {e}", hint=hint) from None
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise TrainingInputError(f"tokenizer {spec!r} lacks the special tokens {', '.join(missing)}", hint="use a BERT-style WordPiece vocabulary")
+    return Tok(tok, str(spec), tok.get_vocab_size(), ids["[PAD]"], ids["[UNK]"], ids["[CLS]"], ids["[SEP]"], ids["[MASK]"])
+
+
+def looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith((".txt", ".json")) or spec.count("/") > 1
+
+
+# ---- WikiText --------------------------------------------------------------------------------
+
+
+def clean_wikitext_line(line: str) -> str:
+    for old, new in _WIKITEXT_REPLACE:
+        line = line.replace(old, new)
+    return line.strip()
+
+
+def read_wikitext_dir(data_dir: Path) -> tuple[list[str], list[str]]:
+    """Lines of wiki.train.tokens and wiki.valid.tokens, cleaned, blank lines dropped."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise TrainingInputError(f"data folder not found: {data_dir}", hint="pass --data-dir with wiki.train.tokens and wiki.valid.tokens (e.g. ../shared/data/wikitext-2)")
+    splits = []
+    for name in ("wiki.train.tokens", "wiki.valid.tokens"):
+        f = data_dir / name
+        if not f.is_file():
+            raise TrainingInputError(f"{f} is missing", hint="--data-dir must hold wiki.train.tokens and wiki.valid.tokens")
+        lines = [clean_wikitext_line(l) for l in f.read_text(encoding="utf-8").splitlines()]
+        lines = [l for l in lines if l]
+        if not lines:
+            raise TrainingInputError(f"{f} holds no text")
+        splits.append(lines)
+    return splits[0], splits[1]
+
+
+def read_wikitext_hub(name: str) -> tuple[list[str], list[str]]:
+    """WikiText-103 (or -2) through `datasets`, imported here so that it stays optional."""
+    configs = {"wikitext-103": "wikitext-103-v1", "wikitext-2": "wikitext-2-v1"}
+    if name not in configs:
+        raise TrainingInputError(f"unknown dataset {name!r}", hint="use wikitext-103 or wikitext-2, or pass --data-dir")
+    try:
+        import datasets
+    except ImportError:
+        raise TrainingInputError("--dataset needs the `datasets` package", hint="pip install datasets, or pass --data-dir") from None
+    try:
+        ds = datasets.load_dataset("Salesforce/wikitext", configs[name])
+    except Exception as e:
+        raise TrainingInputError(f"cannot load {name} through datasets: {e}", hint="check the network, or pass --data-dir with local files") from None
+    out = []
+    for split in ("train", "validation"):
+        lines = (clean_wikitext_line(t) for t in ds[split]["text"])
+        out.append([l for l in lines if l])
+    return out[0], out[1]
+
+
+def pack_sequences(tok: Tok, lines: list[str], seq_len: int) -> torch.Tensor:
+    """Concatenate all token ids and cut them into [CLS] + (seq_len-2) tokens + [SEP] rows.
+
+    The remainder shorter than one row is dropped, so every row is full: no padding in
+    pretraining, and every row has the same number of maskable tokens.
+    """
+    body = seq_len - 2
+    ids = np.fromiter((i for seq in tok.encode_batch(lines) for i in seq), dtype=np.int64)
+    n = len(ids) // body
+    if n == 0:
+        raise TrainingInputError(f"too little text: {len(ids)} tokens, fewer than one sequence of {seq_len}")
+    rows = np.empty((n, seq_len), dtype=np.int64)
+    rows[:, 0] = tok.cls_id
+    rows[:, 1:-1] = ids[: n * body].reshape(n, body)
+    rows[:, -1] = tok.sep_id
+    return torch.from_numpy(rows)
+
+
+def masked_count(seq_len: int, mlm_prob: float = 0.15) -> int:
+    """Masked positions per packed row ([CLS] and [SEP] are never masked)."""
+    return max(1, round(mlm_prob * (seq_len - 2)))
+
+
+def mask_tokens(ids: torch.Tensor, tok: Tok, gen: torch.Generator, mlm_prob: float = 0.15):
+    """BERT masking: pick 15% of the non-special tokens; 80% -> [MASK], 10% random, 10% kept.
+
+    Exactly `masked_count` positions per row, so the MLM head gathers a fixed shape.
+    Returns (inputs [B, T], positions [B, k], targets [B, k]).
+    """
+    B, T = ids.shape
+    k = masked_count(T, mlm_prob)
+    scores = torch.rand(B, T, generator=gen)
+    special = (ids == tok.cls_id) | (ids == tok.sep_id) | (ids == tok.pad_id)
+    scores[special] = -1.0
+    positions = scores.topk(k, dim=1).indices
+    targets = torch.gather(ids, 1, positions)
+    action = torch.rand(B, k, generator=gen)
+    random_ids = torch.randint(0, tok.vocab_size, (B, k), generator=gen)
+    replaced = torch.where(action < 0.8, torch.full_like(targets, tok.mask_id), torch.where(action < 0.9, random_ids, targets))
+    inputs = ids.clone()
+    inputs.scatter_(1, positions, replaced)
+    return inputs, positions, targets
+
+
+# ---- SST-2 -----------------------------------------------------------------------------------
+
+
+def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:
+    """GLUE SST-2 `sentence<TAB>label` with a header row."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingInputError(f"{path} is missing", hint="--sst2-dir must hold GLUE's train.tsv and dev.tsv (e.g. ../shared/data/SST-2)")
+    sentences, labels = [], []
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if not header or "sentence" not in header or "label" not in header:
+            raise TrainingInputError(f"{path} has no `sentence\\tlabel` header", hint="use GLUE's SST-2 TSV files")
+        si, li = header.index("sentence"), header.index("label")
+        for n, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                label = int(row[li])
+            except (IndexError, ValueError):
+                raise TrainingInputError(f"{path}:{n}: bad row {row!r}", hint="each row must be `sentence<TAB>0|1`") from None
+            sentences.append(row[si].strip())
+            labels.append(label)
+    if not sentences:
+        raise TrainingInputError(f"{path} holds no rows")
+    return sentences, labels
+
+
+def read_sst2_dir(sst2_dir: Path):
+    sst2_dir = Path(sst2_dir)
+    if not sst2_dir.is_dir():
+        raise TrainingInputError(f"SST-2 folder not found: {sst2_dir}", hint="pass --sst2-dir with train.tsv and dev.tsv (e.g. ../shared/data/SST-2)")
+    return read_sst2_tsv(sst2_dir / "train.tsv"), read_sst2_tsv(sst2_dir / "dev.tsv")
+
+
+def encode_sentences(tok: Tok, sentences: list[str], max_len: int) -> list[list[int]]:
+    return [[tok.cls_id] + ids[: max_len - 2] + [tok.sep_id] for ids in tok.encode_batch(sentences)]
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, multiple: int = 16):
+    """ids [B, T] and pad mask [B, T] (True = token); T rounded up so compiled graphs are reused."""
+    T = max(len(s) for s in seqs)
+    T = -(-T // multiple) * multiple
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = True
+    return ids, mask

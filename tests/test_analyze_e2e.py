@@ -1,0 +1,231 @@
+"""`svd-probe analyze` end to end, over the loopback Hub stand-in, against float64 numpy.
+
+The reference is built independently of the package: tensors are read with the `safetensors`
+library from the generated files, FP8 is dequantized here per 128×128 block, every matrix of
+REFERENCE.md §3 is materialized explicitly (VO_h = O_h·V_h, QK_h = Q_hᵀ·K_h, stacks of heads
+divided by their own σ₁) and its σ taken with `np.linalg.svd` in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from svd_probe.cli import app
+from svd_probe.results import load_analysis
+from svd_probe.spectra.metrics import numerical_rank
+
+runner = CliRunner()
+
+
+# --- the independent reference -------------------------------------------------------------------
+
+
+def read_dequantized(folder, names):
+    """float64 arrays of `names`, FP8 weights multiplied by their per-block scale here."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def raw(name):
+        with safe_open(folder / index[name], framework="pt") as f:
+            return f.get_tensor(name).to(torch.float64).numpy()
+
+    out = {}
+    for name in names:
+        w = raw(name)
+        if name + "_scale_inv" in index:
+            s = raw(name + "_scale_inv")
+            full = np.kron(s, np.ones((128, 128)))[: w.shape[0], : w.shape[1]]
+            w = w * full
+        out[name] = w
+    return out
+
+
+def sv(a):
+    return np.linalg.svd(a, compute_uv=False)
+
+
+def reference_layer(folder, config, layer, fold=True, normalize=True):
+    n = config["num_attention_heads"]
+    dn, dr, dv = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
+    kvl = config["kv_lora_rank"]
+    p = f"model.layers.{layer}."
+    a = p + "self_attn."
+    names = [p + "input_layernorm.weight"] + [a + s for s in ("q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight")]
+    t = read_dequantized(folder, names)
+    ones = lambda k: np.ones(k)  # noqa: E731
+    g_in = t[p + "input_layernorm.weight"] if fold else ones(config["hidden_size"])
+    g_q = t[a + "q_a_layernorm.weight"] if fold else ones(config["q_lora_rank"])
+    g_kv = t[a + "kv_a_layernorm.weight"] if fold else ones(kvl)
+    qb = t[a + "q_b_proj.weight"] * g_q
+    kvb = t[a + "kv_b_proj.weight"] * g_kv
+    o = t[a + "o_proj.weight"]
+    Q = [qb[h * (dn + dr) : h * (dn + dr) + dn] for h in range(n)]
+    QP = [qb[h * (dn + dr) + dn : (h + 1) * (dn + dr)] for h in range(n)]
+    K = [kvb[h * (dn + dv) : h * (dn + dv) + dn] for h in range(n)]
+    V = [kvb[h * (dn + dv) + dn : (h + 1) * (dn + dv)] for h in range(n)]
+    O = [o[:, h * dv : (h + 1) * dv] for h in range(n)]
+    VO = [O[h] @ V[h] for h in range(n)]
+    QK = [Q[h].T @ K[h] for h in range(n)]
+    heads = {"Q": Q, "Q_pe": QP, "K": K, "V": V, "O": O, "VO": VO, "QK": QK}
+    ref = {f"head.{k}": np.stack([sv(m) for m in ms]) for k, ms in heads.items()}
+
+    def unit(ms):
+        return [m / sv(m)[0] for m in ms] if normalize else ms
+
+    ref["stacked.O"] = sv(np.hstack(unit(O)))
+    ref["stacked.VO"] = sv(np.hstack(unit(VO)))
+    for k in ("Q", "Q_pe", "K", "V"):
+        ref[f"stacked.{k}"] = sv(np.vstack(unit(heads[k])))
+    ref["stacked.QK"] = sv(np.vstack(unit(QK)))  # heads share the key side
+    ref["stacked.KQ"] = sv(np.hstack(unit(QK)))  # heads share the query side
+    kva = t[a + "kv_a_proj_with_mqa.weight"] * g_in
+    ref["layer.QA"] = sv(t[a + "q_a_proj.weight"] * g_in)
+    ref["layer.KVA"] = sv(kva[:kvl])
+    ref["layer.KVA_pe"] = sv(kva[kvl:])
+    return ref
+
+
+def assert_spectra_match(analysis, folder, config, layers, **kw):
+    for layer in layers:
+        ref = reference_layer(folder, config, layer, **kw)
+        got = analysis.layer_spectra[layer].sigma
+        assert set(got) == set(ref), f"layer {layer}: kinds {sorted(set(ref) ^ set(got))} differ"
+        for key, r in ref.items():
+            g = got[key]
+            assert g.shape == r.shape, (layer, key, g.shape, r.shape)
+            scale = r.max()
+            err = np.abs(g - r).max() / scale
+            assert err < 1e-4, f"layer {layer} {key}: max error {err:.2e} of σ₁"
+
+
+def run_cli(*args):
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    return result
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_every_kind_over_the_hub_matches_float64(fake_hub, deepseek_ckpt, tmp_path):
+    fake_hub.clear_faults()
+    fake_hub.reset_records()
+    r = run_cli("analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["commit"] == fake_hub.repos["tiny/deepseek-v3"].commit
+    assert [row["layer"] for row in summary["layers"]] == [0, 1, 2, 3]  # 3 decoder layers + MTP
+    shard_requests = [rec for rec in fake_hub.records if rec.file and rec.file.endswith(".safetensors") and rec.method == "GET"]
+    assert shard_requests and all(rec.range for rec in shard_requests)
+
+    a = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
+    assert a.layers == [0, 1, 2, 3]
+    assert_spectra_match(a, deepseek_ckpt.folder, deepseek_ckpt.config, a.layers)
+
+
+def test_options_change_the_numbers_and_the_cache_key(fake_hub, deepseek_ckpt, tmp_path):
+    fake_hub.clear_faults()
+    args = ["analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", "cpu", "--layers", "1", "--json"]
+    assert run_cli(*args).exit_code == 0
+    r = run_cli(*args, "--no-fold-norms", "--no-normalize-stacked")
+    assert r.exit_code == 0, r.output
+    plain = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
+    raw = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path, fold_norms=False, normalize_stacked=False)
+    assert plain.cache_dir != raw.cache_dir
+    assert_spectra_match(raw, deepseek_ckpt.folder, deepseek_ckpt.config, [1], fold=False, normalize=False)
+    assert not np.allclose(plain.sigma(1, "VO"), raw.sigma(1, "VO"))
+
+
+def test_a_rerun_fetches_nothing_and_force_refetches(fake_hub, tmp_path):
+    fake_hub.clear_faults()
+    args = ["analyze", "tiny/kimi-k2", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", "cpu", "--json"]
+    assert run_cli(*args).exit_code == 0
+    fake_hub.reset_records()
+    r = run_cli(*args)
+    assert r.exit_code == 0
+    assert json.loads(r.stdout)["stats"]["from_cache"] == 3
+    assert fake_hub.bytes_served(".safetensors") == 0
+    fake_hub.reset_records()
+    r = run_cli(*args, "--force", "--layers", "0")
+    assert json.loads(r.stdout)["stats"]["computed"] == 1
+    assert fake_hub.bytes_served(".safetensors") > 0
+
+
+def test_more_matrices_later_compute_only_whats_missing(fake_hub, tmp_path):
+    fake_hub.clear_faults()
+    base = ["analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", "cpu", "--layers", "0", "--json"]
+    fake_hub.reset_records()
+    assert run_cli(*base, "--matrices", "O").exit_code == 0
+    only_o = fake_hub.bytes_served()
+    a = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
+    assert set(a.layer_spectra[0].sigma) == {"head.O", "stacked.O"}
+    assert run_cli(*base, "--matrices", "VO").exit_code == 0
+    a = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
+    assert set(a.layer_spectra[0].sigma) == {"head.O", "stacked.O", "head.VO", "stacked.VO"}
+    fake_hub.reset_records()
+    assert run_cli(*base, "--matrices", "O,VO").exit_code == 0
+    assert fake_hub.bytes_served() == 0
+    assert only_o > 0
+
+
+def test_a_revision_with_another_commit_gets_its_own_cache(fake_hub, deepseek_ckpt, tmp_path):
+    other = "f" * 40
+    fake_hub.add_repo("tiny/deepseek-revs", deepseek_ckpt.folder, revisions={"v2": other})
+    base = ["analyze", "tiny/deepseek-revs", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", "cpu", "--layers", "0", "--matrices", "O", "--json"]
+    main = json.loads(run_cli(*base).stdout)
+    v2 = json.loads(run_cli(*base, "--revision", "v2").stdout)
+    assert v2["commit"] == other and main["commit"] != other
+    assert main["cache"] != v2["cache"]
+    assert load_analysis("tiny/deepseek-revs", "v2", tmp_path).commit == other
+
+
+def test_planted_ranks_come_out_of_the_whole_path(fake_hub, tmp_path_factory, tmp_path):
+    from svd_probe.testing.checkpoints import build_deepseek_v3
+
+    ck = build_deepseek_v3(tmp_path_factory.mktemp("planted") / "ck", attn_dtype="f32", ranks={"o_proj": 6, "kv_b_proj": 5, "q_b_proj": 7}, layers=1, mtp_layers=0, seed=3)
+    fake_hub.add_repo("tiny/planted", ck.folder)
+    r = run_cli("analyze", "tiny/planted", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    a = load_analysis("tiny/planted", cache_dir=tmp_path)
+    ranks = lambda key: [numerical_rank(s, a.shape(0, key.split(".")[1], key.split(".")[0]), 2.0**-23) for s in np.atleast_2d(a.layer_spectra[0].sigma[key])]  # noqa: E731
+    assert ranks("head.VO") == [5] * 4  # VO_h = O_h·V_h, and V_h has rank ≤ 5
+    assert ranks("head.QK") == [5] * 4  # Q_hᵀ·K_h, K_h from the same rank-5 kv_b
+    assert ranks("stacked.O") == [6]  # all heads write into o_proj's 6-dim column space
+    assert ranks("stacked.VO") == [6]
+    assert ranks("stacked.K") == [5]
+    assert ranks("stacked.Q") == [7]
+    assert_spectra_match(a, ck.folder, ck.config, [0])
+
+
+def test_crash_mid_layer_resumes_without_refetching_finished_layers(fake_hub, deepseek_ckpt, tmp_path):
+    """A layer whose reads keep failing aborts the run with an error; the layers before it stay
+    cached, and the rerun fetches only what is missing and ends with the same spectra."""
+    fake_hub.clear_faults()
+    # The MTP layer (3) is the only attention in shard 4: make every read of it fail.
+    shard4 = [f for f in set(deepseek_ckpt.weight_map.values()) if f.startswith("model-00004")][0]
+    assert {deepseek_ckpt.weight_map[n] for n in deepseek_ckpt.attention_tensor_names(3)} >= {shard4}
+    fake_hub.inject("503", count=10_000, match=shard4, retry_after="0")
+    base = ["analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", "cpu"]
+    r = runner.invoke(app, base + ["--json"])
+    fake_hub.clear_faults()
+    assert r.exit_code != 0
+    partial = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
+    assert partial.layers == [0, 1, 2]
+
+    fake_hub.reset_records()
+    r = run_cli(*base, "--json")
+    assert r.exit_code == 0, r.output
+    stats = json.loads(r.stdout)["stats"]
+    assert (stats["computed"], stats["from_cache"]) == (1, 3)
+    layer3_bytes = sum(deepseek_ckpt.tensor_nbytes(n) for n in deepseek_ckpt.attention_tensor_names(3)) if hasattr(deepseek_ckpt, "tensor_nbytes") else None
+    served = fake_hub.bytes_served()
+    if layer3_bytes is not None:
+        assert served <= 1.05 * layer3_bytes + 5 * 64 * 1024
+    full = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
+    assert full.layers == [0, 1, 2, 3]
+    assert_spectra_match(full, deepseek_ckpt.folder, deepseek_ckpt.config, [3])

@@ -1,0 +1,190 @@
+"""Streaming from the loopback Hub stand-in: exact tensors, exact bytes, Range-only reads, faults."""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from svd_probe.errors import TransferError
+from svd_probe.hub.ranges import plan_reads
+from svd_probe.hub.source import open_checkpoint
+from svd_probe.hub.stream import stream_layers
+from svd_probe.models import ModelRef, resolve_model
+from svd_probe.testing.fake_hub import FAULT_KINDS
+
+FAST = dict(backoff=0.01, max_backoff=0.05)  # retries in tests should not sleep long (Retry-After still honoured)
+_DT = {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4}
+
+
+def expected(ck, name: str) -> torch.Tensor:
+    """What the tensor must be, from the `safetensors` library on the same files (+ per-block scale)."""
+    with safe_open(str(ck.folder / ck.weight_map[name]), framework="pt") as f:
+        w = f.get_tensor(name).float()
+    s = name + "_scale_inv"
+    if s in ck.weight_map:
+        with safe_open(str(ck.folder / ck.weight_map[s]), framework="pt") as f:
+            scale = f.get_tensor(s).numpy()
+        full = np.repeat(np.repeat(scale, 128, axis=0), 128, axis=1)[: w.shape[0], : w.shape[1]]
+        w = w * torch.from_numpy(full)
+    return w
+
+
+def hub_src(hub, repo, **kw):
+    return open_checkpoint(ModelRef(name=repo, repo_id=repo), endpoint=hub.endpoint, **{**FAST, **kw})
+
+
+def shard_header_bytes(folder, shard):
+    with open(folder / shard, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+@pytest.mark.parametrize("which", ["deepseek", "kimi"])
+def test_stream_all_layers_exact_and_minimal(fake_hub, deepseek_ckpt, kimi_ckpt, which):
+    ck, repo = (deepseek_ckpt, "tiny/deepseek-v3") if which == "deepseek" else (kimi_ckpt, "tiny/kimi-k2")
+    fake_hub.clear_faults()
+    src = hub_src(fake_hub, repo, concurrency=4)
+    fake_hub.reset_records()
+    assert re.fullmatch(r"[0-9a-f]{40}", src.commit) and src.commit == fake_hub.repos[repo].commit
+    assert src.config["model_type"] == ck.config["model_type"]
+    assert src.tensor_names == set(ck.weight_map)
+    seen = []
+    for layer, tensors in stream_layers(src, range(ck.num_layers), ck.attention_weight_names, "cpu", prefetch=1):
+        seen.append(layer)
+        assert set(tensors) == set(ck.attention_weight_names(layer))
+        for name, t in tensors.items():
+            assert t.dtype == torch.float32
+            assert torch.equal(t, expected(ck, name)), name
+    assert seen == list(range(ck.num_layers))
+
+    # Bytes: exactly what the server sent for shards, and within 5% of attention tensors + headers.
+    served = fake_hub.bytes_served(".safetensors")
+    assert src.bytes_fetched == served
+    names = ck.all_attention_tensor_names()
+    shards = {ck.weight_map[n] for n in names}
+    with_scales = sum(_tensor_bytes(ck, n) for n in names)
+    headers = sum(shard_header_bytes(ck.folder, s) for s in shards)
+    assert served <= 1.05 * (with_scales + headers), (served, with_scales, headers)
+    total_ckpt = sum((ck.folder / s).stat().st_size for s in set(ck.weight_map.values()))
+    assert served < 0.3 * total_ckpt  # experts dominate the files and are never read
+
+    # Protocol: every shard GET is one byte range, on the pinned commit, never the whole file.
+    shard_gets = [r for r in fake_hub.records if r.file and r.file.endswith(".safetensors") and r.method == "GET"]
+    assert shard_gets
+    for r in shard_gets:
+        assert r.range is not None and re.fullmatch(r"bytes=\d+-\d+", r.range), r
+        assert r.status in (206, 302)
+        if not r.cdn:
+            assert f"/resolve/{src.commit}/" in r.url
+    # Only the headers of shards that hold needed tensors were read.
+    header_reads = {r.file for r in shard_gets if r.range == "bytes=0-7" and r.status == 206}
+    assert header_reads == shards
+
+
+def _tensor_bytes(ck, name):
+    with safe_open(str(ck.folder / ck.weight_map[name]), framework="pt") as f:
+        sl = f.get_slice(name)
+        return math.prod(sl.get_shape()) * _DT[sl.get_dtype()]
+
+
+def test_local_folder_same_code_path(deepseek_ckpt, fake_hub):
+    ck = deepseek_ckpt
+    local = open_checkpoint(resolve_model(str(ck.folder)))
+    assert re.fullmatch(r"[0-9a-f]{40}", local.commit)
+    assert open_checkpoint(resolve_model(str(ck.folder))).commit == local.commit  # stable fingerprint
+    names = ck.attention_weight_names(ck.num_layers - 1)  # the MTP layer
+    a = local.read_tensors(names)
+    b = hub_src(fake_hub, "tiny/deepseek-v3").read_tensors(names)
+    for n in names:
+        assert torch.equal(a[n], b[n]) and torch.equal(a[n], expected(ck, n))
+    assert local.bytes_fetched > 0
+
+
+@pytest.mark.parametrize("kind", FAULT_KINDS)
+def test_faults_survived_with_identical_results(fake_hub, deepseek_ckpt, kind):
+    ck = deepseek_ckpt
+    names = ck.attention_weight_names(1) + ck.attention_weight_names(2)
+    fake_hub.clear_faults()
+    src = hub_src(fake_hub, "tiny/deepseek-v3", concurrency=3)
+    src.headers({ck.weight_map[n] for n in names} | {ck.weight_map[n + "_scale_inv"] for n in names if n + "_scale_inv" in ck.weight_map})
+    fake_hub.reset_records()
+    fake_hub.inject(kind, count=2)
+    t0 = time.perf_counter()
+    got = src.read_tensors(names)
+    elapsed = time.perf_counter() - t0
+    fired = fake_hub.faults_fired()
+    fake_hub.clear_faults()
+    assert fired.count(kind) == 2, fired
+    for n in names:
+        assert torch.equal(got[n], expected(ck, n)), n
+    assert src.stats["retries"] + src.stats["reresolves"] >= 2
+    if kind == "429":  # Retry-After: 1 was honoured although the test's own backoff is 10 ms
+        assert elapsed >= 0.9
+
+
+def test_persistent_failure_is_a_transfer_error(fake_hub, deepseek_ckpt):
+    fake_hub.clear_faults()
+    src = hub_src(fake_hub, "tiny/deepseek-v3", retries=2)
+    fake_hub.inject("503", count=1000)
+    try:
+        with pytest.raises(TransferError) as ei:
+            src.read_tensors(deepseek_ckpt.attention_weight_names(0))
+        assert ei.value.hint
+    finally:
+        fake_hub.clear_faults()
+
+
+def test_expired_signed_url_is_reresolved(fake_hub, deepseek_ckpt):
+    fake_hub.clear_faults()
+    old_ttl = fake_hub.sign_ttl
+    fake_hub.sign_ttl = -1  # every signed URL the Hub hands out is already expired ...
+    src = hub_src(fake_hub, "tiny/deepseek-v3")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    try:
+        with pytest.raises(TransferError):  # ... so after a few fresh ones, the reader gives up
+            src.read_tensors([name])
+        fake_hub.sign_ttl = old_ttl  # the Hub recovers: the next read re-resolves and succeeds
+        assert torch.equal(src.read_tensors([name])[name], expected(deepseek_ckpt, name))
+        assert src.stats["reresolves"] >= 1
+    finally:
+        fake_hub.sign_ttl = old_ttl
+
+
+def test_stream_prefetches_one_layer_ahead(deepseek_ckpt):
+    ck = deepseek_ckpt
+    src = open_checkpoint(resolve_model(str(ck.folder)))
+    requested = []
+    lock = threading.Lock()
+
+    def names(layer):
+        with lock:
+            requested.append(layer)
+        return ck.attention_weight_names(layer)
+
+    it = stream_layers(src, [0, 1, 2, 3], names, "cpu", prefetch=1)
+    layer, _ = next(it)
+    assert layer == 0
+    # While the caller holds layer 0, layer 1 is in flight, and nothing further: two layers at most.
+    assert requested == [0, 1]
+    layer, _ = next(it)
+    assert layer == 1 and requested == [0, 1, 2]
+    it.close()  # stopping early cancels cleanly
+    assert requested == [0, 1, 2]
+
+
+def test_plan_reads_coalesces_small_gaps_within_budget():
+    reqs = [("a", 0, 1000), ("a", 1010, 2000), ("a", 100_000, 100_500), ("b", 0, 10)]
+    spans, chunks = plan_reads(reqs, max_gap=1 << 20, gap_fraction=0.02, chunk_size=1 << 20)
+    by = {(p, b, e) for p, b, e, _ in spans}
+    assert ("a", 0, 2000) in by  # a 10-byte gap merges
+    assert ("a", 100_000, 100_500) in by  # a 98 kB gap would cost far more than 2%: separate read
+    assert ("b", 0, 10) in by
+    spans, chunks = plan_reads([("a", 0, 10 << 20)], max_gap=0, gap_fraction=0, chunk_size=4 << 20)
+    assert [(b, e) for _, b, e in chunks] == [(0, 4 << 20), (4 << 20, 8 << 20), (8 << 20, 10 << 20)]

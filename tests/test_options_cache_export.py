@@ -1,0 +1,141 @@
+"""Option parsing, cache keys and files, the results loader and `export`, without a checkpoint."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from svd_probe.adapters.base import ModelDims
+from svd_probe.analysis import parse_layers, parse_matrices, spectrum_keys
+from svd_probe.cache.store import AnalysisCache, AnalysisOptions, LayerSpectra, default_cache_root, repo_key
+from svd_probe.errors import BadOptionError, CacheMissError
+from svd_probe.export import export
+from svd_probe.results import load_analysis
+from svd_probe.spectra.metrics import energy_rank
+
+DIMS = ModelDims("deepseek_v3", num_layers=62, num_mtp_layers=1, d_model=7168, n_heads=128, n_kv_groups=128, d_qk=128, d_rope=64, d_v=128, q_latent=1536, kv_latent=512)
+
+
+def test_layers_parse_ranges_and_lists():
+    assert parse_layers("0-3,10,60", DIMS, True) == [0, 1, 2, 3, 10, 60]
+    assert parse_layers(None, DIMS, True) == list(range(62))
+    assert parse_layers(None, DIMS, False) == list(range(61))
+    assert parse_layers("61", DIMS, True) == [61]
+
+
+@pytest.mark.parametrize("spec,needle", [("99", "no layer 99"), ("3-1", "end before start"), ("a", "not a layer"), ("0-2,x", "not a layer")])
+def test_bad_layers_are_refused_with_the_valid_range(spec, needle):
+    with pytest.raises(BadOptionError) as e:
+        parse_layers(spec, DIMS, True)
+    assert needle in e.value.message
+    if spec == "99":
+        assert "0-60" in e.value.message and "MTP layer 61" in e.value.message
+
+
+def test_mtp_layer_refused_under_no_mtp():
+    with pytest.raises(BadOptionError) as e:
+        parse_layers("61", DIMS, False)
+    assert "--no-mtp" in e.value.message
+
+
+def test_matrices_parse_case_insensitively_in_canonical_order():
+    supported = ("Q", "Q_pe", "K", "V", "O", "VO", "QK", "KQ", "QA", "KVA", "KVA_pe")
+    assert parse_matrices("vo,O,qa", supported) == ["O", "VO", "QA"]
+    assert parse_matrices(None, ("Q", "K", "V", "O", "VO", "QK", "KQ")) == ["Q", "K", "V", "O", "VO", "QK", "KQ"]
+    with pytest.raises(BadOptionError, match="unknown matrix kind 'XY'"):
+        parse_matrices("VO,XY", supported)
+    with pytest.raises(BadOptionError, match="no QA"):
+        parse_matrices("QA", ("Q", "K", "V", "O", "VO", "QK", "KQ"))
+
+
+def test_spectrum_keys_follow_scopes():
+    assert spectrum_keys(["VO", "KQ", "QA"]) == {"head.VO", "stacked.VO", "stacked.KQ", "layer.QA"}
+
+
+def test_cache_key_changes_with_options_and_commit(tmp_path):
+    a = AnalysisCache(tmp_path, "models--o--m", "a" * 40, AnalysisOptions())
+    b = AnalysisCache(tmp_path, "models--o--m", "a" * 40, AnalysisOptions(fold_norms=False))
+    c = AnalysisCache(tmp_path, "models--o--m", "a" * 40, AnalysisOptions(normalize_stacked=False))
+    d = AnalysisCache(tmp_path, "models--o--m", "b" * 40, AnalysisOptions())
+    assert len({a.dir, b.dir, c.dir, d.dir}) == 4
+    assert repo_key("org/name") == "models--org--name"
+
+
+def test_cache_root_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("SVD_PROBE_CACHE", str(tmp_path / "env"))
+    assert default_cache_root(tmp_path / "flag") == tmp_path / "flag"
+    assert default_cache_root(None) == tmp_path / "env"
+    monkeypatch.delenv("SVD_PROBE_CACHE")
+    assert "svd-probe" in str(default_cache_root(None))
+
+
+def _write_fixture(root, model="deepseek-ai/DeepSeek-V3", commit="c" * 40, layers=(0, 1)):
+    rng = np.random.default_rng(0)
+    cache = AnalysisCache(root, repo_key(model), commit, AnalysisOptions())
+    AnalysisCache.write_ref(root, repo_key(model), "main", commit)
+    cache.write_manifest({"model": "deepseek-v3", "commit": commit, "dims": {"d_model": 16}})
+    written = {}
+    for l in layers:
+        heads = np.sort(rng.random((4, 6)), axis=1)[:, ::-1]
+        stacked = np.sort(rng.random(16), axis=0)[::-1]
+        sig = {"head.VO": heads, "stacked.VO": stacked, "layer.QA": stacked[:8]}
+        cache.write_layer(LayerSpectra(l, sig, {"head.VO": (16, 6), "stacked.VO": (16, 24), "layer.QA": (8, 16)}, {k: "F8_E4M3" for k in sig}, {"seconds": 1.0}))
+        written[l] = sig
+    return cache, written
+
+
+def test_layer_files_round_trip_and_leave_no_temporaries(tmp_path):
+    cache, written = _write_fixture(tmp_path)
+    assert cache.cached_layers() == [0, 1]
+    back = cache.read_layer(1)
+    np.testing.assert_array_equal(back.sigma["head.VO"], written[1]["head.VO"])
+    assert back.shapes["stacked.VO"] == (16, 24) and back.storage_dtypes["head.VO"] == "F8_E4M3"
+    assert not list(cache.dir.glob(".*tmp"))
+    # A torn write (a temp file left by a killed process) is not mistaken for a layer.
+    (cache.dir / ".layer-0002.safetensors.tmp").write_bytes(b"partial")
+    assert cache.cached_layers() == [0, 1]
+
+
+def test_export_jsonl_has_one_record_per_spectrum(tmp_path):
+    _, written = _write_fixture(tmp_path)
+    out = tmp_path / "s.jsonl"
+    n = export("deepseek-v3", format="jsonl", out=out, cache_dir=tmp_path)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert n == len(lines) == 2 * (4 + 1 + 1)
+    rec = next(r for r in lines if r["layer"] == 1 and r["matrix"] == "VO" and r["scope"] == "head" and r["head"] == 2)
+    assert set(rec) == {"model", "revision", "layer", "matrix", "scope", "head", "sigma"}
+    assert rec["model"] == "deepseek-v3" and rec["revision"] == "c" * 40
+    np.testing.assert_allclose(rec["sigma"], written[1]["head.VO"][2])
+    assert all(r["head"] is None for r in lines if r["scope"] != "head")
+    assert {r["matrix"] for r in lines} == {"VO", "QA"}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_export_metrics_table(tmp_path, fmt):
+    _, written = _write_fixture(tmp_path)
+    out = tmp_path / f"m.{fmt}"
+    n = export("deepseek-v3", format=fmt, out=out, cache_dir=tmp_path, at_rank=3)
+    df = pd.read_csv(out) if fmt == "csv" else pd.read_parquet(out)
+    assert len(df) == n == 12
+    row = df[(df.layer == 0) & (df.matrix == "VO") & (df.scope == "stacked")].iloc[0]
+    s = written[0]["stacked.VO"]
+    assert row["rank_1pct"] == energy_rank(s, 0.01) and row["rank_0.1pct"] == energy_rank(s, 0.001)
+    assert row["full_rank"] == 16 and (row["m"], row["n"]) == (16, 24)
+    assert np.isclose(row["rel_error_at_3"], np.sqrt((s[3:] ** 2).sum() / (s**2).sum()))
+
+
+def test_export_refuses_unknown_format(tmp_path):
+    _write_fixture(tmp_path)
+    with pytest.raises(BadOptionError, match="xml"):
+        export("deepseek-v3", format="xml", out=tmp_path / "x", cache_dir=tmp_path)
+
+
+def test_loading_a_missing_analysis_names_the_analyze_command(tmp_path):
+    with pytest.raises(CacheMissError) as e:
+        load_analysis("kimi-k2", cache_dir=tmp_path)
+    assert "svd-probe analyze kimi-k2" in e.value.hint
+    _write_fixture(tmp_path)
+    with pytest.raises(CacheMissError) as e:
+        load_analysis("deepseek-v3", cache_dir=tmp_path, fold_norms=False)
+    assert "--no-fold-norms" in e.value.hint

@@ -1,0 +1,378 @@
+"""`svd-probe plot`: every figure from a planted cache, its data against the cached metrics and
+the planted ranks, the planner's arithmetic against DeepSeek-V3's shapes, and the CLI."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from svd_probe.cache.store import AnalysisCache, AnalysisOptions, LayerSpectra
+from svd_probe.errors import BadOptionError, CacheMissError
+from svd_probe.plots import (
+    KIND_COLORS,
+    break_even_latent,
+    default_error_rank,
+    default_latent,
+    make_plots,
+    output_params,
+    parse_layers,
+    plan_latent,
+)
+from svd_probe.plots import figures as F
+from svd_probe.results import load_analysis
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+COMMIT2 = "fedcba9876543210fedcba9876543210fedcba98"
+DPI = 30
+
+# --- planted spectra -----------------------------------------------------------------------------
+#
+# σ = [1]*r, then 3 values b, then zeros, with b² = 0.002·Σσ²: the last three hold 0.6% of the
+# energy (so the rank at 1% error is r) and each holds 0.2% (so the rank at 0.1% error is r + 3).
+
+
+def planted(r: int, k: int, scale: float = 1.0) -> np.ndarray:
+    b2 = 0.002 * r / (1 - 0.006)
+    s = np.zeros(k)
+    s[:r] = 1.0
+    s[r : r + 3] = math.sqrt(b2)
+    return s * scale
+
+
+def planted_rank(r: int, error: float) -> int:
+    return r if error == 0.01 else r + 3
+
+
+MLA_DIMS = dict(model_type="deepseek_v3", num_layers=4, num_mtp_layers=1, d_model=64, n_heads=8, n_kv_groups=8,
+                d_qk=16, d_rope=8, d_v=16, q_latent=48, kv_latent=32)
+
+# kind → (shape of the stacked matrix, k stored, planted r at layer L)
+STACKED = {
+    "O": ((64, 8 * 16), 64, lambda L: 20 + 4 * L),
+    "VO": ((64, 8 * 32), 64, lambda L: 24 + 5 * L),
+    "Q": ((8 * 16, 48), 48, lambda L: 10 + 2 * L),
+    "K": ((8 * 16, 32), 32, lambda L: 6 + L),
+    "V": ((8 * 16, 32), 32, lambda L: 8 + L),
+    "QK": ((8 * 48, 32), 32, lambda L: 5 + 2 * L),
+}
+HEAD = {
+    "V": ((16, 32), 16, lambda L, h: 2 + (h + L) % 6),
+    "O": ((64, 16), 16, lambda L, h: 3 + (2 * h + L) % 7),
+    "VO": ((64, 32), 16, lambda L, h: 1 + (3 * h + 2 * L) % 9),
+    "QK": ((48, 32), 16, lambda L, h: 2 + (5 * h + L) % 8),
+}
+
+
+def write_model(root, repo_id, commit, dims, layers, stacked, head, options=AnalysisOptions()):
+    repo = "models--" + repo_id.replace("/", "--")
+    cache = AnalysisCache(root, repo, commit, options)
+    for L in layers:
+        sigma, shapes = {}, {}
+        for kind, (shape, k, r) in stacked.items():
+            sigma[f"stacked.{kind}"] = planted(r(L), k, scale=2.0 + L)
+            shapes[f"stacked.{kind}"] = shape
+        for kind, (shape, k, r) in head.items():
+            sigma[f"head.{kind}"] = np.stack([planted(r(L, h), k, scale=1.0 + 0.1 * h) for h in range(dims["n_heads"])])
+            shapes[f"head.{kind}"] = shape
+        cache.write_layer(LayerSpectra(layer=L, sigma=sigma, shapes=shapes, storage_dtypes={k: "BF16" for k in sigma}))
+    AnalysisCache.write_ref(root, repo, "main", commit)
+    cache.write_manifest({"model": repo_id, "dims": dims, "config": {}, "options": {"fold_norms": options.fold_norms}})
+    return cache
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    write_model(root, "acme/tiny-mla", COMMIT, MLA_DIMS, range(4), STACKED, HEAD)
+    # A narrower, shallower model with only stacked O and VO: the head figures must skip, and the
+    # comparison must put it beside the first on the fraction-of-full-rank scale.
+    narrow = dict(MLA_DIMS, d_model=32, n_heads=4, n_kv_groups=4, d_v=8, num_layers=2, num_mtp_layers=0)
+    write_model(root, "acme/tiny-narrow", COMMIT2, narrow, range(2),
+                {"O": ((32, 32), 32, lambda L: 8 + L), "VO": ((32, 128), 32, lambda L: 10 + L)}, {})
+    return root
+
+
+@pytest.fixture(scope="module")
+def mla(cache_root):
+    return load_analysis("acme/tiny-mla", cache_dir=cache_root)
+
+
+@pytest.fixture(scope="module")
+def narrow(cache_root):
+    return load_analysis("acme/tiny-narrow", cache_dir=cache_root)
+
+
+@pytest.fixture(scope="module")
+def metrics(mla):
+    return mla.metrics()
+
+
+# --- figures: data against the metrics table and the planted ranks ------------------------------
+
+
+def test_layerwise_matches_metrics_and_planted(mla, metrics):
+    res = F.layerwise_ranks(mla, metrics, dpi=DPI)
+    d = res.data
+    assert list(dict.fromkeys(d["matrix"])) == list(F.LAYERWISE_KINDS)
+    for _, row in d.iterrows():
+        shape, _, r = STACKED[row["matrix"]]
+        assert row["rank_1pct"] == planted_rank(r(row["layer"]), 0.01)
+        assert row["rank_0.1pct"] == planted_rank(r(row["layer"]), 0.001)
+        assert row["full_rank"] == min(shape)
+    ref = metrics[metrics["scope"] == "stacked"].set_index(["layer", "matrix"])
+    for _, row in d.iterrows():
+        assert row["rank_1pct"] == ref.loc[(row["layer"], row["matrix"]), "rank_1pct"]
+    # The lines drawn are the data returned, in the kind's colour.
+    ax = res.figure.axes[0]
+    lines = {l.get_label(): l for l in ax.get_lines() if not l.get_label().startswith("_")}
+    assert np.array_equal(lines["VO"].get_ydata(), d.loc[d["matrix"] == "VO", "rank_1pct"].to_numpy())
+    assert matplotlib.colors.same_color(lines["VO"].get_color(), KIND_COLORS["VO"])
+    title = res.figure._suptitle.get_text()
+    assert "acme/tiny-mla" in title and COMMIT[:8] in title and "1% / 0.1%" in title and "norms folded" in title
+
+
+def test_headwise_sorted_by_vo_with_medians(mla, metrics):
+    res = F.headwise_ranks(mla, 2, metrics, dpi=DPI)
+    d = res.data
+    assert res.stem == "headwise-L002"
+    assert list(d["VO"]) == sorted(d["VO"])
+    for _, row in d.iterrows():
+        for kind in ("V", "O", "VO"):
+            assert row[kind] == HEAD[kind][2](2, row["head"])
+    m = metrics[(metrics["scope"] == "head") & (metrics["layer"] == 2) & (metrics["matrix"] == "VO")]
+    assert sorted(m["rank_1pct"]) == list(d["VO"])
+    assert res.extra["medians"]["O"] == np.median([HEAD["O"][2](2, h) for h in range(8)])
+
+
+def test_headwise_grid_has_every_layer(mla, metrics):
+    res = F.headwise_grid(mla, metrics, dpi=DPI)
+    assert sorted(set(res.data["layer"])) == mla.layers
+    assert len(res.data) == 4 * 8
+    for _, row in res.data.iterrows():
+        assert row["VO"] == HEAD["VO"][2](row["layer"], row["head"])
+
+
+def test_heatmaps_layer_by_head(mla, metrics):
+    res = F.rank_heatmaps(mla, metrics, dpi=DPI)
+    grids = res.extra["grids"]
+    assert set(grids) == {"VO", "QK"}
+    for kind in ("VO", "QK"):
+        expected = np.array([[HEAD[kind][2](L, h) for h in range(8)] for L in range(4)])
+        assert np.array_equal(grids[kind], expected)
+    img = res.figure.axes[0].get_images()[0]
+    assert np.array_equal(np.asarray(img.get_array()), grids["VO"])
+
+
+def test_spectra_normalized(mla):
+    res = F.spectra(mla, layers=[0, 3], kinds=("O", "VO"), dpi=DPI)
+    d = res.data
+    assert set(d["layer"]) == {0, 3} and set(d["matrix"]) == {"O", "VO"}
+    o3 = d[(d["layer"] == 3) & (d["matrix"] == "O")]
+    assert np.allclose(o3["sigma"], mla.sigma(3, "O"))
+    assert np.allclose(o3["sigma_normalized"], planted(STACKED["O"][2](3), 64))
+    assert res.figure.axes[0].get_yscale() == "log"
+    assert o3.loc[o3["at_error_rank"], "index"].tolist() == [STACKED["O"][2](3)]
+
+
+def test_spectra_missing_layer_is_noted(mla):
+    res = F.spectra(mla, layers=[1, 9], dpi=DPI)
+    assert set(res.data["layer"]) == {1}
+    assert any("--layers 9" in n for n in res.notes)
+
+
+def test_error_at_rank_matches_metrics(mla):
+    r = 22
+    res = F.error_at_rank(mla, r, kinds=F.LAYERWISE_KINDS, dpi=DPI)
+    d = res.data
+    # Every kind's full rank (32 or more) exceeds r = 22, so every kind is drawn.
+    assert set(d["matrix"]) == set(F.LAYERWISE_KINDS)
+    ref = mla.metrics(at_rank=r)
+    ref = ref[ref["scope"] == "stacked"].set_index(["layer", "matrix"])[f"rel_error_at_{r}"]
+    for _, row in d.iterrows():
+        assert row["rel_error"] == pytest.approx(ref[(row["layer"], row["matrix"])], abs=1e-12)
+    # Planted: O of layer 0 has r = 20, so one of the three b's lies beyond rank 22.
+    b2 = 0.002 * 20 / 0.994
+    row = d[(d["layer"] == 0) & (d["matrix"] == "O")].iloc[0]
+    assert row["rel_error"] == pytest.approx(math.sqrt(b2 / (20 + 3 * b2)))
+
+
+def test_error_at_default_rank_leaves_out_exact_kinds(mla):
+    assert set(F.error_at_rank(mla, dpi=DPI).data["matrix"]) == {"O", "VO"}
+    res = F.error_at_rank(mla, kinds=F.LAYERWISE_KINDS, dpi=DPI)
+    assert res.extra["rank"] == default_error_rank(64) == 37
+    assert set(res.data["matrix"]) == {"O", "VO", "Q"}
+    assert any("K, V, QK have full rank" in n for n in res.notes)
+
+
+def test_planner_energy_on_fixture(mla):
+    plan = plan_latent(mla, 22)
+    t = plan.table
+    b2 = 0.002 * 20 / 0.994
+    assert t.loc[t["layer"] == 0, "energy_kept_O"].item() == pytest.approx((20 + 2 * b2) / (20 + 3 * b2))
+    # VO of layer 0 has r = 24 > 22: 22 of the 24 unit values are kept.
+    b2 = 0.002 * 24 / 0.994
+    assert t.loc[t["layer"] == 0, "energy_kept_VO"].item() == pytest.approx(22 / (24 + 3 * b2))
+    assert plan.params_before == 8 * 16 * 64 and plan.params_after == 8 * 16 * 22 + 22 * 64
+    csv = plan.to_csv_frame()
+    assert csv["layer"].iloc[-1] == "total" and csv["params_before"].iloc[-1] == 4 * 8 * 16 * 64
+
+
+def test_compare_fraction_of_full_rank(mla, narrow):
+    res = F.compare_models([mla, narrow], dpi=DPI)
+    d = res.data
+    assert set(d["model"]) == {"acme/tiny-mla", "acme/tiny-narrow"}
+    n = d[(d["model"] == "acme/tiny-narrow") & (d["matrix"] == "VO")]
+    assert list(n["rank"]) == [10, 11] and list(n["fraction_of_full_rank"]) == [10 / 32, 11 / 32]
+    assert list(n["depth"]) == [0.0, 1.0]
+    m = d[(d["model"] == "acme/tiny-mla") & (d["matrix"] == "O")]
+    assert list(m["fraction_of_full_rank"]) == [(20 + 4 * L) / 64 for L in range(4)]
+    assert "acme/tiny-narrow" in res.figure._suptitle.get_text()
+
+
+def test_missing_head_spectra_raise_with_analyze_command(narrow):
+    with pytest.raises(F.MissingFigureData) as e:
+        F.headwise_grid(narrow, dpi=DPI)
+    assert "svd-probe analyze acme/tiny-narrow --matrices V,O,VO" in str(e.value)
+
+
+def test_headwise_gqa_maps_heads_to_their_value_group(tmp_path):
+    # 8 query heads reading 2 key/value groups: head h's V is group h // 4's.
+    gqa = dict(MLA_DIMS, model_type="llama", n_kv_groups=2, num_mtp_layers=0, num_layers=1)
+    write_model(tmp_path, "acme/tiny-gqa", COMMIT, gqa, [0], {}, {"VO": HEAD["VO"], "O": HEAD["O"]})
+    repo = AnalysisCache(tmp_path, "models--acme--tiny-gqa", COMMIT, AnalysisOptions())
+    ls = repo.read_layer(0)
+    ls.sigma["head.V"] = np.stack([planted(3, 16), planted(7, 16)])
+    ls.shapes["head.V"] = (16, 64)
+    repo.write_layer(ls)
+    res = F.headwise_ranks(load_analysis("acme/tiny-gqa", cache_dir=tmp_path), 0, dpi=DPI)
+    for _, row in res.data.iterrows():
+        assert row["V"] == (3 if row["head"] < 4 else 7)
+
+
+def test_option_parsers():
+    from svd_probe.plots.render import parse_matrices
+
+    assert parse_layers("0,2-4,2") == [0, 2, 3, 4]
+    assert parse_matrices("vo,O") == ["VO", "O"]
+    with pytest.raises(BadOptionError):
+        parse_layers("0-x")
+    with pytest.raises(BadOptionError):
+        parse_matrices("VO,XY")
+
+
+# --- planner arithmetic against DeepSeek-V3's shapes (computed here independently) ---------------
+
+
+def test_planner_deepseek_v3_arithmetic(tmp_path):
+    n, d_v, H = 128, 128, 7168
+    direct = n * d_v * H
+    assert output_params(n, d_v, H) == direct == 117_440_512
+    assert output_params(n, d_v, H, 3072) == n * d_v * 3072 + 3072 * H
+    cut = 1 - (n * d_v * 3072 + 3072 * H) / direct
+    assert round(cut * 100) == 38 and cut == pytest.approx(0.3839, abs=1e-4)
+    assert break_even_latent(n, d_v, H) == pytest.approx(direct / (n * d_v + H))
+    assert 4986 < break_even_latent(n, d_v, H) < 4987
+    assert default_latent(H) == 3072 and default_error_rank(H) == 4096
+
+    # The same through a cached analysis with DeepSeek-V3's dims: totals over all 61 layers.
+    dims = dict(model_type="deepseek_v3", num_layers=61, num_mtp_layers=1, d_model=H, n_heads=n, n_kv_groups=n,
+                d_qk=128, d_rope=64, d_v=d_v, q_latent=1536, kv_latent=512)
+    write_model(tmp_path, "acme/dsv3-shaped", COMMIT, dims, [0], {"O": ((H, n * d_v), H, lambda L: 3000)}, {})
+    plan = plan_latent(load_analysis("acme/dsv3-shaped", cache_dir=tmp_path))
+    t = plan.totals()
+    assert plan.latent == 3072
+    assert t["params_before"] == 61 * direct and t["params_change"] == pytest.approx(-cut)
+    assert t["flops_per_token_after"] == 2 * 61 * (n * d_v * 3072 + 3072 * H)
+    assert t["energy_kept_O_min"] == 1.0  # planted rank 3000 + 3 ≤ 3072
+    assert any("1 cached layers of 61" in note for note in plan.notes)
+
+
+# --- make_plots and the CLI ----------------------------------------------------------------------
+
+ALL_STEMS = ["layerwise", "headwise-L002", "headwise-grid", "heatmap-head-ranks", "spectra", "error-at-rank-37", "planner-D27"]
+
+
+def test_make_plots_writes_every_figure(cache_root, tmp_path):
+    report = make_plots(["acme/tiny-mla"], tmp_path / "out", formats="png,svg", cache_dir=cache_root, dpi=DPI)
+    names = {p.name for p in report.files}
+    for stem in ALL_STEMS:
+        assert {f"{stem}.png", f"{stem}.svg"} <= names
+    assert "planner-D27.csv" in names
+    assert all(p.is_file() and p.stat().st_size > 0 for p in report.files)
+    assert not report.notes or all("compare" not in n for n in report.notes)
+    assert (tmp_path / "out" / "layerwise.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(r.figure is None for r in report.results)  # closed after saving
+
+
+def test_make_plots_skips_missing_figures_with_a_note(cache_root, tmp_path):
+    report = make_plots(["acme/tiny-mla", "acme/tiny-narrow"], tmp_path, cache_dir=cache_root, dpi=DPI,
+                        kinds=["layerwise,headwise", "compare"])
+    assert (tmp_path / "acme--tiny-mla" / "layerwise.png").is_file()
+    assert (tmp_path / "acme--tiny-narrow" / "layerwise.png").is_file()
+    assert (tmp_path / "compare.png").is_file()
+    assert not list((tmp_path / "acme--tiny-narrow").glob("headwise*"))
+    assert any("skipped headwise: acme/tiny-narrow" in n and "svd-probe analyze acme/tiny-narrow" in n for n in report.notes)
+    # Layer-wise of the narrow model: only O and VO cached, the others are noted.
+    lw = report.result("layerwise", "acme/tiny-narrow")
+    assert set(lw.data["matrix"]) == {"O", "VO"}
+
+
+def test_make_plots_rejects_bad_kind(cache_root, tmp_path):
+    with pytest.raises(BadOptionError):
+        make_plots(["acme/tiny-mla"], tmp_path, kinds="layerwise,bogus", cache_dir=cache_root)
+
+
+def test_make_plots_other_options_miss_the_cache(cache_root, tmp_path):
+    with pytest.raises(CacheMissError) as e:
+        make_plots(["acme/tiny-mla"], tmp_path, cache_dir=cache_root, fold_norms=False)
+    assert "svd-probe analyze acme/tiny-mla --no-fold-norms" in e.value.hint
+
+
+def test_cli_plot_writes_files(cache_root, tmp_path):
+    from svd_probe.cli import app
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["plot", "acme/tiny-mla", "--cache-dir", str(cache_root), "--out", str(out),
+                                      "--dpi", str(DPI), "--layer", "1", "--latent", "22", "--rank", "22",
+                                      "--kind", "headwise,planner", "--kind", "error", "--format", "pdf"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["error-at-rank-22.pdf", "headwise-L001.pdf", "planner-D22.csv", "planner-D22.pdf"]
+    assert "Shared output latent" in result.output and "planner-D22.csv" in result.output
+    csv = pd.read_csv(out / "planner-D22.csv")
+    assert list(csv["layer"]) == ["0", "1", "2", "3", "total"]
+
+
+def test_cli_missing_cache_names_analyze_command(tmp_path, monkeypatch, capsys):
+    from svd_probe import cli
+
+    result = CliRunner().invoke(cli.app, ["plot", "acme/not-cached", "--cache-dir", str(tmp_path)])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, CacheMissError)
+    assert "svd-probe analyze acme/not-cached" in result.exception.hint
+
+    # Through the console-script entry point: a short message and a non-zero exit, no traceback.
+    monkeypatch.setattr(sys, "argv", ["svd-probe", "plot", "acme/not-cached", "--cache-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "svd-probe analyze acme/not-cached" in err and "Traceback" not in err
+
+
+def test_cli_nothing_drawable_exits_non_zero_with_note(cache_root, tmp_path):
+    from svd_probe.cli import app
+
+    result = CliRunner().invoke(app, ["plot", "acme/tiny-narrow", "--cache-dir", str(cache_root), "--out", str(tmp_path), "--kind", "heatmap"])
+    assert result.exit_code == 1
+    assert "(run: svd-probe analyze acme/tiny-narrow --matrices VO,QK)" in result.output
+
+
+def test_layer_out_of_range_is_a_bad_option(cache_root, tmp_path):
+    with pytest.raises(BadOptionError):
+        make_plots(["acme/tiny-mla"], tmp_path, kinds="headwise", layer=9, cache_dir=cache_root)
