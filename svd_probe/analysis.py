@@ -46,6 +46,8 @@ class AnalyzeRequest:
     device: str = "auto"
     force: bool = False
     concurrency: int = 8
+    # Passed to the range reader (retries, backoff, max_gap, chunk_size, timeout).
+    read_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -174,7 +176,7 @@ def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
     t_start = time.perf_counter()
     ref = resolve_model(request.model)
     device = pick_device(request.device)
-    source = open_checkpoint(ref, revision=request.revision, token=request.token, endpoint=request.endpoint, concurrency=request.concurrency)
+    source = open_checkpoint(ref, revision=request.revision, token=request.token, endpoint=request.endpoint, concurrency=request.concurrency, **request.read_options)
     adapter = adapter_for(source.config, source.tensor_names)
     dims = adapter.dims(source.config)
     kinds = parse_matrices(request.matrices, adapter.supported_kinds())

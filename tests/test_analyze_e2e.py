@@ -9,7 +9,7 @@ divided by their own σ₁) and its σ taken with `np.linalg.svd` in float64.
 from __future__ import annotations
 
 import json
-import math
+import struct
 
 import numpy as np
 import pytest
@@ -17,7 +17,9 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from svd_probe.analysis import AnalyzeRequest, analyze
 from svd_probe.cli import app
+from svd_probe.errors import TransferError
 from svd_probe.results import load_analysis
 from svd_probe.spectra.metrics import numerical_rank
 
@@ -202,30 +204,44 @@ def test_planted_ranks_come_out_of_the_whole_path(fake_hub, tmp_path_factory, tm
     assert_spectra_match(a, ck.folder, ck.config, [0])
 
 
+def header_spans(folder, shard):
+    """{tensor: byte count} and the header size of one shard, read straight from the file."""
+    with open(folder / shard, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}, 8 + n
+
+
 def test_crash_mid_layer_resumes_without_refetching_finished_layers(fake_hub, deepseek_ckpt, tmp_path):
-    """A layer whose reads keep failing aborts the run with an error; the layers before it stay
-    cached, and the rerun fetches only what is missing and ends with the same spectra."""
+    """A layer whose reads keep failing aborts the run with a TransferError; the layers before it
+    stay cached, and the rerun fetches only the missing layer and ends with the same spectra."""
     fake_hub.clear_faults()
-    # The MTP layer (3) is the only attention in shard 4: make every read of it fail.
-    shard4 = [f for f in set(deepseek_ckpt.weight_map.values()) if f.startswith("model-00004")][0]
-    assert {deepseek_ckpt.weight_map[n] for n in deepseek_ckpt.attention_tensor_names(3)} >= {shard4}
+    folder, wmap = deepseek_ckpt.folder, deepseek_ckpt.weight_map
+    layer3 = deepseek_ckpt.attention_tensor_names(3)
+    shards3 = {wmap[n] for n in layer3}
+    # The MTP layer (3) is the only attention in shard 4: make every read of that shard fail.
+    shard4 = next(f for f in shards3 if f.startswith("model-00004"))
+    assert not {wmap[n] for l in range(3) for n in deepseek_ckpt.attention_tensor_names(l)} & {shard4}
     fake_hub.inject("503", count=10_000, match=shard4, retry_after="0")
-    base = ["analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", "cpu"]
-    r = runner.invoke(app, base + ["--json"])
+    request = AnalyzeRequest("tiny/deepseek-v3", endpoint=fake_hub.endpoint, cache_dir=tmp_path, device="cpu", read_options={"retries": 2, "backoff": 0.01})
+    with pytest.raises(TransferError):
+        analyze(request)
     fake_hub.clear_faults()
-    assert r.exit_code != 0
-    partial = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
-    assert partial.layers == [0, 1, 2]
+    assert load_analysis("tiny/deepseek-v3", cache_dir=tmp_path).layers == [0, 1, 2]
 
     fake_hub.reset_records()
-    r = run_cli(*base, "--json")
-    assert r.exit_code == 0, r.output
-    stats = json.loads(r.stdout)["stats"]
-    assert (stats["computed"], stats["from_cache"]) == (1, 3)
-    layer3_bytes = sum(deepseek_ckpt.tensor_nbytes(n) for n in deepseek_ckpt.attention_tensor_names(3)) if hasattr(deepseek_ckpt, "tensor_nbytes") else None
+    run = analyze(request)
+    assert (len(run.computed), len(run.from_cache)) == (1, 3)
+    spans = {}
+    headers = 0
+    for shard in shards3:
+        sizes, hdr = header_spans(folder, shard)
+        spans.update(sizes)
+        headers += hdr
+    needed = sum(spans[n] for n in layer3)
     served = fake_hub.bytes_served()
-    if layer3_bytes is not None:
-        assert served <= 1.05 * layer3_bytes + 5 * 64 * 1024
+    assert needed <= served <= 1.05 * (needed + headers)
     full = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
     assert full.layers == [0, 1, 2, 3]
-    assert_spectra_match(full, deepseek_ckpt.folder, deepseek_ckpt.config, [3])
+    assert_spectra_match(full, folder, deepseek_ckpt.config, [0, 3])

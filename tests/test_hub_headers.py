@@ -174,3 +174,34 @@ def test_dequant_rejects_wrong_scale_grid():
         dequantize_fp8_blocks(w, torch.ones(1, 2))
     full = dequantize_fp8_blocks(torch.ones(256, 128).to(torch.float8_e4m3fn), torch.tensor([[2.0], [3.0]]))
     assert full[:128].eq(2).all() and full[128:].eq(3).all()
+
+
+def test_generator_layout_properties(deepseek_ckpt, kimi_ckpt):
+    ck = deepseek_ckpt
+    shards = sorted(set(ck.weight_map.values()))
+    assert shards[0] == "model-00001-of-000005.safetensors" and len(shards) == 5
+    assert sorted(set(kimi_ckpt.weight_map.values()))[0] == "model-1-of-4.safetensors"
+    assert ck.config["num_nextn_predict_layers"] == 1 and "model.layers.3.eh_proj.weight" in ck.weight_map  # MTP layer
+    # Tensors are not stored in name order, and experts hold most bytes.
+    h, _ = _header_of(ck.folder / shards[1])
+    by_offset = [t.name for t in sorted(h.tensors.values(), key=lambda t: t.begin)]
+    assert by_offset != sorted(by_offset)
+    total = sum((ck.folder / s).stat().st_size for s in shards)
+    experts = 0
+    for s in shards:
+        hh, _ = _header_of(ck.folder / s)
+        experts += sum(t.nbytes for t in hh.tensors.values() if ".mlp.experts." in t.name)
+    assert experts > 0.5 * total
+
+
+def test_planted_rank_is_exact_in_f32(tmp_path):
+    from svd_probe.testing.checkpoints import build_deepseek_v3
+
+    ck = build_deepseek_v3(tmp_path / "r", layers=1, mtp_layers=0, n_experts=1, n_shards=2, attn_dtype="f32", ranks={"o_proj": 3, "kv_b_proj": 5})
+    src = open_checkpoint(resolve_model(str(ck.folder)))
+    a = "model.layers.0.self_attn."
+    got = src.read_tensors([a + "o_proj.weight", a + "kv_b_proj.weight"])
+    for name, r in ((a + "o_proj.weight", 3), (a + "kv_b_proj.weight", 5)):
+        s = torch.linalg.svdvals(got[name].double())
+        assert s[r - 1] > 1e-3 * s[0] and s[r] < 1e-5 * s[0]  # float32 storage rounding only
+        assert torch.equal(got[name], ck.planted[name])

@@ -188,3 +188,16 @@ def test_plan_reads_coalesces_small_gaps_within_budget():
     assert ("b", 0, 10) in by
     spans, chunks = plan_reads([("a", 0, 10 << 20)], max_gap=0, gap_fraction=0, chunk_size=4 << 20)
     assert [(b, e) for _, b, e in chunks] == [(0, 4 << 20), (4 << 20, 8 << 20), (8 << 20, 10 << 20)]
+
+
+def test_several_requests_in_flight_and_split_tensors(fake_hub, deepseek_ckpt):
+    ck = deepseek_ckpt
+    fake_hub.clear_faults()
+    # Small chunks so even a tiny tensor becomes many ranges; the server sees them overlap.
+    src = hub_src(fake_hub, "tiny/deepseek-v3", concurrency=4, chunk_size=4096)
+    fake_hub.reset_records()
+    names = [n for layer in range(ck.num_layers) for n in ck.attention_weight_names(layer)]
+    got = src.read_tensors(names)
+    for n in names:
+        assert torch.equal(got[n], expected(ck, n))
+    assert fake_hub.max_in_flight >= 2  # ~250 ranges through 4 workers: they overlap on the server

@@ -202,6 +202,10 @@ def test_missing_factors_are_skipped():
     g = AttentionFactors(q=None, k=None, v=f.v, o=f.o)
     assert set(requested_keys(g, ALL)) == {"head.V", "head.O", "head.VO", "stacked.V", "stacked.O", "stacked.VO"}
     assert_close(layer_spectra(g, ALL), {k: v for k, v in reference(f).items() if k in requested_keys(g, ALL)})
+    kv_only = AttentionFactors(q=None, k=f.k, v=f.v, o=None)
+    got = layer_spectra(kv_only, ALL)
+    assert set(got) == {"head.K", "head.V", "stacked.K", "stacked.V"}
+    assert_close(got, {k: v for k, v in reference(f).items() if k in got})
 
 
 def test_zero_head_is_not_normalized_into_nan():

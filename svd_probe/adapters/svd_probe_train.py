@@ -42,7 +42,8 @@ class SvdProbeTrainAdapter:
 
     model_types = ("svd_probe_encoder",)
 
-    def __init__(self, config: dict | None = None):
+    def __init__(self, config: dict | None = None, tensor_names: set[str] | None = None):
+        # Names are fixed by svd_probe/train/model.py (no prefixes to discover): tensor_names unused.
         self._config = config
 
     # -- config ------------------------------------------------------------------------------
@@ -62,8 +63,10 @@ class SvdProbeTrainAdapter:
         partial = 0 < rope < D
         return variant, H, D, rope, partial
 
-    def dims(self, config: dict) -> ModelDims:
-        self._config = config
+    def dims(self, config: dict | None = None) -> ModelDims:
+        if config is not None:
+            self._config = config
+        config = self.config
         variant, H, D, rope, partial = self._shape()
         mla = variant != "mha"
         return ModelDims(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import email.utils
 import importlib
 import mmap
-import os
 import random
 import re
 import threading
@@ -39,10 +38,8 @@ from svd_probe.errors import (
 
 MiB = 1024 * 1024
 
-TOKEN_HINT = (
-    "Accept the model's terms on its Hub page if it is gated, then pass a token: `--token hf_...`, "
-    "set HF_TOKEN, or run `hf auth login`."
-)
+_PASS_TOKEN = "pass a token: `--token hf_...`, set HF_TOKEN, or run `hf auth login`."
+TOKEN_HINT = "Accept the model's terms on its Hub page if it is gated, then " + _PASS_TOKEN
 
 
 def _httpx_module():
@@ -64,7 +61,7 @@ def hub_error(response, *, repo_id: str, revision: str, path: str | None, endpoi
     if code == "RepoNotFound" or (status == 401 and code is None):
         return RepoNotFoundError(
             f"repository {where} not found (HTTP {status})",
-            "Check the repo id (aliases: `svd-probe models`). If it is private or gated, " + TOKEN_HINT,
+            "Check the repo id (aliases: `svd-probe models`). If the repo is private or gated, " + _PASS_TOKEN,
         )
     if code == "RevisionNotFound":
         return RevisionNotFoundError(

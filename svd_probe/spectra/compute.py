@@ -25,13 +25,15 @@ Where a reduced problem has fewer singular values than the matrix it stands for,
 ones are exact zeros (rank ≤ inner dimension) and are appended, so every spectrum has min(m, n)
 entries, as `np.linalg.svd` of the materialized matrix would give.
 
-Routes (`SpectraConfig`) choose how each step runs; "auto" picks per device:
+Routes (`SpectraConfig`) choose how each step runs; "auto" picks per device (`AUTO_ROUTES`):
 - thin factors: "gram" forms the k×k Gram in float64 and takes its Cholesky factor (batched),
   falling back to an eigendecomposition for heads whose Gram is singular to working precision
   (planted low ranks); "qr" takes R of a thin QR instead.
 - small square problems (per head): batched SVD in float64 (gesvda on CUDA).
 - stacked / layer problems: "gram64" = eigvalsh of the float64 Gram of the smaller side;
   "svd32"/"svd64" = svdvals of the tall orientation (gesvda on CUDA) in float32/float64.
+  For stacked O and VO the float64 Gram Σ_h B_h B_hᵀ (d_model × d_model) is accumulated over
+  chunks of heads, so the stacked matrix itself is never formed on that route.
 A float32 Gram is never used: it loses every σ below ~1e-4·σ₁ (σ² carries an absolute error of
 about eps32·σ₁²). A float64 Gram's absolute error in σ is about sqrt(eps64)·σ₁ ≈ 1.5e-8·σ₁.
 """
@@ -79,7 +81,7 @@ class SpectraConfig:
 # ~sqrt(eps64)·σ₁); whether gesvda ("svd32"/"svd64") is both faster and accurate on CUDA is what
 # benchmarks/bench_spectra.py measures on a deliberately ill-conditioned layer: its "fastest
 # accurate routes" line is the candidate for the "cuda" entry. On CPU, LAPACK's SVD of the
-# reduced matrices is 2-10x slower than float64 GEMM + eigvalsh (measured at --scale 0.125/0.25).
+# reduced matrices was 1.3-2x slower than float64 GEMM + eigvalsh (bench at --scale 0.125/0.25).
 AUTO_ROUTES = {
     "cuda": {"factor": "gram", "stacked": "gram64", "big": "gram64"},
     "cpu": {"factor": "gram", "stacked": "gram64", "big": "gram64"},
@@ -343,7 +345,7 @@ class _Layer:
 
     def stacked(self, kind: str, normalize: bool) -> tuple[torch.Tensor, tuple[int, int]]:
         f = self.f
-        n = f.n_heads
+        n = f.n_heads if (f.q is not None or f.o is not None) else 0  # K/V alone need no n
         # The reduced stacked matrix is built in float64 when a float64 solver reads it, else in
         # float32 (half the memory traffic for gesvda's float32 route).
         def work_dtype(mat_small_side: int) -> torch.dtype:

@@ -80,6 +80,8 @@ class FakeHub:
         self._faults: list[_Fault] = []
         self._secret = os.urandom(16)
         self._server: ThreadingHTTPServer | None = None
+        self.in_flight = 0  # ranged bodies being sent right now
+        self.max_in_flight = 0  # the most at once since the last reset_records()
         self._thread: threading.Thread | None = None
 
     # -- setup ----------------------------------------------------------------------------------
@@ -117,6 +119,7 @@ class FakeHub:
     def reset_records(self) -> None:
         with self._lock:
             self.records.clear()
+            self.max_in_flight = self.in_flight
 
     def bytes_served(self, match: str | None = ".safetensors") -> int:
         with self._lock:
@@ -362,13 +365,21 @@ class _Handler(BaseHTTPRequestHandler):
         if head:
             return
         send = n if fault is None else n // 2  # "cut": half the promised body, then hang up
-        with open(full, "rb") as f:
-            sent = 0
-            while sent < send:
-                k = self.connection.sendfile(f, start + sent, send - sent)
-                if not k:
-                    break
-                sent += k
+        hub = self.hub
+        with hub._lock:
+            hub.in_flight += 1
+            hub.max_in_flight = max(hub.max_in_flight, hub.in_flight)
+        sent = 0
+        try:
+            with open(full, "rb") as f:
+                while sent < send:
+                    k = self.connection.sendfile(f, start + sent, send - sent)
+                    if not k:
+                        break
+                    sent += k
+        finally:
+            with hub._lock:
+                hub.in_flight -= 1
         rec.body_bytes = sent
         if fault is not None:
             self.close_connection = True
