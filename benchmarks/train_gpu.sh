@@ -41,6 +41,9 @@ DEVICE=${DEVICE:-cuda}           # cpu + SIZE=tiny for a smoke test of this scri
 SIZE=${SIZE:-small}
 
 export PYTHONUNBUFFERED=1
+# Six processes share 16 cores: without a cap each would start 16 OpenMP threads for its
+# CPU-side masking, and oversubscription slows every one of them down.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$OUT" "$RUNS"
 for f in "$DATA/wikitext-2/wiki.train.tokens" "$DATA/SST-2/train.tsv" "$DATA/vocab/bert-base-uncased-vocab.txt"; do
     [ -f "$f" ] || { echo "missing $f: copy ../shared/data/{wikitext-2,SST-2,vocab} into $DATA/" >&2; exit 2; }

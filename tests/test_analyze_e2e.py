@@ -9,6 +9,7 @@ divided by their own σ₁) and its σ taken with `np.linalg.svd` in float64.
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -24,6 +25,8 @@ from svd_probe.results import load_analysis
 from svd_probe.spectra.metrics import numerical_rank
 
 runner = CliRunner()
+# The same end-to-end checks run on a GPU machine with SVD_PROBE_TEST_DEVICE=cuda.
+DEVICE = os.environ.get("SVD_PROBE_TEST_DEVICE", "cpu")
 
 
 # --- the independent reference -------------------------------------------------------------------
@@ -117,7 +120,7 @@ def run_cli(*args):
 def test_every_kind_over_the_hub_matches_float64(fake_hub, deepseek_ckpt, tmp_path):
     fake_hub.clear_faults()
     fake_hub.reset_records()
-    r = run_cli("analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", "cpu", "--json")
+    r = run_cli("analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE, "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["commit"] == fake_hub.repos["tiny/deepseek-v3"].commit
@@ -132,7 +135,7 @@ def test_every_kind_over_the_hub_matches_float64(fake_hub, deepseek_ckpt, tmp_pa
 
 def test_options_change_the_numbers_and_the_cache_key(fake_hub, deepseek_ckpt, tmp_path):
     fake_hub.clear_faults()
-    args = ["analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", "cpu", "--layers", "1", "--json"]
+    args = ["analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE, "--layers", "1", "--json"]
     assert run_cli(*args).exit_code == 0
     r = run_cli(*args, "--no-fold-norms", "--no-normalize-stacked")
     assert r.exit_code == 0, r.output
@@ -145,7 +148,7 @@ def test_options_change_the_numbers_and_the_cache_key(fake_hub, deepseek_ckpt, t
 
 def test_a_rerun_fetches_nothing_and_force_refetches(fake_hub, tmp_path):
     fake_hub.clear_faults()
-    args = ["analyze", "tiny/kimi-k2", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", "cpu", "--json"]
+    args = ["analyze", "tiny/kimi-k2", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE, "--json"]
     assert run_cli(*args).exit_code == 0
     fake_hub.reset_records()
     r = run_cli(*args)
@@ -160,7 +163,7 @@ def test_a_rerun_fetches_nothing_and_force_refetches(fake_hub, tmp_path):
 
 def test_more_matrices_later_compute_only_whats_missing(fake_hub, tmp_path):
     fake_hub.clear_faults()
-    base = ["analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", "cpu", "--layers", "0", "--json"]
+    base = ["analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE, "--layers", "0", "--json"]
     fake_hub.reset_records()
     assert run_cli(*base, "--matrices", "O").exit_code == 0
     only_o = fake_hub.bytes_served()
@@ -178,7 +181,7 @@ def test_more_matrices_later_compute_only_whats_missing(fake_hub, tmp_path):
 def test_a_revision_with_another_commit_gets_its_own_cache(fake_hub, deepseek_ckpt, tmp_path):
     other = "f" * 40
     fake_hub.add_repo("tiny/deepseek-revs", deepseek_ckpt.folder, revisions={"v2": other})
-    base = ["analyze", "tiny/deepseek-revs", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", "cpu", "--layers", "0", "--matrices", "O", "--json"]
+    base = ["analyze", "tiny/deepseek-revs", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE, "--layers", "0", "--matrices", "O", "--json"]
     main = json.loads(run_cli(*base).stdout)
     v2 = json.loads(run_cli(*base, "--revision", "v2").stdout)
     assert v2["commit"] == other and main["commit"] != other
@@ -191,7 +194,7 @@ def test_planted_ranks_come_out_of_the_whole_path(fake_hub, tmp_path_factory, tm
 
     ck = build_deepseek_v3(tmp_path_factory.mktemp("planted") / "ck", attn_dtype="f32", ranks={"o_proj": 6, "kv_b_proj": 5, "q_b_proj": 7}, layers=1, mtp_layers=0, seed=3)
     fake_hub.add_repo("tiny/planted", ck.folder)
-    r = run_cli("analyze", "tiny/planted", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", "cpu", "--json")
+    r = run_cli("analyze", "tiny/planted", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE, "--json")
     assert r.exit_code == 0, r.output
     a = load_analysis("tiny/planted", cache_dir=tmp_path)
     ranks = lambda key: [numerical_rank(s, a.shape(0, key.split(".")[1], key.split(".")[0]), 2.0**-23) for s in np.atleast_2d(a.layer_spectra[0].sigma[key])]  # noqa: E731
@@ -224,7 +227,7 @@ def test_crash_mid_layer_resumes_without_refetching_finished_layers(fake_hub, de
     shard4 = next(f for f in shards3 if f.startswith("model-00004"))
     assert not {wmap[n] for l in range(3) for n in deepseek_ckpt.attention_tensor_names(l)} & {shard4}
     fake_hub.inject("503", count=10_000, match=shard4, retry_after="0")
-    request = AnalyzeRequest("tiny/deepseek-v3", endpoint=fake_hub.endpoint, cache_dir=tmp_path, device="cpu", read_options={"retries": 2, "backoff": 0.01})
+    request = AnalyzeRequest("tiny/deepseek-v3", endpoint=fake_hub.endpoint, cache_dir=tmp_path, device=DEVICE, read_options={"retries": 2, "backoff": 0.01})
     with pytest.raises(TransferError):
         analyze(request)
     fake_hub.clear_faults()

@@ -169,6 +169,25 @@ def test_loss_falls_within_a_few_dozen_steps(variant, inputs, tok):
     assert last < first - 0.5, (first, last)
 
 
+@pytest.mark.parametrize("rope_dims", [32, 16, 0])
+def test_rope_rotates_the_first_rope_dims_by_relative_position(rope_dims):
+    from svd_probe.train.model import Rope
+
+    rope = Rope(32, rope_dims, 10000.0, 64)
+    g = torch.Generator().manual_seed(0)
+    q1, k1 = torch.randn(1, 1, 1, 32, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, 32, generator=g, dtype=torch.float64)
+    q, k = (t.expand(1, 64, 1, 32).float() for t in (q1, k1))
+    rq, rk = rope(q, k)
+    torch.testing.assert_close(rq[..., rope_dims:], q[..., rope_dims:])  # dims past rope_dims untouched
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))  # a rotation
+    scores = torch.einsum("btd,bsd->ts", rq[:, :, 0], rk[:, :, 0])
+    # Same offset, same score: (R_i q)·(R_j k) depends on i - j only.
+    torch.testing.assert_close(scores[3, 1], scores[40, 38], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores[10, 10], (q1 * k1).sum().float(), rtol=1e-4, atol=1e-4)
+    if rope_dims:
+        assert not torch.allclose(scores[3, 1], scores[3, 2])
+
+
 def test_padding_does_not_change_the_first_token(tok):
     cfg = replace(preset("mla", "tiny"), vocab_size=tok.vocab_size)
     enc = Encoder(cfg).eval()
@@ -240,6 +259,17 @@ def test_resume_reaches_the_same_state(inputs, finished_run, tmp_path):
         assert torch.equal(fa["optimizer"]["state"][k]["exp_avg"], fb["optimizer"]["state"][k]["exp_avg"])
     for key in ("mlm_loss", "mlm_accuracy", "sst2_dev_accuracy"):
         assert resumed[key] == straight[key], key
+
+
+def test_resume_at_the_phase_boundary(inputs, finished_run, tmp_path):
+    """Pretraining alone first (no --sst2-dir), then the same run with SST-2: fine-tuning starts from
+    the saved encoder and ends where the uninterrupted run ended."""
+    _, straight = finished_run
+    out = tmp_path / "two-steps"
+    only_pretrain = run(preset("mla-o", "tiny"), small_recipe(), DataSources(str(inputs["vocab"]), inputs["wiki"]), out)
+    assert only_pretrain["sst2_dev_accuracy"] is None and only_pretrain["mlm_accuracy"] == straight["mlm_accuracy"]
+    both = run(preset("mla-o", "tiny"), small_recipe(), sources(inputs), out)
+    assert both["sst2_dev_accuracy"] == straight["sst2_dev_accuracy"]
 
 
 def test_resume_refuses_a_different_recipe(inputs, finished_run):

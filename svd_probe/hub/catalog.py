@@ -51,20 +51,32 @@ def _gb(n: int | None) -> str:
 
 
 def render_model_table(rows: list[dict]) -> Table:
-    t = Table(title="Model aliases (MODEL also accepts a Hub repo id org/name or a local folder)")
-    # Names, dtypes and sizes must stay on one line to be copy-pasteable; the rest may wrap.
-    for col, just, nowrap in [("alias", "left", True), ("repo id", "left", True), ("attn", "left", True), ("heads", "right", False),
-                              ("layers", "right", False), ("dtype", "left", True), ("download", "right", True),
-                              ("share", "right", False), ("note", "left", False)]:
-        t.add_column(col, justify=just, no_wrap=nowrap)
+    t = Table(
+        title="Model aliases (MODEL also accepts a Hub repo id org/name or a local folder)",
+        caption="layers: decoder+MTP. download: the attention tensors an analysis reads (FP8 scales and norms "
+        "included), computed from config shapes; share: of the whole checkpoint.",
+    )
+    cells = []
     for r in rows:
-        heads = "" if r.get("heads") is None else str(r["heads"]) + (f" ({r['kv_heads']} kv)" if r.get("kv_heads") and r["kv_heads"] != r["heads"] else "")
-        layers = "" if r.get("layers") is None else str(r["layers"]) + (f" (+{r['mtp_layers']} MTP)" if r.get("mtp_layers") else "")
+        heads = "" if r.get("heads") is None else str(r["heads"]) + (f"/{r['kv_heads']}kv" if r.get("kv_heads") and r["kv_heads"] != r["heads"] else "")
+        layers = "" if r.get("layers") is None else str(r["layers"])
         if r.get("mtp_layers"):
-            layers = f"{r['layers'] - r['mtp_layers']} + {r['mtp_layers']} MTP"
-        share = ""
-        if r.get("checkpoint_bytes"):
-            share = f"{100 * r['analysis_bytes'] / r['checkpoint_bytes']:.1f}% of {r['checkpoint_bytes'] / 1e9:.0f} GB"
-        t.add_row(r["alias"], r["repo_id"], r.get("attention", ""), heads, layers, r.get("attention_dtype", ""),
-                  _gb(r.get("analysis_bytes")), share, r.get("note", ""))
+            layers = f"{r['layers'] - r['mtp_layers']}+{r['mtp_layers']}"
+        share = f"{100 * r['analysis_bytes'] / r['checkpoint_bytes']:.1f}%" if r.get("checkpoint_bytes") else ""
+        cells.append([r["alias"], r["repo_id"], r.get("attention", ""), heads, layers, r.get("attention_dtype", ""),
+                      _gb(r.get("analysis_bytes")), share, r.get("note", "")])
+    # Numbers and dtypes keep their full width on narrow terminals (min_width); names fold
+    # character-wise instead of being cut with an ellipsis, so they stay copy-pasteable.
+    cols = [("alias", "left", None), ("repo id", "left", "fold"), ("attn", "left", None), ("heads", "right", None),
+            ("layers", "right", None), ("dtype", "left", None), ("download", "right", None), ("share", "right", None),
+            ("note", "left", "fold")]
+    for i, (col, just, overflow) in enumerate(cols):
+        if overflow:
+            # The note is rare and long: cap it so the repo ids get the room.
+            t.add_column(col, justify=just, overflow=overflow, max_width=14 if col == "note" else None)
+        else:
+            width = max([len(col)] + [len(c[i]) for c in cells])
+            t.add_column(col, justify=just, no_wrap=True, min_width=width)
+    for c in cells:
+        t.add_row(*c)
     return t

@@ -136,9 +136,14 @@ def svdvals(a: torch.Tensor) -> torch.Tensor:
     if a.shape[-1] == 0 or a.shape[-2] == 0:
         return a.new_zeros(a.shape[:-2] + (0,))
     if a.is_cuda:
-        s = torch.linalg.svdvals(a.contiguous(), driver="gesvda")
-        # gesvda is an "approximate" solver; if it ever gives up (non-finite output) on a
-        # pathological input, fall back to the default driver rather than store garbage.
+        # gesvda is an "approximate" solver. It refuses to converge on some exactly
+        # rank-deficient inputs (seen on an H100 with planted low-rank heads: "error code 29"),
+        # and could in principle return non-finite values; either way the default driver,
+        # slower but robust, takes over for that call rather than failing or storing garbage.
+        try:
+            s = torch.linalg.svdvals(a.contiguous(), driver="gesvda")
+        except torch.linalg.LinAlgError:
+            return torch.linalg.svdvals(a)
         if not bool(torch.isfinite(s).all()):
             s = torch.linalg.svdvals(a)
         return s

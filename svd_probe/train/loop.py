@@ -309,7 +309,6 @@ def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter
         reporter.log(f"resuming {state['phase']} at step {state['step']} from {ckpt_path}")
     recipe = {k: getattr(tc, k) for k in _RESUME_KEYS}
     prior_wall = state.get("wall_time_s", 0.0) if state else 0.0
-    torch.manual_seed(tc.seed)
     if dev.type == "cuda":
         torch.set_float32_matmul_precision("high")
     reporter.log(f"run {cfg.variant} seed={tc.seed} device={device_name(dev)} params={count_parameters(cfg):,} out={out}")
@@ -374,6 +373,8 @@ def _compiled(model, tc: TrainConfig):
 
 
 def _pretrain(cfg, tc, tok, train_rows, valid_rows, dev, out, state, recipe, reporter, wall):
+    # Each phase seeds its own initialization, so where a run was interrupted cannot change it.
+    torch.manual_seed(tc.seed)
     model = MaskedLM(cfg).to(dev)
     opt = make_optimizer(model, tc.lr, tc.weight_decay, dev)
     sched = make_scheduler(opt, tc.pretrain_steps, tc.warmup_frac)
@@ -479,6 +480,7 @@ def _finetune(cfg, tc, tok, sst2, dev, out, state, pre, recipe, reporter, wall):
         total = max(1, math.ceil((tc.finetune_epochs or 1.0) * per_epoch))
     reporter.log(f"fine-tuning data: {len(train_ids):,} train, {len(dev_ids):,} dev sentences; {total} steps of {batch}")
 
+    torch.manual_seed(tc.seed + 1)  # the head's initialization (the encoder is loaded below)
     model = Classifier(cfg, n_labels).to(dev)
     opt = make_optimizer(model, tc.finetune_lr, tc.weight_decay, dev)
     sched = make_scheduler(opt, total, tc.warmup_frac)

@@ -42,7 +42,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Under autocast the latents arrive in bf16: a weight of the same dtype keeps the fused
+        # kernel (it accumulates in fp32 anyway) instead of a slower composite fallback.
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class Rope(nn.Module):
@@ -70,15 +72,14 @@ class Rope(nn.Module):
         # Dims past rope_dims are multiplied by sin = 0; any value serves, so pass them through.
         return torch.cat([-x[..., half:r], x[..., :half], x[..., r:]], dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, ..., head_dim] (sequence on dim 1)."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: [B, T, H, head_dim]; the tables are cast once for both."""
         if not self.rope_dims:
-            return x
-        T = x.shape[1]
-        shape = (1, T) + (1,) * (x.dim() - 3) + (self.head_dim,)
-        cos = self.cos[:T].view(shape).to(x.dtype)
-        sin = self.sin[:T].view(shape).to(x.dtype)
-        return x * cos + self._rotate(x) * sin
+            return q, k
+        T = q.shape[1]
+        cos = self.cos[:T].view(1, T, 1, self.head_dim).to(q.dtype)
+        sin = self.sin[:T].view(1, T, 1, self.head_dim).to(q.dtype)
+        return q * cos + self._rotate(q) * sin, k * cos + self._rotate(k) * sin
 
 
 def _attend(q, k, v, key_mask):
@@ -98,9 +99,11 @@ class MHA(nn.Module):
 
     def forward(self, x, key_mask=None):
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.h, self.d)
-        qk = self.rope(qkv[:, :, :2])  # one RoPE pass for queries and keys together
-        return self.o_proj(_attend(qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2], key_mask))
+        # unbind, not slicing: its backward is one stack, where each slice's backward would
+        # write a zero-filled full-size gradient and copy into it.
+        q, k, v = self.qkv(x).view(B, T, 3, self.h, self.d).unbind(2)
+        q, k = self.rope(q, k)
+        return self.o_proj(_attend(q, k, v, key_mask))
 
 
 class MLA(nn.Module):
@@ -126,10 +129,10 @@ class MLA(nn.Module):
     def forward(self, x, key_mask=None):
         B, T, _ = x.shape
         c_q, c_kv = self.down(x).split([self.q_latent, self.down.out_features - self.q_latent], dim=-1)
-        q = self.rope(self.q_up(self.q_norm(c_q)).view(B, T, self.h, self.d))
-        kv = self.kv_up(self.kv_norm(c_kv)).view(B, T, self.h, 2, self.d)
-        k = self.rope(kv[..., 0, :])
-        heads = _attend(q, k, kv[..., 1, :], key_mask)
+        q = self.q_up(self.q_norm(c_q)).view(B, T, self.h, self.d)
+        k, v = self.kv_up(self.kv_norm(c_kv)).view(B, T, self.h, 2, self.d).unbind(3)  # per head [key | value]
+        q, k = self.rope(q, k)
+        heads = _attend(q, k, v, key_mask)
         if self.shared_output:
             return self.o_up(self.o_down(heads))
         return self.o_proj(heads)
