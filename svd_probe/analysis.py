@@ -101,11 +101,12 @@ def parse_layers(spec: str | list[int] | None, dims: ModelDims, include_mtp: boo
         wanted = [int(x) for x in spec]
     missing = sorted({l for l in wanted if l not in available})
     if missing:
-        mtp = f" and MTP layer{'s' if dims.num_mtp_layers > 1 else ''} {n_main}-{dims.num_layers - 1}" if dims.num_mtp_layers else ""
+        mtp_span = f"s {n_main}-{dims.num_layers - 1}" if dims.num_mtp_layers > 1 else f" {n_main}"
+        mtp = f" and MTP layer{mtp_span}" if dims.num_mtp_layers else ""
         skipped = " (MTP layers are excluded by --no-mtp)" if dims.num_mtp_layers and not include_mtp else ""
         raise BadOptionError(
             f"the model has no layer {', '.join(map(str, missing))}: it has layers 0-{n_main - 1}{mtp}{skipped}",
-            "Pick layers from that range, e.g. --layers 0-3.",
+            f"Pick layers from that range, e.g. --layers 0-{min(3, n_main - 1)}.",
         )
     return sorted(set(wanted))
 

@@ -54,7 +54,7 @@ def models_cmd(
 
 @app.command("analyze")
 def analyze_cmd(
-    model: str = typer.Argument(..., help="Alias (see `svd-probe models`), Hub repo id org/name, or local folder."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Alias (see `svd-probe models`), Hub repo id org/name, or local folder."),
     revision: str = RevisionOpt,
     token: Optional[str] = TokenOpt,
     endpoint: Optional[str] = EndpointOpt,
@@ -102,7 +102,7 @@ def analyze_cmd(
 
 @app.command("export")
 def export_cmd(
-    model: str = typer.Argument(..., help="Alias, Hub repo id or local folder, as given to `analyze`."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Alias, Hub repo id or local folder, as given to `analyze`."),
     format: str = typer.Option("jsonl", "--format", help="jsonl (one spectrum a line), csv or parquet (metrics table)."),
     out_file: Path = typer.Option(..., "--out", help="File to write."),
     revision: str = RevisionOpt,

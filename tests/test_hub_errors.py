@@ -138,3 +138,17 @@ def test_hf_endpoint_and_hf_token_from_environment(fake_hub, tmp_path):
     assert out.returncode == 0, out.stderr
     assert fake_hub.repos["gated/deepseek-v3"].commit in out.stdout and "(256, 136)" in out.stdout
     assert (tmp_path / "hf" / "hub").is_dir()  # config/index cached under HF_HOME
+
+
+def test_truncated_shard_over_http(fake_hub, tmp_path, deepseek_ckpt):
+    import shutil
+
+    folder = tmp_path / "trunc"
+    shutil.copytree(deepseek_ckpt.folder, folder)
+    name = "model.layers.0.self_attn.q_a_proj.weight"
+    shard = folder / deepseek_ckpt.weight_map[name]
+    shard.write_bytes(shard.read_bytes()[:5])  # not even the 8-byte header length survives
+    fake_hub.add_repo("tiny/truncated", folder)
+    with pytest.raises(CorruptShardError) as ei:
+        _open(fake_hub, "tiny/truncated").read_tensors([name])
+    assert shard.name in str(ei.value)

@@ -310,6 +310,13 @@ def test_bad_inputs_raise_training_input_errors(inputs, tmp_path):
     with pytest.raises(TrainingInputError, match="SST-2 folder not found"):
         run(preset("mha", "tiny"), small_recipe(), DataSources(str(inputs["vocab"]), inputs["wiki"], sst2_dir=tmp_path / "no-sst"), tmp_path / "o2")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # checked before writing anything
+    with pytest.raises(TrainingInputError, match="no pretraining text"):
+        run(preset("mha", "tiny"), small_recipe(), DataSources(str(inputs["vocab"])), tmp_path / "o3")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingInputError, match="cannot read the checkpoint"):
+        run(preset("mha", "tiny"), small_recipe(), sources(inputs), broken)
 
 
 @pytest.mark.parametrize(

@@ -351,6 +351,12 @@ class HubFiles:
                     raise err
                 raise TransferError(f"unexpected HTTP {st} reading {path} of {self.repo_id}", "Check --endpoint / HF_ENDPOINT.")
             m = _CONTENT_RANGE.match(r.headers.get("Content-Range", ""))
+            if m and m.group(3) != "*" and int(m.group(3)) < end:
+                # The server clipped the range to the file: a header promised bytes that are not there.
+                raise CorruptShardError(
+                    f"bytes {begin}-{end - 1} asked for, but the file has only {m.group(3)} bytes", file=path,
+                    hint="The file is truncated or its header is damaged; check the repo or the mirror's copy.",
+                )
             if not m or int(m.group(1)) != begin or int(m.group(2)) != end - 1:
                 raise _Retryable(f"bad Content-Range {r.headers.get('Content-Range')!r} for bytes {begin}-{end - 1}")
             if m.group(3) != "*":

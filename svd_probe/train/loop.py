@@ -285,7 +285,7 @@ def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter
     reporter = reporter or Reporter()
     # Inputs are checked before anything is written, so a typo costs nothing.
     tok = D.load_tokenizer(src.tokenizer)
-    if src.data_dir is None and src.dataset is None and tc.pretrain_steps > 0:
+    if src.data_dir is None and src.dataset is None:
         raise TrainingInputError("no pretraining text", hint="pass --data-dir (e.g. ../shared/data/wikitext-2) or --dataset wikitext-103")
     sst2 = D.read_sst2_dir(src.sst2_dir) if src.sst2_dir is not None else None
     if src.data_dir is not None:
@@ -304,7 +304,10 @@ def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter
     ckpt_path = out / CHECKPOINT
     state = None
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or foreign file: torch raises several types
+            raise TrainingInputError(f"cannot read the checkpoint {ckpt_path}: {e}", hint="delete it to start over, or pass a new --out") from None
         _check_resumable(state, cfg, tc, out)
         reporter.log(f"resuming {state['phase']} at step {state['step']} from {ckpt_path}")
     recipe = {k: getattr(tc, k) for k in _RESUME_KEYS}
@@ -319,8 +322,6 @@ def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter
     # -- pretraining
     pre = state.get("pretrain_metrics") if state else None
     if pre is None:
-        if train_lines is None:
-            raise TrainingInputError("no pretraining text", hint="pass --data-dir or --dataset")
         train_rows = D.pack_sequences(tok, train_lines, tc.seq_len)
         valid_rows = D.pack_sequences(tok, valid_lines, tc.seq_len)
         reporter.log(f"pretraining data: {len(train_rows):,} train rows, {len(valid_rows):,} valid rows of {tc.seq_len} tokens")
