@@ -248,3 +248,42 @@ def test_crash_mid_layer_resumes_without_refetching_finished_layers(fake_hub, de
     full = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
     assert full.layers == [0, 1, 2, 3]
     assert_spectra_match(full, folder, deepseek_ckpt.config, [0, 3])
+
+
+def test_killed_process_resumes_from_its_cache(fake_hub, deepseek_ckpt, tmp_path):
+    """SIGKILL `svd-probe analyze` while it is reading a layer; the rerun resumes from the cache."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fake_hub.clear_faults()
+    fake_hub.stalled.clear()
+    shard4 = next(f for f in set(deepseek_ckpt.weight_map.values()) if f.startswith("model-00004"))  # layer 3 only
+    fake_hub.inject("stall", count=1, match=shard4, retry_after="30")
+    cmd = [sys.executable, "-m", "svd_probe.cli", "analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not fake_hub.stalled and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert fake_hub.stalled, "the run never reached layer 3's reads"
+        # Layers computed while layer 3's reads were held must be complete files, nothing partial.
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    fake_hub.clear_faults()
+    cached = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path).layers
+    assert cached and 3 not in cached
+
+    fake_hub.reset_records()
+    r = run_cli("analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE, "--json")
+    assert r.exit_code == 0, r.output
+    stats = json.loads(r.stdout)["stats"]
+    assert stats["from_cache"] == len(cached) and stats["computed"] == 4 - len(cached)
+    full = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
+    assert full.layers == [0, 1, 2, 3]
+    assert_spectra_match(full, deepseek_ckpt.folder, deepseek_ckpt.config, [3])

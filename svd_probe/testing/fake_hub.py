@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-FAULT_KINDS = ("cut", "drop", "503", "429", "expire")
+FAULT_KINDS = ("cut", "drop", "503", "429", "expire", "stall")
 
 
 @dataclass
@@ -78,6 +78,7 @@ class FakeHub:
     def __post_init__(self):
         self._lock = threading.Lock()
         self._faults: list[_Fault] = []
+        self.stalled: list[str] = []  # files of requests held by a "stall" fault, in order
         self._secret = os.urandom(16)
         self._server: ThreadingHTTPServer | None = None
         self.in_flight = 0  # ranged bodies being sent right now
@@ -105,6 +106,8 @@ class FakeHub:
 
     def inject(self, kind: str, count: int = 1, match: str = ".safetensors", retry_after: str = "1") -> None:
         """Make the next `count` ranged GETs of files whose path contains `match` fail with `kind`:
+        "stall" (hold the request `retry_after` seconds, then answer normally: a slow link, or
+        a window in which a test can kill the client mid-read),
         "cut" (body stops halfway, connection closed), "drop" (connection closed before any
         answer), "503", "429" (with Retry-After), "expire" (the signed CDN URL is refused as expired)."""
         if kind not in FAULT_KINDS:
@@ -340,6 +343,12 @@ class _Handler(BaseHTTPRequestHandler):
         fault = None
         if not head and rng is not None:
             fault = self.hub._take_fault(file, "body")
+        if fault is not None and fault.kind == "stall":
+            rec.fault = fault.kind
+            with self.hub._lock:  # visible to the test while the request is still held
+                self.hub.stalled.append(file)
+            time.sleep(float(fault.retry_after))
+            fault = None
         if fault is not None:
             rec.fault = fault.kind
             if fault.kind == "503":
