@@ -16,6 +16,10 @@
 #                        tensors only (the full float32 model, 52 MB, is over the 16 MiB limit):
 #                        enough for `svd-probe analyze $OUT/checkpoint`.
 #
+# If a run is cut off (RUN_TIMEOUT, or the call's limit), run the script again on the same, still
+# warm machine: runs/ is git-ignored, so it stays, and every run resumes from its last checkpoint
+# (every 250 steps). Runs that already finished (metrics.json) are skipped.
+#
 # Recipe (override any of these from the environment). Throughput assumption, conservative:
 # with all 6 runs sharing the GPU, each gets >= ~1,000 pretraining samples/s (an eager 256-wide
 # 6-layer encoder alone does several thousand), so 1,500 steps x 128 = 192k samples take
@@ -64,11 +68,12 @@ pids=()
 for seed in $SEEDS; do
     for v in $VARIANTS; do
         dir="$RUNS/$v-seed$seed"
+        if [ -f "$dir/metrics.json" ]; then echo "$dir finished earlier: kept" | tee -a "$OUT/env.txt"; continue; fi
         cmd=(timeout "$RUN_TIMEOUT" "$PY" -m svd_probe.cli train --variant "$v" --seed "$seed" --device "$DEVICE" --size "$SIZE"
              --tokenizer "$DATA/vocab/bert-base-uncased-vocab.txt" --data-dir "$DATA/wikitext-2" --sst2-dir "$DATA/SST-2"
              --pretrain-steps "$PRETRAIN_STEPS" --batch-size "$BATCH_SIZE" --lr "$LR"
              --finetune-steps "$FINETUNE_STEPS" --finetune-batch-size "$FINETUNE_BATCH_SIZE" --finetune-lr "$FINETUNE_LR"
-             --log-every 100 --checkpoint-every 500 --no-progress $compile_flag --out "$dir")
+             --log-every 100 --checkpoint-every 250 --no-progress $compile_flag --out "$dir")
         echo "${cmd[*]}" >> "$OUT/env.txt"
         mkdir -p "$dir"
         "${cmd[@]}" > "$dir/stdout.txt" 2>&1 &

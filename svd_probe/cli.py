@@ -204,6 +204,8 @@ def train_cmd(
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak pretraining lr [default: 1e-3].", show_default=False),
     finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", help="[default: 1e-4]", show_default=False),
     warmup_frac: Optional[float] = typer.Option(None, "--warmup-frac", help="[default: 0.06]", show_default=False),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[default: 0.01]", show_default=False),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Pretraining sequence length (and fine-tuning cap) [default: 128].", show_default=False),
     seed: Optional[int] = typer.Option(None, "--seed", help="[default: 0]", show_default=False),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="[default: 500]", show_default=False),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="[default: 50]", show_default=False),
@@ -233,7 +235,7 @@ def train_cmd(
         return
     train_cfg = build_train_config(file_values, dict(
         pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, finetune_epochs=finetune_epochs, batch_size=batch_size,
-        finetune_batch_size=finetune_batch_size, lr=lr, finetune_lr=finetune_lr, warmup_frac=warmup_frac, seed=seed,
+        finetune_batch_size=finetune_batch_size, lr=lr, finetune_lr=finetune_lr, warmup_frac=warmup_frac, weight_decay=weight_decay, seq_len=seq_len, seed=seed,
         checkpoint_every=checkpoint_every, log_every=log_every, stop_after=stop_after, device=device, compile=compile_,
     ))
     if out_dir is None:

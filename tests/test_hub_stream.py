@@ -124,7 +124,10 @@ def test_faults_survived_with_identical_results(fake_hub, deepseek_ckpt, kind):
     assert fired.count(kind) == 2, fired
     for n in names:
         assert torch.equal(got[n], expected(ck, n)), n
-    assert src.stats["retries"] + src.stats["reresolves"] >= 2
+    if kind == "stall":  # a slow answer is waited for, not retried
+        assert src.stats["retries"] == 0
+    else:
+        assert src.stats["retries"] + src.stats["reresolves"] >= 2
     if kind == "429":  # Retry-After: 1 was honoured although the test's own backoff is 10 ms
         assert elapsed >= 0.9
 

@@ -165,14 +165,15 @@ def test_tensor_names_are_only_what_the_kinds_need(tmp_path):
     assert a.layer_tensor_names(0, {"O"}, True) == ["layers.0.attn.o_proj.weight"]
 
 
-def test_analyze_reads_a_trained_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_analyze_reads_a_trained_checkpoint(tmp_path, monkeypatch, variant):
     """`svd-probe analyze` on a run folder: per-head VO spectra equal float64 numpy's."""
     import svd_probe.adapters as adapters
     from svd_probe.analysis import AnalyzeRequest, analyze
 
     if SvdProbeTrainAdapter not in adapters._ADAPTERS:  # until the registry lists it
         monkeypatch.setattr(adapters, "_ADAPTERS", [*adapters._ADAPTERS, SvdProbeTrainAdapter])
-    cfg, config, tensors, _ = random_checkpoint(tmp_path / "run", "mla-o")
+    cfg, config, tensors, _ = random_checkpoint(tmp_path / "run", variant)
     result = analyze(AnalyzeRequest(model=str(tmp_path / "run"), cache_dir=tmp_path / "cache", device="cpu"))
     analysis = result.analysis
     assert analysis.layers == list(range(cfg.n_layers))
@@ -182,5 +183,8 @@ def test_analyze_reads_a_trained_checkpoint(tmp_path, monkeypatch):
         for h in range(cfg.n_heads):
             want = np.linalg.svd(ref["o"][h] @ ref["v"][h], compute_uv=False)
             np.testing.assert_allclose(np.asarray(got[h])[: len(want)], want, rtol=1e-4, atol=1e-6)
+        if variant == "mla":  # partial RoPE: Q_pe is the first rope_dims query rows of each head
+            want_pe = np.linalg.svd(ref["q_pe"][2], compute_uv=False)
+            np.testing.assert_allclose(np.asarray(analysis.sigma(layer, "Q_pe", "head")[2])[: len(want_pe)], want_pe, rtol=1e-4, atol=1e-6)
         want_o = np.linalg.svd(ref["o"][0], compute_uv=False)
         np.testing.assert_allclose(np.asarray(analysis.sigma(layer, "O", "head")[0])[: len(want_o)], want_o, rtol=1e-4, atol=1e-6)
