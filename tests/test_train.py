@@ -272,6 +272,12 @@ def test_resume_at_the_phase_boundary(inputs, finished_run, tmp_path):
     assert both["sst2_dev_accuracy"] == straight["sst2_dev_accuracy"]
 
 
+def test_finetune_epochs_set_the_step_count(inputs, tmp_path):
+    # 200 sentences in batches of 8: 25 steps an epoch, so 0.15 epochs -> ceil(3.75) = 4 steps.
+    m = run(preset("mha", "tiny"), small_recipe(pretrain_steps=2, finetune_steps=None, finetune_epochs=0.15), sources(inputs), tmp_path / "ep")
+    assert m["train_config"]["finetune_steps"] == 4
+
+
 def test_resume_refuses_a_different_recipe(inputs, finished_run):
     out, _ = finished_run
     with pytest.raises(TrainingInputError, match="different recipe"):

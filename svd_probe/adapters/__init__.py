@@ -13,9 +13,10 @@ from svd_probe.adapters.common import decoder_config
 from svd_probe.adapters.gpt2 import GPT2Adapter
 from svd_probe.adapters.llama import LlamaAdapter
 from svd_probe.adapters.mla import MLAAdapter
+from svd_probe.adapters.svd_probe_train import SvdProbeTrainAdapter
 from svd_probe.errors import UnsupportedModelError
 
-_ADAPTERS: list[type] = [MLAAdapter, LlamaAdapter, BertAdapter, GPT2Adapter]
+_ADAPTERS: list[type] = [MLAAdapter, LlamaAdapter, BertAdapter, GPT2Adapter, SvdProbeTrainAdapter]
 
 
 def supported_model_types() -> list[str]:

@@ -15,9 +15,10 @@ Attention variants (shapes for the small preset: d=256, 8 heads of 32):
     mla-o  as mla, with the output through a shared latent: o_down [o_latent, H·D], o_up [d, o_latent]
 
 RoPE rotates the first `rope_dims` dimensions of every query and key head (rotate-half
-pairing inside that block: dim i pairs with i + rope_dims/2). The tables carry cos=1, sin=0
-beyond rope_dims, so partial and full RoPE cost the same one fused multiply-add; with
-rope_dims == head_dim (mha, mla-o) no slicing is needed at all.
+pairing inside that block: dim i pairs with i + rope_dims/2). The cos/sin tables span the
+whole head, with cos=1, sin=0 beyond rope_dims, so partial RoPE (mla: 16 of 32) and full RoPE
+(mha, mla-o: 32 of 32) run the same kernels on the same sizes: the RoPE width cannot make one
+variant slower than another.
 
 Tensor names (the adapter in svd_probe/adapters/svd_probe_train.py depends on them):
 `embed.weight`, `layers.L.{attn_norm,ffn_norm}.weight`, `layers.L.attn.*.weight`,
