@@ -37,6 +37,8 @@ from svd_probe.train.model import MaskedLM  # noqa: E402
 
 def make_cases(size: str, ablation: bool):
     cases = [(v, preset(v, size)) for v in ("mha", "mla", "mla-o")]
+    # mla-o's output as two skinny matmuls (o_up(o_down(x))) instead of the default fused form.
+    cases.append(("mla-o factored", preset("mla-o", size)))
     if ablation:
         mla, mlao = cases[1][1], cases[2][1]
         cases.append((f"mla rope{mla.head_dim}", replace(mla, rope_dims=mla.head_dim)))
@@ -47,10 +49,14 @@ def make_cases(size: str, ablation: bool):
 class Bench:
     """A model, its optimizer and a few fixed device-resident batches."""
 
-    def __init__(self, cfg, dev, batch, seq_len, compiled, compile_mode):
+    def __init__(self, name, cfg, dev, batch, seq_len, compiled, compile_mode):
         torch.manual_seed(0)
         self.dev = dev
         self.model = MaskedLM(cfg).to(dev)
+        if name == "mla-o factored":
+            for m in self.model.modules():
+                if hasattr(m, "fuse_shared_output"):
+                    m.fuse_shared_output = False
         self.opt = make_optimizer(self.model, 1e-4, 0.01, dev)
         self.fwd = torch.compile(self.model, mode=compile_mode) if compiled else self.model
         k = masked_count(seq_len)
@@ -111,7 +117,7 @@ def main() -> None:
         benches = []
         for name, cfg in cases:
             t0 = time.perf_counter()
-            b = Bench(cfg, dev, args.batch_size, args.seq_len, compiled, args.compile_mode)
+            b = Bench(name, cfg, dev, args.batch_size, args.seq_len, compiled, args.compile_mode)
             for _ in range(args.warmup):
                 b.step()
             b.sync()
@@ -124,7 +130,7 @@ def main() -> None:
             rates = rounds[name]
             results.append({
                 "variant": name, "compiled": compiled, "parameters": count_parameters(cfg), "rope_dims": cfg.rope_dims,
-                "samples_per_s": round(statistics.median(rates), 1), "samples_per_s_rounds": [round(r, 1) for r in rates],
+                "samples_per_s": round(statistics.median(rates), 1), "samples_per_s_min": round(min(rates), 1), "samples_per_s_max": round(max(rates), 1), "samples_per_s_rounds": [round(r, 1) for r in rates],
                 "ms_per_step": round(1000 * args.batch_size / statistics.median(rates), 2), "setup_and_warmup_s": round(setup_s, 1),
             })
         del benches
@@ -143,7 +149,7 @@ def main() -> None:
     base = {r["compiled"]: r["samples_per_s"] for r in results if r["variant"] == "mla"}
     for r in results:
         rel = r["samples_per_s"] / base[r["compiled"]] if base.get(r["compiled"]) else float("nan")
-        print(f"{r['variant']:<14} {str(r['compiled']):>8} {r['parameters']:>12,} {r['rope_dims']:>5} {r['samples_per_s']:>11,.0f} {r['ms_per_step']:>8.2f}  {rel:.3f}")
+        print(f"{r['variant']:<14} {str(r['compiled']):>8} {r['parameters']:>12,} {r['rope_dims']:>5} {r['samples_per_s']:>11,.0f} {r['ms_per_step']:>8.2f}  {rel:.3f}   [{r['samples_per_s_min']:,.0f} .. {r['samples_per_s_max']:,.0f}]")
     path = args.json_out or (os.path.join(os.environ["OUT"], "train_speed.json") if os.environ.get("OUT") else None)
     if path:
         Path(path).write_text(json.dumps({"env": env, "results": results}, indent=2) + "\n")

@@ -393,3 +393,29 @@ def test_smoke_on_shared_data(tmp_path):
     assert len(s) == 67349 and len(ds) == 872
     metrics = run(preset("mla-o", "tiny"), small_recipe(pretrain_steps=3, finetune_steps=2, seq_len=128), DataSources(str(SHARED / "vocab" / "bert-base-uncased-vocab.txt"), wiki, sst2_dir=SHARED / "SST-2"), tmp_path / "out")
     assert metrics["config"]["vocab_size"] == 30522 and metrics["sst2_dev_accuracy"] is not None
+
+
+def test_fused_and_factored_shared_output_are_the_same_function():
+    """mla-o applies o_up(o_down(x)) as x·(W_up·W_down)ᵀ for speed; values and the gradients of
+    both factors must equal those of the two-step form (float64, so rounding cannot hide a bug)."""
+    cfg = preset("mla-o", "tiny")
+    torch.manual_seed(0)
+    model = MaskedLM(cfg).double()
+    ids = torch.randint(5, cfg.vocab_size, (2, 16))
+    positions = torch.tensor([[1, 4, 7], [2, 3, 9]])
+    targets = torch.gather(ids, 1, positions)
+    results = []
+    for fused in (True, False):
+        for m in model.modules():
+            if hasattr(m, "fuse_shared_output"):
+                m.fuse_shared_output = fused
+        model.zero_grad()
+        loss, _ = model(ids, positions, targets)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if "o_up" in n or "o_down" in n}
+        results.append((loss.detach(), grads))
+    (l1, g1), (l2, g2) = results
+    assert torch.allclose(l1, l2, rtol=1e-12, atol=0)
+    assert g1.keys() == g2.keys() and len(g1) == 2 * cfg.n_layers
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], rtol=1e-10, atol=1e-14), n

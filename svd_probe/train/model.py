@@ -110,6 +110,10 @@ class MHA(nn.Module):
 class MLA(nn.Module):
     """Low-rank queries and keys/values through normalized latents; mla-o also factors the output."""
 
+    # How mla-o applies its factored output; both forms compute the same function
+    # (benchmarks/train_speed.py times both, see docs/results.md).
+    fuse_shared_output: bool = True
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.h, self.d, self.q_latent = cfg.n_heads, cfg.head_dim, cfg.q_latent
@@ -135,6 +139,13 @@ class MLA(nn.Module):
         q, k = self.rope(q, k)
         heads = _attend(q, k, v, key_mask)
         if self.shared_output:
+            if self.fuse_shared_output:
+                # o_up(o_down(x)) = x·(W_up·W_down)ᵀ: the same function and the same gradients for
+                # both factors (autograd goes through the d×d weight product), but one wide matmul
+                # over the tokens instead of two skinny ones with a 64-wide side. At this width the
+                # skinny pair is launch- and bandwidth-bound and made mla-o slower than mla, although
+                # it needs half the FLOPs; the weight product costs d·D·d, nothing next to T·d·d.
+                return F.linear(heads, self.o_up.weight @ self.o_down.weight)
             return self.o_up(self.o_down(heads))
         return self.o_proj(heads)
 
