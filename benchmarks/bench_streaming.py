@@ -8,7 +8,7 @@ bytes, serves it with `svd_probe.testing.fake_hub.FakeHub` on 127.0.0.1, and rep
 2. read throughput of svd-probe's range reads vs a plain sequential read of the same bytes
    (one `open/seek/read` per tensor from the local files, and one HTTP range at a time);
 3. the effect of the number of requests in flight (--concurrency 1 2 4 8 16).
-4. end to end: `stream_layers` with FP8 → float32 dequantization on the CPU.
+4. end to end: `stream_layers` with FP8 → float32 dequantization on `--device` (cpu, cuda).
 
     python benchmarks/bench_streaming.py                   # ~3.2 GB checkpoint, 4 layers
     python benchmarks/bench_streaming.py --layers 2 --experts 6 --json out.json
@@ -51,12 +51,15 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="generate into / reuse this folder instead of a temp dir")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--in-process", action="store_true", help="run the Hub stand-in in this process (GIL shared)")
+    ap.add_argument("--device", nargs="+", default=["cpu"], help="where the end-to-end step dequantizes (e.g. cpu cuda)")
     args = ap.parse_args()
 
     hf_home = tempfile.mkdtemp(prefix="bench-hf-")
     os.environ["HF_HOME"] = hf_home  # before huggingface_hub is imported
     from svd_probe.hub.ranges import HubFiles
     from svd_probe.hub.source import open_checkpoint
+    import torch
+
     from svd_probe.hub.stream import stream_layers
     from svd_probe.models import ModelRef
     from svd_probe.testing.checkpoints import Checkpoint, build_deepseek_v3_real
@@ -185,16 +188,19 @@ def main() -> None:
                                            "est_seconds_all_attention_shards": whole_shard_bytes / (size / dt)}
             print(f"  whole-shard GET: {size / dt / 1e9:.2f} GB/s → {whole_shard_bytes / (size / dt):.1f} s for all attention shards")
 
-            # -- 4: end to end with dequantization -----------------------------------------------
+            # -- 4: end to end with dequantization, on each device asked for ----------------------
             c = max(per_conc, key=lambda r: r["GBps"])["concurrency"]
-            src = open_checkpoint(ref, endpoint=endpoint, concurrency=c)
-            t = time.perf_counter()
-            for _layer, tensors in stream_layers(src, range(ck.num_layers), ck.attention_weight_names, "cpu", prefetch=1):
-                del tensors
-            dt = time.perf_counter() - t
-            results["stream_layers_cpu_dequant"] = {"concurrency": c, "seconds": dt, "GBps": src.bytes_fetched / dt / 1e9}
-            print(f"  stream_layers incl. FP8→float32 dequant on CPU ({c} in flight): {src.bytes_fetched / dt / 1e9:.2f} GB/s of fetched bytes")
-            src.close()
+            for dev in args.device:
+                src = open_checkpoint(ref, endpoint=endpoint, concurrency=c)
+                t = time.perf_counter()
+                for _layer, tensors in stream_layers(src, range(ck.num_layers), ck.attention_weight_names, dev, prefetch=1):
+                    del tensors
+                if dev.startswith("cuda"):
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t
+                results[f"stream_layers_{dev}_dequant"] = {"concurrency": c, "seconds": dt, "GBps": src.bytes_fetched / dt / 1e9}
+                print(f"  stream_layers incl. FP8→float32 dequant on {dev} ({c} in flight): {src.bytes_fetched / dt / 1e9:.2f} GB/s of fetched bytes")
+                src.close()
     finally:
         if proc is not None:
             proc.terminate()
