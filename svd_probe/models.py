@@ -60,7 +60,8 @@ class ModelRef:
 
     @property
     def display(self) -> str:
-        return self.alias or self.repo_id or str(self.local_path)
+        # A local folder shows as its name, as a Hub repo shows as its id; the path is in the manifest.
+        return self.alias or self.repo_id or self.local_path.name
 
 
 def resolve_model(name: str) -> ModelRef:

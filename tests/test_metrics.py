@@ -179,7 +179,36 @@ def test_spectrum_metrics_row():
     assert row["numerical_rank"] == 3  # tol = 6·2⁻²³·3 ≈ 2e-6
     assert row["gavish_donoho_rank"] == 0  # τ = 4.345, as above
     assert row["rel_error_at_1"] == pytest.approx(math.sqrt(5 / 14))
-    # F8 storage: eps 2⁻³ → tol = 6·0.125·3 = 2.25 → only σ₁
-    assert M.spectrum_metrics(S, (3, 6), storage_dtype="F8_E4M3")["numerical_rank"] == 1
+    # The table's numerical rank is float32's, whatever the storage: still 3 under F8.
+    assert M.spectrum_metrics(S, (3, 6), storage_dtype="F8_E4M3")["numerical_rank"] == 3
     # the 10% energy rank, asked for by name: target 12.6 → r = 2
     assert M.spectrum_metrics(S, (3, 6), errors=(0.1,))["rank_10pct"] == 2
+
+
+def test_storage_rank_hand_values():
+    # σ = [3, 2, 1, 0.1, 0.01], A is 5×20: ‖A‖_F² = 14.0101, rms = sqrt(14.0101/100) = 0.374301,
+    # √5 + √20 = 6.708204. Floor = eps/(2√3) · rms · 6.708204:
+    #   F8_E4M3 (eps 0.125):  0.0360844 · 0.374301 · 6.708204 = 0.090604 → 3, 2, 1, 0.1 pass: 4
+    #   BF16 (eps 2⁻⁷):       0.0022553 · 0.374301 · 6.708204 = 0.0056628 → all five pass: 5
+    s = [3, 2, 1, 0.1, 0.01]
+    assert M.storage_noise_floor(s, (5, 20), 0.125) == pytest.approx(0.090604, rel=1e-4)
+    assert M.storage_rank(s, (5, 20), M.STORAGE_EPS["F8_E4M3"]) == 4
+    assert M.storage_rank(s, (5, 20), M.STORAGE_EPS["BF16"]) == 5
+    assert M.spectrum_metrics(s, (5, 20), storage_dtype="F8_E4M3")["storage_rank"] == 4
+    assert M.storage_rank([0, 0], (2, 2), 0.1) == 0
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F8_E4M3"])
+def test_batch_metrics_equal_the_one_spectrum_functions(dtype):
+    """The cache's tables use the vectorized `metrics_batch`; each of its columns must equal the
+    scalar definitions above on every row, zero rows and rank-deficient rows included."""
+    rng = np.random.default_rng(7)
+    sig = np.abs(rng.standard_normal((40, 24))) ** 3
+    sig[3] = 0.0
+    sig[5, 6:] = 0.0
+    cols = M.metrics_batch(sig, (30, 24), storage_dtype=dtype, errors=(0.01, 0.001, 0.2), at_rank=5)
+    for i, row in enumerate(sig):
+        one = M.spectrum_metrics(row, (30, 24), storage_dtype=dtype, errors=(0.01, 0.001, 0.2), at_rank=5)
+        assert set(one) == set(cols)
+        for k, v in one.items():
+            assert cols[k][i] == pytest.approx(v, rel=1e-12, abs=1e-12), (i, k)

@@ -74,13 +74,42 @@ def participation_ratio(sigma) -> float:
     return 0.0 if denom == 0.0 else float(s2.sum() ** 2 / denom)
 
 
-def numerical_rank(sigma, shape: tuple[int, int], eps: float) -> int:
-    """#{σ_i > max(m, n)·eps·σ₁} with eps the storage dtype's machine epsilon."""
+def numerical_rank(sigma, shape: tuple[int, int], eps: float = STORAGE_EPS["F32"]) -> int:
+    """#{σ_i > max(m, n)·eps·σ₁} (numpy's `matrix_rank` convention).
+
+    The tables use eps of float32, the precision the spectra are computed from. REFERENCE.md §4
+    suggests the storage dtype's eps instead, but with FP8 (2⁻³) or BF16 (2⁻⁷) the tolerance
+    max(m, n)·eps·σ₁ exceeds σ₁ itself for any real size (16384 · 2⁻⁷ = 128), so every rank would
+    be 0; `storage_rank` below measures the storage precision in a way that scales.
+    """
     s = _sorted(sigma)
     if s.size == 0 or s[0] == 0.0:
         return 0
     tol = max(shape) * eps * s[0]
     return int((s > tol).sum())
+
+
+def storage_noise_floor(sigma, shape: tuple[int, int], eps: float) -> float:
+    """Expected spectral norm of the rounding noise of storing A at precision eps.
+
+    Rounding to a relative precision eps leaves errors of about uniform size ±eps/2·|a_ij|, i.e.
+    standard deviation eps/(2√3)·rms(A); an m×n matrix of such independent errors has spectral
+    norm ≈ std·(√m + √n). σ below that cannot be told from rounding. A heuristic for block-scaled
+    FP8 (whose error follows the block maximum, not each element) and for fused products of
+    two stored matrices; it is exact in neither case, and reported as such.
+    """
+    s = _sorted(sigma)
+    m, n = shape
+    if s.size == 0 or m == 0 or n == 0:
+        return 0.0
+    rms = math.sqrt((s**2).sum() / (m * n))
+    return eps / (2 * math.sqrt(3)) * rms * (math.sqrt(m) + math.sqrt(n))
+
+
+def storage_rank(sigma, shape: tuple[int, int], eps: float) -> int:
+    """#{σ_i > storage_noise_floor}: how many directions the stored precision can resolve."""
+    s = _sorted(sigma)
+    return int((s > storage_noise_floor(s, shape, eps)).sum()) if s.size and s[0] > 0 else 0
 
 
 def gavish_donoho_omega(beta: float) -> float:
@@ -159,9 +188,12 @@ def metrics_batch(
     cols["stable_rank"] = np.where(nonzero, total / smax2, 0.0)
     s4 = (s2**2).sum(axis=1)
     cols["participation_ratio"] = np.where(s4 > 0, total**2 / np.where(s4 > 0, s4, 1.0), 0.0)
-    eps = STORAGE_EPS.get(storage_dtype, STORAGE_EPS["F32"])
-    tol = max(shape) * eps * s[:, 0]
+    tol = max(shape) * STORAGE_EPS["F32"] * s[:, 0]
     cols["numerical_rank"] = np.where(s[:, 0] > 0, (s > tol[:, None]).sum(axis=1), 0)
+    m_, n_ = shape
+    eps = STORAGE_EPS.get(storage_dtype, STORAGE_EPS["F32"])
+    floor = eps / (2 * math.sqrt(3)) * np.sqrt(total / max(m_ * n_, 1)) * (math.sqrt(m_) + math.sqrt(n_))
+    cols["storage_rank"] = np.where(s[:, 0] > 0, (s > floor[:, None]).sum(axis=1), 0)
     m, n = shape
     tau = gavish_donoho_omega(min(m, n) / max(m, n)) * np.median(s, axis=1)
     cols["gavish_donoho_rank"] = (s > tau[:, None]).sum(axis=1)
@@ -186,7 +218,8 @@ def spectrum_metrics(
     row["entropy_rank"] = entropy_rank(sigma)
     row["stable_rank"] = stable_rank(sigma)
     row["participation_ratio"] = participation_ratio(sigma)
-    row["numerical_rank"] = numerical_rank(sigma, shape, STORAGE_EPS.get(storage_dtype, STORAGE_EPS["F32"]))
+    row["numerical_rank"] = numerical_rank(sigma, shape)
+    row["storage_rank"] = storage_rank(sigma, shape, STORAGE_EPS.get(storage_dtype, STORAGE_EPS["F32"]))
     row["gavish_donoho_rank"] = gavish_donoho_rank(sigma, shape)
     if at_rank is not None:
         row[f"rel_error_at_{at_rank}"] = relative_error_at_rank(sigma, at_rank)
