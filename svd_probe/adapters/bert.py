@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.adapters.common import decoder_config, layer_prefix_finder
+from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, layer_prefix_finder
 
 
-class BertAdapter:
+class BertAdapter(RoleNamedAdapter):
     model_types = ("bert",)
 
     def __init__(self, config: dict, tensor_names: set[str] | None = None):
@@ -60,7 +60,8 @@ class BertAdapter:
             "o": p + "attention.output.dense.weight",
         }
 
-    def _roles(self, kinds: set[str]) -> set[str]:
+    def _roles(self, kinds: set[str], fold_norms: bool = False) -> set[str]:
+        # Post-LN: no norm reads into these projections, so fold_norms changes nothing.
         roles: set[str] = set()
         if kinds & {"Q", "QK", "KQ"}:
             roles.add("q")
@@ -72,15 +73,10 @@ class BertAdapter:
             roles.add("o")
         return roles
 
-    def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:
-        names = self._names(layer)
-        return sorted(names[r] for r in self._roles(kinds))
-
     # --- slicing into heads --------------------------------------------------------------------
     def factors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> AttentionFactors:
         d = self.dims()
-        names = self._names(layer)
-        t = {r: tensors[names[r]] for r in self._roles(kinds)}
+        t = self.role_tensors(layer, tensors, kinds, fold_norms)
         n, hd = d.n_heads, d.d_qk
         q, k, v = (t[r].reshape(n, hd, -1) if r in t else None for r in ("q", "k", "v"))
         o = t["o"].reshape(d.d_model, n, hd).permute(1, 0, 2) if "o" in t else None

@@ -45,3 +45,17 @@ def layer_prefix_finder(tensor_names: set[str] | None, probe_suffix: str, defaul
         if found:
             base = found[0]
     return lambda layer: f"{base}{layer}."
+
+
+class RoleNamedAdapter:
+    """Shared by adapters that name a layer's tensors by role (`_names(layer)` → {role: name})
+    and pick the roles a set of matrix kinds needs (`_roles(kinds, fold_norms)`): the reader
+    is asked for exactly those names, and `factors` gets them back keyed by role."""
+
+    def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:
+        names = self._names(layer)
+        return sorted(names[r] for r in self._roles(kinds, fold_norms))
+
+    def role_tensors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> dict[str, torch.Tensor]:
+        names = self._names(layer)
+        return {r: tensors[names[r]] for r in self._roles(kinds, fold_norms)}

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.adapters.common import decoder_config, fold, layer_prefix_finder
+from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, fold, layer_prefix_finder
 
 
-class GPT2Adapter:
+class GPT2Adapter(RoleNamedAdapter):
     model_types = ("gpt2",)
 
     def __init__(self, config: dict, tensor_names: set[str] | None = None):
@@ -73,15 +73,10 @@ class GPT2Adapter:
             roles.add("o")
         return roles
 
-    def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:
-        names = self._names(layer)
-        return sorted(names[r] for r in self._roles(kinds, fold_norms))
-
     # --- slicing into heads --------------------------------------------------------------------
     def factors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> AttentionFactors:
         d = self.dims()
-        names = self._names(layer)
-        t = {r: tensors[names[r]] for r in self._roles(kinds, fold_norms)}
+        t = self.role_tensors(layer, tensors, kinds, fold_norms)
         n, hd, h = d.n_heads, d.d_qk, d.d_model
 
         q = k = v = o = None

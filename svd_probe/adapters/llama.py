@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.adapters.common import decoder_config, fold, layer_prefix_finder
+from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, fold, layer_prefix_finder
 
 
-class LlamaAdapter:
+class LlamaAdapter(RoleNamedAdapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
 
     def __init__(self, config: dict, tensor_names: set[str] | None = None):
@@ -87,15 +87,10 @@ class LlamaAdapter:
                 roles |= {"k_norm"} if "k" in roles else set()
         return roles
 
-    def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:
-        names = self._names(layer)
-        return sorted(names[r] for r in self._roles(kinds, fold_norms))
-
     # --- slicing into heads --------------------------------------------------------------------
     def factors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> AttentionFactors:
         d = self.dims()
-        names = self._names(layer)
-        t = {r: tensors[names[r]] for r in self._roles(kinds, fold_norms)}
+        t = self.role_tensors(layer, tensors, kinds, fold_norms)
         n, g, hd = d.n_heads, d.n_kv_groups, d.d_qk
         input_norm = t.get("input_norm") if fold_norms else None
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.adapters.common import decoder_config, fold, layer_prefix_finder
+from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, fold, layer_prefix_finder
 
 
-class MLAAdapter:
+class MLAAdapter(RoleNamedAdapter):
     model_types = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "kimi_k2")
 
     def __init__(self, config: dict, tensor_names: set[str] | None = None):
@@ -81,16 +81,10 @@ class MLAAdapter:
             roles |= {"kv_a"} | ({"input_norm"} if fold_norms else set())
         return roles
 
-    def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:
-        names = self._names(layer)
-        return sorted(names[r] for r in self._roles(kinds, fold_norms))
-
     # --- slicing into heads --------------------------------------------------------------------
     def factors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> AttentionFactors:
         d = self.dims()
-        names = self._names(layer)
-        roles = self._roles(kinds, fold_norms)
-        t = {r: tensors[names[r]] for r in roles}
+        t = self.role_tensors(layer, tensors, kinds, fold_norms)
         n, d_qk, d_rope, d_v = d.n_heads, d.d_qk, d.d_rope, d.d_v
         input_norm = t.get("input_norm") if fold_norms else None
 
