@@ -25,6 +25,7 @@ VO have σ spanning six decades: a route that squares σ in float32 shows up as 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import math
 import os
@@ -276,6 +277,13 @@ def main(argv=None) -> int:
     t_full, times_full, res = median_time(lambda: layer_spectra(f, ALL, config=base_cfg), device, args.repeats)
     print(f"svd-probe full layer: median {t_full:.3f} s over {args.repeats} ({', '.join(f'{t:.3f}' for t in times_full)})", flush=True)
     s1 = {k.split(".")[1]: v[0][:, 0] for k, v in res.items() if k.startswith("head.")}
+    # The same with stacked O and VO solved one after the other (SpectraConfig.concurrent=False),
+    # and its largest difference from the concurrent result (they must agree to rounding).
+    seq_cfg = replace(base_cfg, concurrent=False)
+    t_seq, times_seq, res_seq = median_time(lambda: layer_spectra(f, ALL, config=seq_cfg), device, args.repeats)
+    diff = max(float((res[k][0] - res_seq[k][0]).abs().max() / res_seq[k][0].abs().max().clamp_min(1e-300)) for k in res)
+    report["full_layer_sequential_seconds"] = t_seq
+    print(f"svd-probe full layer, big stacked solves one after the other: median {t_seq:.3f} s ({', '.join(f'{t:.3f}' for t in times_seq)}); max rel. difference from concurrent {diff:.1e}", flush=True)
 
     # ---- float64 references ---------------------------------------------------------------------
     t0 = time.perf_counter()

@@ -67,6 +67,10 @@ class SpectraConfig:
     big_side: int = 2048
     # Bytes of float64 scratch per chunk when forming Grams; bounds peak memory on CPU hosts.
     chunk_bytes: int = 1 << 28
+    # On CUDA, solve the big stacked problems (O and VO) at the same time, each on its own
+    # stream from its own host thread: cuSOLVER's float64 eigvalsh at 7168 is a chain of
+    # bandwidth-bound, low-occupancy kernels with host round trips, so two of them overlap.
+    concurrent: bool = True
 
     def resolved(self, device: torch.device) -> "SpectraConfig":
         auto = AUTO_ROUTES["cuda" if device.type == "cuda" else "cpu"]
@@ -433,7 +437,8 @@ def layer_spectra(
     out: Result = {}
     with _full_fp32_matmul(), torch.no_grad():
         lay = _Layer(factors, cfg)
-        for key in keys:
+
+        def compute(key: str):
             scope, _, kind = key.partition(".")
             if scope == "head":
                 sigma, shape = lay.head(kind), lay.head_shape(kind)
@@ -441,5 +446,32 @@ def layer_spectra(
                 sigma, shape = lay.stacked(kind, normalize_stacked)
             else:
                 sigma, shape = lay.layer(kind)
-            out[key] = (sigma.to("cpu", torch.float64), (int(shape[0]), int(shape[1])))
-    return out
+            return sigma.to("cpu", torch.float64), (int(shape[0]), int(shape[1]))
+
+        big = [k for k in keys if k in ("stacked.O", "stacked.VO")] if (cfg.concurrent and any_t.is_cuda) else []
+        if len(big) == 2:
+            out.update(_concurrently(lay, big, compute))
+        for key in keys:
+            if key not in out:
+                out[key] = compute(key)
+    return {k: out[k] for k in keys}
+
+
+def _concurrently(lay: "_Layer", keys: list[str], compute) -> Result:
+    """Compute `keys` at once, one CUDA stream and host thread each (see SpectraConfig.concurrent).
+
+    Everything they share is computed first, on the caller's stream: the per-head spectra that
+    give the 1/σ₁ scales and V's thin factors, so the threads only read the memo."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lay.head("O"), lay.head("VO"), lay.factor("V")
+    caller = torch.cuda.current_stream()
+
+    def run(key: str):
+        stream = torch.cuda.Stream(device=caller.device)
+        stream.wait_stream(caller)  # the shared inputs above are complete before we read them
+        with torch.cuda.stream(stream):
+            return key, compute(key)  # .to("cpu") in compute waits for this stream's work
+
+    with ThreadPoolExecutor(len(keys)) as pool:
+        return dict(pool.map(run, keys))
