@@ -45,6 +45,7 @@ class Analysis:
     cache_dir: Path
     manifest: dict
     layer_spectra: dict[int, LayerSpectra] = field(default_factory=dict)
+    cache_dir_arg: str | Path | None = None  # as the caller gave it, so hints can repeat it
 
     @property
     def display(self) -> str:
@@ -87,7 +88,7 @@ class Analysis:
         return tuple(self.layer_spectra[layer].shapes[f"{scope}.{matrix}"])
 
     def analyze_command(self, layers: str | None = None, matrices: str | None = None) -> str:
-        return analyze_command(self.ref, self.revision, self.options, layers=layers, matrices=matrices)
+        return analyze_command(self.ref, self.revision, self.options, layers=layers, matrices=matrices, cache_dir=self.cache_dir_arg)
 
     def records(self) -> Iterator[dict]:
         """One export record per spectrum (the jsonl format of `svd-probe export`)."""
@@ -151,7 +152,15 @@ def _ordered_keys(sigma: dict) -> list[str]:
     return sorted(sigma, key=lambda k: order.get(split_key(k), len(order)))
 
 
-def analyze_command(ref: ModelRef, revision: str, options: AnalysisOptions, layers: str | None = None, matrices: str | None = None) -> str:
+def analyze_command(
+    ref: ModelRef,
+    revision: str,
+    options: AnalysisOptions,
+    layers: str | None = None,
+    matrices: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> str:
+    """The `svd-probe analyze` command that would produce this analysis (for hints)."""
     parts = ["svd-probe analyze", ref.name]
     if revision != "main":
         parts += ["--revision", revision]
@@ -163,6 +172,8 @@ def analyze_command(ref: ModelRef, revision: str, options: AnalysisOptions, laye
         parts += ["--layers", layers]
     if matrices:
         parts += ["--matrices", matrices]
+    if cache_dir is not None:
+        parts += ["--cache-dir", str(cache_dir)]
     return " ".join(parts)
 
 
@@ -188,8 +199,7 @@ def load_analysis(
     if commit is None:
         raise CacheMissError(
             f"no cached analysis of {ref.display} (revision {revision}) in {root}",
-            f"Run: {analyze_command(ref, revision, options)}"
-            + ("" if cache_dir is None else f" --cache-dir {cache_dir}"),
+            f"Run: {analyze_command(ref, revision, options, cache_dir=cache_dir)}",
         )
     cache = AnalysisCache(root, repo, commit, options)
     cached = cache.cached_layers()
@@ -197,7 +207,7 @@ def load_analysis(
     if not wanted:
         raise CacheMissError(
             f"no cached layers of {ref.display} at {commit[:12]} with these options in {root}",
-            f"Run: {analyze_command(ref, revision, options, layers=None if layers is None else ','.join(map(str, layers)))}",
+            f"Run: {analyze_command(ref, revision, options, layers=None if layers is None else ','.join(map(str, layers)), cache_dir=cache_dir)}",
         )
     return Analysis(
         ref=ref,
@@ -207,4 +217,5 @@ def load_analysis(
         cache_dir=cache.dir,
         manifest=cache.read_manifest(),
         layer_spectra={l: cache.read_layer(l) for l in wanted},
+        cache_dir_arg=cache_dir,
     )

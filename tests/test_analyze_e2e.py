@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 import numpy as np
@@ -287,3 +288,14 @@ def test_killed_process_resumes_from_its_cache(fake_hub, deepseek_ckpt, tmp_path
     full = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
     assert full.layers == [0, 1, 2, 3]
     assert_spectra_match(full, deepseek_ckpt.folder, deepseek_ckpt.config, [3])
+
+
+def test_live_progress_shows_layers_bytes_and_eta(fake_hub, tmp_path, monkeypatch):
+    """In a terminal (forced here) analyze draws a bar: layer k/N, MB fetched, MB/s and an ETA."""
+    fake_hub.clear_faults()
+    monkeypatch.setenv("SVD_PROBE_PROGRESS", "1")
+    r = runner.invoke(app, ["analyze", "tiny/kimi-k2", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE])
+    assert r.exit_code == 0, r.output
+    out = r.output
+    assert "layer 3/3" in out and "MB/s" in out and "ETA" in out
+    assert re.search(r"\d[\d,]*\.\d MB ", out)

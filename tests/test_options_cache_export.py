@@ -139,3 +139,14 @@ def test_loading_a_missing_analysis_names_the_analyze_command(tmp_path):
     with pytest.raises(CacheMissError) as e:
         load_analysis("deepseek-v3", cache_dir=tmp_path, fold_norms=False)
     assert "--no-fold-norms" in e.value.hint
+
+
+def test_hints_repeat_an_explicit_cache_dir(tmp_path):
+    _write_fixture(tmp_path)
+    with pytest.raises(CacheMissError) as e:
+        load_analysis("deepseek-v3", cache_dir=tmp_path, fold_norms=False)
+    assert e.value.hint.endswith(f"--no-fold-norms --cache-dir {tmp_path}")
+    a = load_analysis("deepseek-v3", cache_dir=tmp_path)
+    with pytest.raises(CacheMissError) as e:
+        a.sigma(0, "KQ")
+    assert e.value.hint == f"Run: svd-probe analyze deepseek-v3 --layers 0 --matrices KQ --cache-dir {tmp_path}"
