@@ -77,6 +77,14 @@ class CacheMissError(SvdProbeError):
     """The cache holds no analysis for this model and options; the hint names the command."""
 
 
+class MissingFigureData(CacheMissError):
+    """The cache lacks what one figure draws; `plot` skips that figure with a note."""
+
+    def __str__(self) -> str:
+        # One line, for the list of skipped figures that `plot` prints.
+        return self.message + (f" (run: {self.hint})" if self.hint else "")
+
+
 # --- Training --------------------------------------------------------------------------------
 
 

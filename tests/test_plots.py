@@ -370,7 +370,8 @@ def test_cli_nothing_drawable_exits_non_zero_with_note(cache_root, tmp_path):
 
     result = CliRunner().invoke(app, ["plot", "acme/tiny-narrow", "--cache-dir", str(cache_root), "--out", str(tmp_path), "--kind", "heatmap"])
     assert result.exit_code == 1
-    assert "(run: svd-probe analyze acme/tiny-narrow --matrices VO,QK)" in result.output
+    # The hint repeats the --cache-dir given, so the command it names fills the same cache.
+    assert f"(run: svd-probe analyze acme/tiny-narrow --matrices VO,QK --cache-dir {cache_root})" in " ".join(result.output.split())
 
 
 def test_layer_out_of_range_is_a_bad_option(cache_root, tmp_path):

@@ -18,7 +18,7 @@ from svd_probe.train.compare import load_runs, summarize
 from svd_probe.train.config import build_config, preset, read_config_file
 from svd_probe.train.loop import DataSources, TrainConfig, build_train_config, make_optimizer, run
 from svd_probe.train.model import Encoder, MaskedLM, num_parameters
-from svd_probe.train.samples import write_sst2, write_vocab, write_wikitext
+from svd_probe.testing.text_samples import write_sst2, write_vocab, write_wikitext
 
 VARIANTS = ("mha", "mla", "mla-o")
 

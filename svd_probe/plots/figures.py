@@ -19,6 +19,7 @@ from matplotlib.colors import LinearSegmentedColormap, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from svd_probe.errors import MissingFigureData
 from svd_probe.plots import style
 from svd_probe.plots.planner import PlannerResult, plan_latent
 from svd_probe.spectra.metrics import DEFAULT_ERRORS, energy_rank, error_column, relative_error_at_rank
@@ -30,18 +31,6 @@ HEATMAP_KINDS = ("VO", "QK")
 SPECTRA_KINDS = LAYERWISE_KINDS
 ERROR_KINDS = ("O", "VO")
 RANK_UNIT = "rank (number of singular values)"
-
-
-class MissingFigureData(Exception):
-    """The cache lacks what a figure draws; `hint` names the command that would add it."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-    def __str__(self) -> str:
-        return self.message + (f" (run: {self.hint})" if self.hint else "")
 
 
 @dataclass

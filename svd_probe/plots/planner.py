@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from svd_probe.errors import MissingFigureData
 from svd_probe.spectra.metrics import energy_kept_at_rank
 
 
@@ -123,8 +124,6 @@ def plan_latent(analysis, latent: int | None = None, sweep_points: int = 64) -> 
     dims = analysis.dims
     missing = [k for k in ("n_heads", "d_v", "d_model") if not dims.get(k)]
     if missing:
-        from svd_probe.plots.figures import MissingFigureData
-
         raise MissingFigureData(f"the cache manifest lacks model dims {', '.join(missing)}", analysis.analyze_command())
     n, d_v, H = int(dims["n_heads"]), int(dims["d_v"]), int(dims["d_model"])
     D = int(latent) if latent else default_latent(H)
