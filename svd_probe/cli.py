@@ -110,11 +110,15 @@ def export_cmd(
     fold_norms: bool = FoldOpt,
     normalize_stacked: bool = NormStackedOpt,
     at_rank: Optional[int] = typer.Option(None, "--at-rank", help="Also export the relative error at this fixed rank r.", show_default=False),
+    errors: str = typer.Option("0.01,0.001", "--errors", help="Energy errors for the rank columns, comma-separated (0.01 → rank_1pct)."),
 ) -> None:
     """Write cached spectra (jsonl) or their metrics table (csv, parquet); reads the cache only."""
-    from svd_probe.export import export
+    from svd_probe.export import export, parse_errors
 
-    n = export(model, format=format, out=out_file, revision=revision, cache_dir=cache_dir, fold_norms=fold_norms, normalize_stacked=normalize_stacked, at_rank=at_rank)
+    n = export(
+        model, format=format, out=out_file, revision=revision, cache_dir=cache_dir, fold_norms=fold_norms,
+        normalize_stacked=normalize_stacked, at_rank=at_rank, errors=parse_errors(errors),
+    )
     err.print(f"wrote {n} rows to {out_file}")
 
 

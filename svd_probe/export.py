@@ -7,8 +7,20 @@ from pathlib import Path
 
 from svd_probe.errors import BadOptionError
 from svd_probe.results import load_analysis
+from svd_probe.spectra.metrics import DEFAULT_ERRORS
 
 FORMATS = ("jsonl", "csv", "parquet")
+
+
+def parse_errors(spec: str) -> tuple[float, ...]:
+    """`0.01,0.001` → (0.01, 0.001); each must lie in (0, 1)."""
+    try:
+        values = tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(0.0 < v < 1.0 for v in values):
+        raise BadOptionError(f"bad --errors value {spec!r}", "Give energy errors between 0 and 1, e.g. --errors 0.01,0.001,0.05.")
+    return values
 
 
 def export(
@@ -21,6 +33,7 @@ def export(
     fold_norms: bool = True,
     normalize_stacked: bool = True,
     at_rank: int | None = None,
+    errors: tuple[float, ...] = DEFAULT_ERRORS,
 ) -> int:
     """Write one file from the cache; returns the number of rows written. Reads no network."""
     fmt = format.lower()
@@ -37,7 +50,7 @@ def export(
                 f.write(json.dumps(record) + "\n")
                 n += 1
     else:
-        df = analysis.metrics(at_rank=at_rank)
+        df = analysis.metrics(errors=errors, at_rank=at_rank)
         if fmt == "csv":
             df.to_csv(tmp, index=False)
         else:

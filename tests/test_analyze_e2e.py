@@ -299,3 +299,48 @@ def test_live_progress_shows_layers_bytes_and_eta(fake_hub, tmp_path, monkeypatc
     out = r.output
     assert "layer 3/3" in out and "MB/s" in out and "ETA" in out
     assert re.search(r"\d[\d,]*\.\d MB ", out)
+
+
+def _corrupt_copy(src_folder, dst):
+    """A copy of the checkpoint whose first attention shard claims a header longer than the file."""
+    import shutil
+
+    shutil.copytree(src_folder, dst)
+    shard = sorted(dst.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[:8] = struct.pack("<Q", len(data) + 10)
+    shard.write_bytes(bytes(data))
+    return shard.name
+
+
+@pytest.mark.parametrize("case", ["gated", "corrupt", "bad-layers", "bad-matrices", "bad-device", "unknown-model", "bad-flag"])
+def test_bad_input_exits_non_zero_with_a_message_and_no_traceback(case, fake_hub, deepseek_ckpt, tmp_path, monkeypatch, capsys):
+    """What a user sees, through the real entry point: exit code 2, the problem, the fix."""
+    import sys
+
+    from svd_probe.cli import main
+
+    fake_hub.clear_faults()
+    ep = ["--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path / "cache")]
+    args, needles = {
+        "gated": (["gated/deepseek-v3", *ep], ["gated/deepseek-v3", "--token"]),
+        "corrupt": ([str(tmp_path / "ck"), "--cache-dir", str(tmp_path / "cache")], ["corrupt shard", "header"]),
+        "bad-layers": (["tiny/deepseek-v3", *ep, "--layers", "2-9"], ["no layer 4, 5, 6, 7, 8, 9", "layers 0-2 and MTP layer 3"]),
+        "bad-matrices": (["tiny/deepseek-v3", *ep, "--matrices", "VO,VQ"], ["unknown matrix kind 'VQ'", "Q,Q_pe,K,V,O,VO"]),
+        "bad-device": (["tiny/deepseek-v3", *ep, "--device", "tpu"], ["bad --device 'tpu'", "auto, cpu or cuda"]),
+        "unknown-model": (["not-a-model", *ep], ["unknown model 'not-a-model'", "svd-probe models"]),
+        "bad-flag": (["tiny/deepseek-v3", "--layer", "3"], ["No such option: --layer"]),
+    }[case]
+    if case == "corrupt":
+        shard = _corrupt_copy(deepseek_ckpt.folder, tmp_path / "ck")
+        needles = [*needles, shard]
+    monkeypatch.setattr(sys, "argv", ["svd-probe", "analyze", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    # Nothing half-written is left as a layer file.
+    assert not list((tmp_path / "cache").rglob("layer-*.safetensors"))

@@ -150,3 +150,21 @@ def test_hints_repeat_an_explicit_cache_dir(tmp_path):
     with pytest.raises(CacheMissError) as e:
         a.sigma(0, "KQ")
     assert e.value.hint == f"Run: svd-probe analyze deepseek-v3 --layers 0 --matrices KQ --cache-dir {tmp_path}"
+
+
+def test_export_takes_any_energy_errors(tmp_path):
+    _, written = _write_fixture(tmp_path)
+    out = tmp_path / "m.csv"
+    export("deepseek-v3", format="csv", out=out, cache_dir=tmp_path, errors=(0.05, 0.2))
+    df = pd.read_csv(out)
+    assert "rank_5pct" in df and "rank_20pct" in df and "rank_1pct" not in df
+    row = df[(df.layer == 1) & (df.scope == "stacked")].iloc[0]
+    assert row["rank_20pct"] == energy_rank(written[1]["stacked.VO"], 0.2)
+
+
+@pytest.mark.parametrize("spec", ["", "1.5", "a,0.1", "0"])
+def test_bad_errors_are_refused(spec):
+    from svd_probe.export import parse_errors
+
+    with pytest.raises(BadOptionError):
+        parse_errors(spec)
