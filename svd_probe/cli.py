@@ -284,7 +284,9 @@ def main() -> None:
             err.print(f"[dim]hint:[/] {e.hint}", highlight=False)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("interrupted: every finished layer is cached; rerun the same command to resume.")
+        # Work is saved as it finishes (a spectra file per layer, training checkpoints), so an
+        # interrupt loses at most the layer or the steps in progress.
+        err.print("interrupted: finished work is saved; rerun the same command to resume.")
         sys.exit(130)
 
 
