@@ -223,18 +223,21 @@ def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
         factors = adapter.factors(layer, tensors, kind_set, request.fold_norms)
         spectra = layer_spectra(factors, kind_set, normalize_stacked=request.normalize_stacked)
         del tensors, factors
-        storage = _storage_dtypes(source, names_for_layer(layer))
         sigma = {k: v[0].numpy() for k, v in spectra.items()}
+        # Each spectrum records the storage dtype of the weights it comes from (the tensors the
+        # adapter names for that one kind), for the storage_rank metric.
+        storage = {k: _storage_dtype(source, adapter.layer_tensor_names(layer, {k.partition(".")[2]}, False)) for k in sigma}
         shapes = {k: tuple(int(x) for x in v[1]) for k, v in spectra.items()}
         if not request.force and cache.layer_path(layer).is_file():
             # Keep kinds computed by an earlier run with other --matrices.
             old = cache.read_layer(layer)
             sigma = {**old.sigma, **sigma}
             shapes = {**old.shapes, **shapes}
+            storage = {**old.storage_dtypes, **storage}
         now = time.perf_counter()
         info = {"seconds": round(now - t_layer, 4), "device": str(device)}
         t_layer = now
-        cache.write_layer(LayerSpectra(layer=layer, sigma=sigma, shapes=shapes, storage_dtypes={k: storage for k in sigma}, info=info))
+        cache.write_layer(LayerSpectra(layer=layer, sigma=sigma, shapes=shapes, storage_dtypes=storage, info=info))
         manifest["layers"][str(layer)] = {**info, "written": datetime.now(timezone.utc).isoformat()}
         manifest["updated"] = datetime.now(timezone.utc).isoformat()
         cache.write_manifest(manifest)
@@ -253,8 +256,8 @@ def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
     return AnalysisRun(analysis=analysis, layers=layers, computed=todo, from_cache=from_cache, stats=stats)
 
 
-def _storage_dtypes(source, names: list[str]) -> str:
-    """The storage dtype of the layer's projection weights (norm weights do not set precision)."""
+def _storage_dtype(source, names: list[str]) -> str:
+    """The coarsest storage dtype among these projection weights (norm weights do not count)."""
     dtypes = [source.storage_dtype(n) for n in names if not n.endswith(("layernorm.weight", "norm.weight"))]
     # The coarsest dtype bounds the meaningful numerical rank; F8 beats BF16 beats F32.
     for dt in ("F8_E5M2", "F8_E4M3", "BF16", "F16", "F32", "F64"):

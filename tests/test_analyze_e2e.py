@@ -132,6 +132,8 @@ def test_every_kind_over_the_hub_matches_float64(fake_hub, deepseek_ckpt, tmp_pa
     a = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
     assert a.layers == [0, 1, 2, 3]
     assert_spectra_match(a, deepseek_ckpt.folder, deepseek_ckpt.config, a.layers)
+    # Every spectrum records the dtype its weights are stored in (norms, stored BF16, don't count).
+    assert set(a.layer_spectra[0].storage_dtypes.values()) == {"F8_E4M3"}
 
 
 def test_options_change_the_numbers_and_the_cache_key(fake_hub, deepseek_ckpt, tmp_path):
@@ -205,6 +207,7 @@ def test_planted_ranks_come_out_of_the_whole_path(fake_hub, tmp_path_factory, tm
     assert ranks("stacked.VO") == [6]
     assert ranks("stacked.K") == [5]
     assert ranks("stacked.Q") == [7]
+    assert set(a.layer_spectra[0].storage_dtypes.values()) == {"F32"}
     assert_spectra_match(a, ck.folder, ck.config, [0])
 
 
