@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
+from svd_probe.errors import UnsupportedModelError
 from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, layer_prefix_finder
 
 
@@ -34,7 +35,7 @@ class BertAdapter(RoleNamedAdapter):
         n = int(c["num_attention_heads"])
         d_model = int(c["hidden_size"])
         if d_model % n:
-            raise ValueError(f"hidden_size={d_model} is not a multiple of num_attention_heads={n}")
+            raise UnsupportedModelError(f"hidden_size={d_model} is not a multiple of num_attention_heads={n}", "config.json is inconsistent: check these fields against the checkpoint's tensors.")
         return ModelDims(
             model_type=c.get("model_type", "bert"),
             num_layers=int(c["num_hidden_layers"]),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
+from svd_probe.errors import UnsupportedModelError
 from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, fold, layer_prefix_finder
 
 
@@ -37,7 +38,7 @@ class GPT2Adapter(RoleNamedAdapter):
         d_model = int(c.get("n_embd") or c["hidden_size"])
         n = int(c.get("n_head") or c["num_attention_heads"])
         if d_model % n:
-            raise ValueError(f"n_embd={d_model} is not a multiple of n_head={n}")
+            raise UnsupportedModelError(f"n_embd={d_model} is not a multiple of n_head={n}", "config.json is inconsistent: check these fields against the checkpoint's tensors.")
         return ModelDims(
             model_type=c.get("model_type", "gpt2"),
             num_layers=int(c.get("n_layer") or c["num_hidden_layers"]),

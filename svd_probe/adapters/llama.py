@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
+from svd_probe.errors import UnsupportedModelError
 from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, fold, layer_prefix_finder
 
 
@@ -39,7 +40,7 @@ class LlamaAdapter(RoleNamedAdapter):
         d_model = int(c["hidden_size"])
         head_dim = int(c.get("head_dim") or d_model // n)
         if n % g:
-            raise ValueError(f"num_attention_heads={n} is not a multiple of num_key_value_heads={g}")
+            raise UnsupportedModelError(f"num_attention_heads={n} is not a multiple of num_key_value_heads={g}", "config.json is inconsistent: check these fields against the checkpoint's tensors.")
         return ModelDims(
             model_type=c.get("model_type", "llama"),
             num_layers=int(c["num_hidden_layers"]),
