@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.errors import UnsupportedModelError
-from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, layer_prefix_finder
+from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, layer_prefix_finder, mha_dims
 
 
 class BertAdapter(RoleNamedAdapter):
@@ -32,21 +31,7 @@ class BertAdapter(RoleNamedAdapter):
     # --- shapes ------------------------------------------------------------------------------
     def dims(self, config: dict | None = None) -> ModelDims:
         c = decoder_config(config) if config else self.config
-        n = int(c["num_attention_heads"])
-        d_model = int(c["hidden_size"])
-        if d_model % n:
-            raise UnsupportedModelError(f"hidden_size={d_model} is not a multiple of num_attention_heads={n}", "config.json is inconsistent: check these fields against the checkpoint's tensors.")
-        return ModelDims(
-            model_type=c.get("model_type", "bert"),
-            num_layers=int(c["num_hidden_layers"]),
-            num_mtp_layers=0,
-            d_model=d_model,
-            n_heads=n,
-            n_kv_groups=n,
-            d_qk=d_model // n,
-            d_rope=0,
-            d_v=d_model // n,
-        )
+        return mha_dims(c.get("model_type", "bert"), int(c["num_hidden_layers"]), int(c["hidden_size"]), int(c["num_attention_heads"]))
 
     def supported_kinds(self) -> tuple[str, ...]:
         return ("Q", "K", "V", "O", "VO", "QK", "KQ")

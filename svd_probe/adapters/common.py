@@ -7,6 +7,9 @@ from typing import Callable
 
 import torch
 
+from svd_probe.adapters.base import ModelDims
+from svd_probe.errors import UnsupportedModelError
+
 
 def fold(weight: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
     """Fold a norm's elementwise weight into the projection that reads the normalized vector.
@@ -59,3 +62,26 @@ class RoleNamedAdapter:
     def role_tensors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> dict[str, torch.Tensor]:
         names = self._names(layer)
         return {r: tensors[names[r]] for r in self._roles(kinds, fold_norms)}
+
+
+def mha_dims(model_type: str, num_layers: int, d_model: int, n_heads: int, n_kv_groups: int | None = None, head_dim: int | None = None) -> ModelDims:
+    """ModelDims of a plain MHA/GQA layout (no decoupled RoPE, no latents), once the shapes fit."""
+    g = n_kv_groups or n_heads
+    hint = "config.json is inconsistent: check these fields against the checkpoint's tensors."
+    if head_dim is None:
+        if d_model % n_heads:
+            raise UnsupportedModelError(f"hidden size {d_model} is not a multiple of {n_heads} attention heads", hint)
+        head_dim = d_model // n_heads
+    if n_heads % g:
+        raise UnsupportedModelError(f"{n_heads} attention heads is not a multiple of {g} key/value heads", hint)
+    return ModelDims(
+        model_type=model_type,
+        num_layers=num_layers,
+        num_mtp_layers=0,
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_groups=g,
+        d_qk=head_dim,
+        d_rope=0,
+        d_v=head_dim,
+    )

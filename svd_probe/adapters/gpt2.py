@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.errors import UnsupportedModelError
-from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, fold, layer_prefix_finder
+from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, fold, layer_prefix_finder, mha_dims
 
 
 class GPT2Adapter(RoleNamedAdapter):
@@ -35,20 +34,11 @@ class GPT2Adapter(RoleNamedAdapter):
     def dims(self, config: dict | None = None) -> ModelDims:
         c = decoder_config(config) if config else self.config
         # config.json spells these n_embd / n_head / n_layer; accept the generic names too.
-        d_model = int(c.get("n_embd") or c["hidden_size"])
-        n = int(c.get("n_head") or c["num_attention_heads"])
-        if d_model % n:
-            raise UnsupportedModelError(f"n_embd={d_model} is not a multiple of n_head={n}", "config.json is inconsistent: check these fields against the checkpoint's tensors.")
-        return ModelDims(
-            model_type=c.get("model_type", "gpt2"),
-            num_layers=int(c.get("n_layer") or c["num_hidden_layers"]),
-            num_mtp_layers=0,
-            d_model=d_model,
-            n_heads=n,
-            n_kv_groups=n,
-            d_qk=d_model // n,
-            d_rope=0,
-            d_v=d_model // n,
+        return mha_dims(
+            c.get("model_type", "gpt2"),
+            int(c.get("n_layer") or c["num_hidden_layers"]),
+            int(c.get("n_embd") or c["hidden_size"]),
+            int(c.get("n_head") or c["num_attention_heads"]),
         )
 
     def supported_kinds(self) -> tuple[str, ...]:

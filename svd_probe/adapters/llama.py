@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.errors import UnsupportedModelError
-from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, fold, layer_prefix_finder
+from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, fold, layer_prefix_finder, mha_dims
 
 
 class LlamaAdapter(RoleNamedAdapter):
@@ -36,22 +35,10 @@ class LlamaAdapter(RoleNamedAdapter):
     def dims(self, config: dict | None = None) -> ModelDims:
         c = decoder_config(config) if config else self.config
         n = int(c["num_attention_heads"])
-        g = int(c.get("num_key_value_heads") or n)
         d_model = int(c["hidden_size"])
-        head_dim = int(c.get("head_dim") or d_model // n)
-        if n % g:
-            raise UnsupportedModelError(f"num_attention_heads={n} is not a multiple of num_key_value_heads={g}", "config.json is inconsistent: check these fields against the checkpoint's tensors.")
-        return ModelDims(
-            model_type=c.get("model_type", "llama"),
-            num_layers=int(c["num_hidden_layers"]),
-            num_mtp_layers=0,
-            d_model=d_model,
-            n_heads=n,
-            n_kv_groups=g,
-            d_qk=head_dim,
-            d_rope=0,
-            d_v=head_dim,
-        )
+        # Qwen3 and Llama-3.1 give head_dim; Mistral v0.1 leaves it to hidden_size / heads.
+        head_dim = int(c["head_dim"]) if c.get("head_dim") else None
+        return mha_dims(c.get("model_type", "llama"), int(c["num_hidden_layers"]), d_model, n, int(c.get("num_key_value_heads") or n), head_dim)
 
     def supported_kinds(self) -> tuple[str, ...]:
         return ("Q", "K", "V", "O", "VO", "QK", "KQ")
