@@ -112,6 +112,15 @@ class Reporter:
             self.progress.update(self._task, completed=done, loss=loss, sps=sps)
 
 
+
+def _optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt, sched) -> None:
+    """One update of both phases: backward, clip the gradient norm at 1.0, AdamW, schedule."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
 def rich_progress(console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -413,11 +422,7 @@ def _pretrain(cfg, tc, tok, train_rows, valid_rows, dev, out, state, recipe, rep
         inputs, positions, targets = (t.to(dev, non_blocking=True) for t in (inputs, positions, targets))
         with autocast(dev):
             loss, _ = fwd(inputs, positions, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        _optimizer_step(loss, model, opt, sched)
         step += 1
         timer.step_done(len(idx))
         loss_sum += loss.detach()
@@ -520,11 +525,7 @@ def _finetune(cfg, tc, tok, sst2, dev, out, state, pre, recipe, reporter, wall):
         with autocast(dev):
             logits = fwd(ids, pad)
         loss = F.cross_entropy(logits.float(), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        _optimizer_step(loss, model, opt, sched)
         step += 1
         timer.step_done(len(idx))
         loss_sum += loss.detach()
