@@ -86,18 +86,25 @@ class LayerSpectra:
         return set(self.sigma)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)`, then rename onto `path`: readers see the old file or the whole new
+    one, never a part, even if the process is killed mid-write. `fsync` before the rename, so a
+    crash of the machine cannot leave an empty file under the final name either."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 class AnalysisCache:
@@ -156,15 +163,7 @@ class AnalysisCache:
             "info": json.dumps(spectra.info),
         }
         path = self.layer_path(spectra.layer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         return path
 
     def read_layer(self, layer: int) -> LayerSpectra:
