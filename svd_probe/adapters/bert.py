@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, layer_prefix_finder, mha_dims
+from svd_probe.adapters.common import MHA_KINDS, RoleNamedAdapter, decoder_config, layer_prefix_finder, mha_dims, projection_roles
 
 
 class BertAdapter(RoleNamedAdapter):
@@ -34,7 +34,7 @@ class BertAdapter(RoleNamedAdapter):
         return mha_dims(c.get("model_type", "bert"), int(c["num_hidden_layers"]), int(c["hidden_size"]), int(c["num_attention_heads"]))
 
     def supported_kinds(self) -> tuple[str, ...]:
-        return ("Q", "K", "V", "O", "VO", "QK", "KQ")
+        return MHA_KINDS
 
     # --- which tensors -----------------------------------------------------------------------
     def _names(self, layer: int) -> dict[str, str]:
@@ -48,16 +48,7 @@ class BertAdapter(RoleNamedAdapter):
 
     def _roles(self, kinds: set[str], fold_norms: bool = False) -> set[str]:
         # Post-LN: no norm reads into these projections, so fold_norms changes nothing.
-        roles: set[str] = set()
-        if kinds & {"Q", "QK", "KQ"}:
-            roles.add("q")
-        if kinds & {"K", "QK", "KQ"}:
-            roles.add("k")
-        if kinds & {"V", "VO"}:
-            roles.add("v")
-        if kinds & {"O", "VO"}:
-            roles.add("o")
-        return roles
+        return projection_roles(kinds)
 
     # --- slicing into heads --------------------------------------------------------------------
     def factors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> AttentionFactors:

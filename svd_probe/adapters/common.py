@@ -64,6 +64,25 @@ class RoleNamedAdapter:
         return {r: tensors[names[r]] for r in self._roles(kinds, fold_norms)}
 
 
+# The kinds of a plain MHA/GQA layout: no decoupled RoPE, no latent projections.
+MHA_KINDS = ("Q", "K", "V", "O", "VO", "QK", "KQ")
+
+
+def projection_roles(kinds: set[str]) -> set[str]:
+    """Which of a layer's q, k, v, o projections these matrix kinds read: the fused VO reads v and
+    o, QK and KQ read q and k, every other kind its own projection."""
+    roles: set[str] = set()
+    if kinds & {"Q", "QK", "KQ"}:
+        roles.add("q")
+    if kinds & {"K", "QK", "KQ"}:
+        roles.add("k")
+    if kinds & {"V", "VO"}:
+        roles.add("v")
+    if kinds & {"O", "VO"}:
+        roles.add("o")
+    return roles
+
+
 def mha_dims(model_type: str, num_layers: int, d_model: int, n_heads: int, n_kv_groups: int | None = None, head_dim: int | None = None) -> ModelDims:
     """ModelDims of a plain MHA/GQA layout (no decoupled RoPE, no latents), once the shapes fit."""
     g = n_kv_groups or n_heads

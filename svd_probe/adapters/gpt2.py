@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, fold, layer_prefix_finder, mha_dims
+from svd_probe.adapters.common import MHA_KINDS, RoleNamedAdapter, decoder_config, fold, layer_prefix_finder, mha_dims, projection_roles
 
 
 class GPT2Adapter(RoleNamedAdapter):
@@ -42,7 +42,7 @@ class GPT2Adapter(RoleNamedAdapter):
         )
 
     def supported_kinds(self) -> tuple[str, ...]:
-        return ("Q", "K", "V", "O", "VO", "QK", "KQ")
+        return MHA_KINDS
 
     # --- which tensors -----------------------------------------------------------------------
     def _names(self, layer: int) -> dict[str, str]:
@@ -54,14 +54,10 @@ class GPT2Adapter(RoleNamedAdapter):
         }
 
     def _roles(self, kinds: set[str], fold_norms: bool) -> set[str]:
-        roles: set[str] = set()
-        if kinds & {"Q", "K", "V", "VO", "QK", "KQ"}:
+        roles = projection_roles(kinds)
+        if roles & {"q", "k", "v"}:
             # q, k and v live in one fused tensor: any of them means fetching all three.
-            roles.add("qkv")
-            if fold_norms:
-                roles.add("ln_1")
-        if kinds & {"O", "VO"}:
-            roles.add("o")
+            roles = (roles - {"q", "k", "v"}) | {"qkv"} | ({"ln_1"} if fold_norms else set())
         return roles
 
     # --- slicing into heads --------------------------------------------------------------------

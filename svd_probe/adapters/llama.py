@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, fold, layer_prefix_finder, mha_dims
+from svd_probe.adapters.common import MHA_KINDS, RoleNamedAdapter, decoder_config, fold, layer_prefix_finder, mha_dims, projection_roles
 
 
 class LlamaAdapter(RoleNamedAdapter):
@@ -41,7 +41,7 @@ class LlamaAdapter(RoleNamedAdapter):
         return mha_dims(c.get("model_type", "llama"), int(c["num_hidden_layers"]), d_model, n, int(c.get("num_key_value_heads") or n), head_dim)
 
     def supported_kinds(self) -> tuple[str, ...]:
-        return ("Q", "K", "V", "O", "VO", "QK", "KQ")
+        return MHA_KINDS
 
     # --- which tensors -----------------------------------------------------------------------
     def _names(self, layer: int) -> dict[str, str]:
@@ -58,15 +58,7 @@ class LlamaAdapter(RoleNamedAdapter):
         }
 
     def _roles(self, kinds: set[str], fold_norms: bool) -> set[str]:
-        roles: set[str] = set()
-        if kinds & {"Q", "QK", "KQ"}:
-            roles.add("q")
-        if kinds & {"K", "QK", "KQ"}:
-            roles.add("k")
-        if kinds & {"V", "VO"}:
-            roles.add("v")
-        if kinds & {"O", "VO"}:
-            roles.add("o")
+        roles = projection_roles(kinds)
         if fold_norms:
             if roles & {"q", "k", "v"}:
                 roles.add("input_norm")
