@@ -25,13 +25,13 @@ VO have σ spanning six decades: a route that squares σ in float32 shows up as 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import json
 import math
 import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -52,7 +52,11 @@ def dims_at(scale: float) -> dict:
 
 
 def _geom(n: int, floor: float, device) -> torch.Tensor:
-    return torch.logspace(0, math.log10(floor), n, device=device, dtype=torch.float32) if n > 1 else torch.ones(1, device=device)
+    return (
+        torch.logspace(0, math.log10(floor), n, device=device, dtype=torch.float32)
+        if n > 1
+        else torch.ones(1, device=device)
+    )
 
 
 def make_layer(d: dict, device, seed: int = 0) -> AttentionFactors:
@@ -194,11 +198,11 @@ def rel_err(s, s_ref) -> float:
 # --- main ----------------------------------------------------------------------------------------
 
 
-
 def cuda_eig_variants(g64):
     """Other ways to run the float64 eigvalsh that dominates stacked O and VO: MAGMA's solver
     (two-stage tridiagonalization) instead of cuSOLVER's, two on separate streams, a batch of two.
     The MAGMA line also records its largest deviation from cuSOLVER's eigenvalues."""
+
     def magma():
         prev = torch.backends.cuda.preferred_linalg_library()
         torch.backends.cuda.preferred_linalg_library("magma")
@@ -228,6 +232,7 @@ def cuda_eig_variants(g64):
         (f"eigvalsh fp64 batch of 2x{n}", lambda: torch.linalg.eigvalsh(torch.stack([g64, g64]))),
     )
 
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -237,7 +242,9 @@ def main(argv=None) -> int:
     ap.add_argument("--obvious-heads", type=int, default=16, help="heads timed in the obvious per-head loop")
     ap.add_argument("--ref-heads", type=int, default=4, help="heads with a float64 per-head reference")
     ap.add_argument("--skip-obvious-stacked", action="store_true", help="skip the slow materialized stacked SVDs")
-    ap.add_argument("--exact-ref", action="store_true", help="np.linalg.svd references for stacked kinds too (slow at full scale)")
+    ap.add_argument(
+        "--exact-ref", action="store_true", help="np.linalg.svd references for stacked kinds too (slow at full scale)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -262,6 +269,7 @@ def main(argv=None) -> int:
             report["wall_seconds"] = time.perf_counter() - t_start
             with open(os.path.join(out_dir, "bench_spectra.json"), "w") as fh:
                 json.dump(report, fh, indent=1, default=str)
+
     print(f"# bench_spectra on {report['device']}, torch {torch.__version__}, dims {d}", flush=True)
 
     f = make_layer(d, device, args.seed)
@@ -275,15 +283,23 @@ def main(argv=None) -> int:
     base_cfg = SpectraConfig(big_side=big_side)
     report["default_config"] = str(base_cfg)
     t_full, times_full, res = median_time(lambda: layer_spectra(f, ALL, config=base_cfg), device, args.repeats)
-    print(f"svd-probe full layer: median {t_full:.3f} s over {args.repeats} ({', '.join(f'{t:.3f}' for t in times_full)})", flush=True)
+    print(
+        f"svd-probe full layer: median {t_full:.3f} s over {args.repeats} ({', '.join(f'{t:.3f}' for t in times_full)})",
+        flush=True,
+    )
     s1 = {k.split(".")[1]: v[0][:, 0] for k, v in res.items() if k.startswith("head.")}
     # The same with stacked O and VO solved one after the other (SpectraConfig.concurrent=False),
     # and its largest difference from the concurrent result (they must agree to rounding).
     seq_cfg = replace(base_cfg, concurrent=False)
     t_seq, times_seq, res_seq = median_time(lambda: layer_spectra(f, ALL, config=seq_cfg), device, args.repeats)
-    diff = max(float((res[k][0] - res_seq[k][0]).abs().max() / res_seq[k][0].abs().max().clamp_min(1e-300)) for k in res)
+    diff = max(
+        float((res[k][0] - res_seq[k][0]).abs().max() / res_seq[k][0].abs().max().clamp_min(1e-300)) for k in res
+    )
     report["full_layer_sequential_seconds"] = t_seq
-    print(f"svd-probe full layer, big stacked solves one after the other: median {t_seq:.3f} s ({', '.join(f'{t:.3f}' for t in times_seq)}); max rel. difference from concurrent {diff:.1e}", flush=True)
+    print(
+        f"svd-probe full layer, big stacked solves one after the other: median {t_seq:.3f} s ({', '.join(f'{t:.3f}' for t in times_seq)}); max rel. difference from concurrent {diff:.1e}",
+        flush=True,
+    )
 
     # ---- float64 references ---------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -303,8 +319,13 @@ def main(argv=None) -> int:
     sync(device)
     t_ref = time.perf_counter() - t0
     # How hard each stacked/layer problem is: σ_min/σ₁ (a float32 Gram route errs by ~eps32/that)
-    report["sigma_min_over_max"] = {k: float(v[-1] / v[0]) if v[0] > 0 else 0.0 for k, v in refs.items() if not k.startswith("head.")}
-    print(f"references: {t_ref:.1f} s (per-head on heads {ref_heads}; stacked/layer: {'np.linalg.svd' if exact_ref else 'float64 Gram + eigvalsh'})", flush=True)
+    report["sigma_min_over_max"] = {
+        k: float(v[-1] / v[0]) if v[0] > 0 else 0.0 for k, v in refs.items() if not k.startswith("head.")
+    }
+    print(
+        f"references: {t_ref:.1f} s (per-head on heads {ref_heads}; stacked/layer: {'np.linalg.svd' if exact_ref else 'float64 Gram + eigvalsh'})",
+        flush=True,
+    )
 
     def errors(result: dict) -> dict[str, float]:
         out = {}
@@ -317,7 +338,15 @@ def main(argv=None) -> int:
 
     err_full = errors(res)
     worst = max(err_full, key=err_full.get)
-    rows.append({"what": "svd-probe: full layer (default routes)", "seconds": t_full, "max_err": err_full[worst], "worst": worst, "errors": err_full})
+    rows.append(
+        {
+            "what": "svd-probe: full layer (default routes)",
+            "seconds": t_full,
+            "max_err": err_full[worst],
+            "worst": worst,
+            "errors": err_full,
+        }
+    )
     dump()
 
     # ---- solver probe: each route on two tall matrices with exact zeros / a 1e-7 tail -------------
@@ -343,16 +372,19 @@ def main(argv=None) -> int:
     # ---- the kernels underneath, at this layer's sizes (where the time goes) ----------------------
     kern = report["kernel_seconds"] = {}
     big, mid = d["d_model"], d["in_q"]
-    for label, rows_, cols_ in (("big", n * d["d_v"], big), ("mid", n * d["d_qk"], mid)):
+    for _label, rows_, cols_ in (("big", n * d["d_v"], big), ("mid", n * d["d_qk"], mid)):
         a32 = torch.randn(rows_, cols_, device=device)
         a64 = a32.double()
         g64 = a64.mT @ a64
         for kname, fn in (
-            (f"gram fp64 {cols_}x{cols_} from {rows_}x{cols_}", lambda: a64.mT @ a64),
-            (f"eigvalsh fp64 {cols_}", lambda: torch.linalg.eigvalsh(g64)),
-            (f"eigvalsh fp32 {cols_} (inaccurate, for scale)", lambda: torch.linalg.eigvalsh(g64.float())),
-            (f"svdvals fp32 {rows_}x{cols_} (gesvda on cuda)", lambda: solve(a32, "svd32")),
-            (f"svdvals fp64 {rows_}x{cols_} (gesvda on cuda)", lambda: solve(a64, "svd64")),
+            (f"gram fp64 {cols_}x{cols_} from {rows_}x{cols_}", lambda a32=a32, a64=a64, g64=g64: a64.mT @ a64),
+            (f"eigvalsh fp64 {cols_}", lambda a32=a32, a64=a64, g64=g64: torch.linalg.eigvalsh(g64)),
+            (
+                f"eigvalsh fp32 {cols_} (inaccurate, for scale)",
+                lambda a32=a32, a64=a64, g64=g64: torch.linalg.eigvalsh(g64.float()),
+            ),
+            (f"svdvals fp32 {rows_}x{cols_} (gesvda on cuda)", lambda a32=a32, a64=a64, g64=g64: solve(a32, "svd32")),
+            (f"svdvals fp64 {rows_}x{cols_} (gesvda on cuda)", lambda a32=a32, a64=a64, g64=g64: solve(a64, "svd64")),
             *(cuda_eig_variants(g64) if device.type == "cuda" else ()),
         ):
             try:
@@ -374,11 +406,27 @@ def main(argv=None) -> int:
     }
     alternatives = [("part", name, keys, base_cfg) for name, keys in parts.items()]
     for r in ("gram64", "svd32", "svd64"):
-        alternatives.append(("big", f"stacked O+VO, big={r}", {"stacked.O", "stacked.VO"}, SpectraConfig(big=r, big_side=big_side)))
+        alternatives.append(
+            ("big", f"stacked O+VO, big={r}", {"stacked.O", "stacked.VO"}, SpectraConfig(big=r, big_side=big_side))
+        )
     for r in ("gram64", "svd32", "svd64"):
-        alternatives.append(("stacked", f"stacked Q..KQ + layer, stacked={r}", parts["stacked QK+KQ"] | parts["stacked Q,Q_pe,K,V"] | parts["layer QA,KVA,KVA_pe"], SpectraConfig(stacked=r, big_side=big_side)))
+        alternatives.append(
+            (
+                "stacked",
+                f"stacked Q..KQ + layer, stacked={r}",
+                parts["stacked QK+KQ"] | parts["stacked Q,Q_pe,K,V"] | parts["layer QA,KVA,KVA_pe"],
+                SpectraConfig(stacked=r, big_side=big_side),
+            )
+        )
     for r in ("gram", "qr"):
-        alternatives.append(("factor", f"per-head kinds, factor={r}", parts["per-head kinds"], SpectraConfig(factor=r, big_side=big_side)))
+        alternatives.append(
+            (
+                "factor",
+                f"per-head kinds, factor={r}",
+                parts["per-head kinds"],
+                SpectraConfig(factor=r, big_side=big_side),
+            )
+        )
     best: dict[str, tuple[float, str]] = {}
     for group, name, keys, cfg in alternatives:
         try:
@@ -389,7 +437,9 @@ def main(argv=None) -> int:
             continue
         err = errors(out)
         w = max(err, key=err.get)
-        rows.append({"what": f"svd-probe: {name}", "group": group, "seconds": t, "max_err": err[w], "worst": w, "errors": err})
+        rows.append(
+            {"what": f"svd-probe: {name}", "group": group, "seconds": t, "max_err": err[w], "worst": w, "errors": err}
+        )
         print(f"  {name}: {t:.4f} s, max err {err[w]:.2e} ({w})", flush=True)
         dump()
         route = name.rsplit("=", 1)[-1]
@@ -404,8 +454,19 @@ def main(argv=None) -> int:
         w = max(err, key=err.get)
         report["best_config"] = {g: r for g, (_, r) in best.items()}
         report["best_seconds"] = t_best
-        rows.append({"what": f"svd-probe: full layer, fastest accurate routes {report['best_config']}", "seconds": t_best, "max_err": err[w], "worst": w, "config": {g: r for g, (_, r) in best.items()}})
-        print(f"svd-probe full layer with fastest accurate routes ({cfg}): {t_best:.3f} s, max err {err[w]:.2e}", flush=True)
+        rows.append(
+            {
+                "what": f"svd-probe: full layer, fastest accurate routes {report['best_config']}",
+                "seconds": t_best,
+                "max_err": err[w],
+                "worst": w,
+                "config": {g: r for g, (_, r) in best.items()},
+            }
+        )
+        print(
+            f"svd-probe full layer with fastest accurate routes ({cfg}): {t_best:.3f} s, max err {err[w]:.2e}",
+            flush=True,
+        )
 
     # ---- the obvious way ---------------------------------------------------------------------------
     def sv_default(m):
@@ -435,7 +496,14 @@ def main(argv=None) -> int:
             got = np.stack([sig[ref_rows[i]].double().cpu().numpy() for i in common])
             ob_err[f"head.{kind}"] = rel_err(got, refs[f"head.{kind}"][common])
     label = f"extrapolated from {len(oh)} of {n} heads" if len(oh) < n else "all heads"
-    rows.append({"what": f"obvious: per-head loop ({label})", "seconds": t_heads, "max_err": max(ob_err.values()), "errors": dict(ob_err)})
+    rows.append(
+        {
+            "what": f"obvious: per-head loop ({label})",
+            "seconds": t_heads,
+            "max_err": max(ob_err.values()),
+            "errors": dict(ob_err),
+        }
+    )
     print(f"obvious per-head loop: {t_heads:.2f} s ({label})", flush=True)
     dump()
 
@@ -454,10 +522,24 @@ def main(argv=None) -> int:
             t_stacked += t
             ob_t[f"layer.{kind}"] = t
             ob_err[f"layer.{kind}"] = rel_err(sig.double().cpu().numpy(), refs[f"layer.{kind}"])
-        rows.append({"what": "obvious: stacked + layer (materialized, once each)", "seconds": t_stacked, "max_err": max(v for k, v in ob_err.items() if not k.startswith("head.")), "errors": {k: v for k, v in ob_err.items() if not k.startswith("head.")}})
+        rows.append(
+            {
+                "what": "obvious: stacked + layer (materialized, once each)",
+                "seconds": t_stacked,
+                "max_err": max(v for k, v in ob_err.items() if not k.startswith("head.")),
+                "errors": {k: v for k, v in ob_err.items() if not k.startswith("head.")},
+            }
+        )
     t_obvious = t_heads + t_stacked
     w = max(ob_err, key=ob_err.get)
-    rows.append({"what": f"obvious: total ({'per-head part ' + label if len(oh) < n else 'measured'}{'; stacked skipped' if args.skip_obvious_stacked else ''})", "seconds": t_obvious, "max_err": ob_err[w], "worst": w})
+    rows.append(
+        {
+            "what": f"obvious: total ({'per-head part ' + label if len(oh) < n else 'measured'}{'; stacked skipped' if args.skip_obvious_stacked else ''})",
+            "seconds": t_obvious,
+            "max_err": ob_err[w],
+            "worst": w,
+        }
+    )
     report["speedup"] = t_obvious / t_full
     if "best_seconds" in report:
         report["speedup_best"] = t_obvious / report["best_seconds"]
@@ -469,12 +551,18 @@ def main(argv=None) -> int:
     print(f"{'what':<78} {'seconds':>9} {'max err/σ₁':>11}  worst")
     for r in rows:
         if "seconds" in r:
-            print(f"{r['what'][:78]:<78} {r['seconds']:>9.4f} {r.get('max_err', float('nan')):>11.2e}  {r.get('worst', '')}")
+            print(
+                f"{r['what'][:78]:<78} {r['seconds']:>9.4f} {r.get('max_err', float('nan')):>11.2e}  {r.get('worst', '')}"
+            )
         else:
             print(f"{r['what'][:78]:<78} {'FAILED':>9}   {r['error'][:60]}")
-    print(f"speedup (obvious / svd-probe default): {report['speedup']:.1f}x   [target: < 1.5 s and ≥ 20x at full scale on an H100]")
+    print(
+        f"speedup (obvious / svd-probe default): {report['speedup']:.1f}x   [target: < 1.5 s and ≥ 20x at full scale on an H100]"
+    )
     if "speedup_best" in report:
-        print(f"speedup (obvious / svd-probe with fastest accurate routes {report['best_config']}): {report['speedup_best']:.1f}x")
+        print(
+            f"speedup (obvious / svd-probe with fastest accurate routes {report['best_config']}): {report['speedup_best']:.1f}x"
+        )
     print(f"benchmark wall time: {report['wall_seconds']:.1f} s")
 
     if out_dir:

@@ -19,14 +19,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
-import urllib.request
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -51,15 +51,17 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="generate into / reuse this folder instead of a temp dir")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--in-process", action="store_true", help="run the Hub stand-in in this process (GIL shared)")
-    ap.add_argument("--device", nargs="+", default=["cpu"], help="where the end-to-end step dequantizes (e.g. cpu cuda)")
+    ap.add_argument(
+        "--device", nargs="+", default=["cpu"], help="where the end-to-end step dequantizes (e.g. cpu cuda)"
+    )
     args = ap.parse_args()
 
     hf_home = tempfile.mkdtemp(prefix="bench-hf-")
     os.environ["HF_HOME"] = hf_home  # before huggingface_hub is imported
-    from svd_probe.hub.ranges import HubFiles
-    from svd_probe.hub.source import open_checkpoint
     import torch
 
+    from svd_probe.hub.ranges import HubFiles
+    from svd_probe.hub.source import open_checkpoint
     from svd_probe.hub.stream import stream_layers
     from svd_probe.models import ModelRef
     from svd_probe.testing.checkpoints import Checkpoint, build_deepseek_v3_real
@@ -79,8 +81,10 @@ def main() -> None:
     names = ck.all_attention_tensor_names()
     attn_shards = sorted({ck.weight_map[n] for n in names})
     whole_shard_bytes = sum((work / s).stat().st_size for s in attn_shards)
-    print(f"checkpoint: {ckpt_bytes / 1e9:.2f} GB in {len(shard_files)} shards, generated in {gen_s:.1f} s; "
-          f"{ck.num_layers} layers of real DeepSeek-V3 attention shapes")
+    print(
+        f"checkpoint: {ckpt_bytes / 1e9:.2f} GB in {len(shard_files)} shards, generated in {gen_s:.1f} s; "
+        f"{ck.num_layers} layers of real DeepSeek-V3 attention shapes"
+    )
 
     results: dict = {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
@@ -100,8 +104,11 @@ def main() -> None:
             else:
                 # The stand-in in its own process: its Python request handling must not share
                 # the client's GIL, or the benchmark measures the lock, not the reader.
-                proc = subprocess.Popen([sys.executable, "-m", "svd_probe.testing.fake_hub", f"bench/deepseek-v3-real={work}"],
-                                        stdout=subprocess.PIPE, text=True)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "svd_probe.testing.fake_hub", f"bench/deepseek-v3-real={work}"],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
                 endpoint = proc.stdout.readline().strip()
             hub = _RemoteStats(endpoint)
             ref = ModelRef(name="bench", repo_id="bench/deepseek-v3-real")
@@ -122,7 +129,9 @@ def main() -> None:
                     t = time.perf_counter()
                     spans = src.headers(attn_shards)
                     infos = [spans[ck.weight_map[n]].tensors[n] for n in names]
-                    bufs = src._files.read_many([(ck.weight_map[n], i.begin, i.end) for n, i in zip(names, infos)])
+                    bufs = src._files.read_many(
+                        [(ck.weight_map[n], i.begin, i.end) for n, i in zip(names, infos, strict=False)]
+                    )
                     dt = time.perf_counter() - t
                     fetched = src.bytes_fetched
                     st = hub.stats()
@@ -133,8 +142,12 @@ def main() -> None:
                     if best is None or dt < best[0]:
                         best = (dt, fetched, nreq)
                 dt, fetched, nreq = best
-                per_conc.append({"concurrency": c, "seconds": dt, "bytes": fetched, "GBps": fetched / dt / 1e9, "requests": nreq})
-                print(f"  svd-probe range reads, {c:2d} in flight: {fetched / 1e9:.3f} GB in {dt:.2f} s = {fetched / dt / 1e9:.2f} GB/s ({nreq} requests)")
+                per_conc.append(
+                    {"concurrency": c, "seconds": dt, "bytes": fetched, "GBps": fetched / dt / 1e9, "requests": nreq}
+                )
+                print(
+                    f"  svd-probe range reads, {c:2d} in flight: {fetched / 1e9:.3f} GB in {dt:.2f} s = {fetched / dt / 1e9:.2f} GB/s ({nreq} requests)"
+                )
             results["range_reads"] = per_conc
             fetched = per_conc[0]["bytes"]
             attn_bytes = sum(i.nbytes for i in infos)
@@ -144,11 +157,13 @@ def main() -> None:
                 "whole_shard_approach": whole_shard_bytes,
                 "ratio_whole_vs_svd_probe": whole_shard_bytes / fetched,
             }
-            print(f"bytes: svd-probe {fetched / 1e9:.3f} GB (attention {attn_bytes / 1e9:.3f} GB + headers); "
-                  f"whole shards {whole_shard_bytes / 1e9:.2f} GB ({whole_shard_bytes / fetched:.1f}×)")
+            print(
+                f"bytes: svd-probe {fetched / 1e9:.3f} GB (attention {attn_bytes / 1e9:.3f} GB + headers); "
+                f"whole shards {whole_shard_bytes / 1e9:.2f} GB ({whole_shard_bytes / fetched:.1f}×)"
+            )
 
             # -- 2: baselines over the same bytes --------------------------------------------
-            order = sorted(zip(names, infos), key=lambda x: (ck.weight_map[x[0]], x[1].begin))
+            order = sorted(zip(names, infos, strict=False), key=lambda x: (ck.weight_map[x[0]], x[1].begin))
             best = None
             for _ in range(args.repeats):
                 t = time.perf_counter()
@@ -184,22 +199,36 @@ def main() -> None:
             files.read_many([(s0, 0, size)])
             dt = time.perf_counter() - t
             files.close()
-            results["whole_shard_http"] = {"bytes": size, "seconds": dt, "GBps": size / dt / 1e9,
-                                           "est_seconds_all_attention_shards": whole_shard_bytes / (size / dt)}
-            print(f"  whole-shard GET: {size / dt / 1e9:.2f} GB/s → {whole_shard_bytes / (size / dt):.1f} s for all attention shards")
+            results["whole_shard_http"] = {
+                "bytes": size,
+                "seconds": dt,
+                "GBps": size / dt / 1e9,
+                "est_seconds_all_attention_shards": whole_shard_bytes / (size / dt),
+            }
+            print(
+                f"  whole-shard GET: {size / dt / 1e9:.2f} GB/s → {whole_shard_bytes / (size / dt):.1f} s for all attention shards"
+            )
 
             # -- 4: end to end with dequantization, on each device asked for ----------------------
             c = max(per_conc, key=lambda r: r["GBps"])["concurrency"]
             for dev in args.device:
                 src = open_checkpoint(ref, endpoint=endpoint, concurrency=c)
                 t = time.perf_counter()
-                for _layer, tensors in stream_layers(src, range(ck.num_layers), ck.attention_weight_names, dev, prefetch=1):
+                for _layer, tensors in stream_layers(
+                    src, range(ck.num_layers), ck.attention_weight_names, dev, prefetch=1
+                ):
                     del tensors
                 if dev.startswith("cuda"):
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t
-                results[f"stream_layers_{dev}_dequant"] = {"concurrency": c, "seconds": dt, "GBps": src.bytes_fetched / dt / 1e9}
-                print(f"  stream_layers incl. FP8→float32 dequant on {dev} ({c} in flight): {src.bytes_fetched / dt / 1e9:.2f} GB/s of fetched bytes")
+                results[f"stream_layers_{dev}_dequant"] = {
+                    "concurrency": c,
+                    "seconds": dt,
+                    "GBps": src.bytes_fetched / dt / 1e9,
+                }
+                print(
+                    f"  stream_layers incl. FP8→float32 dequant on {dev} ({c} in flight): {src.bytes_fetched / dt / 1e9:.2f} GB/s of fetched bytes"
+                )
                 src.close()
     finally:
         if proc is not None:

@@ -126,13 +126,22 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, _, b, _ in benches:
                 rounds[name].append(args.batch_size * args.steps / b.timed(args.steps))
-        for name, cfg, b, setup_s in benches:
+        for name, cfg, _b, setup_s in benches:
             rates = rounds[name]
-            results.append({
-                "variant": name, "compiled": compiled, "parameters": count_parameters(cfg), "rope_dims": cfg.rope_dims,
-                "samples_per_s": round(statistics.median(rates), 1), "samples_per_s_min": round(min(rates), 1), "samples_per_s_max": round(max(rates), 1), "samples_per_s_rounds": [round(r, 1) for r in rates],
-                "ms_per_step": round(1000 * args.batch_size / statistics.median(rates), 2), "setup_and_warmup_s": round(setup_s, 1),
-            })
+            results.append(
+                {
+                    "variant": name,
+                    "compiled": compiled,
+                    "parameters": count_parameters(cfg),
+                    "rope_dims": cfg.rope_dims,
+                    "samples_per_s": round(statistics.median(rates), 1),
+                    "samples_per_s_min": round(min(rates), 1),
+                    "samples_per_s_max": round(max(rates), 1),
+                    "samples_per_s_rounds": [round(r, 1) for r in rates],
+                    "ms_per_step": round(1000 * args.batch_size / statistics.median(rates), 2),
+                    "setup_and_warmup_s": round(setup_s, 1),
+                }
+            )
         del benches
         if compiled:
             torch._dynamo.reset()
@@ -140,16 +149,26 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     env = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-        "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "rounds": args.rounds,
-        "size": args.size, "autocast": "bf16" if dev.type == "cuda" else "off", "compile_mode": args.compile_mode,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "size": args.size,
+        "autocast": "bf16" if dev.type == "cuda" else "off",
+        "compile_mode": args.compile_mode,
     }
-    print(f"# {env['device']}, torch {env['torch']}, batch {args.batch_size} x seq {args.seq_len}, autocast {env['autocast']}, median of {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"# {env['device']}, torch {env['torch']}, batch {args.batch_size} x seq {args.seq_len}, autocast {env['autocast']}, median of {args.rounds} rounds x {args.steps} steps"
+    )
     print(f"{'variant':<14} {'compiled':>8} {'params':>12} {'rope':>5} {'samples/s':>11} {'ms/step':>8}  vs mla")
     base = {r["compiled"]: r["samples_per_s"] for r in results if r["variant"] == "mla"}
     for r in results:
         rel = r["samples_per_s"] / base[r["compiled"]] if base.get(r["compiled"]) else float("nan")
-        print(f"{r['variant']:<14} {str(r['compiled']):>8} {r['parameters']:>12,} {r['rope_dims']:>5} {r['samples_per_s']:>11,.0f} {r['ms_per_step']:>8.2f}  {rel:.3f}   [{r['samples_per_s_min']:,.0f} .. {r['samples_per_s_max']:,.0f}]")
+        print(
+            f"{r['variant']:<14} {str(r['compiled']):>8} {r['parameters']:>12,} {r['rope_dims']:>5} {r['samples_per_s']:>11,.0f} {r['ms_per_step']:>8.2f}  {rel:.3f}   [{r['samples_per_s_min']:,.0f} .. {r['samples_per_s_max']:,.0f}]"
+        )
     path = args.json_out or (os.path.join(os.environ["OUT"], "train_speed.json") if os.environ.get("OUT") else None)
     if path:
         Path(path).write_text(json.dumps({"env": env, "results": results}, indent=2) + "\n")

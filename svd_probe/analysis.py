@@ -92,14 +92,16 @@ def parse_layers(spec: str | list[int] | None, dims: ModelDims, include_mtp: boo
             part = part.strip()
             m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
             if not m:
-                raise BadOptionError(f"bad --layers value {spec!r}: {part!r} is not a layer or a range", "Use e.g. --layers 0-3,10,60.")
+                raise BadOptionError(
+                    f"bad --layers value {spec!r}: {part!r} is not a layer or a range", "Use e.g. --layers 0-3,10,60."
+                )
             lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
             if hi < lo:
                 raise BadOptionError(f"bad --layers range {part!r}: end before start", "Use e.g. --layers 0-3.")
             wanted.extend(range(lo, hi + 1))
     else:
         wanted = [int(x) for x in spec]
-    missing = sorted({l for l in wanted if l not in available})
+    missing = sorted({ly for ly in wanted if ly not in available})
     if missing:
         mtp_span = f"s {n_main}-{dims.num_layers - 1}" if dims.num_mtp_layers > 1 else f" {n_main}"
         mtp = f" and MTP layer{mtp_span}" if dims.num_mtp_layers else ""
@@ -119,7 +121,9 @@ def parse_matrices(spec: str | list[str] | None, supported: tuple[str, ...]) -> 
     by_lower = {k.lower(): k for k in ALL_KINDS}
     unknown = [s for s in items if s.lower() not in by_lower]
     if unknown:
-        raise BadOptionError(f"unknown matrix kind {', '.join(map(repr, unknown))}", "Choose from " + ",".join(ALL_KINDS) + ".")
+        raise BadOptionError(
+            f"unknown matrix kind {', '.join(map(repr, unknown))}", "Choose from " + ",".join(ALL_KINDS) + "."
+        )
     chosen = {by_lower[s.lower()] for s in items}
     lacking = sorted(chosen - set(supported), key=ALL_KINDS.index)
     if lacking:
@@ -144,7 +148,10 @@ def pick_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise BadOptionError(f"bad --device {name!r}", "Use auto, cpu or cuda.")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadOptionError("--device cuda asked for, but torch sees no CUDA GPU", "Use --device cpu, or install the CUDA build of torch (see README).")
+        raise BadOptionError(
+            "--device cuda asked for, but torch sees no CUDA GPU",
+            "Use --device cpu, or install the CUDA build of torch (see README).",
+        )
     return torch.device(name)
 
 
@@ -154,7 +161,12 @@ def _versions() -> dict:
 
     import svd_probe
 
-    out = {"svd_probe": svd_probe.__version__, "torch": torch.__version__, "numpy": numpy.__version__, "safetensors": safetensors.__version__}
+    out = {
+        "svd_probe": svd_probe.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "safetensors": safetensors.__version__,
+    }
     try:
         import huggingface_hub
 
@@ -177,7 +189,14 @@ def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
     t_start = time.perf_counter()
     ref = resolve_model(request.model)
     device = pick_device(request.device)
-    source = open_checkpoint(ref, revision=request.revision, token=request.token, endpoint=request.endpoint, concurrency=request.concurrency, **request.read_options)
+    source = open_checkpoint(
+        ref,
+        revision=request.revision,
+        token=request.token,
+        endpoint=request.endpoint,
+        concurrency=request.concurrency,
+        **request.read_options,
+    )
     adapter = adapter_for(source.config, source.tensor_names)
     dims = adapter.dims(source.config)
     kinds = parse_matrices(request.matrices, adapter.supported_kinds())
@@ -207,15 +226,17 @@ def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
     cache.write_manifest(manifest)
 
     wanted_keys = spectrum_keys(kinds)
-    todo = [l for l in layers if request.force or not wanted_keys <= cache.layer_kinds(l)]
-    from_cache = [l for l in layers if l not in todo]
+    todo = [ly for ly in layers if request.force or not wanted_keys <= cache.layer_kinds(ly)]
+    from_cache = [ly for ly in layers if ly not in todo]
     kind_set = set(kinds)
 
     def names_for_layer(layer: int) -> list[str]:
         return adapter.layer_tensor_names(layer, kind_set, request.fold_norms)
 
     if progress is not None:
-        progress.start(total_layers=len(layers), cached_layers=len(from_cache), bytes_source=lambda: source.bytes_fetched)
+        progress.start(
+            total_layers=len(layers), cached_layers=len(from_cache), bytes_source=lambda: source.bytes_fetched
+        )
 
     bytes_before = source.bytes_fetched
     t_layer = time.perf_counter()
@@ -226,7 +247,9 @@ def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
         sigma = {k: v[0].numpy() for k, v in spectra.items()}
         # Each spectrum records the storage dtype of the weights it comes from (the tensors the
         # adapter names for that one kind), for the storage_rank metric.
-        storage = {k: _storage_dtype(source, adapter.layer_tensor_names(layer, {k.partition(".")[2]}, False)) for k in sigma}
+        storage = {
+            k: _storage_dtype(source, adapter.layer_tensor_names(layer, {k.partition(".")[2]}, False)) for k in sigma
+        }
         shapes = {k: tuple(int(x) for x in v[1]) for k, v in spectra.items()}
         if not request.force and cache.layer_path(layer).is_file():
             # Keep kinds computed by an earlier run with other --matrices.
@@ -252,7 +275,14 @@ def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
         "seconds": round(time.perf_counter() - t_start, 3),
         "device": str(device),
     }
-    analysis = load_analysis(ref, request.revision, root, fold_norms=options.fold_norms, normalize_stacked=options.normalize_stacked, layers=layers)
+    analysis = load_analysis(
+        ref,
+        request.revision,
+        root,
+        fold_norms=options.fold_norms,
+        normalize_stacked=options.normalize_stacked,
+        layers=layers,
+    )
     return AnalysisRun(analysis=analysis, layers=layers, computed=todo, from_cache=from_cache, stats=stats)
 
 

@@ -19,7 +19,9 @@ def parse_errors(spec: str) -> tuple[float, ...]:
     except ValueError:
         values = ()
     if not values or not all(0.0 < v < 1.0 for v in values):
-        raise BadOptionError(f"bad --errors value {spec!r}", "Give energy errors between 0 and 1, e.g. --errors 0.01,0.001,0.05.")
+        raise BadOptionError(
+            f"bad --errors value {spec!r}", "Give energy errors between 0 and 1, e.g. --errors 0.01,0.001,0.05."
+        )
     return values
 
 

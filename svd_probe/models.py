@@ -74,7 +74,9 @@ def resolve_model(name: str) -> ModelRef:
         return ModelRef(name=name, repo_id=ALIASES[key].repo_id, alias=key)
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and not _REPO_ID.match(name)
     if looks_like_path:
-        raise UnknownModelError(f"no such folder: {name}", "Pass an existing checkpoint folder, an alias, or a Hub repo id org/name.")
+        raise UnknownModelError(
+            f"no such folder: {name}", "Pass an existing checkpoint folder, an alias, or a Hub repo id org/name."
+        )
     if _REPO_ID.match(name):
         return ModelRef(name=name, repo_id=name)
     raise UnknownModelError(

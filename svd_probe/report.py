@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -18,7 +26,7 @@ from svd_probe.spectra.metrics import energy_rank, metrics_batch
 class _BytesColumn(ProgressColumn):
     """MB fetched and the mean MB/s since the first fetch, read live from the source's counter."""
 
-    def __init__(self, tracker: "AnalysisProgress"):
+    def __init__(self, tracker: AnalysisProgress):
         super().__init__()
         self.tracker = tracker
 

@@ -12,9 +12,9 @@ Nothing here touches the network: the revision is looked up in the cache's refs,
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -88,7 +88,9 @@ class Analysis:
         return tuple(self.layer_spectra[layer].shapes[f"{scope}.{matrix}"])
 
     def analyze_command(self, layers: str | None = None, matrices: str | None = None) -> str:
-        return analyze_command(self.ref, self.revision, self.options, layers=layers, matrices=matrices, cache_dir=self.cache_dir_arg)
+        return analyze_command(
+            self.ref, self.revision, self.options, layers=layers, matrices=matrices, cache_dir=self.cache_dir_arg
+        )
 
     def records(self) -> Iterator[dict]:
         """One export record per spectrum (the jsonl format of `svd-probe export`)."""
@@ -125,7 +127,9 @@ class Analysis:
                 scope, matrix = split_key(key)
                 s = np.atleast_2d(ls.sigma[key])
                 shape = tuple(ls.shapes.get(key, (s.shape[1], s.shape[1])))
-                cols = metrics_batch(s, shape, storage_dtype=ls.storage_dtypes.get(key, "F32"), errors=errors, at_rank=at_rank)
+                cols = metrics_batch(
+                    s, shape, storage_dtype=ls.storage_dtypes.get(key, "F32"), errors=errors, at_rank=at_rank
+                )
                 n = s.shape[0]
                 frame = {
                     "model": [self.display] * n,
@@ -203,7 +207,7 @@ def load_analysis(
         )
     cache = AnalysisCache(root, repo, commit, options)
     cached = cache.cached_layers()
-    wanted = cached if layers is None else [l for l in layers if l in cached]
+    wanted = cached if layers is None else [ly for ly in layers if ly in cached]
     if not wanted:
         raise CacheMissError(
             f"no cached layers of {ref.display} at {commit[:12]} with these options in {root}",
@@ -216,6 +220,6 @@ def load_analysis(
         options=options,
         cache_dir=cache.dir,
         manifest=cache.read_manifest(),
-        layer_spectra={l: cache.read_layer(l) for l in wanted},
+        layer_spectra={ly: cache.read_layer(ly) for ly in wanted},
         cache_dir_arg=cache_dir,
     )

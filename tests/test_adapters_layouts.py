@@ -234,7 +234,11 @@ def _layout_cases():
 
 
 @pytest.mark.parametrize("fold", [True, False], ids=["fold", "nofold"])
-@pytest.mark.parametrize("name,options", list(_layout_cases()), ids=lambda x: x if isinstance(x, str) else ",".join(f"{k}={v!r}" for k, v in x.items()))
+@pytest.mark.parametrize(
+    "name,options",
+    list(_layout_cases()),
+    ids=lambda x: x if isinstance(x, str) else ",".join(f"{k}={v!r}" for k, v in x.items()),
+)
 def test_factors_match_independent_slices(name, options, fold):
     layout = build_layout(name, **options)
     tensors = _torch_tensors(layout)
@@ -253,7 +257,9 @@ def test_factors_match_independent_slices(name, options, fold):
                 continue
             want = np.stack(ref[role])
             assert tuple(got.shape) == want.shape, f"{role}: {tuple(got.shape)} vs {want.shape}"
-            np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-6, atol=1e-7, err_msg=f"{name} layer {layer} {role}")
+            np.testing.assert_allclose(
+                got.double().numpy(), want, rtol=1e-6, atol=1e-7, err_msg=f"{name} layer {layer} {role}"
+            )
         assert f.groups().tolist() == ref["group"]
         assert set(f.layer) == set(ref.get("layer", {}))
         for kind, m in f.layer.items():
@@ -271,10 +277,20 @@ def test_factors_match_independent_slices(name, options, fold):
         ("llama", {"VO"}, False, ["self_attn.o_proj.weight", "self_attn.v_proj.weight"]),
         ("qwen3", {"Q"}, True, ["input_layernorm.weight", "self_attn.q_norm.weight", "self_attn.q_proj.weight"]),
         ("qwen3", {"QK"}, False, ["self_attn.k_proj.weight", "self_attn.q_proj.weight"]),
-        ("qwen2", {"Q", "K", "V", "O"}, True, ["input_layernorm.weight"] + [f"self_attn.{m}_proj.weight" for m in "qkvo"]),
+        (
+            "qwen2",
+            {"Q", "K", "V", "O"},
+            True,
+            ["input_layernorm.weight"] + [f"self_attn.{m}_proj.weight" for m in "qkvo"],
+        ),
         ("gpt2", {"O"}, True, ["attn.c_proj.weight"]),
         ("gpt2", {"K"}, True, ["attn.c_attn.weight", "ln_1.weight"]),
-        ("bert", {"Q", "VO"}, True, ["attention.output.dense.weight", "attention.self.query.weight", "attention.self.value.weight"]),
+        (
+            "bert",
+            {"Q", "VO"},
+            True,
+            ["attention.output.dense.weight", "attention.self.query.weight", "attention.self.value.weight"],
+        ),
     ],
 )
 def test_layer_tensor_names_are_only_what_the_kinds_need(name, kinds, fold, expected):
@@ -337,7 +353,9 @@ def _check_analysis(layout, folder: Path, analysis, fold: bool = True, normalize
     tensors = read_checkpoint(folder)
     assert analysis.layers == list(range(n_attention_layers(layout)))
     for layer in analysis.layers:
-        assert_spectra_match(analysis, layer, reference_spectra(reference_factors(layout, tensors, layer, fold), normalize))
+        assert_spectra_match(
+            analysis, layer, reference_spectra(reference_factors(layout, tensors, layer, fold), normalize)
+        )
 
 
 E2E_CASES = [
@@ -359,7 +377,11 @@ E2E_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,options,n_shards", E2E_CASES, ids=[f"{n}{'-' + '-'.join(f'{k}={v}' for k, v in o.items()) if o else ''}" for n, o, _ in E2E_CASES])
+@pytest.mark.parametrize(
+    "name,options,n_shards",
+    E2E_CASES,
+    ids=[f"{n}{'-' + '-'.join(f'{k}={v}' for k, v in o.items()) if o else ''}" for n, o, _ in E2E_CASES],
+)
 def test_analyze_matches_float64_reference(tmp_path, name, options, n_shards):
     layout = build_layout(name, **options)
     folder = write_layout(tmp_path / name, layout, n_shards=n_shards)
@@ -375,7 +397,11 @@ def test_analyze_matches_float64_reference(tmp_path, name, options, n_shards):
 def test_analyze_without_folding_or_normalizing(tmp_path, name):
     layout = build_layout(name)
     folder = write_layout(tmp_path / name, layout)
-    run = analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "cache", device="cpu", fold_norms=False, normalize_stacked=False))
+    run = analyze(
+        AnalyzeRequest(
+            model=str(folder), cache_dir=tmp_path / "cache", device="cpu", fold_norms=False, normalize_stacked=False
+        )
+    )
     _check_analysis(layout, folder, run.analysis, fold=False, normalize=False)
     # Folding matters: the norms are far from 1, so the folded spectra differ.
     folded = analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "cache", device="cpu", matrices="Q"))
@@ -392,7 +418,10 @@ def test_gqa_export_has_one_record_per_group_for_k_and_v(tmp_path):
     n_rows = export(str(folder), format="jsonl", out=out, cache_dir=tmp_path / "cache")
     records = [json.loads(line) for line in out.read_text().splitlines()]
     n, g = layout.config["num_attention_heads"], layout.config["num_key_value_heads"]
-    heads = {m: sum(1 for r in records if r["scope"] == "head" and r["matrix"] == m) for m in ("Q", "K", "V", "O", "VO", "QK")}
+    heads = {
+        m: sum(1 for r in records if r["scope"] == "head" and r["matrix"] == m)
+        for m in ("Q", "K", "V", "O", "VO", "QK")
+    }
     assert heads == {"Q": n, "K": g, "V": g, "O": n, "VO": n, "QK": n}
     assert n_rows == len(records) == 4 * n + 2 * g + 7
     csv = tmp_path / "qwen2.csv"
@@ -405,7 +434,9 @@ def test_plots_draw_for_gqa_and_conv1d_layouts(tmp_path):
     for name in ("qwen2", "gpt2"):
         folder = write_layout(tmp_path / name, name)
         run = analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "cache", device="cpu", layers="0"))
-        report = make_plots([run.analysis], out_dir=tmp_path / "plots" / name, formats="png", kinds="layerwise,headwise,spectra", dpi=30)
+        report = make_plots(
+            [run.analysis], out_dir=tmp_path / "plots" / name, formats="png", kinds="layerwise,headwise,spectra", dpi=30
+        )
         assert {p.name for p in report.files if p.suffix == ".png"} >= {"layerwise.png", "spectra.png"}
 
 

@@ -62,7 +62,18 @@ def reference_layer(folder, config, layer, fold=True, normalize=True):
     kvl = config["kv_lora_rank"]
     p = f"model.layers.{layer}."
     a = p + "self_attn."
-    names = [p + "input_layernorm.weight"] + [a + s for s in ("q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight")]
+    names = [p + "input_layernorm.weight"] + [
+        a + s
+        for s in (
+            "q_a_proj.weight",
+            "q_a_layernorm.weight",
+            "q_b_proj.weight",
+            "kv_a_proj_with_mqa.weight",
+            "kv_a_layernorm.weight",
+            "kv_b_proj.weight",
+            "o_proj.weight",
+        )
+    ]
     t = read_dequantized(folder, names)
     ones = lambda k: np.ones(k)  # noqa: E731
     g_in = t[p + "input_layernorm.weight"] if fold else ones(config["hidden_size"])
@@ -75,7 +86,7 @@ def reference_layer(folder, config, layer, fold=True, normalize=True):
     QP = [qb[h * (dn + dr) + dn : (h + 1) * (dn + dr)] for h in range(n)]
     K = [kvb[h * (dn + dv) : h * (dn + dv) + dn] for h in range(n)]
     V = [kvb[h * (dn + dv) + dn : (h + 1) * (dn + dv)] for h in range(n)]
-    O = [o[:, h * dv : (h + 1) * dv] for h in range(n)]
+    O = [o[:, h * dv : (h + 1) * dv] for h in range(n)]  # noqa: E741 - the output projection O
     VO = [O[h] @ V[h] for h in range(n)]
     QK = [Q[h].T @ K[h] for h in range(n)]
     heads = {"Q": Q, "Q_pe": QP, "K": K, "V": V, "O": O, "VO": VO, "QK": QK}
@@ -121,12 +132,24 @@ def run_cli(*args):
 def test_every_kind_over_the_hub_matches_float64(fake_hub, deepseek_ckpt, tmp_path):
     fake_hub.clear_faults()
     fake_hub.reset_records()
-    r = run_cli("analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE, "--json")
+    r = run_cli(
+        "analyze",
+        "tiny/deepseek-v3",
+        "--endpoint",
+        fake_hub.endpoint,
+        "--cache-dir",
+        str(tmp_path),
+        "--device",
+        DEVICE,
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["commit"] == fake_hub.repos["tiny/deepseek-v3"].commit
     assert [row["layer"] for row in summary["layers"]] == [0, 1, 2, 3]  # 3 decoder layers + MTP
-    shard_requests = [rec for rec in fake_hub.records if rec.file and rec.file.endswith(".safetensors") and rec.method == "GET"]
+    shard_requests = [
+        rec for rec in fake_hub.records if rec.file and rec.file.endswith(".safetensors") and rec.method == "GET"
+    ]
     assert shard_requests and all(rec.range for rec in shard_requests)
 
     a = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
@@ -138,7 +161,19 @@ def test_every_kind_over_the_hub_matches_float64(fake_hub, deepseek_ckpt, tmp_pa
 
 def test_options_change_the_numbers_and_the_cache_key(fake_hub, deepseek_ckpt, tmp_path):
     fake_hub.clear_faults()
-    args = ["analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE, "--layers", "1", "--json"]
+    args = [
+        "analyze",
+        "tiny/deepseek-v3",
+        "--endpoint",
+        fake_hub.endpoint,
+        "--cache-dir",
+        str(tmp_path),
+        "--device",
+        DEVICE,
+        "--layers",
+        "1",
+        "--json",
+    ]
     assert run_cli(*args).exit_code == 0
     r = run_cli(*args, "--no-fold-norms", "--no-normalize-stacked")
     assert r.exit_code == 0, r.output
@@ -151,7 +186,17 @@ def test_options_change_the_numbers_and_the_cache_key(fake_hub, deepseek_ckpt, t
 
 def test_a_rerun_fetches_nothing_and_force_refetches(fake_hub, tmp_path):
     fake_hub.clear_faults()
-    args = ["analyze", "tiny/kimi-k2", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE, "--json"]
+    args = [
+        "analyze",
+        "tiny/kimi-k2",
+        "--endpoint",
+        fake_hub.endpoint,
+        "--cache-dir",
+        str(tmp_path),
+        "--device",
+        DEVICE,
+        "--json",
+    ]
     assert run_cli(*args).exit_code == 0
     fake_hub.reset_records()
     r = run_cli(*args)
@@ -166,7 +211,19 @@ def test_a_rerun_fetches_nothing_and_force_refetches(fake_hub, tmp_path):
 
 def test_more_matrices_later_compute_only_whats_missing(fake_hub, tmp_path):
     fake_hub.clear_faults()
-    base = ["analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE, "--layers", "0", "--json"]
+    base = [
+        "analyze",
+        "tiny/deepseek-v3",
+        "--endpoint",
+        fake_hub.endpoint,
+        "--cache-dir",
+        str(tmp_path),
+        "--device",
+        DEVICE,
+        "--layers",
+        "0",
+        "--json",
+    ]
     fake_hub.reset_records()
     assert run_cli(*base, "--matrices", "O").exit_code == 0
     only_o = fake_hub.bytes_served()
@@ -184,7 +241,21 @@ def test_more_matrices_later_compute_only_whats_missing(fake_hub, tmp_path):
 def test_a_revision_with_another_commit_gets_its_own_cache(fake_hub, deepseek_ckpt, tmp_path):
     other = "f" * 40
     fake_hub.add_repo("tiny/deepseek-revs", deepseek_ckpt.folder, revisions={"v2": other})
-    base = ["analyze", "tiny/deepseek-revs", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE, "--layers", "0", "--matrices", "O", "--json"]
+    base = [
+        "analyze",
+        "tiny/deepseek-revs",
+        "--endpoint",
+        fake_hub.endpoint,
+        "--cache-dir",
+        str(tmp_path),
+        "--device",
+        DEVICE,
+        "--layers",
+        "0",
+        "--matrices",
+        "O",
+        "--json",
+    ]
     main = json.loads(run_cli(*base).stdout)
     v2 = json.loads(run_cli(*base, "--revision", "v2").stdout)
     assert v2["commit"] == other and main["commit"] != other
@@ -195,12 +266,35 @@ def test_a_revision_with_another_commit_gets_its_own_cache(fake_hub, deepseek_ck
 def test_planted_ranks_come_out_of_the_whole_path(fake_hub, tmp_path_factory, tmp_path):
     from svd_probe.testing.checkpoints import build_deepseek_v3
 
-    ck = build_deepseek_v3(tmp_path_factory.mktemp("planted") / "ck", attn_dtype="f32", ranks={"o_proj": 6, "kv_b_proj": 5, "q_b_proj": 7}, layers=1, mtp_layers=0, seed=3)
+    ck = build_deepseek_v3(
+        tmp_path_factory.mktemp("planted") / "ck",
+        attn_dtype="f32",
+        ranks={"o_proj": 6, "kv_b_proj": 5, "q_b_proj": 7},
+        layers=1,
+        mtp_layers=0,
+        seed=3,
+    )
     fake_hub.add_repo("tiny/planted", ck.folder)
-    r = run_cli("analyze", "tiny/planted", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE, "--json")
+    r = run_cli(
+        "analyze",
+        "tiny/planted",
+        "--endpoint",
+        fake_hub.endpoint,
+        "--cache-dir",
+        str(tmp_path),
+        "--device",
+        DEVICE,
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     a = load_analysis("tiny/planted", cache_dir=tmp_path)
-    ranks = lambda key: [numerical_rank(s, a.shape(0, key.split(".")[1], key.split(".")[0]), 2.0**-23) for s in np.atleast_2d(a.layer_spectra[0].sigma[key])]  # noqa: E731
+
+    def ranks(key):
+        return [
+            numerical_rank(s, a.shape(0, key.split(".")[1], key.split(".")[0]), 2.0**-23)
+            for s in np.atleast_2d(a.layer_spectra[0].sigma[key])
+        ]
+
     assert ranks("head.VO") == [5] * 4  # VO_h = O_h·V_h, and V_h has rank ≤ 5
     assert ranks("head.QK") == [5] * 4  # Q_hᵀ·K_h, K_h from the same rank-5 kv_b
     assert ranks("stacked.O") == [6]  # all heads write into o_proj's 6-dim column space
@@ -229,9 +323,15 @@ def test_crash_mid_layer_resumes_without_refetching_finished_layers(fake_hub, de
     shards3 = {wmap[n] for n in layer3}
     # The MTP layer (3) is the only attention in shard 4: make every read of that shard fail.
     shard4 = next(f for f in shards3 if f.startswith("model-00004"))
-    assert not {wmap[n] for l in range(3) for n in deepseek_ckpt.attention_tensor_names(l)} & {shard4}
+    assert not {wmap[n] for ly in range(3) for n in deepseek_ckpt.attention_tensor_names(ly)} & {shard4}
     fake_hub.inject("503", count=10_000, match=shard4, retry_after="0")
-    request = AnalyzeRequest("tiny/deepseek-v3", endpoint=fake_hub.endpoint, cache_dir=tmp_path, device=DEVICE, read_options={"retries": 2, "backoff": 0.01})
+    request = AnalyzeRequest(
+        "tiny/deepseek-v3",
+        endpoint=fake_hub.endpoint,
+        cache_dir=tmp_path,
+        device=DEVICE,
+        read_options={"retries": 2, "backoff": 0.01},
+    )
     with pytest.raises(TransferError):
         analyze(request)
     fake_hub.clear_faults()
@@ -265,7 +365,19 @@ def test_killed_process_resumes_from_its_cache(fake_hub, deepseek_ckpt, tmp_path
     fake_hub.stalled.clear()
     shard4 = next(f for f in set(deepseek_ckpt.weight_map.values()) if f.startswith("model-00004"))  # layer 3 only
     fake_hub.inject("stall", count=1, match=shard4, retry_after="30")
-    cmd = [sys.executable, "-m", "svd_probe.cli", "analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "svd_probe.cli",
+        "analyze",
+        "tiny/deepseek-v3",
+        "--endpoint",
+        fake_hub.endpoint,
+        "--cache-dir",
+        str(tmp_path),
+        "--device",
+        DEVICE,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
@@ -284,7 +396,17 @@ def test_killed_process_resumes_from_its_cache(fake_hub, deepseek_ckpt, tmp_path
     assert cached and 3 not in cached
 
     fake_hub.reset_records()
-    r = run_cli("analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE, "--json")
+    r = run_cli(
+        "analyze",
+        "tiny/deepseek-v3",
+        "--endpoint",
+        fake_hub.endpoint,
+        "--cache-dir",
+        str(tmp_path),
+        "--device",
+        DEVICE,
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     stats = json.loads(r.stdout)["stats"]
     assert stats["from_cache"] == len(cached) and stats["computed"] == 4 - len(cached)
@@ -297,7 +419,10 @@ def test_live_progress_shows_layers_bytes_and_eta(fake_hub, tmp_path, monkeypatc
     """In a terminal (forced here) analyze draws a bar: layer k/N, MB fetched, MB/s and an ETA."""
     fake_hub.clear_faults()
     monkeypatch.setenv("SVD_PROBE_PROGRESS", "1")
-    r = runner.invoke(app, ["analyze", "tiny/kimi-k2", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE])
+    r = runner.invoke(
+        app,
+        ["analyze", "tiny/kimi-k2", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path), "--device", DEVICE],
+    )
     assert r.exit_code == 0, r.output
     out = r.output
     assert "layer 3/3" in out and "MB/s" in out and "ETA" in out
@@ -316,8 +441,12 @@ def _corrupt_copy(src_folder, dst):
     return shard.name
 
 
-@pytest.mark.parametrize("case", ["gated", "corrupt", "bad-layers", "bad-matrices", "bad-device", "unknown-model", "bad-flag"])
-def test_bad_input_exits_non_zero_with_a_message_and_no_traceback(case, fake_hub, deepseek_ckpt, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "case", ["gated", "corrupt", "bad-layers", "bad-matrices", "bad-device", "unknown-model", "bad-flag"]
+)
+def test_bad_input_exits_non_zero_with_a_message_and_no_traceback(
+    case, fake_hub, deepseek_ckpt, tmp_path, monkeypatch, capsys
+):
     """What a user sees, through the real entry point: exit code 2, the problem, the fix."""
     import sys
 
@@ -328,8 +457,14 @@ def test_bad_input_exits_non_zero_with_a_message_and_no_traceback(case, fake_hub
     args, needles = {
         "gated": (["gated/deepseek-v3", *ep], ["gated/deepseek-v3", "--token"]),
         "corrupt": ([str(tmp_path / "ck"), "--cache-dir", str(tmp_path / "cache")], ["corrupt shard", "header"]),
-        "bad-layers": (["tiny/deepseek-v3", *ep, "--layers", "2-9"], ["no layer 4, 5, 6, 7, 8, 9", "layers 0-2 and MTP layer 3"]),
-        "bad-matrices": (["tiny/deepseek-v3", *ep, "--matrices", "VO,VQ"], ["unknown matrix kind 'VQ'", "Q,Q_pe,K,V,O,VO"]),
+        "bad-layers": (
+            ["tiny/deepseek-v3", *ep, "--layers", "2-9"],
+            ["no layer 4, 5, 6, 7, 8, 9", "layers 0-2 and MTP layer 3"],
+        ),
+        "bad-matrices": (
+            ["tiny/deepseek-v3", *ep, "--matrices", "VO,VQ"],
+            ["unknown matrix kind 'VQ'", "Q,Q_pe,K,V,O,VO"],
+        ),
         "bad-device": (["tiny/deepseek-v3", *ep, "--device", "tpu"], ["bad --device 'tpu'", "auto, cpu or cuda"]),
         "unknown-model": (["not-a-model", *ep], ["unknown model 'not-a-model'", "svd-probe models"]),
         "bad-flag": (["tiny/deepseek-v3", "--layer", "3"], ["No such option: --layer"]),

@@ -6,7 +6,6 @@ import json
 import sys
 
 import pytest
-
 from typer.testing import CliRunner
 
 from svd_probe.cli import app
@@ -27,7 +26,12 @@ def test_models_json():
     rows = {r["alias"]: r for r in json.loads(res.output)}
     assert set(rows) == set(ALIASES)
     ds = rows["deepseek-v3"]
-    assert (ds["repo_id"], ds["heads"], ds["layers"], ds["attention_dtype"]) == ("deepseek-ai/DeepSeek-V3", 128, 62, "F8_E4M3")
+    assert (ds["repo_id"], ds["heads"], ds["layers"], ds["attention_dtype"]) == (
+        "deepseek-ai/DeepSeek-V3",
+        128,
+        62,
+        "F8_E4M3",
+    )
     assert abs(ds["bytes_per_layer"] - 187e6) < 1e6
     assert abs(rows["kimi-k2"]["bytes_per_layer"] - 101e6) < 1e6
     assert rows["kimi-k2-thinking"]["attention_dtype"] == "BF16"

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import GATED_TOKEN
 
 from svd_probe.errors import (
     CorruptShardError,
@@ -20,8 +21,6 @@ from svd_probe.errors import (
 )
 from svd_probe.hub.source import open_checkpoint
 from svd_probe.models import ModelRef, resolve_model
-
-from conftest import GATED_TOKEN
 
 
 def _open(hub, repo, **kw):

@@ -52,7 +52,15 @@ def _file(header_obj, data_len=64, raw=None):
         ("past end", {"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}, 32, "past the file"),
         ("negative", {"w": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}}, 64, "bad data_offsets"),
         ("bad shape", {"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, 64, "bad shape"),
-        ("overlap", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "w": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, 64, "overlap"),
+        (
+            "overlap",
+            {
+                "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                "w": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+            },
+            64,
+            "overlap",
+        ),
     ],
 )
 def test_corrupt_headers_raise_typed_error(case, header, data_len, needle):
@@ -156,7 +164,10 @@ def test_float_dtypes_widen_exactly(tmp_path, dtype):
     from svd_probe.testing.checkpoints import write_checkpoint
 
     g = torch.Generator().manual_seed(3)
-    tensors = {"b.weight": torch.randn(33, 17, generator=g).to(dtype), "a.weight": torch.randn(7, generator=g).to(dtype)}
+    tensors = {
+        "b.weight": torch.randn(33, 17, generator=g).to(dtype),
+        "a.weight": torch.randn(7, generator=g).to(dtype),
+    }
     write_checkpoint(tmp_path / "m", tensors, {"model_type": "x"}, 1)
     assert (tmp_path / "m" / "model.safetensors").is_file()
     src = open_checkpoint(resolve_model(str(tmp_path / "m")))
@@ -197,7 +208,15 @@ def test_generator_layout_properties(deepseek_ckpt, kimi_ckpt):
 def test_planted_rank_is_exact_in_f32(tmp_path):
     from svd_probe.testing.checkpoints import build_deepseek_v3
 
-    ck = build_deepseek_v3(tmp_path / "r", layers=1, mtp_layers=0, n_experts=1, n_shards=2, attn_dtype="f32", ranks={"o_proj": 3, "kv_b_proj": 5})
+    ck = build_deepseek_v3(
+        tmp_path / "r",
+        layers=1,
+        mtp_layers=0,
+        n_experts=1,
+        n_shards=2,
+        attn_dtype="f32",
+        ranks={"o_proj": 3, "kv_b_proj": 5},
+    )
     src = open_checkpoint(resolve_model(str(ck.folder)))
     a = "model.layers.0.self_attn."
     got = src.read_tensors([a + "o_proj.weight", a + "kv_b_proj.weight"])

@@ -113,7 +113,10 @@ def test_faults_survived_with_identical_results(fake_hub, deepseek_ckpt, kind):
     names = ck.attention_weight_names(1) + ck.attention_weight_names(2)
     fake_hub.clear_faults()
     src = hub_src(fake_hub, "tiny/deepseek-v3", concurrency=3)
-    src.headers({ck.weight_map[n] for n in names} | {ck.weight_map[n + "_scale_inv"] for n in names if n + "_scale_inv" in ck.weight_map})
+    src.headers(
+        {ck.weight_map[n] for n in names}
+        | {ck.weight_map[n + "_scale_inv"] for n in names if n + "_scale_inv" in ck.weight_map}
+    )
     fake_hub.reset_records()
     fake_hub.inject(kind, count=2)
     t0 = time.perf_counter()

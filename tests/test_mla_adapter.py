@@ -85,9 +85,16 @@ def test_only_the_tensors_a_kind_needs_are_named():
     ad = adapter_for(_config(), None)
     a = "model.layers.0.self_attn."
     assert ad.layer_tensor_names(0, {"O"}, True) == [a + "o_proj.weight"]
-    assert set(ad.layer_tensor_names(0, {"VO"}, True)) == {a + "o_proj.weight", a + "kv_b_proj.weight", a + "kv_a_layernorm.weight"}
+    assert set(ad.layer_tensor_names(0, {"VO"}, True)) == {
+        a + "o_proj.weight",
+        a + "kv_b_proj.weight",
+        a + "kv_a_layernorm.weight",
+    }
     assert set(ad.layer_tensor_names(0, {"VO"}, False)) == {a + "o_proj.weight", a + "kv_b_proj.weight"}
-    assert set(ad.layer_tensor_names(0, {"QA"}, True)) == {a + "q_a_proj.weight", "model.layers.0.input_layernorm.weight"}
+    assert set(ad.layer_tensor_names(0, {"QA"}, True)) == {
+        a + "q_a_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+    }
 
 
 def test_no_query_latent_reads_q_proj_with_the_input_norm_folded():

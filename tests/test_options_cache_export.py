@@ -14,7 +14,19 @@ from svd_probe.export import export
 from svd_probe.results import load_analysis
 from svd_probe.spectra.metrics import energy_rank
 
-DIMS = ModelDims("deepseek_v3", num_layers=62, num_mtp_layers=1, d_model=7168, n_heads=128, n_kv_groups=128, d_qk=128, d_rope=64, d_v=128, q_latent=1536, kv_latent=512)
+DIMS = ModelDims(
+    "deepseek_v3",
+    num_layers=62,
+    num_mtp_layers=1,
+    d_model=7168,
+    n_heads=128,
+    n_kv_groups=128,
+    d_qk=128,
+    d_rope=64,
+    d_v=128,
+    q_latent=1536,
+    kv_latent=512,
+)
 
 
 def test_layers_parse_ranges_and_lists():
@@ -24,7 +36,9 @@ def test_layers_parse_ranges_and_lists():
     assert parse_layers("61", DIMS, True) == [61]
 
 
-@pytest.mark.parametrize("spec,needle", [("99", "no layer 99"), ("3-1", "end before start"), ("a", "not a layer"), ("0-2,x", "not a layer")])
+@pytest.mark.parametrize(
+    "spec,needle", [("99", "no layer 99"), ("3-1", "end before start"), ("a", "not a layer"), ("0-2,x", "not a layer")]
+)
 def test_bad_layers_are_refused_with_the_valid_range(spec, needle):
     with pytest.raises(BadOptionError) as e:
         parse_layers(spec, DIMS, True)
@@ -76,12 +90,20 @@ def _write_fixture(root, model="deepseek-ai/DeepSeek-V3", commit="c" * 40, layer
     AnalysisCache.write_ref(root, repo_key(model), "main", commit)
     cache.write_manifest({"model": "deepseek-v3", "commit": commit, "dims": {"d_model": 16}})
     written = {}
-    for l in layers:
+    for ly in layers:
         heads = np.sort(rng.random((4, 6)), axis=1)[:, ::-1]
         stacked = np.sort(rng.random(16), axis=0)[::-1]
         sig = {"head.VO": heads, "stacked.VO": stacked, "layer.QA": stacked[:8]}
-        cache.write_layer(LayerSpectra(l, sig, {"head.VO": (16, 6), "stacked.VO": (16, 24), "layer.QA": (8, 16)}, {k: "F8_E4M3" for k in sig}, {"seconds": 1.0}))
-        written[l] = sig
+        cache.write_layer(
+            LayerSpectra(
+                ly,
+                sig,
+                {"head.VO": (16, 6), "stacked.VO": (16, 24), "layer.QA": (8, 16)},
+                {k: "F8_E4M3" for k in sig},
+                {"seconds": 1.0},
+            )
+        )
+        written[ly] = sig
     return cache, written
 
 

@@ -49,8 +49,19 @@ def planted_rank(r: int, error: float) -> int:
     return r if error == 0.01 else r + 3
 
 
-MLA_DIMS = dict(model_type="deepseek_v3", num_layers=4, num_mtp_layers=1, d_model=64, n_heads=8, n_kv_groups=8,
-                d_qk=16, d_rope=8, d_v=16, q_latent=48, kv_latent=32)
+MLA_DIMS = dict(
+    model_type="deepseek_v3",
+    num_layers=4,
+    num_mtp_layers=1,
+    d_model=64,
+    n_heads=8,
+    n_kv_groups=8,
+    d_qk=16,
+    d_rope=8,
+    d_v=16,
+    q_latent=48,
+    kv_latent=32,
+)
 
 # kind → (shape of the stacked matrix, k stored, planted r at layer L)
 STACKED = {
@@ -69,7 +80,8 @@ HEAD = {
 }
 
 
-def write_model(root, repo_id, commit, dims, layers, stacked, head, options=AnalysisOptions()):
+def write_model(root, repo_id, commit, dims, layers, stacked, head, options=None):
+    options = options or AnalysisOptions()
     repo = "models--" + repo_id.replace("/", "--")
     cache = AnalysisCache(root, repo, commit, options)
     for L in layers:
@@ -93,8 +105,15 @@ def cache_root(tmp_path_factory):
     # A narrower, shallower model with only stacked O and VO: the head figures must skip, and the
     # comparison must put it beside the first on the fraction-of-full-rank scale.
     narrow = dict(MLA_DIMS, d_model=32, n_heads=4, n_kv_groups=4, d_v=8, num_layers=2, num_mtp_layers=0)
-    write_model(root, "acme/tiny-narrow", COMMIT2, narrow, range(2),
-                {"O": ((32, 32), 32, lambda L: 8 + L), "VO": ((32, 128), 32, lambda L: 10 + L)}, {})
+    write_model(
+        root,
+        "acme/tiny-narrow",
+        COMMIT2,
+        narrow,
+        range(2),
+        {"O": ((32, 32), 32, lambda L: 8 + L), "VO": ((32, 128), 32, lambda L: 10 + L)},
+        {},
+    )
     return root
 
 
@@ -130,7 +149,7 @@ def test_layerwise_matches_metrics_and_planted(mla, metrics):
         assert row["rank_1pct"] == ref.loc[(row["layer"], row["matrix"]), "rank_1pct"]
     # The lines drawn are the data returned, in the kind's colour.
     ax = res.figure.axes[0]
-    lines = {l.get_label(): l for l in ax.get_lines() if not l.get_label().startswith("_")}
+    lines = {ly.get_label(): ly for ly in ax.get_lines() if not ly.get_label().startswith("_")}
     assert np.array_equal(lines["VO"].get_ydata(), d.loc[d["matrix"] == "VO", "rank_1pct"].to_numpy())
     assert matplotlib.colors.same_color(lines["VO"].get_color(), KIND_COLORS["VO"])
     title = res.figure._suptitle.get_text()
@@ -281,8 +300,19 @@ def test_planner_deepseek_v3_arithmetic(tmp_path):
     assert default_latent(H) == 3072 and default_error_rank(H) == 4096
 
     # The same through a cached analysis with DeepSeek-V3's dims: totals over all 61 layers.
-    dims = dict(model_type="deepseek_v3", num_layers=61, num_mtp_layers=1, d_model=H, n_heads=n, n_kv_groups=n,
-                d_qk=128, d_rope=64, d_v=d_v, q_latent=1536, kv_latent=512)
+    dims = dict(
+        model_type="deepseek_v3",
+        num_layers=61,
+        num_mtp_layers=1,
+        d_model=H,
+        n_heads=n,
+        n_kv_groups=n,
+        d_qk=128,
+        d_rope=64,
+        d_v=d_v,
+        q_latent=1536,
+        kv_latent=512,
+    )
     write_model(tmp_path, "acme/dsv3-shaped", COMMIT, dims, [0], {"O": ((H, n * d_v), H, lambda L: 3000)}, {})
     plan = plan_latent(load_analysis("acme/dsv3-shaped", cache_dir=tmp_path))
     t = plan.totals()
@@ -295,7 +325,15 @@ def test_planner_deepseek_v3_arithmetic(tmp_path):
 
 # --- make_plots and the CLI ----------------------------------------------------------------------
 
-ALL_STEMS = ["layerwise", "headwise-L002", "headwise-grid", "heatmap-head-ranks", "spectra", "error-at-rank-37", "planner-D27"]
+ALL_STEMS = [
+    "layerwise",
+    "headwise-L002",
+    "headwise-grid",
+    "heatmap-head-ranks",
+    "spectra",
+    "error-at-rank-37",
+    "planner-D27",
+]
 
 
 def test_make_plots_writes_every_figure(cache_root, tmp_path):
@@ -311,13 +349,20 @@ def test_make_plots_writes_every_figure(cache_root, tmp_path):
 
 
 def test_make_plots_skips_missing_figures_with_a_note(cache_root, tmp_path):
-    report = make_plots(["acme/tiny-mla", "acme/tiny-narrow"], tmp_path, cache_dir=cache_root, dpi=DPI,
-                        kinds=["layerwise,headwise", "compare"])
+    report = make_plots(
+        ["acme/tiny-mla", "acme/tiny-narrow"],
+        tmp_path,
+        cache_dir=cache_root,
+        dpi=DPI,
+        kinds=["layerwise,headwise", "compare"],
+    )
     assert (tmp_path / "acme--tiny-mla" / "layerwise.png").is_file()
     assert (tmp_path / "acme--tiny-narrow" / "layerwise.png").is_file()
     assert (tmp_path / "compare.png").is_file()
     assert not list((tmp_path / "acme--tiny-narrow").glob("headwise*"))
-    assert any("skipped headwise: acme/tiny-narrow" in n and "svd-probe analyze acme/tiny-narrow" in n for n in report.notes)
+    assert any(
+        "skipped headwise: acme/tiny-narrow" in n and "svd-probe analyze acme/tiny-narrow" in n for n in report.notes
+    )
     # Layer-wise of the narrow model: only O and VO cached, the others are noted.
     lw = report.result("layerwise", "acme/tiny-narrow")
     assert set(lw.data["matrix"]) == {"O", "VO"}
@@ -338,11 +383,38 @@ def test_cli_plot_writes_files(cache_root, tmp_path):
     from svd_probe.cli import app
 
     out = tmp_path / "cli"
-    result = CliRunner().invoke(app, ["plot", "acme/tiny-mla", "--cache-dir", str(cache_root), "--out", str(out),
-                                      "--dpi", str(DPI), "--layer", "1", "--latent", "22", "--rank", "22",
-                                      "--kind", "headwise,planner", "--kind", "error", "--format", "pdf"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "plot",
+            "acme/tiny-mla",
+            "--cache-dir",
+            str(cache_root),
+            "--out",
+            str(out),
+            "--dpi",
+            str(DPI),
+            "--layer",
+            "1",
+            "--latent",
+            "22",
+            "--rank",
+            "22",
+            "--kind",
+            "headwise,planner",
+            "--kind",
+            "error",
+            "--format",
+            "pdf",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["error-at-rank-22.pdf", "headwise-L001.pdf", "planner-D22.csv", "planner-D22.pdf"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "error-at-rank-22.pdf",
+        "headwise-L001.pdf",
+        "planner-D22.csv",
+        "planner-D22.pdf",
+    ]
     assert "Shared output latent" in result.output and "planner-D22.csv" in result.output
     csv = pd.read_csv(out / "planner-D22.csv")
     assert list(csv["layer"]) == ["0", "1", "2", "3", "total"]
@@ -368,10 +440,14 @@ def test_cli_missing_cache_names_analyze_command(tmp_path, monkeypatch, capsys):
 def test_cli_nothing_drawable_exits_non_zero_with_note(cache_root, tmp_path):
     from svd_probe.cli import app
 
-    result = CliRunner().invoke(app, ["plot", "acme/tiny-narrow", "--cache-dir", str(cache_root), "--out", str(tmp_path), "--kind", "heatmap"])
+    result = CliRunner().invoke(
+        app, ["plot", "acme/tiny-narrow", "--cache-dir", str(cache_root), "--out", str(tmp_path), "--kind", "heatmap"]
+    )
     assert result.exit_code == 1
     # The hint repeats the --cache-dir given, so the command it names fills the same cache.
-    assert f"(run: svd-probe analyze acme/tiny-narrow --matrices VO,QK --cache-dir {cache_root})" in " ".join(result.output.split())
+    assert f"(run: svd-probe analyze acme/tiny-narrow --matrices VO,QK --cache-dir {cache_root})" in " ".join(
+        result.output.split()
+    )
 
 
 def test_layer_out_of_range_is_a_bad_option(cache_root, tmp_path):

@@ -40,7 +40,9 @@ def make_factors(seed=0, groups=N, ranks=None, zero_head=None, with_pe=True, wit
     q_pe = np.stack([_low_rank(rng, (D_ROPE, IN_Q), r["q_pe"]) for _ in range(N)])
     k = np.stack([_low_rank(rng, (D_QK, IN_KV), r["k"]) for _ in range(groups)])
     v = np.stack([_low_rank(rng, (D_V, IN_KV), r["v"]) for _ in range(groups)])
-    o = np.stack([_low_rank(rng, (D_MODEL, D_V), r["o"], left=res_basis @ rng.standard_normal((8, 8))) for _ in range(N)])
+    o = np.stack(
+        [_low_rank(rng, (D_MODEL, D_V), r["o"], left=res_basis @ rng.standard_normal((8, 8))) for _ in range(N)]
+    )
     if zero_head is not None:
         o[zero_head] = 0.0
     layer = {}
@@ -88,7 +90,7 @@ def reference(f: AttentionFactors, normalize=True):
 
     def norm(mats):
         s = [_sv(m)[0] for m in mats]
-        return [m / si if (normalize and si > 0) else m for m, si in zip(mats, s)]
+        return [m / si if (normalize and si > 0) else m for m, si in zip(mats, s, strict=False)]
 
     for kind in ("Q", "Q_pe", "K", "V"):
         if kind in heads:

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 
 from svd_probe import cli
 from svd_probe.errors import TrainingInputError
+from svd_probe.testing.text_samples import write_sst2, write_vocab, write_wikitext
 from svd_probe.train import data as D
 from svd_probe.train.compare import load_runs, summarize
 from svd_probe.train.config import build_config, preset, read_config_file
 from svd_probe.train.loop import DataSources, TrainConfig, build_train_config, make_optimizer, run
 from svd_probe.train.model import Encoder, MaskedLM, num_parameters
-from svd_probe.testing.text_samples import write_sst2, write_vocab, write_wikitext
 
 VARIANTS = ("mha", "mla", "mla-o")
 
@@ -39,8 +39,18 @@ def tok(inputs):
 
 
 def small_recipe(**kw) -> TrainConfig:
-    base = dict(pretrain_steps=8, finetune_steps=6, batch_size=8, finetune_batch_size=8, seq_len=32, lr=3e-3,
-                finetune_lr=1e-3, checkpoint_every=2, log_every=2, device="cpu")
+    base = dict(
+        pretrain_steps=8,
+        finetune_steps=6,
+        batch_size=8,
+        finetune_batch_size=8,
+        seq_len=32,
+        lr=3e-3,
+        finetune_lr=1e-3,
+        checkpoint_every=2,
+        log_every=2,
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -81,7 +91,9 @@ def expected_parameters(variant, V, d, L, H, D, F, ql=None, kvl=None, ol=None) -
 def test_parameter_counts_of_the_issue_presets():
     assert num_parameters(MaskedLM(preset("mha"))) == expected_parameters("mha", 30522, 256, 6, 8, 32, 1024)
     assert num_parameters(MaskedLM(preset("mla"))) == expected_parameters("mla", 30522, 256, 6, 8, 32, 1024, 64, 32)
-    assert num_parameters(MaskedLM(preset("mla-o"))) == expected_parameters("mla-o", 30522, 256, 6, 8, 32, 1024, 64, 32, 64)
+    assert num_parameters(MaskedLM(preset("mla-o"))) == expected_parameters(
+        "mla-o", 30522, 256, 6, 8, 32, 1024, 64, 32, 64
+    )
     # The issue's shapes, literally.
     shapes = {n: tuple(p.shape) for n, p in MaskedLM(preset("mla")).named_parameters()}
     assert shapes["encoder.layers.0.attn.down.weight"] == (96, 256)
@@ -92,7 +104,21 @@ def test_parameter_counts_of_the_issue_presets():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_parameter_counts_with_overrides(variant):
-    cfg = build_config(variant, "tiny", {"n_layers": 3}, {"d_model": 48, "n_heads": 3, "head_dim": 10, "rope_dims": 4, "q_latent": 12, "kv_latent": 6, "o_latent": 9, "ffn_dim": 70})
+    cfg = build_config(
+        variant,
+        "tiny",
+        {"n_layers": 3},
+        {
+            "d_model": 48,
+            "n_heads": 3,
+            "head_dim": 10,
+            "rope_dims": 4,
+            "q_latent": 12,
+            "kv_latent": 6,
+            "o_latent": 9,
+            "ffn_dim": 70,
+        },
+    )
     want = expected_parameters(variant, cfg.vocab_size, 48, 3, 3, 10, 70, 12, 6, 9)
     assert num_parameters(MaskedLM(cfg)) == want
 
@@ -103,7 +129,9 @@ def test_dry_run_json(variant, monkeypatch, capsys):
     assert code == 0, err
     summary = json.loads(out)
     cfg = preset(variant)
-    assert summary["parameters"] == expected_parameters(variant, 30522, 256, 6, 8, 32, 1024, cfg.q_latent, cfg.kv_latent, cfg.o_latent)
+    assert summary["parameters"] == expected_parameters(
+        variant, 30522, 256, 6, 8, 32, 1024, cfg.q_latent, cfg.kv_latent, cfg.o_latent
+    )
     assert summary["config"]["rope_dims"] == {"mha": 32, "mla": 16, "mla-o": 32}[variant]
     assert summary["shapes"]["encoder.embed.weight"] == [30522, 256]
 
@@ -113,7 +141,7 @@ def test_dry_run_json(variant, monkeypatch, capsys):
 
 def test_wikitext_unk_and_packing(inputs, tok):
     train, valid = D.read_wikitext_dir(inputs["wiki"])
-    assert all("<unk>" not in l and "@-@" not in l for l in train)
+    assert all("<unk>" not in ly and "@-@" not in ly for ly in train)
     rows = D.pack_sequences(tok, train, 32)
     assert rows.shape[1] == 32 and (rows[:, 0] == tok.cls_id).all() and (rows[:, -1] == tok.sep_id).all()
     assert (rows == tok.unk_id).any()  # <unk> became the tokenizer's [UNK], not "<", "un", ...
@@ -158,7 +186,7 @@ def test_loss_falls_within_a_few_dozen_steps(variant, inputs, tok):
     opt = make_optimizer(model, 3e-3, 0.01, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     losses = []
-    for step in range(40):
+    for _step in range(40):
         idx = torch.randint(0, len(rows), (16,), generator=g)
         loss, _ = model(*D.mask_tokens(rows[idx], tok, g))
         loss.backward()
@@ -175,7 +203,10 @@ def test_rope_rotates_the_first_rope_dims_by_relative_position(rope_dims):
 
     rope = Rope(32, rope_dims, 10000.0, 64)
     g = torch.Generator().manual_seed(0)
-    q1, k1 = torch.randn(1, 1, 1, 32, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, 32, generator=g, dtype=torch.float64)
+    q1, k1 = (
+        torch.randn(1, 1, 1, 32, generator=g, dtype=torch.float64),
+        torch.randn(1, 1, 1, 32, generator=g, dtype=torch.float64),
+    )
     q, k = (t.expand(1, 64, 1, 32).float() for t in (q1, k1))
     rq, rk = rope(q, k)
     torch.testing.assert_close(rq[..., rope_dims:], q[..., rope_dims:])  # dims past rope_dims untouched
@@ -213,9 +244,26 @@ def test_run_writes_every_output(finished_run):
     for name in ("model.safetensors", "config.json", "metrics.json", "train.log", "checkpoint.pt"):
         assert (out / name).is_file(), name
     on_disk = json.loads((out / "metrics.json").read_text())
-    for key in ("parameters", "mlm_loss", "mlm_accuracy", "sst2_dev_accuracy", "pretrain_samples_per_s", "finetune_samples_per_s", "wall_time_s", "device", "seed", "git_commit", "variant", "config"):
+    for key in (
+        "parameters",
+        "mlm_loss",
+        "mlm_accuracy",
+        "sst2_dev_accuracy",
+        "pretrain_samples_per_s",
+        "finetune_samples_per_s",
+        "wall_time_s",
+        "device",
+        "seed",
+        "git_commit",
+        "variant",
+        "config",
+    ):
         assert key in on_disk, key
-    assert on_disk["variant"] == "mla-o" and 0 <= on_disk["sst2_dev_accuracy"] <= 1 and on_disk["pretrain_samples_per_s"] > 0
+    assert (
+        on_disk["variant"] == "mla-o"
+        and 0 <= on_disk["sst2_dev_accuracy"] <= 1
+        and on_disk["pretrain_samples_per_s"] > 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "svd_probe_encoder" and config["variant"] == "mla-o"
     assert "pretrain step 8/8" in (out / "train.log").read_text()
@@ -274,7 +322,12 @@ def test_resume_at_the_phase_boundary(inputs, finished_run, tmp_path):
 
 def test_finetune_epochs_set_the_step_count(inputs, tmp_path):
     # 200 sentences in batches of 8: 25 steps an epoch, so 0.15 epochs -> ceil(3.75) = 4 steps.
-    m = run(preset("mha", "tiny"), small_recipe(pretrain_steps=2, finetune_steps=None, finetune_epochs=0.15), sources(inputs), tmp_path / "ep")
+    m = run(
+        preset("mha", "tiny"),
+        small_recipe(pretrain_steps=2, finetune_steps=None, finetune_epochs=0.15),
+        sources(inputs),
+        tmp_path / "ep",
+    )
     assert m["train_config"]["finetune_steps"] == 4
 
 
@@ -291,7 +344,9 @@ def test_resume_refuses_a_different_recipe(inputs, finished_run):
 
 def test_bad_inputs_raise_training_input_errors(inputs, tmp_path):
     with pytest.raises(TrainingInputError, match="data folder not found"):
-        run(preset("mha", "tiny"), small_recipe(), DataSources(str(inputs["vocab"]), tmp_path / "nope"), tmp_path / "o1")
+        run(
+            preset("mha", "tiny"), small_recipe(), DataSources(str(inputs["vocab"]), tmp_path / "nope"), tmp_path / "o1"
+        )
     with pytest.raises(TrainingInputError, match="tokenizer file not found"):
         D.load_tokenizer(str(tmp_path / "missing-vocab.txt"))
     empty = tmp_path / "empty.txt"
@@ -308,13 +363,22 @@ def test_bad_inputs_raise_training_input_errors(inputs, tmp_path):
         build_config("mla", "tiny", overrides={"rope_dims": 3})
     with pytest.raises(TrainingInputError, match="must be a number"):
         build_train_config({"lr": "fast"})
-    for text, match in [("{bad json", "not valid JSON"), ("[1, 2]", "JSON object"), ('{"hidden": 3}', "unknown keys: hidden")]:
+    for text, match in [
+        ("{bad json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"hidden": 3}', "unknown keys: hidden"),
+    ]:
         f = tmp_path / "cfg.json"
         f.write_text(text)
         with pytest.raises(TrainingInputError, match=match):
             read_config_file(f)
     with pytest.raises(TrainingInputError, match="SST-2 folder not found"):
-        run(preset("mha", "tiny"), small_recipe(), DataSources(str(inputs["vocab"]), inputs["wiki"], sst2_dir=tmp_path / "no-sst"), tmp_path / "o2")
+        run(
+            preset("mha", "tiny"),
+            small_recipe(),
+            DataSources(str(inputs["vocab"]), inputs["wiki"], sst2_dir=tmp_path / "no-sst"),
+            tmp_path / "o2",
+        )
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # checked before writing anything
     with pytest.raises(TrainingInputError, match="no pretraining text"):
         run(preset("mha", "tiny"), small_recipe(), DataSources(str(inputs["vocab"])), tmp_path / "o3")
@@ -338,20 +402,60 @@ def test_bad_inputs_raise_training_input_errors(inputs, tmp_path):
 def test_cli_errors_exit_nonzero_without_traceback(args, message, inputs, tmp_path, monkeypatch, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    subst = {"{BAD}": str(bad), "{WIKI}": str(inputs["wiki"]), "{VOCAB}": str(inputs["vocab"]), "{OUT}": str(tmp_path / "out")}
-    code, out, err = cli_main(["train", "--size", "tiny", "--device", "cpu", *[subst.get(a, a) for a in args]], monkeypatch, capsys)
+    subst = {
+        "{BAD}": str(bad),
+        "{WIKI}": str(inputs["wiki"]),
+        "{VOCAB}": str(inputs["vocab"]),
+        "{OUT}": str(tmp_path / "out"),
+    }
+    code, out, err = cli_main(
+        ["train", "--size", "tiny", "--device", "cpu", *[subst.get(a, a) for a in args]], monkeypatch, capsys
+    )
     assert code == 2
     assert message in " ".join(err.split()) and "hint:" in err
     assert "Traceback" not in err + out
 
 
 def test_cli_train_and_compare(inputs, tmp_path, monkeypatch, capsys):
-    base = ["train", "--size", "tiny", "--device", "cpu", "--tokenizer", str(inputs["vocab"]), "--data-dir", str(inputs["wiki"]),
-            "--sst2-dir", str(inputs["sst2"]), "--pretrain-steps", "3", "--finetune-steps", "2", "--batch-size", "4", "--no-progress"]
+    base = [
+        "train",
+        "--size",
+        "tiny",
+        "--device",
+        "cpu",
+        "--tokenizer",
+        str(inputs["vocab"]),
+        "--data-dir",
+        str(inputs["wiki"]),
+        "--sst2-dir",
+        str(inputs["sst2"]),
+        "--pretrain-steps",
+        "3",
+        "--finetune-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     cfg = tmp_path / "recipe.json"
     cfg.write_text(json.dumps({"seq_len": 32, "finetune_batch_size": 4, "kv_latent": 4}))
     for variant, seed in [("mla", 0), ("mla", 1), ("mha", 0)]:
-        code, out, err = cli_main(base + ["--config", str(cfg), "--variant", variant, "--seed", str(seed), "--out", str(tmp_path / "runs" / f"{variant}-{seed}"), "--json"], monkeypatch, capsys)
+        code, out, err = cli_main(
+            base
+            + [
+                "--config",
+                str(cfg),
+                "--variant",
+                variant,
+                "--seed",
+                str(seed),
+                "--out",
+                str(tmp_path / "runs" / f"{variant}-{seed}"),
+                "--json",
+            ],
+            monkeypatch,
+            capsys,
+        )
         assert code == 0, err
         metrics = json.loads(out)
         assert metrics["variant"] == variant and metrics["seed"] == seed and metrics["train_config"]["seq_len"] == 32
@@ -361,7 +465,16 @@ def test_cli_train_and_compare(inputs, tmp_path, monkeypatch, capsys):
     assert [(r["variant"], r["n"], r["seeds"]) for r in rows] == [("mha", 1, [0]), ("mla", 2, [0, 1])]
     mla = [json.loads((tmp_path / "runs" / f"mla-{s}" / "metrics.json").read_text()) for s in (0, 1)]
     assert rows[1]["mlm_accuracy"] == pytest.approx(sum(m["mlm_accuracy"] for m in mla) / 2)
-    code, out, err = cli_main(["compare", str(tmp_path / "runs" / "mla-0"), str(tmp_path / "runs" / "mla-1"), str(tmp_path / "runs" / "mha-0")], monkeypatch, capsys)
+    code, out, err = cli_main(
+        [
+            "compare",
+            str(tmp_path / "runs" / "mla-0"),
+            str(tmp_path / "runs" / "mla-1"),
+            str(tmp_path / "runs" / "mha-0"),
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     assert "mla" in out and "±" in out
     code, out, err = cli_main(["compare", str(tmp_path / "runs"), "--json"], monkeypatch, capsys)
@@ -391,7 +504,12 @@ def test_smoke_on_shared_data(tmp_path):
     assert (D.pack_sequences(tok, train[:200], 128) == tok.unk_id).any()
     (s, y), (ds, dy) = D.read_sst2_dir(SHARED / "SST-2")
     assert len(s) == 67349 and len(ds) == 872
-    metrics = run(preset("mla-o", "tiny"), small_recipe(pretrain_steps=3, finetune_steps=2, seq_len=128), DataSources(str(SHARED / "vocab" / "bert-base-uncased-vocab.txt"), wiki, sst2_dir=SHARED / "SST-2"), tmp_path / "out")
+    metrics = run(
+        preset("mla-o", "tiny"),
+        small_recipe(pretrain_steps=3, finetune_steps=2, seq_len=128),
+        DataSources(str(SHARED / "vocab" / "bert-base-uncased-vocab.txt"), wiki, sst2_dir=SHARED / "SST-2"),
+        tmp_path / "out",
+    )
     assert metrics["config"]["vocab_size"] == 30522 and metrics["sst2_dev_accuracy"] is not None
 
 

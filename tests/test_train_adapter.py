@@ -45,7 +45,7 @@ def reference(cfg, tensors, layer, fold):
     r = cfg.rope_dims
     partial = 0 < r < D
     p = f"layers.{layer}."
-    w = {k[len(p):]: np64(v) for k, v in tensors.items() if k.startswith(p)}
+    w = {k[len(p) :]: np64(v) for k, v in tensors.items() if k.startswith(p)}
     ones = lambda n: np.ones(n)  # noqa: E731
     ref = {"q": [], "q_pe": [], "k": [], "v": [], "o": []}
     if cfg.variant == "mha":
@@ -102,7 +102,9 @@ def test_factors_match_float64_slices(tmp_path, variant, rope_dims, fold):
         ref = reference(cfg, tensors, layer, fold)
         for h in range(cfg.n_heads):
             for key in ("q", "k", "v", "o"):
-                np.testing.assert_allclose(np64(getattr(f, key)[h]), ref[key][h], rtol=1e-6, atol=1e-7, err_msg=f"{key} head {h}")
+                np.testing.assert_allclose(
+                    np64(getattr(f, key)[h]), ref[key][h], rtol=1e-6, atol=1e-7, err_msg=f"{key} head {h}"
+                )
             if partial:
                 np.testing.assert_allclose(np64(f.q_pe[h]), ref["q_pe"][h], rtol=1e-6, atol=1e-7)
             # The fused maps of base.py, from the factors, equal the products of the slices.
@@ -185,6 +187,10 @@ def test_analyze_reads_a_trained_checkpoint(tmp_path, monkeypatch, variant):
             np.testing.assert_allclose(np.asarray(got[h])[: len(want)], want, rtol=1e-4, atol=1e-6)
         if variant == "mla":  # partial RoPE: Q_pe is the first rope_dims query rows of each head
             want_pe = np.linalg.svd(ref["q_pe"][2], compute_uv=False)
-            np.testing.assert_allclose(np.asarray(analysis.sigma(layer, "Q_pe", "head")[2])[: len(want_pe)], want_pe, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(
+                np.asarray(analysis.sigma(layer, "Q_pe", "head")[2])[: len(want_pe)], want_pe, rtol=1e-4, atol=1e-6
+            )
         want_o = np.linalg.svd(ref["o"][0], compute_uv=False)
-        np.testing.assert_allclose(np.asarray(analysis.sigma(layer, "O", "head")[0])[: len(want_o)], want_o, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(analysis.sigma(layer, "O", "head")[0])[: len(want_o)], want_o, rtol=1e-4, atol=1e-6
+        )

@@ -18,7 +18,14 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.adapters.common import MHA_KINDS, RoleNamedAdapter, decoder_config, layer_prefix_finder, mha_dims, projection_roles
+from svd_probe.adapters.common import (
+    MHA_KINDS,
+    RoleNamedAdapter,
+    decoder_config,
+    layer_prefix_finder,
+    mha_dims,
+    projection_roles,
+)
 
 
 class BertAdapter(RoleNamedAdapter):
@@ -31,7 +38,12 @@ class BertAdapter(RoleNamedAdapter):
     # --- shapes ------------------------------------------------------------------------------
     def dims(self, config: dict | None = None) -> ModelDims:
         c = decoder_config(config) if config else self.config
-        return mha_dims(c.get("model_type", "bert"), int(c["num_hidden_layers"]), int(c["hidden_size"]), int(c["num_attention_heads"]))
+        return mha_dims(
+            c.get("model_type", "bert"),
+            int(c["num_hidden_layers"]),
+            int(c["hidden_size"]),
+            int(c["num_attention_heads"]),
+        )
 
     def supported_kinds(self) -> tuple[str, ...]:
         return MHA_KINDS
@@ -51,7 +63,9 @@ class BertAdapter(RoleNamedAdapter):
         return projection_roles(kinds)
 
     # --- slicing into heads --------------------------------------------------------------------
-    def factors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> AttentionFactors:
+    def factors(
+        self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool
+    ) -> AttentionFactors:
         d = self.dims()
         t = self.role_tensors(layer, tensors, kinds, fold_norms)
         n, hd = d.n_heads, d.d_qk

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -34,7 +34,9 @@ def decoder_config(config: dict) -> dict:
     return config
 
 
-def layer_prefix_finder(tensor_names: set[str] | None, probe_suffix: str, default: str = "model.layers.") -> Callable[[int], str]:
+def layer_prefix_finder(
+    tensor_names: set[str] | None, probe_suffix: str, default: str = "model.layers."
+) -> Callable[[int], str]:
     """Return layer → name prefix, discovering the real prefix from the checkpoint's names.
 
     Some releases put the decoder under another prefix (e.g. `language_model.model.layers.`).
@@ -59,7 +61,9 @@ class RoleNamedAdapter:
         names = self._names(layer)
         return sorted(names[r] for r in self._roles(kinds, fold_norms))
 
-    def role_tensors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> dict[str, torch.Tensor]:
+    def role_tensors(
+        self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool
+    ) -> dict[str, torch.Tensor]:
         names = self._names(layer)
         return {r: tensors[names[r]] for r in self._roles(kinds, fold_norms)}
 
@@ -83,7 +87,14 @@ def projection_roles(kinds: set[str]) -> set[str]:
     return roles
 
 
-def mha_dims(model_type: str, num_layers: int, d_model: int, n_heads: int, n_kv_groups: int | None = None, head_dim: int | None = None) -> ModelDims:
+def mha_dims(
+    model_type: str,
+    num_layers: int,
+    d_model: int,
+    n_heads: int,
+    n_kv_groups: int | None = None,
+    head_dim: int | None = None,
+) -> ModelDims:
     """ModelDims of a plain MHA/GQA layout (no decoupled RoPE, no latents), once the shapes fit."""
     g = n_kv_groups or n_heads
     hint = "config.json is inconsistent: check these fields against the checkpoint's tensors."

@@ -20,7 +20,15 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.adapters.common import MHA_KINDS, RoleNamedAdapter, decoder_config, fold, layer_prefix_finder, mha_dims, projection_roles
+from svd_probe.adapters.common import (
+    MHA_KINDS,
+    RoleNamedAdapter,
+    decoder_config,
+    fold,
+    layer_prefix_finder,
+    mha_dims,
+    projection_roles,
+)
 
 
 class GPT2Adapter(RoleNamedAdapter):
@@ -61,7 +69,9 @@ class GPT2Adapter(RoleNamedAdapter):
         return roles
 
     # --- slicing into heads --------------------------------------------------------------------
-    def factors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> AttentionFactors:
+    def factors(
+        self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool
+    ) -> AttentionFactors:
         d = self.dims()
         t = self.role_tensors(layer, tensors, kinds, fold_norms)
         n, hd, h = d.n_heads, d.d_qk, d.d_model

@@ -19,7 +19,15 @@ from __future__ import annotations
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.adapters.common import MHA_KINDS, RoleNamedAdapter, decoder_config, fold, layer_prefix_finder, mha_dims, projection_roles
+from svd_probe.adapters.common import (
+    MHA_KINDS,
+    RoleNamedAdapter,
+    decoder_config,
+    fold,
+    layer_prefix_finder,
+    mha_dims,
+    projection_roles,
+)
 
 
 class LlamaAdapter(RoleNamedAdapter):
@@ -38,7 +46,14 @@ class LlamaAdapter(RoleNamedAdapter):
         d_model = int(c["hidden_size"])
         # Qwen3 and Llama-3.1 give head_dim; Mistral v0.1 leaves it to hidden_size / heads.
         head_dim = int(c["head_dim"]) if c.get("head_dim") else None
-        return mha_dims(c.get("model_type", "llama"), int(c["num_hidden_layers"]), d_model, n, int(c.get("num_key_value_heads") or n), head_dim)
+        return mha_dims(
+            c.get("model_type", "llama"),
+            int(c["num_hidden_layers"]),
+            d_model,
+            n,
+            int(c.get("num_key_value_heads") or n),
+            head_dim,
+        )
 
     def supported_kinds(self) -> tuple[str, ...]:
         return MHA_KINDS
@@ -68,7 +83,9 @@ class LlamaAdapter(RoleNamedAdapter):
         return roles
 
     # --- slicing into heads --------------------------------------------------------------------
-    def factors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> AttentionFactors:
+    def factors(
+        self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool
+    ) -> AttentionFactors:
         d = self.dims()
         t = self.role_tensors(layer, tensors, kinds, fold_norms)
         n, g, hd = d.n_heads, d.n_kv_groups, d.d_qk

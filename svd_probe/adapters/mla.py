@@ -82,7 +82,9 @@ class MLAAdapter(RoleNamedAdapter):
         return roles
 
     # --- slicing into heads --------------------------------------------------------------------
-    def factors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> AttentionFactors:
+    def factors(
+        self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool
+    ) -> AttentionFactors:
         d = self.dims()
         t = self.role_tensors(layer, tensors, kinds, fold_norms)
         n, d_qk, d_rope, d_v = d.n_heads, d.d_qk, d.d_rope, d.d_v

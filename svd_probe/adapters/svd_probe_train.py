@@ -58,7 +58,9 @@ class SvdProbeTrainAdapter:
         c = self.config
         variant = c.get("variant")
         if variant not in ("mha", "mla", "mla-o"):
-            raise UnsupportedModelError(f"svd_probe_encoder config has unknown variant {variant!r}", hint="expected mha, mla or mla-o")
+            raise UnsupportedModelError(
+                f"svd_probe_encoder config has unknown variant {variant!r}", hint="expected mha, mla or mla-o"
+            )
         H, D, rope = int(c["n_heads"]), int(c["head_dim"]), int(c.get("rope_dims", 0))
         partial = 0 < rope < D
         return variant, H, D, rope, partial
@@ -119,13 +121,17 @@ class SvdProbeTrainAdapter:
                 if fold_norms:
                     names.append(p + "attn_norm.weight")
         if need_o:
-            names += [p + "attn.o_down.weight", p + "attn.o_up.weight"] if variant == "mla-o" else [p + "attn.o_proj.weight"]
+            names += (
+                [p + "attn.o_down.weight", p + "attn.o_up.weight"] if variant == "mla-o" else [p + "attn.o_proj.weight"]
+            )
         return list(dict.fromkeys(names))
 
-    def factors(self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool) -> AttentionFactors:
+    def factors(
+        self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool
+    ) -> AttentionFactors:
         variant, H, D, rope, partial = self._shape()
         p = f"layers.{layer}."
-        t = {name[len(p):]: w for name, w in tensors.items() if name.startswith(p)}
+        t = {name[len(p) :]: w for name, w in tensors.items() if name.startswith(p)}
 
         def folded(weight_name: str, norm_name: str) -> torch.Tensor:
             w = t[weight_name].float()
@@ -165,7 +171,12 @@ class SvdProbeTrainAdapter:
             o = torch.einsum("dl,lhe->hde", up, down.view(down.shape[0], H, D))
 
         return AttentionFactors(
-            q=_contig(q), k=_contig(k), v=_contig(v), o=_contig(o), q_pe=_contig(q_pe), layer={k_: v_.contiguous() for k_, v_ in layer_mats.items()}
+            q=_contig(q),
+            k=_contig(k),
+            v=_contig(v),
+            o=_contig(o),
+            q_pe=_contig(q_pe),
+            layer={k_: v_.contiguous() for k_, v_ in layer_mats.items()},
         )
 
 

@@ -31,7 +31,13 @@ def model_table() -> list[dict]:
                 "alias": alias,
                 "repo_id": a.repo_id,
                 "model_type": cfg["model_type"],
-                "attention": "MLA" if is_mla(cfg) else ("MHA" if cfg.get("num_key_value_heads", cfg["num_attention_heads"]) == cfg["num_attention_heads"] else "GQA"),
+                "attention": "MLA"
+                if is_mla(cfg)
+                else (
+                    "MHA"
+                    if cfg.get("num_key_value_heads", cfg["num_attention_heads"]) == cfg["num_attention_heads"]
+                    else "GQA"
+                ),
                 "heads": cfg["num_attention_heads"],
                 "kv_heads": None if is_mla(cfg) else cfg.get("num_key_value_heads"),
                 "layers": num_attention_layers(cfg),
@@ -58,18 +64,41 @@ def render_model_table(rows: list[dict]) -> Table:
     )
     cells = []
     for r in rows:
-        heads = "" if r.get("heads") is None else str(r["heads"]) + (f"/{r['kv_heads']}kv" if r.get("kv_heads") and r["kv_heads"] != r["heads"] else "")
+        heads = (
+            ""
+            if r.get("heads") is None
+            else str(r["heads"]) + (f"/{r['kv_heads']}kv" if r.get("kv_heads") and r["kv_heads"] != r["heads"] else "")
+        )
         layers = "" if r.get("layers") is None else str(r["layers"])
         if r.get("mtp_layers"):
             layers = f"{r['layers'] - r['mtp_layers']}+{r['mtp_layers']}"
         share = f"{100 * r['analysis_bytes'] / r['checkpoint_bytes']:.1f}%" if r.get("checkpoint_bytes") else ""
-        cells.append([r["alias"], r["repo_id"], r.get("attention", ""), heads, layers, r.get("attention_dtype", ""),
-                      _gb(r.get("analysis_bytes")), share, r.get("note", "")])
+        cells.append(
+            [
+                r["alias"],
+                r["repo_id"],
+                r.get("attention", ""),
+                heads,
+                layers,
+                r.get("attention_dtype", ""),
+                _gb(r.get("analysis_bytes")),
+                share,
+                r.get("note", ""),
+            ]
+        )
     # Numbers and dtypes keep their full width on narrow terminals (min_width); names fold
     # character-wise instead of being cut with an ellipsis, so they stay copy-pasteable.
-    cols = [("alias", "left", None), ("repo id", "left", "fold"), ("attn", "left", None), ("heads", "right", None),
-            ("layers", "right", None), ("dtype", "left", None), ("download", "right", None), ("share", "right", None),
-            ("note", "left", "fold")]
+    cols = [
+        ("alias", "left", None),
+        ("repo id", "left", "fold"),
+        ("attn", "left", None),
+        ("heads", "right", None),
+        ("layers", "right", None),
+        ("dtype", "left", None),
+        ("download", "right", None),
+        ("share", "right", None),
+        ("note", "left", "fold"),
+    ]
     for i, (col, just, overflow) in enumerate(cols):
         if overflow:
             # The note is rare and long: cap it so the repo ids get the room.

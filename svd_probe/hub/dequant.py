@@ -26,10 +26,14 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
 FLOAT_DTYPES = frozenset(_TORCH_DTYPES)
 
 
-def to_tensor(buf, dtype: str, shape: tuple[int, ...], device: torch.device | str, *, file: str = "?", name: str = "?") -> torch.Tensor:
+def to_tensor(
+    buf, dtype: str, shape: tuple[int, ...], device: torch.device | str, *, file: str = "?", name: str = "?"
+) -> torch.Tensor:
     """Interpret little-endian safetensors bytes as a tensor of `dtype` on `device` (not widened)."""
     if dtype not in _TORCH_DTYPES:
-        raise CorruptShardError(f"dtype {dtype} is not a floating-point weight dtype svd-probe reads", file=file, tensor=name)
+        raise CorruptShardError(
+            f"dtype {dtype} is not a floating-point weight dtype svd-probe reads", file=file, tensor=name
+        )
     tdt = _TORCH_DTYPES[dtype]
     if len(buf) == 0:
         return torch.empty(shape, dtype=tdt, device=device)
@@ -53,21 +57,26 @@ def fp8_to_float32(w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(lut[codes])
 
 
-def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128), *, file: str = "?", name: str = "?") -> torch.Tensor:
+def dequantize_fp8_blocks(
+    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128), *, file: str = "?", name: str = "?"
+) -> torch.Tensor:
     """float32 `w * scale_inv[i // bm, j // bn]` for an FP8 matrix and its per-tile scales.
 
     Edge tiles are partial (e.g. 576 rows = 4 full row blocks + one of 64 rows), so the scale
     grid is ceil(m/bm) × ceil(n/bn); any other shape means the checkpoint is inconsistent.
     """
     if w.dim() != 2:
-        raise CorruptShardError(f"FP8 weight with block scales must be 2-D, got shape {tuple(w.shape)}", file=file, tensor=name)
+        raise CorruptShardError(
+            f"FP8 weight with block scales must be 2-D, got shape {tuple(w.shape)}", file=file, tensor=name
+        )
     m, n = w.shape
     bm, bn = block
     grid = (math.ceil(m / bm), math.ceil(n / bn))
     if tuple(scale_inv.shape) != grid:
         raise CorruptShardError(
             f"scale_inv has shape {tuple(scale_inv.shape)}, expected {grid} for a {m}×{n} weight in {bm}×{bn} blocks",
-            file=file, tensor=name + "_scale_inv",
+            file=file,
+            tensor=name + "_scale_inv",
         )
     out = fp8_to_float32(w)
     s = scale_inv.to(device=out.device, dtype=torch.float32)

@@ -10,14 +10,33 @@ from __future__ import annotations
 import math
 
 _DSV3 = {
-    "model_type": "deepseek_v3", "hidden_size": 7168, "num_attention_heads": 128, "num_key_value_heads": 128,
-    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-    "num_hidden_layers": 61, "num_nextn_predict_layers": 1, "first_k_dense_replace": 3, "torch_dtype": "bfloat16",
-    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+    "model_type": "deepseek_v3",
+    "hidden_size": 7168,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "num_hidden_layers": 61,
+    "num_nextn_predict_layers": 1,
+    "first_k_dense_replace": 3,
+    "torch_dtype": "bfloat16",
+    "quantization_config": {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    },
 }
 _KIMI = {
-    **_DSV3, "model_type": "kimi_k2", "num_attention_heads": 64, "num_key_value_heads": 64,
-    "num_nextn_predict_layers": 0, "first_k_dense_replace": 1,
+    **_DSV3,
+    "model_type": "kimi_k2",
+    "num_attention_heads": 64,
+    "num_key_value_heads": 64,
+    "num_nextn_predict_layers": 0,
+    "first_k_dense_replace": 1,
 }
 _KIMI_THINKING = {
     **_KIMI,
@@ -25,27 +44,58 @@ _KIMI_THINKING = {
     "quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized"},
 }
 _DSV2 = {
-    "model_type": "deepseek_v2", "hidden_size": 5120, "num_attention_heads": 128, "num_key_value_heads": 128,
-    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-    "num_hidden_layers": 60, "first_k_dense_replace": 1, "torch_dtype": "bfloat16",
+    "model_type": "deepseek_v2",
+    "hidden_size": 5120,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "num_hidden_layers": 60,
+    "first_k_dense_replace": 1,
+    "torch_dtype": "bfloat16",
 }
 _DSV2_LITE = {
-    "model_type": "deepseek_v2", "hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 16,
-    "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-    "num_hidden_layers": 27, "first_k_dense_replace": 1, "torch_dtype": "bfloat16",
+    "model_type": "deepseek_v2",
+    "hidden_size": 2048,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "q_lora_rank": None,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "num_hidden_layers": 27,
+    "first_k_dense_replace": 1,
+    "torch_dtype": "bfloat16",
 }
 _MOONLIGHT = {**_DSV2_LITE, "model_type": "deepseek_v3"}
 _LLAMA31_8B = {
-    "model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-    "num_hidden_layers": 32, "torch_dtype": "bfloat16",
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "num_hidden_layers": 32,
+    "torch_dtype": "bfloat16",
 }
 _QWEN25_7B = {
-    "model_type": "qwen2", "hidden_size": 3584, "num_attention_heads": 28, "num_key_value_heads": 4,
-    "num_hidden_layers": 28, "torch_dtype": "bfloat16",
+    "model_type": "qwen2",
+    "hidden_size": 3584,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 28,
+    "torch_dtype": "bfloat16",
 }
 _MISTRAL_7B = {
-    "model_type": "mistral", "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "num_hidden_layers": 32, "torch_dtype": "bfloat16",
+    "model_type": "mistral",
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_hidden_layers": 32,
+    "torch_dtype": "bfloat16",
 }
 
 KNOWN_CONFIGS: dict[str, dict] = {
@@ -121,7 +171,9 @@ def attention_tensor_shapes(config: dict, layer: int = 0) -> list[tuple[str, tup
     for short, shape in mats:
         out.append((a + short + ".weight", shape, wdt))
         if wdt == "F8_E4M3":
-            out.append((a + short + ".weight_scale_inv", (math.ceil(shape[0] / bs[0]), math.ceil(shape[1] / bs[1])), "F32"))
+            out.append(
+                (a + short + ".weight_scale_inv", (math.ceil(shape[0] / bs[0]), math.ceil(shape[1] / bs[1])), "F32")
+            )
     return out
 
 

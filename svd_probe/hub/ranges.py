@@ -76,7 +76,9 @@ def hub_error(response, *, repo_id: str, revision: str, path: str | None, endpoi
     if code == "GatedRepo" or status in (401, 403):
         return GatedRepoError(f"access to {where} denied (HTTP {status}: gated or needs authentication)", TOKEN_HINT)
     if status == 404:
-        return RepoNotFoundError(f"repository {where} not found (HTTP 404)", "Check the repo id and --endpoint / HF_ENDPOINT.")
+        return RepoNotFoundError(
+            f"repository {where} not found (HTTP 404)", "Check the repo id and --endpoint / HF_ENDPOINT."
+        )
     return None
 
 
@@ -118,7 +120,12 @@ class ReadStats:
                 setattr(self, k, getattr(self, k) + v)
 
     def as_dict(self) -> dict:
-        return {"bytes_fetched": self.bytes_fetched, "requests": self.requests, "retries": self.retries, "reresolves": self.reresolves}
+        return {
+            "bytes_fetched": self.bytes_fetched,
+            "requests": self.requests,
+            "retries": self.retries,
+            "reresolves": self.reresolves,
+        }
 
 
 def plan_reads(reqs: list[tuple[str, int, int]], max_gap: int, gap_fraction: float, chunk_size: int):
@@ -130,7 +137,7 @@ def plan_reads(reqs: list[tuple[str, int, int]], max_gap: int, gap_fraction: flo
     Returns [(path, span_begin, span_end, [request indices])] and the chunks [(span_no, begin, end)].
     """
     by_path: dict[str, list[int]] = {}
-    for i, (p, b, e) in enumerate(reqs):
+    for i, (p, _b, _e) in enumerate(reqs):
         by_path.setdefault(p, []).append(i)
     spans: list[tuple[str, int, int, list[int]]] = []
     for p, idx in by_path.items():
@@ -161,7 +168,7 @@ def plan_reads(reqs: list[tuple[str, int, int]], max_gap: int, gap_fraction: flo
 
 def _assemble(reqs, spans, span_bufs) -> list[bytearray]:
     out: list[bytearray | None] = [None] * len(reqs)
-    for (p, sb, se, members), buf in zip(spans, span_bufs):
+    for (_p, sb, se, members), buf in zip(spans, span_bufs, strict=False):
         mv = memoryview(buf)
         for i in members:
             _, b, e = reqs[i]
@@ -251,7 +258,7 @@ class HubFiles:
         finally:
             for f in futs:
                 f.cancel()
-        for (i, _), buf in zip(real, _assemble(sub, spans, bufs)):
+        for (i, _), buf in zip(real, _assemble(sub, spans, bufs), strict=False):
             out[i] = buf
         return out
 
@@ -279,7 +286,9 @@ class HubFiles:
             except _Redirect as r:
                 redirects += 1
                 if redirects > 10:
-                    raise TransferError(f"too many redirects reading {path} from {self.repo_id}", "Check --endpoint / HF_ENDPOINT.") from None
+                    raise TransferError(
+                        f"too many redirects reading {path} from {self.repo_id}", "Check --endpoint / HF_ENDPOINT."
+                    ) from None
                 with self._lock:
                     self._signed[path] = r.location
                 continue
@@ -291,7 +300,9 @@ class HubFiles:
                     if self._signed.get(path) == url:
                         del self._signed[path]
                 if reresolves > 3:
-                    raise TransferError(f"the CDN keeps refusing freshly signed URLs for {path}", "Retry later; check the mirror.") from None
+                    raise TransferError(
+                        f"the CDN keeps refusing freshly signed URLs for {path}", "Retry later; check the mirror."
+                    ) from None
                 continue
             except _Retryable as r:
                 done += r.got if isinstance(r, _ShortBody) else 0
@@ -335,7 +346,8 @@ class HubFiles:
                 raise _Retryable(f"HTTP {st}", _retry_after(r.headers.get("Retry-After")))
             if st == 416:
                 raise CorruptShardError(
-                    f"bytes {begin}-{end - 1} are past the end of the file (HTTP 416)", file=path,
+                    f"bytes {begin}-{end - 1} are past the end of the file (HTTP 416)",
+                    file=path,
                     hint="The header promises more data than the file holds: the file is truncated.",
                 )
             if st == 200:
@@ -349,12 +361,15 @@ class HubFiles:
                 err = hub_error(r, repo_id=self.repo_id, revision=self.revision, path=path, endpoint=self.endpoint)
                 if err is not None:
                     raise err
-                raise TransferError(f"unexpected HTTP {st} reading {path} of {self.repo_id}", "Check --endpoint / HF_ENDPOINT.")
+                raise TransferError(
+                    f"unexpected HTTP {st} reading {path} of {self.repo_id}", "Check --endpoint / HF_ENDPOINT."
+                )
             m = _CONTENT_RANGE.match(r.headers.get("Content-Range", ""))
             if m and m.group(3) != "*" and int(m.group(3)) < end:
                 # The server clipped the range to the file: a header promised bytes that are not there.
                 raise CorruptShardError(
-                    f"bytes {begin}-{end - 1} asked for, but the file has only {m.group(3)} bytes", file=path,
+                    f"bytes {begin}-{end - 1} asked for, but the file has only {m.group(3)} bytes",
+                    file=path,
                     hint="The file is truncated or its header is damaged; check the repo or the mirror's copy.",
                 )
             if not m or int(m.group(1)) != begin or int(m.group(2)) != end - 1:
@@ -411,7 +426,9 @@ class LocalFiles:
             if path not in self._maps:
                 full = self.folder / path
                 if not full.is_file():
-                    raise EntryNotFoundError(f"file {path!r} not found in {self.folder}", "The checkpoint folder is incomplete.")
+                    raise EntryNotFoundError(
+                        f"file {path!r} not found in {self.folder}", "The checkpoint folder is incomplete."
+                    )
                 if full.stat().st_size == 0:
                     return None
                 with open(full, "rb") as f:
@@ -421,7 +438,9 @@ class LocalFiles:
     def size(self, path: str) -> int:
         full = self.folder / path
         if not full.is_file():
-            raise EntryNotFoundError(f"file {path!r} not found in {self.folder}", "The checkpoint folder is incomplete.")
+            raise EntryNotFoundError(
+                f"file {path!r} not found in {self.folder}", "The checkpoint folder is incomplete."
+            )
         return full.stat().st_size
 
     def known_size(self, path: str) -> int | None:
@@ -435,7 +454,9 @@ class LocalFiles:
                 continue
             mm = self._map(p)
             if mm is None or e > len(mm):
-                raise CorruptShardError(f"bytes {b}-{e - 1} are past the end of the file", file=p, hint="The file is truncated.")
+                raise CorruptShardError(
+                    f"bytes {b}-{e - 1} are past the end of the file", file=p, hint="The file is truncated."
+                )
             out.append(bytearray(mm[b:e]))  # a copy: the tensor must outlive the map
             self.stats.add(bytes_fetched=e - b, requests=1)
         return out

@@ -79,7 +79,9 @@ def parse_header_length(prefix: bytes, file: str, file_size: int) -> int:
     if n < 2:
         raise CorruptShardError(f"header length {n} is too small for a JSON object", file=file, hint=_HINT)
     if 8 + n > file_size:
-        raise CorruptShardError(f"header length {n} runs past the end of the {file_size}-byte file", file=file, hint=_HINT)
+        raise CorruptShardError(
+            f"header length {n} runs past the end of the {file_size}-byte file", file=file, hint=_HINT
+        )
     return n
 
 
@@ -106,7 +108,9 @@ def parse_header(raw: bytes, file: str, file_size: int) -> ShardHeader:
         offs = entry.get("data_offsets")
         if dtype not in DTYPE_SIZES:
             raise CorruptShardError(f"unknown dtype {dtype!r}", file=file, tensor=name, hint=_HINT)
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise CorruptShardError(f"bad shape {shape!r}", file=file, tensor=name, hint=_HINT)
         if (
             not isinstance(offs, list)
@@ -119,7 +123,9 @@ def parse_header(raw: bytes, file: str, file_size: int) -> ShardHeader:
         if offs[1] - offs[0] != expected:
             raise CorruptShardError(
                 f"shape {shape} × {dtype} is {expected} bytes but data_offsets span {offs[1] - offs[0]}",
-                file=file, tensor=name, hint=_HINT,
+                file=file,
+                tensor=name,
+                hint=_HINT,
             )
         if offs[1] > data_len:
             raise CorruptShardError(
@@ -128,7 +134,7 @@ def parse_header(raw: bytes, file: str, file_size: int) -> ShardHeader:
         tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + offs[0], data_start + offs[1])
     # Overlapping tensors mean a damaged header: two names would read the same bytes.
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise CorruptShardError(f"bytes overlap those of {n0}", file=file, tensor=n1, hint=_HINT)
     return ShardHeader(file=file, file_size=file_size, header_len=n, tensors=tensors, metadata=metadata)

@@ -12,8 +12,8 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -37,8 +37,18 @@ class CheckpointSource:
     Thread-safe: the layer streamer reads the next layer while the caller works on this one.
     """
 
-    def __init__(self, files, *, config: dict, weight_map: dict[str, str], commit: str, display: str,
-                 repo_id: str | None = None, local_path: Path | None = None, revision: str | None = None):
+    def __init__(
+        self,
+        files,
+        *,
+        config: dict,
+        weight_map: dict[str, str],
+        commit: str,
+        display: str,
+        repo_id: str | None = None,
+        local_path: Path | None = None,
+        revision: str | None = None,
+    ):
         self._files = files
         self.config = config
         self.weight_map = weight_map
@@ -95,13 +105,13 @@ class CheckpointSource:
             if todo:
                 prefixes = self._files.read_many([(s, 0, 8) for s in todo])
                 lens = {}
-                for s, pre in zip(todo, prefixes):
+                for s, pre in zip(todo, prefixes, strict=False):
                     size = self._files.known_size(s)
                     if size is None:
                         size = self._files.size(s)
                     lens[s] = (parse_header_length(bytes(pre), s, size), size)
                 raws = self._files.read_many([(s, 8, 8 + lens[s][0]) for s in todo])
-                for s, raw in zip(todo, raws):
+                for s, raw in zip(todo, raws, strict=False):
                     self._headers[s] = parse_header(raw, s, lens[s][1])
             return {s: self._headers[s] for s in shards}
 
@@ -109,8 +119,12 @@ class CheckpointSource:
         shard = self.shard_of(name)
         info = self.headers([shard])[shard].tensors.get(name)
         if info is None:
-            raise CorruptShardError("the index places this tensor here but the header does not list it", file=shard, tensor=name,
-                                    hint="The index and the shards disagree; re-download the checkpoint or check the revision.")
+            raise CorruptShardError(
+                "the index places this tensor here but the header does not list it",
+                file=shard,
+                tensor=name,
+                hint="The index and the shards disagree; re-download the checkpoint or check the revision.",
+            )
         return info
 
     def storage_dtype(self, name: str) -> str:
@@ -133,9 +147,12 @@ class CheckpointSource:
         self.headers({self.shard_of(s) for s in scales.values()})  # a scale may sit in another shard
         wanted = names + [s for s in scales.values() if s not in names]
         infos = [self.tensor_info(n) for n in wanted]
-        bufs = self._files.read_many([(self.weight_map[n], i.begin, i.end) for n, i in zip(wanted, infos)])
+        bufs = self._files.read_many(
+            [(self.weight_map[n], i.begin, i.end) for n, i in zip(wanted, infos, strict=False)]
+        )
         raw = {
-            n: to_tensor(b, i.dtype, i.shape, device, file=self.weight_map[n], name=n) for n, b, i in zip(wanted, bufs, infos)
+            n: to_tensor(b, i.dtype, i.shape, device, file=self.weight_map[n], name=n)
+            for n, b, i in zip(wanted, bufs, infos, strict=False)
         }
         out = {}
         for n in names:
@@ -149,8 +166,14 @@ class CheckpointSource:
 # -- opening ---------------------------------------------------------------------------------------
 
 
-def open_checkpoint(ref: ModelRef | str, revision: str = "main", token: str | None = None, endpoint: str | None = None,
-                    concurrency: int = 8, **read_options) -> CheckpointSource:
+def open_checkpoint(
+    ref: ModelRef | str,
+    revision: str = "main",
+    token: str | None = None,
+    endpoint: str | None = None,
+    concurrency: int = 8,
+    **read_options,
+) -> CheckpointSource:
     """Open a Hub repo (pinned to the commit `revision` resolves to) or a local folder.
 
     `read_options` go to `HubFiles` (max_gap, chunk_size, retries, backoff, timeout).
@@ -186,7 +209,9 @@ def _load_json(path: Path, what: str) -> dict:
 def _weight_map(index: dict, where: str) -> dict[str, str]:
     wm = index.get("weight_map")
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
-        raise EntryNotFoundError(f"{INDEX_FILE} of {where} has no valid weight_map", "Check the checkpoint's index file.")
+        raise EntryNotFoundError(
+            f"{INDEX_FILE} of {where} has no valid weight_map", "Check the checkpoint's index file."
+        )
     return wm
 
 
@@ -194,19 +219,37 @@ def _open_local(ref: ModelRef) -> CheckpointSource:
     folder = ref.local_path
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise EntryNotFoundError(f"no config.json in {folder}", "Point MODEL at a checkpoint folder (config.json + safetensors).")
+        raise EntryNotFoundError(
+            f"no config.json in {folder}", "Point MODEL at a checkpoint folder (config.json + safetensors)."
+        )
     config = _load_json(cfg_path, f"{cfg_path}")
     files = LocalFiles(folder)
     shards = sorted(folder.glob("*.safetensors"))
     if (folder / INDEX_FILE).is_file():
         wm = _weight_map(_load_json(folder / INDEX_FILE, str(folder / INDEX_FILE)), str(folder))
         fp_files = [cfg_path, folder / INDEX_FILE] + shards
-        src = CheckpointSource(files, config=config, weight_map=wm, commit=_fingerprint(folder, fp_files), display=ref.display, local_path=folder)
+        src = CheckpointSource(
+            files,
+            config=config,
+            weight_map=wm,
+            commit=_fingerprint(folder, fp_files),
+            display=ref.display,
+            local_path=folder,
+        )
         return src
     if not shards:
-        raise EntryNotFoundError(f"no safetensors files in {folder}", f"Expected {INDEX_FILE} with shards, or {LONE_FILE}.")
+        raise EntryNotFoundError(
+            f"no safetensors files in {folder}", f"Expected {INDEX_FILE} with shards, or {LONE_FILE}."
+        )
     # No index: map tensors from the headers of every shard (a local read, cheap).
-    src = CheckpointSource(files, config=config, weight_map={}, commit=_fingerprint(folder, [cfg_path] + shards), display=ref.display, local_path=folder)
+    src = CheckpointSource(
+        files,
+        config=config,
+        weight_map={},
+        commit=_fingerprint(folder, [cfg_path] + shards),
+        display=ref.display,
+        local_path=folder,
+    )
     wm = {}
     for s, h in src.headers([s.name for s in shards]).items():
         for n in h.tensors:
@@ -222,7 +265,9 @@ def _map_hf_error(e: Exception, ref: ModelRef, revision: str, endpoint: str, pat
         err = hub_error(resp, repo_id=ref.repo_id, revision=revision, path=path, endpoint=endpoint)
         if err is not None:
             return err
-    return TransferError(f"could not fetch {path} of {ref.repo_id} from {endpoint}: {e}", "Check the network, --endpoint / HF_ENDPOINT.")
+    return TransferError(
+        f"could not fetch {path} of {ref.repo_id} from {endpoint}: {e}", "Check the network, --endpoint / HF_ENDPOINT."
+    )
 
 
 def _resolve_commit(ref: ModelRef, revision: str, token, endpoint: str, retries: int = 5) -> str:
@@ -245,7 +290,10 @@ def _resolve_commit(ref: ModelRef, revision: str, token, endpoint: str, retries:
         except httpx.TransportError as e:
             attempt += 1
             if attempt > retries:
-                raise TransferError(f"cannot reach {endpoint}: {e}", "Check the network, or set --endpoint / HF_ENDPOINT to a reachable mirror.") from None
+                raise TransferError(
+                    f"cannot reach {endpoint}: {e}",
+                    "Check the network, or set --endpoint / HF_ENDPOINT to a reachable mirror.",
+                ) from None
             time.sleep(0.2 * 2**attempt)
             continue
         if r.status_code == 429 or r.status_code >= 500:
@@ -254,7 +302,12 @@ def _resolve_commit(ref: ModelRef, revision: str, token, endpoint: str, retries:
                 raise TransferError(f"{endpoint} answered HTTP {r.status_code} for {ref.repo_id}", "Retry later.")
             time.sleep(0.2 * 2**attempt)
             continue
-        if 300 <= r.status_code < 400 and not r.headers.get("X-Repo-Commit") and "location" in r.headers and redirects < 5:
+        if (
+            300 <= r.status_code < 400
+            and not r.headers.get("X-Repo-Commit")
+            and "location" in r.headers
+            and redirects < 5
+        ):
             # A renamed repo answers with a (relative) redirect to its new name: follow it by hand,
             # so that an LFS-stored file's redirect to a CDN still yields the headers of the Hub.
             redirects += 1
@@ -272,7 +325,9 @@ def _resolve_commit(ref: ModelRef, revision: str, token, endpoint: str, retries:
         return commit
 
 
-def _open_hub(ref: ModelRef, revision: str, token, endpoint: str | None, concurrency: int, read_options: dict) -> CheckpointSource:
+def _open_hub(
+    ref: ModelRef, revision: str, token, endpoint: str | None, concurrency: int, read_options: dict
+) -> CheckpointSource:
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -286,20 +341,34 @@ def _open_hub(ref: ModelRef, revision: str, token, endpoint: str | None, concurr
         except HfHubHTTPError as e:
             raise _map_hf_error(e, ref, revision, endpoint, path) from None
         except Exception as e:  # network down mid-way, offline mode, cache not writable: say so, no traceback
-            raise TransferError(f"could not fetch {path} of {ref.repo_id} from {endpoint}: {type(e).__name__}: {e}",
-                                "Check the network, --endpoint / HF_ENDPOINT, and that HF_HOME is writable.") from e
+            raise TransferError(
+                f"could not fetch {path} of {ref.repo_id} from {endpoint}: {type(e).__name__}: {e}",
+                "Check the network, --endpoint / HF_ENDPOINT, and that HF_HOME is writable.",
+            ) from e
 
     config = _load_json(fetch("config.json"), f"config.json of {ref.repo_id}")
-    files = HubFiles(endpoint, ref.repo_id, commit, token=token, concurrency=concurrency, revision=revision, **read_options)
+    files = HubFiles(
+        endpoint, ref.repo_id, commit, token=token, concurrency=concurrency, revision=revision, **read_options
+    )
     try:
         index_path = fetch(INDEX_FILE)
     except EntryNotFoundError:
         index_path = None
     if index_path is not None:
         wm = _weight_map(_load_json(index_path, f"{INDEX_FILE} of {ref.repo_id}"), ref.repo_id)
-        return CheckpointSource(files, config=config, weight_map=wm, commit=commit, display=ref.display, repo_id=ref.repo_id, revision=revision)
+        return CheckpointSource(
+            files,
+            config=config,
+            weight_map=wm,
+            commit=commit,
+            display=ref.display,
+            repo_id=ref.repo_id,
+            revision=revision,
+        )
     # A single-file checkpoint: its header is the index.
-    src = CheckpointSource(files, config=config, weight_map={}, commit=commit, display=ref.display, repo_id=ref.repo_id, revision=revision)
+    src = CheckpointSource(
+        files, config=config, weight_map={}, commit=commit, display=ref.display, repo_id=ref.repo_id, revision=revision
+    )
     try:
         h = src.headers([LONE_FILE])[LONE_FILE]
     except EntryNotFoundError:

@@ -22,7 +22,14 @@ from svd_probe.plots.figures import (
     rank_heatmaps,
     spectra,
 )
-from svd_probe.plots.planner import PlannerResult, break_even_latent, default_latent, output_params, plan_latent, planner_rich_table
+from svd_probe.plots.planner import (
+    PlannerResult,
+    break_even_latent,
+    default_latent,
+    output_params,
+    plan_latent,
+    planner_rich_table,
+)
 from svd_probe.plots.render import FIGURE_KINDS, FORMATS, PlotReport, make_plots, parse_choices, parse_layers
 from svd_probe.plots.style import KIND_COLORS
 

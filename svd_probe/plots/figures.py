@@ -10,8 +10,8 @@ would add them; `make_plots` turns that into a note and goes on with the other f
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -86,7 +86,9 @@ def _missing_note(analysis, scope: str, kinds: Sequence[str], present: Sequence[
     missing = [k for k in kinds if k not in present]
     if not missing:
         return []
-    return [f"{analysis.display}: no {scope} {', '.join(missing)} spectra cached, left out (run: {analysis.analyze_command(matrices=','.join(missing))})"]
+    return [
+        f"{analysis.display}: no {scope} {', '.join(missing)} spectra cached, left out (run: {analysis.analyze_command(matrices=','.join(missing))})"
+    ]
 
 
 def _mtp_layers(analysis) -> list[int]:
@@ -94,7 +96,7 @@ def _mtp_layers(analysis) -> list[int]:
     n, mtp = dims.get("num_layers"), dims.get("num_mtp_layers") or 0
     if not n or not mtp:
         return []
-    return [l for l in analysis.layers if l >= n - mtp]
+    return [ly for ly in analysis.layers if ly >= n - mtp]
 
 
 def _mark_mtp(ax, analysis) -> None:
@@ -134,7 +136,10 @@ def layerwise_ranks(
     metrics = _metrics(analysis, metrics, errors)
     present = _require(analysis, metrics, "stacked", kinds, "the layer-wise figure")
     cols = [error_column(e) for e in errors]
-    data = metrics.loc[(metrics["scope"] == "stacked") & metrics["matrix"].isin(present), ["layer", "matrix", "m", "n", "full_rank", *cols]]
+    data = metrics.loc[
+        (metrics["scope"] == "stacked") & metrics["matrix"].isin(present),
+        ["layer", "matrix", "m", "n", "full_rank", *cols],
+    ]
     order = data["matrix"].map({k: i for i, k in enumerate(present)})
     data = data.assign(_order=order).sort_values(["_order", "layer"]).drop(columns="_order").reset_index(drop=True)
 
@@ -142,7 +147,7 @@ def layerwise_ranks(
         fig = style.new_figure(5.0 * len(errors), 4.2, dpi)
         axes = fig.subplots(1, len(errors), sharey=True, squeeze=False)[0]
         full = data.groupby("full_rank")["matrix"].apply(lambda s: list(dict.fromkeys(s))).to_dict()
-        for ax, e, col in zip(axes, errors, cols):
+        for ax, e, col in zip(axes, errors, cols, strict=False):
             _mark_mtp(ax, analysis)
             for kind in present:
                 d = data[data["matrix"] == kind]
@@ -151,16 +156,31 @@ def layerwise_ranks(
                 # Kinds sharing a full rank share one line, drawn in their colour when alone.
                 color = style.kind_color(ks[0]) if len(ks) == 1 else "0.3"
                 ax.axhline(fr, color=color, ls="--", lw=0.9, alpha=0.8)
-                ax.annotate(f"full rank {fr:,} ({', '.join(ks)})", (1.0, fr), xycoords=("axes fraction", "data"), xytext=(-2, 2),
-                            textcoords="offset points", ha="right", va="bottom", fontsize=7, color=color)
+                ax.annotate(
+                    f"full rank {fr:,} ({', '.join(ks)})",
+                    (1.0, fr),
+                    xycoords=("axes fraction", "data"),
+                    xytext=(-2, 2),
+                    textcoords="offset points",
+                    ha="right",
+                    va="bottom",
+                    fontsize=7,
+                    color=color,
+                )
             ax.set_title(f"rank at {style.pct(e)} error (stacked heads)")
             ax.set_xlabel("layer")
             _layer_ticks(ax, analysis.layers)
         axes[0].set_ylabel(RANK_UNIT)
         axes[0].set_ylim(bottom=0)
         axes[-1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), title="stacked")
-        _suptitle(fig, style.title(analysis, "Layer-wise effective rank of stacked attention matrices",
-                                   "rank at " + " / ".join(style.pct(e) for e in errors) + " error"))
+        _suptitle(
+            fig,
+            style.title(
+                analysis,
+                "Layer-wise effective rank of stacked attention matrices",
+                "rank at " + " / ".join(style.pct(e) for e in errors) + " error",
+            ),
+        )
     return FigureResult("layerwise", "layerwise", fig, data, _missing_note(analysis, "stacked", kinds, present))
 
 
@@ -171,7 +191,11 @@ def _headwise_frame(analysis, metrics: pd.DataFrame, layer: int, error: float, k
     """One row per query head: its rank of each kind, in the order the figure draws the heads."""
     col = error_column(error)
     m = metrics[(metrics["scope"] == "head") & (metrics["layer"] == layer)]
-    n_heads = int((m["matrix"] == "VO").sum()) or int(analysis.dims.get("n_heads") or 0) or int(m.groupby("matrix").size().max())
+    n_heads = (
+        int((m["matrix"] == "VO").sum())
+        or int(analysis.dims.get("n_heads") or 0)
+        or int(m.groupby("matrix").size().max())
+    )
     frame = pd.DataFrame({"layer": layer, "head": np.arange(n_heads)})
     for kind in kinds:
         r = m.loc[m["matrix"] == kind].sort_values("head")[col].to_numpy()
@@ -196,10 +220,20 @@ def _draw_headwise(ax, frame: pd.DataFrame, kinds: Sequence[str], d_v: int | Non
         if kind not in frame:
             continue
         c = style.kind_color(kind)
-        ax.plot(frame["position"], frame[kind], color=c, marker="" if small else ".", ms=4, lw=0.9 if small else 1.3, label=kind)
+        ax.plot(
+            frame["position"],
+            frame[kind],
+            color=c,
+            marker="" if small else ".",
+            ms=4,
+            lw=0.9 if small else 1.3,
+            label=kind,
+        )
         med = float(np.median(frame[kind]))
         medians[kind] = med
-        ax.hlines(med, *span, color=c, ls=":", lw=0.8 if small else 1.1, label=None if small else f"{kind} median {med:g}")
+        ax.hlines(
+            med, *span, color=c, ls=":", lw=0.8 if small else 1.1, label=None if small else f"{kind} median {med:g}"
+        )
     if d_v:
         ax.hlines(d_v, *span, color="0.3", ls="--", lw=0.8, label=None if small else f"d_v = {d_v} (largest possible)")
     if not small:  # grid panels share x: the caller sets it once, as each set propagates to all
@@ -219,12 +253,16 @@ def headwise_ranks(
     metrics = _metrics(analysis, metrics, [error])
     layer = analysis.layers[len(analysis.layers) // 2] if layer is None else int(layer)
     if layer not in analysis.layers:
-        raise MissingFigureData(f"{analysis.display}: layer {layer} is not cached (cached: {_ranges(analysis.layers)})",
-                                analysis.analyze_command(layers=str(layer), matrices=",".join(kinds)))
+        raise MissingFigureData(
+            f"{analysis.display}: layer {layer} is not cached (cached: {_ranges(analysis.layers)})",
+            analysis.analyze_command(layers=str(layer), matrices=",".join(kinds)),
+        )
     present = _present(metrics[metrics["layer"] == layer], "head", kinds)
     if not present:
-        raise MissingFigureData(f"{analysis.display}: no per-head {', '.join(kinds)} spectra cached for layer {layer}",
-                                analysis.analyze_command(layers=str(layer), matrices=",".join(kinds)))
+        raise MissingFigureData(
+            f"{analysis.display}: no per-head {', '.join(kinds)} spectra cached for layer {layer}",
+            analysis.analyze_command(layers=str(layer), matrices=",".join(kinds)),
+        )
     frame = _headwise_frame(analysis, metrics, layer, error, present)
     d_v = analysis.dims.get("d_v")
     with style.plot_style():
@@ -235,8 +273,18 @@ def headwise_ranks(
         ax.set_ylabel(f"{RANK_UNIT}, at {style.pct(error)} error")
         ax.set_ylim(bottom=0)
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), title="per head")
-        _suptitle(fig, style.title(analysis, f"Head-wise rank of V, O and VO, layer {layer}", f"rank at {style.pct(error)} error"))
-    return FigureResult("headwise", f"headwise-L{layer:03d}", fig, frame, _missing_note(analysis, "head", kinds, present), {"medians": medians, "layer": layer})
+        _suptitle(
+            fig,
+            style.title(analysis, f"Head-wise rank of V, O and VO, layer {layer}", f"rank at {style.pct(error)} error"),
+        )
+    return FigureResult(
+        "headwise",
+        f"headwise-L{layer:03d}",
+        fig,
+        frame,
+        _missing_note(analysis, "head", kinds, present),
+        {"medians": medians, "layer": layer},
+    )
 
 
 def headwise_grid(
@@ -252,8 +300,8 @@ def headwise_grid(
     # Split the (large) table by layer once instead of filtering it again for every panel.
     heads = metrics[(metrics["scope"] == "head") & metrics["matrix"].isin(present)]
     by_layer = dict(list(heads.groupby("layer")))
-    layers = [l for l in analysis.layers if l in by_layer]
-    frames = [_headwise_frame(analysis, by_layer[l], l, error, present) for l in layers]
+    layers = [ly for ly in analysis.layers if ly in by_layer]
+    frames = [_headwise_frame(analysis, by_layer[ly], ly, error, present) for ly in layers]
     data = pd.concat(frames, ignore_index=True)
     d_v = analysis.dims.get("d_v")
     ncols = math.ceil(math.sqrt(len(layers)))
@@ -263,13 +311,15 @@ def headwise_grid(
         height = 1.45 * nrows + 1.2
         # Fixed margins: constrained layout costs seconds with 60-odd panels and gains nothing here.
         fig = Figure(figsize=(1.9 * ncols + 1.2, height), dpi=dpi)
-        fig.subplots_adjust(left=0.06, right=0.99, bottom=0.55 / height + 0.04, top=1 - 0.75 / height, wspace=0.12, hspace=0.35)
+        fig.subplots_adjust(
+            left=0.06, right=0.99, bottom=0.55 / height + 0.04, top=1 - 0.75 / height, wspace=0.12, hspace=0.35
+        )
         axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
-        for ax, layer, frame in zip(axes.flat, layers, frames):
+        for ax, layer, frame in zip(axes.flat, layers, frames, strict=False):
             medians[layer] = _draw_headwise(ax, frame, present, d_v, small=True)
             ax.set_title(f"layer {layer}", fontsize=7, pad=2)
             ax.tick_params(labelsize=6)
-        for ax in list(axes.flat)[len(layers):]:
+        for ax in list(axes.flat)[len(layers) :]:
             ax.set_visible(False)
         for ax in axes[-1]:
             ax.set_xlabel("head (sorted by VO)", fontsize=7)
@@ -278,10 +328,19 @@ def headwise_grid(
         axes.flat[0].set_ylim(bottom=0)
         axes.flat[0].set_xlim(-0.5, max(len(f) for f in frames) - 0.5)
         handles = [Line2D([], [], color=style.kind_color(k), lw=1.3, label=k) for k in present]
-        handles += [Line2D([], [], color="0.3", ls=":", label="median"), Line2D([], [], color="0.3", ls="--", label="d_v")]
+        handles += [
+            Line2D([], [], color="0.3", ls=":", label="median"),
+            Line2D([], [], color="0.3", ls="--", label="d_v"),
+        ]
         fig.legend(handles=handles, loc="lower center", ncols=len(handles), frameon=False)
-        _suptitle(fig, style.title(analysis, "Head-wise rank of V, O and VO in every layer (y: number of singular values)",
-                                   f"rank at {style.pct(error)} error"))
+        _suptitle(
+            fig,
+            style.title(
+                analysis,
+                "Head-wise rank of V, O and VO in every layer (y: number of singular values)",
+                f"rank at {style.pct(error)} error",
+            ),
+        )
     notes = _missing_note(analysis, "head", kinds, present)
     return FigureResult("grid", "headwise-grid", fig, data, notes, {"medians": medians})
 
@@ -300,7 +359,9 @@ def rank_heatmaps(
     metrics = _metrics(analysis, metrics, [error])
     present = _require(analysis, metrics, "head", kinds, "the heat maps")
     col = error_column(error)
-    data = metrics.loc[(metrics["scope"] == "head") & metrics["matrix"].isin(present), ["layer", "head", "matrix", col, "full_rank"]]
+    data = metrics.loc[
+        (metrics["scope"] == "head") & metrics["matrix"].isin(present), ["layer", "head", "matrix", col, "full_rank"]
+    ]
     data = data.rename(columns={col: "rank"}).astype({"head": int}).reset_index(drop=True)
     grids = {k: data[data["matrix"] == k].pivot(index="layer", columns="head", values="rank") for k in present}
     with style.plot_style():
@@ -308,10 +369,16 @@ def rank_heatmaps(
         n_layers = max(g.shape[0] for g in grids.values())
         fig = style.new_figure(min(16.0, 2.5 + 0.045 * n_heads) * len(present), min(12.0, 2.0 + 0.12 * n_layers), dpi)
         axes = fig.subplots(1, len(present), squeeze=False)[0]
-        for ax, kind in zip(axes, present):
+        for ax, kind in zip(axes, present, strict=False):
             g = grids[kind]
-            im = ax.imshow(g.to_numpy(dtype=float), aspect="auto", interpolation="nearest", cmap=_kind_cmap(kind), vmin=0,
-                           extent=(-0.5, g.shape[1] - 0.5, len(g) - 0.5, -0.5))
+            im = ax.imshow(
+                g.to_numpy(dtype=float),
+                aspect="auto",
+                interpolation="nearest",
+                cmap=_kind_cmap(kind),
+                vmin=0,
+                extent=(-0.5, g.shape[1] - 0.5, len(g) - 0.5, -0.5),
+            )
             # Rows are the cached layers, which need not be contiguous: label rows by layer number.
             rows = list(range(0, len(g), max(1, math.ceil(len(g) / 16))))
             ax.set_yticks(rows, [str(g.index[i]) for i in rows])
@@ -321,8 +388,14 @@ def rank_heatmaps(
             ax.set_title(f"per-head {kind} rank at {style.pct(error)} error")
             fig.colorbar(im, ax=ax, label=f"{kind} {RANK_UNIT}", shrink=0.9)
         _suptitle(fig, style.title(analysis, "Per-head rank, layer × head", f"rank at {style.pct(error)} error"))
-    return FigureResult("heatmap", "heatmap-head-ranks", fig, data, _missing_note(analysis, "head", kinds, present),
-                        {"grids": {k: g.to_numpy() for k, g in grids.items()}})
+    return FigureResult(
+        "heatmap",
+        "heatmap-head-ranks",
+        fig,
+        data,
+        _missing_note(analysis, "head", kinds, present),
+        {"grids": {k: g.to_numpy() for k, g in grids.items()}},
+    )
 
 
 # --- 5. spectra ----------------------------------------------------------------------------------
@@ -346,28 +419,36 @@ def spectra(
     dpi: float = 100,
 ) -> FigureResult:
     """σ_i / σ_1 against i (log scale), one panel per layer, one line per kind; a dot marks the rank at `error`."""
-    layers = default_spectra_layers(analysis.layers) if not layers else [int(l) for l in layers]
-    missing_layers = [l for l in layers if l not in analysis.layers]
-    layers = [l for l in layers if l in analysis.layers]
+    layers = default_spectra_layers(analysis.layers) if not layers else [int(ly) for ly in layers]
+    missing_layers = [ly for ly in layers if ly not in analysis.layers]
+    layers = [ly for ly in layers if ly in analysis.layers]
     notes = []
     if missing_layers:
-        notes.append(f"{analysis.display}: layers {_ranges(missing_layers)} not cached, left out "
-                     f"(run: {analysis.analyze_command(layers=','.join(map(str, missing_layers)))})")
+        notes.append(
+            f"{analysis.display}: layers {_ranges(missing_layers)} not cached, left out "
+            f"(run: {analysis.analyze_command(layers=','.join(map(str, missing_layers)))})"
+        )
     rows = []
-    for l in layers:
-        ls = analysis.layer_spectra[l]
+    for ly in layers:
+        ls = analysis.layer_spectra[ly]
         for kind in kinds:
             s = ls.sigma.get(f"{scope}.{kind}")
             if s is None or s.ndim != 1 or s.size == 0:
                 continue
             s = np.sort(np.asarray(s, dtype=np.float64))[::-1]
             norm = s / s[0] if s[0] > 0 else np.zeros_like(s)
-            frame = pd.DataFrame({"layer": l, "matrix": kind, "index": np.arange(1, len(s) + 1), "sigma": s, "sigma_normalized": norm})
+            frame = pd.DataFrame(
+                {"layer": ly, "matrix": kind, "index": np.arange(1, len(s) + 1), "sigma": s, "sigma_normalized": norm}
+            )
             frame["at_error_rank"] = frame["index"] == energy_rank(s, error)
             rows.append(frame)
     if not rows:
-        raise MissingFigureData(f"{analysis.display}: no {scope} spectra of {', '.join(kinds)} cached for layers {_ranges(layers) or '(none)'}",
-                                analysis.analyze_command(layers=",".join(map(str, missing_layers or layers)) or None, matrices=",".join(kinds)))
+        raise MissingFigureData(
+            f"{analysis.display}: no {scope} spectra of {', '.join(kinds)} cached for layers {_ranges(layers) or '(none)'}",
+            analysis.analyze_command(
+                layers=",".join(map(str, missing_layers or layers)) or None, matrices=",".join(kinds)
+            ),
+        )
     data = pd.concat(rows, ignore_index=True)
     present = [k for k in kinds if k in set(data["matrix"])]
     notes += _missing_note(analysis, scope, kinds, present)
@@ -376,24 +457,36 @@ def spectra(
     with style.plot_style():
         fig = style.new_figure(4.6 * ncols + 1.0, 3.3 * nrows + 0.8, dpi)
         axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False)
-        for ax, l in zip(axes.flat, layers):
-            d = data[data["layer"] == l]
+        for ax, ly in zip(axes.flat, layers, strict=False):
+            d = data[data["layer"] == ly]
             for kind in present:
                 dk = d[d["matrix"] == kind]
                 # Exact zeros have no place on a log axis; they end the line instead.
                 y = dk["sigma_normalized"].where(dk["sigma_normalized"] > 0)
                 ax.plot(dk["index"], y, color=style.kind_color(kind), lw=1.2, label=kind)
                 mark = dk[dk["at_error_rank"]]
-                ax.plot(mark["index"], mark["sigma_normalized"], "o", color=style.kind_color(kind), ms=4, mec="white", mew=0.6)
+                ax.plot(
+                    mark["index"],
+                    mark["sigma_normalized"],
+                    "o",
+                    color=style.kind_color(kind),
+                    ms=4,
+                    mec="white",
+                    mew=0.6,
+                )
             ax.set_yscale("log")
-            ax.set_title(f"layer {l}" + (" (MTP)" if l in _mtp_layers(analysis) else ""))
+            ax.set_title(f"layer {ly}" + (" (MTP)" if ly in _mtp_layers(analysis) else ""))
             ax.set_xlabel("singular value index i")
             ax.set_ylabel("σ_i / σ_1 (log scale)")
-        for ax in list(axes.flat)[len(layers):]:
+        for ax in list(axes.flat)[len(layers) :]:
             ax.set_visible(False)
         axes.flat[0].legend(title=scope)
-        _suptitle(fig, style.title(analysis, f"Normalized singular values of {scope} matrices",
-                                   f"dots: rank at {style.pct(error)} error"))
+        _suptitle(
+            fig,
+            style.title(
+                analysis, f"Normalized singular values of {scope} matrices", f"dots: rank at {style.pct(error)} error"
+            ),
+        )
     return FigureResult("spectra", "spectra", fig, data, notes)
 
 
@@ -414,31 +507,49 @@ def error_at_rank(
     d_model = int(analysis.dims.get("d_model") or 0)
     if rank is None:
         if not d_model:
-            raise MissingFigureData(f"{analysis.display}: no d_model in the cache manifest to choose a default rank; pass a rank")
+            raise MissingFigureData(
+                f"{analysis.display}: no d_model in the cache manifest to choose a default rank; pass a rank"
+            )
         rank = default_error_rank(d_model)
     rank = int(rank)
     rows = []
-    for l in analysis.layers:
-        ls = analysis.layer_spectra[l]
+    for ly in analysis.layers:
+        ls = analysis.layer_spectra[ly]
         for kind in kinds:
             key = f"stacked.{kind}"
             if key not in ls.sigma:
                 continue
             full = int(min(ls.shapes.get(key, (len(ls.sigma[key]),) * 2)))
             err = relative_error_at_rank(ls.sigma[key], rank)
-            rows.append({"layer": l, "matrix": kind, "rank": rank, "full_rank": full, "rel_error": err, "energy_kept": 1.0 - err**2})
+            rows.append(
+                {
+                    "layer": ly,
+                    "matrix": kind,
+                    "rank": rank,
+                    "full_rank": full,
+                    "rel_error": err,
+                    "energy_kept": 1.0 - err**2,
+                }
+            )
     if not rows:
-        raise MissingFigureData(f"{analysis.display}: no stacked spectra of {', '.join(kinds)} cached", analysis.analyze_command(matrices=",".join(kinds)))
+        raise MissingFigureData(
+            f"{analysis.display}: no stacked spectra of {', '.join(kinds)} cached",
+            analysis.analyze_command(matrices=",".join(kinds)),
+        )
     data = pd.DataFrame(rows)
     present = [k for k in kinds if k in set(data["matrix"])]
     notes = _missing_note(analysis, "stacked", kinds, present)
     exact = sorted(set(data.loc[data["full_rank"] <= rank, "matrix"]), key=list(kinds).index)
     if exact:
-        notes.append(f"{analysis.display}: {', '.join(exact)} have full rank ≤ r = {rank} (exact at that rank), left out of the error figure")
+        notes.append(
+            f"{analysis.display}: {', '.join(exact)} have full rank ≤ r = {rank} (exact at that rank), left out of the error figure"
+        )
     data = data[~data["matrix"].isin(exact)].reset_index(drop=True)
     drawn = [k for k in present if k not in exact]
     if not drawn:
-        raise MissingFigureData(f"{analysis.display}: every cached stacked kind has full rank ≤ r = {rank}; choose a smaller rank")
+        raise MissingFigureData(
+            f"{analysis.display}: every cached stacked kind has full rank ≤ r = {rank}; choose a smaller rank"
+        )
     with style.plot_style():
         fig = style.new_figure(6.5, 4.0, dpi)
         ax = fig.subplots()
@@ -446,14 +557,25 @@ def error_at_rank(
         for kind in drawn:
             d = data[data["matrix"] == kind]
             full = int(d["full_rank"].iloc[0])
-            ax.plot(d["layer"], d["rel_error"] * 100, color=style.kind_color(kind), marker=".", ms=4, lw=1.3, label=f"{kind} (full rank {full:,})")
+            ax.plot(
+                d["layer"],
+                d["rel_error"] * 100,
+                color=style.kind_color(kind),
+                marker=".",
+                ms=4,
+                lw=1.3,
+                label=f"{kind} (full rank {full:,})",
+            )
         ax.set_xlabel("layer")
         ax.set_ylabel("relative error ‖A − A_r‖_F / ‖A‖_F (%)")
         ax.set_ylim(bottom=0)
         _layer_ticks(ax, analysis.layers)
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), title="stacked")
         width = f" of {d_model:,}" if d_model else ""
-        _suptitle(fig, style.title(analysis, "Error of the best fixed-rank approximation, per layer", f"rank r = {rank:,}{width}"))
+        _suptitle(
+            fig,
+            style.title(analysis, "Error of the best fixed-rank approximation, per layer", f"rank r = {rank:,}{width}"),
+        )
     return FigureResult("error", f"error-at-rank-{rank}", fig, data, notes, {"rank": rank})
 
 
@@ -472,7 +594,15 @@ def planner_figure(analysis, latent: int | None = None, dpi: float = 100) -> Fig
         for kind in ("O", "VO"):
             col = f"energy_kept_{kind}"
             if t[col].notna().any():
-                ax1.plot(t["layer"], t[col] * 100, color=style.kind_color(kind), marker=".", ms=4, lw=1.3, label=f"stacked {kind}")
+                ax1.plot(
+                    t["layer"],
+                    t[col] * 100,
+                    color=style.kind_color(kind),
+                    marker=".",
+                    ms=4,
+                    lw=1.3,
+                    label=f"stacked {kind}",
+                )
         ax1.set_xlabel("layer")
         ax1.set_ylabel(f"energy kept at rank D = {D:,} (%)")
         ax1.set_title(f"Energy kept by a {D:,}-dim shared output latent")
@@ -483,8 +613,21 @@ def planner_figure(analysis, latent: int | None = None, dpi: float = 100) -> Fig
         for kind in ("O", "VO"):
             if f"energy_kept_{kind}_min" in sweep:
                 c = style.kind_color(kind)
-                ax2.plot(sweep["latent"], sweep[f"energy_kept_{kind}_min"] * 100, color=c, lw=1.3, label=f"{kind} energy kept, worst layer")
-                ax2.plot(sweep["latent"], sweep[f"energy_kept_{kind}_median"] * 100, color=c, lw=1.0, ls=":", label=f"{kind} energy kept, median layer")
+                ax2.plot(
+                    sweep["latent"],
+                    sweep[f"energy_kept_{kind}_min"] * 100,
+                    color=c,
+                    lw=1.3,
+                    label=f"{kind} energy kept, worst layer",
+                )
+                ax2.plot(
+                    sweep["latent"],
+                    sweep[f"energy_kept_{kind}_median"] * 100,
+                    color=c,
+                    lw=1.0,
+                    ls=":",
+                    label=f"{kind} energy kept, median layer",
+                )
         ax2.axhline(100, color="0.5", lw=0.6)
         ax2.axvline(D, color="0.2", lw=1.0, label=f"D = {D:,} ({plan.param_change * 100:+.1f}% weights)")
         ax2.axvline(plan.break_even, color="0.2", lw=1.0, ls="--", label=f"break-even D = {plan.break_even:,.0f}")
@@ -515,11 +658,13 @@ def compare_models(
     metrics = list(metrics) if metrics is not None else [None] * len(analyses)
     col = error_column(error)
     rows, notes = [], []
-    for a, m in zip(analyses, metrics):
+    for a, m in zip(analyses, metrics, strict=False):
         m = _metrics(a, m, [error])
         present = _present(m, "stacked", kinds)
         notes += _missing_note(a, "stacked", kinds, present)
-        d = m.loc[(m["scope"] == "stacked") & m["matrix"].isin(present), ["layer", "matrix", "full_rank", col]].rename(columns={col: "rank"})
+        d = m.loc[(m["scope"] == "stacked") & m["matrix"].isin(present), ["layer", "matrix", "full_rank", col]].rename(
+            columns={col: "rank"}
+        )
         n_layers = int(a.dims.get("num_layers") or (max(a.layers) + 1))
         d.insert(0, "model", a.display)
         d["depth"] = d["layer"] / max(1, n_layers - 1)
@@ -528,8 +673,10 @@ def compare_models(
         rows.append(d)
     data = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
     if data.empty:
-        raise MissingFigureData(f"no stacked {', '.join(kinds)} spectra cached for any of {', '.join(a.display for a in analyses)}",
-                                "; ".join(a.analyze_command(matrices=",".join(kinds)) for a in analyses))
+        raise MissingFigureData(
+            f"no stacked {', '.join(kinds)} spectra cached for any of {', '.join(a.display for a in analyses)}",
+            "; ".join(a.analyze_command(matrices=",".join(kinds)) for a in analyses),
+        )
     models = list(dict.fromkeys(data["model"]))
     drawn_kinds = [k for k in kinds if k in set(data["matrix"])]
     with style.plot_style():
@@ -557,15 +704,32 @@ def compare_models(
         for i, model in enumerate(models):
             w = data.loc[data["model"] == model, "d_model"].iloc[0]
             label = model + (f" (H = {int(w):,})" if pd.notna(w) else "")
-            handles.append(Line2D([], [], color="0.2", ls=style.MODEL_LINESTYLES[i % 4], marker=style.MODEL_MARKERS[i % 6], ms=3, label=label))
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    color="0.2",
+                    ls=style.MODEL_LINESTYLES[i % 4],
+                    marker=style.MODEL_MARKERS[i % 6],
+                    ms=3,
+                    label=label,
+                )
+            )
         fig.legend(handles=handles, loc="outside right center")
-        _suptitle(fig, style.title(list(analyses), "Comparison of models: effective rank of stacked matrices", f"rank at {style.pct(error)} error"))
+        _suptitle(
+            fig,
+            style.title(
+                list(analyses),
+                "Comparison of models: effective rank of stacked matrices",
+                f"rank at {style.pct(error)} error",
+            ),
+        )
     return FigureResult("compare", "compare", fig, data.reset_index(drop=True), notes)
 
 
 def _ranges(layers: Sequence[int]) -> str:
     """[0, 1, 2, 5] → '0-2,5' (the `--layers` syntax)."""
-    out, layers = [], sorted(set(int(l) for l in layers))
+    out, layers = [], sorted(set(int(ly) for ly in layers))
     i = 0
     while i < len(layers):
         j = i

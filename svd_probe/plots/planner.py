@@ -132,7 +132,9 @@ def plan_latent(analysis, latent: int | None = None, sweep_points: int = 64) -> 
     kinds_present = set(analysis.kinds("stacked"))
     for kind in ("O", "VO"):
         if kind not in kinds_present:
-            notes.append(f"no stacked {kind} spectra cached: its energy column is empty (run: {analysis.analyze_command(matrices=kind)})")
+            notes.append(
+                f"no stacked {kind} spectra cached: its energy column is empty (run: {analysis.analyze_command(matrices=kind)})"
+            )
     before, after = output_params(n, d_v, H), output_params(n, d_v, H, D)
     for layer in analysis.layers:
         row = {"model": analysis.display, "layer": layer, "latent": D}
@@ -151,7 +153,9 @@ def plan_latent(analysis, latent: int | None = None, sweep_points: int = 64) -> 
     table = pd.DataFrame(rows)
     num_layers = int(dims.get("num_layers") or len(analysis.layers))
     if num_layers != len(analysis.layers):
-        notes.append(f"energies from {len(analysis.layers)} cached layers of {num_layers}; parameter totals count all {num_layers}")
+        notes.append(
+            f"energies from {len(analysis.layers)} cached layers of {num_layers}; parameter totals count all {num_layers}"
+        )
     return PlannerResult(
         model=analysis.display,
         latent=D,
@@ -171,7 +175,9 @@ def _sweep(analysis, n: int, d_v: int, H: int, points: int) -> pd.DataFrame:
     out = {"latent": ds, "params_ratio": [output_params(n, d_v, H, int(d)) / output_params(n, d_v, H) for d in ds]}
     for kind in ("O", "VO"):
         key = f"stacked.{kind}"
-        spectra = [analysis.layer_spectra[l].sigma[key] for l in analysis.layers if key in analysis.layer_spectra[l].sigma]
+        spectra = [
+            analysis.layer_spectra[ly].sigma[key] for ly in analysis.layers if key in analysis.layer_spectra[ly].sigma
+        ]
         if not spectra:
             continue
         # Cumulative energy per layer once, then read it at every D: one pass per layer, not per point.
@@ -207,12 +213,18 @@ def planner_rich_table(results: list[PlannerResult]):
         ("output weights before", lambda r, t: f"{t['params_before'] / 1e6:,.1f} M"),
         ("output weights after", lambda r, t: f"{t['params_after'] / 1e6:,.1f} M"),
         ("change", lambda r, t: f"{t['params_change'] * 100:+.1f}%"),
-        ("GFLOP per token, before → after", lambda r, t: f"{t['flops_per_token_before'] / 1e9:.3f} → {t['flops_per_token_after'] / 1e9:.3f}"),
+        (
+            "GFLOP per token, before → after",
+            lambda r, t: f"{t['flops_per_token_before'] / 1e9:.3f} → {t['flops_per_token_after'] / 1e9:.3f}",
+        ),
         ("stacked O energy kept, min / mean", lambda r, t: _pct_pair(t["energy_kept_O_min"], t["energy_kept_O_mean"])),
-        ("stacked VO energy kept, min / mean", lambda r, t: _pct_pair(t["energy_kept_VO_min"], t["energy_kept_VO_mean"])),
+        (
+            "stacked VO energy kept, min / mean",
+            lambda r, t: _pct_pair(t["energy_kept_VO_min"], t["energy_kept_VO_mean"]),
+        ),
     ]
     for label, cell in rows:
-        table.add_row(label, *(cell(r, t) for r, t in zip(results, totals)))
+        table.add_row(label, *(cell(r, t) for r, t in zip(results, totals, strict=False)))
     return table
 
 

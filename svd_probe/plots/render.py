@@ -7,9 +7,9 @@ are missing is skipped with a note that names the `analyze` command that would a
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from svd_probe.errors import BadOptionError
 from svd_probe.plots import figures as F
@@ -69,7 +69,9 @@ def parse_layers(text: str | None) -> list[int] | None:
             else:
                 out.append(int(part))
     except ValueError:
-        raise BadOptionError(f"bad layer list {text!r}", "Use comma-separated layers and ranges, e.g. 0,30,60 or 0-3.") from None
+        raise BadOptionError(
+            f"bad layer list {text!r}", "Use comma-separated layers and ranges, e.g. 0,30,60 or 0-3."
+        ) from None
     return list(dict.fromkeys(out))
 
 
@@ -85,7 +87,9 @@ def parse_matrices(values: Iterable[str] | str | None) -> list[str] | None:
     picked = [v.strip() for item in values for v in str(item).split(",") if v.strip()]
     bad = [v for v in picked if v.lower() not in by_lower]
     if bad:
-        raise BadOptionError(f"unknown matrix kind {', '.join(map(repr, bad))}", f"Choose from: {', '.join(STACKED_KINDS)}.")
+        raise BadOptionError(
+            f"unknown matrix kind {', '.join(map(repr, bad))}", f"Choose from: {', '.join(STACKED_KINDS)}."
+        )
     return list(dict.fromkeys(by_lower[v.lower()] for v in picked)) or None
 
 
@@ -160,7 +164,9 @@ def make_plots(
     if error <= 0 or error >= 1:
         raise BadOptionError(f"error threshold must be in (0, 1), got {error}")
     analyses = [
-        m if hasattr(m, "layer_spectra") else load_analysis(m, revision, cache_dir, fold_norms=fold_norms, normalize_stacked=normalize_stacked)
+        m
+        if hasattr(m, "layer_spectra")
+        else load_analysis(m, revision, cache_dir, fold_norms=fold_norms, normalize_stacked=normalize_stacked)
         for m in models
     ]
     for a in analyses:
@@ -180,7 +186,7 @@ def make_plots(
         report.results.append(result)
 
     all_metrics = []
-    for a, folder in zip(analyses, dirs.values()):
+    for a, folder in zip(analyses, dirs.values(), strict=False):
         metrics = a.metrics(errors=errors)
         # Kept only for the comparison figure: a big model's table is tens of thousands of rows.
         all_metrics.append(metrics if "compare" in kinds and len(analyses) > 1 else None)

@@ -9,8 +9,9 @@ instead of living on in pyplot's figure registry.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -77,7 +78,7 @@ def pct(error: float) -> str:
     return f"{error * 100:.6g}%"
 
 
-def short_revision(analysis: "Analysis") -> str:
+def short_revision(analysis: Analysis) -> str:
     """'main @ 1a2b3c4d' or, when a commit was asked for, just the short commit."""
     short = analysis.commit[:8]
     if re.fullmatch(r"[0-9a-f]{40}", analysis.revision or ""):
@@ -85,18 +86,20 @@ def short_revision(analysis: "Analysis") -> str:
     return f"{analysis.revision} @ {short}"
 
 
-def options_text(analysis: "Analysis") -> str:
+def options_text(analysis: Analysis) -> str:
     o = analysis.options
-    return ("norms folded" if o.fold_norms else "norms not folded") + ", " + (
-        "heads normalized before stacking" if o.normalize_stacked else "raw heads stacked"
+    return (
+        ("norms folded" if o.fold_norms else "norms not folded")
+        + ", "
+        + ("heads normalized before stacking" if o.normalize_stacked else "raw heads stacked")
     )
 
 
-def model_line(analysis: "Analysis") -> str:
+def model_line(analysis: Analysis) -> str:
     return f"{analysis.display} ({short_revision(analysis)}; {options_text(analysis)})"
 
 
-def title(analyses: "Analysis | Iterable[Analysis]", what: str, threshold: str | None = None) -> str:
+def title(analyses: Analysis | Iterable[Analysis], what: str, threshold: str | None = None) -> str:
     """Figure title: what is drawn, then model, revision, options, threshold (one line each)."""
     items = [analyses] if not isinstance(analyses, (list, tuple)) else list(analyses)
     lines = [what + (f" — {threshold}" if threshold else "")]

@@ -72,9 +72,12 @@ class SpectraConfig:
     # bandwidth-bound, low-occupancy kernels with host round trips, so two of them overlap.
     concurrent: bool = True
 
-    def resolved(self, device: torch.device) -> "SpectraConfig":
+    def resolved(self, device: torch.device) -> SpectraConfig:
         auto = AUTO_ROUTES["cuda" if device.type == "cuda" else "cpu"]
-        picked = {name: getattr(self, name) if getattr(self, name) != "auto" else auto[name] for name in ("factor", "stacked", "big")}
+        picked = {
+            name: getattr(self, name) if getattr(self, name) != "auto" else auto[name]
+            for name in ("factor", "stacked", "big")
+        }
         for name, ok in (("factor", _FACTOR_ROUTES), ("stacked", _SOLVE_ROUTES), ("big", _SOLVE_ROUTES)):
             if picked[name] not in ok:
                 raise ValueError(f"SpectraConfig.{name}={picked[name]!r}: choose from {ok} or 'auto'")
@@ -119,14 +122,18 @@ def _full_fp32_matmul():
             if old != "highest":
                 torch.set_float32_matmul_precision(old)
         return
-    backends = [b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)) if b is not None and hasattr(b, "fp32_precision")]
+    backends = [
+        b
+        for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
+        if b is not None and hasattr(b, "fp32_precision")
+    ]
     saved = [b.fp32_precision for b in backends]
     for b in backends:
         b.fp32_precision = "ieee"
     try:
         yield
     finally:
-        for b, p in zip(backends, saved):
+        for b, p in zip(backends, saved, strict=False):
             b.fp32_precision = p
 
 
@@ -193,7 +200,7 @@ def _factor_from_gram(g: torch.Tensor) -> torch.Tensor:
     heads take F = diag(sqrt(λ₊))·Uᵀ from an eigendecomposition instead, which is exact for
     any PSD matrix.
     """
-    l, info = torch.linalg.cholesky_ex(g)
+    l, info = torch.linalg.cholesky_ex(g)  # noqa: E741 - the Cholesky factor L
     f = l.mT
     bad = (info != 0).nonzero().flatten()
     if bad.numel():
@@ -309,7 +316,9 @@ class _Layer:
     def factor(self, kind: str) -> torch.Tensor:
         src = {"Q": self.f.q, "Q_pe": self.f.q_pe, "K": self.f.k, "V": self.f.v, "O": self.f.o}[kind]
         side = "cols" if kind == "O" else "rows"
-        return self._memo("F" + kind, lambda: thin_factor(self._as_float(src), side, self.cfg.factor, self.cfg.chunk_bytes))
+        return self._memo(
+            "F" + kind, lambda: thin_factor(self._as_float(src), side, self.cfg.factor, self.cfg.chunk_bytes)
+        )
 
     # per-head σ, float64 on the device, padded to min(m, n)
     def head(self, kind: str) -> torch.Tensor:
@@ -355,6 +364,7 @@ class _Layer:
     def stacked(self, kind: str, normalize: bool) -> tuple[torch.Tensor, tuple[int, int]]:
         f = self.f
         n = f.n_heads if (f.q is not None or f.o is not None) else 0  # K/V alone need no n
+
         # The reduced stacked matrix is built in float64 when a float64 solver reads it, else in
         # float32 (half the memory traffic for gesvda's float32 route).
         def work_dtype(mat_small_side: int) -> torch.dtype:
@@ -457,7 +467,7 @@ def layer_spectra(
     return {k: out[k] for k in keys}
 
 
-def _concurrently(lay: "_Layer", keys: list[str], compute) -> Result:
+def _concurrently(lay: _Layer, keys: list[str], compute) -> Result:
     """Compute `keys` at once, one CUDA stream and host thread each (see SpectraConfig.concurrent).
 
     Everything they share is computed first, on the caller's stream: the per-head spectra that

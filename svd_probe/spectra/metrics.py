@@ -212,7 +212,10 @@ def spectrum_metrics(
     at_rank: int | None = None,
 ) -> dict[str, float | int]:
     """All metrics of one spectrum, as one row of the metrics table."""
-    row: dict[str, float | int] = {"full_rank": int(min(shape)), "sigma_max": float(_sorted(sigma)[0]) if np.size(sigma) else 0.0}
+    row: dict[str, float | int] = {
+        "full_rank": int(min(shape)),
+        "sigma_max": float(_sorted(sigma)[0]) if np.size(sigma) else 0.0,
+    }
     for e in errors:
         row[error_column(e)] = energy_rank(sigma, e)
     row["entropy_rank"] = entropy_rank(sigma)

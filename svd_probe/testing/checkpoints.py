@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 
@@ -84,7 +84,9 @@ def shard_file_name(i: int, n: int, style: str | Callable[[int, int], str] = "hf
     raise ValueError(f"unknown shard naming style {style!r}")
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | LazyTensor], metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(
+    path: Path, tensors: Mapping[str, torch.Tensor | LazyTensor], metadata: Mapping[str, str] | None = None
+) -> None:
     """Write one safetensors file with tensors in the given (insertion) order."""
     header: dict = {}
     if metadata:
@@ -102,7 +104,9 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | LazyTenso
         for name, t in tensors.items():
             if isinstance(t, LazyTensor):
                 t = t.make()
-                assert tuple(t.shape) == tuple(header[name]["shape"]) and ST_DTYPES[t.dtype] == header[name]["dtype"], name
+                assert tuple(t.shape) == tuple(header[name]["shape"]) and ST_DTYPES[t.dtype] == header[name]["dtype"], (
+                    name
+                )
             if t.numel():
                 f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
@@ -226,8 +230,25 @@ class Checkpoint:
         return [n for layer in range(self.num_layers) for n in self.attention_tensor_names(layer)]
 
 
-def _mla_config(model_type: str, *, hidden, heads, q_lora_rank, kv_lora_rank, nope, rope, v, layers, mtp_layers,
-                first_dense, n_experts, moe_inter, dense_inter, vocab, fp8: bool) -> dict:
+def _mla_config(
+    model_type: str,
+    *,
+    hidden,
+    heads,
+    q_lora_rank,
+    kv_lora_rank,
+    nope,
+    rope,
+    v,
+    layers,
+    mtp_layers,
+    first_dense,
+    n_experts,
+    moe_inter,
+    dense_inter,
+    vocab,
+    fp8: bool,
+) -> dict:
     cfg = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": model_type,
@@ -254,20 +275,62 @@ def _mla_config(model_type: str, *, hidden, heads, q_lora_rank, kv_lora_rank, no
         "torch_dtype": "bfloat16",
     }
     if fp8:
-        cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+        cfg["quantization_config"] = {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": [128, 128],
+        }
     return cfg
 
 
-def _build_mla(folder, *, model_type, naming, hidden, heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
-               v_head_dim, layers, mtp_layers, first_dense, n_experts, moe_intermediate, dense_intermediate, vocab, n_shards,
-               attn_dtype, ranks, seed, keep_planted) -> Checkpoint:
+def _build_mla(
+    folder,
+    *,
+    model_type,
+    naming,
+    hidden,
+    heads,
+    q_lora_rank,
+    kv_lora_rank,
+    qk_nope_head_dim,
+    qk_rope_head_dim,
+    v_head_dim,
+    layers,
+    mtp_layers,
+    first_dense,
+    n_experts,
+    moe_intermediate,
+    dense_intermediate,
+    vocab,
+    n_shards,
+    attn_dtype,
+    ranks,
+    seed,
+    keep_planted,
+) -> Checkpoint:
     if attn_dtype not in ("fp8", "bf16", "f32"):
         raise ValueError("attn_dtype must be fp8, bf16 or f32")
     gen = torch.Generator().manual_seed(seed)
     fp8 = attn_dtype == "fp8"
-    cfg = _mla_config(model_type, hidden=hidden, heads=heads, q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank, nope=qk_nope_head_dim,
-                      rope=qk_rope_head_dim, v=v_head_dim, layers=layers, mtp_layers=mtp_layers, first_dense=first_dense,
-                      n_experts=n_experts, moe_inter=moe_intermediate, dense_inter=dense_intermediate, vocab=vocab, fp8=fp8)
+    cfg = _mla_config(
+        model_type,
+        hidden=hidden,
+        heads=heads,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=kv_lora_rank,
+        nope=qk_nope_head_dim,
+        rope=qk_rope_head_dim,
+        v=v_head_dim,
+        layers=layers,
+        mtp_layers=mtp_layers,
+        first_dense=first_dense,
+        n_experts=n_experts,
+        moe_inter=moe_intermediate,
+        dense_inter=dense_intermediate,
+        vocab=vocab,
+        fp8=fp8,
+    )
     if not fp8:
         cfg["torch_dtype"] = "bfloat16" if attn_dtype == "bf16" else "float32"
     ranks = dict(ranks or {})
@@ -275,7 +338,9 @@ def _build_mla(folder, *, model_type, naming, hidden, heads, q_lora_rank, kv_lor
     planted: dict[str, torch.Tensor] = {}
     wdtype = {"bf16": torch.bfloat16, "f32": torch.float32}.get(attn_dtype)
 
-    def linear(name: str, shape: tuple[int, int], rank: int | None = None, quantize: bool = True, is_attn: bool = False):
+    def linear(
+        name: str, shape: tuple[int, int], rank: int | None = None, quantize: bool = True, is_attn: bool = False
+    ):
         w = _matrix(gen, shape, rank)
         if is_attn and keep_planted:
             planted[name] = w
@@ -303,24 +368,52 @@ def _build_mla(folder, *, model_type, naming, hidden, heads, q_lora_rank, kv_lor
         if q_lora_rank:
             linear(a + "q_a_proj.weight", (q_lora_rank, H), ranks.get("q_a_proj"), is_attn=True)
             norm(a + "q_a_layernorm.weight", q_lora_rank)
-            linear(a + "q_b_proj.weight", (heads * (qk_nope_head_dim + qk_rope_head_dim), q_lora_rank), ranks.get("q_b_proj"), is_attn=True)
+            linear(
+                a + "q_b_proj.weight",
+                (heads * (qk_nope_head_dim + qk_rope_head_dim), q_lora_rank),
+                ranks.get("q_b_proj"),
+                is_attn=True,
+            )
         else:
-            linear(a + "q_proj.weight", (heads * (qk_nope_head_dim + qk_rope_head_dim), H), ranks.get("q_proj"), is_attn=True)
-        linear(a + "kv_a_proj_with_mqa.weight", (kv_lora_rank + qk_rope_head_dim, H), ranks.get("kv_a_proj_with_mqa"), is_attn=True)
+            linear(
+                a + "q_proj.weight",
+                (heads * (qk_nope_head_dim + qk_rope_head_dim), H),
+                ranks.get("q_proj"),
+                is_attn=True,
+            )
+        linear(
+            a + "kv_a_proj_with_mqa.weight",
+            (kv_lora_rank + qk_rope_head_dim, H),
+            ranks.get("kv_a_proj_with_mqa"),
+            is_attn=True,
+        )
         norm(a + "kv_a_layernorm.weight", kv_lora_rank)
-        linear(a + "kv_b_proj.weight", (heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank), ranks.get("kv_b_proj"), is_attn=True)
+        linear(
+            a + "kv_b_proj.weight",
+            (heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank),
+            ranks.get("kv_b_proj"),
+            is_attn=True,
+        )
         linear(a + "o_proj.weight", (H, heads * v_head_dim), ranks.get("o_proj"), is_attn=True)
         norm(p + "post_attention_layernorm.weight", H)
         m = p + "mlp."
         if L < first_dense:
-            for proj, shape in (("gate_proj", (dense_intermediate, H)), ("up_proj", (dense_intermediate, H)), ("down_proj", (H, dense_intermediate))):
+            for proj, shape in (
+                ("gate_proj", (dense_intermediate, H)),
+                ("up_proj", (dense_intermediate, H)),
+                ("down_proj", (H, dense_intermediate)),
+            ):
                 linear(m + proj + ".weight", shape)
         else:
             t[m + "gate.weight"] = (torch.randn(n_experts, H, generator=gen) * 0.02).to(torch.bfloat16)
             t[m + "gate.e_score_correction_bias"] = torch.zeros(n_experts, dtype=torch.float32)
             for e in list(range(n_experts)) + ["shared"]:
                 q = m + ("shared_experts." if e == "shared" else f"experts.{e}.")
-                for proj, shape in (("gate_proj", (moe_intermediate, H)), ("up_proj", (moe_intermediate, H)), ("down_proj", (H, moe_intermediate))):
+                for proj, shape in (
+                    ("gate_proj", (moe_intermediate, H)),
+                    ("up_proj", (moe_intermediate, H)),
+                    ("down_proj", (H, moe_intermediate)),
+                ):
                     linear(q + proj + ".weight", shape)
         if L >= layers:
             norm(p + "shared_head.norm.weight", H)
@@ -342,7 +435,9 @@ def _build_mla(folder, *, model_type, naming, hidden, heads, q_lora_rank, kv_lor
                     shard_of[w + "_scale_inv"] = (probe[w] + 1) % n_shards
                     moved += 1
     wm = write_checkpoint(folder, t, cfg, n_shards, naming=naming, shard_of=shard_of, order="shuffled", seed=seed)
-    return Checkpoint(Path(folder), cfg, wm, n_attn, {"fp8": "F8_E4M3", "bf16": "BF16", "f32": "F32"}[attn_dtype], planted)
+    return Checkpoint(
+        Path(folder), cfg, wm, n_attn, {"fp8": "F8_E4M3", "bf16": "BF16", "f32": "F32"}[attn_dtype], planted
+    )
 
 
 def write_plan(tensors: Mapping[str, torch.Tensor | LazyTensor], n_shards: int) -> dict[str, int]:
@@ -391,37 +486,99 @@ def build_deepseek_v3(
     per-head slices have rank ≤ r). `Checkpoint.planted` holds those float32 matrices.
     q_lora_rank=None gives the DeepSeek-V2-Lite form (one `q_proj`).
     """
-    return _build_mla(folder, model_type="deepseek_v3", naming="deepseek", hidden=hidden, heads=heads, q_lora_rank=q_lora_rank,
-                      kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
-                      v_head_dim=v_head_dim, layers=layers, mtp_layers=mtp_layers, first_dense=first_dense, n_experts=n_experts,
-                      moe_intermediate=moe_intermediate, dense_intermediate=dense_intermediate, vocab=vocab, n_shards=n_shards,
-                      attn_dtype=attn_dtype, ranks=ranks, seed=seed, keep_planted=keep_planted)
+    return _build_mla(
+        folder,
+        model_type="deepseek_v3",
+        naming="deepseek",
+        hidden=hidden,
+        heads=heads,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=kv_lora_rank,
+        qk_nope_head_dim=qk_nope_head_dim,
+        qk_rope_head_dim=qk_rope_head_dim,
+        v_head_dim=v_head_dim,
+        layers=layers,
+        mtp_layers=mtp_layers,
+        first_dense=first_dense,
+        n_experts=n_experts,
+        moe_intermediate=moe_intermediate,
+        dense_intermediate=dense_intermediate,
+        vocab=vocab,
+        n_shards=n_shards,
+        attn_dtype=attn_dtype,
+        ranks=ranks,
+        seed=seed,
+        keep_planted=keep_planted,
+    )
 
 
-def build_kimi_k2(folder: str | Path, *, heads: int = 2, mtp_layers: int = 0, n_shards: int = 4, seed: int = 1, **kw) -> Checkpoint:
+def build_kimi_k2(
+    folder: str | Path, *, heads: int = 2, mtp_layers: int = 0, n_shards: int = 4, seed: int = 1, **kw
+) -> Checkpoint:
     """A scaled-down Kimi-K2 checkpoint: DeepSeek-V3 tensor names, `model_type: kimi_k2`, half
     the heads, no MTP layer (as the real one; pass mtp_layers=1 to add one) and shards named
     `model-1-of-4.safetensors` (not zero-padded). Other keywords as `build_deepseek_v3`."""
-    opts = dict(hidden=320, q_lora_rank=200, kv_lora_rank=136, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, layers=3,
-                first_dense=1, n_experts=8, moe_intermediate=256, dense_intermediate=400, vocab=256, attn_dtype="fp8", ranks=None,
-                keep_planted=True)
+    opts = dict(
+        hidden=320,
+        q_lora_rank=200,
+        kv_lora_rank=136,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        layers=3,
+        first_dense=1,
+        n_experts=8,
+        moe_intermediate=256,
+        dense_intermediate=400,
+        vocab=256,
+        attn_dtype="fp8",
+        ranks=None,
+        keep_planted=True,
+    )
     opts.update(kw)
-    return _build_mla(folder, model_type="kimi_k2", naming="kimi", heads=heads, mtp_layers=mtp_layers, n_shards=n_shards, seed=seed, **opts)
+    return _build_mla(
+        folder,
+        model_type="kimi_k2",
+        naming="kimi",
+        heads=heads,
+        mtp_layers=mtp_layers,
+        n_shards=n_shards,
+        seed=seed,
+        **opts,
+    )
 
 
-def build_deepseek_v3_real(folder: str | Path, *, layers: int = 4, experts_per_layer: int = 14, n_shards: int = 6, seed: int = 0) -> Checkpoint:
+def build_deepseek_v3_real(
+    folder: str | Path, *, layers: int = 4, experts_per_layer: int = 14, n_shards: int = 6, seed: int = 0
+) -> Checkpoint:
     """DeepSeek-V3's real attention shapes (187 MB per layer, FP8 + scales) for `layers` layers,
     plus real-shaped experts (44 MB each) so attention is a small share of the bytes, as in the
     real checkpoint. Defaults: ~3.2 GB on disk. Values are random FP8 (no NaN); for benchmarks.
     """
     H, heads, ql, kvl, nope, rope, v, inter = 7168, 128, 1536, 512, 128, 64, 128, 2048
-    cfg = _mla_config("deepseek_v3", hidden=H, heads=heads, q_lora_rank=ql, kv_lora_rank=kvl, nope=nope, rope=rope, v=v, layers=layers,
-                      mtp_layers=0, first_dense=0, n_experts=experts_per_layer, moe_inter=inter, dense_inter=18432, vocab=129280, fp8=True)
+    cfg = _mla_config(
+        "deepseek_v3",
+        hidden=H,
+        heads=heads,
+        q_lora_rank=ql,
+        kv_lora_rank=kvl,
+        nope=nope,
+        rope=rope,
+        v=v,
+        layers=layers,
+        mtp_layers=0,
+        first_dense=0,
+        n_experts=experts_per_layer,
+        moe_inter=inter,
+        dense_inter=18432,
+        vocab=129280,
+        fp8=True,
+    )
     gen = torch.Generator().manual_seed(seed)
     # One pool of random FP8 bytes (no NaN codes 0x7F/0xFF) sliced for every tensor: generating
     # gigabytes of fresh randomness would dominate the benchmark's setup time.
     pool = torch.randint(0, 0x7F, (64 * 1024 * 1024,), dtype=torch.uint8, generator=gen)
-    pool |= (torch.randint(0, 2, pool.shape, dtype=torch.uint8, generator=gen) << 7)
+    pool |= torch.randint(0, 2, pool.shape, dtype=torch.uint8, generator=gen) << 7
 
     def fp8(shape, salt):
         def make():
@@ -429,6 +586,7 @@ def build_deepseek_v3_real(folder: str | Path, *, layers: int = 4, experts_per_l
             reps = math.ceil((n + salt) / pool.numel())
             flat = pool.repeat(reps)[salt : salt + n] if reps > 1 else pool[salt : salt + n]
             return flat.clone().view(torch.float8_e4m3fn).reshape(shape)
+
         return LazyTensor(tuple(shape), torch.float8_e4m3fn, make)
 
     def scale(shape):
@@ -441,8 +599,13 @@ def build_deepseek_v3_real(folder: str | Path, *, layers: int = 4, experts_per_l
         p = f"model.layers.{L}."
         a = p + "self_attn."
         t[p + "input_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
-        for name, shape in (("q_a_proj", (ql, H)), ("q_b_proj", (heads * (nope + rope), ql)), ("kv_a_proj_with_mqa", (kvl + rope, H)),
-                            ("kv_b_proj", (heads * (nope + v), kvl)), ("o_proj", (H, heads * v))):
+        for name, shape in (
+            ("q_a_proj", (ql, H)),
+            ("q_b_proj", (heads * (nope + rope), ql)),
+            ("kv_a_proj_with_mqa", (kvl + rope, H)),
+            ("kv_b_proj", (heads * (nope + v), kvl)),
+            ("o_proj", (H, heads * v)),
+        ):
             salt += 4097
             t[a + name + ".weight"] = fp8(shape, salt % pool.numel())
             t[a + name + ".weight_scale_inv"] = scale(shape)

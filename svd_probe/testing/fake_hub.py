@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
 import socket
@@ -87,8 +88,15 @@ class FakeHub:
 
     # -- setup ----------------------------------------------------------------------------------
 
-    def add_repo(self, repo_id: str, folder: str | Path, *, revisions: dict[str, str] | None = None,
-                 gated_token: str | None = None, commit: str | None = None) -> str:
+    def add_repo(
+        self,
+        repo_id: str,
+        folder: str | Path,
+        *,
+        revisions: dict[str, str] | None = None,
+        gated_token: str | None = None,
+        commit: str | None = None,
+    ) -> str:
         """Serve `folder` as `repo_id`; return its commit. `revisions` maps extra branch/tag names
         to commits ("main" always maps to this one). `gated_token`: answer 401/403 GatedRepo
         unless `Authorization: Bearer <gated_token>` is sent."""
@@ -134,7 +142,7 @@ class FakeHub:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         hub = self
 
         class Handler(_Handler):
@@ -203,8 +211,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, head: bool):
         url = urlsplit(self.path)
         parts = url.path.lstrip("/").split("/")
-        rec = Record(self.command, self.path, None, None, self.headers.get("Range"), 0, 0, parts[0] == "cdn",
-                     "authorization" in {k.lower() for k in self.headers.keys()})
+        rec = Record(
+            self.command,
+            self.path,
+            None,
+            None,
+            self.headers.get("Range"),
+            0,
+            0,
+            parts[0] == "cdn",
+            "authorization" in {k.lower() for k in self.headers.keys()},
+        )
         try:
             if url.path == "/_stats":  # for benchmarks that run the stand-in in another process
                 return self._stats(rec)
@@ -223,12 +240,16 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.hub
         with hub._lock:
             recs = list(hub.records)
-        body = json.dumps({
-            "bytes_served": sum(r.body_bytes for r in recs if r.file and r.file.endswith(".safetensors")),
-            "requests": len(recs),
-            "ranged_206": sum(1 for r in recs if r.status == 206),
-            "shard_gets_without_range": sum(1 for r in recs if r.method == "GET" and r.file and r.file.endswith(".safetensors") and not r.range),
-        }).encode()
+        body = json.dumps(
+            {
+                "bytes_served": sum(r.body_bytes for r in recs if r.file and r.file.endswith(".safetensors")),
+                "requests": len(recs),
+                "ranged_206": sum(1 for r in recs if r.status == 206),
+                "shard_gets_without_range": sum(
+                    1 for r in recs if r.method == "GET" and r.file and r.file.endswith(".safetensors") and not r.range
+                ),
+            }
+        ).encode()
         if "reset" in self.path:
             hub.reset_records()
         rec.status = 200
@@ -239,7 +260,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _error(self, status: int, code: str | None, message: str, rec: Record, extra: dict | None = None):
-        body = ('{"error": "%s"}' % message).encode()
+        body = json.dumps({"error": message}).encode()
         rec.status = status
         self.send_response(status)
         if code:
@@ -265,9 +286,13 @@ class _Handler(BaseHTTPRequestHandler):
         if repo.gated_token is not None:
             auth = self.headers.get("Authorization")
             if auth is None:
-                return self._error(401, "GatedRepo", "Access to this model is restricted. You must be authenticated.", rec)
+                return self._error(
+                    401, "GatedRepo", "Access to this model is restricted. You must be authenticated.", rec
+                )
             if auth != f"Bearer {repo.gated_token}":
-                return self._error(403, "GatedRepo", "Access to this model is restricted and you are not in the authorized list.", rec)
+                return self._error(
+                    403, "GatedRepo", "Access to this model is restricted and you are not in the authorized list.", rec
+                )
         commit = repo.revisions.get(revision) or (revision if revision in repo.revisions.values() else None)
         if commit is None:
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", rec)

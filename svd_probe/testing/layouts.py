@@ -17,9 +17,9 @@ moonlight, kimi_k2, kimi_multimodal.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -127,8 +127,13 @@ def llama(seed: int = 0) -> Layout:
         "num_key_value_heads": 2,
         "pretraining_tp": 1,
         "rms_norm_eps": 1e-05,
-        "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_scaling": {
+            "factor": 8.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
         "rope_theta": 500000.0,
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
@@ -375,8 +380,15 @@ _MLA_BASE = {
     "qk_rope_head_dim": 4,
     "v_head_dim": 6,
     "rms_norm_eps": 1e-06,
-    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
     "rope_theta": 10000,
     "routed_scaling_factor": 2.5,
     "scoring_func": "sigmoid",
@@ -441,7 +453,11 @@ def _fp8_blocks(t: dict[str, torch.Tensor], block: tuple[int, int]) -> dict[str,
     """
     out: dict[str, torch.Tensor] = {}
     for name, w in t.items():
-        fp8 = w.dim() == 2 and ".layers." in name and not name.endswith(("mlp.gate.weight", "embed_tokens.weight", "head.weight"))
+        fp8 = (
+            w.dim() == 2
+            and ".layers." in name
+            and not name.endswith(("mlp.gate.weight", "embed_tokens.weight", "head.weight"))
+        )
         if fp8:
             out[name], out[name + "_scale_inv"] = quantize_fp8_blocks(w, block)
         else:
@@ -449,7 +465,9 @@ def _fp8_blocks(t: dict[str, torch.Tensor], block: tuple[int, int]) -> dict[str,
     return out
 
 
-def _mla(config: dict, *, seed: int, indexer: bool = False, prefix: str = "", fp8_block: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+def _mla(
+    config: dict, *, seed: int, indexer: bool = False, prefix: str = "", fp8_block: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
     r = _Rand(seed)
     c = config
     h, vocab = c["hidden_size"], c["vocab_size"]
@@ -483,8 +501,19 @@ def deepseek_v3(seed: int = 0, fp8: bool = False) -> Layout:
     }
     block = (16, 16)
     if fp8:
-        config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(block)}
-    return Layout("deepseek_v3", config, _mla(config, seed=seed, fp8_block=block if fp8 else None), shard_naming="deepseek", seed=seed)
+        config["quantization_config"] = {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": list(block),
+        }
+    return Layout(
+        "deepseek_v3",
+        config,
+        _mla(config, seed=seed, fp8_block=block if fp8 else None),
+        shard_naming="deepseek",
+        seed=seed,
+    )
 
 
 def deepseek_v32(seed: int = 0, fp8: bool = False) -> Layout:
@@ -502,8 +531,19 @@ def deepseek_v32(seed: int = 0, fp8: bool = False) -> Layout:
     }
     block = (16, 16)
     if fp8:
-        config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(block)}
-    return Layout("deepseek_v32", config, _mla(config, seed=seed, indexer=True, fp8_block=block if fp8 else None), shard_naming="deepseek", seed=seed)
+        config["quantization_config"] = {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": list(block),
+        }
+    return Layout(
+        "deepseek_v32",
+        config,
+        _mla(config, seed=seed, indexer=True, fp8_block=block if fp8 else None),
+        shard_naming="deepseek",
+        seed=seed,
+    )
 
 
 def deepseek_v2_lite(seed: int = 0) -> Layout:
@@ -511,9 +551,11 @@ def deepseek_v2_lite(seed: int = 0) -> Layout:
     config = {
         **{k: v for k, v in _MLA_BASE.items() if k not in ("ep_size",)},
         "architectures": ["DeepseekV2ForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV2Config",
-                     "AutoModel": "modeling_deepseek.DeepseekV2Model",
-                     "AutoModelForCausalLM": "modeling_deepseek.DeepseekV2ForCausalLM"},
+        "auto_map": {
+            "AutoConfig": "configuration_deepseek.DeepseekV2Config",
+            "AutoModel": "modeling_deepseek.DeepseekV2Model",
+            "AutoModelForCausalLM": "modeling_deepseek.DeepseekV2ForCausalLM",
+        },
         "model_type": "deepseek_v2",
         "q_lora_rank": None,
         "routed_scaling_factor": 1.0,
@@ -580,15 +622,27 @@ def kimi_multimodal(seed: int = 0, nested_config: bool = True) -> Layout:
             "architectures": ["KimiK25ForConditionalGeneration"],
             "model_type": "kimi_k25",
             "text_config": text,
-            "vision_config": {"model_type": "kimi_k25_vision", "hidden_size": vh, "num_attention_heads": 4,
-                              "num_hidden_layers": 2, "patch_size": 14},
+            "vision_config": {
+                "model_type": "kimi_k25_vision",
+                "hidden_size": vh,
+                "num_attention_heads": 4,
+                "num_hidden_layers": 2,
+                "patch_size": 14,
+            },
             "torch_dtype": "bfloat16",
             "transformers_version": "4.56.2",
         }
     else:
         config = text
-    return Layout("kimi_multimodal", config, tensors, layer_prefix="language_model.model.layers.", text_config=text,
-                  shard_naming="kimi", seed=seed)
+    return Layout(
+        "kimi_multimodal",
+        config,
+        tensors,
+        layer_prefix="language_model.model.layers.",
+        text_config=text,
+        shard_naming="kimi",
+        seed=seed,
+    )
 
 
 LAYOUTS: dict[str, Callable[..., Layout]] = {

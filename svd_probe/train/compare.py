@@ -23,7 +23,10 @@ def find_metrics(paths: list[Path]) -> list[Path]:
         elif p.is_dir():
             sub = sorted(p.glob("*/metrics.json"))
             if not sub:
-                raise TrainingInputError(f"{p} holds no metrics.json (nor do its subfolders)", hint="pass finished run folders (svd-probe train --out ...)")
+                raise TrainingInputError(
+                    f"{p} holds no metrics.json (nor do its subfolders)",
+                    hint="pass finished run folders (svd-probe train --out ...)",
+                )
             found += sub
         else:
             raise TrainingInputError(f"run folder not found: {p}")
@@ -49,7 +52,9 @@ def latent_label(m: dict) -> str:
     if m["variant"] == "mha":
         parts = []
     else:
-        parts = [f"q{c.get('q_latent')}", f"kv{c.get('kv_latent')}"] + ([f"o{c.get('o_latent')}"] if m["variant"] == "mla-o" else [])
+        parts = [f"q{c.get('q_latent')}", f"kv{c.get('kv_latent')}"] + (
+            [f"o{c.get('o_latent')}"] if m["variant"] == "mla-o" else []
+        )
     parts.append(f"rope{c.get('rope_dims')}")
     return " ".join(parts)
 
@@ -69,8 +74,20 @@ def summarize(runs: list[dict]) -> list[dict]:
         groups.setdefault(key, []).append(m)
     rows = []
     for (variant, latents, _), ms in sorted(groups.items(), key=lambda kv: (_VARIANT_ORDER.get(kv[0][0], 9), kv[0][1])):
-        row = {"variant": variant, "latents": latents, "parameters": ms[0].get("parameters"), "seeds": sorted(m.get("seed") for m in ms), "n": len(ms)}
-        for field in ("mlm_loss", "mlm_accuracy", "sst2_dev_accuracy", "pretrain_samples_per_s", "finetune_samples_per_s"):
+        row = {
+            "variant": variant,
+            "latents": latents,
+            "parameters": ms[0].get("parameters"),
+            "seeds": sorted(m.get("seed") for m in ms),
+            "n": len(ms),
+        }
+        for field in (
+            "mlm_loss",
+            "mlm_accuracy",
+            "sst2_dev_accuracy",
+            "pretrain_samples_per_s",
+            "finetune_samples_per_s",
+        ):
             row[field], row[field + "_std"] = _stats([m.get(field) for m in ms])
         row["device"] = ms[0].get("device")
         rows.append(row)
@@ -87,14 +104,29 @@ def render_table(rows: list[dict]):
     from rich.table import Table
 
     table = Table(title="svd-probe train: runs compared (mean ± std over seeds)")
-    for col, justify in [("variant", "left"), ("latents", "left"), ("params", "right"), ("seeds", "right"), ("MLM acc %", "right"), ("MLM loss", "right"), ("SST-2 dev acc %", "right"), ("pretrain samples/s", "right"), ("finetune samples/s", "right")]:
+    for col, justify in [
+        ("variant", "left"),
+        ("latents", "left"),
+        ("params", "right"),
+        ("seeds", "right"),
+        ("MLM acc %", "right"),
+        ("MLM loss", "right"),
+        ("SST-2 dev acc %", "right"),
+        ("pretrain samples/s", "right"),
+        ("finetune samples/s", "right"),
+    ]:
         table.add_column(col, justify=justify)
     for r in rows:
         table.add_row(
-            r["variant"], r["latents"], f"{r['parameters']:,}" if r["parameters"] else "—", str(r["n"]),
-            _pm(r["mlm_accuracy"], r["mlm_accuracy_std"], 100), _pm(r["mlm_loss"], r["mlm_loss_std"], 1, 3),
+            r["variant"],
+            r["latents"],
+            f"{r['parameters']:,}" if r["parameters"] else "—",
+            str(r["n"]),
+            _pm(r["mlm_accuracy"], r["mlm_accuracy_std"], 100),
+            _pm(r["mlm_loss"], r["mlm_loss_std"], 1, 3),
             _pm(r["sst2_dev_accuracy"], r["sst2_dev_accuracy_std"], 100),
-            _pm(r["pretrain_samples_per_s"], r["pretrain_samples_per_s_std"], 1, 0), _pm(r["finetune_samples_per_s"], r["finetune_samples_per_s_std"], 1, 0),
+            _pm(r["pretrain_samples_per_s"], r["pretrain_samples_per_s_std"], 1, 0),
+            _pm(r["finetune_samples_per_s"], r["finetune_samples_per_s_std"], 1, 0),
         )
     return table
 

@@ -72,8 +72,18 @@ _TINY = {
 
 # Keys a --config file may hold besides the model fields: the training recipe.
 TRAIN_KEYS = {
-    "pretrain_steps", "finetune_steps", "finetune_epochs", "batch_size", "finetune_batch_size",
-    "lr", "finetune_lr", "warmup_frac", "weight_decay", "seed", "checkpoint_every", "seq_len",
+    "pretrain_steps",
+    "finetune_steps",
+    "finetune_epochs",
+    "batch_size",
+    "finetune_batch_size",
+    "lr",
+    "finetune_lr",
+    "warmup_frac",
+    "weight_decay",
+    "seed",
+    "checkpoint_every",
+    "seq_len",
 }
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 
@@ -106,7 +116,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TrainingInputError(f"config file {path} must hold a JSON object, not {type(data).__name__}")
     # A config.json written by a run (model_type, generic names) is accepted as input too.
-    data = {k: v for k, v in data.items() if k not in {"model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads"}}
+    data = {
+        k: v
+        for k, v in data.items()
+        if k not in {"model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads"}
+    }
     unknown = sorted(set(data) - _MODEL_KEYS - TRAIN_KEYS)
     if unknown:
         raise TrainingInputError(
@@ -141,7 +155,18 @@ def validate(cfg: ModelConfig) -> None:
         raise TrainingInputError(f"bad model config: {msg}", hint=hint)
 
     check_variant(cfg.variant)
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "ffn_dim", "q_latent", "kv_latent", "o_latent", "max_seq_len"):
+    for name in (
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "head_dim",
+        "ffn_dim",
+        "q_latent",
+        "kv_latent",
+        "o_latent",
+        "max_seq_len",
+    ):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             bad(f"{name} must be a positive integer, got {v!r}")

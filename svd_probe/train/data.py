@@ -69,8 +69,13 @@ def load_tokenizer(spec: str) -> Tok:
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     missing = [t for t, i in ids.items() if i is None]
     if missing:
-        raise TrainingInputError(f"tokenizer {spec!r} lacks the special tokens {', '.join(missing)}", hint="use a BERT-style WordPiece vocabulary")
-    return Tok(tok, str(spec), tok.get_vocab_size(), ids["[PAD]"], ids["[UNK]"], ids["[CLS]"], ids["[SEP]"], ids["[MASK]"])
+        raise TrainingInputError(
+            f"tokenizer {spec!r} lacks the special tokens {', '.join(missing)}",
+            hint="use a BERT-style WordPiece vocabulary",
+        )
+    return Tok(
+        tok, str(spec), tok.get_vocab_size(), ids["[PAD]"], ids["[UNK]"], ids["[CLS]"], ids["[SEP]"], ids["[MASK]"]
+    )
 
 
 def looks_like_path(spec: str) -> bool:
@@ -90,14 +95,19 @@ def read_wikitext_dir(data_dir: Path) -> tuple[list[str], list[str]]:
     """Lines of wiki.train.tokens and wiki.valid.tokens, cleaned, blank lines dropped."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise TrainingInputError(f"data folder not found: {data_dir}", hint="pass --data-dir with wiki.train.tokens and wiki.valid.tokens (e.g. ../shared/data/wikitext-2)")
+        raise TrainingInputError(
+            f"data folder not found: {data_dir}",
+            hint="pass --data-dir with wiki.train.tokens and wiki.valid.tokens (e.g. ../shared/data/wikitext-2)",
+        )
     splits = []
     for name in ("wiki.train.tokens", "wiki.valid.tokens"):
         f = data_dir / name
         if not f.is_file():
-            raise TrainingInputError(f"{f} is missing", hint="--data-dir must hold wiki.train.tokens and wiki.valid.tokens")
-        lines = [clean_wikitext_line(l) for l in f.read_text(encoding="utf-8").splitlines()]
-        lines = [l for l in lines if l]
+            raise TrainingInputError(
+                f"{f} is missing", hint="--data-dir must hold wiki.train.tokens and wiki.valid.tokens"
+            )
+        lines = [clean_wikitext_line(ly) for ly in f.read_text(encoding="utf-8").splitlines()]
+        lines = [ly for ly in lines if ly]
         if not lines:
             raise TrainingInputError(f"{f} holds no text")
         splits.append(lines)
@@ -112,15 +122,19 @@ def read_wikitext_hub(name: str) -> tuple[list[str], list[str]]:
     try:
         import datasets
     except ImportError:
-        raise TrainingInputError("--dataset needs the `datasets` package", hint="pip install datasets, or pass --data-dir") from None
+        raise TrainingInputError(
+            "--dataset needs the `datasets` package", hint="pip install datasets, or pass --data-dir"
+        ) from None
     try:
         ds = datasets.load_dataset("Salesforce/wikitext", configs[name])
     except Exception as e:
-        raise TrainingInputError(f"cannot load {name} through datasets: {e}", hint="check the network, or pass --data-dir with local files") from None
+        raise TrainingInputError(
+            f"cannot load {name} through datasets: {e}", hint="check the network, or pass --data-dir with local files"
+        ) from None
     out = []
     for split in ("train", "validation"):
         lines = (clean_wikitext_line(t) for t in ds[split]["text"])
-        out.append([l for l in lines if l])
+        out.append([ly for ly in lines if ly])
     return out[0], out[1]
 
 
@@ -162,7 +176,9 @@ def mask_tokens(ids: torch.Tensor, tok: Tok, gen: torch.Generator, mlm_prob: flo
     targets = torch.gather(ids, 1, positions)
     action = torch.rand(B, k, generator=gen)
     random_ids = torch.randint(0, tok.vocab_size, (B, k), generator=gen)
-    replaced = torch.where(action < 0.8, torch.full_like(targets, tok.mask_id), torch.where(action < 0.9, random_ids, targets))
+    replaced = torch.where(
+        action < 0.8, torch.full_like(targets, tok.mask_id), torch.where(action < 0.9, random_ids, targets)
+    )
     inputs = ids.clone()
     inputs.scatter_(1, positions, replaced)
     return inputs, positions, targets
@@ -175,7 +191,9 @@ def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:
     """GLUE SST-2 `sentence<TAB>label` with a header row."""
     path = Path(path)
     if not path.is_file():
-        raise TrainingInputError(f"{path} is missing", hint="--sst2-dir must hold GLUE's train.tsv and dev.tsv (e.g. ../shared/data/SST-2)")
+        raise TrainingInputError(
+            f"{path} is missing", hint="--sst2-dir must hold GLUE's train.tsv and dev.tsv (e.g. ../shared/data/SST-2)"
+        )
     sentences, labels = [], []
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -189,7 +207,9 @@ def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:
             try:
                 label = int(row[li])
             except (IndexError, ValueError):
-                raise TrainingInputError(f"{path}:{n}: bad row {row!r}", hint="each row must be `sentence<TAB>0|1`") from None
+                raise TrainingInputError(
+                    f"{path}:{n}: bad row {row!r}", hint="each row must be `sentence<TAB>0|1`"
+                ) from None
             sentences.append(row[si].strip())
             labels.append(label)
     if not sentences:
@@ -200,7 +220,10 @@ def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:
 def read_sst2_dir(sst2_dir: Path):
     sst2_dir = Path(sst2_dir)
     if not sst2_dir.is_dir():
-        raise TrainingInputError(f"SST-2 folder not found: {sst2_dir}", hint="pass --sst2-dir with train.tsv and dev.tsv (e.g. ../shared/data/SST-2)")
+        raise TrainingInputError(
+            f"SST-2 folder not found: {sst2_dir}",
+            hint="pass --sst2-dir with train.tsv and dev.tsv (e.g. ../shared/data/SST-2)",
+        )
     return read_sst2_tsv(sst2_dir / "train.tsv"), read_sst2_tsv(sst2_dir / "dev.tsv")
 
 

@@ -21,9 +21,10 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,19 @@ from svd_probe.train.model import Classifier, MaskedLM, num_parameters, paramete
 
 CHECKPOINT = "checkpoint.pt"
 # Recipe fields that must match for a run folder to be resumed.
-_RESUME_KEYS = ("pretrain_steps", "finetune_steps", "finetune_epochs", "batch_size", "finetune_batch_size", "lr", "finetune_lr", "warmup_frac", "weight_decay", "seed", "seq_len")
+_RESUME_KEYS = (
+    "pretrain_steps",
+    "finetune_steps",
+    "finetune_epochs",
+    "batch_size",
+    "finetune_batch_size",
+    "lr",
+    "finetune_lr",
+    "warmup_frac",
+    "weight_decay",
+    "seed",
+    "seq_len",
+)
 EVAL_MASK_SEED = 1234  # the same valid-set masks for every run, so runs compare on equal terms
 
 
@@ -64,7 +77,9 @@ class TrainConfig:
         for name in ("pretrain_steps", "batch_size", "finetune_batch_size", "checkpoint_every", "log_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name == "pretrain_steps" else 1):
-                raise TrainingInputError(f"bad training config: {name} must be a {'non-negative' if name == 'pretrain_steps' else 'positive'} integer, got {v!r}")
+                raise TrainingInputError(
+                    f"bad training config: {name} must be a {'non-negative' if name == 'pretrain_steps' else 'positive'} integer, got {v!r}"
+                )
         if self.finetune_steps is not None and self.finetune_steps < 0:
             raise TrainingInputError(f"bad training config: finetune_steps must be >= 0, got {self.finetune_steps}")
         if self.finetune_epochs is not None and self.finetune_epochs <= 0:
@@ -112,7 +127,6 @@ class Reporter:
             self.progress.update(self._task, completed=done, loss=loss, sps=sps)
 
 
-
 def _optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt, sched) -> None:
     """One update of both phases: backward, clip the gradient norm at 1.0, AdamW, schedule."""
     loss.backward()
@@ -121,13 +135,18 @@ def _optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt, sched) -> N
     sched.step()
     opt.zero_grad(set_to_none=True)
 
+
 def rich_progress(console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[sps]:,.0f} samples/s"),
-        TimeRemainingColumn(), console=console,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("{task.fields[sps]:,.0f} samples/s"),
+        TimeRemainingColumn(),
+        console=console,
     )
 
 
@@ -154,7 +173,9 @@ def device_name(dev: torch.device) -> str:
 
 def git_commit() -> str | None:
     try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        r = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
         return r.stdout.strip() or None if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -251,7 +272,9 @@ def dry_run_summary(cfg: ModelConfig) -> dict:
         "non_embedding_parameters": num_parameters(model) - cfg.vocab_size * cfg.d_model,
         "variant": cfg.variant,
         "config": cfg.to_dict(),
-        "shapes": {"encoder." + n if not n.startswith("encoder.") else n: s for n, s in parameter_shapes(model).items()},
+        "shapes": {
+            "encoder." + n if not n.startswith("encoder.") else n: s for n, s in parameter_shapes(model).items()
+        },
     }
 
 
@@ -295,7 +318,9 @@ def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter
     # Inputs are checked before anything is written, so a typo costs nothing.
     tok = D.load_tokenizer(src.tokenizer)
     if src.data_dir is None and src.dataset is None:
-        raise TrainingInputError("no pretraining text", hint="pass --data-dir (e.g. ../shared/data/wikitext-2) or --dataset wikitext-103")
+        raise TrainingInputError(
+            "no pretraining text", hint="pass --data-dir (e.g. ../shared/data/wikitext-2) or --dataset wikitext-103"
+        )
     sst2 = D.read_sst2_dir(src.sst2_dir) if src.sst2_dir is not None else None
     if src.data_dir is not None:
         train_lines, valid_lines = D.read_wikitext_dir(src.data_dir)
@@ -316,14 +341,18 @@ def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter
         try:
             state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated or foreign file: torch raises several types
-            raise TrainingInputError(f"cannot read the checkpoint {ckpt_path}: {e}", hint="delete it to start over, or pass a new --out") from None
+            raise TrainingInputError(
+                f"cannot read the checkpoint {ckpt_path}: {e}", hint="delete it to start over, or pass a new --out"
+            ) from None
         _check_resumable(state, cfg, tc, out)
         reporter.log(f"resuming {state['phase']} at step {state['step']} from {ckpt_path}")
     recipe = {k: getattr(tc, k) for k in _RESUME_KEYS}
     prior_wall = state.get("wall_time_s", 0.0) if state else 0.0
     if dev.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    reporter.log(f"run {cfg.variant} seed={tc.seed} device={device_name(dev)} params={count_parameters(cfg):,} out={out}")
+    reporter.log(
+        f"run {cfg.variant} seed={tc.seed} device={device_name(dev)} params={count_parameters(cfg):,} out={out}"
+    )
 
     def wall() -> float:
         return prior_wall + time.perf_counter() - t_start
@@ -333,18 +362,46 @@ def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter
     if pre is None:
         train_rows = D.pack_sequences(tok, train_lines, tc.seq_len)
         valid_rows = D.pack_sequences(tok, valid_lines, tc.seq_len)
-        reporter.log(f"pretraining data: {len(train_rows):,} train rows, {len(valid_rows):,} valid rows of {tc.seq_len} tokens")
-        pre = _pretrain(cfg, tc, tok, train_rows, valid_rows, dev, out, state if state and state["phase"] == "pretrain" else None, recipe, reporter, wall)
+        reporter.log(
+            f"pretraining data: {len(train_rows):,} train rows, {len(valid_rows):,} valid rows of {tc.seq_len} tokens"
+        )
+        pre = _pretrain(
+            cfg,
+            tc,
+            tok,
+            train_rows,
+            valid_rows,
+            dev,
+            out,
+            state if state and state["phase"] == "pretrain" else None,
+            recipe,
+            reporter,
+            wall,
+        )
         if pre is None:  # stopped early on purpose; the checkpoint holds the state
             return {"stopped": True}
         state = None
     if not (out / "model.safetensors").exists():
-        raise TrainingInputError(f"{out} has a finished pretraining checkpoint but no model.safetensors", hint="use a new --out")
+        raise TrainingInputError(
+            f"{out} has a finished pretraining checkpoint but no model.safetensors", hint="use a new --out"
+        )
 
     # -- fine-tuning
     ft = {"sst2_dev_accuracy": None, "finetune_samples_per_s": None, "finetune_steps": 0}
     if sst2 is not None:
-        ft = _finetune(cfg, tc, tok, sst2, dev, out, state if state and state["phase"] == "finetune" else None, pre, recipe, reporter, wall)
+        ft = _finetune(
+            cfg,
+            tc,
+            tok,
+            sst2,
+            dev,
+            out,
+            state if state and state["phase"] == "finetune" else None,
+            pre,
+            recipe,
+            reporter,
+            wall,
+        )
         if ft is None:
             return {"stopped": True}
 
@@ -365,7 +422,22 @@ def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter
         "torch_version": torch.__version__,
     }
     write_json(metrics, out / "metrics.json")
-    reporter.log("done: " + json.dumps({k: metrics[k] for k in ("mlm_loss", "mlm_accuracy", "sst2_dev_accuracy", "pretrain_samples_per_s", "finetune_samples_per_s", "wall_time_s")}))
+    reporter.log(
+        "done: "
+        + json.dumps(
+            {
+                k: metrics[k]
+                for k in (
+                    "mlm_loss",
+                    "mlm_accuracy",
+                    "sst2_dev_accuracy",
+                    "pretrain_samples_per_s",
+                    "finetune_samples_per_s",
+                    "wall_time_s",
+                )
+            }
+        )
+    )
     return metrics
 
 
@@ -407,11 +479,22 @@ def _pretrain(cfg, tc, tok, train_rows, valid_rows, dev, out, state, recipe, rep
 
     def checkpoint():
         timer.stop()
-        save_atomic({
-            "phase": "pretrain", "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "rng": rng_state(dev), "model_config": cfg.to_dict(), "recipe": recipe,
-            "timed_samples": samples + timer.samples, "timed_seconds": seconds + timer.seconds, "wall_time_s": wall(),
-        }, out / CHECKPOINT)
+        save_atomic(
+            {
+                "phase": "pretrain",
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": rng_state(dev),
+                "model_config": cfg.to_dict(),
+                "recipe": recipe,
+                "timed_samples": samples + timer.samples,
+                "timed_seconds": seconds + timer.seconds,
+                "wall_time_s": wall(),
+            },
+            out / CHECKPOINT,
+        )
         if step < stop_at:
             timer.t0 = time.perf_counter() if timer.seen >= timer.skip else None
 
@@ -431,9 +514,13 @@ def _pretrain(cfg, tc, tok, train_rows, valid_rows, dev, out, state, recipe, rep
             mean_loss = loss_sum.item() / n_logged  # the one host sync per log interval
             loss_sum.zero_()
             n_logged = 0
-            sps = timer.samples / (timer.seconds + time.perf_counter() - timer.t0) if timer.t0 and timer.samples else 0.0
+            sps = (
+                timer.samples / (timer.seconds + time.perf_counter() - timer.t0) if timer.t0 and timer.samples else 0.0
+            )
             reporter.update(step, mean_loss, sps)
-            reporter.log(f"pretrain step {step}/{tc.pretrain_steps} loss {mean_loss:.4f} lr {sched.get_last_lr()[0]:.2e} samples/s {sps:,.0f}")
+            reporter.log(
+                f"pretrain step {step}/{tc.pretrain_steps} loss {mean_loss:.4f} lr {sched.get_last_lr()[0]:.2e} samples/s {sps:,.0f}"
+            )
         if step % tc.checkpoint_every == 0 or step == stop_at:
             checkpoint()
     if step < tc.pretrain_steps:
@@ -443,13 +530,26 @@ def _pretrain(cfg, tc, tok, train_rows, valid_rows, dev, out, state, recipe, rep
     loss, acc = evaluate_mlm(model, valid_rows, tok, dev, tc.batch_size)
     total_samples, total_seconds = samples + timer.samples, seconds + timer.seconds
     pre = {
-        "mlm_loss": loss, "mlm_accuracy": acc,
-        "pretrain_samples_per_s": round(total_samples / total_seconds, 1) if total_seconds > 0 and total_samples else None,
+        "mlm_loss": loss,
+        "mlm_accuracy": acc,
+        "pretrain_samples_per_s": round(total_samples / total_seconds, 1)
+        if total_seconds > 0 and total_samples
+        else None,
     }
     reporter.log(f"pretrain valid: mlm_loss {loss:.4f} mlm_accuracy {acc:.4f}")
     save_encoder(model, cfg, out)
     # The finished phase is recorded by a checkpoint that holds its metrics and no weights.
-    save_atomic({"phase": "finetune", "step": 0, "pretrain_metrics": pre, "model_config": cfg.to_dict(), "recipe": recipe, "wall_time_s": wall()}, out / CHECKPOINT)
+    save_atomic(
+        {
+            "phase": "finetune",
+            "step": 0,
+            "pretrain_metrics": pre,
+            "model_config": cfg.to_dict(),
+            "recipe": recipe,
+            "wall_time_s": wall(),
+        },
+        out / CHECKPOINT,
+    )
     return pre
 
 
@@ -484,7 +584,9 @@ def _finetune(cfg, tc, tok, sst2, dev, out, state, pre, recipe, reporter, wall):
         total = tc.finetune_steps
     else:
         total = max(1, math.ceil((tc.finetune_epochs or 1.0) * per_epoch))
-    reporter.log(f"fine-tuning data: {len(train_ids):,} train, {len(dev_ids):,} dev sentences; {total} steps of {batch}")
+    reporter.log(
+        f"fine-tuning data: {len(train_ids):,} train, {len(dev_ids):,} dev sentences; {total} steps of {batch}"
+    )
 
     torch.manual_seed(tc.seed + 1)  # the head's initialization (the encoder is loaded below)
     model = Classifier(cfg, n_labels).to(dev)
@@ -508,12 +610,23 @@ def _finetune(cfg, tc, tok, sst2, dev, out, state, pre, recipe, reporter, wall):
 
     def checkpoint():
         timer.stop()
-        save_atomic({
-            "phase": "finetune", "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "rng": rng_state(dev), "model_config": cfg.to_dict(), "recipe": recipe,
-            "pretrain_metrics": pre, "timed_samples": samples + timer.samples, "timed_seconds": seconds + timer.seconds,
-            "wall_time_s": wall(),
-        }, out / CHECKPOINT)
+        save_atomic(
+            {
+                "phase": "finetune",
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": rng_state(dev),
+                "model_config": cfg.to_dict(),
+                "recipe": recipe,
+                "pretrain_metrics": pre,
+                "timed_samples": samples + timer.samples,
+                "timed_seconds": seconds + timer.seconds,
+                "wall_time_s": wall(),
+            },
+            out / CHECKPOINT,
+        )
         if step < stop_at:
             timer.t0 = time.perf_counter() if timer.seen >= timer.skip else None
 
@@ -521,7 +634,11 @@ def _finetune(cfg, tc, tok, sst2, dev, out, state, pre, recipe, reporter, wall):
     while step < stop_at:
         idx = epoch_batch(len(train_ids), batch, step, tc.seed + 1, cache)
         ids, pad = D.pad_batch([train_ids[i] for i in idx.tolist()], tok.pad_id)
-        ids, pad, y = ids.to(dev, non_blocking=True), pad.to(dev, non_blocking=True), labels[idx].to(dev, non_blocking=True)
+        ids, pad, y = (
+            ids.to(dev, non_blocking=True),
+            pad.to(dev, non_blocking=True),
+            labels[idx].to(dev, non_blocking=True),
+        )
         with autocast(dev):
             logits = fwd(ids, pad)
         loss = F.cross_entropy(logits.float(), y)
@@ -534,9 +651,13 @@ def _finetune(cfg, tc, tok, sst2, dev, out, state, pre, recipe, reporter, wall):
             mean_loss = loss_sum.item() / n_logged
             loss_sum.zero_()
             n_logged = 0
-            sps = timer.samples / (timer.seconds + time.perf_counter() - timer.t0) if timer.t0 and timer.samples else 0.0
+            sps = (
+                timer.samples / (timer.seconds + time.perf_counter() - timer.t0) if timer.t0 and timer.samples else 0.0
+            )
             reporter.update(step, mean_loss, sps)
-            reporter.log(f"finetune step {step}/{total} loss {mean_loss:.4f} lr {sched.get_last_lr()[0]:.2e} samples/s {sps:,.0f}")
+            reporter.log(
+                f"finetune step {step}/{total} loss {mean_loss:.4f} lr {sched.get_last_lr()[0]:.2e} samples/s {sps:,.0f}"
+            )
         if step % tc.checkpoint_every == 0 or step == stop_at:
             checkpoint()
     if step < total:
@@ -548,7 +669,9 @@ def _finetune(cfg, tc, tok, sst2, dev, out, state, pre, recipe, reporter, wall):
     total_samples, total_seconds = samples + timer.samples, seconds + timer.seconds
     return {
         "sst2_dev_accuracy": acc,
-        "finetune_samples_per_s": round(total_samples / total_seconds, 1) if total_seconds > 0 and total_samples else None,
+        "finetune_samples_per_s": round(total_samples / total_seconds, 1)
+        if total_seconds > 0 and total_samples
+        else None,
         "finetune_steps": total,
     }
 
