@@ -155,7 +155,7 @@ def n_blocks(f: AttentionFactors, kind: str) -> int:
 
 
 def stacked_matrix(f: AttentionFactors, kind: str, s1: torch.Tensor, dtype) -> torch.Tensor:
-    """The stacked matrix exactly as REFERENCE §3 defines it, each block divided by s1[h]."""
+    """The stacked matrix exactly as docs/reference.md §3 defines it, each block divided by s1[h]."""
     base = "QK" if kind == "KQ" else kind
     nb = n_blocks(f, base)
     m0 = head_matrix(f, base, 0, dtype)

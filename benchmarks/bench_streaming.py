@@ -60,8 +60,8 @@ def main() -> None:
     os.environ["HF_HOME"] = hf_home  # before huggingface_hub is imported
     import torch
 
+    from svd_probe.hub.checkpoint import open_checkpoint
     from svd_probe.hub.ranges import HubFiles
-    from svd_probe.hub.source import open_checkpoint
     from svd_probe.hub.stream import stream_layers
     from svd_probe.models import ModelRef
     from svd_probe.testing.checkpoints import Checkpoint, build_deepseek_v3_real

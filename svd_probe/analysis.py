@@ -182,7 +182,7 @@ def _versions() -> dict:
 def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
     """Run (or resume) an analysis; see the module docstring. `progress` is a `report.Progress`-like
     object with `start(...)`, `layer_done(...)` and `bytes_source(...)`, or None."""
-    from svd_probe.hub.source import open_checkpoint
+    from svd_probe.hub.checkpoint import open_checkpoint
     from svd_probe.hub.stream import stream_layers
     from svd_probe.spectra.compute import layer_spectra
 

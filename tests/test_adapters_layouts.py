@@ -2,7 +2,7 @@
 
 The expectations never go through the adapters or the spectra code. The test reads the written
 shards with `safetensors`, dequantizes FP8 itself, slices heads with its own index arithmetic
-(one function per layout family, written from REFERENCE.md §1-3 and the layouts' docs), folds
+(one function per layout family, written from docs/reference.md §1-3 and the layouts' docs), folds
 norms with explicit diagonal matrices, materializes VO_h = O_h·V_g(h) and QK_h = Q_hᵀ·K_g(h),
 stacks normalized heads, and takes float64 `numpy.linalg.svd`.
 """
@@ -23,7 +23,7 @@ from svd_probe.errors import UnsupportedModelError
 from svd_probe.results import load_analysis
 from svd_probe.testing.layouts import LAYOUTS, build_layout, write_layout
 
-# The spectra contract: every σ within 1e-4·σ₁ of float64 truth (REFERENCE.md §3).
+# The spectra contract: every σ within 1e-4·σ₁ of float64 truth (docs/reference.md §3).
 TOL = 1e-4
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")

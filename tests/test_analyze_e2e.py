@@ -2,7 +2,7 @@
 
 The reference is built independently of the package: tensors are read with the `safetensors`
 library from the generated files, FP8 is dequantized here per 128×128 block, every matrix of
-REFERENCE.md §3 is materialized explicitly (VO_h = O_h·V_h, QK_h = Q_hᵀ·K_h, stacks of heads
+docs/reference.md §3 is materialized explicitly (VO_h = O_h·V_h, QK_h = Q_hᵀ·K_h, stacks of heads
 divided by their own σ₁) and its σ taken with `np.linalg.svd` in float64.
 """
 

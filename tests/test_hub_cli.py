@@ -17,7 +17,7 @@ def test_models_table():
     assert res.exit_code == 0, res.output
     for alias in ("deepseek-v3", "kimi-k2", "moonlight", "llama-3.1-8b"):
         assert alias in res.output
-    assert "11.6 GB" in res.output  # DeepSeek-V3: 187 MB × 62 attention layers (REFERENCE.md §1)
+    assert "11.6 GB" in res.output  # DeepSeek-V3: 187 MB × 62 attention layers (docs/reference.md §1)
 
 
 def test_models_json():

@@ -19,7 +19,7 @@ from svd_probe.errors import (
     RevisionNotFoundError,
     UnknownModelError,
 )
-from svd_probe.hub.source import open_checkpoint
+from svd_probe.hub.checkpoint import open_checkpoint
 from svd_probe.models import ModelRef, resolve_model
 
 
@@ -126,7 +126,7 @@ def test_resolve_model_errors(tmp_path):
 def test_hf_endpoint_and_hf_token_from_environment(fake_hub, tmp_path):
     # HF_ENDPOINT is read when huggingface_hub is imported: only a fresh process shows it honoured.
     code = (
-        "from svd_probe.hub.source import open_checkpoint\n"
+        "from svd_probe.hub.checkpoint import open_checkpoint\n"
         "from svd_probe.models import resolve_model\n"
         "src = open_checkpoint(resolve_model('gated/deepseek-v3'))\n"
         "t = src.read_tensors(['model.layers.0.self_attn.kv_b_proj.weight'])\n"

@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 
 from svd_probe.errors import CorruptShardError
+from svd_probe.hub.checkpoint import open_checkpoint
 from svd_probe.hub.dequant import dequantize_fp8_blocks
 from svd_probe.hub.safetensors_header import MAX_HEADER_BYTES, parse_header, parse_header_length
-from svd_probe.hub.source import open_checkpoint
 from svd_probe.models import resolve_model
 
 

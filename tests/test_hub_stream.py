@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 
 from svd_probe.errors import TransferError
+from svd_probe.hub.checkpoint import open_checkpoint
 from svd_probe.hub.ranges import plan_reads
-from svd_probe.hub.source import open_checkpoint
 from svd_probe.hub.stream import stream_layers
 from svd_probe.models import ModelRef, resolve_model
 from svd_probe.testing.fake_hub import FAULT_KINDS

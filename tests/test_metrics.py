@@ -1,4 +1,4 @@
-"""Every metric of svd_probe.spectra.metrics against values worked out by hand (REFERENCE.md §4).
+"""Every metric of svd_probe.spectra.metrics against values worked out by hand (docs/reference.md §4).
 
 The running example is σ = [3, 2, 1]:
     σ² = [9, 4, 1], E = Σσ² = 14, cumulative σ² = [9, 13, 14], Σσ⁴ = 81 + 16 + 1 = 98, Σσ = 6.

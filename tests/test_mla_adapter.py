@@ -1,4 +1,4 @@
-"""The MLA adapter slices DeepSeek-layout tensors into heads exactly as REFERENCE.md §1 says.
+"""The MLA adapter slices DeepSeek-layout tensors into heads exactly as docs/reference.md §1 says.
 
 The expectations are built by hand, row by row, from the documented layout: per head, q_b_proj
 has d_nope rows then d_rope rows; kv_b_proj has d_nope key rows then d_v value rows (interleaved

@@ -70,7 +70,7 @@ def _sv(a):
 
 
 def reference(f: AttentionFactors, normalize=True):
-    """float64 numpy: materialize every matrix exactly as REFERENCE.md §3 defines it."""
+    """float64 numpy: materialize every matrix exactly as docs/reference.md §3 defines it."""
     n = lambda t: t.double().numpy()  # noqa: E731 - the float32 inputs, exactly, in float64
     q, k, v, o = n(f.q), n(f.k), n(f.v), n(f.o)
     grp = f.groups().numpy()

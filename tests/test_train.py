@@ -1,4 +1,4 @@
-"""The training lab (issue 5): configs, parameter counts, data, learning, checkpoints, resume, errors, compare."""
+"""The training lab: configs, parameter counts, data, learning, checkpoints, resume, errors, compare."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 An adapter knows one checkpoint layout: which tensors a layer's attention needs (so the reader
 fetches only those) and how to slice them into heads. It turns the raw tensors of one layer into
 `AttentionFactors`: per-head factor matrices in one canonical orientation, so the spectra code
-never needs to know where a matrix came from (REFERENCE.md §3).
+never needs to know where a matrix came from (docs/reference.md §3).
 
 Orientation: every matrix maps its *input* (columns) to its *output* (rows), like a Linear
 weight. Per head h:

@@ -1,4 +1,4 @@
-"""BERT encoders: multi-head attention with post-LayerNorm (REFERENCE.md §2).
+"""BERT encoders: multi-head attention with post-LayerNorm (docs/reference.md §2).
 
 Tensors of layer L (prefix `encoder.layer.L.`, or `bert.encoder.layer.L.` in checkpoints saved
 from BertForMaskedLM / BertForPreTraining and most fine-tunes):

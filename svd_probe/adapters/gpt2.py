@@ -1,4 +1,4 @@
-"""GPT-2: multi-head attention through Conv1D layers, pre-LayerNorm (REFERENCE.md §2-3).
+"""GPT-2: multi-head attention through Conv1D layers, pre-LayerNorm (docs/reference.md §2-3).
 
 Tensors of layer L (prefix `h.L.`, or `transformer.h.L.` in checkpoints saved from
 GPT2LMHeadModel by recent transformers):

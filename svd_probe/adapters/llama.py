@@ -1,4 +1,4 @@
-"""Llama-style grouped-query attention: Llama, Mistral, Qwen2, Qwen3 (REFERENCE.md §2-3).
+"""Llama-style grouped-query attention: Llama, Mistral, Qwen2, Qwen3 (docs/reference.md §2-3).
 
 Tensors of layer L (prefix `…layers.L.`):
     self_attn.q_proj [n·d, H], self_attn.k_proj [g·d, H], self_attn.v_proj [g·d, H]

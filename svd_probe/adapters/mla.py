@@ -1,4 +1,4 @@
-"""Multi-head latent attention: DeepSeek-V2/V3/V3.2, Kimi-K2, Moonlight (REFERENCE.md §1, §3).
+"""Multi-head latent attention: DeepSeek-V2/V3/V3.2, Kimi-K2, Moonlight (docs/reference.md §1, §3).
 
 Tensors of layer L (prefix `…layers.L.self_attn.`):
     q_a_proj [q_lora, H], q_a_layernorm [q_lora], q_b_proj [n·(d_nope+d_rope), q_lora]

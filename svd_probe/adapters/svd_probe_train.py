@@ -18,12 +18,12 @@ RoPE choice. These models rotate the first `rope_dims` dimensions of every query
 - partial RoPE (0 < rope_dims < head_dim, e.g. the mla preset's 16 of 32): Q_h is the head's
   last head_dim − rope_dims query rows (position-free), Q_pe_h its first rope_dims rows, and K_h
   the matching last key rows; QK_h = Q_hᵀ·K_h covers the position-free part only, as in
-  REFERENCE §3. The RoPE key rows are not reported (there is no per-head K_pe kind; KVA_pe
+  docs/reference.md §3. The RoPE key rows are not reported (there is no per-head K_pe kind; KVA_pe
   does not exist here).
 - full RoPE (rope_dims == head_dim, the mha and mla-o presets) or none: like Llama, Q_h and
   K_h are the whole head and there is no Q_pe.
 
-Norm folding (REFERENCE §3): attn_norm multiplies the columns of qkv (mha) or of down (mla),
+Norm folding (docs/reference.md §3): attn_norm multiplies the columns of qkv (mha) or of down (mla),
 q_norm the columns of q_up, kv_norm the columns of kv_up. Nothing folds into the output side.
 """
 

@@ -1,6 +1,6 @@
 """Reading checkpoints: Hub repos streamed by HTTP range reads, or local folders, one code path.
 
-    from svd_probe.hub.source import open_checkpoint
+    from svd_probe.hub.checkpoint import open_checkpoint
     from svd_probe.hub.stream import stream_layers
 
     src = open_checkpoint(ref, revision="main", token=None, endpoint=None, concurrency=8)

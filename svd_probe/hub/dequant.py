@@ -2,7 +2,7 @@
 
 The bytes are moved to the device in their storage dtype (1 byte per FP8 weight) and widened
 there: on a GPU that is 4× less host→device traffic than widening on the CPU first.
-FP8 E4M3 weights carry `<name>_scale_inv` (F32, one factor per 128×128 tile; REFERENCE.md §1).
+FP8 E4M3 weights carry `<name>_scale_inv` (F32, one factor per 128×128 tile; docs/reference.md §1).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Config facts of the aliased models, embedded so `svd-probe models` works offline.
 
 Only the keys that size the attention are kept, with the names and values of each repo's public
-config.json (REFERENCE.md §1-2). `attention_tensor_shapes` turns any config (embedded or
+config.json (docs/reference.md §1-2). `attention_tensor_shapes` turns any config (embedded or
 downloaded) into the tensors an analysis reads, so the download size is computed, not typed in.
 """
 
@@ -114,7 +114,7 @@ KNOWN_CONFIGS: dict[str, dict] = {
     "mistral-7b": _MISTRAL_7B,
 }
 
-# Whole-checkpoint sizes where a public figure exists (REFERENCE.md §1), for the "share" column.
+# Whole-checkpoint sizes where a public figure exists (docs/reference.md §1), for the "share" column.
 CHECKPOINT_BYTES: dict[str, int] = {
     "deepseek-v3": 688_600_000_000,
     "deepseek-v3-base": 688_600_000_000,

@@ -3,7 +3,7 @@
 Both backends answer the same two questions, so `CheckpointSource` has one code path:
 `size(path)` and `read_many([(path, begin, end), ...]) -> [bytearray, ...]`.
 
-The Hub backend speaks REFERENCE.md §5 through huggingface_hub's shared HTTP client
+The Hub backend speaks docs/reference.md §5 through huggingface_hub's shared HTTP client
 (`get_session()`, httpx in huggingface_hub 1.x, httpx2 in 2.x): one `Range` per GET, redirects to
 the signed CDN URL followed by hand (so the signed URL is reused for every later range of that
 file and re-resolved when it expires), several requests in flight, nearby ranges coalesced,

@@ -1,4 +1,4 @@
-"""Parse and validate safetensors headers ourselves (REFERENCE.md §5).
+"""Parse and validate safetensors headers ourselves (docs/reference.md §5).
 
 We never hand a remote shard to the `safetensors` library: it wants the whole file, and the
 point of svd-probe is to read a few hundred MB out of a 4 GB shard. So the header is parsed

@@ -7,7 +7,7 @@ D < n·d_v·H / (n·d_v + H) (the break-even; 4,986.4 for DeepSeek-V3: n = 128, 
 H = 7168). What it costs is the part of the output that no longer fits: the energy of the stacked
 O (and fused VO) spectrum beyond rank D. The stacked spectra are of heads each divided by their
 largest σ when the analysis normalized stacked heads, so "energy" here is the share of that
-normalized stack, the question a shared latent asks (REFERENCE.md §3).
+normalized stack, the question a shared latent asks (docs/reference.md §3).
 
 FLOPs are per token and counted as 2 per multiply-add.
 """

@@ -1,4 +1,4 @@
-"""Singular-value spectra of one layer's attention, computed through the factors (REFERENCE.md §3).
+"""Singular-value spectra of one layer's attention, computed through the factors (docs/reference.md §3).
 
 `layer_spectra(factors, kinds)` returns, for every requested key `<scope>.<matrix>`, the σ
 (float64, CPU, descending) and the shape (m, n) of the matrix they belong to.

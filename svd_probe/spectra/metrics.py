@@ -1,4 +1,4 @@
-"""Effective-rank metrics of a stored spectrum (REFERENCE.md §4).
+"""Effective-rank metrics of a stored spectrum (docs/reference.md §4).
 
 Each metric is a pure function of σ (sorted descending) and, where the definition needs it,
 the matrix shape (m, n) and the storage dtype's machine epsilon. They run on numpy float64 so
@@ -77,7 +77,7 @@ def participation_ratio(sigma) -> float:
 def numerical_rank(sigma, shape: tuple[int, int], eps: float = STORAGE_EPS["F32"]) -> int:
     """#{σ_i > max(m, n)·eps·σ₁} (numpy's `matrix_rank` convention).
 
-    The tables use eps of float32, the precision the spectra are computed from. REFERENCE.md §4
+    The tables use eps of float32, the precision the spectra are computed from. docs/reference.md §4
     suggests the storage dtype's eps instead, but with FP8 (2⁻³) or BF16 (2⁻⁷) the tolerance
     max(m, n)·eps·σ₁ exceeds σ₁ itself for any real size (16384 · 2⁻⁷ = 128), so every rank would
     be 0; `storage_rank` below measures the storage precision in a way that scales.

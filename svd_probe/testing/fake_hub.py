@@ -1,4 +1,4 @@
-"""A loopback stand-in for the Hugging Face Hub (REFERENCE.md §5), for tests and benchmarks.
+"""A loopback stand-in for the Hugging Face Hub (docs/reference.md §5), for tests and benchmarks.
 
 It serves folders as repos: `HEAD|GET /{org}/{name}/resolve/{revision}/{path}` with
 `X-Repo-Commit`, `ETag`, `Accept-Ranges`, Range → 206 + Content-Range, a 302 for large (LFS)

@@ -1,0 +1,236 @@
+"""`models`, `analyze`, `export` and `plot`: options here, work in the library."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from svd_probe.cli.app import (
+    CacheDirOpt,
+    EndpointOpt,
+    FoldOpt,
+    NormStackedOpt,
+    RevisionOpt,
+    TokenOpt,
+    app,
+    err,
+    out,
+    print_json,
+)
+
+
+@app.command("models")
+def models_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
+) -> None:
+    """List the model aliases: repo id, heads, layers, attention dtype and analysis download size."""
+    from svd_probe.hub.catalog import model_table, render_model_table
+
+    rows = model_table()
+    if as_json:
+        print_json(rows)
+    else:
+        out.print(render_model_table(rows))
+
+
+@app.command("analyze")
+def analyze_cmd(
+    model: str = typer.Argument(
+        ..., metavar="MODEL", help="Alias (see `svd-probe models`), Hub repo id org/name, or local folder."
+    ),
+    revision: str = RevisionOpt,
+    token: str | None = TokenOpt,
+    endpoint: str | None = EndpointOpt,
+    cache_dir: Path | None = CacheDirOpt,
+    layers: str | None = typer.Option(
+        None, "--layers", help="Layers to analyse, e.g. 0-3,10,60 (default: all).", show_default=False
+    ),
+    matrices: str | None = typer.Option(
+        None,
+        "--matrices",
+        help="Matrix kinds, comma-separated, from Q,Q_pe,K,V,O,VO,QK,KQ,QA,KVA,KVA_pe (default: all the model has).",
+        show_default=False,
+    ),
+    fold_norms: bool = FoldOpt,
+    normalize_stacked: bool = NormStackedOpt,
+    mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="Include multi-token-prediction layers."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto: cuda when available)."),
+    force: bool = typer.Option(False, "--force", help="Recompute layers that are already cached."),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, max=64, help="HTTP range requests in flight."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
+) -> None:
+    """Stream a checkpoint's attention layer by layer, compute every spectrum, cache it, summarize."""
+    from svd_probe.analysis import AnalyzeRequest, analyze
+    from svd_probe.report import analysis_progress, render_summary, summary_rows
+
+    request = AnalyzeRequest(
+        model=model,
+        revision=revision,
+        token=token,
+        endpoint=endpoint,
+        cache_dir=cache_dir,
+        layers=layers,
+        matrices=matrices,
+        fold_norms=fold_norms,
+        normalize_stacked=normalize_stacked,
+        include_mtp=mtp,
+        device=device,
+        force=force,
+        concurrency=concurrency,
+    )
+    # Progress goes to stderr, so it never mixes with --json on stdout.
+    with analysis_progress(err, enabled=err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
+        result = analyze(request, progress=progress)
+    rows = summary_rows(result)
+    if as_json:
+        print_json(
+            {
+                "model": result.display,
+                "repo_id": result.repo_id,
+                "commit": result.commit,
+                "cache": str(result.cache_dir),
+                "layers": rows,
+                "stats": result.stats,
+            }
+        )
+    else:
+        out.print(render_summary(result, rows))
+
+
+@app.command("export")
+def export_cmd(
+    model: str = typer.Argument(
+        ..., metavar="MODEL", help="Alias, Hub repo id or local folder, as given to `analyze`."
+    ),
+    format: str = typer.Option(
+        "jsonl", "--format", help="jsonl (one spectrum a line), csv or parquet (metrics table)."
+    ),
+    out_file: Path = typer.Option(..., "--out", help="File to write."),
+    revision: str = RevisionOpt,
+    cache_dir: Path | None = CacheDirOpt,
+    fold_norms: bool = FoldOpt,
+    normalize_stacked: bool = NormStackedOpt,
+    at_rank: int | None = typer.Option(
+        None, "--at-rank", help="Also export the relative error at this fixed rank r.", show_default=False
+    ),
+    errors: str = typer.Option(
+        "0.01,0.001", "--errors", help="Energy errors for the rank columns, comma-separated (0.01 → rank_1pct)."
+    ),
+) -> None:
+    """Write cached spectra (jsonl) or their metrics table (csv, parquet); reads the cache only."""
+    from svd_probe.export import export, parse_errors
+
+    n = export(
+        model,
+        format=format,
+        out=out_file,
+        revision=revision,
+        cache_dir=cache_dir,
+        fold_norms=fold_norms,
+        normalize_stacked=normalize_stacked,
+        at_rank=at_rank,
+        errors=parse_errors(errors),
+    )
+    err.print(f"wrote {n} rows to {out_file}")
+
+
+# ---- plot: options here, work in svd_probe.plots -------------------------------------
+@app.command("plot")
+def plot_cmd(
+    models: list[str] = typer.Argument(
+        ..., help="Cached models (alias, Hub repo id or local folder, as given to `analyze`); several add a comparison."
+    ),
+    out_dir: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Output folder (default: plots/<model>/; with several models DIR/<model>/ each and the comparison in DIR/).",
+        show_default=False,
+    ),
+    format: list[str] = typer.Option(
+        ["png"], "--format", help="png, svg or pdf; repeat or comma-separate for several."
+    ),
+    kind: list[str] | None = typer.Option(
+        None,
+        "--kind",
+        help="Figures: layerwise, headwise, grid, heatmap, spectra, error, planner, compare; repeat or comma-separate (default: all).",
+        show_default=False,
+    ),
+    revision: str = RevisionOpt,
+    cache_dir: Path | None = CacheDirOpt,
+    fold_norms: bool = FoldOpt,
+    normalize_stacked: bool = NormStackedOpt,
+    layer: int | None = typer.Option(
+        None,
+        "--layer",
+        min=0,
+        help="Layer of the head-wise figure (default: the middle cached layer).",
+        show_default=False,
+    ),
+    latent: int | None = typer.Option(
+        None,
+        "--latent",
+        min=1,
+        help="Shared output latent width D for the planner (default: 3/7 of d_model, 3072 for DeepSeek-V3).",
+        show_default=False,
+    ),
+    rank: int | None = typer.Option(
+        None,
+        "--rank",
+        min=1,
+        help="Fixed rank r of the error figure (default: 4/7 of d_model, 4096 for DeepSeek-V3).",
+        show_default=False,
+    ),
+    error: float = typer.Option(
+        0.01,
+        "--error",
+        help="Error threshold of the head-wise, grid, heat-map and comparison figures (0.01 = rank at 1% error).",
+    ),
+    spectra_layers: str | None = typer.Option(
+        None,
+        "--spectra-layers",
+        help="Layers of the spectra figure, e.g. 0,30,60 (default: 4 spread over the cached ones).",
+        show_default=False,
+    ),
+    spectra_matrices: str | None = typer.Option(
+        None,
+        "--spectra-matrices",
+        help="Stacked kinds of the spectra figure (default: O,VO,Q,K,V,QK).",
+        show_default=False,
+    ),
+    dpi: int = typer.Option(150, "--dpi", min=10, max=1200, help="Resolution of png files."),
+    data: bool = typer.Option(False, "--data", help="Also write each figure's data as CSV beside it."),
+) -> None:
+    """Draw effective-rank figures of cached analyses (offline): layer-wise, head-wise, heat maps, spectra, planner."""
+    from svd_probe.plots import make_plots, parse_layers, planner_rich_table
+    from svd_probe.plots.render import parse_matrices
+
+    report = make_plots(
+        models,
+        out_dir=out_dir,
+        formats=format,
+        kinds=kind,
+        layer=layer,
+        latent=latent,
+        rank=rank,
+        revision=revision,
+        cache_dir=cache_dir,
+        fold_norms=fold_norms,
+        normalize_stacked=normalize_stacked,
+        error=error,
+        spectra_layers=parse_layers(spectra_layers),
+        spectra_kinds=parse_matrices(spectra_matrices),
+        dpi=dpi,
+        write_data=data,
+    )
+    if report.plans:
+        out.print(planner_rich_table(report.plans))
+    for note in report.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)  # unwrapped: commands stay copyable
+    if not report.files:
+        err.print("no figure could be drawn from the cache (see the notes above)")
+        raise typer.Exit(1)
+    out.print(f"wrote {len(report.files)} files:")
+    for path in report.files:
+        out.print(f"  {path}", highlight=False, soft_wrap=True)

@@ -1,0 +1,55 @@
+"""The shared parts of the command line: the typer app, the two consoles, and the options that
+every command reading a checkpoint or the cache takes, declared once."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="svd-probe",
+    help="Spectral analysis of attention weights in very large checkpoints, streamed from the Hub, "
+    "and a lab that trains MHA, MLA and MLA-o encoders.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+# Options shared by every command that reads a checkpoint or the cache.
+RevisionOpt = typer.Option(
+    "main", "--revision", help="Branch, tag or commit to read; pinned to the commit it resolves to."
+)
+TokenOpt = typer.Option(
+    None,
+    "--token",
+    help="Hub token for gated or private repos (default: $HF_TOKEN or `hf auth login`).",
+    show_default=False,
+)
+EndpointOpt = typer.Option(
+    None,
+    "--endpoint",
+    help="Hub endpoint or mirror URL (default: $HF_ENDPOINT, else https://huggingface.co).",
+    show_default=False,
+)
+CacheDirOpt = typer.Option(
+    None,
+    "--cache-dir",
+    help="Spectra cache folder (default: $SVD_PROBE_CACHE, else the user cache folder).",
+    show_default=False,
+)
+FoldOpt = typer.Option(
+    True, "--fold-norms/--no-fold-norms", help="Fold RMSNorm weights into the projections that read them."
+)
+NormStackedOpt = typer.Option(
+    True, "--normalize-stacked/--no-normalize-stacked", help="Divide each head by its largest σ before stacking heads."
+)
+
+
+def print_json(obj) -> None:
+    # Plain stdout, not rich: machine output must not be wrapped or coloured.
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
