@@ -28,6 +28,7 @@ from svd_probe.adapters.base import ALL_KINDS, HEAD_KINDS, LAYER_KINDS, STACKED_
 from svd_probe.cache.store import AnalysisCache, AnalysisOptions, LayerSpectra, default_cache_root
 from svd_probe.errors import BadOptionError
 from svd_probe.models import resolve_model
+from svd_probe.options import pick_device
 from svd_probe.results import Analysis, cache_repo, load_analysis
 
 
@@ -140,19 +141,6 @@ def spectrum_keys(kinds: list[str]) -> set[str]:
     keys |= {f"stacked.{k}" for k in kinds if k in STACKED_KINDS}
     keys |= {f"layer.{k}" for k in kinds if k in LAYER_KINDS}
     return keys
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise BadOptionError(f"bad --device {name!r}", "Use auto, cpu or cuda.")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadOptionError(
-            "--device cuda asked for, but torch sees no CUDA GPU",
-            "Use --device cpu, or install the CUDA build of torch (see README).",
-        )
-    return torch.device(name)
 
 
 def _versions() -> dict:

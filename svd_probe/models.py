@@ -44,6 +44,14 @@ ALIASES: dict[str, ModelAlias] = {
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
+# A full git commit hash, as the Hub's X-Repo-Commit header and pinned revisions carry it.
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+def is_commit(revision: str | None) -> bool:
+    """True for a full 40-hex commit hash (a revision that needs no resolving)."""
+    return bool(revision) and COMMIT_RE.match(revision) is not None
+
 
 @dataclass(frozen=True)
 class ModelRef:

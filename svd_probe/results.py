@@ -11,7 +11,6 @@ Nothing here touches the network: the revision is looked up in the cache's refs,
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +20,10 @@ import numpy as np
 from svd_probe.adapters.base import ALL_KINDS
 from svd_probe.cache.store import AnalysisCache, AnalysisOptions, LayerSpectra, default_cache_root, repo_key
 from svd_probe.errors import CacheMissError
-from svd_probe.models import ModelRef, resolve_model
+from svd_probe.models import ModelRef, is_commit, resolve_model
 from svd_probe.spectra.metrics import DEFAULT_ERRORS, metrics_batch
 
 SCOPES = ("head", "stacked", "layer")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -199,7 +197,7 @@ def load_analysis(
     options = AnalysisOptions(fold_norms=fold_norms, normalize_stacked=normalize_stacked)
     root = default_cache_root(cache_dir)
     repo = cache_repo(ref)
-    commit = revision if _COMMIT.match(revision) else AnalysisCache.read_ref(root, repo, revision)
+    commit = revision if is_commit(revision) else AnalysisCache.read_ref(root, repo, revision)
     if commit is None:
         raise CacheMissError(
             f"no cached analysis of {ref.display} (revision {revision}) in {root}",

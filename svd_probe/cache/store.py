@@ -25,13 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from svd_probe.atomic import atomic_write, atomic_write_bytes
 
 CACHE_FORMAT_VERSION = 1
 ENV_CACHE_DIR = "SVD_PROBE_CACHE"
@@ -86,27 +87,6 @@ class LayerSpectra:
         return set(self.sigma)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then rename onto `path`: readers see the old file or the whole new
-    one, never a part, even if the process is killed mid-write. `fsync` before the rename, so a
-    crash of the machine cannot leave an empty file under the final name either."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
 class AnalysisCache:
     """The cache folder of one (repo, commit, options)."""
 
@@ -120,7 +100,7 @@ class AnalysisCache:
     # --- revision refs: let offline commands find the commit a revision resolved to ----------
     @staticmethod
     def write_ref(root: str | os.PathLike, repo: str, revision: str, commit: str) -> None:
-        _atomic_write_bytes(Path(root) / repo / "refs" / revision.replace("/", "%2F"), commit.encode())
+        atomic_write_bytes(Path(root) / repo / "refs" / revision.replace("/", "%2F"), commit.encode())
 
     @staticmethod
     def read_ref(root: str | os.PathLike, repo: str, revision: str) -> str | None:
@@ -163,7 +143,7 @@ class AnalysisCache:
             "info": json.dumps(spectra.info),
         }
         path = self.layer_path(spectra.layer)
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         return path
 
     def read_layer(self, layer: int) -> LayerSpectra:
@@ -192,4 +172,4 @@ class AnalysisCache:
             return {}
 
     def write_manifest(self, manifest: dict) -> None:
-        _atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
 from svd_probe.errors import EntryNotFoundError, SvdProbeError, TransferError
 from svd_probe.hub.ranges import HubFiles, LocalFiles, hub_error
 from svd_probe.hub.source import INDEX_FILE, LONE_FILE, CheckpointSource
-from svd_probe.models import ModelRef
-
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+from svd_probe.models import ModelRef, is_commit
 
 
 def open_checkpoint(
@@ -171,7 +168,7 @@ def _resolve_commit(ref: ModelRef, revision: str, token, endpoint: str, retries:
             err = hub_error(r, repo_id=ref.repo_id, revision=revision, path="config.json", endpoint=endpoint)
             raise err or TransferError(f"HTTP {r.status_code} for {url}", "Check --endpoint / HF_ENDPOINT.")
         commit = r.headers.get("X-Repo-Commit")
-        if not commit or not _COMMIT.match(commit):
+        if not commit or not is_commit(commit):
             raise TransferError(
                 f"{endpoint} did not answer with an X-Repo-Commit header for {ref.repo_id}",
                 "The endpoint does not look like a Hugging Face Hub or mirror; check --endpoint / HF_ENDPOINT.",

@@ -10,7 +10,6 @@ never written to disk. A local folder goes through the same code with memory-map
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,7 +23,6 @@ from svd_probe.hub.safetensors_header import ShardHeader, parse_header, parse_he
 INDEX_FILE = "model.safetensors.index.json"
 LONE_FILE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 class CheckpointSource:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from svd_probe.errors import TrainingInputError
+from svd_probe.options import pick_device
 from svd_probe.train import data as D
 from svd_probe.train.config import ModelConfig, count_parameters
 from svd_probe.train.model import Classifier, MaskedLM, num_parameters, parameter_shapes
@@ -151,18 +152,6 @@ def rich_progress(console):
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise TrainingInputError(f"bad device {spec!r}", hint="use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingInputError("--device cuda but no CUDA device is available", hint="use --device cpu")
-    return dev
 
 
 def device_name(dev: torch.device) -> str:
@@ -313,7 +302,7 @@ def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter
     """Pretrain, export the encoder, fine-tune on SST-2 if given, write metrics.json; resumable."""
     t_start = time.perf_counter()
     tc.validate()
-    dev = resolve_device(tc.device)
+    dev = pick_device(tc.device)
     reporter = reporter or Reporter()
     # Inputs are checked before anything is written, so a typo costs nothing.
     tok = D.load_tokenizer(src.tokenizer)

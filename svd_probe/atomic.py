@@ -1,0 +1,49 @@
+"""Atomic file writes: readers see the old file or the whole new one, never a part.
+
+Every file svd-probe writes for later reading (spectra layer files, manifests, refs, training
+checkpoints, metrics) goes through `atomic_write`: write to a temporary name in the same folder,
+`fsync`, then rename onto the final name. A process killed mid-write leaves the old file (or
+nothing) behind, and a crash of the machine cannot leave an empty file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """Call `write(tmp_path)`, fsync the result, then rename it onto `path`.
+
+    Args:
+        path: the final file name; its folder is created if missing.
+        write: writes the whole content to the temporary path it is given.
+
+    The temporary file is removed if `write` (or anything after it) fails, even on Ctrl-C.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """`atomic_write` of a bytes object."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
+    """`atomic_write` of `obj` as JSON (keys sorted, trailing newline)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=True) + "\n").encode())
