@@ -84,6 +84,10 @@ def test_norm_metrics_hand_values():
     nan_row = H.layer_metrics(np.zeros(5), (5, 5))
     assert all(math.isnan(v) for v in nan_row.values())
     assert math.isnan(H.fit_powerlaw([3.0]).alpha)
+    # A corrupt cache entry (NaN, inf) gives NaN soft rank and a fit of the finite values, no error.
+    bad = np.r_[sigma, np.nan, np.inf] ** 2
+    assert math.isnan(H.mp_softrank(bad, (63, 200)))
+    assert H.fit_powerlaw(bad) == H.fit_powerlaw(sigma**2)
 
 
 def test_mp_softrank_of_a_gaussian_is_about_one_and_spikes_lower_it():

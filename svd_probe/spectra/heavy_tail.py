@@ -103,7 +103,7 @@ def fit_powerlaw(evals) -> PowerLawFit:
 
     Returns:
         PowerLawFit(alpha, xmin, D, n_tail); all NaN (n_tail 0) when fewer than two values remain
-        or the fit degenerates (every tail constant).
+        or the fit degenerates (every tail constant). Non-finite values are dropped.
 
     Measured (2 shared CPU cores, N = 7168; MP bulk + Pareto tail, MP bulk alone, Pareto,
     lognormal): 44–86 ms, against 570–690 ms for WeightWatcher's loop on the same values and
@@ -115,7 +115,7 @@ def fit_powerlaw(evals) -> PowerLawFit:
         1.51
     """
     x = np.sort(np.asarray(evals, dtype=np.float64).ravel())
-    x = x[x > EVALS_THRESH]
+    x = x[(x > EVALS_THRESH) & np.isfinite(x)]
     big_n = x.size
     if big_n < 2:
         return _NO_FIT
@@ -202,7 +202,7 @@ def mp_softrank(evals, shape: tuple[int, int]) -> float:
     # Ascending, as WeightWatcher holds them, so that the sums round the same way.
     lam = np.sort(np.asarray(evals, dtype=np.float64).ravel())
     m, n = shape
-    if lam.size == 0 or min(m, n) == 0:
+    if lam.size == 0 or min(m, n) == 0 or not np.isfinite(lam).all():
         return math.nan
     q = max(m, n) / min(m, n)
     total = lam.sum()
