@@ -211,4 +211,71 @@ def test_batch_metrics_equal_the_one_spectrum_functions(dtype):
         one = M.spectrum_metrics(row, (30, 24), storage_dtype=dtype, errors=(0.01, 0.001, 0.2), at_rank=5)
         assert set(one) == set(cols)
         for k, v in one.items():
-            assert cols[k][i] == pytest.approx(v, rel=1e-12, abs=1e-12), (i, k)
+            assert cols[k][i] == pytest.approx(v, rel=1e-12, abs=1e-12, nan_ok=True), (i, k)
+
+
+# --- scale and the Marchenko–Pastur baseline -------------------------------------------------------
+
+
+def test_frobenius_and_mp_edge_hand_values():
+    # σ = [3, 2, 1]: ‖W‖_F = √14. Shape (3, 6): s² = 14/18, edge = sqrt(14/18)·(√3 + √6)
+    #   = 0.8819171 · 4.1815405 = 3.6877721 > 3, so no spikes.
+    assert M.frobenius_norm(S) == pytest.approx(math.sqrt(14), rel=1e-12)
+    assert M.mp_edge(S, (3, 6)) == pytest.approx(3.6877721, rel=1e-7)
+    assert M.mp_spikes(S, (3, 6)) == 0
+    # σ = [10, 1, 1, 1], E = 103. Square (4, 4): s = sqrt(103/16) = 2.5372229, edge = 4s = 10.149 > 10: 0.
+    # Shape (4, 100): s = sqrt(103/400) = 0.5074446, edge = s·(2 + 10) = 6.0893 → one spike (10).
+    s = [10, 1, 1, 1]
+    assert M.mp_edge(s, (4, 4)) == pytest.approx(4 * math.sqrt(103 / 16), rel=1e-12)
+    assert M.mp_spikes(s, (4, 4)) == 0
+    assert M.mp_edge(s, (4, 100)) == pytest.approx(12 * math.sqrt(103 / 400), rel=1e-12)
+    assert M.mp_spikes(s, (4, 100)) == 1
+    # Structural zeros (the padding of a reduced problem) change neither the norm nor the edge:
+    # the edge depends on the recorded shape only.
+    assert M.mp_edge([3, 2, 1, 0, 0], (5, 40)) == M.mp_edge(S, (5, 40))
+    assert M.mp_edge([0, 0], (2, 2)) == 0.0 and M.mp_spikes([0, 0], (2, 2)) == 0
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (500, 100), (256, 256), (64, 1000)])
+def test_gaussian_matrices_have_about_zero_spikes(shape):
+    # A Gaussian matrix's σ₁ sits at the MP edge to within Tracy–Widom fluctuations, mostly below
+    # (σ₁/edge ∈ [0.97, 1.011] over these 40 matrices): at most one spike, and rarely that.
+    spikes = []
+    for seed in range(10):
+        w = np.random.default_rng(seed).standard_normal(shape)
+        s = np.linalg.svd(w, compute_uv=False)
+        assert 0.95 < s[0] / M.mp_edge(s, shape) < 1.05
+        spikes.append(M.mp_spikes(s, shape))
+    assert max(spikes) <= 1 and sum(spikes) <= 2, spikes
+
+
+@pytest.mark.parametrize("r", [1, 5, 12])
+def test_planted_rank_signal_above_the_edge_gives_r_spikes(r):
+    # W = G + U·diag(θ)·Vᵀ, G 400×200 standard normal (bulk edge √400 + √200 = 34.1), θ ∈ [60, 120]
+    # (BBP outliers at ~θ + 600/θ). The signal raises ‖W‖_F and so the edge (to 42 for r = 5, 53 for
+    # r = 12), still below every outlier and above the bulk: exactly r spikes.
+    rng = np.random.default_rng(r)
+    m, n = 400, 200
+    u, _ = np.linalg.qr(rng.standard_normal((m, r)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, r)))
+    w = rng.standard_normal((m, n)) + u @ np.diag(np.linspace(60, 120, r)) @ v.T
+    s = np.linalg.svd(w, compute_uv=False)
+    assert M.mp_spikes(s, (m, n)) == r
+    cols = M.metrics_batch(s[None], (m, n), scope="head")
+    assert cols["mp_spikes"][0] == r
+    assert cols["frobenius"][0] == pytest.approx(np.linalg.norm(w), rel=1e-10)
+    assert cols["sigma_max"][0] == pytest.approx(np.linalg.norm(w, 2), rel=1e-10)
+
+
+def test_per_head_batches_skip_the_layer_metrics():
+    # Layer metrics are NaN for head and stacked scopes and computed for layers (and scope=None).
+    rng = np.random.default_rng(0)
+    sig = np.abs(rng.standard_normal((3, 40))) + 0.1
+    for scope in ("head", "stacked"):
+        cols = M.metrics_batch(sig, (40, 90), scope=scope)
+        assert all(np.isnan(cols[c]).all() for c in ("alpha", "alpha_weighted", "log_spectral_norm", "mp_softrank"))
+    for scope in ("layer", None):
+        cols = M.metrics_batch(sig, (40, 90), scope=scope)
+        assert cols["log_spectral_norm"] == pytest.approx(np.log10(sig.max(axis=1) ** 2), rel=1e-12)
+        assert np.isfinite(cols["alpha"]).all() and (cols["alpha"] > 1).all()
+        assert np.isfinite(cols["mp_softrank"]).all()

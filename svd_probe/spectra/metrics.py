@@ -3,6 +3,13 @@
 Each metric is a pure function of σ (sorted descending) and, where the definition needs it,
 the matrix shape (m, n) and the storage dtype's machine epsilon. They run on numpy float64 so
 that the cache, the exporter and the plots agree to the last digit.
+
+Every spectrum also gets its scale and a random baseline: `sigma_max` (σ₁), `frobenius`
+(‖W‖_F), `mp_edge` (where the singular values of a Gaussian matrix of the same shape and norm
+end) and `mp_spikes` (σ above that edge). Energy ranks are ratios, blind to a head that is
+uniformly small; these are not. WeightWatcher's layer metrics (`alpha`, `alpha_weighted`,
+`log_spectral_norm`, `mp_softrank`, in `heavy_tail`) describe whole weight matrices and are
+computed for the scopes in `LAYER_METRIC_SCOPES` only (NaN elsewhere).
 """
 
 from __future__ import annotations
@@ -11,7 +18,15 @@ import math
 
 import numpy as np
 
+from svd_probe.spectra.heavy_tail import LAYER_METRIC_COLUMNS, layer_metrics
+
 DEFAULT_ERRORS = (0.01, 0.001)
+
+# Scopes whose spectra are those of a weight matrix as stored (docs/reference.md §3, "layer"):
+# WeightWatcher's metrics describe such matrices. Per-head blocks hold d_head eigenvalues, too
+# few for a tail fit, and stacked spectra are of a construct (each head divided by its own σ₁),
+# not of a weight; `metrics_batch(scope=None)` computes them anyway.
+LAYER_METRIC_SCOPES = frozenset({"layer"})
 
 # Machine epsilon of the dtypes weights are stored in; the meaningful tolerance for the
 # numerical rank of a quantized weight is its storage precision, not float64's.
@@ -112,6 +127,34 @@ def storage_rank(sigma, shape: tuple[int, int], eps: float) -> int:
     return int((s > storage_noise_floor(s, shape, eps)).sum()) if s.size and s[0] > 0 else 0
 
 
+def frobenius_norm(sigma) -> float:
+    """‖W‖_F = sqrt(Σσ²)."""
+    return float(math.sqrt((_sorted(sigma) ** 2).sum()))
+
+
+def mp_edge(sigma, shape: tuple[int, int]) -> float:
+    """Largest singular value of a Gaussian matrix with W's shape and Frobenius norm.
+
+    An m×n matrix of i.i.d. entries of variance s² has its singular values in a Marchenko–Pastur
+    bulk whose upper edge is s·(√m + √n) (as m, n → ∞; a finite Gaussian matrix's σ₁ falls within
+    O(s·(√m + √n)^(1/3)) of it, mostly below). Matching the norm, s² = ‖W‖_F²/(m·n).
+
+    "Same shape" is the (m, n) recorded with the spectrum: the full matrix's, also where σ came
+    from a reduced problem (a fused VO_h is d_model × in_v though rank ≤ d_v; its stored σ are
+    padded with exact zeros, which change neither the norm nor the edge). For stacked spectra
+    the norm is that of the stack as analysed, each head divided by its own σ₁.
+    """
+    m, n = shape
+    if m == 0 or n == 0:
+        return 0.0
+    return math.sqrt((_sorted(sigma) ** 2).sum() / (m * n)) * (math.sqrt(m) + math.sqrt(n))
+
+
+def mp_spikes(sigma, shape: tuple[int, int]) -> int:
+    """#{σ_i > mp_edge}: directions that stand out of a random matrix's bulk."""
+    return int((_sorted(sigma) > mp_edge(sigma, shape)).sum())
+
+
 def gavish_donoho_omega(beta: float) -> float:
     """ω(β) of the optimal hard threshold with unknown noise (Gavish & Donoho 2014, eq. 5)."""
     return 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
@@ -157,12 +200,31 @@ def metrics_batch(
     storage_dtype: str = "F32",
     errors: tuple[float, ...] = DEFAULT_ERRORS,
     at_rank: int | None = None,
+    scope: str | None = None,
 ) -> dict[str, np.ndarray]:
     """All metrics of N spectra of one matrix shape at once ([N, k] → a column per metric).
 
     A full DeepSeek-V3 analysis holds ~55k per-head spectra; the row-at-a-time functions above
     would take tens of seconds, this takes well under one. Each column equals the scalar
     function applied to that row (the tests hold them to that).
+
+    Args:
+        sigmas: [N, k] (or [k]) singular values, any order.
+        shape: (m, n) of the matrix each row belongs to.
+        storage_dtype: safetensors dtype of the stored weights (for `storage_rank`).
+        errors: energy-rank errors, one `rank_*pct` column each.
+        at_rank: add `rel_error_at_{at_rank}`.
+        scope: "head", "stacked" or "layer". WeightWatcher's columns (`alpha`, `alpha_weighted`,
+            `log_spectral_norm`, `mp_softrank`) are computed, one row at a time, where the scope
+            is in `LAYER_METRIC_SCOPES` or is None (every row), and are NaN elsewhere.
+
+    Returns:
+        Column name → array of N values.
+
+    Example:
+        >>> cols = metrics_batch(np.ones((2, 4)), (4, 8), scope="head")
+        >>> int(cols["mp_spikes"][0]), bool(np.isnan(cols["alpha"][0]))
+        (0, True)
     """
     s = np.sort(np.clip(np.atleast_2d(np.asarray(sigmas, dtype=np.float64)), 0.0, None), axis=1)[:, ::-1]
     n_rows, k = s.shape
@@ -200,6 +262,16 @@ def metrics_batch(
     if at_rank is not None:
         tail = s2[:, at_rank:].sum(axis=1)
         cols[f"rel_error_at_{at_rank}"] = np.where(nonzero, np.sqrt(np.maximum(tail, 0.0) / safe_total), 0.0)
+    cols["frobenius"] = np.sqrt(total)
+    edge = np.sqrt(total / (m * n)) * (math.sqrt(m) + math.sqrt(n)) if m and n else np.zeros(n_rows)
+    cols["mp_edge"] = edge
+    cols["mp_spikes"] = (s > edge[:, None]).sum(axis=1)
+    layer_cols = {c: np.full(n_rows, np.nan) for c in LAYER_METRIC_COLUMNS}
+    if scope is None or scope in LAYER_METRIC_SCOPES:
+        for i in range(n_rows):
+            for c, v in layer_metrics(s[i], shape).items():
+                layer_cols[c][i] = v
+    cols.update(layer_cols)
     return cols
 
 
@@ -210,8 +282,9 @@ def spectrum_metrics(
     storage_dtype: str = "F32",
     errors: tuple[float, ...] = DEFAULT_ERRORS,
     at_rank: int | None = None,
+    scope: str | None = None,
 ) -> dict[str, float | int]:
-    """All metrics of one spectrum, as one row of the metrics table."""
+    """All metrics of one spectrum, as one row of the metrics table (`scope` as in `metrics_batch`)."""
     row: dict[str, float | int] = {
         "full_rank": int(min(shape)),
         "sigma_max": float(_sorted(sigma)[0]) if np.size(sigma) else 0.0,
@@ -226,4 +299,11 @@ def spectrum_metrics(
     row["gavish_donoho_rank"] = gavish_donoho_rank(sigma, shape)
     if at_rank is not None:
         row[f"rel_error_at_{at_rank}"] = relative_error_at_rank(sigma, at_rank)
+    row["frobenius"] = frobenius_norm(sigma)
+    row["mp_edge"] = mp_edge(sigma, shape)
+    row["mp_spikes"] = mp_spikes(sigma, shape)
+    if scope is None or scope in LAYER_METRIC_SCOPES:
+        row.update(layer_metrics(sigma, shape))
+    else:
+        row.update(dict.fromkeys(LAYER_METRIC_COLUMNS, math.nan))
     return row
