@@ -126,7 +126,12 @@ class Analysis:
                 s = np.atleast_2d(ls.sigma[key])
                 shape = tuple(ls.shapes.get(key, (s.shape[1], s.shape[1])))
                 cols = metrics_batch(
-                    s, shape, storage_dtype=ls.storage_dtypes.get(key, "F32"), errors=errors, at_rank=at_rank
+                    s,
+                    shape,
+                    storage_dtype=ls.storage_dtypes.get(key, "F32"),
+                    errors=errors,
+                    at_rank=at_rank,
+                    scope=scope,
                 )
                 n = s.shape[0]
                 frame = {
