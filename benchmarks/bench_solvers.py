@@ -47,6 +47,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+T_START = time.perf_counter()  # the budget counts from here, imports included
+
+# JAX, if a route loads it, must leave the GPU's memory to torch (svd_probe.spectra.solvers says
+# so too, but only when it is the first to import JAX).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_spectra import (  # noqa: E402 - benchmarks/ is not a package
     ALL,
@@ -118,7 +123,7 @@ class Run:
     """The report, the budget and the rows of the final table."""
 
     def __init__(self, args, device: torch.device):
-        self.t0 = time.perf_counter()
+        self.t0 = T_START
         self.args = args
         self.device = device
         self.report: dict = {"sections": {}, "rows": []}
@@ -183,12 +188,16 @@ def max_diff(a: dict, b: dict) -> tuple[float, bool]:
 
 
 def versions() -> dict:
+    """Versions from the package metadata: importing JAX here would start it before svd-probe has
+    told it not to take most of the GPU's memory."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"torch": torch.__version__, "python": sys.version.split()[0], "cuda": torch.version.cuda}
-    for lib in ("jax", "jaxlib", "cupy", "numpy", "scipy"):
+    for dist in ("jax", "jaxlib", "jax-cuda13-plugin", "cupy-cuda13x", "cupy", "numpy", "scipy"):
         try:
-            out[lib] = __import__(lib).__version__
-        except Exception as e:  # noqa: BLE001
-            out[lib] = f"unavailable ({type(e).__name__})"
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
     return out
 
 
@@ -198,7 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="small shapes (fast on CPU); see SMALL")
     ap.add_argument("--scale", type=float, default=None, help="shrink DeepSeek-V3's dims by this factor instead")
     ap.add_argument("--out", default=None, help="JSON report path (default: $OUT/bench_solvers.json if $OUT is set)")
-    ap.add_argument("--budget", type=float, default=185.0, help="seconds from start after which sections are skipped")
+    ap.add_argument("--budget", type=float, default=180.0, help="seconds from start after which sections are skipped")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of the whole layer and of each stage")
     ap.add_argument("--route-repeats", type=int, default=2, help="timed repeats of each solver route")
     ap.add_argument("--route-limit", type=float, default=4.0, help="skip a route predicted slower (s per problem)")
@@ -355,7 +364,7 @@ def main(argv=None) -> int:
                     lambda: [lay.solve_for(k) for k in BIG_KEYS], device, 1
                 )
                 parts["eigensolves of stacked O and VO (torch, one after the other)"], sig = stage_times(
-                    lambda: C._run_solves(jobs), device, 1
+                    lambda: [C._run_solves([job])[0] for job in jobs], device, 1
                 )
                 parts["small stacked + layer problems"], small = stage_times(
                     lambda: [C._run_solves([lay.solve_for(k)])[0] for k in small_keys], device, 1
@@ -384,7 +393,8 @@ def main(argv=None) -> int:
         C.layers_spectra(layer_copies(f, 2), ALL, config=replace(cfg, inflight=2))  # warm-up
         for k in ks:
             n_layers = args.layers or max(4, 2 * k)
-            budget_need = n_layers * 1.5 * (state.get("per_layer_s") or 1.0)
+            # the slowest per-layer time seen so far, with a margin: a run must not overrun
+            budget_need = 2.0 + n_layers * 1.3 * max([state["per_layer_s"], *(r["s_per_layer"] for r in rows)])
             if run.left() < budget_need:
                 run.row("inflight", f"{label}, k={k}", note="skipped (budget)")
                 continue
@@ -471,6 +481,10 @@ def main(argv=None) -> int:
                 if t_q * growth <= args.route_limit * 4:  # maybe only slow once (JAX compiles)
                     t_q = min(t_q, wall(lambda job=job: C._run_solves([job]), device)[0])
                 predicted = t_q * growth
+                if predicted * (4 + args.route_repeats) + 5 > run.left():
+                    out.append({"route": label, "skipped": f"budget (predicts {predicted:.1f} s per problem)"})
+                    run.row("routes", label, note="skipped (budget)")
+                    continue
                 if predicted > args.route_limit:
                     out.append({"route": label, "skipped": f"half size took {t_q:.3f} s, predicts {predicted:.1f} s"})
                     run.row("routes", label, note=f"skipped: predicts {predicted:.1f} s per problem")
