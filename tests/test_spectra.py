@@ -9,12 +9,23 @@ calls np.linalg.svd; it shares no code with svd_probe.spectra.compute.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from svd_probe.adapters.base import AttentionFactors
-from svd_probe.spectra.compute import SpectraConfig, layer_spectra, requested_keys
+from svd_probe.spectra.compute import (
+    SOLVERS,
+    SpectraConfig,
+    SpectraPipeline,
+    layer_spectra,
+    layers_spectra,
+    requested_keys,
+    solve,
+    solver_unavailable,
+)
 
 # Small dims with the MLA proportions (d_model > in_q > in_k; d_qk > d_rope)
 N, D_MODEL, IN_Q, IN_KV, D_QK, D_ROPE, D_V = 6, 40, 24, 18, 7, 3, 5
@@ -254,3 +265,117 @@ def test_chunked_grams_match():
     f = make_factors(seed=10, groups=3)
     cfg = SpectraConfig(chunk_bytes=2000, big_side=10)
     assert_close(layer_spectra(f, ALL, config=cfg), reference(f))
+
+
+# --- several layers in flight, and the solver routes ------------------------------------------------
+
+# big_side=10 makes most stacked and layer problems "big", so they take the deferred path
+# (worker threads, or one batched call) and the configured solver.
+BIG = dict(big_side=10)
+
+
+def _assert_identical(got, want, rounding=0.0):
+    """The same keys, shapes and σ; bit for bit unless `rounding` (relative to σ₁) is allowed."""
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key][1] == want[key][1], key
+        if rounding == 0.0:
+            assert torch.equal(got[key][0], want[key][0]), f"{key}: differs from the single-layer path"
+        else:
+            scale = float(want[key][0].abs().max()) or 1.0
+            diff = float((got[key][0] - want[key][0]).abs().max()) / scale
+            assert diff <= rounding, f"{key}: differs from the single-layer path by {diff:.2g}·σ₁"
+
+
+@pytest.mark.parametrize("inflight,batched", [(1, False), (2, False), (3, False), (2, True), (3, True)])
+def test_layers_in_flight_equal_layer_by_layer(inflight, batched):
+    # Layers of different shapes (GQA groups, a K/V-only layer) mixed in one sequence: every
+    # result must be the single-layer path's, and right against numpy. One thread per solve
+    # runs the very same calls: bit for bit. A batched call may not: LAPACK's rounding depends
+    # on where a matrix sits in memory (seen: eigenvalues 4e-16·λ₁ apart for one Gram at batch
+    # offset 1), so σ that are 0 in exact arithmetic move by up to sqrt(eps64)·σ₁ ≈ 1.5e-8·σ₁.
+    base = make_factors(seed=11, groups=3)
+    layers = [
+        base,
+        make_factors(seed=12),
+        AttentionFactors(q=None, k=base.k, v=base.v, o=None),
+        make_factors(seed=13, groups=2, with_pe=False),
+    ]
+    refs = [reference(f) for f in (base, layers[1], base, layers[3])]  # K/V alone: base's K and V
+    one = [layer_spectra(f, ALL, config=SpectraConfig(**BIG)) for f in layers]
+    got = layers_spectra(layers, ALL, config=SpectraConfig(**BIG, inflight=inflight, batched=batched))
+    assert len(got) == len(layers)
+    assert set(got[2]) == {"head.K", "head.V", "stacked.K", "stacked.V"}
+    for g, o, ref in zip(got, one, refs, strict=True):
+        _assert_identical(g, o, rounding=1e-7 if batched else 0.0)
+        assert_close(g, {k: v for k, v in ref.items() if k in g})
+
+
+def test_pipeline_results_out_of_order_and_after_close():
+    # result() of a layer still in an unlaunched batch launches it; results stay valid after close.
+    layers = [make_factors(seed=s, groups=2) for s in (14, 15, 16)]
+    cfg = SpectraConfig(**BIG, inflight=4, batched=True)  # 3 layers never fill a batch of 4
+    with SpectraPipeline({"O", "VO", "QK"}, config=cfg) as pipe:
+        pending = [pipe.submit(f) for f in layers]
+        last = pending[2].result()
+    first = pending[0].result()
+    assert_close(last, {k: v for k, v in reference(layers[2]).items() if k in last})
+    assert_close(first, {k: v for k, v in reference(layers[0]).items() if k in first})
+    _assert_identical(first, layer_spectra(layers[0], {"O", "VO", "QK"}, config=SpectraConfig(**BIG)), 1e-7)
+    with SpectraPipeline(ALL) as pipe:
+        assert pipe.submit(AttentionFactors(q=None, k=None, v=None, o=layers[0].o)).result().keys() == {
+            "head.O",
+            "stacked.O",
+        }
+
+
+def _usable(name, op):
+    return solver_unavailable(name, torch.device("cpu"), op) is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    # JAX compiles every new shape (~1-3 s each here), so its routes are the slow ones.
+    [pytest.param(n, marks=pytest.mark.slow) if SOLVERS[n].library == "jax" else n for n in SOLVERS],
+)
+@pytest.mark.parametrize("big,tol", [("gram64", TOL), ("svd64", TOL), ("svd32", 2e-5)])
+def test_every_solver_matches_numpy(name, big, tol):
+    # Each solver for the big problems, where its library is installed and runs on this device;
+    # the others are skipped (on CPU: the CUDA-only ones; without JAX: JAX's).
+    if not _usable(name, "eig" if big == "gram64" else "svd"):
+        pytest.skip(solver_unavailable(name, torch.device("cpu"), "eig" if big == "gram64" else "svd"))
+    f = make_factors(seed=17, groups=3)
+    cfg = SpectraConfig(big=big, solver=name, **BIG)
+    assert_close(layer_spectra(f, ALL, config=cfg), reference(f), tol)
+    assert_close(layers_spectra([f, f], ALL, config=replace(cfg, inflight=2, batched=True))[1], reference(f), tol)
+
+
+def test_solve_one_matrix_by_every_route():
+    rng = np.random.default_rng(18)
+    for shape in ((30, 12), (12, 30)):
+        a = _low_rank(rng, shape, 5)  # exact zeros beyond rank 5
+        want = _sv(a)
+        for route, tol in (("gram64", TOL), ("svd64", TOL), ("svd32", 2e-5)):
+            got = solve(torch.tensor(a, dtype=torch.float32), route, chunk_bytes=100).numpy()
+            assert got.shape == want.shape
+            assert np.max(np.abs(got - want)) <= tol * want[0], (shape, route)
+
+
+def test_unusable_solvers_and_settings_are_refused():
+    f = make_factors(seed=19)
+    with pytest.raises(ValueError, match="unknown solver"):
+        layer_spectra(f, {"O"}, config=SpectraConfig(solver="magma"))
+    with pytest.raises(ValueError, match="CUDA"):
+        layer_spectra(f, {"O"}, config=SpectraConfig(solver="cupy"))  # CPU tensors here
+    with pytest.raises(ValueError, match="no eigensolver"):
+        layer_spectra(f, {"O"}, config=SpectraConfig(solver="torch-gesvdj", big="gram64"))
+    with pytest.raises(ValueError, match="inflight"):
+        layers_spectra([f], {"O"}, config=SpectraConfig(inflight=-1))
+
+
+def test_mismatched_factors_are_refused():
+    # An adapter bug (o and v disagree on d_v) must not produce spectra of the wrong product.
+    f = make_factors(seed=20)
+    bad = AttentionFactors(q=f.q, k=f.k, v=f.v[:, :4], o=f.o)
+    with pytest.raises(ValueError, match="inner dimensions differ"):
+        layer_spectra(bad, {"VO"})
