@@ -10,5 +10,5 @@
 
 Modules: `safetensors_header` (parse + validate headers), `ranges` (HTTP and mmap range reads,
 retries, typed Hub errors), `dequant` (FP8 block scales, BF16/F16/F32), `source`, `stream`,
-`known_configs` + `catalog` (the `svd-probe models` table).
+`dtypes` (the one table of safetensors dtypes).
 """
