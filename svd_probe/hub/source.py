@@ -163,7 +163,8 @@ class CheckpointSource:
         except KeyError:
             raise EntryNotFoundError(
                 f"tensor {name!r} is not in {self.display}",
-                "The checkpoint's index does not list it; the model may use another layout or revision.",
+                "The checkpoint's index does not list it; the model may use another layout or revision "
+                "(for a multi-token-prediction layer, `--no-mtp` skips those layers).",
             ) from None
 
     def headers(self, shards: Iterable[str]) -> dict[str, ShardHeader]:
