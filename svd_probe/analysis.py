@@ -29,7 +29,7 @@ from svd_probe.cache.store import AnalysisCache, AnalysisOptions, LayerSpectra, 
 from svd_probe.errors import BadOptionError
 from svd_probe.models import resolve_model
 from svd_probe.options import pick_device
-from svd_probe.results import Analysis, cache_repo, load_analysis
+from svd_probe.results import Analysis, cache_repo
 
 
 @dataclass
@@ -43,6 +43,7 @@ class AnalyzeRequest:
     matrices: str | list[str] | None = None
     fold_norms: bool = True
     normalize_stacked: bool = True
+    layernorm_fold: str = "exact"  # pre-LayerNorm models (GPT-2): "exact" W·diag(g)·P, or "gain" W·diag(g)
     include_mtp: bool = True
     device: str = "auto"
     force: bool = False
@@ -186,10 +187,14 @@ def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
         **request.read_options,
     )
     adapter = adapter_for(source.config, source.tensor_names)
-    dims = adapter.dims(source.config)
+    dims = adapter.dims()
     kinds = parse_matrices(request.matrices, adapter.supported_kinds())
     layers = parse_layers(request.layers, dims, request.include_mtp)
-    options = AnalysisOptions(fold_norms=request.fold_norms, normalize_stacked=request.normalize_stacked)
+    options = AnalysisOptions(
+        fold_norms=request.fold_norms,
+        normalize_stacked=request.normalize_stacked,
+        layernorm_fold=layernorm_fold_option(adapter, request.fold_norms, request.layernorm_fold),
+    )
 
     root = default_cache_root(request.cache_dir)
     repo = cache_repo(ref)
@@ -218,8 +223,8 @@ def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
     from_cache = [ly for ly in layers if ly not in todo]
     kind_set = set(kinds)
 
-    def names_for_layer(layer: int) -> list[str]:
-        return adapter.layer_tensor_names(layer, kind_set, request.fold_norms)
+    def plan_for_layer(layer: int):
+        return adapter.plan(layer, kind_set, request.fold_norms)
 
     if progress is not None:
         progress.start(
@@ -228,17 +233,14 @@ def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
 
     bytes_before = source.bytes_fetched
     t_layer = time.perf_counter()
-    for layer, tensors in stream_layers(source, todo, names_for_layer, device):
-        factors = adapter.factors(layer, tensors, kind_set, request.fold_norms)
+    for layer, tensors in stream_layers(source, todo, plan_for_layer, device):
+        factors = adapter.factors(layer, tensors, kind_set, request.fold_norms, options.layernorm_fold)
         spectra = layer_spectra(factors, kind_set, normalize_stacked=request.normalize_stacked)
+        # Each spectrum records the storage dtype of the weights the plan computes it from.
+        storage = {k: tensors.storage_dtype(k.partition(".")[2]) for k in spectra}
         del tensors, factors
         sigma = {k: v[0].numpy() for k, v in spectra.items()}
-        # Each spectrum records the storage dtype of the weights it comes from (the tensors the
-        # adapter names for that one kind), for the storage_rank metric.
-        storage = {
-            k: _storage_dtype(source, adapter.layer_tensor_names(layer, {k.partition(".")[2]}, False)) for k in sigma
-        }
-        shapes = {k: tuple(int(x) for x in v[1]) for k, v in spectra.items()}
+        shapes = {k: (int(v[1][0]), int(v[1][1])) for k, v in spectra.items()}
         if not request.force and cache.layer_path(layer).is_file():
             # Keep kinds computed by an earlier run with other --matrices.
             old = cache.read_layer(layer)
@@ -263,22 +265,26 @@ def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
         "seconds": round(time.perf_counter() - t_start, 3),
         "device": str(device),
     }
-    analysis = load_analysis(
-        ref,
-        request.revision,
-        root,
-        fold_norms=options.fold_norms,
-        normalize_stacked=options.normalize_stacked,
-        layers=layers,
+    # Read back from this run's own cache: its options carry layernorm_fold, which
+    # `load_analysis` does not take yet.
+    cached = set(cache.cached_layers())
+    analysis = Analysis(
+        ref=ref,
+        revision=request.revision,
+        commit=source.commit,
+        options=options,
+        cache_dir=cache.dir,
+        manifest=cache.read_manifest(),
+        layer_spectra={ly: cache.read_layer(ly) for ly in layers if ly in cached},
+        cache_dir_arg=root,
     )
     return AnalysisRun(analysis=analysis, layers=layers, computed=todo, from_cache=from_cache, stats=stats)
 
 
-def _storage_dtype(source, names: list[str]) -> str:
-    """The coarsest storage dtype among these projection weights (norm weights do not count)."""
-    dtypes = [source.storage_dtype(n) for n in names if not n.endswith(("layernorm.weight", "norm.weight"))]
-    # The coarsest dtype bounds the meaningful numerical rank; F8 beats BF16 beats F32.
-    for dt in ("F8_E5M2", "F8_E4M3", "BF16", "F16", "F32", "F64"):
-        if dt in dtypes:
-            return dt
-    return dtypes[0] if dtypes else "F32"
+def layernorm_fold_option(adapter, fold_norms: bool, requested: str) -> str:
+    """The `layernorm_fold` an analysis is keyed and computed with: the requested one where a
+    pre-LayerNorm folds into q/k/v (GPT-2), else "exact", which those models' folds are anyway
+    (RMSNorm has no centering; BERT's LayerNorm comes after attention; no folding, no fold)."""
+    if requested not in ("exact", "gain"):
+        raise BadOptionError(f"bad --layernorm-fold value {requested!r}", "Use --layernorm-fold exact or gain.")
+    return requested if fold_norms and adapter.folds_layernorm else "exact"

@@ -66,6 +66,16 @@ class UnsupportedModelError(SvdProbeError):
     """config.json names a `model_type` that no architecture adapter reads."""
 
 
+class BadConfigError(UnsupportedModelError):
+    """A config.json field is missing, malformed or out of range, or disagrees with the shape of a
+    checkpoint tensor. `field` names the field (and `tensor` the tensor) at fault."""
+
+    def __init__(self, message: str, hint: str | None = None, *, field: str | None = None, tensor: str | None = None):
+        super().__init__(message, hint)
+        self.field = field
+        self.tensor = tensor
+
+
 # --- Analysis options and cache --------------------------------------------------------------
 
 

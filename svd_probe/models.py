@@ -22,7 +22,7 @@ class ModelAlias:
     note: str = ""
 
 
-# Known checkpoints. Shapes for the `models` table come from `svd_probe.hub.known_configs`.
+# Known checkpoints. Their config facts and the `models` table are in `svd_probe.known_models`.
 ALIASES: dict[str, ModelAlias] = {
     a.alias: a
     for a in [
@@ -50,7 +50,7 @@ COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 def is_commit(revision: str | None) -> bool:
     """True for a full 40-hex commit hash (a revision that needs no resolving)."""
-    return bool(revision) and COMMIT_RE.match(revision) is not None
+    return revision is not None and COMMIT_RE.match(revision) is not None
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class ModelRef:
     @property
     def display(self) -> str:
         # A local folder shows as its name, as a Hub repo shows as its id; the path is in the manifest.
-        return self.alias or self.repo_id or self.local_path.name
+        return self.alias or self.repo_id or (self.local_path.name if self.local_path else self.name)
 
 
 def resolve_model(name: str) -> ModelRef:

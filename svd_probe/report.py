@@ -146,6 +146,6 @@ def render_summary(run, rows: list[dict]) -> Table:
     table.caption = (
         f"{s['computed']} layers computed, {s['from_cache']} from cache · {s['bytes_fetched'] / 1e6:,.1f} MB fetched · "
         f"{s['seconds']:.1f} s on {s['device']} · cache {run.cache_dir}"
-    )
+    ) + "".join(f"\nnote: {n}" for n in (a.manifest.get("dims") or {}).get("notes") or ())
     table.caption_justify = "left"
     return table

@@ -100,14 +100,18 @@ def ref_bert(c, t, layer, fold, prefix="bert."):
     }
 
 
-def ref_gpt2(c, t, layer, fold, prefix=""):
+def ref_gpt2(c, t, layer, fold, prefix="", layernorm_fold="exact"):
     h_dim, n = c["n_embd"], c["n_head"]
     d = h_dim // n
     p = f"{prefix}h.{layer}."
     conv = t[p + "attn.c_attn.weight"]  # [H in, 3H out]: y = x @ conv
     proj = t[p + "attn.c_proj.weight"]  # [n·d in, H out]
     ln = _diag_or_eye(t, p + "ln_1.weight", h_dim, fold)
-    # y = (ln ⊙ x̂) @ conv, so the Linear-oriented map is convᵀ·diag(ln); take the head's columns.
+    if fold and layernorm_fold == "exact":
+        # LayerNorm centers first: LN(x) = diag(ln)·P·x / std with P = I − 11ᵀ/d. As a row vector
+        # xᵀ·P·diag(ln) is what meets conv, so P multiplies from the left here.
+        ln = (np.eye(h_dim) - np.ones((h_dim, h_dim)) / h_dim) @ ln
+    # y = (ln ⊙ x̂) @ conv, so the Linear-oriented map is convᵀ·diag(ln)(·P); take the head's columns.
     block = lambda which, h: (ln @ conv[:, which * h_dim + h * d : which * h_dim + (h + 1) * d]).T  # noqa: E731
     return {
         "q": [block(0, h) for h in range(n)],
@@ -327,7 +331,7 @@ def test_model_types_and_kinds():
     # A multimodal wrapper resolves to its decoder's config.
     mm = build_layout("kimi_multimodal")
     ad = adapter_for(mm.config, set(mm.tensors))
-    assert ad.dims(mm.config).num_layers == 2 and ad.dims(mm.config).model_type == "kimi_k2"
+    assert ad.dims().num_layers == 2 and ad.dims().model_type == "kimi_k2"
 
 
 def test_unknown_model_type_lists_the_supported_ones(tmp_path):
@@ -481,7 +485,7 @@ def test_analyze_over_the_fake_hub(tmp_path, layout_hub, name, options):
 
 
 def test_models_lists_well_known_gqa_models():
-    pytest.importorskip("svd_probe.hub.catalog")
+    pytest.importorskip("svd_probe.known_models")
     from typer.testing import CliRunner
 
     from svd_probe.cli import app

@@ -88,7 +88,7 @@ CASES = [(v, None) for v in VARIANTS] + [("mha", 8), ("mla-o", 8), ("mla", 16)]
 def test_factors_match_float64_slices(tmp_path, variant, rope_dims, fold):
     cfg, config, tensors, _ = random_checkpoint(tmp_path / "ckpt", variant, rope_dims)
     adapter = SvdProbeTrainAdapter(config)
-    dims = adapter.dims(config)
+    dims = adapter.dims()
     kinds = set(adapter.supported_kinds())
     partial = 0 < cfg.rope_dims < cfg.head_dim
     assert dims.n_heads == cfg.n_heads and dims.d_v == cfg.head_dim and dims.num_layers == cfg.n_layers

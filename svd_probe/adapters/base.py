@@ -21,14 +21,21 @@ and query head h reads group `kv_group[h]` (MHA/MLA: kv_group[h] == h). The fuse
 
 Whole-layer matrices (MLA's QA, KVA, KVA_pe) go in `layer`, oriented [out, in].
 All tensors are float32 on the analysis device, with norms already folded when asked.
+
+Before any byte is read, the adapter says once per layer what it will read: a `LayerPlan` with
+the tensor names, the shape config.json implies for each (checked against the shard headers by
+the reader) and the weights behind each matrix kind (whose storage dtypes the cache records).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
+
+from svd_probe.hub.dtypes import coarsest
 
 # Matrix kinds, exactly as they appear in the cache, in exports and on plots.
 HEAD_KINDS = ("Q", "Q_pe", "K", "V", "O", "VO", "QK")
@@ -60,8 +67,8 @@ class AttentionFactors:
         """Index of the key/value group each query head reads."""
         if self.kv_group is not None:
             return self.kv_group
-        device = (self.q if self.q is not None else self.o).device
-        return torch.arange(self.n_heads, device=device)
+        ref = self.q if self.q is not None else self.o
+        return torch.arange(self.n_heads, device=ref.device if ref is not None else None)
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ class ModelDims:
     """The shapes an analysis and its plots need, read from config.json by the adapter."""
 
     model_type: str
-    num_layers: int  # layers with attention, including MTP layers
+    num_layers: int  # layers with attention, including the MTP layers the checkpoint holds
     num_mtp_layers: int
     d_model: int
     n_heads: int
@@ -79,32 +86,106 @@ class ModelDims:
     d_v: int
     q_latent: int | None = None  # MLA q_lora_rank
     kv_latent: int | None = None  # MLA kv_lora_rank
+    # What the adapter noticed about config.json against the checkpoint and the summary should
+    # say, e.g. an MTP layer the config declares but the checkpoint does not hold.
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """The shape config.json implies for one tensor, and the fields it comes from."""
+
+    shape: tuple[int, ...]
+    formula: str  # e.g. "[num_key_value_heads·head_dim, hidden_size]"
+    # (field, value, how it was derived: "" for a field config.json sets itself)
+    fields: tuple[tuple[str, int, str], ...] = ()
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _, _ in self.fields)
+
+    def explain(self) -> str:
+        """`[32, 64] = [num_key_value_heads·head_dim, hidden_size] with num_key_value_heads=4, ...`"""
+        values = ", ".join(f"{k}={v}" + (f" ({how})" if how else "") for k, v, how in self.fields)
+        return f"{list(self.shape)} = {self.formula}" + (f" with {values}" if values else "")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one layer's analysis reads, said once by the adapter (`adapter.plan`).
+
+    `tensors`: the names to read, weights and the norm weights folded into them, in read order
+    (the reader adds FP8 `*_scale_inv` companions itself). `specs`: the shape config.json implies
+    for each of them; the reader checks it against the shard header before it reads a byte.
+    `kind_tensors`: for each requested matrix kind, the projection weights it is computed from
+    (norm weights excluded); their storage dtypes bound that kind's meaningful rank.
+    """
+
+    layer: int
+    tensors: tuple[str, ...]
+    specs: Mapping[str, TensorSpec]
+    kind_tensors: Mapping[str, tuple[str, ...]]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Expected shape of every tensor in `tensors`."""
+        return {n: self.specs[n].shape for n in self.tensors}
+
+    def storage_dtype(self, kind: str, dtypes: Mapping[str, str]) -> str:
+        """The coarsest storage dtype among the weights behind `kind`, from `dtypes` {name: dtype}."""
+        names = self.kind_tensors.get(kind, ())
+        found = [dtypes[n] for n in names if n in dtypes]
+        return coarsest(found) or (found[0] if found else "F32")
 
 
 class ArchitectureAdapter(Protocol):
     """What the analysis needs from a layout. Implementations live beside this module.
 
     Constructed as `Adapter(config, tensor_names)`: the names let an adapter find where the
-    layers live (e.g. under a `language_model.` prefix) without a hard-coded prefix.
+    layers live (e.g. under a `language_model.` prefix) without a hard-coded prefix, and which
+    layers the checkpoint really holds. The constructor validates config.json (typed
+    `BadConfigError` naming the field) so nothing downstream sees a malformed field.
     """
 
-    model_types: tuple[str, ...]
+    model_types: ClassVar[tuple[str, ...]]
+    # True where a pre-LayerNorm (with its centering) folds into q/k/v (GPT-2): only there does
+    # `layernorm_fold` change a spectrum. RMSNorm has no centering; BERT's LayerNorm comes after.
+    folds_layernorm: bool
 
-    def dims(self, config: dict | None = None) -> ModelDims: ...
+    def dims(self) -> ModelDims: ...
+
+    def plan(self, layer: int, kinds: set[str], fold_norms: bool) -> LayerPlan:
+        """The tensors layer `layer` reads for these matrix kinds, their expected shapes, and
+        which weights each kind is computed from."""
+        ...
 
     def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:
-        """Names of the weights (and norm weights) layer `layer` needs for these matrix kinds.
-
-        Only the weights: the reader adds FP8 `*_scale_inv` companions itself.
-        """
+        """`list(plan(layer, kinds, fold_norms).tensors)`."""
         ...
 
     def factors(
-        self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool
+        self,
+        layer: int,
+        tensors: Mapping[str, torch.Tensor],
+        kinds: set[str],
+        fold_norms: bool,
+        layernorm_fold: str = "exact",
     ) -> AttentionFactors:
-        """Slice one layer's dequantized float32 tensors into heads (and fold norms)."""
+        """Slice one layer's dequantized float32 tensors into heads (and fold norms).
+
+        `layernorm_fold` matters only to pre-LayerNorm layouts (GPT-2): "exact" folds the whole
+        linear part of LayerNorm, diag(g)·(I − 11ᵀ/d); "gain" folds diag(g) alone.
+        """
         ...
 
     def supported_kinds(self) -> tuple[str, ...]:
         """The matrix kinds this layout has (e.g. no QA without a query latent)."""
         ...
+
+
+class AdapterClass(Protocol):
+    """An adapter class as the registry holds it: its model types, and its constructor."""
+
+    model_types: tuple[str, ...]
+
+    def __call__(self, config: dict, tensor_names: set[str] | None = None) -> ArchitectureAdapter: ...

@@ -15,35 +15,47 @@ residual stream itself, with no LayerNorm in between whose weight could fold int
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 
-from svd_probe.adapters.base import AttentionFactors, ModelDims
+from svd_probe.adapters.base import AttentionFactors, ModelDims, TensorSpec
 from svd_probe.adapters.common import (
+    MAX_HEADS,
+    MAX_LAYERS,
     MHA_KINDS,
+    ConfigFields,
     RoleNamedAdapter,
-    decoder_config,
-    layer_prefix_finder,
+    check_layer_count,
+    find_layers,
     mha_dims,
     projection_roles,
 )
 
+_PROBE = "attention.self.query.weight"
+
 
 class BertAdapter(RoleNamedAdapter):
-    model_types = ("bert",)
+    model_types: ClassVar[tuple[str, ...]] = ("bert",)
 
     def __init__(self, config: dict, tensor_names: set[str] | None = None):
         self.config = config
-        self._prefix = layer_prefix_finder(tensor_names, "attention.self.query.weight", default="encoder.layer.")
+        self._prefix = find_layers(tensor_names, _PROBE, default="encoder.layer.")
+        f = self._fields = ConfigFields(config)
+        layers = f.integer("num_hidden_layers", maximum=MAX_LAYERS)
+        check_layer_count("bert", "num_hidden_layers", layers, self._prefix, _PROBE)
+        self._dims = mha_dims(
+            f,
+            str(config.get("model_type", "bert")),
+            layers,
+            f.integer("hidden_size"),
+            f.integer("num_attention_heads", maximum=MAX_HEADS),
+        )
 
     # --- shapes ------------------------------------------------------------------------------
-    def dims(self, config: dict | None = None) -> ModelDims:
-        c = decoder_config(config) if config else self.config
-        return mha_dims(
-            c.get("model_type", "bert"),
-            int(c["num_hidden_layers"]),
-            int(c["hidden_size"]),
-            int(c["num_attention_heads"]),
-        )
+    def dims(self) -> ModelDims:
+        return self._dims
 
     def supported_kinds(self) -> tuple[str, ...]:
         return MHA_KINDS
@@ -58,13 +70,23 @@ class BertAdapter(RoleNamedAdapter):
             "o": p + "attention.output.dense.weight",
         }
 
+    def _specs(self) -> dict[str, TensorSpec]:
+        f = self._fields
+        inner = f.spec("num_attention_heads*head_dim", "hidden_size")
+        return {"q": inner, "k": inner, "v": inner, "o": f.spec("hidden_size", "num_attention_heads*head_dim")}
+
     def _roles(self, kinds: set[str], fold_norms: bool = False) -> set[str]:
         # Post-LN: no norm reads into these projections, so fold_norms changes nothing.
         return projection_roles(kinds)
 
     # --- slicing into heads --------------------------------------------------------------------
     def factors(
-        self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool
+        self,
+        layer: int,
+        tensors: Mapping[str, torch.Tensor],
+        kinds: set[str],
+        fold_norms: bool,
+        layernorm_fold: str = "exact",
     ) -> AttentionFactors:
         d = self.dims()
         t = self.role_tensors(layer, tensors, kinds, fold_norms)

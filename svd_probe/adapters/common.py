@@ -1,24 +1,139 @@
-"""Small pieces every adapter uses: norm folding and finding where layers live in the names."""
+"""Small pieces every adapter uses: validated config fields, where the layers live in the names,
+norm folding, and the plan of a layout whose tensors are named by role.
+
+config.json is input we do not control. Every field an adapter reads goes through
+`ConfigFields`, which refuses (with `BadConfigError` naming the field) a missing field, anything
+but a whole number (`1.5`, `1e9`, `"sixty-four"`, `[4]`, `true`) and values out of range (heads 0
+or -4, a layer count far beyond the layers the checkpoint holds). The fields it read, with their
+values, then explain each expected tensor shape in error messages.
+"""
 
 from __future__ import annotations
 
+import ast
 import re
-from collections.abc import Callable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
-from svd_probe.adapters.base import ModelDims
-from svd_probe.errors import UnsupportedModelError
+from svd_probe.adapters.base import LayerPlan, ModelDims, TensorSpec
+from svd_probe.errors import BadConfigError, UnsupportedModelError
+
+# Bounds on what a config can ask for. The largest released models have hidden sizes near
+# 2^14, 128 heads and fewer than 200 layers; the bounds sit far above that and far below what
+# would make an allocation or a loop over layers unreasonable.
+MAX_WIDTH = 1 << 20  # hidden sizes, head widths, latent ranks
+MAX_HEADS = 1 << 16
+MAX_LAYERS = 1 << 14
+
+_MISSING = object()
+_FIX = "Fix config.json (compare it with the model's original release), or point MODEL at the matching revision."
 
 
-def fold(weight: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
-    """Fold a norm's elementwise weight into the projection that reads the normalized vector.
+def _show(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
-    y = W · (g ⊙ x̂) = (W · diag(g)) · x̂, so g multiplies W's columns.
+
+class ConfigFields:
+    """Whole-number fields of config.json, validated on read and remembered for messages.
+
+    >>> f = ConfigFields({"hidden_size": 64, "num_attention_heads": 8})
+    >>> f.integer("hidden_size"), f.integer("num_key_value_heads", default=8)
+    (64, 8)
     """
-    if norm_weight is None:
-        return weight
-    return weight * norm_weight.to(weight.dtype).reshape(1, -1)
+
+    def __init__(self, config: Mapping):
+        self.config = config
+        self.values: dict[str, int] = {}
+        self.derived: dict[str, str] = {}  # name → how it was derived, for fields the config lacks
+
+    def integer(
+        self,
+        *names: str,
+        minimum: int = 1,
+        maximum: int = MAX_WIDTH,
+        default: object = _MISSING,
+        key: str | None = None,
+    ) -> int:
+        """The first of `names` that config.json sets (not null); `default` if none does.
+
+        `key` is the name it is remembered under (default: the field found, else the first name).
+        """
+        for name in names:
+            value = self.config.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise BadConfigError(
+                    f"config.json: {name} is {_show(value)}, not an integer",
+                    _FIX,
+                    field=name,
+                )
+            if not minimum <= value <= maximum:
+                raise BadConfigError(
+                    f"config.json: {name} is {_show(value)}; svd-probe reads values from {minimum} to {maximum}",
+                    _FIX,
+                    field=name,
+                )
+            self.values[key or name] = value
+            return value
+        if default is _MISSING:
+            spelled = " or ".join(names)
+            raise BadConfigError(
+                f"config.json has no {spelled}",
+                f"svd-probe needs it to slice the attention into heads. {_FIX}",
+                field=names[0],
+            )
+        assert isinstance(default, int)
+        self.values[key or names[0]] = default
+        return default
+
+    def optional(self, name: str, *, minimum: int = 1, maximum: int = MAX_WIDTH) -> int | None:
+        """The field's value, or None when config.json leaves it out or sets it to null."""
+        if self.config.get(name) is None:
+            return None
+        return self.integer(name, minimum=minimum, maximum=maximum)
+
+    def derive(self, name: str, value: int, how: str) -> int:
+        """Remember a width the config implies without naming it (e.g. head_dim = hidden/heads)."""
+        self.values[name] = value
+        self.derived[name] = how
+        return value
+
+    def spec(self, *axes: str) -> TensorSpec:
+        """The expected shape whose axes are these expressions over remembered fields.
+
+        Axes are sums and products of field names and integers, e.g.
+        `spec("num_attention_heads*(qk_nope_head_dim+qk_rope_head_dim)", "hidden_size")`.
+        """
+        shape, names = [], []
+        for axis in axes:
+            value, used = _evaluate(axis, self.values)
+            shape.append(value)
+            names += [n for n in used if n not in names]
+        fields = tuple((n, self.values[n], f"= {self.derived[n]}" if n in self.derived else "") for n in names)
+        formula = "[" + ", ".join(a.replace("*", "·") for a in axes) + "]"
+        return TensorSpec(tuple(shape), formula, fields)
+
+
+def _evaluate(expr: str, values: Mapping[str, int]) -> tuple[int, list[str]]:
+    """Evaluate `a*(b+c)`-style arithmetic over field names (the adapters' own strings)."""
+    used: list[str] = []
+
+    def walk(node: ast.AST) -> int:
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = walk(node.left), walk(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        if isinstance(node, ast.Name):
+            used.append(node.id)
+            return values[node.id]
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        raise ValueError(f"unsupported shape expression {expr!r}")
+
+    return walk(ast.parse(expr, mode="eval").body), used
 
 
 def decoder_config(config: dict) -> dict:
@@ -34,35 +149,145 @@ def decoder_config(config: dict) -> dict:
     return config
 
 
-def layer_prefix_finder(
-    tensor_names: set[str] | None, probe_suffix: str, default: str = "model.layers."
-) -> Callable[[int], str]:
-    """Return layer → name prefix, discovering the real prefix from the checkpoint's names.
+@dataclass(frozen=True)
+class LayerNames:
+    """Where a checkpoint's layers live: `prefix + str(layer) + "."`, and which layers it holds.
+
+    `present` is None when the tensor names are not known (a config alone, as in `svd-probe models`).
+    """
+
+    prefix: str
+    present: frozenset[int] | None
+
+    def __call__(self, layer: int) -> str:
+        return f"{self.prefix}{layer}."
+
+
+def find_layers(tensor_names: Iterable[str] | None, probe_suffix: str, default: str = "model.layers.") -> LayerNames:
+    """Discover where the layers live from the checkpoint's names, and which layers are there.
 
     Some releases put the decoder under another prefix (e.g. `language_model.model.layers.`).
-    We look for `<prefix><L>.<probe_suffix>` and keep `<prefix>`; names are matched by exact
-    suffix, so stray tensors such as `rotary_emb.inv_freq` never confuse it.
+    We look for `<prefix><L>.<probe_suffix>` and keep the shortest `<prefix>`; names are matched
+    by exact suffix, so stray tensors such as `rotary_emb.inv_freq` never confuse it.
     """
-    base = default
-    if tensor_names:
-        pattern = re.compile(r"^(.*?)(\d+)\." + re.escape(probe_suffix) + r"$")
-        found = sorted({m.group(1) for name in tensor_names if (m := pattern.match(name))}, key=len)
-        if found:
-            base = found[0]
-    return lambda layer: f"{base}{layer}."
+    if tensor_names is None:
+        return LayerNames(default, None)
+    pattern = re.compile(r"^(.*?)(\d+)\." + re.escape(probe_suffix) + r"$")
+    found: dict[str, set[int]] = {}
+    for name in tensor_names:
+        m = pattern.match(name)
+        if m:
+            found.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if not found:
+        return LayerNames(default, frozenset())
+    base = min(found, key=len)
+    return LayerNames(base, frozenset(found[base]))
+
+
+def check_layer_count(model_type: str, field: str, num_layers: int, layers: LayerNames, probe_suffix: str) -> None:
+    """Refuse a layer count the checkpoint cannot back, before any header is read (nothing to
+    check when the tensor names are not known, as for the `models` table)."""
+    if layers.present is None:
+        return
+    if not layers.present:
+        raise UnsupportedModelError(
+            f"the checkpoint has no tensor named like {layers.prefix}<layer>.{probe_suffix}: "
+            f"it does not look like a {model_type} checkpoint",
+            "Check that config.json belongs to these safetensors files.",
+        )
+    have = max(layers.present) + 1
+    if num_layers > have:
+        raise BadConfigError(
+            f"config.json: {field} is {num_layers}, but the checkpoint holds attention tensors "
+            f"for layers 0-{have - 1} only ({layers.prefix}<layer>.{probe_suffix})",
+            _FIX,
+            field=field,
+        )
+
+
+def count_mtp_layers(declared: int, first: int, layers: LayerNames) -> tuple[int, tuple[str, ...]]:
+    """How many of the `declared` MTP layers (numbered from `first`) the checkpoint holds, and a
+    note for the summary when that is fewer: transformers' `save_pretrained` keeps
+    `num_nextn_predict_layers` in config.json but never builds or writes the MTP layer."""
+    if layers.present is None or declared == 0:
+        return declared, ()
+    held = 0
+    while held < declared and first + held in layers.present:
+        held += 1
+    if held == declared:
+        return declared, ()
+    s = "s" if declared > 1 else ""
+    if held == 0:
+        note = (
+            f"config declares {declared} MTP layer{s}; the checkpoint has no tensors for "
+            f"{'them' if declared > 1 else 'it'} (transformers drops {'them' if declared > 1 else 'it'})"
+        )
+    else:
+        note = f"config declares {declared} MTP layer{s}; the checkpoint holds tensors for the first {held} only"
+    return held, (note,)
+
+
+# --- folding --------------------------------------------------------------------------------------
+
+
+def fold(weight: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
+    """Fold a norm's elementwise weight into the projection that reads the normalized vector.
+
+    y = W · (g ⊙ x̂) = (W · diag(g)) · x̂, so g multiplies W's columns.
+    """
+    if norm_weight is None:
+        return weight
+    return weight * norm_weight.to(weight.dtype).reshape(1, -1)
+
+
+def fold_layernorm(weight: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """Fold LayerNorm's whole linear part into the projection that reads it: W·diag(g)·P.
+
+    LayerNorm(x) = g ⊙ P·x / std(x) + b with the centering P = I − 11ᵀ/d. 1/std is a positive
+    scalar per token and b an offset, so the fixed linear map from the residual stream is
+    W·diag(g)·P (TransformerLens' `fold_ln` followed by centering the reading weights). Right-
+    multiplying by P subtracts each row's mean.
+    """
+    w = fold(weight, gain)
+    return w - w.mean(dim=1, keepdim=True)
+
+
+# --- layouts whose tensors are named by role ---------------------------------------------------------
 
 
 class RoleNamedAdapter:
-    """Shared by adapters that name a layer's tensors by role (`_names(layer)` → {role: name})
-    and pick the roles a set of matrix kinds needs (`_roles(kinds, fold_norms)`): the reader
-    is asked for exactly those names, and `factors` gets them back keyed by role."""
+    """Shared by adapters that name a layer's tensors by role (`_names(layer)` → {role: name}),
+    give each role's expected shape (`_specs()` → {role: TensorSpec}) and pick the roles a set of
+    matrix kinds needs (`_roles(kinds, fold_norms)`): the plan lists exactly those names, and
+    `factors` gets them back keyed by role. A kind's weights are its roles without folding."""
+
+    folds_layernorm = False  # True for pre-LayerNorm layouts, where `layernorm_fold` matters
+
+    def _names(self, layer: int) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _specs(self) -> dict[str, TensorSpec]:
+        raise NotImplementedError
+
+    def _roles(self, kinds: set[str], fold_norms: bool) -> set[str]:
+        raise NotImplementedError
+
+    def plan(self, layer: int, kinds: set[str], fold_norms: bool) -> LayerPlan:
+        names, specs = self._names(layer), self._specs()
+        roles = self._roles(kinds, fold_norms)
+        tensors = tuple(sorted(names[r] for r in roles))
+        return LayerPlan(
+            layer=layer,
+            tensors=tensors,
+            specs={names[r]: specs[r] for r in roles},
+            kind_tensors={k: tuple(sorted(names[r] for r in self._roles({k}, False))) for k in kinds},
+        )
 
     def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:
-        names = self._names(layer)
-        return sorted(names[r] for r in self._roles(kinds, fold_norms))
+        return list(self.plan(layer, kinds, fold_norms).tensors)
 
     def role_tensors(
-        self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool
+        self, layer: int, tensors: Mapping[str, torch.Tensor], kinds: set[str], fold_norms: bool
     ) -> dict[str, torch.Tensor]:
         names = self._names(layer)
         return {r: tensors[names[r]] for r in self._roles(kinds, fold_norms)}
@@ -88,22 +313,36 @@ def projection_roles(kinds: set[str]) -> set[str]:
 
 
 def mha_dims(
+    f: ConfigFields,
     model_type: str,
     num_layers: int,
     d_model: int,
     n_heads: int,
     n_kv_groups: int | None = None,
     head_dim: int | None = None,
+    *,
+    heads_field: str = "num_attention_heads",
+    hidden_field: str = "hidden_size",
 ) -> ModelDims:
-    """ModelDims of a plain MHA/GQA layout (no decoupled RoPE, no latents), once the shapes fit."""
+    """ModelDims of a plain MHA/GQA layout (no decoupled RoPE, no latents), once the shapes fit.
+
+    Remembers `head_dim` in `f` (derived as hidden/heads when the config has none) for the specs.
+    """
     g = n_kv_groups or n_heads
-    hint = "config.json is inconsistent: check these fields against the checkpoint's tensors."
     if head_dim is None:
         if d_model % n_heads:
-            raise UnsupportedModelError(f"hidden size {d_model} is not a multiple of {n_heads} attention heads", hint)
-        head_dim = d_model // n_heads
+            raise BadConfigError(
+                f"config.json: {hidden_field} {d_model} is not a multiple of {heads_field} {n_heads}",
+                _FIX,
+                field=heads_field,
+            )
+        head_dim = f.derive("head_dim", d_model // n_heads, f"{hidden_field}/{heads_field}")
     if n_heads % g:
-        raise UnsupportedModelError(f"{n_heads} attention heads is not a multiple of {g} key/value heads", hint)
+        raise BadConfigError(
+            f"config.json: {heads_field} {n_heads} is not a multiple of num_key_value_heads {g}",
+            _FIX,
+            field="num_key_value_heads",
+        )
     return ModelDims(
         model_type=model_type,
         num_layers=num_layers,

@@ -16,44 +16,49 @@ position-free bilinear form Q_hᵀ·K_g; the model has no Q_pe, and no MLA layer
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 
-from svd_probe.adapters.base import AttentionFactors, ModelDims
+from svd_probe.adapters.base import AttentionFactors, ModelDims, TensorSpec
 from svd_probe.adapters.common import (
+    MAX_HEADS,
+    MAX_LAYERS,
     MHA_KINDS,
+    ConfigFields,
     RoleNamedAdapter,
-    decoder_config,
+    check_layer_count,
+    find_layers,
     fold,
-    layer_prefix_finder,
     mha_dims,
     projection_roles,
 )
 
+_PROBE = "self_attn.o_proj.weight"
+
 
 class LlamaAdapter(RoleNamedAdapter):
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3")
 
     def __init__(self, config: dict, tensor_names: set[str] | None = None):
         self.config = config
-        self._prefix = layer_prefix_finder(tensor_names, "self_attn.o_proj.weight")
+        self._prefix = find_layers(tensor_names, _PROBE)
         # Qwen3 normalizes each head's query and key before RoPE; other members of the family do not.
         self.has_qk_norm = config.get("model_type") == "qwen3"
+        f = self._fields = ConfigFields(config)
+        n = f.integer("num_attention_heads", maximum=MAX_HEADS)
+        d_model = f.integer("hidden_size")
+        g = f.integer("num_key_value_heads", maximum=MAX_HEADS, default=n)
+        # Qwen3 and Llama-3.1 give head_dim; Mistral v0.1 leaves it to hidden_size / heads.
+        head_dim = f.optional("head_dim")
+        layers = f.integer("num_hidden_layers", maximum=MAX_LAYERS)
+        check_layer_count(str(config.get("model_type", "llama")), "num_hidden_layers", layers, self._prefix, _PROBE)
+        self._dims = mha_dims(f, str(config.get("model_type", "llama")), layers, d_model, n, g, head_dim)
 
     # --- shapes ------------------------------------------------------------------------------
-    def dims(self, config: dict | None = None) -> ModelDims:
-        c = decoder_config(config) if config else self.config
-        n = int(c["num_attention_heads"])
-        d_model = int(c["hidden_size"])
-        # Qwen3 and Llama-3.1 give head_dim; Mistral v0.1 leaves it to hidden_size / heads.
-        head_dim = int(c["head_dim"]) if c.get("head_dim") else None
-        return mha_dims(
-            c.get("model_type", "llama"),
-            int(c["num_hidden_layers"]),
-            d_model,
-            n,
-            int(c.get("num_key_value_heads") or n),
-            head_dim,
-        )
+    def dims(self) -> ModelDims:
+        return self._dims
 
     def supported_kinds(self) -> tuple[str, ...]:
         return MHA_KINDS
@@ -72,6 +77,18 @@ class LlamaAdapter(RoleNamedAdapter):
             "k_norm": a + "k_norm.weight",
         }
 
+    def _specs(self) -> dict[str, TensorSpec]:
+        f = self._fields
+        return {
+            "input_norm": f.spec("hidden_size"),
+            "q": f.spec("num_attention_heads*head_dim", "hidden_size"),
+            "k": f.spec("num_key_value_heads*head_dim", "hidden_size"),
+            "v": f.spec("num_key_value_heads*head_dim", "hidden_size"),
+            "o": f.spec("hidden_size", "num_attention_heads*head_dim"),
+            "q_norm": f.spec("head_dim"),
+            "k_norm": f.spec("head_dim"),
+        }
+
     def _roles(self, kinds: set[str], fold_norms: bool) -> set[str]:
         roles = projection_roles(kinds)
         if fold_norms:
@@ -84,8 +101,14 @@ class LlamaAdapter(RoleNamedAdapter):
 
     # --- slicing into heads --------------------------------------------------------------------
     def factors(
-        self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool
+        self,
+        layer: int,
+        tensors: Mapping[str, torch.Tensor],
+        kinds: set[str],
+        fold_norms: bool,
+        layernorm_fold: str = "exact",
     ) -> AttentionFactors:
+        # RMSNorm has no centering: folding its gain is the exact fold, so layernorm_fold is moot.
         d = self.dims()
         t = self.role_tensors(layer, tensors, kinds, fold_norms)
         n, g, hd = d.n_heads, d.n_kv_groups, d.d_qk

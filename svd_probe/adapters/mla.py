@@ -8,41 +8,67 @@ Tensors of layer L (prefix `…layers.L.self_attn.`):
     o_proj [H, n·d_v]                       — head-major columns
 and `…layers.L.input_layernorm.weight` [H]. DeepSeek-V3.2's `self_attn.indexer.*` tensors are
 never named, so never fetched.
+
+MTP layers: `num_nextn_predict_layers` layers follow the decoder's (layer 61 of DeepSeek-V3).
+They count only when the checkpoint holds their tensors: transformers' `save_pretrained` keeps
+the field in config.json but never builds or writes the layer, and the summary says so.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 
-from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.adapters.common import RoleNamedAdapter, decoder_config, fold, layer_prefix_finder
+from svd_probe.adapters.base import AttentionFactors, ModelDims, TensorSpec
+from svd_probe.adapters.common import (
+    MAX_HEADS,
+    MAX_LAYERS,
+    ConfigFields,
+    RoleNamedAdapter,
+    check_layer_count,
+    count_mtp_layers,
+    find_layers,
+    fold,
+)
+
+_PROBE = "self_attn.o_proj.weight"
 
 
 class MLAAdapter(RoleNamedAdapter):
-    model_types = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "kimi_k2")
+    model_types: ClassVar[tuple[str, ...]] = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "kimi_k2")
 
     def __init__(self, config: dict, tensor_names: set[str] | None = None):
         self.config = config
-        self._prefix = layer_prefix_finder(tensor_names, "self_attn.o_proj.weight")
-        self.has_q_latent = config.get("q_lora_rank") is not None
+        self._prefix = find_layers(tensor_names, _PROBE)
+        f = self._fields = ConfigFields(config)
+        model_type = str(config.get("model_type", "deepseek_v3"))
+        n_main = f.integer("num_hidden_layers", maximum=MAX_LAYERS)
+        check_layer_count(model_type, "num_hidden_layers", n_main, self._prefix, _PROBE)
+        declared = f.integer("num_nextn_predict_layers", minimum=0, maximum=MAX_LAYERS, default=0)
+        n_mtp, notes = count_mtp_layers(declared, n_main, self._prefix)
+        q_latent = f.optional("q_lora_rank")
+        self.has_q_latent = q_latent is not None
+        n = f.integer("num_attention_heads", maximum=MAX_HEADS)
+        self._dims = ModelDims(
+            model_type=model_type,
+            num_layers=n_main + n_mtp,
+            num_mtp_layers=n_mtp,
+            d_model=f.integer("hidden_size"),
+            n_heads=n,
+            n_kv_groups=n,
+            d_qk=f.integer("qk_nope_head_dim"),
+            d_rope=f.integer("qk_rope_head_dim", minimum=0),
+            d_v=f.integer("v_head_dim"),
+            q_latent=q_latent,
+            kv_latent=f.integer("kv_lora_rank"),
+            notes=notes,
+        )
 
     # --- shapes ------------------------------------------------------------------------------
-    def dims(self, config: dict | None = None) -> ModelDims:
-        c = decoder_config(config) if config else self.config
-        n_mtp = int(c.get("num_nextn_predict_layers") or 0)
-        return ModelDims(
-            model_type=c.get("model_type", "deepseek_v3"),
-            num_layers=int(c["num_hidden_layers"]) + n_mtp,
-            num_mtp_layers=n_mtp,
-            d_model=int(c["hidden_size"]),
-            n_heads=int(c["num_attention_heads"]),
-            n_kv_groups=int(c["num_attention_heads"]),
-            d_qk=int(c["qk_nope_head_dim"]),
-            d_rope=int(c["qk_rope_head_dim"]),
-            d_v=int(c["v_head_dim"]),
-            q_latent=int(c["q_lora_rank"]) if self.has_q_latent else None,
-            kv_latent=int(c["kv_lora_rank"]),
-        )
+    def dims(self) -> ModelDims:
+        return self._dims
 
     def supported_kinds(self) -> tuple[str, ...]:
         kinds = ("Q", "Q_pe", "K", "V", "O", "VO", "QK", "KQ", "KVA", "KVA_pe")
@@ -64,6 +90,25 @@ class MLAAdapter(RoleNamedAdapter):
             "o": a + "o_proj.weight",
         }
 
+    def _specs(self) -> dict[str, TensorSpec]:
+        f = self._fields
+        qk = "num_attention_heads*(qk_nope_head_dim+qk_rope_head_dim)"
+        specs = {
+            "input_norm": f.spec("hidden_size"),
+            "q": f.spec(qk, "hidden_size"),
+            "kv_a": f.spec("kv_lora_rank+qk_rope_head_dim", "hidden_size"),
+            "kv_a_norm": f.spec("kv_lora_rank"),
+            "kv_b": f.spec("num_attention_heads*(qk_nope_head_dim+v_head_dim)", "kv_lora_rank"),
+            "o": f.spec("hidden_size", "num_attention_heads*v_head_dim"),
+        }
+        if self.has_q_latent:
+            specs |= {
+                "q_a": f.spec("q_lora_rank", "hidden_size"),
+                "q_a_norm": f.spec("q_lora_rank"),
+                "q_b": f.spec(qk, "q_lora_rank"),
+            }
+        return specs
+
     def _roles(self, kinds: set[str], fold_norms: bool) -> set[str]:
         roles: set[str] = set()
         if kinds & {"Q", "Q_pe", "QK", "KQ"}:
@@ -83,7 +128,12 @@ class MLAAdapter(RoleNamedAdapter):
 
     # --- slicing into heads --------------------------------------------------------------------
     def factors(
-        self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool
+        self,
+        layer: int,
+        tensors: Mapping[str, torch.Tensor],
+        kinds: set[str],
+        fold_norms: bool,
+        layernorm_fold: str = "exact",
     ) -> AttentionFactors:
         d = self.dims()
         t = self.role_tensors(layer, tensors, kinds, fold_norms)

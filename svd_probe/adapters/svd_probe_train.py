@@ -29,108 +29,151 @@ q_norm the columns of q_up, kv_norm the columns of kv_up. Nothing folds into the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 
-from svd_probe.adapters.base import AttentionFactors, ModelDims
-from svd_probe.errors import UnsupportedModelError
+from svd_probe.adapters.base import AttentionFactors, LayerPlan, ModelDims, TensorSpec
+from svd_probe.adapters.common import MAX_HEADS, MAX_LAYERS, ConfigFields, check_layer_count, find_layers
+from svd_probe.errors import BadConfigError
 
 _QK_KINDS = {"Q", "Q_pe", "K", "QK", "KQ"}
+_PROBE = "attn_norm.weight"
 
 
 class SvdProbeTrainAdapter:
     """Reads checkpoints of the training lab (mha, mla, mla-o variants)."""
 
-    model_types = ("svd_probe_encoder",)
+    model_types: ClassVar[tuple[str, ...]] = ("svd_probe_encoder",)
+    folds_layernorm = False  # RMSNorm throughout
 
-    def __init__(self, config: dict | None = None, tensor_names: set[str] | None = None):
-        # Names are fixed by svd_probe/train/model.py (no prefixes to discover): tensor_names unused.
-        self._config = config
+    def __init__(self, config: dict, tensor_names: set[str] | None = None):
+        self.config = config
+        variant = config.get("variant")
+        if variant not in ("mha", "mla", "mla-o"):
+            raise BadConfigError(
+                f"svd_probe_encoder config has unknown variant {str(variant)[:40]!r}",
+                hint="expected mha, mla or mla-o",
+                field="variant",
+            )
+        self.variant: str = variant
+        self._prefix = find_layers(tensor_names, _PROBE, default="layers.")
+        f = self._fields = ConfigFields(config)
+        n_layers = f.integer("n_layers", maximum=MAX_LAYERS)
+        check_layer_count("svd_probe_encoder", "n_layers", n_layers, self._prefix, _PROBE)
+        H, D = f.integer("n_heads", maximum=MAX_HEADS), f.integer("head_dim")
+        rope = f.integer("rope_dims", minimum=0, maximum=D, default=0)
+        d_model = f.integer("d_model")
+        mla = variant != "mha"
+        q_latent = f.integer("q_latent") if mla else None
+        kv_latent = f.integer("kv_latent") if mla else None
+        if variant == "mla-o":
+            f.integer("o_latent")
+        self.partial_rope = 0 < rope < D
+        self.rope = rope
+        self._dims = ModelDims(
+            model_type=str(config.get("model_type", self.model_types[0])),
+            num_layers=n_layers,
+            num_mtp_layers=0,
+            d_model=d_model,
+            n_heads=H,
+            n_kv_groups=H,
+            d_qk=D - rope if self.partial_rope else D,
+            d_rope=rope if self.partial_rope else 0,
+            d_v=D,
+            q_latent=q_latent,
+            kv_latent=kv_latent,
+        )
 
     # -- config ------------------------------------------------------------------------------
 
-    @property
-    def config(self) -> dict:
-        if self._config is None:
-            raise RuntimeError("SvdProbeTrainAdapter needs the config: call dims(config) or pass it to the constructor")
-        return self._config
-
-    def _shape(self):
-        c = self.config
-        variant = c.get("variant")
-        if variant not in ("mha", "mla", "mla-o"):
-            raise UnsupportedModelError(
-                f"svd_probe_encoder config has unknown variant {variant!r}", hint="expected mha, mla or mla-o"
-            )
-        H, D, rope = int(c["n_heads"]), int(c["head_dim"]), int(c.get("rope_dims", 0))
-        partial = 0 < rope < D
-        return variant, H, D, rope, partial
-
-    def dims(self, config: dict | None = None) -> ModelDims:
-        if config is not None:
-            self._config = config
-        config = self.config
-        variant, H, D, rope, partial = self._shape()
-        mla = variant != "mha"
-        return ModelDims(
-            model_type=config.get("model_type", self.model_types[0]),
-            num_layers=int(config["n_layers"]),
-            num_mtp_layers=0,
-            d_model=int(config["d_model"]),
-            n_heads=H,
-            n_kv_groups=H,
-            d_qk=D - rope if partial else D,
-            d_rope=rope if partial else 0,
-            d_v=D,
-            q_latent=int(config["q_latent"]) if mla else None,
-            kv_latent=int(config["kv_latent"]) if mla else None,
-        )
+    def dims(self) -> ModelDims:
+        return self._dims
 
     def supported_kinds(self) -> tuple[str, ...]:
-        variant, _, _, _, partial = self._shape()
-        kinds = ["Q"] + (["Q_pe"] if partial else []) + ["K", "V", "O", "VO", "QK", "KQ"]
-        if variant != "mha":
+        kinds = ["Q"] + (["Q_pe"] if self.partial_rope else []) + ["K", "V", "O", "VO", "QK", "KQ"]
+        if self.variant != "mha":
             kinds += ["QA", "KVA"]
         return tuple(kinds)
 
     # -- tensors -----------------------------------------------------------------------------
 
-    def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:
-        variant = self._shape()[0]
-        p = f"layers.{layer}."
+    def _specs(self) -> dict[str, TensorSpec]:
+        f = self._fields
+        specs = {
+            "attn_norm.weight": f.spec("d_model"),
+            "attn.qkv.weight": f.spec("3*n_heads*head_dim", "d_model"),
+            "attn.o_proj.weight": f.spec("d_model", "n_heads*head_dim"),
+        }
+        if self.variant != "mha":
+            specs |= {
+                "attn.down.weight": f.spec("q_latent+kv_latent", "d_model"),
+                "attn.q_norm.weight": f.spec("q_latent"),
+                "attn.kv_norm.weight": f.spec("kv_latent"),
+                "attn.q_up.weight": f.spec("n_heads*head_dim", "q_latent"),
+                "attn.kv_up.weight": f.spec("2*n_heads*head_dim", "kv_latent"),
+            }
+        if self.variant == "mla-o":
+            specs |= {
+                "attn.o_down.weight": f.spec("o_latent", "n_heads*head_dim"),
+                "attn.o_up.weight": f.spec("d_model", "o_latent"),
+            }
+        return specs
+
+    def _short_names(self, kinds: set[str], fold_norms: bool) -> list[str]:
         names: list[str] = []
         need_q = bool(kinds & (_QK_KINDS - {"K"}))
         need_k = bool(kinds & {"K", "QK", "KQ"})
         need_v = bool(kinds & {"V", "VO"})
         need_o = bool(kinds & {"O", "VO"})
-        if variant == "mha":
+        if self.variant == "mha":
             if need_q or need_k or need_v:
-                names.append(p + "attn.qkv.weight")
+                names.append("attn.qkv.weight")
                 if fold_norms:
-                    names.append(p + "attn_norm.weight")
+                    names.append("attn_norm.weight")
         else:
             if need_q:
-                names.append(p + "attn.q_up.weight")
+                names.append("attn.q_up.weight")
                 if fold_norms:
-                    names.append(p + "attn.q_norm.weight")
+                    names.append("attn.q_norm.weight")
             if need_k or need_v:
-                names.append(p + "attn.kv_up.weight")
+                names.append("attn.kv_up.weight")
                 if fold_norms:
-                    names.append(p + "attn.kv_norm.weight")
+                    names.append("attn.kv_norm.weight")
             if kinds & {"QA", "KVA"}:
-                names.append(p + "attn.down.weight")
+                names.append("attn.down.weight")
                 if fold_norms:
-                    names.append(p + "attn_norm.weight")
+                    names.append("attn_norm.weight")
         if need_o:
-            names += (
-                [p + "attn.o_down.weight", p + "attn.o_up.weight"] if variant == "mla-o" else [p + "attn.o_proj.weight"]
-            )
+            names += ["attn.o_down.weight", "attn.o_up.weight"] if self.variant == "mla-o" else ["attn.o_proj.weight"]
         return list(dict.fromkeys(names))
 
+    def plan(self, layer: int, kinds: set[str], fold_norms: bool) -> LayerPlan:
+        p = self._prefix(layer)
+        specs = self._specs()
+        short = self._short_names(kinds, fold_norms)
+        return LayerPlan(
+            layer=layer,
+            tensors=tuple(p + n for n in short),
+            specs={p + n: specs[n] for n in short},
+            kind_tensors={k: tuple(p + n for n in self._short_names({k}, False)) for k in kinds},
+        )
+
+    def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:
+        return list(self.plan(layer, kinds, fold_norms).tensors)
+
     def factors(
-        self, layer: int, tensors: dict[str, torch.Tensor], kinds: set[str], fold_norms: bool
+        self,
+        layer: int,
+        tensors: Mapping[str, torch.Tensor],
+        kinds: set[str],
+        fold_norms: bool,
+        layernorm_fold: str = "exact",
     ) -> AttentionFactors:
-        variant, H, D, rope, partial = self._shape()
-        p = f"layers.{layer}."
+        variant, H, D = self.variant, self._dims.n_heads, self._dims.d_v
+        rope, partial = self.rope, self.partial_rope
+        p = self._prefix(layer)
         t = {name[len(p) :]: w for name, w in tensors.items() if name.startswith(p)}
 
         def folded(weight_name: str, norm_name: str) -> torch.Tensor:
@@ -152,7 +195,7 @@ class SvdProbeTrainAdapter:
                 k_heads, v = kv[:, 0], kv[:, 1]
             if "attn.down.weight" in t:
                 down = folded("attn.down.weight", "attn_norm.weight")
-                ql = int(self.config["q_latent"])
+                ql = int(self._dims.q_latent or 0)
                 layer_mats = {"QA": down[:ql], "KVA": down[ql:]}
 
         q = q_pe = k = None

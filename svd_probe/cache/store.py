@@ -66,10 +66,20 @@ class AnalysisOptions:
 
     fold_norms: bool = True
     normalize_stacked: bool = True
+    # How a pre-LayerNorm folds (GPT-2): "exact" W·diag(g)·P, or "gain" W·diag(g) as svd-probe 0.1
+    # did. `analyze` sets "exact" for every other model, whose folds these two never tell apart.
+    layernorm_fold: str = "exact"
 
     def key(self) -> str:
-        blob = json.dumps({"v": CACHE_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if self.layernorm_fold == "exact":
+            # Left out of the hash at its default, so keys from before the field existed still
+            # name the same spectra for every RMSNorm and BERT model.
+            del fields["layernorm_fold"]
+        blob = json.dumps({"v": CACHE_FORMAT_VERSION, **fields}, sort_keys=True)
         tag = ("fold" if self.fold_norms else "nofold") + "-" + ("norm" if self.normalize_stacked else "raw")
+        if self.layernorm_fold != "exact":
+            tag += f"-ln{self.layernorm_fold}"
         return f"{tag}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 

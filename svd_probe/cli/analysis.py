@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -21,12 +22,19 @@ from svd_probe.cli.app import (
 )
 
 
+class LayerNormFold(str, Enum):
+    """`--layernorm-fold`: how a pre-LayerNorm folds into the projections that read it."""
+
+    exact = "exact"
+    gain = "gain"
+
+
 @app.command("models")
 def models_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
 ) -> None:
     """List the model aliases: repo id, heads, layers, attention dtype and analysis download size."""
-    from svd_probe.hub.catalog import model_table, render_model_table
+    from svd_probe.known_models import model_table, render_model_table
 
     rows = model_table()
     if as_json:
@@ -55,7 +63,17 @@ def analyze_cmd(
     ),
     fold_norms: bool = FoldOpt,
     normalize_stacked: bool = NormStackedOpt,
-    mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="Include multi-token-prediction layers."),
+    layernorm_fold: LayerNormFold = typer.Option(
+        LayerNormFold.exact,
+        "--layernorm-fold",
+        help="How a pre-LayerNorm (GPT-2) folds into q/k/v: exact (W·diag(g)·(I − 11ᵀ/d), as TransformerLens' "
+        "fold_ln with centering) or gain (W·diag(g) only, as svd-probe 0.1). RMSNorm models are unaffected.",
+    ),
+    mtp: bool = typer.Option(
+        True,
+        "--mtp/--no-mtp",
+        help="Include multi-token-prediction layers (counted only when the checkpoint holds their tensors).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto: cuda when available)."),
     force: bool = typer.Option(False, "--force", help="Recompute layers that are already cached."),
     concurrency: int = typer.Option(8, "--concurrency", min=1, max=64, help="HTTP range requests in flight."),
@@ -75,6 +93,7 @@ def analyze_cmd(
         matrices=matrices,
         fold_norms=fold_norms,
         normalize_stacked=normalize_stacked,
+        layernorm_fold=layernorm_fold.value,
         include_mtp=mtp,
         device=device,
         force=force,

@@ -5,10 +5,10 @@
 
     src = open_checkpoint(ref, revision="main", token=None, endpoint=None, concurrency=8)
     src.commit, src.config, src.tensor_names, src.storage_dtype(name), src.bytes_fetched
-    tensors = src.read_tensors(names, device)        # float32, FP8 dequantized on `device`
-    for layer, tensors in stream_layers(src, layers, names_for_layer, device, prefetch=1): ...
+    lt = src.read_tensors(plan_or_names, device)     # LayerTensors: float32 (FP8 dequantized), .dtypes
+    for layer, lt in stream_layers(src, layers, plan_for_layer, device, prefetch=1): ...
 
 Modules: `safetensors_header` (parse + validate headers), `ranges` (HTTP and mmap range reads,
 retries, typed Hub errors), `dequant` (FP8 block scales, BF16/F16/F32), `source`, `stream`,
-`known_configs` + `catalog` (the `svd-probe models` table).
+`dtypes` (the one table of safetensors dtypes).
 """

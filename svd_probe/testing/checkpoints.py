@@ -27,20 +27,7 @@ from pathlib import Path
 
 import torch
 
-ST_DTYPES: dict[torch.dtype, str] = {
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+from svd_probe.hub.dtypes import safetensors_name
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -94,7 +81,7 @@ def write_safetensors(
     off = 0
     for name, t in tensors.items():
         n = _nbytes(t)
-        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(_shape(t)), "data_offsets": [off, off + n]}
+        header[name] = {"dtype": safetensors_name(t.dtype), "shape": list(_shape(t)), "data_offsets": [off, off + n]}
         off += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # like the reference writer: data starts 8-byte aligned
@@ -104,9 +91,10 @@ def write_safetensors(
         for name, t in tensors.items():
             if isinstance(t, LazyTensor):
                 t = t.make()
-                assert tuple(t.shape) == tuple(header[name]["shape"]) and ST_DTYPES[t.dtype] == header[name]["dtype"], (
-                    name
-                )
+                assert (
+                    tuple(t.shape) == tuple(header[name]["shape"])
+                    and safetensors_name(t.dtype) == header[name]["dtype"]
+                ), name
             if t.numel():
                 f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -108,7 +109,7 @@ def _llama_family(
 
 def llama(seed: int = 0) -> Layout:
     """Llama-3.1-8B, scaled down: GQA with 4 query heads per key/value head."""
-    config = {
+    config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -146,7 +147,7 @@ def llama(seed: int = 0) -> Layout:
 
 def mistral(seed: int = 0) -> Layout:
     """Mistral-7B-v0.1, scaled down: no `head_dim` field (d = hidden_size / heads), sliding window."""
-    config = {
+    config: dict[str, Any] = {
         "architectures": ["MistralForCausalLM"],
         "bos_token_id": 1,
         "eos_token_id": 2,
@@ -173,7 +174,7 @@ def mistral(seed: int = 0) -> Layout:
 
 def qwen2(seed: int = 0) -> Layout:
     """Qwen2.5-7B, scaled down: 7 query heads per key/value head, biases on q/k/v."""
-    config = {
+    config: dict[str, Any] = {
         "architectures": ["Qwen2ForCausalLM"],
         "attention_dropout": 0.0,
         "bos_token_id": 151643,
@@ -203,7 +204,7 @@ def qwen2(seed: int = 0) -> Layout:
 
 def qwen3(seed: int = 0) -> Layout:
     """Qwen3-0.6B, scaled down: per-head q/k RMSNorm, heads·head_dim ≠ hidden_size, tied embeddings."""
-    config = {
+    config: dict[str, Any] = {
         "architectures": ["Qwen3ForCausalLM"],
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -239,7 +240,7 @@ def qwen3(seed: int = 0) -> Layout:
 
 def bert(seed: int = 0, prefix: str = "bert.") -> Layout:
     """bert-base-uncased (BertForMaskedLM), scaled down; `prefix=""` for a bare BertModel save."""
-    config = {
+    config: dict[str, Any] = {
         "architectures": ["BertForMaskedLM"],
         "attention_probs_dropout_prob": 0.1,
         "gradient_checkpointing": False,
@@ -300,7 +301,7 @@ def gpt2(seed: int = 0, prefix: str = "") -> Layout:
 
     `prefix="transformer."` gives the names GPT2LMHeadModel saves with recent transformers.
     """
-    config = {
+    config: dict[str, Any] = {
         "activation_function": "gelu_new",
         "architectures": ["GPT2LMHeadModel"],
         "attn_pdrop": 0.1,
@@ -491,7 +492,7 @@ def _mla(
 
 def deepseek_v3(seed: int = 0, fp8: bool = False) -> Layout:
     """DeepSeek-V3, scaled down: query latent, one MTP layer; FP8 in 16×16 tiles with fp8=True."""
-    config = {
+    config: dict[str, Any] = {
         **_MLA_BASE,
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -518,7 +519,7 @@ def deepseek_v3(seed: int = 0, fp8: bool = False) -> Layout:
 
 def deepseek_v32(seed: int = 0, fp8: bool = False) -> Layout:
     """DeepSeek-V3.2-Exp, scaled down: V3 plus the indexer tensors in every layer."""
-    config = {
+    config: dict[str, Any] = {
         **_MLA_BASE,
         "architectures": ["DeepseekV32ForCausalLM"],
         "index_head_dim": 8,
@@ -548,7 +549,7 @@ def deepseek_v32(seed: int = 0, fp8: bool = False) -> Layout:
 
 def deepseek_v2_lite(seed: int = 0) -> Layout:
     """DeepSeek-V2-Lite, scaled down: no query latent (`q_lora_rank: null`, one q_proj), no MTP."""
-    config = {
+    config: dict[str, Any] = {
         **{k: v for k, v in _MLA_BASE.items() if k not in ("ep_size",)},
         "architectures": ["DeepseekV2ForCausalLM"],
         "auto_map": {
@@ -569,7 +570,7 @@ def deepseek_v2_lite(seed: int = 0) -> Layout:
 
 def moonlight(seed: int = 0) -> Layout:
     """Moonlight-16B-A3B, scaled down: model_type deepseek_v3 but no query latent and no MTP."""
-    config = {
+    config: dict[str, Any] = {
         **_MLA_BASE,
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -582,7 +583,7 @@ def moonlight(seed: int = 0) -> Layout:
 
 def kimi_k2(seed: int = 0) -> Layout:
     """Kimi-K2, scaled down: model_type kimi_k2, DeepSeek-V3 names, no MTP layer."""
-    config = {
+    config: dict[str, Any] = {
         **_MLA_BASE,
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "kimi_k2",
@@ -600,7 +601,7 @@ def kimi_multimodal(seed: int = 0, nested_config: bool = True) -> Layout:
     The releases nest the decoder's config under `text_config` of an outer multimodal config;
     `nested_config=False` writes the decoder's config flat instead (names still prefixed).
     """
-    text = {
+    text: dict[str, Any] = {
         **_MLA_BASE,
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "kimi_k2",
@@ -618,7 +619,7 @@ def kimi_multimodal(seed: int = 0, nested_config: bool = True) -> Layout:
         tensors[vp + "norm0.weight"] = r.norm(vh).to(torch.bfloat16)
     tensors["mm_projector.proj.0.weight"] = r.weight(text["hidden_size"], 4 * vh).to(torch.bfloat16)
     if nested_config:
-        config = {
+        config: dict[str, Any] = {
             "architectures": ["KimiK25ForConditionalGeneration"],
             "model_type": "kimi_k25",
             "text_config": text,
