@@ -62,10 +62,10 @@ def analyze_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
 ) -> None:
     """Stream a checkpoint's attention layer by layer, compute every spectrum, cache it, summarize."""
-    from svd_probe.analysis import AnalyzeRequest, analyze
-    from svd_probe.report import analysis_progress, render_summary, summary_rows
+    from svd_probe.analysis import AnalyzeJob, analyze
+    from svd_probe.report import layer_progress, render_summary, summary_rows
 
-    request = AnalyzeRequest(
+    job = AnalyzeJob(
         model=model,
         revision=revision,
         token=token,
@@ -81,22 +81,39 @@ def analyze_cmd(
         concurrency=concurrency,
     )
     # Progress goes to stderr, so it never mixes with --json on stdout.
-    with analysis_progress(err, enabled=err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
-        result = analyze(request, progress=progress)
-    rows = summary_rows(result)
+    with layer_progress(err, enabled=err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
+        outcome = analyze(job, progress=progress)
+    print_notes(outcome.notes)
+    rows = summary_rows(outcome)
     if as_json:
         print_json(
             {
-                "model": result.display,
-                "repo_id": result.repo_id,
-                "commit": result.commit,
-                "cache": str(result.cache_dir),
+                "model": outcome.display,
+                "repo_id": outcome.repo_id,
+                "commit": outcome.commit,
+                "cache": str(outcome.cache_dir),
                 "layers": rows,
-                "stats": result.stats,
+                "stats": outcome.stats,
+                "notes": outcome.notes,
             }
         )
     else:
-        out.print(render_summary(result, rows))
+        out.print(render_summary(outcome, rows))
+
+
+def print_notes(notes: list[str]) -> None:
+    for note in notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)  # unwrapped: commands stay copyable
+
+
+def cache_query(model: str, revision: str, cache_dir: Path | None, fold_norms: bool, normalize_stacked: bool):
+    """The CacheQuery the shared options of export and plot name."""
+    from svd_probe.cache.store import SpectraOptions
+    from svd_probe.results import CacheQuery
+
+    return CacheQuery(
+        model, revision, cache_dir, SpectraOptions(fold_norms=fold_norms, normalize_stacked=normalize_stacked)
+    )
 
 
 @app.command("export")
@@ -107,7 +124,8 @@ def export_cmd(
     format: str = typer.Option(
         "jsonl", "--format", help="jsonl (one spectrum a line), csv or parquet (metrics table)."
     ),
-    out_file: Path = typer.Option(..., "--out", help="File to write."),
+    out_file: Path = typer.Option(..., "--out", help="File to write (an existing file only with --overwrite)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --out file if it exists."),
     revision: str = RevisionOpt,
     cache_dir: Path | None = CacheDirOpt,
     fold_norms: bool = FoldOpt,
@@ -120,18 +138,16 @@ def export_cmd(
     ),
 ) -> None:
     """Write cached spectra (jsonl) or their metrics table (csv, parquet); reads the cache only."""
-    from svd_probe.export import export, parse_errors
+    from svd_probe.export import export
+    from svd_probe.options import parse_errors
 
     n = export(
-        model,
+        cache_query(model, revision, cache_dir, fold_norms, normalize_stacked),
         format=format,
         out=out_file,
-        revision=revision,
-        cache_dir=cache_dir,
-        fold_norms=fold_norms,
-        normalize_stacked=normalize_stacked,
         at_rank=at_rank,
         errors=parse_errors(errors),
+        overwrite=overwrite,
     )
     err.print(f"wrote {n} rows to {out_file}")
 
@@ -203,31 +219,33 @@ def plot_cmd(
     data: bool = typer.Option(False, "--data", help="Also write each figure's data as CSV beside it."),
 ) -> None:
     """Draw effective-rank figures of cached analyses (offline): layer-wise, head-wise, heat maps, spectra, planner."""
-    from svd_probe.plots import make_plots, parse_layers, planner_rich_table
-    from svd_probe.plots.render import parse_matrices
+    from svd_probe.options import parse_layers, parse_matrices
+    from svd_probe.plots import make_plots, planner_rich_table
 
+    # Parsed before any cache is read, so a typo costs nothing.
+    layers_of_spectra = parse_layers(spectra_layers, flag="--spectra-layers")
+    kinds_of_spectra = (
+        parse_matrices(spectra_matrices, scope="stacked", keep_order=True, flag="--spectra-matrices")
+        if spectra_matrices
+        else None
+    )
     report = make_plots(
-        models,
+        [cache_query(m, revision, cache_dir, fold_norms, normalize_stacked) for m in models],
         out_dir=out_dir,
         formats=format,
         kinds=kind,
         layer=layer,
         latent=latent,
         rank=rank,
-        revision=revision,
-        cache_dir=cache_dir,
-        fold_norms=fold_norms,
-        normalize_stacked=normalize_stacked,
         error=error,
-        spectra_layers=parse_layers(spectra_layers),
-        spectra_kinds=parse_matrices(spectra_matrices),
+        spectra_layers=layers_of_spectra,
+        spectra_kinds=kinds_of_spectra,
         dpi=dpi,
         write_data=data,
     )
     if report.plans:
         out.print(planner_rich_table(report.plans))
-    for note in report.notes:
-        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)  # unwrapped: commands stay copyable
+    print_notes(report.notes)
     if not report.files:
         err.print("no figure could be drawn from the cache (see the notes above)")
         raise typer.Exit(1)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import matplotlib
 from matplotlib.figure import Figure
 
-from svd_probe.adapters.base import ALL_KINDS
+from svd_probe.kinds import ALL_KINDS
 
 if TYPE_CHECKING:
     from svd_probe.results import Analysis

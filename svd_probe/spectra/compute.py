@@ -45,7 +45,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from svd_probe.adapters.base import HEAD_KINDS, LAYER_KINDS, STACKED_KINDS, AttentionFactors
+from svd_probe.adapters.base import AttentionFactors
+from svd_probe.kinds import HEAD, LAYER, STACKED, SpectrumKey, parse_key, spectrum_keys
 
 Result = dict[str, tuple[torch.Tensor, tuple[int, int]]]
 
@@ -266,27 +267,13 @@ def requested_keys(factors: AttentionFactors, kinds) -> list[str]:
         "QK": have_q and have_k,
         "KQ": have_q and have_k,
     }
-    keys: set[str] = set()
-    for kind in kinds:
-        if "." in kind:
-            keys.add(kind)
-            continue
-        if kind in HEAD_KINDS:
-            keys.add(f"head.{kind}")
-        if kind in STACKED_KINDS:
-            keys.add(f"stacked.{kind}")
-        if kind in LAYER_KINDS:
-            keys.add(f"layer.{kind}")
-    out = []
-    for key in sorted(keys):
-        scope, _, kind = key.partition(".")
-        if scope == "head" and kind in HEAD_KINDS and needs[kind]:
-            out.append(key)
-        elif scope == "stacked" and kind in STACKED_KINDS and needs[kind]:
-            out.append(key)
-        elif scope == "layer" and kind in LAYER_KINDS and factors.layer.get(kind) is not None:
-            out.append(key)
-    return out
+    scoped = {parse_key(k) for k in kinds if "." in k}
+    keys = {k for k in scoped if k is not None} | set(spectrum_keys(k for k in kinds if "." not in k))
+
+    def available(key: SpectrumKey) -> bool:
+        return factors.layer.get(key.kind) is not None if key.scope == LAYER else needs[key.kind]
+
+    return [str(key) for key in sorted(keys) if available(key)]
 
 
 class _Layer:
@@ -449,10 +436,11 @@ def layer_spectra(
         lay = _Layer(factors, cfg)
 
         def compute(key: str):
-            scope, _, kind = key.partition(".")
-            if scope == "head":
+            parsed = SpectrumKey.parse(key)
+            scope, kind = parsed.scope, parsed.kind
+            if scope == HEAD:
                 sigma, shape = lay.head(kind), lay.head_shape(kind)
-            elif scope == "stacked":
+            elif scope == STACKED:
                 sigma, shape = lay.stacked(kind, normalize_stacked)
             else:
                 sigma, shape = lay.layer(kind)
