@@ -123,13 +123,13 @@ def _versions() -> dict:
 # --- the pipeline --------------------------------------------------------------------------------
 
 
-def _check_request(request: AnalyzeJob, layer_spec: list[int] | None, kinds_asked: list[str]):
+def _check_request(request: AnalyzeJob, layer_spec: list[int] | None):
     """A check of the job against config.json alone (run before any index or header is read)."""
 
     def check(config: dict) -> None:
         adapter = adapter_for(config)
         select_layers(layer_spec, adapter.dims(), request.include_mtp)
-        parse_matrices(kinds_asked, adapter.supported_kinds())
+        parse_matrices(request.matrices, adapter.supported_kinds())
 
     return check
 
@@ -164,7 +164,7 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
     device = pick_device(request.device)
     # The syntax of --layers and --matrices is checked before anything is fetched.
     layer_spec = parse_layers(request.layers)
-    kinds_asked = parse_matrices(request.matrices)
+    parse_matrices(request.matrices)
     options = request.options
     query = request.query(ref)
     root = default_cache_root(request.cache_dir)
@@ -177,7 +177,7 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
             token=request.token,
             endpoint=request.endpoint,
             concurrency=request.concurrency,
-            check_config=_check_request(request, layer_spec, kinds_asked),
+            check_config=_check_request(request, layer_spec),
             **request.read_options,
         )
     except (TransferError, OfflineModeIsEnabled) as e:  # HubUnreachableError is a TransferError
@@ -186,7 +186,7 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
         return _analyze_offline(request, query, ref, layer_spec, e, t_start, device)
     adapter = adapter_for(source.config, source.tensor_names)
     dims = adapter.dims()
-    kinds = parse_matrices(kinds_asked, adapter.supported_kinds())
+    kinds = parse_matrices(request.matrices, adapter.supported_kinds())
     layers = select_layers(layer_spec, dims, request.include_mtp)
 
     cache = SpectraCache(root, repo, source.commit, options)
@@ -240,7 +240,7 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
         storage = {
             k: _storage_dtype(source, adapter.layer_tensor_names(layer, {k.partition(".")[2]}, False)) for k in sigma
         }
-        shapes = {k: tuple(int(x) for x in v[1]) for k, v in spectra.items()}
+        shapes = {k: (int(v[1][0]), int(v[1][1])) for k, v in spectra.items()}
         now = time.perf_counter()
         info = {"seconds": round(now - t_layer, 4), "device": str(device)}
         t_layer = now

@@ -13,6 +13,7 @@ from rich.progress import (
     BarColumn,
     Progress,
     ProgressColumn,
+    TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -63,7 +64,7 @@ class LayerProgress:
             if enabled
             else None
         )
-        self._task = None
+        self._task: TaskID | None = None
 
     def bytes_fetched(self) -> int:
         return self._bytes()

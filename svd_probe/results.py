@@ -133,7 +133,9 @@ class Analysis:
         return s[head] if (scope == HEAD and head is not None) else s
 
     def shape(self, layer: int, matrix: str, scope: str = "stacked") -> tuple[int, int]:
-        return tuple(self.layer_spectra[layer].shapes[str(SpectrumKey(scope, matrix))])
+        """(m, n) of the matrix behind one cached spectrum."""
+        m, n = self.layer_spectra[layer].shapes[str(SpectrumKey(scope, matrix))]
+        return int(m), int(n)
 
     def analyze_command(self, layers: str | None = None, matrices: str | None = None) -> str:
         return analyze_command(self.query, layers=layers, matrices=matrices)
@@ -172,7 +174,7 @@ class Analysis:
             for text in sort_keys(ls.sigma):
                 key = SpectrumKey.parse(text)
                 s = np.atleast_2d(ls.sigma[text])
-                shape = tuple(ls.shapes.get(text, (s.shape[1], s.shape[1])))
+                shape = ls.shapes.get(text, (s.shape[1], s.shape[1]))
                 cols = metrics_batch(
                     s, shape, storage_dtype=ls.storage_dtypes.get(text, "F32"), errors=errors, at_rank=at_rank
                 )

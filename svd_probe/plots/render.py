@@ -65,6 +65,8 @@ def _save(
         path = folder / f"{result.stem}.{fmt}"
         # No creation date in vector files, so rerunning on the same cache gives the same bytes.
         meta = {"Date": None} if fmt == "svg" else {"CreationDate": None} if fmt == "pdf" else None
+        if result.figure is None:
+            raise ValueError(f"the {result.kind} figure was already closed")
         with plot_style():  # savefig.* and svg.* settings are read when saving, not drawing
             result.figure.savefig(path, format=fmt, dpi=dpi, metadata=meta)
         written.append(path)
@@ -178,7 +180,7 @@ def make_plots(
         if len(analyses) < 2:
             if kinds_asked:
                 report.notes.append("skipped compare: it needs two models or more")
-        else:
+        elif compare_dir is not None:
             try:
                 emit(figures.compare_models(analyses, all_metrics, error=error, dpi=dpi), compare_dir, None)
             except figures.MissingFigureData as e:
