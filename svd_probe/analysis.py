@@ -25,7 +25,7 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from svd_probe.adapters import adapter_for
 from svd_probe.adapters.base import ModelDims
 from svd_probe.cache.store import LayerSpectra, SpectraCache, SpectraOptions, default_cache_root
-from svd_probe.errors import DiskWriteError, OfflineCacheMissError, TransferError
+from svd_probe.errors import DiskWriteError, OfflineCacheMissError, SvdProbeError, TransferError
 from svd_probe.kinds import spectrum_keys
 from svd_probe.models import ModelRef, is_commit, resolve_model
 from svd_probe.options import parse_layers, parse_matrices, pick_device, select_layers
@@ -209,15 +209,17 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
         config=source.config,
         dims=dataclasses.asdict(dims),
     )
-    # Nothing is written when nothing changes, so a read-only cache that holds everything works.
-    if todo or any(k not in manifest for k in header):
-        manifest = cache.update_manifest({**header, "versions": _versions()})
+    # Nothing is written when nothing changes, so a read-only cache that holds everything works;
+    # a manifest rebuilt (or written by an older version) lists the layers found whole on disk.
+    unlisted = [have[ly] for ly in have if not cache.expected_keys(manifest, ly)]
     try:
+        if todo or unlisted or any(k not in manifest for k in header):
+            manifest = cache.update_manifest({**header, "versions": _versions()}, unlisted)
         SpectraCache.write_ref(root, repo, revision, source.commit)
     except DiskWriteError as e:
         if todo:
             raise
-        notes.append(f"could not record revision {revision} → {source.commit[:12]}: {e.message}")
+        notes.append(f"the cache is read-only, so the manifest and refs stay as they are: {e.message}")
     kind_set = set(kinds)
 
     def names_for_layer(layer: int) -> list[str]:
@@ -292,7 +294,11 @@ def _analyze_offline(
     entry = None if is_commit(revision) else SpectraCache.read_ref(root, repo, revision)
     commit = revision if is_commit(revision) else (entry.commit if entry else None)
     if commit is None:
-        raise error  # nothing cached for this revision: the network error is the whole story
+        detail = error.message if isinstance(error, SvdProbeError) else str(error)
+        raise OfflineCacheMissError(
+            f"{why}, and no analysis of {ref.display} (revision {revision}) is cached in {root}: {detail}",
+            "Reconnect (or unset HF_HUB_OFFLINE) and rerun the same command.",
+        )
     notes: list[str] = []
     cache = SpectraCache(root, repo, commit, query.options)
     manifest = cache.read_manifest(notes)

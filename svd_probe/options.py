@@ -12,12 +12,12 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-import torch
-
 from svd_probe.errors import BadOptionError
 from svd_probe.kinds import ALL_KINDS, KINDS_OF_SCOPE, canonical_kinds, scopes_of
 
 if TYPE_CHECKING:
+    import torch
+
     from svd_probe.adapters.base import ModelDims
 
 # No checkpoint has more than a few hundred layers; this bound keeps `--layers 0-99999999999`
@@ -30,6 +30,8 @@ def pick_device(name: str) -> torch.device:
 
     Raises `BadOptionError` for anything else, and for CUDA on a machine without one.
     """
+    import torch  # here, so that `plot` and `export`, which parse options too, never load torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):

@@ -191,3 +191,72 @@ def test_bad_errors_are_refused(spec):
 
     with pytest.raises(BadOptionError):
         parse_errors(spec)
+
+
+# --- the vocabulary: kinds, scopes and `scope.kind` keys -------------------------------------------
+
+
+def test_spectrum_keys_parse_format_and_order():
+    from svd_probe.kinds import ALL_KINDS, SpectrumKey, sort_keys
+
+    k = SpectrumKey.parse("stacked.VO")
+    assert (k.scope, k.kind, str(k)) == ("stacked", "VO", "stacked.VO")
+    assert SpectrumKey("stacked", "VO") == k and hash(SpectrumKey("stacked", "VO")) == hash(k)
+    keys = [SpectrumKey.parse(s) for s in ("layer.QA", "stacked.O", "head.VO", "head.Q", "stacked.KQ")]
+    assert [str(x) for x in sorted(keys)] == ["head.Q", "head.VO", "stacked.O", "stacked.KQ", "layer.QA"]
+    # Every kind exists in at least one scope; the string form round-trips for all of them.
+    every = spectrum_keys(ALL_KINDS)
+    assert {x.kind for x in every} == set(ALL_KINDS) and len(every) == 7 + 8 + 3
+    assert all(SpectrumKey.parse(str(x)) == x for x in every)
+    assert sort_keys(["stacked.O", "head.XY", "head.O", "junk"]) == ["head.O", "stacked.O", "head.XY", "junk"]
+
+
+@pytest.mark.parametrize("text", ["head.KQ", "layer.VO", "stacked.QA", "foo.O", "VO", "head.", ".VO", "head.vo"])
+def test_keys_that_name_no_spectrum_are_refused(text):
+    from svd_probe.kinds import SpectrumKey, parse_key
+
+    with pytest.raises(ValueError):
+        SpectrumKey.parse(text)
+    assert parse_key(text) is None
+
+
+def test_asking_an_analysis_for_a_spectrum_no_scope_has_is_a_bad_option(tmp_path):
+    _write_fixture(tmp_path)
+    a = load_analysis(CacheQuery("deepseek-v3", cache_dir=tmp_path))
+    with pytest.raises(BadOptionError, match="KQ exists in scope stacked"):
+        a.sigma(0, "KQ", scope="head")
+
+
+# --- option parsers ----------------------------------------------------------------------------------
+
+
+def test_layer_lists_keep_their_order_and_are_bounded():
+    from svd_probe.options import MAX_LAYER
+
+    assert parse_layers("5,0-2,1") == [5, 0, 1, 2]
+    assert parse_layers([3, 1, 3]) == [3, 1]
+    assert parse_layers("all") is None and parse_layers("") is None
+    assert parse_layers("0-3,") == [0, 1, 2, 3]
+    for bad in (f"0-{MAX_LAYER + 1}", ",", [-1], [True], ["3"]):
+        with pytest.raises(BadOptionError):
+            parse_layers(bad)
+    with pytest.raises(BadOptionError, match="--spectra-layers"):
+        parse_layers("x", flag="--spectra-layers")
+
+
+def test_matrices_in_one_scope():
+    assert parse_matrices(None, scope="layer") == ["QA", "KVA", "KVA_pe"]
+    assert parse_matrices("kq,O", scope="stacked", keep_order=True) == ["KQ", "O"]
+    with pytest.raises(BadOptionError, match="QA has no stacked spectra"):
+        parse_matrices("QA", scope="stacked")
+    with pytest.raises(BadOptionError, match="unknown matrix kind 'XY'"):
+        parse_matrices(["O", "XY"], scope="stacked")
+
+
+def test_cache_query_drives_export_and_loading(tmp_path):
+    _write_fixture(tmp_path, commit="d" * 40)
+    q = CacheQuery("deepseek-v3", revision="d" * 40, cache_dir=tmp_path)
+    assert load_analysis(q).commit == "d" * 40  # a commit needs no ref
+    assert export(q, format="jsonl", out=tmp_path / "a.jsonl") == 12
+    with pytest.raises(CacheMissError, match="revision v9"):
+        load_analysis(CacheQuery("deepseek-v3", revision="v9", cache_dir=tmp_path))

@@ -455,3 +455,17 @@ def test_cli_nothing_drawable_exits_non_zero_with_note(cache_root, tmp_path):
 def test_layer_out_of_range_is_a_bad_option(cache_root, tmp_path):
     with pytest.raises(BadOptionError):
         make_plots([CacheQuery("acme/tiny-mla", cache_dir=cache_root)], tmp_path, kinds="headwise", layer=9)
+
+
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [("--spectra-layers", "3-1", "end before start"), ("--spectra-matrices", "QA", "no stacked spectra")],
+)
+def test_cli_plot_refuses_bad_spectra_options(cache_root, tmp_path, flag, value, needle):
+    from svd_probe.cli import app
+
+    result = CliRunner().invoke(
+        app, ["plot", "acme/tiny-mla", "--cache-dir", str(cache_root), "--out", str(tmp_path), flag, value]
+    )
+    assert result.exit_code != 0 and isinstance(result.exception, BadOptionError)
+    assert needle in result.exception.message and not list(tmp_path.iterdir())

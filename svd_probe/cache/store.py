@@ -252,10 +252,11 @@ class SpectraCache:
             obj = _loads(data)
         except ValueError:
             return None
-        if not isinstance(obj, dict) or obj.get("revision") != revision or not is_commit(obj.get("commit")):
+        commit = obj.get("commit") if isinstance(obj, dict) else None
+        if not isinstance(commit, str) or not is_commit(commit) or obj.get("revision") != revision:
             return None
         since = obj.get("since")
-        return RefEntry(revision, obj["commit"], since if isinstance(since, str) else None)
+        return RefEntry(revision, commit, since if isinstance(since, str) else None)
 
     @staticmethod
     def write_ref(root: str | os.PathLike, repo: str, revision: str, commit: str) -> bool:
@@ -417,7 +418,7 @@ class SpectraCache:
         """The manifest, or {} when absent or unreadable (then a note says why, if `notes` is given)."""
         obj, why = _read_json_object(self.manifest_path)
         if why and notes is not None:
-            notes.append(f"{self.manifest_path} is unreadable: {why}; it is rebuilt when layers are written")
+            notes.append(f"{self.manifest_path} is unreadable: {why}; read as empty; `svd-probe analyze` rebuilds it")
         return obj or {}
 
     def write_manifest(self, manifest: dict) -> None:
@@ -426,14 +427,22 @@ class SpectraCache:
         except OSError as e:
             raise _write_error(self.manifest_path, e) from None
 
-    def update_manifest(self, fields: dict) -> dict:
-        """Set the manifest's top-level `fields` under the lock; writes only if something changed."""
+    def update_manifest(self, fields: dict, found: Iterable[LayerSpectra] = ()) -> dict:
+        """Set the manifest's top-level `fields` and list the `found` layers' keys (layers whole on
+        disk that it does not list), under the lock; writes only if something changed."""
         with self.lock():
             manifest = self.read_manifest()
             new = {**manifest, **fields}
             new.setdefault("created", _now())
             if not isinstance(new.get("layers"), dict):
                 new["layers"] = {}
+            new["layers"] = dict(new["layers"])
+            for ls in found:
+                entry = new["layers"].get(str(ls.layer))
+                new["layers"][str(ls.layer)] = {
+                    **(entry if isinstance(entry, dict) else ls.info),
+                    "keys": sorted(ls.sigma),
+                }
             if new != manifest:
                 self.write_manifest(new)
         return new
