@@ -219,7 +219,7 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
     except DiskWriteError as e:
         if todo:
             raise
-        notes.append(f"the cache is read-only, so the manifest and refs stay as they are: {e.message}")
+        notes.append(f"nothing needed computing, but the manifest or refs could not be updated: {e.message}")
     kind_set = set(kinds)
 
     def names_for_layer(layer: int) -> list[str]:

@@ -252,7 +252,9 @@ class SpectraCache:
             obj = _loads(data)
         except ValueError:
             return None
-        commit = obj.get("commit") if isinstance(obj, dict) else None
+        if not isinstance(obj, dict):
+            return None
+        commit = obj.get("commit")
         if not isinstance(commit, str) or not is_commit(commit) or obj.get("revision") != revision:
             return None
         since = obj.get("since")
