@@ -21,12 +21,24 @@ from svd_probe.cli import app
 from svd_probe.errors import OfflineCacheMissError
 
 runner = CliRunner()
+# A repo of its own, so requests still in flight from other tests' runs are not counted here.
+REPO = "offline/deepseek-v3"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _serve_repo(fake_hub, deepseek_ckpt):
+    fake_hub.add_repo(REPO, deepseek_ckpt.folder)
+
+
+def mine(fake_hub) -> list:
+    """The stand-in's records of requests for this module's repo."""
+    return [rec for rec in fake_hub.records if rec.repo_id == REPO]
 
 
 def analyze_args(fake_hub, cache, *extra):
     return [
         "analyze",
-        "tiny/deepseek-v3",
+        REPO,
         "--endpoint",
         fake_hub.endpoint,
         "--cache-dir",
@@ -69,7 +81,7 @@ def test_offline_analyze_summarizes_what_is_cached(fake_hub, tmp_path, monkeypat
     assert summary["stats"]["computed"] == 0 and summary["stats"]["bytes_fetched"] == 0
     assert any("offline mode" in n and commit[:12] in n for n in summary["notes"])
     assert "offline mode" in r.stderr
-    assert fake_hub.records == []
+    assert mine(fake_hub) == []
     # The rows equal those of the online run.
     assert summary["layers"] == json.loads(first.stdout)["layers"]
 
@@ -78,14 +90,14 @@ def test_offline_analyze_lists_the_layers_it_cannot_compute(fake_hub, tmp_path, 
     from huggingface_hub import constants
 
     fake_hub.clear_faults()
-    analyze(AnalyzeJob("tiny/deepseek-v3", endpoint=fake_hub.endpoint, cache_dir=tmp_path, device="cpu", layers="0"))
+    analyze(AnalyzeJob(REPO, endpoint=fake_hub.endpoint, cache_dir=tmp_path, device="cpu", layers="0"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     fake_hub.reset_records()
     with pytest.raises(OfflineCacheMissError) as e:
-        analyze(AnalyzeJob("tiny/deepseek-v3", endpoint=fake_hub.endpoint, cache_dir=tmp_path, device="cpu"))
+        analyze(AnalyzeJob(REPO, endpoint=fake_hub.endpoint, cache_dir=tmp_path, device="cpu"))
     assert "cannot compute layers 1,2,3" in e.value.message and e.value.exit_code == 3
     assert "--layers" in e.value.hint and "Layers 0 are cached" in e.value.hint
-    assert fake_hub.records == []
+    assert mine(fake_hub) == []
 
 
 def test_offline_with_nothing_cached_reports_the_network_error(fake_hub, tmp_path, offline, capsys, monkeypatch):
@@ -112,7 +124,7 @@ def test_hf_hub_offline_in_the_environment(fake_hub, tmp_path):
     missing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 3 and "cannot compute layers 0,2,3" in " ".join(missing.stderr.split())
     assert "Traceback" not in missing.stderr + partial.stderr
-    assert fake_hub.records == []
+    assert mine(fake_hub) == []
 
 
 @pytest.mark.slow
@@ -120,9 +132,7 @@ def test_an_unreachable_hub_falls_back_to_the_cache(fake_hub, tmp_path):
     fake_hub.clear_faults()
     assert runner.invoke(app, analyze_args(fake_hub, tmp_path, "--layers", "2")).exit_code == 0
     dead = closed_port_endpoint()
-    out = analyze(
-        AnalyzeJob("tiny/deepseek-v3", endpoint=dead, cache_dir=tmp_path, device="cpu", layers="2", matrices="O,VO")
-    )
+    out = analyze(AnalyzeJob(REPO, endpoint=dead, cache_dir=tmp_path, device="cpu", layers="2", matrices="O,VO"))
     assert out.computed == [] and out.analysis.layers == [2]
     assert any("unreachable" in n for n in out.notes)
 
@@ -136,7 +146,7 @@ def test_export_and_plot_never_touch_the_network(fake_hub, tmp_path):
     cache = ["--cache-dir", str(tmp_path)]
     fake_hub.reset_records()
     exp = subprocess.run(
-        [*base, "export", "tiny/deepseek-v3", *cache, "--out", str(tmp_path / "s.jsonl")],
+        [*base, "export", REPO, *cache, "--out", str(tmp_path / "s.jsonl")],
         env=env,
         capture_output=True,
         text=True,
@@ -144,14 +154,14 @@ def test_export_and_plot_never_touch_the_network(fake_hub, tmp_path):
     )
     assert exp.returncode == 0, exp.stderr
     plot = subprocess.run(
-        [*base, "plot", "tiny/deepseek-v3", *cache, "--out", str(tmp_path / "p"), "--kind", "layerwise"],
+        [*base, "plot", REPO, *cache, "--out", str(tmp_path / "p"), "--kind", "layerwise"],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert plot.returncode == 0, plot.stderr
-    assert (tmp_path / "p" / "layerwise.png").is_file() and fake_hub.records == []
+    assert (tmp_path / "p" / "layerwise.png").is_file() and mine(fake_hub) == []
 
 
 # --- refused before any request ------------------------------------------------------------------
@@ -171,7 +181,7 @@ def test_malformed_options_are_refused_before_any_request(fake_hub, tmp_path, ex
     fake_hub.reset_records()
     r = runner.invoke(app, analyze_args(fake_hub, tmp_path, *extra))
     assert r.exit_code != 0 and needle in str(r.exception)
-    assert fake_hub.records == []
+    assert mine(fake_hub) == []
 
 
 @pytest.mark.parametrize(
@@ -182,7 +192,7 @@ def test_a_layer_the_model_lacks_is_refused_after_config_json(fake_hub, tmp_path
     fake_hub.reset_records()
     r = runner.invoke(app, [*analyze_args(fake_hub, tmp_path), *extra])
     assert r.exit_code != 0 and needle in str(r.exception)
-    assert {rec.file for rec in fake_hub.records} <= {"config.json"}
+    assert {rec.file for rec in mine(fake_hub)} <= {"config.json"}
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
