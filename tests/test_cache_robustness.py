@@ -38,6 +38,23 @@ def llama(tmp_path_factory) -> Path:
     return write_layout(tmp_path_factory.mktemp("ck") / "llama", "llama")
 
 
+@pytest.fixture(scope="module")
+def analyzed(llama, tmp_path_factory) -> Path:
+    """A cache holding both layers of `llama`, analyzed once; tests damage copies of it."""
+    root = tmp_path_factory.mktemp("template") / "cache"
+    analyze(AnalyzeJob(model=str(llama), cache_dir=root, device="cpu"))
+    return root
+
+
+def cached(analyzed: Path, tmp_path: Path, llama: Path) -> SpectraCache:
+    """A fresh copy of the analyzed cache under tmp_path (the cache root is tmp_path itself)."""
+    import shutil
+
+    shutil.copytree(analyzed, tmp_path, dirs_exist_ok=True)
+    a = load_analysis(CacheQuery(str(llama), cache_dir=tmp_path))
+    return SpectraCache(tmp_path, cache_repo(a.ref), a.commit, SpectraOptions())
+
+
 def run_cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
     """Through the console-script entry point: (exit code, stdout, stderr with wraps undone)."""
     from svd_probe.cli import main
@@ -178,10 +195,10 @@ DAMAGE = ["truncated", "garbage", "empty-but-valid", "lacks-a-key", "bad-metadat
 
 
 @pytest.mark.parametrize("how", DAMAGE)
-def test_a_damaged_layer_file_is_reported_and_recomputed_alone(llama, tmp_path, how, monkeypatch, capsys):
-    first = analyze(job(llama, tmp_path))
-    want = {k: v.copy() for k, v in first.analysis.layer_spectra[1].sigma.items()}
-    path = SpectraCache(tmp_path, cache_repo(resolve_model(str(llama))), first.commit, SpectraOptions()).layer_path(1)
+def test_a_damaged_layer_file_is_reported_and_recomputed_alone(llama, analyzed, tmp_path, how, monkeypatch, capsys):
+    cache = cached(analyzed, tmp_path, llama)
+    want = cache.read_layer(1).sigma
+    path = cache.layer_path(1)
     damage(path, how)
     code, out, err = run_cli(
         ["analyze", llama, "--cache-dir", tmp_path, "--device", "cpu", "--json"], monkeypatch, capsys
@@ -197,9 +214,8 @@ def test_a_damaged_layer_file_is_reported_and_recomputed_alone(llama, tmp_path, 
 
 
 @pytest.mark.parametrize("how", DAMAGE)
-def test_export_stops_at_a_damaged_layer_and_names_it(llama, tmp_path, how, monkeypatch, capsys):
-    first = analyze(job(llama, tmp_path))
-    cache = SpectraCache(tmp_path, cache_repo(resolve_model(str(llama))), first.commit, SpectraOptions())
+def test_export_stops_at_a_damaged_layer_and_names_it(llama, analyzed, tmp_path, how, monkeypatch, capsys):
+    cache = cached(analyzed, tmp_path, llama)
     damage(cache.layer_path(1), how)
     out = tmp_path / "s.jsonl"
     with pytest.raises(CacheDamagedError) as e:
@@ -211,11 +227,10 @@ def test_export_stops_at_a_damaged_layer_and_names_it(llama, tmp_path, how, monk
     assert code == 2 and "damaged cache file" in err and "Traceback" not in err
 
 
-def test_plot_draws_the_other_layers_and_notes_the_damaged_one(llama, tmp_path):
+def test_plot_draws_the_other_layers_and_notes_the_damaged_one(llama, analyzed, tmp_path):
     from svd_probe.plots import make_plots
 
-    first = analyze(job(llama, tmp_path))
-    cache = SpectraCache(tmp_path, cache_repo(resolve_model(str(llama))), first.commit, SpectraOptions())
+    cache = cached(analyzed, tmp_path, llama)
     damage(cache.layer_path(0), "truncated")
     report = make_plots([CacheQuery(str(llama), cache_dir=tmp_path)], tmp_path / "plots", kinds="layerwise", dpi=30)
     assert any(str(cache.layer_path(0)) in n for n in report.notes)
@@ -272,9 +287,10 @@ def test_update_layer_merges_kinds_and_lists_them(tmp_path):
     [b"[]", b"null", b'"a string"', b"\xff\xfe\x00\x01", b"[" * 100_000, b"1" * 5000, b"{"],
     ids=["list", "null", "string", "not-utf8", "deep", "digits", "truncated"],
 )
-def test_an_unreadable_manifest_is_rebuilt_with_a_note(llama, tmp_path, content, monkeypatch, capsys):
-    first = analyze(job(llama, tmp_path, layers="0"))
-    manifest = first.cache_dir / "manifest.json"
+def test_an_unreadable_manifest_is_rebuilt_with_a_note(llama, analyzed, tmp_path, content, monkeypatch, capsys):
+    cache = cached(analyzed, tmp_path, llama)
+    cache.layer_path(1).unlink()
+    manifest = cache.manifest_path
     manifest.write_bytes(content)
     # Reading it back gives a note, not a traceback.
     a = load_analysis(CacheQuery(str(llama), cache_dir=tmp_path))
@@ -291,8 +307,8 @@ def test_an_unreadable_manifest_is_rebuilt_with_a_note(llama, tmp_path, content,
 # --- read-only, full disks and long names ---------------------------------------------------------
 
 
-def test_a_rerun_with_everything_cached_writes_nothing(llama, tmp_path):
-    analyze(job(llama, tmp_path))
+def test_a_rerun_with_everything_cached_writes_nothing(llama, analyzed, tmp_path):
+    cached(analyzed, tmp_path, llama)
     before = snapshot(tmp_path)
     again = analyze(job(llama, tmp_path))
     assert again.computed == [] and snapshot(tmp_path) == before
