@@ -7,7 +7,7 @@ The pipeline, for a notebook as much as for the CLI:
     for layer, tensors in stream_layers(...):        # next layer's reads in flight meanwhile
         factors = adapter.factors(layer, tensors)    # per-head factors, norms folded
         spectra = layer_spectra(factors)             # batched, through factors, on the device
-        cache.write_layer(spectra)                   # atomic: a killed run loses at most a layer
+        cache.update_layer(spectra)                  # atomic, merged, listed: a kill loses at most a layer
 
 A rerun finds every requested layer in the cache and fetches nothing for it.
 """
@@ -15,25 +15,32 @@ A rerun finds every requested layer in the cache and fetches nothing for it.
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import OfflineModeIsEnabled
 
 from svd_probe.adapters import adapter_for
-from svd_probe.adapters.base import ALL_KINDS, HEAD_KINDS, LAYER_KINDS, STACKED_KINDS, ModelDims
-from svd_probe.cache.store import AnalysisCache, AnalysisOptions, LayerSpectra, default_cache_root
-from svd_probe.errors import BadOptionError
-from svd_probe.models import resolve_model
-from svd_probe.options import pick_device
-from svd_probe.results import Analysis, cache_repo
+from svd_probe.adapters.base import ModelDims
+from svd_probe.cache.store import LayerSpectra, SpectraCache, SpectraOptions, default_cache_root
+from svd_probe.errors import BadOptionError, DiskWriteError, OfflineCacheMissError, SvdProbeError, TransferError
+from svd_probe.kinds import SpectrumKey, spectrum_keys
+from svd_probe.models import ModelRef, is_commit, resolve_model
+from svd_probe.options import parse_layers, parse_matrices, pick_device, select_layers
+from svd_probe.results import Analysis, CacheQuery, cache_repo, read_layers
 
 
 @dataclass
-class AnalyzeRequest:
+class AnalyzeJob:
+    """What to analyze and how; `analyze(job)` runs it.
+
+    Example:
+        >>> outcome = analyze(AnalyzeJob("deepseek-v3", layers="0-3", matrices="O,VO"))
+        >>> outcome.analysis.sigma(layer=0, matrix="VO")
+    """
+
     model: str
     revision: str = "main"
     token: str | None = None
@@ -51,16 +58,32 @@ class AnalyzeRequest:
     # Passed to the range reader (retries, backoff, max_gap, chunk_size, timeout).
     read_options: dict = field(default_factory=dict)
 
+    @property
+    def options(self) -> SpectraOptions:
+        """The options that change the numbers, hence the cache key."""
+        return SpectraOptions(
+            fold_norms=self.fold_norms, normalize_stacked=self.normalize_stacked, layernorm_fold=self.layernorm_fold
+        )
+
+    def query(self, model: str | ModelRef | None = None) -> CacheQuery:
+        """The cached analysis this job reads and fills."""
+        return CacheQuery(model or self.model, self.revision or "main", self.cache_dir, self.options)
+
 
 @dataclass
-class AnalysisRun:
-    """What one `analyze` call did, plus the resulting cached analysis."""
+class AnalyzeOutcome:
+    """What one `analyze` call did, plus the resulting analysis (built in memory).
+
+    `notes` are things the user should know (a damaged cache file recomputed, the Hub unreachable
+    and the cache used instead); the CLI prints them on stderr.
+    """
 
     analysis: Analysis
     layers: list[int]
     computed: list[int]
     from_cache: list[int]
     stats: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def display(self) -> str:
@@ -77,71 +100,6 @@ class AnalysisRun:
     @property
     def cache_dir(self) -> Path:
         return self.analysis.cache_dir
-
-
-# --- option parsing (library-level, so notebooks get the same checks) --------------------------
-
-
-def parse_layers(spec: str | list[int] | None, dims: ModelDims, include_mtp: bool) -> list[int]:
-    """`0-3,10,60` → [0, 1, 2, 3, 10, 60]; refuses layers the model lacks."""
-    n_main = dims.num_layers - dims.num_mtp_layers
-    available = list(range(n_main if not include_mtp else dims.num_layers))
-    if spec is None or spec == "" or spec == "all":
-        return available
-    if isinstance(spec, str):
-        wanted: list[int] = []
-        for part in spec.split(","):
-            part = part.strip()
-            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-            if not m:
-                raise BadOptionError(
-                    f"bad --layers value {spec!r}: {part!r} is not a layer or a range", "Use e.g. --layers 0-3,10,60."
-                )
-            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-            if hi < lo:
-                raise BadOptionError(f"bad --layers range {part!r}: end before start", "Use e.g. --layers 0-3.")
-            wanted.extend(range(lo, hi + 1))
-    else:
-        wanted = [int(x) for x in spec]
-    missing = sorted({ly for ly in wanted if ly not in available})
-    if missing:
-        mtp_span = f"s {n_main}-{dims.num_layers - 1}" if dims.num_mtp_layers > 1 else f" {n_main}"
-        mtp = f" and MTP layer{mtp_span}" if dims.num_mtp_layers else ""
-        skipped = " (MTP layers are excluded by --no-mtp)" if dims.num_mtp_layers and not include_mtp else ""
-        raise BadOptionError(
-            f"the model has no layer {', '.join(map(str, missing))}: it has layers 0-{n_main - 1}{mtp}{skipped}",
-            f"Pick layers from that range, e.g. --layers 0-{min(3, n_main - 1)}.",
-        )
-    return sorted(set(wanted))
-
-
-def parse_matrices(spec: str | list[str] | None, supported: tuple[str, ...]) -> list[str]:
-    """`VO,O` → ['O', 'VO'] in canonical order; refuses unknown kinds and kinds the model lacks."""
-    if spec is None or spec == "" or spec == "all":
-        return [k for k in ALL_KINDS if k in supported]
-    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    by_lower = {k.lower(): k for k in ALL_KINDS}
-    unknown = [s for s in items if s.lower() not in by_lower]
-    if unknown:
-        raise BadOptionError(
-            f"unknown matrix kind {', '.join(map(repr, unknown))}", "Choose from " + ",".join(ALL_KINDS) + "."
-        )
-    chosen = {by_lower[s.lower()] for s in items}
-    lacking = sorted(chosen - set(supported), key=ALL_KINDS.index)
-    if lacking:
-        raise BadOptionError(
-            f"this model has no {', '.join(lacking)} matrices",
-            "It has " + ",".join(k for k in ALL_KINDS if k in supported) + ".",
-        )
-    return [k for k in ALL_KINDS if k in chosen]
-
-
-def spectrum_keys(kinds: list[str]) -> set[str]:
-    """The cache keys (`scope.matrix`) that a set of matrix kinds produces."""
-    keys = {f"head.{k}" for k in kinds if k in HEAD_KINDS}
-    keys |= {f"stacked.{k}" for k in kinds if k in STACKED_KINDS}
-    keys |= {f"layer.{k}" for k in kinds if k in LAYER_KINDS}
-    return keys
 
 
 def _versions() -> dict:
@@ -168,59 +126,108 @@ def _versions() -> dict:
 # --- the pipeline --------------------------------------------------------------------------------
 
 
-def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
-    """Run (or resume) an analysis; see the module docstring. `progress` is a `report.Progress`-like
-    object with `start(...)`, `layer_done(...)` and `bytes_source(...)`, or None."""
+def _check_request(request: AnalyzeJob, layer_spec: list[int] | None):
+    """A check of the job against config.json alone (run before any index or header is read)."""
+
+    def check(config: dict) -> None:
+        adapter = adapter_for(config)
+        select_layers(layer_spec, adapter.dims(), request.include_mtp)
+        parse_matrices(request.matrices, adapter.supported_kinds())
+
+    return check
+
+
+def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
+    """Run (or resume) an analysis; see the module docstring.
+
+    Args:
+        request: what to analyze (model, revision, layers, matrices, options, device...).
+        progress: a `report.LayerProgress`-like object with `start(...)` and `layer_done(...)`,
+            or None.
+
+    Returns:
+        An `AnalyzeOutcome`: the `Analysis` of the requested layers (from memory: layers computed
+        now and layers read from the cache), which were computed, and notes for the user.
+
+    Raises a `BadOptionError` for a malformed --layers or --matrices before any request, and for
+    layers or kinds the model lacks right after config.json. When the Hub cannot be reached (or
+    HF_HUB_OFFLINE=1), the commit the cache last resolved for the revision is used and nothing is
+    computed: `OfflineCacheMissError` lists the layers that would need the Hub.
+
+    Example:
+        >>> analyze(AnalyzeJob("deepseek-v3", layers="0-3")).stats["computed"]
+    """
     from svd_probe.hub.checkpoint import open_checkpoint
     from svd_probe.hub.stream import stream_layers
     from svd_probe.spectra.compute import layer_spectra
 
     t_start = time.perf_counter()
     ref = resolve_model(request.model)
+    revision = request.revision or "main"
     device = pick_device(request.device)
-    source = open_checkpoint(
-        ref,
-        revision=request.revision,
-        token=request.token,
-        endpoint=request.endpoint,
-        concurrency=request.concurrency,
-        **request.read_options,
-    )
+    # The syntax of --layers and --matrices is checked before anything is fetched.
+    layer_spec = parse_layers(request.layers)
+    parse_matrices(request.matrices)
+    options = request.options
+    query = request.query(ref)
+    root = default_cache_root(request.cache_dir)
+    repo = cache_repo(ref)
+    notes: list[str] = []
+    try:
+        source = open_checkpoint(
+            ref,
+            revision=revision,
+            token=request.token,
+            endpoint=request.endpoint,
+            concurrency=request.concurrency,
+            check_config=_check_request(request, layer_spec),
+            **request.read_options,
+        )
+    except (TransferError, OfflineModeIsEnabled) as e:  # HubUnreachableError is a TransferError
+        if ref.is_local:
+            raise
+        return _analyze_offline(request, query, ref, layer_spec, e, t_start, device)
     adapter = adapter_for(source.config, source.tensor_names)
     dims = adapter.dims()
     kinds = parse_matrices(request.matrices, adapter.supported_kinds())
-    layers = parse_layers(request.layers, dims, request.include_mtp)
-    options = AnalysisOptions(
-        fold_norms=request.fold_norms,
-        normalize_stacked=request.normalize_stacked,
-        layernorm_fold=layernorm_fold_option(adapter, request.fold_norms, request.layernorm_fold),
+    layers = select_layers(layer_spec, dims, request.include_mtp)
+    # The LayerNorm fold mode matters (and keys the cache) only where a pre-LayerNorm folds.
+    options = dataclasses.replace(
+        options, layernorm_fold=layernorm_fold_option(adapter, request.fold_norms, request.layernorm_fold)
     )
+    query = dataclasses.replace(query, options=options)
 
-    root = default_cache_root(request.cache_dir)
-    repo = cache_repo(ref)
-    cache = AnalysisCache(root, repo, source.commit, options)
-    AnalysisCache.write_ref(root, repo, request.revision, source.commit)
-    manifest = cache.read_manifest()
-    manifest.update(
+    cache = SpectraCache(root, repo, source.commit, options)
+    manifest = cache.read_manifest(notes)
+    wanted_keys = {str(k) for k in spectrum_keys(kinds)}
+    have, damaged = ({}, {}) if request.force else read_layers(cache, manifest, layers, notes)
+    if damaged:
+        notes.append(f"recomputing damaged layer{'s' if len(damaged) > 1 else ''} {','.join(map(str, damaged))}")
+    todo = [ly for ly in layers if ly not in have or not wanted_keys <= have[ly].kinds()]
+    from_cache = [ly for ly in layers if ly not in todo]
+    header = dict(
         format=1,
         model=ref.display,
         name=ref.name,
         repo_id=ref.repo_id,
         local_path=str(ref.local_path) if ref.local_path else None,
-        revision=request.revision,
+        revision=revision,
         commit=source.commit,
         options=dataclasses.asdict(options),
         config=source.config,
         dims=dataclasses.asdict(dims),
-        versions=_versions(),
     )
-    manifest.setdefault("created", datetime.now(timezone.utc).isoformat())
-    manifest.setdefault("layers", {})
-    cache.write_manifest(manifest)
-
-    wanted_keys = spectrum_keys(kinds)
-    todo = [ly for ly in layers if request.force or not wanted_keys <= cache.layer_kinds(ly)]
-    from_cache = [ly for ly in layers if ly not in todo]
+    # Nothing is written when nothing changes, so a read-only cache that holds everything works;
+    # a manifest rebuilt (or written by an older version) lists the layers found whole on disk.
+    unlisted = [have[ly] for ly in have if not cache.expected_keys(manifest, ly)]
+    try:
+        if todo or unlisted or any(k not in manifest for k in header):
+            manifest = cache.update_manifest({**header, "versions": _versions()}, unlisted)
+        SpectraCache.write_ref(root, repo, revision, source.commit)
+    except DiskWriteError as e:
+        if todo:
+            raise
+        notes.append(f"nothing needed computing, but the manifest or refs could not be updated: {e.message}")
     kind_set = set(kinds)
 
     def plan_for_layer(layer: int):
@@ -237,23 +244,16 @@ def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
         factors = adapter.factors(layer, tensors, kind_set, request.fold_norms, options.layernorm_fold)
         spectra = layer_spectra(factors, kind_set, normalize_stacked=request.normalize_stacked)
         # Each spectrum records the storage dtype of the weights the plan computes it from.
-        storage = {k: tensors.storage_dtype(k.partition(".")[2]) for k in spectra}
+        storage = {k: tensors.storage_dtype(SpectrumKey.parse(k).kind) for k in spectra}
         del tensors, factors
         sigma = {k: v[0].numpy() for k, v in spectra.items()}
         shapes = {k: (int(v[1][0]), int(v[1][1])) for k, v in spectra.items()}
-        if not request.force and cache.layer_path(layer).is_file():
-            # Keep kinds computed by an earlier run with other --matrices.
-            old = cache.read_layer(layer)
-            sigma = {**old.sigma, **sigma}
-            shapes = {**old.shapes, **shapes}
-            storage = {**old.storage_dtypes, **storage}
         now = time.perf_counter()
         info = {"seconds": round(now - t_layer, 4), "device": str(device)}
         t_layer = now
-        cache.write_layer(LayerSpectra(layer=layer, sigma=sigma, shapes=shapes, storage_dtypes=storage, info=info))
-        manifest["layers"][str(layer)] = {**info, "written": datetime.now(timezone.utc).isoformat()}
-        manifest["updated"] = datetime.now(timezone.utc).isoformat()
-        cache.write_manifest(manifest)
+        computed = LayerSpectra(layer=layer, sigma=sigma, shapes=shapes, storage_dtypes=storage, info=info)
+        # One call merges with kinds cached by earlier runs and lists the layer in the manifest.
+        have[layer] = cache.update_layer(computed, merge=not request.force)
         if progress is not None:
             progress.layer_done(layer)
 
@@ -265,20 +265,107 @@ def analyze(request: AnalyzeRequest, progress=None) -> AnalysisRun:
         "seconds": round(time.perf_counter() - t_start, 3),
         "device": str(device),
     }
-    # Read back from this run's own cache: its options carry layernorm_fold, which
-    # `load_analysis` does not take yet.
-    cached = set(cache.cached_layers())
+    if todo:
+        manifest = cache.read_manifest()
     analysis = Analysis(
         ref=ref,
-        revision=request.revision,
+        query=query,
         commit=source.commit,
-        options=options,
         cache_dir=cache.dir,
-        manifest=cache.read_manifest(),
-        layer_spectra={ly: cache.read_layer(ly) for ly in layers if ly in cached},
-        cache_dir_arg=root,
+        manifest=manifest,
+        layer_spectra={ly: have[ly] for ly in layers},
     )
-    return AnalysisRun(analysis=analysis, layers=layers, computed=todo, from_cache=from_cache, stats=stats)
+    return AnalyzeOutcome(
+        analysis=analysis, layers=layers, computed=todo, from_cache=from_cache, stats=stats, notes=notes
+    )
+
+
+def _analyze_offline(
+    request: AnalyzeJob,
+    query: CacheQuery,
+    ref: ModelRef,
+    layer_spec: list[int] | None,
+    error: Exception,
+    t_start: float,
+    device: torch.device,
+) -> AnalyzeOutcome:
+    """The Hub cannot be reached: answer from the commit the cache last resolved, or say what is missing."""
+    from huggingface_hub import constants
+
+    offline = getattr(error, "offline", False) or isinstance(error, OfflineModeIsEnabled)
+    offline = offline or constants.is_offline_mode()
+    why = "offline mode (HF_HUB_OFFLINE=1)" if offline else "the Hub is unreachable"
+    root, repo, revision = query.root, cache_repo(ref), query.revision
+    entry = None if is_commit(revision) else SpectraCache.read_ref(root, repo, revision)
+    commit = revision if is_commit(revision) else (entry.commit if entry else None)
+    if commit is None:
+        detail = error.message if isinstance(error, SvdProbeError) else str(error)
+        raise OfflineCacheMissError(
+            f"{why}, and no analysis of {ref.display} (revision {revision}) is cached in {root}: {detail}",
+            "Reconnect (or unset HF_HUB_OFFLINE) and rerun the same command.",
+        )
+    notes: list[str] = []
+    cache = SpectraCache(root, repo, commit, query.options)
+    manifest = cache.read_manifest(notes)
+    if not isinstance(manifest.get("config"), dict) and query.options.layernorm_fold != "exact":
+        # Only pre-LayerNorm models key their cache by the fold mode; every other model's
+        # analysis sits under "exact" whatever --layernorm-fold asked for.
+        exact = dataclasses.replace(query.options, layernorm_fold="exact")
+        alt = SpectraCache(root, repo, commit, exact)
+        alt_manifest = alt.read_manifest()
+        alt_config = alt_manifest.get("config")
+        if isinstance(alt_config, dict) and not adapter_for(alt_config).folds_layernorm:
+            cache, manifest, query = alt, alt_manifest, dataclasses.replace(query, options=exact)
+    config = manifest.get("config")
+    if not isinstance(config, dict):
+        raise OfflineCacheMissError(
+            f"{why}, and the cache holds no usable manifest of {ref.display} at {commit[:12]} in {root}",
+            "Reconnect (or unset HF_HUB_OFFLINE) and rerun the same command.",
+        )
+    adapter = adapter_for(config)
+    try:
+        dims = ModelDims(**manifest["dims"])
+    except (KeyError, TypeError):  # an older manifest: the config gives the same shapes
+        dims = adapter.dims()
+    kinds = parse_matrices(request.matrices, adapter.supported_kinds())
+    layers = select_layers(layer_spec, dims, request.include_mtp)
+    wanted_keys = {str(k) for k in spectrum_keys(kinds)}
+    have, _ = ({}, {}) if request.force else read_layers(cache, manifest, layers, notes)
+    missing = [ly for ly in layers if ly not in have or not wanted_keys <= have[ly].kinds()]
+    if missing:
+        cached = [ly for ly in layers if ly not in missing]
+        pick = (
+            f" Layers {','.join(map(str, cached))} are cached: add --layers to summarize only those." if cached else ""
+        )
+        raise OfflineCacheMissError(
+            f"{why}: cannot compute layer{'s' if len(missing) > 1 else ''} {','.join(map(str, missing))} "
+            f"of {ref.display} without it (cache {cache.dir})",
+            "Reconnect (or unset HF_HUB_OFFLINE) and rerun the same command." + pick,
+        )
+    since = f", recorded {entry.since}" if entry is not None and entry.since else ""
+    notes.insert(
+        0,
+        f"{why}: using commit {commit[:12]}, which revision {revision} resolved to when last analyzed{since}; "
+        "nothing was fetched",
+    )
+    stats = {
+        "layers": len(layers),
+        "computed": 0,
+        "from_cache": len(layers),
+        "bytes_fetched": 0,
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "device": str(device),
+        "offline": True,
+    }
+    analysis = Analysis(
+        ref=ref,
+        query=query,
+        commit=commit,
+        cache_dir=cache.dir,
+        manifest=manifest,
+        layer_spectra={ly: have[ly] for ly in layers},
+    )
+    return AnalyzeOutcome(analysis=analysis, layers=layers, computed=[], from_cache=layers, stats=stats, notes=notes)
 
 
 def layernorm_fold_option(adapter, fold_norms: bool, requested: str) -> str:

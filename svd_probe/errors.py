@@ -62,6 +62,14 @@ class TransferError(SvdProbeError):
     exit_code = 3
 
 
+class HubUnreachableError(TransferError):
+    """The Hub cannot be reached: offline mode (`HF_HUB_OFFLINE=1`, `offline=True`), or no answer."""
+
+    def __init__(self, message: str, hint: str | None = None, offline: bool = False):
+        super().__init__(message, hint)
+        self.offline = offline
+
+
 class UnsupportedModelError(SvdProbeError):
     """config.json names a `model_type` that no architecture adapter reads."""
 
@@ -85,6 +93,32 @@ class BadOptionError(SvdProbeError):
 
 class CacheMissError(SvdProbeError):
     """The cache holds no analysis for this model and options; the hint names the command."""
+
+
+class OfflineCacheMissError(CacheMissError):
+    """Offline (or the Hub unreachable), and the cache lacks layers that would need the Hub."""
+
+    exit_code = 3
+
+
+class CacheDamagedError(SvdProbeError):
+    """A cache file (a layer's spectra) is truncated or malformed; `path` names it.
+
+    `analyze` recomputes such a layer by itself; the hint names the command that does.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, *, path: str):
+        super().__init__(message, hint)
+        self.path = path
+
+
+class DiskWriteError(SvdProbeError):
+    """A file cannot be written (disk full, quota, read-only): a cache layer or an export is lost
+    whole, never left half-written."""
+
+
+class OutputExistsError(SvdProbeError):
+    """An output file exists, or names a folder; svd-probe never overwrites a file unless asked."""
 
 
 class MissingFigureData(CacheMissError):

@@ -1,62 +1,94 @@
-"""`export`: cached spectra as jsonl (one record per spectrum) or metrics as csv / parquet."""
+"""`export`: cached spectra as jsonl (one record per spectrum) or metrics as csv / parquet.
+
+Reads the cache only, never the network. The output is written atomically (a temporary file in
+the same folder, renamed when complete; removed on any failure, a full disk included), and an
+existing file is never replaced unless `overwrite` is given.
+
+A damaged layer file stops the export with a `CacheDamagedError` naming it, rather than leaving
+its rows out: an export is a data set others read later, and a silently shorter one is wrong
+where a missing figure panel is visible (`plot` goes on without the layer, with a note).
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
-from svd_probe.errors import BadOptionError
-from svd_probe.results import load_analysis
+from svd_probe.atomic import atomic_write
+from svd_probe.errors import BadOptionError, DiskWriteError, OutputExistsError
+from svd_probe.models import ModelRef
+from svd_probe.results import CacheQuery, load_analysis
 from svd_probe.spectra.metrics import DEFAULT_ERRORS
 
 FORMATS = ("jsonl", "csv", "parquet")
 
 
-def parse_errors(spec: str) -> tuple[float, ...]:
-    """`0.01,0.001` → (0.01, 0.001); each must lie in (0, 1)."""
-    try:
-        values = tuple(float(x) for x in spec.split(",") if x.strip())
-    except ValueError:
-        values = ()
-    if not values or not all(0.0 < v < 1.0 for v in values):
-        raise BadOptionError(
-            f"bad --errors value {spec!r}", "Give energy errors between 0 and 1, e.g. --errors 0.01,0.001,0.05."
+def check_output_file(out: str | Path, overwrite: bool, flag: str = "--out") -> Path:
+    """`out` as a Path if it may be written: not a folder, and not an existing file unless `overwrite`."""
+    out = Path(out)
+    if out.is_dir():
+        raise OutputExistsError(f"{flag} {out} is a folder", f"Name a file, e.g. {flag} {out / 'spectra.jsonl'}.")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{flag} {out} exists; svd-probe does not overwrite files", "Pass --overwrite to replace it."
         )
-    return values
+    return out
 
 
 def export(
-    model: str,
+    query: CacheQuery | str | ModelRef,
     *,
     format: str,
     out: str | Path,
-    revision: str = "main",
-    cache_dir: str | Path | None = None,
-    fold_norms: bool = True,
-    normalize_stacked: bool = True,
     at_rank: int | None = None,
     errors: tuple[float, ...] = DEFAULT_ERRORS,
+    overwrite: bool = False,
 ) -> int:
-    """Write one file from the cache; returns the number of rows written. Reads no network."""
+    """Write one file from the cache; reads no network.
+
+    Args:
+        query: the cached analysis (a model name alone means revision main, default cache and options).
+        format: jsonl (one spectrum a line), csv or parquet (the metrics table).
+        out: the file to write; refused if it is a folder, or exists and `overwrite` is False.
+        at_rank: also export the relative error at this fixed rank.
+        errors: energy errors of the rank columns (0.01 → rank_1pct).
+        overwrite: replace an existing `out`.
+
+    Returns:
+        The number of rows written.
+
+    Example:
+        >>> export(CacheQuery("deepseek-v3", cache_dir="cache"), format="csv", out="dsv3.csv")
+    """
     fmt = format.lower()
     if fmt not in FORMATS:
         raise BadOptionError(f"unknown --format {format!r}", "Use jsonl, csv or parquet.")
-    analysis = load_analysis(model, revision, cache_dir, fold_norms=fold_norms, normalize_stacked=normalize_stacked)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if fmt == "jsonl":
-        n = 0
-        with open(tmp, "w") as f:
-            for record in analysis.records():
-                f.write(json.dumps(record) + "\n")
-                n += 1
-    else:
+    out = check_output_file(out, overwrite)
+    analysis = load_analysis(query)
+    n = 0
+
+    def write(tmp: str) -> None:
+        nonlocal n
+        if fmt == "jsonl":
+            with open(tmp, "w") as f:
+                for record in analysis.records():
+                    f.write(json.dumps(record) + "\n")
+                    n += 1
+            return
         df = analysis.metrics(errors=errors, at_rank=at_rank)
         if fmt == "csv":
             df.to_csv(tmp, index=False)
         else:
             df.to_parquet(tmp, index=False)
         n = len(df)
-    tmp.replace(out)
+
+    try:
+        atomic_write(out, write)
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+        raise DiskWriteError(
+            f"cannot write {out}: {e.strerror or e}",
+            "Free space on that disk, or pick another --out." if full else "Pick a writable --out.",
+        ) from None
     return n

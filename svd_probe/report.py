@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console
@@ -12,6 +13,7 @@ from rich.progress import (
     BarColumn,
     Progress,
     ProgressColumn,
+    TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -20,13 +22,17 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from svd_probe.kinds import HEAD, STACKED
 from svd_probe.spectra.metrics import energy_rank, metrics_batch
+
+if TYPE_CHECKING:
+    from svd_probe.analysis import AnalyzeOutcome
 
 
 class _BytesColumn(ProgressColumn):
     """MB fetched and the mean MB/s since the first fetch, read live from the source's counter."""
 
-    def __init__(self, tracker: AnalysisProgress):
+    def __init__(self, tracker: LayerProgress):
         super().__init__()
         self.tracker = tracker
 
@@ -36,7 +42,7 @@ class _BytesColumn(ProgressColumn):
         return Text(f"{fetched / 1e6:,.1f} MB  {fetched / 1e6 / elapsed:,.1f} MB/s", style="cyan")
 
 
-class AnalysisProgress:
+class LayerProgress:
     """Progress sink for `svd_probe.analysis.analyze`; a silent one when disabled."""
 
     def __init__(self, console: Console, enabled: bool):
@@ -58,7 +64,7 @@ class AnalysisProgress:
             if enabled
             else None
         )
-        self._task = None
+        self._task: TaskID | None = None
 
     def bytes_fetched(self) -> int:
         return self._bytes()
@@ -81,39 +87,41 @@ class AnalysisProgress:
 
 
 @contextlib.contextmanager
-def analysis_progress(console: Console, enabled: bool = True):
-    p = AnalysisProgress(console, enabled)
+def layer_progress(console: Console, enabled: bool = True):
+    p = LayerProgress(console, enabled)
     try:
         yield p
     finally:
         p.close()
 
 
-def summary_rows(run) -> list[dict]:
+def summary_rows(outcome: AnalyzeOutcome) -> list[dict]:
     """Per layer: rank at 1% and 0.1% of stacked O and VO, median per-head VO rank at 1%."""
-    a = run.analysis
+    a = outcome.analysis
     rows = []
-    for layer in run.layers:
+    for layer in outcome.layers:
         ls = a.layer_spectra.get(layer)
         if ls is None:
             continue
         row: dict = {"layer": layer}
         for kind in ("O", "VO"):
-            s = ls.sigma.get(f"stacked.{kind}")
+            s = ls.spectrum(STACKED, kind)
+            shape = ls.matrix_shape(STACKED, kind)
             if s is not None:
                 row[f"{kind}_rank_1pct"] = energy_rank(s, 0.01)
                 row[f"{kind}_rank_0.1pct"] = energy_rank(s, 0.001)
-                row[f"{kind}_full_rank"] = int(min(ls.shapes[f"stacked.{kind}"]))
-        heads = ls.sigma.get("head.VO")
+                row[f"{kind}_full_rank"] = int(min(shape)) if shape else int(s.shape[-1])
+        heads = ls.spectrum(HEAD, "VO")
+        head_shape = ls.matrix_shape(HEAD, "VO")
         if heads is not None:
-            shape = tuple(ls.shapes["head.VO"])
+            shape = head_shape or (heads.shape[-1], heads.shape[-1])
             row["head_VO_median_rank_1pct"] = float(np.median(metrics_batch(heads, shape)["rank_1pct"]))
         rows.append(row)
     return rows
 
 
-def render_summary(run, rows: list[dict]) -> Table:
-    a = run.analysis
+def render_summary(outcome: AnalyzeOutcome, rows: list[dict]) -> Table:
+    a = outcome.analysis
     opts = a.options
     title = (
         f"{a.display} @ {a.commit[:12]}  ·  stacked ranks at 1% / 0.1% energy error"
@@ -142,10 +150,10 @@ def render_summary(run, rows: list[dict]) -> Table:
             "-" if full is None else str(full),
             cell(row, "head_VO_median_rank_1pct"),
         )
-    s = run.stats
+    s = outcome.stats
     table.caption = (
         f"{s['computed']} layers computed, {s['from_cache']} from cache · {s['bytes_fetched'] / 1e6:,.1f} MB fetched · "
-        f"{s['seconds']:.1f} s on {s['device']} · cache {run.cache_dir}"
-    ) + "".join(f"\nnote: {n}" for n in (a.manifest.get("dims") or {}).get("notes") or ())
+        f"{s['seconds']:.1f} s on {s['device']} · cache {outcome.cache_dir}"
+    ) + "".join(f"\nnote: {n}" for n in (outcome.analysis.manifest.get("dims") or {}).get("notes") or ())
     table.caption_justify = "left"
     return table

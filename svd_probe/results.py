@@ -1,49 +1,95 @@
 """Loading a cached analysis: spectra, metrics table and export records, offline.
 
-    >>> from svd_probe.results import load_analysis
+    >>> from svd_probe.results import CacheQuery, load_analysis
     >>> a = load_analysis("deepseek-v3")            # or a repo id, or a local folder
+    >>> a = load_analysis(CacheQuery("deepseek-v3", revision="main", cache_dir="/data/cache"))
     >>> a.sigma(layer=10, matrix="VO", scope="stacked")
     >>> df = a.metrics()                            # pandas DataFrame, one row per spectrum
 
-Nothing here touches the network: the revision is looked up in the cache's refs, written by
-`svd-probe analyze` when it resolved the revision to a commit.
+A `CacheQuery` names one cached analysis (model, revision, cache folder, spectra options); `export`,
+`make_plots`, `load_analysis` and the CLI all take it. Nothing here touches the network: the
+revision is looked up in the cache's refs, written by `svd-probe analyze` when it resolved the
+revision to a commit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from svd_probe.adapters.base import ALL_KINDS
-from svd_probe.cache.store import AnalysisCache, AnalysisOptions, LayerSpectra, default_cache_root, repo_key
-from svd_probe.errors import CacheMissError
+from svd_probe.cache.store import LayerSpectra, SpectraCache, SpectraOptions, default_cache_root, repo_key
+from svd_probe.errors import BadOptionError, CacheDamagedError, CacheMissError
+from svd_probe.kinds import HEAD, SpectrumKey, canonical_kinds, parse_key, sort_keys
 from svd_probe.models import ModelRef, is_commit, resolve_model
 from svd_probe.spectra.metrics import DEFAULT_ERRORS, metrics_batch
 
-SCOPES = ("head", "stacked", "layer")
+
+@dataclass(frozen=True)
+class CacheQuery:
+    """Which cached analysis: a model at a revision, in a cache folder, with spectra options.
+
+    Args:
+        model: alias, Hub repo id, local folder (as given to `analyze`), or a resolved ModelRef.
+        revision: branch, tag or commit; looked up in the cache's refs, never on the network.
+        cache_dir: the cache root (default: $SVD_PROBE_CACHE, else the user cache folder).
+        options: the options that change the numbers (norm folding, stacked normalization).
+
+    Example:
+        >>> q = CacheQuery("deepseek-v3", options=SpectraOptions(fold_norms=False))
+        >>> load_analysis(q).layers
+    """
+
+    model: str | ModelRef
+    revision: str = "main"
+    cache_dir: str | Path | None = None
+    options: SpectraOptions = field(default_factory=SpectraOptions)
+
+    @property
+    def ref(self) -> ModelRef:
+        return self.model if isinstance(self.model, ModelRef) else resolve_model(self.model)
+
+    @property
+    def name(self) -> str:
+        """The model as the user typed it (for commands in hints)."""
+        return self.model.name if isinstance(self.model, ModelRef) else self.model
+
+    @property
+    def root(self) -> Path:
+        return default_cache_root(self.cache_dir)
 
 
-def split_key(key: str) -> tuple[str, str]:
-    """`head.VO` → ("head", "VO")."""
-    scope, _, matrix = key.partition(".")
-    return scope, matrix
+def as_query(query: CacheQuery | str | ModelRef) -> CacheQuery:
+    """A CacheQuery as it is, or a model name with every other field at its default."""
+    return query if isinstance(query, CacheQuery) else CacheQuery(query)
 
 
 @dataclass
 class Analysis:
-    """A cached analysis of one model at one commit with one set of options."""
+    """A cached analysis of one model at one commit with one set of options.
+
+    `notes` says what loading left out (damaged layer files, with the command that repairs them).
+    """
 
     ref: ModelRef
-    revision: str
+    query: CacheQuery
     commit: str
-    options: AnalysisOptions
     cache_dir: Path
     manifest: dict
     layer_spectra: dict[int, LayerSpectra] = field(default_factory=dict)
-    cache_dir_arg: str | Path | None = None  # as the caller gave it, so hints can repeat it
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def revision(self) -> str:
+        return self.query.revision
+
+    @property
+    def options(self) -> SpectraOptions:
+        return self.query.options
 
     @property
     def display(self) -> str:
@@ -55,11 +101,13 @@ class Analysis:
 
     @property
     def config(self) -> dict:
-        return self.manifest.get("config", {})
+        c = self.manifest.get("config")
+        return c if isinstance(c, dict) else {}
 
     @property
     def dims(self) -> dict:
-        return self.manifest.get("dims", {})
+        d = self.manifest.get("dims")
+        return d if isinstance(d, dict) else {}
 
     @property
     def layers(self) -> list[int]:
@@ -67,49 +115,52 @@ class Analysis:
 
     def kinds(self, scope: str) -> list[str]:
         """Matrix kinds present in any layer for a scope, in canonical order."""
-        present = {split_key(k)[1] for ls in self.layer_spectra.values() for k in ls.sigma if split_key(k)[0] == scope}
-        return [k for k in ALL_KINDS if k in present]
+        keys = (parse_key(k) for ls in self.layer_spectra.values() for k in ls.sigma)
+        return canonical_kinds(k.kind for k in keys if k is not None and k.scope == scope)
 
     def sigma(self, layer: int, matrix: str, scope: str = "stacked", head: int | None = None) -> np.ndarray:
         """σ (descending) of one spectrum; for scope 'head' without `head`, all heads [n, k]."""
+        try:
+            key = str(SpectrumKey(scope, matrix))
+        except ValueError as e:
+            raise BadOptionError(str(e), "Scopes: head, stacked, layer; see `svd_probe.kinds`.") from None
         ls = self.layer_spectra.get(layer)
-        key = f"{scope}.{matrix}"
         if ls is None or key not in ls.sigma:
             raise CacheMissError(
                 f"{self.display}: no {scope} {matrix} spectrum cached for layer {layer}",
                 f"Run: {self.analyze_command(layers=str(layer), matrices=matrix)}",
             )
         s = ls.sigma[key]
-        return s[head] if (scope == "head" and head is not None) else s
+        return s[head] if (scope == HEAD and head is not None) else s
 
     def shape(self, layer: int, matrix: str, scope: str = "stacked") -> tuple[int, int]:
-        return tuple(self.layer_spectra[layer].shapes[f"{scope}.{matrix}"])
+        """(m, n) of the matrix behind one cached spectrum."""
+        m, n = self.layer_spectra[layer].shapes[str(SpectrumKey(scope, matrix))]
+        return int(m), int(n)
 
     def analyze_command(self, layers: str | None = None, matrices: str | None = None) -> str:
-        return analyze_command(
-            self.ref, self.revision, self.options, layers=layers, matrices=matrices, cache_dir=self.cache_dir_arg
-        )
+        return analyze_command(self.query, layers=layers, matrices=matrices)
 
     def records(self) -> Iterator[dict]:
         """One export record per spectrum (the jsonl format of `svd-probe export`)."""
         for layer in self.layers:
             ls = self.layer_spectra[layer]
-            for key in _ordered_keys(ls.sigma):
-                scope, matrix = split_key(key)
-                s = ls.sigma[key]
-                if scope == "head":
+            for text in sort_keys(ls.sigma):
+                key = SpectrumKey.parse(text)
+                s = ls.sigma[text]
+                if key.scope == HEAD:
                     for h in range(s.shape[0]):
-                        yield self._record(layer, matrix, scope, h, s[h])
+                        yield self._record(layer, key, h, s[h])
                 else:
-                    yield self._record(layer, matrix, scope, None, s)
+                    yield self._record(layer, key, None, s)
 
-    def _record(self, layer, matrix, scope, head, s) -> dict:
+    def _record(self, layer: int, key: SpectrumKey, head: int | None, s) -> dict:
         return {
             "model": self.display,
             "revision": self.commit,
             "layer": layer,
-            "matrix": matrix,
-            "scope": scope,
+            "matrix": key.kind,
+            "scope": key.scope,
             "head": head,
             "sigma": [float(x) for x in s],
         }
@@ -121,26 +172,26 @@ class Analysis:
         frames = []
         for layer in self.layers:
             ls = self.layer_spectra[layer]
-            for key in _ordered_keys(ls.sigma):
-                scope, matrix = split_key(key)
-                s = np.atleast_2d(ls.sigma[key])
-                shape = tuple(ls.shapes.get(key, (s.shape[1], s.shape[1])))
+            for text in sort_keys(ls.sigma):
+                key = SpectrumKey.parse(text)
+                s = np.atleast_2d(ls.sigma[text])
+                shape = ls.shapes.get(text, (s.shape[1], s.shape[1]))
                 cols = metrics_batch(
                     s,
                     shape,
-                    storage_dtype=ls.storage_dtypes.get(key, "F32"),
+                    storage_dtype=ls.storage_dtypes.get(text, "F32"),
                     errors=errors,
                     at_rank=at_rank,
-                    scope=scope,
+                    scope=key.scope,
                 )
                 n = s.shape[0]
                 frame = {
                     "model": [self.display] * n,
                     "revision": [self.commit] * n,
                     "layer": np.full(n, layer),
-                    "matrix": [matrix] * n,
-                    "scope": [scope] * n,
-                    "head": np.arange(n) if scope == "head" else np.full(n, -1),
+                    "matrix": [key.kind] * n,
+                    "scope": [key.scope] * n,
+                    "head": np.arange(n) if key.scope == HEAD else np.full(n, -1),
                     "m": np.full(n, shape[0]),
                     "n": np.full(n, shape[1]),
                     **cols,
@@ -154,33 +205,23 @@ class Analysis:
         return df
 
 
-def _ordered_keys(sigma: dict) -> list[str]:
-    order = {(s, m): i for i, (s, m) in enumerate((s, m) for s in SCOPES for m in ALL_KINDS)}
-    return sorted(sigma, key=lambda k: order.get(split_key(k), len(order)))
-
-
-def analyze_command(
-    ref: ModelRef,
-    revision: str,
-    options: AnalysisOptions,
-    layers: str | None = None,
-    matrices: str | None = None,
-    cache_dir: str | Path | None = None,
-) -> str:
+def analyze_command(query: CacheQuery, layers: str | None = None, matrices: str | None = None) -> str:
     """The `svd-probe analyze` command that would produce this analysis (for hints)."""
-    parts = ["svd-probe analyze", ref.name]
-    if revision != "main":
-        parts += ["--revision", revision]
-    if not options.fold_norms:
+    parts = ["svd-probe analyze", query.name]
+    if query.revision != "main":
+        parts += ["--revision", query.revision]
+    if not query.options.fold_norms:
         parts.append("--no-fold-norms")
-    if not options.normalize_stacked:
+    if not query.options.normalize_stacked:
         parts.append("--no-normalize-stacked")
+    if query.options.layernorm_fold != "exact":
+        parts += ["--layernorm-fold", query.options.layernorm_fold]
     if layers:
         parts += ["--layers", layers]
     if matrices:
         parts += ["--matrices", matrices]
-    if cache_dir is not None:
-        parts += ["--cache-dir", str(cache_dir)]
+    if query.cache_dir is not None:
+        parts += ["--cache-dir", str(query.cache_dir)]
     return " ".join(parts)
 
 
@@ -188,41 +229,114 @@ def cache_repo(ref: ModelRef) -> str:
     return repo_key(ref.repo_id, ref.local_path)
 
 
+def resolve_cached_commit(query: CacheQuery, ref: ModelRef) -> str | None:
+    """The commit a revision names in the cache: itself when it is one, else its ref, else None."""
+    if is_commit(query.revision):
+        return query.revision
+    entry = SpectraCache.read_ref(query.root, cache_repo(ref), query.revision or "main")
+    return entry.commit if entry is not None else None
+
+
+def read_layers(
+    cache: SpectraCache, manifest: dict, layers: list[int], notes: list[str]
+) -> tuple[dict[int, LayerSpectra], dict[int, CacheDamagedError]]:
+    """Read and check these layers' files: (readable, damaged); damaged ones are noted, missing skipped."""
+    good: dict[int, LayerSpectra] = {}
+    damaged: dict[int, CacheDamagedError] = {}
+    for ly in layers:
+        try:
+            good[ly] = cache.read_layer(ly, cache.expected_keys(manifest, ly))
+        except FileNotFoundError:
+            continue
+        except CacheDamagedError as e:
+            damaged[ly] = e
+            notes.append(e.message)
+    return good, damaged
+
+
+def _folds_layernorm(config: dict) -> bool:
+    from svd_probe.adapters import adapter_for
+    from svd_probe.errors import SvdProbeError
+
+    try:
+        return bool(getattr(adapter_for(config), "folds_layernorm", False))
+    except SvdProbeError:
+        return False
+
+
 def load_analysis(
-    model: str | ModelRef,
-    revision: str = "main",
-    cache_dir: str | Path | None = None,
+    query: CacheQuery | str | ModelRef,
     *,
-    fold_norms: bool = True,
-    normalize_stacked: bool = True,
     layers: list[int] | None = None,
+    on_damaged: Literal["raise", "skip"] = "raise",
 ) -> Analysis:
-    """Load a cached analysis, or raise `CacheMissError` whose hint is the `analyze` command."""
-    ref = model if isinstance(model, ModelRef) else resolve_model(model)
-    options = AnalysisOptions(fold_norms=fold_norms, normalize_stacked=normalize_stacked)
-    root = default_cache_root(cache_dir)
-    repo = cache_repo(ref)
-    commit = revision if is_commit(revision) else AnalysisCache.read_ref(root, repo, revision)
+    """Load a cached analysis from disk alone.
+
+    Args:
+        query: which analysis (a model name alone means the defaults: revision main, default
+            cache folder, default options).
+        layers: only these layers (default: every cached one).
+        on_damaged: "raise" a `CacheDamagedError` naming a truncated or malformed layer file, or
+            "skip" it and say so in `Analysis.notes`.
+
+    Returns:
+        The `Analysis` (its layers are those cached and readable).
+
+    Raises `CacheMissError`, whose hint is the `analyze` command, when nothing is cached.
+
+    Example:
+        >>> a = load_analysis(CacheQuery("deepseek-v3", cache_dir="cache"), layers=[0, 1])
+        >>> a.metrics().head()
+    """
+    query = as_query(query)
+    ref = query.ref
+    root = query.root
+    commit = resolve_cached_commit(query, ref)
     if commit is None:
         raise CacheMissError(
-            f"no cached analysis of {ref.display} (revision {revision}) in {root}",
-            f"Run: {analyze_command(ref, revision, options, cache_dir=cache_dir)}",
+            f"no cached analysis of {ref.display} (revision {query.revision}) in {root}",
+            f"Run: {analyze_command(query)}",
         )
-    cache = AnalysisCache(root, repo, commit, options)
+    cache = SpectraCache(root, cache_repo(ref), commit, query.options)
     cached = cache.cached_layers()
+    if not cached and query.options.layernorm_fold != "exact":
+        # Only pre-LayerNorm models key their cache by the fold mode; every other model's
+        # analysis sits under "exact" whatever --layernorm-fold asks for.
+        exact = dataclasses.replace(query.options, layernorm_fold="exact")
+        alt = SpectraCache(root, cache_repo(ref), commit, exact)
+        config = alt.read_manifest().get("config")
+        if isinstance(config, dict) and not _folds_layernorm(config):
+            cache, query, cached = alt, dataclasses.replace(query, options=exact), alt.cached_layers()
     wanted = cached if layers is None else [ly for ly in layers if ly in cached]
+    asked = None if layers is None else ",".join(map(str, layers))
     if not wanted:
         raise CacheMissError(
             f"no cached layers of {ref.display} at {commit[:12]} with these options in {root}",
-            f"Run: {analyze_command(ref, revision, options, layers=None if layers is None else ','.join(map(str, layers)), cache_dir=cache_dir)}",
+            f"Run: {analyze_command(query, layers=asked)}",
+        )
+    notes: list[str] = []
+    manifest = cache.read_manifest(notes)
+    good, damaged = read_layers(cache, manifest, wanted, notes)
+    if damaged and on_damaged == "raise":
+        first = next(iter(damaged.values()))
+        others = f" (and {len(damaged) - 1} more damaged layer files)" if len(damaged) > 1 else ""
+        bad = ",".join(map(str, damaged))
+        raise CacheDamagedError(
+            first.message + others,
+            f"Recompute them: {analyze_command(query, layers=bad)}",
+            path=first.path,
+        )
+    if not good:
+        raise CacheMissError(
+            f"no readable cached layers of {ref.display} at {commit[:12]} in {root}",
+            f"Run: {analyze_command(query, layers=asked)}",
         )
     return Analysis(
         ref=ref,
-        revision=revision,
+        query=query,
         commit=commit,
-        options=options,
         cache_dir=cache.dir,
-        manifest=cache.read_manifest(),
-        layer_spectra={ly: cache.read_layer(ly) for ly in wanted},
-        cache_dir_arg=cache_dir,
+        manifest=manifest,
+        layer_spectra=good,
+        notes=notes,
     )

@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 
 from svd_probe.adapters import adapter_for, supported_model_types
-from svd_probe.analysis import AnalyzeRequest, analyze
+from svd_probe.analysis import AnalyzeJob, analyze
 from svd_probe.errors import UnsupportedModelError
-from svd_probe.results import load_analysis
+from svd_probe.results import CacheQuery, load_analysis
 from svd_probe.testing.layouts import LAYOUTS, build_layout, write_layout
 
 # The spectra contract: every σ within 1e-4·σ₁ of float64 truth (docs/reference.md §3).
@@ -344,7 +344,7 @@ def test_unknown_model_type_lists_the_supported_ones(tmp_path):
     folder = write_layout(tmp_path / "m", layout)
     (folder / "config.json").write_text(json.dumps({**layout.config, "model_type": "mamba"}))
     with pytest.raises(UnsupportedModelError, match="mamba"):
-        analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "cache"))
+        analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "cache"))
     # A wrapper whose decoder is unknown names both types.
     with pytest.raises(UnsupportedModelError, match="llava.*mistral_v9"):
         adapter_for({"model_type": "llava", "text_config": {"model_type": "mistral_v9"}})
@@ -389,10 +389,10 @@ E2E_CASES = [
 def test_analyze_matches_float64_reference(tmp_path, name, options, n_shards):
     layout = build_layout(name, **options)
     folder = write_layout(tmp_path / name, layout, n_shards=n_shards)
-    run = analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "cache", device="cpu"))
+    run = analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "cache", device="cpu"))
     _check_analysis(layout, folder, run.analysis)
     # The cache reads back the same, offline.
-    again = load_analysis(str(folder), cache_dir=tmp_path / "cache")
+    again = load_analysis(CacheQuery(str(folder), cache_dir=tmp_path / "cache"))
     assert again.layers == run.analysis.layers
     np.testing.assert_array_equal(again.sigma(0, "VO", "head"), run.analysis.sigma(0, "VO", "head"))
 
@@ -402,13 +402,13 @@ def test_analyze_without_folding_or_normalizing(tmp_path, name):
     layout = build_layout(name)
     folder = write_layout(tmp_path / name, layout)
     run = analyze(
-        AnalyzeRequest(
+        AnalyzeJob(
             model=str(folder), cache_dir=tmp_path / "cache", device="cpu", fold_norms=False, normalize_stacked=False
         )
     )
     _check_analysis(layout, folder, run.analysis, fold=False, normalize=False)
     # Folding matters: the norms are far from 1, so the folded spectra differ.
-    folded = analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "cache", device="cpu", matrices="Q"))
+    folded = analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "cache", device="cpu", matrices="Q"))
     assert not np.allclose(folded.analysis.sigma(0, "Q", "head"), run.analysis.sigma(0, "Q", "head"), rtol=1e-3)
 
 
@@ -417,9 +417,9 @@ def test_gqa_export_has_one_record_per_group_for_k_and_v(tmp_path):
 
     layout = build_layout("qwen2")
     folder = write_layout(tmp_path / "qwen2", layout)
-    analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "cache", device="cpu", layers="1"))
+    analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "cache", device="cpu", layers="1"))
     out = tmp_path / "qwen2.jsonl"
-    n_rows = export(str(folder), format="jsonl", out=out, cache_dir=tmp_path / "cache")
+    n_rows = export(CacheQuery(str(folder), cache_dir=tmp_path / "cache"), format="jsonl", out=out)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     n, g = layout.config["num_attention_heads"], layout.config["num_key_value_heads"]
     heads = {
@@ -429,7 +429,7 @@ def test_gqa_export_has_one_record_per_group_for_k_and_v(tmp_path):
     assert heads == {"Q": n, "K": g, "V": g, "O": n, "VO": n, "QK": n}
     assert n_rows == len(records) == 4 * n + 2 * g + 7
     csv = tmp_path / "qwen2.csv"
-    assert export(str(folder), format="csv", out=csv, cache_dir=tmp_path / "cache") == n_rows
+    assert export(CacheQuery(str(folder), cache_dir=tmp_path / "cache"), format="csv", out=csv) == n_rows
 
 
 def test_plots_draw_for_gqa_and_conv1d_layouts(tmp_path):
@@ -437,7 +437,7 @@ def test_plots_draw_for_gqa_and_conv1d_layouts(tmp_path):
 
     for name in ("qwen2", "gpt2"):
         folder = write_layout(tmp_path / name, name)
-        run = analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "cache", device="cpu", layers="0"))
+        run = analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "cache", device="cpu", layers="0"))
         report = make_plots(
             [run.analysis], out_dir=tmp_path / "plots" / name, formats="png", kinds="layerwise,headwise,spectra", dpi=30
         )
@@ -465,7 +465,7 @@ def test_analyze_over_the_fake_hub(tmp_path, layout_hub, name, options):
     repo = f"layouts/{name}"
     fake_hub.add_repo(repo, folder)
     fake_hub.reset_records()
-    run = analyze(AnalyzeRequest(model=repo, endpoint=fake_hub.endpoint, cache_dir=tmp_path / "cache", device="cpu"))
+    run = analyze(AnalyzeJob(model=repo, endpoint=fake_hub.endpoint, cache_dir=tmp_path / "cache", device="cpu"))
     _check_analysis(layout, folder, run.analysis)
     # Only attention is read: the shards' other tensors (experts, embeddings, the V3.2 indexer,
     # a vision tower) make up most of the bytes and stay on the server.

@@ -19,10 +19,11 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from svd_probe.analysis import AnalyzeRequest, analyze
+from svd_probe.analysis import AnalyzeJob, analyze
+from svd_probe.cache.store import SpectraOptions
 from svd_probe.cli import app
 from svd_probe.errors import TransferError
-from svd_probe.results import load_analysis
+from svd_probe.results import CacheQuery, load_analysis
 from svd_probe.spectra.metrics import numerical_rank
 
 runner = CliRunner()
@@ -152,7 +153,7 @@ def test_every_kind_over_the_hub_matches_float64(fake_hub, deepseek_ckpt, tmp_pa
     ]
     assert shard_requests and all(rec.range for rec in shard_requests)
 
-    a = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
+    a = load_analysis(CacheQuery("tiny/deepseek-v3", cache_dir=tmp_path))
     assert a.layers == [0, 1, 2, 3]
     assert_spectra_match(a, deepseek_ckpt.folder, deepseek_ckpt.config, a.layers)
     # Every spectrum records the dtype its weights are stored in (norms, stored BF16, don't count).
@@ -177,8 +178,8 @@ def test_options_change_the_numbers_and_the_cache_key(fake_hub, deepseek_ckpt, t
     assert run_cli(*args).exit_code == 0
     r = run_cli(*args, "--no-fold-norms", "--no-normalize-stacked")
     assert r.exit_code == 0, r.output
-    plain = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
-    raw = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path, fold_norms=False, normalize_stacked=False)
+    plain = load_analysis(CacheQuery("tiny/deepseek-v3", cache_dir=tmp_path))
+    raw = load_analysis(CacheQuery("tiny/deepseek-v3", cache_dir=tmp_path, options=SpectraOptions(False, False)))
     assert plain.cache_dir != raw.cache_dir
     assert_spectra_match(raw, deepseek_ckpt.folder, deepseek_ckpt.config, [1], fold=False, normalize=False)
     assert not np.allclose(plain.sigma(1, "VO"), raw.sigma(1, "VO"))
@@ -227,10 +228,10 @@ def test_more_matrices_later_compute_only_whats_missing(fake_hub, tmp_path):
     fake_hub.reset_records()
     assert run_cli(*base, "--matrices", "O").exit_code == 0
     only_o = fake_hub.bytes_served()
-    a = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
+    a = load_analysis(CacheQuery("tiny/deepseek-v3", cache_dir=tmp_path))
     assert set(a.layer_spectra[0].sigma) == {"head.O", "stacked.O"}
     assert run_cli(*base, "--matrices", "VO").exit_code == 0
-    a = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
+    a = load_analysis(CacheQuery("tiny/deepseek-v3", cache_dir=tmp_path))
     assert set(a.layer_spectra[0].sigma) == {"head.O", "stacked.O", "head.VO", "stacked.VO"}
     fake_hub.reset_records()
     assert run_cli(*base, "--matrices", "O,VO").exit_code == 0
@@ -260,7 +261,7 @@ def test_a_revision_with_another_commit_gets_its_own_cache(fake_hub, deepseek_ck
     v2 = json.loads(run_cli(*base, "--revision", "v2").stdout)
     assert v2["commit"] == other and main["commit"] != other
     assert main["cache"] != v2["cache"]
-    assert load_analysis("tiny/deepseek-revs", "v2", tmp_path).commit == other
+    assert load_analysis(CacheQuery("tiny/deepseek-revs", "v2", tmp_path)).commit == other
 
 
 def test_planted_ranks_come_out_of_the_whole_path(fake_hub, tmp_path_factory, tmp_path):
@@ -287,7 +288,7 @@ def test_planted_ranks_come_out_of_the_whole_path(fake_hub, tmp_path_factory, tm
         "--json",
     )
     assert r.exit_code == 0, r.output
-    a = load_analysis("tiny/planted", cache_dir=tmp_path)
+    a = load_analysis(CacheQuery("tiny/planted", cache_dir=tmp_path))
 
     def ranks(key):
         return [
@@ -325,7 +326,7 @@ def test_crash_mid_layer_resumes_without_refetching_finished_layers(fake_hub, de
     shard4 = next(f for f in shards3 if f.startswith("model-00004"))
     assert not {wmap[n] for ly in range(3) for n in deepseek_ckpt.attention_tensor_names(ly)} & {shard4}
     fake_hub.inject("503", count=10_000, match=shard4, retry_after="0")
-    request = AnalyzeRequest(
+    request = AnalyzeJob(
         "tiny/deepseek-v3",
         endpoint=fake_hub.endpoint,
         cache_dir=tmp_path,
@@ -335,7 +336,7 @@ def test_crash_mid_layer_resumes_without_refetching_finished_layers(fake_hub, de
     with pytest.raises(TransferError):
         analyze(request)
     fake_hub.clear_faults()
-    assert load_analysis("tiny/deepseek-v3", cache_dir=tmp_path).layers == [0, 1, 2]
+    assert load_analysis(CacheQuery("tiny/deepseek-v3", cache_dir=tmp_path)).layers == [0, 1, 2]
 
     fake_hub.reset_records()
     run = analyze(request)
@@ -349,7 +350,7 @@ def test_crash_mid_layer_resumes_without_refetching_finished_layers(fake_hub, de
     needed = sum(spans[n] for n in layer3)
     served = fake_hub.bytes_served()
     assert needed <= served <= 1.05 * (needed + headers)
-    full = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
+    full = load_analysis(CacheQuery("tiny/deepseek-v3", cache_dir=tmp_path))
     assert full.layers == [0, 1, 2, 3]
     assert_spectra_match(full, folder, deepseek_ckpt.config, [0, 3])
 
@@ -392,7 +393,7 @@ def test_killed_process_resumes_from_its_cache(fake_hub, deepseek_ckpt, tmp_path
         if proc.poll() is None:
             proc.kill()
     fake_hub.clear_faults()
-    cached = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path).layers
+    cached = load_analysis(CacheQuery("tiny/deepseek-v3", cache_dir=tmp_path)).layers
     assert cached and 3 not in cached
 
     fake_hub.reset_records()
@@ -410,7 +411,7 @@ def test_killed_process_resumes_from_its_cache(fake_hub, deepseek_ckpt, tmp_path
     assert r.exit_code == 0, r.output
     stats = json.loads(r.stdout)["stats"]
     assert stats["from_cache"] == len(cached) and stats["computed"] == 4 - len(cached)
-    full = load_analysis("tiny/deepseek-v3", cache_dir=tmp_path)
+    full = load_analysis(CacheQuery("tiny/deepseek-v3", cache_dir=tmp_path))
     assert full.layers == [0, 1, 2, 3]
     assert_spectra_match(full, deepseek_ckpt.folder, deepseek_ckpt.config, [3])
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from svd_probe.adapters import adapter_for
-from svd_probe.analysis import AnalyzeRequest, analyze
+from svd_probe.analysis import AnalyzeJob, analyze
 from svd_probe.errors import BadConfigError, SvdProbeError, UnsupportedModelError
 from svd_probe.hub.checkpoint import open_checkpoint
 from svd_probe.testing.layouts import build_layout, write_layout
@@ -37,7 +37,7 @@ def _folder_with(tmp_path, name="llama", **changes):
 
 
 def _analyze(folder, tmp_path, **kw):
-    return analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "cache", device="cpu", **kw))
+    return analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "cache", device="cpu", **kw))
 
 
 # --- malformed fields -----------------------------------------------------------------------------

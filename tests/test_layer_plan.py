@@ -11,7 +11,7 @@ import safetensors.torch as st_torch
 import torch
 
 from svd_probe.adapters import LayerPlan, adapter_for
-from svd_probe.analysis import AnalyzeRequest, analyze
+from svd_probe.analysis import AnalyzeJob, analyze
 from svd_probe.hub.checkpoint import open_checkpoint
 from svd_probe.hub.dtypes import DTYPES, coarsest, safetensors_name
 from svd_probe.hub.stream import stream_layers
@@ -84,7 +84,7 @@ def test_read_tensors_returns_storage_dtypes_and_storage_follows_the_plan(tmp_pa
     assert lt.dtypes == {n: safetensors_name(dt) for n, dt in dtypes.items() if "k_proj" not in n}
     assert all(t.dtype == torch.float32 for t in lt.values())
     assert (lt.storage_dtype("VO"), lt.storage_dtype("Q")) == ("BF16", "F16")
-    run = analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "c", device="cpu", layers="0"))
+    run = analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "c", device="cpu", layers="0"))
     got = run.analysis.layer_spectra[0].storage_dtypes
     assert (got["head.VO"], got["head.O"], got["head.V"], got["stacked.QK"], got["head.Q"]) == (
         "BF16",

@@ -12,20 +12,19 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from svd_probe.cache.store import AnalysisCache, AnalysisOptions, LayerSpectra
+from svd_probe.cache.store import LayerSpectra, SpectraCache, SpectraOptions
 from svd_probe.errors import BadOptionError, CacheMissError
 from svd_probe.plots import (
     KIND_COLORS,
     break_even_latent,
     default_error_rank,
     default_latent,
+    figures,
     make_plots,
     output_params,
-    parse_layers,
     plan_latent,
 )
-from svd_probe.plots import figures as F
-from svd_probe.results import load_analysis
+from svd_probe.results import CacheQuery, load_analysis
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 COMMIT2 = "fedcba9876543210fedcba9876543210fedcba98"
@@ -81,9 +80,9 @@ HEAD = {
 
 
 def write_model(root, repo_id, commit, dims, layers, stacked, head, options=None):
-    options = options or AnalysisOptions()
+    options = options or SpectraOptions()
     repo = "models--" + repo_id.replace("/", "--")
-    cache = AnalysisCache(root, repo, commit, options)
+    cache = SpectraCache(root, repo, commit, options)
     for L in layers:
         sigma, shapes = {}, {}
         for kind, (shape, k, r) in stacked.items():
@@ -93,7 +92,7 @@ def write_model(root, repo_id, commit, dims, layers, stacked, head, options=None
             sigma[f"head.{kind}"] = np.stack([planted(r(L, h), k, scale=1.0 + 0.1 * h) for h in range(dims["n_heads"])])
             shapes[f"head.{kind}"] = shape
         cache.write_layer(LayerSpectra(layer=L, sigma=sigma, shapes=shapes, storage_dtypes={k: "BF16" for k in sigma}))
-    AnalysisCache.write_ref(root, repo, "main", commit)
+    SpectraCache.write_ref(root, repo, "main", commit)
     cache.write_manifest({"model": repo_id, "dims": dims, "config": {}, "options": {"fold_norms": options.fold_norms}})
     return cache
 
@@ -119,12 +118,12 @@ def cache_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mla(cache_root):
-    return load_analysis("acme/tiny-mla", cache_dir=cache_root)
+    return load_analysis(CacheQuery("acme/tiny-mla", cache_dir=cache_root))
 
 
 @pytest.fixture(scope="module")
 def narrow(cache_root):
-    return load_analysis("acme/tiny-narrow", cache_dir=cache_root)
+    return load_analysis(CacheQuery("acme/tiny-narrow", cache_dir=cache_root))
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +135,9 @@ def metrics(mla):
 
 
 def test_layerwise_matches_metrics_and_planted(mla, metrics):
-    res = F.layerwise_ranks(mla, metrics, dpi=DPI)
+    res = figures.layerwise_ranks(mla, metrics, dpi=DPI)
     d = res.data
-    assert list(dict.fromkeys(d["matrix"])) == list(F.LAYERWISE_KINDS)
+    assert list(dict.fromkeys(d["matrix"])) == list(figures.LAYERWISE_KINDS)
     for _, row in d.iterrows():
         shape, _, r = STACKED[row["matrix"]]
         assert row["rank_1pct"] == planted_rank(r(row["layer"]), 0.01)
@@ -157,7 +156,7 @@ def test_layerwise_matches_metrics_and_planted(mla, metrics):
 
 
 def test_headwise_sorted_by_vo_with_medians(mla, metrics):
-    res = F.headwise_ranks(mla, 2, metrics, dpi=DPI)
+    res = figures.headwise_ranks(mla, 2, metrics, dpi=DPI)
     d = res.data
     assert res.stem == "headwise-L002"
     assert list(d["VO"]) == sorted(d["VO"])
@@ -170,7 +169,7 @@ def test_headwise_sorted_by_vo_with_medians(mla, metrics):
 
 
 def test_headwise_grid_has_every_layer(mla, metrics):
-    res = F.headwise_grid(mla, metrics, dpi=DPI)
+    res = figures.headwise_grid(mla, metrics, dpi=DPI)
     assert sorted(set(res.data["layer"])) == mla.layers
     assert len(res.data) == 4 * 8
     for _, row in res.data.iterrows():
@@ -178,7 +177,7 @@ def test_headwise_grid_has_every_layer(mla, metrics):
 
 
 def test_heatmaps_layer_by_head(mla, metrics):
-    res = F.rank_heatmaps(mla, metrics, dpi=DPI)
+    res = figures.rank_heatmaps(mla, metrics, dpi=DPI)
     grids = res.extra["grids"]
     assert set(grids) == {"VO", "QK"}
     for kind in ("VO", "QK"):
@@ -189,7 +188,7 @@ def test_heatmaps_layer_by_head(mla, metrics):
 
 
 def test_spectra_normalized(mla):
-    res = F.spectra(mla, layers=[0, 3], kinds=("O", "VO"), dpi=DPI)
+    res = figures.spectra(mla, layers=[0, 3], kinds=("O", "VO"), dpi=DPI)
     d = res.data
     assert set(d["layer"]) == {0, 3} and set(d["matrix"]) == {"O", "VO"}
     o3 = d[(d["layer"] == 3) & (d["matrix"] == "O")]
@@ -200,17 +199,17 @@ def test_spectra_normalized(mla):
 
 
 def test_spectra_missing_layer_is_noted(mla):
-    res = F.spectra(mla, layers=[1, 9], dpi=DPI)
+    res = figures.spectra(mla, layers=[1, 9], dpi=DPI)
     assert set(res.data["layer"]) == {1}
     assert any("--layers 9" in n for n in res.notes)
 
 
 def test_error_at_rank_matches_metrics(mla):
     r = 22
-    res = F.error_at_rank(mla, r, kinds=F.LAYERWISE_KINDS, dpi=DPI)
+    res = figures.error_at_rank(mla, r, kinds=figures.LAYERWISE_KINDS, dpi=DPI)
     d = res.data
     # Every kind's full rank (32 or more) exceeds r = 22, so every kind is drawn.
-    assert set(d["matrix"]) == set(F.LAYERWISE_KINDS)
+    assert set(d["matrix"]) == set(figures.LAYERWISE_KINDS)
     ref = mla.metrics(at_rank=r)
     ref = ref[ref["scope"] == "stacked"].set_index(["layer", "matrix"])[f"rel_error_at_{r}"]
     for _, row in d.iterrows():
@@ -222,8 +221,8 @@ def test_error_at_rank_matches_metrics(mla):
 
 
 def test_error_at_default_rank_leaves_out_exact_kinds(mla):
-    assert set(F.error_at_rank(mla, dpi=DPI).data["matrix"]) == {"O", "VO"}
-    res = F.error_at_rank(mla, kinds=F.LAYERWISE_KINDS, dpi=DPI)
+    assert set(figures.error_at_rank(mla, dpi=DPI).data["matrix"]) == {"O", "VO"}
+    res = figures.error_at_rank(mla, kinds=figures.LAYERWISE_KINDS, dpi=DPI)
     assert res.extra["rank"] == default_error_rank(64) == 37
     assert set(res.data["matrix"]) == {"O", "VO", "Q"}
     assert any("K, V, QK have full rank" in n for n in res.notes)
@@ -243,7 +242,7 @@ def test_planner_energy_on_fixture(mla):
 
 
 def test_compare_fraction_of_full_rank(mla, narrow):
-    res = F.compare_models([mla, narrow], dpi=DPI)
+    res = figures.compare_models([mla, narrow], dpi=DPI)
     d = res.data
     assert set(d["model"]) == {"acme/tiny-mla", "acme/tiny-narrow"}
     n = d[(d["model"] == "acme/tiny-narrow") & (d["matrix"] == "VO")]
@@ -255,8 +254,8 @@ def test_compare_fraction_of_full_rank(mla, narrow):
 
 
 def test_missing_head_spectra_raise_with_analyze_command(narrow):
-    with pytest.raises(F.MissingFigureData) as e:
-        F.headwise_grid(narrow, dpi=DPI)
+    with pytest.raises(figures.MissingFigureData) as e:
+        figures.headwise_grid(narrow, dpi=DPI)
     assert "svd-probe analyze acme/tiny-narrow --matrices V,O,VO" in str(e.value)
 
 
@@ -264,25 +263,25 @@ def test_headwise_gqa_maps_heads_to_their_value_group(tmp_path):
     # 8 query heads reading 2 key/value groups: head h's V is group h // 4's.
     gqa = dict(MLA_DIMS, model_type="llama", n_kv_groups=2, num_mtp_layers=0, num_layers=1)
     write_model(tmp_path, "acme/tiny-gqa", COMMIT, gqa, [0], {}, {"VO": HEAD["VO"], "O": HEAD["O"]})
-    repo = AnalysisCache(tmp_path, "models--acme--tiny-gqa", COMMIT, AnalysisOptions())
+    repo = SpectraCache(tmp_path, "models--acme--tiny-gqa", COMMIT, SpectraOptions())
     ls = repo.read_layer(0)
     ls.sigma["head.V"] = np.stack([planted(3, 16), planted(7, 16)])
     ls.shapes["head.V"] = (16, 64)
     repo.write_layer(ls)
-    res = F.headwise_ranks(load_analysis("acme/tiny-gqa", cache_dir=tmp_path), 0, dpi=DPI)
+    res = figures.headwise_ranks(load_analysis(CacheQuery("acme/tiny-gqa", cache_dir=tmp_path)), 0, dpi=DPI)
     for _, row in res.data.iterrows():
         assert row["V"] == (3 if row["head"] < 4 else 7)
 
 
 def test_option_parsers():
-    from svd_probe.plots.render import parse_matrices
+    from svd_probe.options import parse_layers, parse_matrices
 
     assert parse_layers("0,2-4,2") == [0, 2, 3, 4]
-    assert parse_matrices("vo,O") == ["VO", "O"]
+    assert parse_matrices("vo,O", scope="stacked", keep_order=True) == ["VO", "O"]
     with pytest.raises(BadOptionError):
         parse_layers("0-x")
     with pytest.raises(BadOptionError):
-        parse_matrices("VO,XY")
+        parse_matrices("VO,XY", scope="stacked", keep_order=True)
 
 
 # --- planner arithmetic against DeepSeek-V3's shapes (computed here independently) ---------------
@@ -314,7 +313,7 @@ def test_planner_deepseek_v3_arithmetic(tmp_path):
         kv_latent=512,
     )
     write_model(tmp_path, "acme/dsv3-shaped", COMMIT, dims, [0], {"O": ((H, n * d_v), H, lambda L: 3000)}, {})
-    plan = plan_latent(load_analysis("acme/dsv3-shaped", cache_dir=tmp_path))
+    plan = plan_latent(load_analysis(CacheQuery("acme/dsv3-shaped", cache_dir=tmp_path)))
     t = plan.totals()
     assert plan.latent == 3072
     assert t["params_before"] == 61 * direct and t["params_change"] == pytest.approx(-cut)
@@ -337,7 +336,9 @@ ALL_STEMS = [
 
 
 def test_make_plots_writes_every_figure(cache_root, tmp_path):
-    report = make_plots(["acme/tiny-mla"], tmp_path / "out", formats="png,svg", cache_dir=cache_root, dpi=DPI)
+    report = make_plots(
+        [CacheQuery("acme/tiny-mla", cache_dir=cache_root)], tmp_path / "out", formats="png,svg", dpi=DPI
+    )
     names = {p.name for p in report.files}
     for stem in ALL_STEMS:
         assert {f"{stem}.png", f"{stem}.svg"} <= names
@@ -350,9 +351,8 @@ def test_make_plots_writes_every_figure(cache_root, tmp_path):
 
 def test_make_plots_skips_missing_figures_with_a_note(cache_root, tmp_path):
     report = make_plots(
-        ["acme/tiny-mla", "acme/tiny-narrow"],
+        [CacheQuery("acme/tiny-mla", cache_dir=cache_root), CacheQuery("acme/tiny-narrow", cache_dir=cache_root)],
         tmp_path,
-        cache_dir=cache_root,
         dpi=DPI,
         kinds=["layerwise,headwise", "compare"],
     )
@@ -370,12 +370,14 @@ def test_make_plots_skips_missing_figures_with_a_note(cache_root, tmp_path):
 
 def test_make_plots_rejects_bad_kind(cache_root, tmp_path):
     with pytest.raises(BadOptionError):
-        make_plots(["acme/tiny-mla"], tmp_path, kinds="layerwise,bogus", cache_dir=cache_root)
+        make_plots([CacheQuery("acme/tiny-mla", cache_dir=cache_root)], tmp_path, kinds="layerwise,bogus")
 
 
 def test_make_plots_other_options_miss_the_cache(cache_root, tmp_path):
     with pytest.raises(CacheMissError) as e:
-        make_plots(["acme/tiny-mla"], tmp_path, cache_dir=cache_root, fold_norms=False)
+        make_plots(
+            [CacheQuery("acme/tiny-mla", cache_dir=cache_root, options=SpectraOptions(fold_norms=False))], tmp_path
+        )
     assert "svd-probe analyze acme/tiny-mla --no-fold-norms" in e.value.hint
 
 
@@ -452,4 +454,18 @@ def test_cli_nothing_drawable_exits_non_zero_with_note(cache_root, tmp_path):
 
 def test_layer_out_of_range_is_a_bad_option(cache_root, tmp_path):
     with pytest.raises(BadOptionError):
-        make_plots(["acme/tiny-mla"], tmp_path, kinds="headwise", layer=9, cache_dir=cache_root)
+        make_plots([CacheQuery("acme/tiny-mla", cache_dir=cache_root)], tmp_path, kinds="headwise", layer=9)
+
+
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [("--spectra-layers", "3-1", "end before start"), ("--spectra-matrices", "QA", "no stacked spectra")],
+)
+def test_cli_plot_refuses_bad_spectra_options(cache_root, tmp_path, flag, value, needle):
+    from svd_probe.cli import app
+
+    result = CliRunner().invoke(
+        app, ["plot", "acme/tiny-mla", "--cache-dir", str(cache_root), "--out", str(tmp_path), flag, value]
+    )
+    assert result.exit_code != 0 and isinstance(result.exception, BadOptionError)
+    assert needle in result.exception.message and not list(tmp_path.iterdir())

@@ -171,12 +171,12 @@ def test_tensor_names_are_only_what_the_kinds_need(tmp_path):
 def test_analyze_reads_a_trained_checkpoint(tmp_path, monkeypatch, variant):
     """`svd-probe analyze` on a run folder: per-head VO spectra equal float64 numpy's."""
     import svd_probe.adapters as adapters
-    from svd_probe.analysis import AnalyzeRequest, analyze
+    from svd_probe.analysis import AnalyzeJob, analyze
 
     if SvdProbeTrainAdapter not in adapters._ADAPTERS:  # until the registry lists it
         monkeypatch.setattr(adapters, "_ADAPTERS", [*adapters._ADAPTERS, SvdProbeTrainAdapter])
     cfg, config, tensors, _ = random_checkpoint(tmp_path / "run", variant)
-    result = analyze(AnalyzeRequest(model=str(tmp_path / "run"), cache_dir=tmp_path / "cache", device="cpu"))
+    result = analyze(AnalyzeJob(model=str(tmp_path / "run"), cache_dir=tmp_path / "cache", device="cpu"))
     analysis = result.analysis
     assert analysis.layers == list(range(cfg.n_layers))
     for layer in analysis.layers:

@@ -33,8 +33,8 @@ from test_adapters_layouts import (  # noqa: E402  (independent float64 referenc
 )
 
 from svd_probe.adapters import adapter_for  # noqa: E402
-from svd_probe.analysis import AnalyzeRequest, analyze  # noqa: E402
-from svd_probe.cache.store import AnalysisCache, AnalysisOptions  # noqa: E402
+from svd_probe.analysis import AnalyzeJob, analyze  # noqa: E402
+from svd_probe.cache.store import SpectraCache, SpectraOptions  # noqa: E402
 from svd_probe.hub.checkpoint import open_checkpoint  # noqa: E402
 from svd_probe.results import cache_repo  # noqa: E402
 
@@ -126,7 +126,7 @@ def test_deepseek_v3_without_mtp_tensors_analyzes_by_default(tmp_path, deepseek_
     folder, config = deepseek_v3
     assert config["num_nextn_predict_layers"] == 1  # what transformers keeps in config.json
     assert not any(".layers.2." in n for n in open_checkpoint(str(folder)).tensor_names)  # and never writes
-    run = analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "cache", device="cpu"))
+    run = analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "cache", device="cpu"))
     assert run.layers == [0, 1]
     dims = run.analysis.manifest["dims"]
     assert dims["num_mtp_layers"] == 0 and dims["num_layers"] == 2
@@ -170,7 +170,7 @@ def test_an_mtp_layer_that_is_present_still_counts():
 
 def test_llama_gqa_matches_float64(tmp_path, llama):
     folder, config = llama
-    run = analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "cache", device="cpu"))
+    run = analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "cache", device="cpu"))
     assert run.layers == [0, 1]
     _check(folder, config, run.analysis, ref_llama)
     assert set(run.analysis.layer_spectra[0].storage_dtypes.values()) == {"F32"}
@@ -178,26 +178,24 @@ def test_llama_gqa_matches_float64(tmp_path, llama):
 
 def test_gpt2_exact_layernorm_fold_matches_float64(tmp_path, gpt2):
     folder, config, _ = gpt2
-    run = analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "cache", device="cpu"))
+    run = analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "cache", device="cpu"))
     assert run.analysis.options.layernorm_fold == "exact"
     _check(folder, config, run.analysis, ref_gpt2, prefix="transformer.", layernorm_fold="exact")
 
 
 def test_gpt2_gain_fold_is_kept_behind_the_option(tmp_path, gpt2):
     folder, config, _ = gpt2
-    gain = analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "c", device="cpu", layernorm_fold="gain"))
-    assert gain.analysis.options == AnalysisOptions(layernorm_fold="gain")
+    gain = analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "c", device="cpu", layernorm_fold="gain"))
+    assert gain.analysis.options == SpectraOptions(layernorm_fold="gain")
     _check(folder, config, gain.analysis, ref_gpt2, prefix="transformer.", layernorm_fold="gain")
-    exact = analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "c", device="cpu"))
+    exact = analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "c", device="cpu"))
     # Two cache folders, so neither run reads the other's spectra; and the folds differ.
     assert gain.analysis.cache_dir != exact.analysis.cache_dir and exact.computed == [0, 1]
     assert not np.allclose(gain.analysis.sigma(0, "QK", "head"), exact.analysis.sigma(0, "QK", "head"), rtol=1e-3)
     # Without norm folding there is no LayerNorm fold to choose: one cache for both values.
     raw = [
         analyze(
-            AnalyzeRequest(
-                model=str(folder), cache_dir=tmp_path / "c", device="cpu", fold_norms=False, layernorm_fold=v
-            )
+            AnalyzeJob(model=str(folder), cache_dir=tmp_path / "c", device="cpu", fold_norms=False, layernorm_fold=v)
         )
         for v in ("gain", "exact")
     ]
@@ -235,17 +233,17 @@ def test_options_key_is_unchanged_at_the_default():
 
     for fold in (True, False):
         for norm in (True, False):
-            assert AnalysisOptions(fold_norms=fold, normalize_stacked=norm).key() == old(fold, norm)
-    gain = AnalysisOptions(layernorm_fold="gain").key()
+            assert SpectraOptions(fold_norms=fold, normalize_stacked=norm).key() == old(fold, norm)
+    gain = SpectraOptions(layernorm_fold="gain").key()
     assert gain.startswith("fold-norm-lngain-") and gain != old(True, True)
 
 
 def test_rmsnorm_models_ignore_the_option(tmp_path, llama):
     folder, _ = llama
     runs = [
-        analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "c", device="cpu", layernorm_fold=v))
+        analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "c", device="cpu", layernorm_fold=v))
         for v in ("exact", "gain")
     ]
     assert runs[0].analysis.cache_dir == runs[1].analysis.cache_dir and runs[1].computed == []
     repo = cache_repo(runs[0].analysis.ref)
-    assert AnalysisCache(tmp_path / "c", repo, runs[0].commit, AnalysisOptions()).dir == runs[0].analysis.cache_dir
+    assert SpectraCache(tmp_path / "c", repo, runs[0].commit, SpectraOptions()).dir == runs[0].analysis.cache_dir

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from svd_probe.analysis import AnalyzeRequest, analyze
+from svd_probe.analysis import AnalyzeJob, analyze
 from svd_probe.errors import CorruptShardError, UnsupportedModelError
 from svd_probe.hub.checkpoint import open_checkpoint
 from svd_probe.hub.safetensors_header import parse_header, parse_header_length
@@ -128,7 +128,7 @@ def test_a_missing_scale_under_an_fp8_config_names_the_weight(tmp_path):
     name = "model.layers.0.self_attn.o_proj.weight"
     folder = write_layout(tmp_path / "m", _fp8_layout_without(name))
     with pytest.raises(CorruptShardError, match="has no .*o_proj.weight_scale_inv.*declares fp8") as e:
-        analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "c", device="cpu", layers="0"))
+        analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "c", device="cpu", layers="0"))
     assert e.value.tensor == name
     # Reading the weight alone fails the same way: nothing hands out unscaled values.
     with pytest.raises(CorruptShardError):
@@ -178,7 +178,7 @@ def test_non_finite_weights_are_named(tmp_path, bad):
     layout.tensors[name][3, 5] = bad
     folder = write_layout(tmp_path / "m", layout)
     with pytest.raises(CorruptShardError, match="1 of its .* values are NaN or infinite") as e:
-        analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "c", device="cpu"))
+        analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "c", device="cpu"))
     assert e.value.tensor == name
     # Layer 0 came before the damage and was cached; nothing of layer 1 was.
     cache_layers = sorted(p.name for p in (tmp_path / "c").rglob("layer-*.safetensors"))
@@ -191,7 +191,7 @@ def test_a_non_finite_fp8_scale_is_named(tmp_path):
     layout.tensors[scale][0, 0] = float("inf")
     folder = write_layout(tmp_path / "m", layout)
     with pytest.raises(CorruptShardError) as e:
-        analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "c", device="cpu", layers="1"))
+        analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "c", device="cpu", layers="1"))
     assert e.value.tensor == scale
 
 

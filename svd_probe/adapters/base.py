@@ -37,11 +37,8 @@ import torch
 
 from svd_probe.hub.dtypes import coarsest
 
-# Matrix kinds, exactly as they appear in the cache, in exports and on plots.
-HEAD_KINDS = ("Q", "Q_pe", "K", "V", "O", "VO", "QK")
-STACKED_KINDS = ("Q", "Q_pe", "K", "V", "O", "VO", "QK", "KQ")
-LAYER_KINDS = ("QA", "KVA", "KVA_pe")
-ALL_KINDS = ("Q", "Q_pe", "K", "V", "O", "VO", "QK", "KQ", "QA", "KVA", "KVA_pe")
+# Matrix kinds live in svd_probe.kinds (the one vocabulary); re-exported for the adapters.
+from svd_probe.kinds import ALL_KINDS, HEAD_KINDS, LAYER_KINDS, STACKED_KINDS  # noqa: F401
 
 
 @dataclass

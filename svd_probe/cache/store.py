@@ -2,40 +2,67 @@
 
 Layout under the cache root (`--cache-dir`, else `$SVD_PROBE_CACHE`, else the user cache folder):
 
-    <root>/<repo key>/refs/<revision>                 the commit that revision resolved to
+    <root>/<repo key>/refs/<revision, encoded>        the commit that revision resolved to
     <root>/<repo key>/<commit>/<options key>/
-        manifest.json                                 config, options, versions, per-layer timings
+        manifest.json                                 config, options, versions, per-layer keys and timings
         layer-0007.safetensors                        spectra of layer 7
+        .lock                                         held while a process updates this folder
 
 The repo key is `models--org--name` for Hub repos (as in huggingface_hub's cache) and
-`local--<folder name>` for local folders, whose "commit" is a fingerprint of their files.
-The options key hashes only the options that change a spectrum (norm folding, stacked
-normalization, format version); which matrix kinds a layer holds is recorded in its file, so a
-rerun with more `--matrices` computes only what is missing.
+`local--<folder name>-<hash of its path>` for local folders, whose "commit" is a fingerprint of
+their files. The options key hashes only the options that change a spectrum (norm folding,
+stacked normalization, format version); which matrix kinds a layer holds is recorded in its file,
+so a rerun with more `--matrices` computes only what is missing.
 
-Tensor keys in a layer file are `<scope>.<matrix>`: `head.VO` is [n_heads, k] (one row per head,
-σ descending), `stacked.VO` and `layer.QA` are [k]. The file's metadata holds, per key, the
-shape (m, n) of the matrix whose σ it is and the storage dtype of the weights behind it.
-A file appears only once complete (write to a temporary name, then rename), so a run killed at
-any moment leaves only whole layers behind.
+Tensor keys in a layer file are `<scope>.<matrix>` (`svd_probe.kinds.SpectrumKey`): `head.VO` is
+[n_heads, k] (one row per head, σ descending), `stacked.VO` and `layer.QA` are [k]. The file's
+metadata holds, per key, the shape (m, n) of the matrix whose σ it is and the storage dtype of
+the weights behind it. A file appears only once complete (write to a temporary name, then
+rename), so a run killed at any moment leaves only whole layers behind.
+
+Everything here is input we wrote but do not trust: a file can be truncated by a full disk, edited,
+or left by an older version. A layer file that does not parse, or lacks keys the manifest says
+it holds, raises `CacheDamagedError` naming it; a manifest or ref that does not parse is read as
+absent. Writers take `.lock` (fcntl.flock) around each read-modify-write of the manifest and of
+a layer file, so concurrent runs of disjoint (or overlapping) layers all end up listed. A
+failed write (disk full, quota, read-only) raises `DiskWriteError` and leaves no temporary file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from svd_probe.atomic import atomic_write, atomic_write_bytes
+from svd_probe.errors import CacheDamagedError, DiskWriteError
+from svd_probe.kinds import SpectrumKey, parse_key
+from svd_probe.models import is_commit
+
+try:  # POSIX; elsewhere concurrent runs of one model are not guarded.
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 CACHE_FORMAT_VERSION = 1
 ENV_CACHE_DIR = "SVD_PROBE_CACHE"
+
+# File names are at most 255 bytes on every common file system; keys stay well below, leaving
+# room for the ".NAME.XXXXXXXX.tmp" name of an atomic write.
+_MAX_NAME_BYTES = 120
+# Bounds on what a layer file's metadata can make us parse (ours are a few KB).
+_MAX_META_CHARS = 1 << 20
 
 
 def default_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -50,18 +77,45 @@ def default_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(platformdirs.user_cache_dir("svd-probe", appauthor=False))
 
 
+def _bounded_name(name: str, whole: str) -> str:
+    """`name` if it fits a file name, else its head and a hash of `whole` (which it stands for)."""
+    if len(name.encode()) <= _MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(whole.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    head = name.encode()[: _MAX_NAME_BYTES - 17].decode("utf-8", "ignore")
+    return f"{head}~{digest}"
+
+
 def repo_key(repo_id: str | None, local_path: str | os.PathLike | None = None) -> str:
+    """The cache folder name of a Hub repo (`models--org--name`) or a local folder."""
     if repo_id:
-        return "models--" + repo_id.replace("/", "--")
+        return _bounded_name("models--" + repo_id.replace("/", "--"), repo_id)
     if local_path is None:
         raise ValueError("need a repo id or a local path")
     p = Path(local_path).resolve()
-    digest = hashlib.sha1(str(p).encode()).hexdigest()[:8]
-    return f"local--{p.name}-{digest}"
+    digest = hashlib.sha1(str(p).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    name = p.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return _bounded_name(f"local--{name}-{digest}", str(p))
+
+
+def ref_file_name(revision: str) -> str:
+    """The file name under `refs/` of a revision: percent-encoded, never `.`-led, bounded.
+
+    Any string round-trips (`urllib.parse.unquote` gives it back) except past _MAX_NAME_BYTES,
+    where the name ends in a hash; the file also stores its revision, so names are never decoded.
+    `/`, `%` and every byte outside [A-Za-z0-9_.~-] are escaped, so no name can leave `refs/`,
+    and a leading dot is escaped too, so neither `.` nor `..` names a folder.
+    """
+    if not revision:
+        raise ValueError("empty revision")
+    name = quote(revision, safe="", errors="surrogateescape")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    return _bounded_name(name, revision)
 
 
 @dataclass(frozen=True)
-class AnalysisOptions:
+class SpectraOptions:
     """Options that change the numbers in a spectrum, hence part of the cache key."""
 
     fold_norms: bool = True
@@ -83,6 +137,13 @@ class AnalysisOptions:
         return f"{tag}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
+def _key_text(scope: str, kind: str) -> str | None:
+    try:
+        return str(SpectrumKey(scope, kind))
+    except ValueError:
+        return None
+
+
 @dataclass
 class LayerSpectra:
     """Spectra of one layer as stored: key `<scope>.<matrix>` → σ array (descending)."""
@@ -96,11 +157,85 @@ class LayerSpectra:
     def kinds(self) -> set[str]:
         return set(self.sigma)
 
+    def spectrum(self, scope: str, kind: str) -> np.ndarray | None:
+        """σ of `scope.kind`, or None when this layer has none cached (or the pair names none)."""
+        key = _key_text(scope, kind)
+        return None if key is None else self.sigma.get(key)
 
-class AnalysisCache:
+    def matrix_shape(self, scope: str, kind: str) -> tuple[int, int] | None:
+        """(m, n) of the matrix behind `scope.kind`, or None when not recorded."""
+        key = _key_text(scope, kind)
+        shape = None if key is None else self.shapes.get(key)
+        return None if shape is None else (int(shape[0]), int(shape[1]))
+
+    def merged_over(self, old: LayerSpectra) -> LayerSpectra:
+        """These spectra, plus the kinds only `old` has (kept from a run with other --matrices)."""
+        return LayerSpectra(
+            layer=self.layer,
+            sigma={**old.sigma, **self.sigma},
+            shapes={**old.shapes, **self.shapes},
+            storage_dtypes={**old.storage_dtypes, **self.storage_dtypes},
+            info=self.info,
+        )
+
+
+@dataclass(frozen=True)
+class RefEntry:
+    """What `refs/<revision>` says: the commit it resolved to, and since when."""
+
+    revision: str
+    commit: str
+    since: str | None = None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_error(path: Path, e: OSError) -> DiskWriteError:
+    full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+    why = "the disk is full" if e.errno == errno.ENOSPC else "the disk quota is exceeded" if full else e.strerror
+    hint = (
+        "Free space there, or point --cache-dir (or SVD_PROBE_CACHE) at another folder; layers already cached are kept."
+        if full
+        else "Point --cache-dir (or SVD_PROBE_CACHE) at a writable folder; layers already cached are kept."
+    )
+    return DiskWriteError(f"cannot write the spectra cache at {path}: {why or e}", hint)
+
+
+def _loads(text: str | bytes) -> object:
+    """json.loads that fails only with ValueError (bad JSON, bad UTF-8, 5000-digit ints, deep nests)."""
+    try:
+        return json.loads(text)
+    except RecursionError as e:  # nested deeper than the interpreter's stack
+        raise ValueError("JSON nested too deeply") from e
+
+
+def _read_json_object(path: Path) -> tuple[dict | None, str | None]:
+    """(object, None), (None, None) when absent, or (None, why) when unreadable or not an object."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"cannot read it ({e.strerror or e})"
+    try:
+        obj = _loads(data)
+    except ValueError as e:  # includes JSONDecodeError and UnicodeDecodeError
+        return None, f"it is not valid JSON ({type(e).__name__})"
+    if not isinstance(obj, dict):
+        return None, f"it holds a JSON {type(obj).__name__}, not an object"
+    return obj, None
+
+
+class SpectraCache:
     """The cache folder of one (repo, commit, options)."""
 
-    def __init__(self, root: str | os.PathLike, repo: str, commit: str, options: AnalysisOptions):
+    def __init__(self, root: str | os.PathLike, repo: str, commit: str, options: SpectraOptions):
+        if not is_commit(commit):
+            raise ValueError(f"not a commit hash: {commit!r}")
+        if not repo or "/" in repo or repo.startswith("."):
+            raise ValueError(f"not a cache repo key: {repo!r}")
         self.root = Path(root)
         self.repo = repo
         self.commit = commit
@@ -109,19 +244,75 @@ class AnalysisCache:
 
     # --- revision refs: let offline commands find the commit a revision resolved to ----------
     @staticmethod
-    def write_ref(root: str | os.PathLike, repo: str, revision: str, commit: str) -> None:
-        atomic_write_bytes(Path(root) / repo / "refs" / revision.replace("/", "%2F"), commit.encode())
+    def ref_path(root: str | os.PathLike, repo: str, revision: str) -> Path:
+        return Path(root) / repo / "refs" / ref_file_name(revision)
 
     @staticmethod
-    def read_ref(root: str | os.PathLike, repo: str, revision: str) -> str | None:
-        p = Path(root) / repo / "refs" / revision.replace("/", "%2F")
-        return p.read_text().strip() if p.is_file() else None
+    def read_ref(root: str | os.PathLike, repo: str, revision: str) -> RefEntry | None:
+        """The commit `revision` last resolved to, or None (never written, or unreadable)."""
+        path = SpectraCache.ref_path(root, repo, revision)
+        try:
+            data = path.read_bytes()
+        except OSError:  # absent, or `refs` is not a folder (left by an older version)
+            return None
+        text = data.decode("ascii", "replace").strip()
+        if is_commit(text):  # the plain format of earlier versions
+            return RefEntry(revision, text)
+        try:
+            obj = _loads(data)
+        except ValueError:
+            return None
+        if not isinstance(obj, dict):
+            return None
+        commit = obj.get("commit")
+        if not isinstance(commit, str) or not is_commit(commit) or obj.get("revision") != revision:
+            return None
+        since = obj.get("since")
+        return RefEntry(revision, commit, since if isinstance(since, str) else None)
+
+    @staticmethod
+    def write_ref(root: str | os.PathLike, repo: str, revision: str, commit: str) -> bool:
+        """Record revision → commit; returns False (writing nothing) when already recorded."""
+        if not is_commit(commit):
+            raise ValueError(f"not a commit hash: {commit!r}")
+        old = SpectraCache.read_ref(root, repo, revision)
+        if old is not None and old.commit == commit:
+            return False
+        path = SpectraCache.ref_path(root, repo, revision)
+        refs = path.parent
+        try:
+            if refs.is_symlink() or (refs.exists() and not refs.is_dir()):
+                # A file named `refs`: what `--revision .` left behind in earlier versions.
+                refs.unlink()
+            body = json.dumps({"revision": revision, "commit": commit, "since": _now()}) + "\n"
+            atomic_write_bytes(path, body.encode("utf-8", "surrogateescape"))
+        except OSError as e:
+            raise _write_error(path, e) from None
+        return True
+
+    # --- locking -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold this folder's lock (exclusive, across processes) for a read-modify-write."""
+        path = self.dir / ".lock"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _write_error(self.dir, e) from None
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     # --- layers ------------------------------------------------------------------------------
     def layer_path(self, layer: int) -> Path:
         return self.dir / f"layer-{layer:04d}.safetensors"
 
     def cached_layers(self) -> list[int]:
+        """Layers that have a file (whole, thanks to the atomic rename; not yet checked)."""
         if not self.dir.is_dir():
             return []
         out = []
@@ -131,17 +322,6 @@ class AnalysisCache:
             except (IndexError, ValueError):
                 continue
         return sorted(out)
-
-    def layer_kinds(self, layer: int) -> set[str]:
-        """Keys (`scope.matrix`) stored for a layer, read from the header only."""
-        p = self.layer_path(layer)
-        if not p.is_file():
-            return set()
-        try:
-            with safe_open(p, framework="numpy") as f:
-                return set(f.keys())
-        except Exception:
-            return set()  # unreadable: treat as not cached, so it is recomputed
 
     def write_layer(self, spectra: LayerSpectra) -> Path:
         tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float64)) for k, v in spectra.sigma.items()}
@@ -153,33 +333,135 @@ class AnalysisCache:
             "info": json.dumps(spectra.info),
         }
         path = self.layer_path(spectra.layer)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        try:
+            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        except OSError as e:
+            raise _write_error(path, e) from None
         return path
 
-    def read_layer(self, layer: int) -> LayerSpectra:
-        p = self.layer_path(layer)
-        with safe_open(p, framework="numpy") as f:
-            meta = f.metadata() or {}
-            sigma = {k: f.get_tensor(k) for k in f.keys()}
-        shapes = {k: tuple(v) for k, v in json.loads(meta.get("shapes", "{}")).items()}
+    def _damaged(self, layer: int, why: str) -> CacheDamagedError:
+        path = self.layer_path(layer)
+        return CacheDamagedError(
+            f"damaged cache file {path}: {why}",
+            f"`svd-probe analyze` recomputes it (with --layers {layer} for just this layer), or delete the file.",
+            path=str(path),
+        )
+
+    def read_layer(self, layer: int, expect: Iterable[str] = ()) -> LayerSpectra:
+        """Read and check one layer file; `expect` lists keys it must hold (from the manifest).
+
+        Keys that name no spectrum of this version (`kinds.parse_key`) are left out.
+        Raises FileNotFoundError when there is no file, `CacheDamagedError` when it is unusable.
+        """
+        path = self.layer_path(layer)
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        try:
+            with safe_open(path, framework="numpy") as f:
+                meta = f.metadata() or {}
+                sigma = {k: f.get_tensor(k) for k in f.keys() if parse_key(k) is not None}
+        except Exception as e:  # safetensors raises its own error types for every kind of damage
+            raise self._damaged(layer, f"not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+        def meta_dict(name: str) -> dict:
+            text = meta.get(name, "{}")
+            if len(text) > _MAX_META_CHARS:
+                raise self._damaged(layer, f"its {name} metadata is {len(text)} characters long")
+            try:
+                obj = _loads(text)
+            except ValueError:
+                raise self._damaged(layer, f"its {name} metadata is not valid JSON") from None
+            if not isinstance(obj, dict):
+                raise self._damaged(layer, f"its {name} metadata is not a JSON object")
+            return obj
+
+        raw_shapes, storage, info = meta_dict("shapes"), meta_dict("storage_dtypes"), meta_dict("info")
+        if not sigma:
+            raise self._damaged(layer, "it holds no spectra")
+        missing = sorted(set(expect) - set(sigma))
+        if missing:
+            raise self._damaged(layer, f"it lacks {', '.join(missing)}, which the manifest lists")
+        shapes: dict[str, tuple[int, int]] = {}
+        for key, s in sigma.items():
+            if s.dtype != np.float64 or s.ndim not in (1, 2) or not np.isfinite(s).all():
+                raise self._damaged(layer, f"{key} is not a finite float64 spectrum")
+            shape = raw_shapes.get(key)
+            if shape is not None:
+                ok = isinstance(shape, list) and len(shape) == 2 and all(type(x) is int and x >= 0 for x in shape)
+                if not ok:
+                    raise self._damaged(layer, f"the shape recorded for {key} is not two sizes")
+                shapes[key] = (shape[0], shape[1])
         return LayerSpectra(
-            layer=int(meta.get("layer", layer)),
+            layer=layer,
             sigma=sigma,
             shapes=shapes,
-            storage_dtypes=json.loads(meta.get("storage_dtypes", "{}")),
-            info=json.loads(meta.get("info", "{}")),
+            storage_dtypes={k: v for k, v in storage.items() if isinstance(v, str)},
+            info=info,
         )
+
+    def update_layer(self, spectra: LayerSpectra, *, merge: bool = True) -> LayerSpectra:
+        """Store a layer's new spectra and list it in the manifest, under the folder's lock.
+
+        With `merge`, kinds already cached for the layer (by a run with other `--matrices`) are
+        kept beside the new ones; a damaged old file is replaced, not merged. Returns what the
+        file now holds.
+        """
+        with self.lock():
+            if merge:
+                with contextlib.suppress(FileNotFoundError, CacheDamagedError):
+                    spectra = spectra.merged_over(self.read_layer(spectra.layer))
+            self.write_layer(spectra)
+            manifest = self.read_manifest()
+            layers = manifest.get("layers")
+            if not isinstance(layers, dict):
+                layers = manifest["layers"] = {}
+            now = _now()
+            layers[str(spectra.layer)] = {**spectra.info, "keys": sorted(spectra.sigma), "written": now}
+            manifest["updated"] = now
+            self.write_manifest(manifest)
+        return spectra
 
     # --- manifest ----------------------------------------------------------------------------
     @property
     def manifest_path(self) -> Path:
         return self.dir / "manifest.json"
 
-    def read_manifest(self) -> dict:
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+    def read_manifest(self, notes: list[str] | None = None) -> dict:
+        """The manifest, or {} when absent or unreadable (then a note says why, if `notes` is given)."""
+        obj, why = _read_json_object(self.manifest_path)
+        if why and notes is not None:
+            notes.append(f"{self.manifest_path} is unreadable: {why}; read as empty; `svd-probe analyze` rebuilds it")
+        return obj or {}
 
     def write_manifest(self, manifest: dict) -> None:
-        atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        try:
+            atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        except OSError as e:
+            raise _write_error(self.manifest_path, e) from None
+
+    def update_manifest(self, fields: dict, found: Iterable[LayerSpectra] = ()) -> dict:
+        """Set the manifest's top-level `fields` and list the `found` layers' keys (layers whole on
+        disk that it does not list), under the lock; writes only if something changed."""
+        with self.lock():
+            manifest = self.read_manifest()
+            new = {**manifest, **fields}
+            new.setdefault("created", _now())
+            if not isinstance(new.get("layers"), dict):
+                new["layers"] = {}
+            new["layers"] = dict(new["layers"])
+            for ls in found:
+                entry = new["layers"].get(str(ls.layer))
+                new["layers"][str(ls.layer)] = {
+                    **(entry if isinstance(entry, dict) else ls.info),
+                    "keys": sorted(ls.sigma),
+                }
+            if new != manifest:
+                self.write_manifest(new)
+        return new
+
+    def expected_keys(self, manifest: dict, layer: int) -> list[str]:
+        """Keys the manifest says layer `layer`'s file holds ([] when it does not say)."""
+        layers = manifest.get("layers")
+        entry = layers.get(str(layer)) if isinstance(layers, dict) else None
+        keys = entry.get("keys") if isinstance(entry, dict) else None
+        return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []

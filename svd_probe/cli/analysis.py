@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from enum import Enum
 from pathlib import Path
 
 import typer
@@ -12,6 +11,8 @@ from svd_probe.cli.app import (
     CacheDirOpt,
     EndpointOpt,
     FoldOpt,
+    LayerNormFold,
+    LayerNormFoldOpt,
     NormStackedOpt,
     RevisionOpt,
     TokenOpt,
@@ -20,13 +21,6 @@ from svd_probe.cli.app import (
     out,
     print_json,
 )
-
-
-class LayerNormFold(str, Enum):
-    """`--layernorm-fold`: how a pre-LayerNorm folds into the projections that read it."""
-
-    exact = "exact"
-    gain = "gain"
 
 
 @app.command("models")
@@ -63,12 +57,7 @@ def analyze_cmd(
     ),
     fold_norms: bool = FoldOpt,
     normalize_stacked: bool = NormStackedOpt,
-    layernorm_fold: LayerNormFold = typer.Option(
-        LayerNormFold.exact,
-        "--layernorm-fold",
-        help="How a pre-LayerNorm (GPT-2) folds into q/k/v: exact (W·diag(g)·(I − 11ᵀ/d), as TransformerLens' "
-        "fold_ln with centering) or gain (W·diag(g) only, as svd-probe 0.1). RMSNorm models are unaffected.",
-    ),
+    layernorm_fold: LayerNormFold = LayerNormFoldOpt,
     mtp: bool = typer.Option(
         True,
         "--mtp/--no-mtp",
@@ -80,10 +69,10 @@ def analyze_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
 ) -> None:
     """Stream a checkpoint's attention layer by layer, compute every spectrum, cache it, summarize."""
-    from svd_probe.analysis import AnalyzeRequest, analyze
-    from svd_probe.report import analysis_progress, render_summary, summary_rows
+    from svd_probe.analysis import AnalyzeJob, analyze
+    from svd_probe.report import layer_progress, render_summary, summary_rows
 
-    request = AnalyzeRequest(
+    job = AnalyzeJob(
         model=model,
         revision=revision,
         token=token,
@@ -100,22 +89,49 @@ def analyze_cmd(
         concurrency=concurrency,
     )
     # Progress goes to stderr, so it never mixes with --json on stdout.
-    with analysis_progress(err, enabled=err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
-        result = analyze(request, progress=progress)
-    rows = summary_rows(result)
+    with layer_progress(err, enabled=err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
+        outcome = analyze(job, progress=progress)
+    print_notes(outcome.notes)
+    rows = summary_rows(outcome)
     if as_json:
         print_json(
             {
-                "model": result.display,
-                "repo_id": result.repo_id,
-                "commit": result.commit,
-                "cache": str(result.cache_dir),
+                "model": outcome.display,
+                "repo_id": outcome.repo_id,
+                "commit": outcome.commit,
+                "cache": str(outcome.cache_dir),
                 "layers": rows,
-                "stats": result.stats,
+                "stats": outcome.stats,
+                "notes": outcome.notes,
             }
         )
     else:
-        out.print(render_summary(result, rows))
+        out.print(render_summary(outcome, rows))
+
+
+def print_notes(notes: list[str]) -> None:
+    for note in notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)  # unwrapped: commands stay copyable
+
+
+def cache_query(
+    model: str,
+    revision: str,
+    cache_dir: Path | None,
+    fold_norms: bool,
+    normalize_stacked: bool,
+    layernorm_fold: LayerNormFold = LayerNormFold.exact,
+):
+    """The CacheQuery the shared options of export and plot name."""
+    from svd_probe.cache.store import SpectraOptions
+    from svd_probe.results import CacheQuery
+
+    return CacheQuery(
+        model,
+        revision,
+        cache_dir,
+        SpectraOptions(fold_norms=fold_norms, normalize_stacked=normalize_stacked, layernorm_fold=layernorm_fold.value),
+    )
 
 
 @app.command("export")
@@ -126,11 +142,13 @@ def export_cmd(
     format: str = typer.Option(
         "jsonl", "--format", help="jsonl (one spectrum a line), csv or parquet (metrics table)."
     ),
-    out_file: Path = typer.Option(..., "--out", help="File to write."),
+    out_file: Path = typer.Option(..., "--out", help="File to write (an existing file only with --overwrite)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --out file if it exists."),
     revision: str = RevisionOpt,
     cache_dir: Path | None = CacheDirOpt,
     fold_norms: bool = FoldOpt,
     normalize_stacked: bool = NormStackedOpt,
+    layernorm_fold: LayerNormFold = LayerNormFoldOpt,
     at_rank: int | None = typer.Option(
         None, "--at-rank", help="Also export the relative error at this fixed rank r.", show_default=False
     ),
@@ -139,18 +157,16 @@ def export_cmd(
     ),
 ) -> None:
     """Write cached spectra (jsonl) or their metrics table (csv, parquet); reads the cache only."""
-    from svd_probe.export import export, parse_errors
+    from svd_probe.export import export
+    from svd_probe.options import parse_errors
 
     n = export(
-        model,
+        cache_query(model, revision, cache_dir, fold_norms, normalize_stacked, layernorm_fold),
         format=format,
         out=out_file,
-        revision=revision,
-        cache_dir=cache_dir,
-        fold_norms=fold_norms,
-        normalize_stacked=normalize_stacked,
         at_rank=at_rank,
         errors=parse_errors(errors),
+        overwrite=overwrite,
     )
     err.print(f"wrote {n} rows to {out_file}")
 
@@ -180,6 +196,7 @@ def plot_cmd(
     cache_dir: Path | None = CacheDirOpt,
     fold_norms: bool = FoldOpt,
     normalize_stacked: bool = NormStackedOpt,
+    layernorm_fold: LayerNormFold = LayerNormFoldOpt,
     layer: int | None = typer.Option(
         None,
         "--layer",
@@ -222,31 +239,33 @@ def plot_cmd(
     data: bool = typer.Option(False, "--data", help="Also write each figure's data as CSV beside it."),
 ) -> None:
     """Draw effective-rank figures of cached analyses (offline): layer-wise, head-wise, heat maps, spectra, planner."""
-    from svd_probe.plots import make_plots, parse_layers, planner_rich_table
-    from svd_probe.plots.render import parse_matrices
+    from svd_probe.options import parse_layers, parse_matrices
+    from svd_probe.plots import make_plots, planner_rich_table
 
+    # Parsed before any cache is read, so a typo costs nothing.
+    layers_of_spectra = parse_layers(spectra_layers, flag="--spectra-layers")
+    kinds_of_spectra = (
+        parse_matrices(spectra_matrices, scope="stacked", keep_order=True, flag="--spectra-matrices")
+        if spectra_matrices
+        else None
+    )
     report = make_plots(
-        models,
+        [cache_query(m, revision, cache_dir, fold_norms, normalize_stacked, layernorm_fold) for m in models],
         out_dir=out_dir,
         formats=format,
         kinds=kind,
         layer=layer,
         latent=latent,
         rank=rank,
-        revision=revision,
-        cache_dir=cache_dir,
-        fold_norms=fold_norms,
-        normalize_stacked=normalize_stacked,
         error=error,
-        spectra_layers=parse_layers(spectra_layers),
-        spectra_kinds=parse_matrices(spectra_matrices),
+        spectra_layers=layers_of_spectra,
+        spectra_kinds=kinds_of_spectra,
         dpi=dpi,
         write_data=data,
     )
     if report.plans:
         out.print(planner_rich_table(report.plans))
-    for note in report.notes:
-        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)  # unwrapped: commands stay copyable
+    print_notes(report.notes)
     if not report.files:
         err.print("no figure could be drawn from the cache (see the notes above)")
         raise typer.Exit(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 
 import typer
 from rich.console import Console
@@ -43,7 +44,24 @@ CacheDirOpt = typer.Option(
     show_default=False,
 )
 FoldOpt = typer.Option(
-    True, "--fold-norms/--no-fold-norms", help="Fold RMSNorm weights into the projections that read them."
+    True,
+    "--fold-norms/--no-fold-norms",
+    help="Fold norm weights (RMSNorm, pre-LayerNorm) into the projections that read them.",
+)
+
+
+class LayerNormFold(str, Enum):
+    """`--layernorm-fold`: how a pre-LayerNorm folds into the projections that read it."""
+
+    exact = "exact"
+    gain = "gain"
+
+
+LayerNormFoldOpt = typer.Option(
+    LayerNormFold.exact,
+    "--layernorm-fold",
+    help="How a pre-LayerNorm (GPT-2) folds into q/k/v: exact (W·diag(g)·(I − 11ᵀ/d), as TransformerLens' "
+    "fold_ln with centering) or gain (W·diag(g) only, as svd-probe 0.1). RMSNorm models are unaffected.",
 )
 NormStackedOpt = typer.Option(
     True, "--normalize-stacked/--no-normalize-stacked", help="Divide each head by its largest σ before stacking heads."

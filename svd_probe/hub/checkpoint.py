@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from svd_probe.errors import EntryNotFoundError, SvdProbeError, TransferError
@@ -23,19 +24,22 @@ def open_checkpoint(
     token: str | None = None,
     endpoint: str | None = None,
     concurrency: int = 8,
+    check_config: Callable[[dict], None] | None = None,
     **read_options,
 ) -> CheckpointSource:
     """Open a Hub repo (pinned to the commit `revision` resolves to) or a local folder.
 
     `read_options` go to `HubFiles` (max_gap, chunk_size, retries, backoff, timeout).
+    `check_config(config)` runs right after config.json is parsed, before the index or any
+    shard header is read, so a request the model cannot serve fails early.
     """
     if isinstance(ref, str):
         from svd_probe.models import resolve_model
 
         ref = resolve_model(ref)
     if ref.is_local:
-        return _open_local(ref)
-    return _open_hub(ref, revision or "main", token, endpoint, concurrency, read_options)
+        return _open_local(ref, check_config)
+    return _open_hub(ref, revision or "main", token, endpoint, concurrency, read_options, check_config)
 
 
 def _fingerprint(folder: Path, files: list[Path]) -> str:
@@ -66,7 +70,7 @@ def _weight_map(index: dict, where: str) -> dict[str, str]:
     return wm
 
 
-def _open_local(ref: ModelRef) -> CheckpointSource:
+def _open_local(ref: ModelRef, check_config: Callable[[dict], None] | None = None) -> CheckpointSource:
     folder = ref.local_path
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -74,6 +78,8 @@ def _open_local(ref: ModelRef) -> CheckpointSource:
             f"no config.json in {folder}", "Point MODEL at a checkpoint folder (config.json + safetensors)."
         )
     config = _load_json(cfg_path, f"{cfg_path}")
+    if check_config is not None:
+        check_config(config)
     files = LocalFiles(folder)
     shards = sorted(folder.glob("*.safetensors"))
     if (folder / INDEX_FILE).is_file():
@@ -177,7 +183,13 @@ def _resolve_commit(ref: ModelRef, revision: str, token, endpoint: str, retries:
 
 
 def _open_hub(
-    ref: ModelRef, revision: str, token, endpoint: str | None, concurrency: int, read_options: dict
+    ref: ModelRef,
+    revision: str,
+    token,
+    endpoint: str | None,
+    concurrency: int,
+    read_options: dict,
+    check_config: Callable[[dict], None] | None = None,
 ) -> CheckpointSource:
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
@@ -198,6 +210,8 @@ def _open_hub(
             ) from e
 
     config = _load_json(fetch("config.json"), f"config.json of {ref.repo_id}")
+    if check_config is not None:
+        check_config(config)
     files = HubFiles(
         endpoint, ref.repo_id, commit, token=token, concurrency=concurrency, revision=revision, **read_options
     )

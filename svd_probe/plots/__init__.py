@@ -2,6 +2,7 @@
 
     >>> from svd_probe.plots import make_plots
     >>> report = make_plots(["deepseek-v3"], kinds=["layerwise", "planner"], latent=3072)
+    >>> report = make_plots([CacheQuery("deepseek-v3", revision="v1", cache_dir="cache")])
     >>> report.files, report.notes, report.plans[0].totals()
 
 One function per figure lives in `svd_probe.plots.figures` (each returns the Figure and the data
@@ -30,7 +31,7 @@ from svd_probe.plots.planner import (
     plan_latent,
     planner_rich_table,
 )
-from svd_probe.plots.render import FIGURE_KINDS, FORMATS, PlotReport, make_plots, parse_choices, parse_layers
+from svd_probe.plots.render import FIGURE_KINDS, FORMATS, PlotReport, make_plots
 from svd_probe.plots.style import KIND_COLORS
 
 __all__ = [
@@ -51,8 +52,6 @@ __all__ = [
     "layerwise_ranks",
     "make_plots",
     "output_params",
-    "parse_choices",
-    "parse_layers",
     "plan_latent",
     "planner_figure",
     "planner_rich_table",

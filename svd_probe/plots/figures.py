@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from svd_probe.errors import MissingFigureData
+from svd_probe.kinds import STACKED
 from svd_probe.plots import style
 from svd_probe.plots.planner import PlannerResult, plan_latent
 from svd_probe.spectra.metrics import DEFAULT_ERRORS, energy_rank, error_column, relative_error_at_rank
@@ -432,7 +433,7 @@ def spectra(
     for ly in layers:
         ls = analysis.layer_spectra[ly]
         for kind in kinds:
-            s = ls.sigma.get(f"{scope}.{kind}")
+            s = ls.spectrum(scope, kind)
             if s is None or s.ndim != 1 or s.size == 0:
                 continue
             s = np.sort(np.asarray(s, dtype=np.float64))[::-1]
@@ -516,11 +517,11 @@ def error_at_rank(
     for ly in analysis.layers:
         ls = analysis.layer_spectra[ly]
         for kind in kinds:
-            key = f"stacked.{kind}"
-            if key not in ls.sigma:
+            s = ls.spectrum(STACKED, kind)
+            if s is None:
                 continue
-            full = int(min(ls.shapes.get(key, (len(ls.sigma[key]),) * 2)))
-            err = relative_error_at_rank(ls.sigma[key], rank)
+            full = int(min(ls.matrix_shape(STACKED, kind) or (len(s),) * 2))
+            err = relative_error_at_rank(s, rank)
             rows.append(
                 {
                     "layer": ly,

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from svd_probe.errors import MissingFigureData
+from svd_probe.kinds import STACKED
 from svd_probe.spectra.metrics import energy_kept_at_rank
 
 
@@ -139,8 +140,7 @@ def plan_latent(analysis, latent: int | None = None, sweep_points: int = 64) -> 
     for layer in analysis.layers:
         row = {"model": analysis.display, "layer": layer, "latent": D}
         for kind in ("O", "VO"):
-            key = f"stacked.{kind}"
-            s = analysis.layer_spectra[layer].sigma.get(key)
+            s = analysis.layer_spectra[layer].spectrum(STACKED, kind)
             row[f"energy_kept_{kind}"] = energy_kept_at_rank(s, D) if s is not None else np.nan
         row.update(
             params_before=before,
@@ -174,10 +174,8 @@ def _sweep(analysis, n: int, d_v: int, H: int, points: int) -> pd.DataFrame:
     ds = np.unique(np.linspace(1, H, points).round().astype(int))
     out = {"latent": ds, "params_ratio": [output_params(n, d_v, H, int(d)) / output_params(n, d_v, H) for d in ds]}
     for kind in ("O", "VO"):
-        key = f"stacked.{kind}"
-        spectra = [
-            analysis.layer_spectra[ly].sigma[key] for ly in analysis.layers if key in analysis.layer_spectra[ly].sigma
-        ]
+        found = (analysis.layer_spectra[ly].spectrum(STACKED, kind) for ly in analysis.layers)
+        spectra = [s for s in found if s is not None]
         if not spectra:
             continue
         # Cumulative energy per layer once, then read it at every D: one pass per layer, not per point.

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from svd_probe.errors import BadOptionError
-from svd_probe.plots import figures as F
+from svd_probe.options import parse_choices
+from svd_probe.plots import figures
 from svd_probe.plots.planner import PlannerResult
 from svd_probe.plots.style import model_slug, plot_style
+from svd_probe.results import Analysis, CacheQuery, load_analysis
 
 # `--kind` names, in drawing order. `compare` needs two models or more.
 FIGURE_KINDS = ("layerwise", "headwise", "grid", "heatmap", "spectra", "error", "planner", "compare")
@@ -28,69 +30,16 @@ class PlotReport:
 
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    results: list[F.FigureResult] = field(default_factory=list)
+    results: list[figures.FigureResult] = field(default_factory=list)
     plans: list[PlannerResult] = field(default_factory=list)
     out_dirs: dict[str, Path] = field(default_factory=dict)
 
-    def result(self, kind: str, model: str | None = None) -> F.FigureResult:
+    def result(self, kind: str, model: str | None = None) -> figures.FigureResult:
         """The first drawn figure of a kind (of one model, by display name), for tests and notebooks."""
         for r in self.results:
             if r.kind == kind and (model is None or r.extra.get("model") == model):
                 return r
         raise KeyError(kind)
-
-
-def parse_choices(values: Iterable[str] | str | None, allowed: Sequence[str], what: str) -> list[str]:
-    """Repeatable and/or comma-separated option values, checked against `allowed`; None → all."""
-    if values is None:
-        return list(allowed)
-    if isinstance(values, str):
-        values = [values]
-    picked = [v.strip().lower() for item in values for v in str(item).split(",") if v.strip()]
-    bad = [v for v in picked if v not in allowed]
-    if bad:
-        raise BadOptionError(f"unknown {what} {', '.join(map(repr, bad))}", f"Choose from: {', '.join(allowed)}.")
-    return list(dict.fromkeys(picked)) or list(allowed)
-
-
-def parse_layers(text: str | None) -> list[int] | None:
-    """'0,10-12,60' → [0, 10, 11, 12, 60] (the `--layers` syntax of `analyze`)."""
-    if not text:
-        return None
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out += range(int(a), int(b) + 1)
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise BadOptionError(
-            f"bad layer list {text!r}", "Use comma-separated layers and ranges, e.g. 0,30,60 or 0-3."
-        ) from None
-    return list(dict.fromkeys(out))
-
-
-def parse_matrices(values: Iterable[str] | str | None) -> list[str] | None:
-    """'O,VO' (any case) → ['O', 'VO'], checked against the stacked matrix kinds; None → None."""
-    from svd_probe.adapters.base import STACKED_KINDS
-
-    if values is None:
-        return None
-    if isinstance(values, str):
-        values = [values]
-    by_lower = {k.lower(): k for k in STACKED_KINDS}
-    picked = [v.strip() for item in values for v in str(item).split(",") if v.strip()]
-    bad = [v for v in picked if v.lower() not in by_lower]
-    if bad:
-        raise BadOptionError(
-            f"unknown matrix kind {', '.join(map(repr, bad))}", f"Choose from: {', '.join(STACKED_KINDS)}."
-        )
-    return list(dict.fromkeys(by_lower[v.lower()] for v in picked)) or None
 
 
 def output_dirs(analyses: Sequence, out_dir: str | Path | None) -> tuple[dict[str, Path], Path | None]:
@@ -107,13 +56,17 @@ def output_dirs(analyses: Sequence, out_dir: str | Path | None) -> tuple[dict[st
     return {s: root / s for s in slugs}, compare_dir
 
 
-def _save(result: F.FigureResult, folder: Path, formats: Sequence[str], dpi: float, write_data: bool) -> list[Path]:
+def _save(
+    result: figures.FigureResult, folder: Path, formats: Sequence[str], dpi: float, write_data: bool
+) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for fmt in formats:
         path = folder / f"{result.stem}.{fmt}"
         # No creation date in vector files, so rerunning on the same cache gives the same bytes.
         meta = {"Date": None} if fmt == "svg" else {"CreationDate": None} if fmt == "pdf" else None
+        if result.figure is None:
+            raise ValueError(f"the {result.kind} figure was already closed")
         with plot_style():  # savefig.* and svg.* settings are read when saving, not drawing
             result.figure.savefig(path, format=fmt, dpi=dpi, metadata=meta)
         written.append(path)
@@ -125,7 +78,7 @@ def _save(result: F.FigureResult, folder: Path, formats: Sequence[str], dpi: flo
 
 
 def make_plots(
-    models: Sequence,
+    models: Sequence[CacheQuery | Analysis | str],
     out_dir: str | Path | None = None,
     formats: Sequence[str] | str = ("png",),
     kinds: Iterable[str] | str | None = None,
@@ -133,10 +86,6 @@ def make_plots(
     latent: int | None = None,
     rank: int | None = None,
     *,
-    revision: str = "main",
-    cache_dir: str | Path | None = None,
-    fold_norms: bool = True,
-    normalize_stacked: bool = True,
     error: float = 0.01,
     spectra_layers: Sequence[int] | None = None,
     spectra_kinds: Sequence[str] | None = None,
@@ -146,16 +95,29 @@ def make_plots(
 ) -> PlotReport:
     """Draw the selected figures of one or more cached models and write them to disk.
 
-    `models` are MODEL names (alias, repo id, local folder) or already loaded `Analysis` objects.
-    `kinds` picks figures from FIGURE_KINDS (default: all; `compare` only with several models).
-    `layer` is the head-wise figure's layer (default: the middle cached layer); `latent` the
-    planner's D (default 3/7 of d_model, 3072 for DeepSeek-V3); `rank` the fixed rank of the
-    error figure (default 4/7 of d_model, 4096 for DeepSeek-V3). Always writes the planner's CSV
-    when the planner is drawn; `write_data` also writes every figure's data as CSV beside it.
-    Figures are closed after saving unless `keep_figures`.
-    """
-    from svd_probe.results import load_analysis
+    Args:
+        models: `CacheQuery`s (model, revision, cache folder, options), MODEL names (alias, repo
+            id, local folder: the default revision, cache and options), or loaded `Analysis` objects.
+        out_dir: see `output_dirs`.
+        formats: png, svg and/or pdf.
+        kinds: figures from FIGURE_KINDS (default: all; `compare` only with several models).
+        layer: the head-wise figure's layer (default: the middle cached layer).
+        latent: the planner's D (default 3/7 of d_model, 3072 for DeepSeek-V3).
+        rank: the fixed rank of the error figure (default 4/7 of d_model, 4096 for DeepSeek-V3).
+        error: the energy-error threshold of the head-wise, grid, heat-map and comparison figures.
+        spectra_layers, spectra_kinds: what the spectra figure draws (`options.parse_layers`,
+            `options.parse_matrices(..., scope="stacked")`).
+        dpi: resolution of png files.
+        write_data: also write every figure's data as CSV beside it (the planner's always is).
+        keep_figures: keep the matplotlib Figures in the report (closed after saving otherwise).
 
+    Returns:
+        A `PlotReport`: files written, notes (figures skipped and why, damaged layers left out),
+        the data drawn.
+
+    Example:
+        >>> make_plots([CacheQuery("deepseek-v3", cache_dir="cache")], kinds="layerwise,planner").files
+    """
     if not models:
         raise BadOptionError("no model given", "Name at least one cached model, e.g. `svd-probe plot deepseek-v3`.")
     formats = parse_choices(formats, FORMATS, "format")
@@ -163,21 +125,18 @@ def make_plots(
     kinds = parse_choices(kinds, FIGURE_KINDS, "figure kind")
     if error <= 0 or error >= 1:
         raise BadOptionError(f"error threshold must be in (0, 1), got {error}")
-    analyses = [
-        m
-        if hasattr(m, "layer_spectra")
-        else load_analysis(m, revision, cache_dir, fold_norms=fold_norms, normalize_stacked=normalize_stacked)
-        for m in models
-    ]
+    # A damaged layer file is left out with a note: the figure shows which layers it has.
+    analyses = [m if isinstance(m, Analysis) else load_analysis(m, on_damaged="skip") for m in models]
     for a in analyses:
         n_layers = a.dims.get("num_layers")
         if layer is not None and n_layers and not 0 <= layer < n_layers:
             raise BadOptionError(f"--layer {layer}: {a.display} has layers 0-{n_layers - 1}")
     dirs, compare_dir = output_dirs(analyses, out_dir)
     report = PlotReport(out_dirs=dict(dirs))
+    report.notes += [note for a in analyses for note in a.notes]
     errors = tuple(sorted({0.01, 0.001, error}, reverse=True))
 
-    def emit(result: F.FigureResult, folder: Path, model: str | None) -> None:
+    def emit(result: figures.FigureResult, folder: Path, model: str | None) -> None:
         result.extra["model"] = model
         report.files += _save(result, folder, formats, dpi, write_data)
         report.notes += result.notes
@@ -191,20 +150,22 @@ def make_plots(
         # Kept only for the comparison figure: a big model's table is tens of thousands of rows.
         all_metrics.append(metrics if "compare" in kinds and len(analyses) > 1 else None)
         draw = {
-            "layerwise": lambda: F.layerwise_ranks(a, metrics, dpi=dpi),
-            "headwise": lambda: F.headwise_ranks(a, layer, metrics, error=error, dpi=dpi),
-            "grid": lambda: F.headwise_grid(a, metrics, error=error, dpi=dpi),
-            "heatmap": lambda: F.rank_heatmaps(a, metrics, error=error, dpi=dpi),
-            "spectra": lambda: F.spectra(a, spectra_layers, spectra_kinds or F.SPECTRA_KINDS, error=error, dpi=dpi),
-            "error": lambda: F.error_at_rank(a, rank, dpi=dpi),
-            "planner": lambda: F.planner_figure(a, latent, dpi=dpi),
+            "layerwise": lambda: figures.layerwise_ranks(a, metrics, dpi=dpi),
+            "headwise": lambda: figures.headwise_ranks(a, layer, metrics, error=error, dpi=dpi),
+            "grid": lambda: figures.headwise_grid(a, metrics, error=error, dpi=dpi),
+            "heatmap": lambda: figures.rank_heatmaps(a, metrics, error=error, dpi=dpi),
+            "spectra": lambda: figures.spectra(
+                a, spectra_layers, spectra_kinds or figures.SPECTRA_KINDS, error=error, dpi=dpi
+            ),
+            "error": lambda: figures.error_at_rank(a, rank, dpi=dpi),
+            "planner": lambda: figures.planner_figure(a, latent, dpi=dpi),
         }
         for kind in kinds:
             if kind not in draw:
                 continue
             try:
                 result = draw[kind]()
-            except F.MissingFigureData as e:
+            except figures.MissingFigureData as e:
                 report.notes.append(f"skipped {kind}: {e}")
                 continue
             emit(result, folder, a.display)
@@ -219,9 +180,9 @@ def make_plots(
         if len(analyses) < 2:
             if kinds_asked:
                 report.notes.append("skipped compare: it needs two models or more")
-        else:
+        elif compare_dir is not None:
             try:
-                emit(F.compare_models(analyses, all_metrics, error=error, dpi=dpi), compare_dir, None)
-            except F.MissingFigureData as e:
+                emit(figures.compare_models(analyses, all_metrics, error=error, dpi=dpi), compare_dir, None)
+            except figures.MissingFigureData as e:
                 report.notes.append(f"skipped compare: {e}")
     return report

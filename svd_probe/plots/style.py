@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import matplotlib
 from matplotlib.figure import Figure
 
-from svd_probe.adapters.base import ALL_KINDS
+from svd_probe.kinds import ALL_KINDS
 
 if TYPE_CHECKING:
     from svd_probe.results import Analysis
@@ -101,7 +101,7 @@ def model_line(analysis: Analysis) -> str:
 
 def title(analyses: Analysis | Iterable[Analysis], what: str, threshold: str | None = None) -> str:
     """Figure title: what is drawn, then model, revision, options, threshold (one line each)."""
-    items = [analyses] if not isinstance(analyses, (list, tuple)) else list(analyses)
+    items: list[Analysis] = list(analyses) if isinstance(analyses, (list, tuple)) else [analyses]  # type: ignore[list-item]
     lines = [what + (f" — {threshold}" if threshold else "")]
     lines += [model_line(a) for a in items]
     return "\n".join(lines)

@@ -60,7 +60,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from svd_probe.adapters.base import HEAD_KINDS, LAYER_KINDS, STACKED_KINDS, AttentionFactors
+from svd_probe.adapters.base import AttentionFactors
+from svd_probe.kinds import HEAD, LAYER, SpectrumKey, parse_key, spectrum_keys
 from svd_probe.spectra.solvers import SOLVERS, Solver, solver_unavailable, svdvals
 
 __all__ = [
@@ -569,13 +570,13 @@ class _LayerProblems:
 
     def shape(self, key: str) -> tuple[int, int]:
         """The full matrix shape of a key, from tensor shapes alone (nothing is computed)."""
-        scope, _, kind = key.partition(".")
-        if scope == "head":
-            return self.heads[kind].shape
+        k = SpectrumKey.parse(key)
+        if k.scope == HEAD:
+            return self.heads[k.kind].shape
         return self.stack(key).shape
 
     def is_big(self, key: str) -> bool:
-        return not key.startswith("head.") and self.cfg.is_big(self.shape(key))
+        return SpectrumKey.parse(key).scope != HEAD and self.cfg.is_big(self.shape(key))
 
     def head(self, kind: str) -> torch.Tensor:
         return self.heads[kind].sigma
@@ -614,27 +615,13 @@ def requested_keys(factors: AttentionFactors, kinds) -> list[str]:
         "QK": have_q and have_k,
         "KQ": have_q and have_k,
     }
-    keys: set[str] = set()
-    for kind in kinds:
-        if "." in kind:
-            keys.add(kind)
-            continue
-        if kind in HEAD_KINDS:
-            keys.add(f"head.{kind}")
-        if kind in STACKED_KINDS:
-            keys.add(f"stacked.{kind}")
-        if kind in LAYER_KINDS:
-            keys.add(f"layer.{kind}")
-    out = []
-    for key in sorted(keys):
-        scope, _, kind = key.partition(".")
-        if scope == "head" and kind in HEAD_KINDS and needs[kind]:
-            out.append(key)
-        elif scope == "stacked" and kind in STACKED_KINDS and needs[kind]:
-            out.append(key)
-        elif scope == "layer" and kind in LAYER_KINDS and factors.layer.get(kind) is not None:
-            out.append(key)
-    return out
+    scoped = {parse_key(k) for k in kinds if "." in k}
+    keys = {k for k in scoped if k is not None} | set(spectrum_keys(k for k in kinds if "." not in k))
+
+    def available(key: SpectrumKey) -> bool:
+        return factors.layer.get(key.kind) is not None if key.scope == LAYER else needs[key.kind]
+
+    return [str(key) for key in sorted(keys) if available(key)]
 
 
 class PendingSpectra:
@@ -748,8 +735,9 @@ class SpectraPipeline:
             for key in keys:
                 if key in big:
                     continue
-                if key.startswith("head."):
-                    ready[key] = lay.head(key.partition(".")[2])
+                parsed = SpectrumKey.parse(key)
+                if parsed.scope == HEAD:
+                    ready[key] = lay.head(parsed.kind)
                 else:
                     ready[key] = _run_solves([lay.solve_for(key)])[0]
             pending._ready = ready

@@ -9,7 +9,7 @@ axis, or not at all, changes the spectra visibly.
 
     >>> from svd_probe.testing.layouts import write_layout
     >>> folder = write_layout(tmp_path / "qwen3", "qwen3")          # config.json + shards + index
-    >>> analyze(AnalyzeRequest(model=str(folder), cache_dir=tmp_path / "cache"))
+    >>> analyze(AnalyzeJob(model=str(folder), cache_dir=tmp_path / "cache"))
 
 Layouts: llama, mistral, qwen2, qwen3, bert, gpt2, deepseek_v3, deepseek_v32, deepseek_v2_lite,
 moonlight, kimi_k2, kimi_multimodal.
