@@ -8,7 +8,8 @@
     tensors = src.read_tensors(names, device)        # float32, FP8 dequantized on `device`
     for layer, tensors in stream_layers(src, layers, names_for_layer, device, prefetch=1): ...
 
-Modules: `safetensors_header` (parse + validate headers), `ranges` (HTTP and mmap range reads,
-retries, typed Hub errors), `dequant` (FP8 block scales, BF16/F16/F32), `source`, `stream`,
-`known_configs` + `catalog` (the `svd-probe models` table).
+Modules: `http` (the one HTTP edge: session, retries, deadlines, token rule, typed Hub errors),
+`checkpoint` (open: commit, config, index), `safetensors_header` (parse + validate headers),
+`ranges` (HTTP and mmap range reads, resume, signed URLs), `dequant` (FP8 block scales,
+BF16/F16/F32), `source`, `stream`, `known_configs` + `catalog` (the `svd-probe models` table).
 """

@@ -293,7 +293,7 @@ def _open_hub(
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     policy, range_options = HttpPolicy.split(read_options)
     if http.is_offline():  # before any request: huggingface_hub would refuse each one anyway
-        raise http.offline_error(f"{endpoint} for {repo_id}")
+        raise http.offline_error(endpoint, repo_id)
     common: dict[str, Any] = dict(token=token, endpoint=endpoint, policy=policy, label=revision)
 
     meta = http.file_metadata(repo_id, "config.json", revision=revision, **common)

@@ -268,6 +268,9 @@ class HubFiles:
             self.policy,
             what=f"reading {path} of {self.repo_id}",
             url=self.resolve_url(path),
+            give_up=lambda message, hint: TransferError(
+                message, hint + " Finished layers are cached: rerun to resume."
+            ),
             on_retry=lambda: self.stats.add(retries=1),
         )
 
