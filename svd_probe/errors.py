@@ -56,6 +56,23 @@ class CorruptShardError(SvdProbeError):
         self.tensor = tensor
 
 
+class MalformedFileError(SvdProbeError):
+    """config.json or the index is not what its format promises: not UTF-8 JSON, nested or sized
+    beyond reason, not an object, or a weight_map of the wrong shape."""
+
+    def __init__(self, message: str, hint: str | None = None, *, file: str):
+        super().__init__(message, hint)
+        self.file = file
+
+
+class UnsafeShardNameError(MalformedFileError):
+    """An index entry names a shard outside the repo or folder (`..`, an absolute path, a URL)."""
+
+    def __init__(self, message: str, hint: str | None = None, *, file: str, entry: str):
+        super().__init__(message, hint, file=file)
+        self.entry = entry
+
+
 class TransferError(SvdProbeError):
     """A range read kept failing after every retry (network down, server errors)."""
 
@@ -63,9 +80,11 @@ class TransferError(SvdProbeError):
 
 
 class HubUnreachableError(TransferError):
-    """The Hub cannot be reached: offline mode (`HF_HUB_OFFLINE=1`, `offline=True`), or no answer."""
+    """The Hub cannot be asked: offline mode (HF_HUB_OFFLINE, `offline` True), or no answer after
+    every retry (connection refused, DNS, a server that never answers). Raised when a checkpoint is
+    opened, so a caller can fall back to what it cached."""
 
-    def __init__(self, message: str, hint: str | None = None, offline: bool = False):
+    def __init__(self, message: str, hint: str | None = None, *, offline: bool = False):
         super().__init__(message, hint)
         self.offline = offline
 

@@ -8,7 +8,8 @@
     lt = src.read_tensors(plan_or_names, device)     # LayerTensors: float32 (FP8 dequantized), .dtypes
     for layer, lt in stream_layers(src, layers, plan_for_layer, device, prefetch=1): ...
 
-Modules: `safetensors_header` (parse + validate headers), `ranges` (HTTP and mmap range reads,
-retries, typed Hub errors), `dequant` (FP8 block scales, BF16/F16/F32), `source`, `stream`,
-`dtypes` (the one table of safetensors dtypes).
+Modules: `http` (the one HTTP edge: session, retries, deadlines, token rule, typed Hub errors),
+`checkpoint` (open: commit, config, index), `safetensors_header` (parse + validate headers),
+`ranges` (HTTP and mmap range reads, resume, signed URLs), `dequant` (FP8 block scales,
+BF16/F16/F32), `source`, `stream`, `dtypes` (the one table of safetensors dtypes).
 """

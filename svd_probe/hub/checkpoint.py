@@ -1,21 +1,43 @@
 """Opening a checkpoint: a Hub repo pinned to a commit, or a local folder.
 
-`open_checkpoint` resolves the revision to its commit, fetches config.json and the index with
-huggingface_hub (small files, cached in HF_HOME as usual) and returns a `CheckpointSource` that
-from then on reads only headers and tensor bytes.
+`open_checkpoint` resolves the revision to its commit (huggingface_hub's `get_hf_file_metadata`
+of config.json, through the HTTP edge `svd_probe.hub.http`), fetches config.json and the index
+with huggingface_hub (small files, cached in HF_HOME as usual) and returns a `CheckpointSource`
+that from then on reads only headers and tensor bytes.
+
+config.json and the index are input we do not control, so both are read with bounds: at most
+4 MiB of config and 64 MiB of index (DeepSeek-V3's index is about 9 MB) are read or downloaded,
+UTF-8 JSON only, every way `json.loads` can fail (bad syntax, nesting past the recursion limit,
+integers past Python's digit limit) ends in `MalformedFileError` naming the file. An index lists
+at most a million tensors (DeepSeek-V3: about 92k, Kimi-K2: about 140k), and every shard it names
+must be a plain relative name inside the repo or folder (`check_shard_name`): no `..`, no absolute
+path, no URL. Otherwise `../x.safetensors` would be read from outside the model folder, and over
+the Hub `../../other-org/repo/resolve/main/...` would fetch another repo with the user's token.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from svd_probe.errors import EntryNotFoundError, SvdProbeError, TransferError
-from svd_probe.hub.ranges import HubFiles, LocalFiles, hub_error
+from svd_probe.errors import EntryNotFoundError, MalformedFileError, TransferError, UnsafeShardNameError
+from svd_probe.hub import http
+from svd_probe.hub.http import HttpPolicy
+from svd_probe.hub.ranges import HubFiles, LocalFiles
 from svd_probe.hub.source import INDEX_FILE, LONE_FILE, CheckpointSource
 from svd_probe.models import ModelRef, is_commit
+
+MiB = 1024 * 1024
+MAX_CONFIG_BYTES = 4 * MiB
+MAX_INDEX_BYTES = 64 * MiB
+MAX_INDEX_ENTRIES = 1_000_000
+MAX_SHARD_NAME = 1000  # characters; real shard names are ~35
+
+ConfigCheck = Callable[[dict], None]
 
 
 def open_checkpoint(
@@ -24,14 +46,34 @@ def open_checkpoint(
     token: str | None = None,
     endpoint: str | None = None,
     concurrency: int = 8,
-    check_config: Callable[[dict], None] | None = None,
+    check_config: ConfigCheck | None = None,
     **read_options,
 ) -> CheckpointSource:
     """Open a Hub repo (pinned to the commit `revision` resolves to) or a local folder.
 
-    `read_options` go to `HubFiles` (max_gap, chunk_size, retries, backoff, timeout).
-    `check_config(config)` runs right after config.json is parsed, before the index or any
-    shard header is read, so a request the model cannot serve fails early.
+    Args:
+        ref: a resolved `ModelRef`, or a model name / alias / folder for `resolve_model`.
+        revision: branch, tag or commit (Hub only).
+        token: Hub token; None uses HF_TOKEN or the stored login. Sent to the endpoint's host only.
+        endpoint: Hub or mirror base URL (default: HF_ENDPOINT, else huggingface.co).
+        concurrency: range requests in flight.
+        check_config: called with config.json's object right after it is parsed, before the index
+            or any shard header is read; raise (a `SvdProbeError`) to refuse the model early.
+        read_options: range-read tuning for `HubFiles` (max_gap, gap_fraction, chunk_size) and the
+            HTTP policy (`svd_probe.hub.http.HttpPolicy`: retries, connect_retries, backoff,
+            max_backoff, timeout, deadline, min_rate).
+
+    Returns:
+        A `CheckpointSource` (commit, config, tensor_names, read_tensors, ...).
+
+    Raises:
+        HubUnreachableError: offline mode, or no answer from the endpoint (raised at once).
+        RepoNotFoundError, RevisionNotFoundError, GatedRepoError, EntryNotFoundError,
+        MalformedFileError (UnsafeShardNameError), TransferError: as their names say.
+
+    Example:
+        >>> src = open_checkpoint("deepseek-v3", check_config=lambda c: None)  # doctest: +SKIP
+        >>> src.commit, len(src.tensor_names)  # doctest: +SKIP
     """
     if isinstance(ref, str):
         from svd_probe.models import resolve_model
@@ -39,7 +81,138 @@ def open_checkpoint(
         ref = resolve_model(ref)
     if ref.is_local:
         return _open_local(ref, check_config)
-    return _open_hub(ref, revision or "main", token, endpoint, concurrency, read_options, check_config)
+    return _open_hub(ref, revision or "main", token, endpoint, concurrency, check_config, read_options)
+
+
+# --- untrusted files -------------------------------------------------------------------------------
+
+_HINT = "The checkpoint's file is damaged or not what its name says; check the repo, revision or folder."
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def parse_json_object(data: bytes, what: str, *, unique_keys: bool = False) -> dict:
+    """The JSON object in `data` (UTF-8), or `MalformedFileError` naming `what`. Never echoes the
+    bytes. `unique_keys`: refuse an object that names a key twice (JSON keeps the last silently)."""
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedFileError(f"{what} is not UTF-8 text (bad byte at offset {e.start})", _HINT, file=what) from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
+    except json.JSONDecodeError as e:
+        raise MalformedFileError(
+            f"{what} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})", _HINT, file=what
+        ) from None
+    except _DuplicateKey as e:
+        key = str(e.args[0])
+        raise MalformedFileError(f"{what} names {key[:200]!r} twice", _HINT, file=what) from None
+    except RecursionError:
+        raise MalformedFileError(f"{what} is nested too deeply to be a real file", _HINT, file=what) from None
+    except ValueError:  # an integer beyond Python's int-string digit limit, and the like
+        raise MalformedFileError(f"{what} holds a number too long to parse", _HINT, file=what) from None
+    if not isinstance(obj, dict):
+        raise MalformedFileError(
+            f"{what} is a JSON {type(obj).__name__ if obj is not None else 'null'}, not an object", _HINT, file=what
+        )
+    return obj
+
+
+def load_json_file(path: Path, what: str, max_bytes: int, *, unique_keys: bool = False) -> dict:
+    """`parse_json_object` of the file at `path`, refused without reading if over `max_bytes`."""
+    try:
+        size = path.stat().st_size
+        if size <= max_bytes:
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+            size = len(data)
+    except OSError as e:
+        raise EntryNotFoundError(f"{what} is unreadable: {e.strerror}", "Check the checkpoint files.") from None
+    if size > max_bytes:
+        raise MalformedFileError(_too_big(what, size, max_bytes), _HINT, file=what)
+    return parse_json_object(data, what, unique_keys=unique_keys)
+
+
+def _too_big(what: str, size: int, max_bytes: int) -> str:
+    return f"{what} is {size} bytes, over the {max_bytes}-byte ({max_bytes // MiB} MiB) limit for it"
+
+
+def check_shard_name(name: str) -> str | None:
+    """Why `name` is not a plain relative file name inside a repo or folder, or None if it is.
+
+    A subfolder (`sub/model-1.safetensors`) is fine; `..` / `.` segments, empty segments, absolute
+    paths, backslashes, control characters, URL schemes or drive letters, `?` and `#` are not.
+    """
+    if not name:
+        return "empty"
+    if len(name) > MAX_SHARD_NAME:
+        return f"longer than {MAX_SHARD_NAME} characters"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "a name with a control character"
+    if "\\" in name:
+        return "a name with a backslash"
+    if "?" in name or "#" in name:
+        return "a name with '?' or '#'"
+    if name.startswith("/"):
+        return "an absolute path"
+    if _SCHEME.match(name):
+        return "a URL or a drive path"
+    parts = name.split("/")
+    if "" in parts:
+        return "a path with an empty segment"
+    if "." in parts or ".." in parts:
+        return "a path with '.' or '..' segments"
+    return None
+
+
+def check_weight_map(index: dict, what: str) -> dict[str, str]:
+    """The index's weight_map {tensor: shard}, checked: an object of at most MAX_INDEX_ENTRIES
+    tensors, each naming a shard that `check_shard_name` accepts; else a typed error naming the entry."""
+    wm = index.get("weight_map")
+    if not isinstance(wm, dict):
+        raise MalformedFileError(f"{what} has no weight_map object", "Check the checkpoint's index file.", file=what)
+    if not wm:
+        raise MalformedFileError(f"{what} has an empty weight_map", "Check the checkpoint's index file.", file=what)
+    if len(wm) > MAX_INDEX_ENTRIES:
+        raise MalformedFileError(
+            f"{what} lists {len(wm)} tensors, more than the {MAX_INDEX_ENTRIES} any checkpoint has", _HINT, file=what
+        )
+    accepted: set[str] = set()  # a few hundred shards named ~100k times: check each name once
+    for tensor, shard in wm.items():
+        if isinstance(shard, str) and shard in accepted:
+            continue
+        if not isinstance(shard, str):
+            raise MalformedFileError(
+                f"{what}: weight_map entry {tensor[:200]!r} is a JSON {type(shard).__name__}, not a file name",
+                "Check the checkpoint's index file.",
+                file=what,
+            )
+        problem = check_shard_name(shard)
+        if problem is not None:
+            raise UnsafeShardNameError(
+                f"{what}: weight_map entry {tensor[:200]!r} names shard {shard[:200]!r}, {problem}",
+                "An index may only name shard files inside the checkpoint. This one is damaged or was "
+                "made to read elsewhere: do not use it.",
+                file=what,
+                entry=tensor,
+            )
+        accepted.add(shard)
+    return wm
+
+
+# --- local folders -------------------------------------------------------------------------------
 
 
 def _fingerprint(folder: Path, files: list[Path]) -> str:
@@ -51,49 +224,34 @@ def _fingerprint(folder: Path, files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _load_json(path: Path, what: str) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EntryNotFoundError(f"{what} is unreadable: {e}", "Check the checkpoint files.") from None
-    if not isinstance(obj, dict):
-        raise EntryNotFoundError(f"{what} is not a JSON object", "Check the checkpoint files.")
-    return obj
-
-
-def _weight_map(index: dict, where: str) -> dict[str, str]:
-    wm = index.get("weight_map")
-    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
-        raise EntryNotFoundError(
-            f"{INDEX_FILE} of {where} has no valid weight_map", "Check the checkpoint's index file."
-        )
-    return wm
-
-
-def _open_local(ref: ModelRef, check_config: Callable[[dict], None] | None = None) -> CheckpointSource:
+def _open_local(ref: ModelRef, check_config: ConfigCheck | None) -> CheckpointSource:
     folder = ref.local_path
+    assert folder is not None
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise EntryNotFoundError(
             f"no config.json in {folder}", "Point MODEL at a checkpoint folder (config.json + safetensors)."
         )
-    config = _load_json(cfg_path, f"{cfg_path}")
+    config = load_json_file(cfg_path, f"{cfg_path}", MAX_CONFIG_BYTES)
     if check_config is not None:
         check_config(config)
     files = LocalFiles(folder)
     shards = sorted(folder.glob("*.safetensors"))
-    if (folder / INDEX_FILE).is_file():
-        wm = _weight_map(_load_json(folder / INDEX_FILE, str(folder / INDEX_FILE)), str(folder))
-        fp_files = [cfg_path, folder / INDEX_FILE] + shards
-        src = CheckpointSource(
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        wm = check_weight_map(
+            load_json_file(index_path, str(index_path), MAX_INDEX_BYTES, unique_keys=True), str(index_path)
+        )
+        # Shards in subfolders count too: replacing one must change the fingerprint.
+        listed = sorted({folder / s for s in set(wm.values()) if (folder / s).is_file()} | set(shards))
+        return CheckpointSource(
             files,
             config=config,
             weight_map=wm,
-            commit=_fingerprint(folder, fp_files),
+            commit=_fingerprint(folder, [cfg_path, index_path] + listed),
             display=ref.display,
             local_path=folder,
         )
-        return src
     if not shards:
         raise EntryNotFoundError(
             f"no safetensors files in {folder}", f"Expected {INDEX_FILE} with shards, or {LONE_FILE}."
@@ -116,132 +274,97 @@ def _open_local(ref: ModelRef, check_config: Callable[[dict], None] | None = Non
     return src
 
 
-def _map_hf_error(e: Exception, ref: ModelRef, revision: str, endpoint: str, path: str) -> SvdProbeError:
-    resp = getattr(e, "response", None)
-    if resp is not None:
-        err = hub_error(resp, repo_id=ref.repo_id, revision=revision, path=path, endpoint=endpoint)
-        if err is not None:
-            return err
-    return TransferError(
-        f"could not fetch {path} of {ref.repo_id} from {endpoint}: {e}", "Check the network, --endpoint / HF_ENDPOINT."
-    )
-
-
-def _resolve_commit(ref: ModelRef, revision: str, token, endpoint: str, retries: int = 5) -> str:
-    """The commit `revision` points at, from X-Repo-Commit on a HEAD of config.json."""
-    import time
-    from urllib.parse import quote, urljoin
-
-    from huggingface_hub.utils import build_hf_headers, get_session
-
-    session = get_session()
-    httpx = __import__(type(session).__module__.split(".")[0])
-    url = f"{endpoint}/{ref.repo_id}/resolve/{quote(revision, safe='')}/config.json"
-    headers = dict(build_hf_headers(token=token))
-    headers["Accept-Encoding"] = "identity"
-    redirects = 0
-    attempt = 0
-    while True:
-        try:
-            r = session.head(url, headers=headers, follow_redirects=False, timeout=30)
-        except httpx.TransportError as e:
-            attempt += 1
-            if attempt > retries:
-                raise TransferError(
-                    f"cannot reach {endpoint}: {e}",
-                    "Check the network, or set --endpoint / HF_ENDPOINT to a reachable mirror.",
-                ) from None
-            time.sleep(0.2 * 2**attempt)
-            continue
-        if r.status_code == 429 or r.status_code >= 500:
-            attempt += 1
-            if attempt > retries:
-                raise TransferError(f"{endpoint} answered HTTP {r.status_code} for {ref.repo_id}", "Retry later.")
-            time.sleep(0.2 * 2**attempt)
-            continue
-        if (
-            300 <= r.status_code < 400
-            and not r.headers.get("X-Repo-Commit")
-            and "location" in r.headers
-            and redirects < 5
-        ):
-            # A renamed repo answers with a (relative) redirect to its new name: follow it by hand,
-            # so that an LFS-stored file's redirect to a CDN still yields the headers of the Hub.
-            redirects += 1
-            url = urljoin(url, r.headers["location"])
-            continue
-        if r.status_code >= 400:
-            err = hub_error(r, repo_id=ref.repo_id, revision=revision, path="config.json", endpoint=endpoint)
-            raise err or TransferError(f"HTTP {r.status_code} for {url}", "Check --endpoint / HF_ENDPOINT.")
-        commit = r.headers.get("X-Repo-Commit")
-        if not commit or not is_commit(commit):
-            raise TransferError(
-                f"{endpoint} did not answer with an X-Repo-Commit header for {ref.repo_id}",
-                "The endpoint does not look like a Hugging Face Hub or mirror; check --endpoint / HF_ENDPOINT.",
-            )
-        return commit
+# --- Hub repos -----------------------------------------------------------------------------------
 
 
 def _open_hub(
     ref: ModelRef,
     revision: str,
-    token,
+    token: str | None,
     endpoint: str | None,
     concurrency: int,
+    check_config: ConfigCheck | None,
     read_options: dict,
-    check_config: Callable[[dict], None] | None = None,
 ) -> CheckpointSource:
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import constants
 
+    repo_id = ref.repo_id
+    assert repo_id is not None
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-    commit = _resolve_commit(ref, revision, token, endpoint)
+    policy, range_options = HttpPolicy.split(read_options)
+    if http.is_offline():  # before any request: huggingface_hub would refuse each one anyway
+        raise http.offline_error(endpoint, repo_id)
+    common: dict[str, Any] = dict(token=token, endpoint=endpoint, policy=policy, label=revision)
 
-    def fetch(path: str) -> Path:
-        try:
-            # Pinned to the commit: a branch moving during the run cannot mix two checkpoints.
-            return Path(hf_hub_download(ref.repo_id, path, revision=commit, token=token, endpoint=endpoint))
-        except HfHubHTTPError as e:
-            raise _map_hf_error(e, ref, revision, endpoint, path) from None
-        except Exception as e:  # network down mid-way, offline mode, cache not writable: say so, no traceback
-            raise TransferError(
-                f"could not fetch {path} of {ref.repo_id} from {endpoint}: {type(e).__name__}: {e}",
-                "Check the network, --endpoint / HF_ENDPOINT, and that HF_HOME is writable.",
-            ) from e
-
-    config = _load_json(fetch("config.json"), f"config.json of {ref.repo_id}")
+    meta = http.file_metadata(repo_id, "config.json", revision=revision, **common)
+    commit = meta.commit_hash
+    if not commit or not is_commit(commit):
+        raise TransferError(
+            f"{endpoint} did not answer with an X-Repo-Commit header for {repo_id}",
+            "The endpoint does not look like a Hugging Face Hub or mirror; check --endpoint / HF_ENDPOINT.",
+        )
+    config = _fetch_json(repo_id, "config.json", commit, meta.size, MAX_CONFIG_BYTES, common)
     if check_config is not None:
         check_config(config)
+
     files = HubFiles(
-        endpoint, ref.repo_id, commit, token=token, concurrency=concurrency, revision=revision, **read_options
+        endpoint,
+        repo_id,
+        commit,
+        token=token,
+        concurrency=concurrency,
+        revision=revision,
+        policy=policy,
+        **range_options,
     )
-    try:
-        index_path = fetch(INDEX_FILE)
-    except EntryNotFoundError:
-        index_path = None
-    if index_path is not None:
-        wm = _weight_map(_load_json(index_path, f"{INDEX_FILE} of {ref.repo_id}"), ref.repo_id)
+    index = _fetch_index(repo_id, commit, common)
+    if index is not None:
+        what = f"{INDEX_FILE} of {repo_id}"
         return CheckpointSource(
             files,
             config=config,
-            weight_map=wm,
+            weight_map=check_weight_map(index, what),
             commit=commit,
             display=ref.display,
-            repo_id=ref.repo_id,
+            repo_id=repo_id,
             revision=revision,
         )
     # A single-file checkpoint: its header is the index.
     src = CheckpointSource(
-        files, config=config, weight_map={}, commit=commit, display=ref.display, repo_id=ref.repo_id, revision=revision
+        files, config=config, weight_map={}, commit=commit, display=ref.display, repo_id=repo_id, revision=revision
     )
     try:
         h = src.headers([LONE_FILE])[LONE_FILE]
     except EntryNotFoundError:
         files.close()
         raise EntryNotFoundError(
-            f"{ref.repo_id} has neither {INDEX_FILE} nor {LONE_FILE} at revision {revision!r}",
+            f"{repo_id} has neither {INDEX_FILE} nor {LONE_FILE} at revision {revision!r}",
             "svd-probe reads safetensors checkpoints; pick a repo or revision that has them.",
         ) from None
     src.weight_map = {n: LONE_FILE for n in h.tensors}
     src.tensor_names = set(src.weight_map)
     return src
+
+
+def _fetch_json(repo_id: str, path: str, commit: str, size: int | None, max_bytes: int, common: dict) -> dict:
+    what = f"{path} of {repo_id}"
+    if size is not None and size > max_bytes:  # refused before a byte of it is downloaded
+        raise MalformedFileError(_too_big(what, size, max_bytes), _HINT, file=what)
+    local = http.download(repo_id, path, commit=commit, max_bytes=max_bytes, **common)
+    return load_json_file(local, what, max_bytes, unique_keys=path == INDEX_FILE)
+
+
+def _fetch_index(repo_id: str, commit: str, common: dict) -> dict | None:
+    """The index at `commit`, or None when the repo has none (a single-file checkpoint)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, INDEX_FILE, revision=commit)
+    if isinstance(cached, str):  # pinned to a commit: what is cached cannot have changed
+        return load_json_file(Path(cached), f"{INDEX_FILE} of {repo_id}", MAX_INDEX_BYTES, unique_keys=True)
+    if cached is not None:  # huggingface_hub recorded that this commit has no index
+        return None
+    try:
+        meta = http.file_metadata(repo_id, INDEX_FILE, revision=commit, **common)
+    except EntryNotFoundError:
+        return None
+    return _fetch_json(repo_id, INDEX_FILE, commit, meta.size, MAX_INDEX_BYTES, common)

@@ -3,107 +3,35 @@
 Both backends answer the same two questions, so `CheckpointSource` has one code path:
 `size(path)` and `read_many([(path, begin, end), ...]) -> [bytearray, ...]`.
 
-The Hub backend speaks docs/reference.md §5 through huggingface_hub's shared HTTP client
-(`get_session()`, httpx in huggingface_hub 1.x, httpx2 in 2.x): one `Range` per GET, redirects to
-the signed CDN URL followed by hand (so the signed URL is reused for every later range of that
-file and re-resolved when it expires), several requests in flight, nearby ranges coalesced,
-large ranges split so that one big tensor still uses every connection.
+The Hub backend speaks docs/reference.md §5 through the HTTP edge (`svd_probe.hub.http`: the
+session, the retry policy, the deadline, the token rule and the error map) and adds what
+huggingface_hub does not do: one `Range` per GET; redirects to the signed CDN URL followed by
+hand, so the signed URL is reused for every later range of that file and re-resolved when it
+expires; partial bodies resumed where they stopped; several requests in flight; nearby ranges
+coalesced; large ranges split so that one big tensor still uses every connection.
 """
 
 from __future__ import annotations
 
-import email.utils
-import importlib
 import mmap
-import random
 import re
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, urljoin, urlparse
+from urllib.parse import quote, urljoin, urlsplit
 
 import numpy as np
 
-from svd_probe.errors import (
-    CorruptShardError,
-    EntryNotFoundError,
-    GatedRepoError,
-    RepoNotFoundError,
-    RevisionNotFoundError,
-    SvdProbeError,
-    TransferError,
-)
+from svd_probe.errors import CorruptShardError, EntryNotFoundError, TransferError
+from svd_probe.hub import http
+from svd_probe.hub.http import HttpPolicy, Retry
 
 MiB = 1024 * 1024
 
-_PASS_TOKEN = "pass a token: `--token hf_...`, set HF_TOKEN, or run `hf auth login`."
-TOKEN_HINT = "Accept the model's terms on its Hub page if it is gated, then " + _PASS_TOKEN
-
-
-def _httpx_module():
-    """The httpx flavour huggingface_hub's session uses (httpx for hf 1.x, httpx2 for hf 2.x)."""
-    from huggingface_hub.utils import get_session
-
-    return importlib.import_module(type(get_session()).__module__.split(".")[0])
-
-
-def hub_error(response, *, repo_id: str, revision: str, path: str | None, endpoint: str) -> SvdProbeError | None:
-    """The typed error for a Hub error answer, or None when it is not one we know.
-
-    Reads X-Error-Code first (what the Hub and huggingface_hub use); a bare 401/403 means the
-    repo is private, gated or the token is wrong, which the Hub does not tell apart.
-    """
-    code = response.headers.get("X-Error-Code")
-    status = response.status_code
-    where = f"{repo_id} on {endpoint}"
-    if code == "RepoNotFound" or (status == 401 and code is None):
-        return RepoNotFoundError(
-            f"repository {where} not found (HTTP {status})",
-            "Check the repo id (aliases: `svd-probe models`). If the repo is private or gated, " + _PASS_TOKEN,
-        )
-    if code == "RevisionNotFound":
-        return RevisionNotFoundError(
-            f"revision {revision!r} not found in {where}",
-            "Pass an existing branch, tag or 40-hex commit with --revision (default: main).",
-        )
-    if code == "EntryNotFound" or (status == 404 and path is not None):
-        return EntryNotFoundError(
-            f"file {path!r} not found in {where} at revision {revision!r}",
-            "The checkpoint lacks a file its layout needs; check the repo and revision, or the mirror's copy.",
-        )
-    if code == "GatedRepo" or status in (401, 403):
-        return GatedRepoError(f"access to {where} denied (HTTP {status}: gated or needs authentication)", TOKEN_HINT)
-    if status == 404:
-        return RepoNotFoundError(
-            f"repository {where} not found (HTTP 404)", "Check the repo id and --endpoint / HF_ENDPOINT."
-        )
-    return None
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:  # HTTP-date form
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
-
-
-class _Retryable(Exception):
-    def __init__(self, reason: str, wait: float | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.wait = wait
+_MAX_REDIRECTS = 10  # Hub -> CDN is one hop; more than a few is a loop
+_MAX_RERESOLVES = 3
 
 
 @dataclass
@@ -177,8 +105,46 @@ def _assemble(reqs, spans, span_bufs) -> list[bytearray]:
     return out  # type: ignore[return-value]
 
 
+class _Fill:
+    """Where the bytes of one range go, and how many have arrived.
+
+    A request that missed its deadline is abandoned, but its thread may still be receiving: it
+    writes only while it is the owner, so a late byte can never land in a buffer that a retry
+    (or the caller) already uses. What it wrote before is kept, and the retry resumes after it.
+    """
+
+    def __init__(self, mv: memoryview):
+        self.mv = mv
+        self.done = 0
+        self._owner: object | None = None
+        self._lock = threading.Lock()
+
+    def claim(self) -> object:
+        owner = object()
+        with self._lock:
+            self._owner = owner
+        return owner
+
+    def write(self, owner: object, chunk: bytes) -> bool:
+        with self._lock:
+            if self._owner is not owner:
+                return False
+            self.mv[self.done : self.done + len(chunk)] = chunk
+            self.done += len(chunk)
+            return True
+
+    def abandon(self, owner: object) -> None:
+        with self._lock:
+            if self._owner is owner:
+                self._owner = None
+
+
 class HubFiles:
-    """Range reads of the files of one Hub repo, pinned to one commit."""
+    """Range reads of the files of one Hub repo, pinned to one commit.
+
+    `policy` (or its fields by name: retries, backoff, max_backoff, timeout, deadline, min_rate)
+    says how hard to try; see `svd_probe.hub.http.HttpPolicy`.
+    """
 
     def __init__(
         self,
@@ -191,14 +157,10 @@ class HubFiles:
         max_gap: int = 1 * MiB,
         gap_fraction: float = 0.02,
         chunk_size: int = 16 * MiB,
-        retries: int = 8,
-        backoff: float = 0.5,
-        max_backoff: float = 30.0,
-        timeout: float = 60.0,
         revision: str | None = None,
+        policy: HttpPolicy | None = None,
+        **policy_fields,
     ):
-        from huggingface_hub.utils import build_hf_headers, get_session
-
         self.endpoint = endpoint.rstrip("/")
         self.repo_id = repo_id
         self.commit = commit
@@ -207,16 +169,14 @@ class HubFiles:
         self.max_gap = max_gap
         self.gap_fraction = gap_fraction
         self.chunk_size = chunk_size
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.timeout = timeout
+        base, unknown = HttpPolicy.split(policy_fields)
+        if unknown:
+            raise TypeError(f"unknown read options: {', '.join(sorted(unknown))}")
+        self.policy = policy or base
         self.stats = ReadStats()
-        self._session = get_session()
-        self._httpx = importlib.import_module(type(self._session).__module__.split(".")[0])
-        # build_hf_headers resolves token=None to HF_TOKEN or the stored login, as huggingface_hub users expect.
-        self._headers = dict(build_hf_headers(token=token))
-        self._headers["Accept-Encoding"] = "identity"  # byte ranges of the stored file, never of a compressed body
+        self._session = http.session()
+        self._hx = http.httpx()
+        self._headers = http.hub_headers(token)
         self._signed: dict[str, str] = {}
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -239,7 +199,7 @@ class HubFiles:
     def read_many(self, reqs: list[tuple[str, int, int]]) -> list:
         """Bytes [begin, end) of each (path, begin, end), as writable buffers (bytearray or uint8 array)."""
         real = [(i, r) for i, r in enumerate(reqs) if r[2] > r[1]]
-        out: list[bytearray] = [bytearray() for _ in reqs]
+        out: list = [bytearray() for _ in reqs]
         if not real:
             return out
         sub = [r for _, r in real]
@@ -247,7 +207,7 @@ class HubFiles:
         # np.empty, not bytearray: a bytearray is zero-filled first, which cost a third of the
         # time of a 400 MB read on the benchmark machine; every byte is overwritten anyway.
         bufs = [np.empty(e - b, dtype=np.uint8) for (_, b, e, _) in spans]
-        views = [memoryview(b) for b in bufs]
+        views = [b.data for b in bufs]
         futs = [
             self._pool.submit(self._fetch_into, spans[s][0], b, e, views[s][b - spans[s][1] : e - spans[s][1]])
             for (s, b, e) in chunks
@@ -272,129 +232,131 @@ class HubFiles:
             return self._signed.get(path) or self.resolve_url(path)
 
     def _fetch_into(self, path: str, begin: int, end: int, mv: memoryview) -> None:
-        """Fill `mv` with bytes [begin, end) of `path`, resuming after partial bodies."""
-        done = 0
-        attempt = 0
-        redirects = 0
-        reresolves = 0
-        while done < end - begin:
-            url = self._url_for(path)
-            signed = url != self.resolve_url(path)
-            try:
-                done += self._one_get(path, url, signed, begin + done, end, mv[done:])
-                continue
-            except _Redirect as r:
-                redirects += 1
-                if redirects > 10:
-                    raise TransferError(
-                        f"too many redirects reading {path} from {self.repo_id}", "Check --endpoint / HF_ENDPOINT."
-                    ) from None
-                with self._lock:
-                    self._signed[path] = r.location
-                continue
-            except _Expired:
-                # A signed CDN URL lives about an hour; a long analysis outlives it. Ask the Hub again.
-                reresolves += 1
-                self.stats.add(reresolves=1)
-                with self._lock:
-                    if self._signed.get(path) == url:
-                        del self._signed[path]
-                if reresolves > 3:
-                    raise TransferError(
-                        f"the CDN keeps refusing freshly signed URLs for {path}", "Retry later; check the mirror."
-                    ) from None
-                continue
-            except _Retryable as r:
-                done += r.got if isinstance(r, _ShortBody) else 0
-                attempt += 1
-                if attempt > self.retries:
-                    raise TransferError(
-                        f"reading {path} of {self.repo_id} failed after {self.retries} retries: {r.reason}",
-                        "Check the network or the mirror, then rerun: finished layers are cached.",
-                    ) from None
-                self.stats.add(retries=1)
-                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-                if r.wait is not None:
-                    delay = max(delay, min(r.wait, 120.0))  # honour Retry-After (bounded)
-                time.sleep(delay)
-            except self._httpx.TransportError as e:  # dropped connection, reset, timeout
-                attempt += 1
-                if attempt > self.retries:
-                    raise TransferError(
-                        f"reading {path} of {self.repo_id} failed after {self.retries} retries: {type(e).__name__}: {e}",
-                        "Check the network or the mirror, then rerun: finished layers are cached.",
-                    ) from None
-                self.stats.add(retries=1)
-                time.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2))
+        """Fill `mv` with bytes [begin, end) of `path`: resumed after partial bodies, each request
+        under its deadline, transient failures retried by the edge's one policy."""
+        fill = _Fill(mv)
+        hops = {"redirects": 0, "reresolves": 0}
 
-    def _one_get(self, path: str, url: str, signed: bool, begin: int, end: int, mv: memoryview) -> int:
-        headers = dict(self._headers)
+        def attempt() -> None:
+            while fill.done < end - begin:
+                url = self._url_for(path)
+                try:
+                    self._get_within_deadline(path, url, begin, end, fill)
+                except _Redirect as r:
+                    hops["redirects"] += 1
+                    if hops["redirects"] > _MAX_REDIRECTS:
+                        raise TransferError(
+                            f"too many redirects (a redirect loop?) reading {path} from {self.repo_id} at {http.redact(r.location)}",
+                            "Check --endpoint / HF_ENDPOINT.",
+                        ) from None
+                    with self._lock:
+                        self._signed[path] = r.location
+                except _Expired:
+                    # A signed CDN URL lives about an hour; a long analysis outlives it. Ask the Hub again.
+                    hops["reresolves"] += 1
+                    self.stats.add(reresolves=1)
+                    with self._lock:
+                        if self._signed.get(path) == url:
+                            del self._signed[path]
+                    if hops["reresolves"] > _MAX_RERESOLVES:
+                        raise TransferError(
+                            f"the CDN keeps refusing freshly signed URLs for {path}", "Retry later; check the mirror."
+                        ) from None
+
+        http.with_retries(
+            attempt,
+            self.policy,
+            what=f"reading {path} of {self.repo_id}",
+            url=self.resolve_url(path),
+            give_up=lambda message, hint: TransferError(
+                message, hint + " Finished layers are cached: rerun to resume."
+            ),
+            on_retry=lambda: self.stats.add(retries=1),
+        )
+
+    def _get_within_deadline(self, path: str, url: str, begin: int, end: int, fill: _Fill) -> None:
+        owner = fill.claim()
+        start = begin + fill.done
+        http.within_deadline(
+            lambda: self._one_get(path, url, start, end, fill, owner),
+            self.policy.deadline_for(end - start),
+            url=url,
+            on_abandon=lambda: fill.abandon(owner),
+        )
+
+    def _one_get(self, path: str, url: str, begin: int, end: int, fill: _Fill, owner: object) -> None:
+        headers = http.headers_for(url, self._headers, self.endpoint)  # never the token off the Hub's origin
         headers["Range"] = f"bytes={begin}-{end - 1}"
-        if signed and urlparse(url).netloc != urlparse(self.endpoint).netloc:
-            headers.pop("authorization", None)  # never send the Hub token to a CDN host
-            headers.pop("Authorization", None)
+        signed = url != self.resolve_url(path)
         self.stats.add(requests=1)
         n = end - begin
         got = 0
-        with self._session.stream("GET", url, headers=headers, follow_redirects=False, timeout=self.timeout) as r:
-            st = r.status_code
-            if st in (301, 302, 303, 307, 308) and "location" in r.headers:
-                raise _Redirect(urljoin(url, r.headers["location"]))
-            if signed and st in (401, 403, 410):
-                raise _Expired()
-            if st == 429 or st >= 500:
-                raise _Retryable(f"HTTP {st}", _retry_after(r.headers.get("Retry-After")))
-            if st == 416:
-                raise CorruptShardError(
-                    f"bytes {begin}-{end - 1} are past the end of the file (HTTP 416)",
-                    file=path,
-                    hint="The header promises more data than the file holds: the file is truncated.",
-                )
-            if st == 200:
-                # The server ignored Range: reading on would download the whole shard.
-                raise TransferError(
-                    f"the server answered {path} with the whole file instead of a byte range",
-                    "Use an endpoint that supports HTTP Range requests (the Hub and its mirrors do).",
-                )
-            if st != 206:
-                r.read()
-                err = hub_error(r, repo_id=self.repo_id, revision=self.revision, path=path, endpoint=self.endpoint)
-                if err is not None:
-                    raise err
-                raise TransferError(
-                    f"unexpected HTTP {st} reading {path} of {self.repo_id}", "Check --endpoint / HF_ENDPOINT."
-                )
-            m = _CONTENT_RANGE.match(r.headers.get("Content-Range", ""))
-            if m and m.group(3) != "*" and int(m.group(3)) < end:
-                # The server clipped the range to the file: a header promised bytes that are not there.
-                raise CorruptShardError(
-                    f"bytes {begin}-{end - 1} asked for, but the file has only {m.group(3)} bytes",
-                    file=path,
-                    hint="The file is truncated or its header is damaged; check the repo or the mirror's copy.",
-                )
-            if not m or int(m.group(1)) != begin or int(m.group(2)) != end - 1:
-                raise _Retryable(f"bad Content-Range {r.headers.get('Content-Range')!r} for bytes {begin}-{end - 1}")
-            if m.group(3) != "*":
-                total = int(m.group(3))
-                with self._lock:
-                    self._sizes[path] = total
-            cl = r.headers.get("Content-Length")
-            if cl is not None and int(cl) != n:
-                raise _Retryable(f"Content-Length {cl} for a {n}-byte range")
-            try:
-                for chunk in r.iter_bytes():
-                    k = len(chunk)
-                    if got + k > n:
-                        raise _Retryable("body longer than the range asked for")
-                    mv[got : got + k] = chunk
-                    got += k
-            except self._httpx.TransportError as e:
-                self.stats.add(bytes_fetched=got)
-                raise _ShortBody(f"connection dropped after {got} of {n} bytes ({type(e).__name__})", got) from None
-        self.stats.add(bytes_fetched=got)
+        try:
+            with self._session.stream(
+                "GET", url, headers=headers, follow_redirects=False, timeout=self.policy.client_timeout()
+            ) as r:
+                st = r.status_code
+                if st in (301, 302, 303, 307, 308) and "location" in r.headers:
+                    location = urljoin(url, r.headers["location"])
+                    if urlsplit(location).scheme not in ("http", "https"):
+                        raise TransferError(
+                            f"{http.redact(url)} redirects to a non-HTTP location", "Check --endpoint / HF_ENDPOINT."
+                        )
+                    raise _Redirect(location)
+                if signed and st in (401, 403, 410):
+                    raise _Expired()
+                if st in http.RETRY_STATUSES:
+                    raise Retry(f"HTTP {st}", wait=http.retry_after(r.headers.get("Retry-After")), url=url)
+                if st == 416:
+                    raise CorruptShardError(
+                        f"bytes {begin}-{end - 1} are past the end of the file (HTTP 416)",
+                        file=path,
+                        hint="The header promises more data than the file holds: the file is truncated.",
+                    )
+                if st == 200:
+                    # The server ignored Range: reading on would download the whole shard.
+                    raise TransferError(
+                        f"the server answered {path} with the whole file instead of a byte range",
+                        "Use an endpoint that supports HTTP Range requests (the Hub and its mirrors do).",
+                    )
+                if st != 206:
+                    err = http.error_for_response(
+                        r, repo_id=self.repo_id, revision=self.revision, path=path, endpoint=self.endpoint
+                    )
+                    raise err or TransferError(
+                        f"unexpected HTTP {st} reading {path} of {self.repo_id}", "Check --endpoint / HF_ENDPOINT."
+                    )
+                m = _CONTENT_RANGE.match(r.headers.get("Content-Range", ""))
+                if m and m.group(3) != "*" and int(m.group(3)) < end:
+                    # The server clipped the range to the file: a header promised bytes that are not there.
+                    raise CorruptShardError(
+                        f"bytes {begin}-{end - 1} asked for, but the file has only {m.group(3)} bytes",
+                        file=path,
+                        hint="The file is truncated or its header is damaged; check the repo or the mirror's copy.",
+                    )
+                if not m or int(m.group(1)) != begin or int(m.group(2)) != end - 1:
+                    raise Retry(
+                        f"bad Content-Range {r.headers.get('Content-Range')!r} for bytes {begin}-{end - 1}", url=url
+                    )
+                if m.group(3) != "*":
+                    with self._lock:
+                        self._sizes[path] = int(m.group(3))
+                cl = r.headers.get("Content-Length")
+                if cl is not None and not (cl.strip().isdigit() and int(cl) == n):
+                    raise Retry(f"Content-Length {cl!r} for a {n}-byte range", url=url)
+                try:
+                    for chunk in r.iter_bytes():
+                        if got + len(chunk) > n:
+                            raise Retry("body longer than the range asked for", url=url)
+                        if not fill.write(owner, chunk):
+                            return  # abandoned after a stall: the retry owns the buffer now
+                        got += len(chunk)
+                except self._hx.TransportError as e:
+                    raise Retry(f"connection dropped after {got} of {n} bytes ({type(e).__name__})", url=url) from None
+        finally:
+            self.stats.add(bytes_fetched=got)
         if got < n:
-            raise _ShortBody(f"short body: {got} of {n} bytes", got)
-        return got
+            raise Retry(f"short body: {got} of {n} bytes", url=url)
 
 
 class _Redirect(Exception):
@@ -404,12 +366,6 @@ class _Redirect(Exception):
 
 class _Expired(Exception):
     pass
-
-
-class _ShortBody(_Retryable):
-    def __init__(self, reason: str, got: int):
-        super().__init__(reason)
-        self.got = got
 
 
 class LocalFiles:

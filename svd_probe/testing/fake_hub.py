@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 FAULT_KINDS = ("cut", "drop", "503", "429", "expire", "stall")
+HOSTILE_KINDS = ("redirect", "redirect-loop", "slow-headers", "slow-body", "never-answer")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Record:
     cdn: bool
     authorization: bool
     fault: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # every request header, names lower-cased
 
 
 @dataclass
@@ -56,6 +58,17 @@ class _Fault:
     remaining: int
     match: str
     retry_after: str = "1"
+
+
+@dataclass
+class _Misbehaviour:
+    kind: str
+    remaining: int
+    match: str
+    methods: tuple[str, ...]
+    location: str | None
+    interval: float
+    hold: float
 
 
 @dataclass
@@ -73,12 +86,17 @@ class FakeHub:
     # The Hub's CDN is another host, so clients must drop the Authorization header there;
     # "localhost" vs "127.0.0.1" gives the stand-in a second origin on the same socket.
     cdn_host: str = "localhost"
+    # A full base URL ("http://127.0.0.1:PORT") of another stand-in that serves the signed paths
+    # (set by `cdn_on`); wins over cdn_host.
+    cdn_endpoint: str | None = None
     repos: dict[str, Repo] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
 
     def __post_init__(self):
         self._lock = threading.Lock()
         self._faults: list[_Fault] = []
+        self._hostile: list[_Misbehaviour] = []
+        self._stopping = threading.Event()
         self.stalled: list[str] = []  # files of requests held by a "stall" fault, in order
         self._secret = os.urandom(16)
         self._server: ThreadingHTTPServer | None = None
@@ -123,9 +141,43 @@ class FakeHub:
         with self._lock:
             self._faults.append(_Fault(kind, count, match, retry_after))
 
+    def misbehave(
+        self,
+        kind: str,
+        *,
+        match: str,
+        count: int = 1,
+        methods: tuple[str, ...] = ("GET", "HEAD"),
+        location: str | None = None,
+        interval: float = 0.2,
+        hold: float = 5.0,
+    ) -> None:
+        """Make the next `count` requests whose URL path contains `match` (and whose method is in
+        `methods`) meet a hostile server, before any routing, gating or Range handling:
+        "redirect" (302 to `location`, no Hub headers), "redirect-loop" (302 to the same path),
+        "slow-headers" (a status line, then header bytes one per `interval` s, never finished),
+        "slow-body" (the normal answer, its body one byte per `interval` s),
+        "never-answer" (the request is read, nothing is sent).
+        A misbehaving answer gives up after `hold` seconds (it closes the connection), so that a
+        client's abandoned request and the server's thread both end soon after a test."""
+        if kind not in HOSTILE_KINDS:
+            raise ValueError(f"misbehaviour kind must be one of {HOSTILE_KINDS}")
+        if kind == "redirect" and not location:
+            raise ValueError("a redirect needs a location")
+        with self._lock:
+            self._hostile.append(_Misbehaviour(kind, count, match, tuple(methods), location, interval, hold))
+
+    def cdn_on(self, other: FakeHub) -> None:
+        """Serve this hub's signed shard URLs from `other` (another origin: another port): it checks
+        the same signatures and serves the same repos, and records what it receives."""
+        other._secret = self._secret
+        other.repos = self.repos
+        self.cdn_endpoint = other.endpoint
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+            self._hostile.clear()
 
     def reset_records(self) -> None:
         with self._lock:
@@ -151,7 +203,9 @@ class FakeHub:
         Handler.hub = hub
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -161,6 +215,7 @@ class FakeHub:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def stop(self) -> None:
+        self._stopping.set()  # misbehaving answers still holding a connection give up now
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -180,6 +235,14 @@ class FakeHub:
                 if f.remaining > 0 and f.match in file and (f.kind == "expire") == (stage == "cdn-auth"):
                     f.remaining -= 1
                     return f
+        return None
+
+    def _take_misbehaviour(self, method: str, path: str) -> _Misbehaviour | None:
+        with self._lock:
+            for m in self._hostile:
+                if m.remaining > 0 and m.match in path and method in m.methods:
+                    m.remaining -= 1
+                    return m
         return None
 
     def _sign(self, path: str, expires: int) -> str:
@@ -221,10 +284,20 @@ class _Handler(BaseHTTPRequestHandler):
             0,
             parts[0] == "cdn",
             "authorization" in {k.lower() for k in self.headers.keys()},
+            headers={k.lower(): v for k, v in self.headers.items()},
         )
+        self._slow: _Misbehaviour | None = None
         try:
             if url.path == "/_stats":  # for benchmarks that run the stand-in in another process
                 return self._stats(rec)
+            m = self.hub._take_misbehaviour(self.command, url.path)
+            if m is not None:
+                rec.fault = m.kind
+                if m.kind == "slow-body":
+                    self._slow = m  # answered normally below, the body trickled by _send_file
+                else:
+                    self.hub._record(rec)  # now: the answer may take `hold` seconds
+                    return self._misbehave(m, rec)
             if parts[0] == "cdn" and len(parts) >= 5:
                 self._cdn(parts, url.query, head, rec)
             elif len(parts) >= 5 and parts[2] == "resolve":
@@ -232,7 +305,31 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._error(404, None, "Not Found", rec)
         finally:
-            self.hub._record(rec)
+            if rec.fault not in ("redirect", "redirect-loop", "slow-headers", "never-answer"):
+                self.hub._record(rec)
+
+    def _misbehave(self, m: _Misbehaviour, rec: Record) -> None:
+        stop = self.hub._stopping
+        if m.kind in ("redirect", "redirect-loop"):
+            rec.status = 302
+            self.send_response(302)
+            self.send_header("Location", (m.location or "") if m.kind == "redirect" else self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.close_connection = True
+        if m.kind == "never-answer":
+            stop.wait(m.hold)
+            return
+        # slow-headers: a well-formed start, then one byte at a time of a header that never ends.
+        deadline = time.monotonic() + m.hold
+        first = b"HTTP/1.1 200 OK\r\nX-Repo-Commit: " + b"0" * 40 + b"\r\nX-Padding: "
+        try:
+            self.wfile.write(first)
+            while time.monotonic() < deadline and not stop.wait(m.interval):
+                self.wfile.write(b"a")
+        except OSError:  # the client hung up
+            pass
 
     def _stats(self, rec: Record):
         import json
@@ -307,7 +404,9 @@ class _Handler(BaseHTTPRequestHandler):
             expires = int(time.time() + hub.sign_ttl)
             cdn_path = f"/cdn/{quote(repo_id)}/{commit}/{quote(file)}"
             loc = f"{cdn_path}?expires={expires}&sig={hub._sign(cdn_path, expires)}"
-            if hub.cdn_host:
+            if hub.cdn_endpoint:
+                loc = hub.cdn_endpoint.rstrip("/") + loc
+            elif hub.cdn_host:
                 loc = f"http://{hub.cdn_host}:{self.server.server_address[1]}{loc}"
             rec.status = 302
             self.send_response(302)
@@ -406,6 +505,16 @@ class _Handler(BaseHTTPRequestHandler):
         sent = 0
         try:
             with open(full, "rb") as f:
+                if self._slow is not None:  # one byte per interval, then hang up after `hold`
+                    slow, until = self._slow, time.monotonic() + self._slow.hold
+                    f.seek(start)
+                    try:
+                        while sent < send and time.monotonic() < until and not hub._stopping.wait(slow.interval):
+                            self.wfile.write(f.read(1))
+                            sent += 1
+                    except OSError:
+                        pass
+                    send = sent  # nothing more to send: a short body is closed below
                 while sent < send:
                     k = self.connection.sendfile(f, start + sent, send - sent)
                     if not k:
@@ -415,7 +524,7 @@ class _Handler(BaseHTTPRequestHandler):
             with hub._lock:
                 hub.in_flight -= 1
         rec.body_bytes = sent
-        if fault is not None:
+        if fault is not None or sent < n:
             self.close_connection = True
             try:
                 self.connection.shutdown(socket.SHUT_RDWR)
