@@ -170,7 +170,7 @@ def test_sst2_reading(inputs, tmp_path):
     bad.mkdir()
     (bad / "train.tsv").write_text("sentence\tlabel\nok film\tpositive\n")
     (bad / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
-    with pytest.raises(TrainingInputError, match="bad row"):
+    with pytest.raises(TrainingInputError, match="label must be 0 or 1"):
         D.read_sst2_dir(bad)
 
 

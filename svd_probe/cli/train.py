@@ -59,6 +59,11 @@ def train_cmd(
         help="Run folder: checkpoint, model.safetensors, config.json, metrics.json, train.log.",
         show_default=False,
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Start over in an --out folder that holds another run or other files (replaces only the run's own files).",
+    ),
     pretrain_steps: int | None = typer.Option(None, "--pretrain-steps", help="[default: 2000]", show_default=False),
     finetune_steps: int | None = typer.Option(
         None, "--finetune-steps", help="[default: one epoch]", show_default=False
@@ -153,7 +158,7 @@ def train_cmd(
         progress=bar, echo=None if show or as_json else (lambda line: err.print(line, highlight=False, markup=False))
     )
     with bar if bar is not None else contextlib.nullcontext():
-        metrics = run(model_cfg, train_cfg, sources, out_dir, reporter)
+        metrics = run(model_cfg, train_cfg, sources, out_dir, reporter, overwrite=overwrite)
     if metrics.get("stopped"):
         err.print(f"stopped early; checkpoint in {out_dir}. Rerun the same command to resume.")
     elif as_json:

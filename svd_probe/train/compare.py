@@ -37,8 +37,10 @@ def load_runs(paths: list[Path]) -> list[dict]:
     runs = []
     for f in find_metrics(paths):
         try:
-            m = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
+            m = json.loads(f.read_bytes().decode("utf-8"))
+        except RecursionError:
+            raise TrainingInputError(f"{f} is nested too deeply to be a metrics.json") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
             raise TrainingInputError(f"{f} is not valid JSON: {e}") from None
         if not isinstance(m, dict) or "variant" not in m:
             raise TrainingInputError(f"{f} is not a metrics.json of svd-probe train")

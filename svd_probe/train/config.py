@@ -7,6 +7,7 @@ Every problem a user can cause here is a `TrainingInputError` with a hint.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,30 @@ TRAIN_KEYS = {
 }
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 
+# Bounds on what a config can make the program allocate. Far above any model this lab trains
+# (the small preset: 13 M parameters), far below what would exhaust a machine before an error.
+MAX_PARAMETERS = 2_000_000_000
+MAX_SEQ_LEN = 65_536
+_MAX_DIM = {
+    "vocab_size": 1 << 22,
+    "d_model": 1 << 16,
+    "n_layers": 1024,
+    "n_heads": 1024,
+    "head_dim": 4096,
+    "ffn_dim": 1 << 18,
+    "q_latent": 1 << 16,
+    "kv_latent": 1 << 16,
+    "o_latent": 1 << 16,
+    "max_seq_len": MAX_SEQ_LEN,
+}
+CONFIG_FILE_MAX_BYTES = 1 << 20
 
-def check_variant(variant: str) -> str:
+
+def check_variant(variant: object) -> str:
+    if not isinstance(variant, str):
+        raise TrainingInputError(
+            f"variant must be a string, got {type(variant).__name__}", hint=f"use one of: {', '.join(VARIANTS)}"
+        )
     v = variant.lower()
     if v not in VARIANTS:
         raise TrainingInputError(f"unknown variant {variant!r}", hint=f"use one of: {', '.join(VARIANTS)}")
@@ -109,9 +132,16 @@ def read_config_file(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TrainingInputError(f"config file not found: {path}", hint="pass --config PATH to a JSON file")
+    if path.stat().st_size > CONFIG_FILE_MAX_BYTES:
+        raise TrainingInputError(
+            f"config file {path} is {path.stat().st_size:,} bytes, more than a config holds",
+            hint="pass a JSON object of model fields and training keys",
+        )
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise TrainingInputError(f"config file {path} is nested too deeply", hint="pass a flat JSON object") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
         raise TrainingInputError(f"config file {path} is not valid JSON: {e}", hint="fix the JSON syntax") from None
     if not isinstance(data, dict):
         raise TrainingInputError(f"config file {path} must hold a JSON object, not {type(data).__name__}")
@@ -147,7 +177,20 @@ def build_config(
     except TypeError as e:
         raise TrainingInputError(f"bad model config: {e}") from None
     validate(cfg)
+    check_size(cfg)
     return cfg
+
+
+def check_size(cfg: ModelConfig) -> None:
+    """Refuse a model whose parameters alone would exhaust the machine, before allocating any."""
+    from svd_probe.train.model import pretraining_parameters  # the model owns its parameter count
+
+    n = pretraining_parameters(cfg)
+    if n > MAX_PARAMETERS:
+        raise TrainingInputError(
+            f"bad model config: {n:,} parameters, more than the lab trains ({MAX_PARAMETERS:,})",
+            hint="lower d_model, n_layers, ffn_dim or the vocabulary size",
+        )
 
 
 def validate(cfg: ModelConfig) -> None:
@@ -169,13 +212,21 @@ def validate(cfg: ModelConfig) -> None:
     ):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            bad(f"{name} must be a positive integer, got {v!r}")
-    if not isinstance(cfg.rope_dims, int) or cfg.rope_dims < 0 or cfg.rope_dims % 2 or cfg.rope_dims > cfg.head_dim:
-        bad(f"rope_dims must be an even integer in [0, head_dim={cfg.head_dim}], got {cfg.rope_dims!r}")
+            bad(f"{name} must be a positive integer, got {_short(v)}")
+        if v > _MAX_DIM[name]:
+            bad(f"{name} must be at most {_MAX_DIM[name]:,}, got {v:,}")
+    r = cfg.rope_dims
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0 or r % 2 or r > cfg.head_dim:
+        bad(f"rope_dims must be an even integer in [0, head_dim={cfg.head_dim}], got {_short(r)}")
     for name in ("rope_theta", "norm_eps"):
         v = getattr(cfg, name)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            bad(f"{name} must be a positive number, got {v!r}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            bad(f"{name} must be a finite positive number, got {_short(v)}")
+
+
+def _short(v: object, limit: int = 40) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def count_parameters(cfg: ModelConfig) -> int:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from svd_probe.errors import TrainingInputError
 from svd_probe.options import pick_device
 from svd_probe.train import data as D
-from svd_probe.train.config import ModelConfig, count_parameters
+from svd_probe.train.config import MAX_SEQ_LEN, ModelConfig, count_parameters
 from svd_probe.train.model import Classifier, MaskedLM, num_parameters, parameter_shapes
 
 CHECKPOINT = "checkpoint.pt"
@@ -75,23 +75,50 @@ class TrainConfig:
     stop_after: int | None = None
 
     def validate(self) -> None:
-        for name in ("pretrain_steps", "batch_size", "finetune_batch_size", "checkpoint_every", "log_every"):
+        """Every value a flag or a config file can set, checked before anything is read or written."""
+
+        def bad(msg: str, hint: str | None = None) -> None:
+            raise TrainingInputError(f"bad training config: {msg}", hint=hint)
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name, low in (
+            ("pretrain_steps", 0),
+            ("batch_size", 1),
+            ("finetune_batch_size", 1),
+            ("checkpoint_every", 1),
+            ("log_every", 1),
+            ("seq_len", 8),
+            ("seed", 0),
+        ):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name == "pretrain_steps" else 1):
-                raise TrainingInputError(
-                    f"bad training config: {name} must be a {'non-negative' if name == 'pretrain_steps' else 'positive'} integer, got {v!r}"
-                )
-        if self.finetune_steps is not None and self.finetune_steps < 0:
-            raise TrainingInputError(f"bad training config: finetune_steps must be >= 0, got {self.finetune_steps}")
-        if self.finetune_epochs is not None and self.finetune_epochs <= 0:
-            raise TrainingInputError(f"bad training config: finetune_epochs must be > 0, got {self.finetune_epochs}")
-        if self.seq_len < 8:
-            raise TrainingInputError(f"bad training config: seq_len must be at least 8, got {self.seq_len}")
+            if not is_int(v) or v < low:
+                bad(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.seq_len > MAX_SEQ_LEN:
+            bad(f"seq_len must be at most {MAX_SEQ_LEN:,}, got {self.seq_len:,}")
+        if self.seed >= 2**31:
+            bad(f"seed must be below 2**31, got {self.seed}")
+        if self.finetune_steps is not None and (not is_int(self.finetune_steps) or self.finetune_steps < 0):
+            bad(f"finetune_steps must be an integer >= 0, got {self.finetune_steps!r}")
+        if self.finetune_epochs is not None and (not is_num(self.finetune_epochs) or self.finetune_epochs <= 0):
+            bad(f"finetune_epochs must be a finite number > 0, got {self.finetune_epochs!r}")
+        if self.stop_after is not None and (not is_int(self.stop_after) or self.stop_after < 1):
+            bad(
+                f"stop_after must be a positive number of steps, got {self.stop_after!r}",
+                hint="--stop-after N stops the current phase after N steps and writes a checkpoint",
+            )
         for name in ("lr", "finetune_lr"):
-            if not getattr(self, name) > 0:
-                raise TrainingInputError(f"bad training config: {name} must be positive")
-        if not 0 <= self.warmup_frac < 1:
-            raise TrainingInputError("bad training config: warmup_frac must be in [0, 1)")
+            v = getattr(self, name)
+            if not is_num(v) or v <= 0:
+                bad(f"{name} must be a finite positive number, got {v!r}", hint="e.g. --lr 1e-3 --finetune-lr 1e-4")
+        if not is_num(self.weight_decay) or self.weight_decay < 0:
+            bad(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not is_num(self.warmup_frac) or not 0 <= self.warmup_frac < 1:
+            bad(f"warmup_frac must be in [0, 1), got {self.warmup_frac!r}")
 
 
 @dataclass
@@ -128,13 +155,15 @@ class Reporter:
             self.progress.update(self._task, completed=done, loss=loss, sps=sps)
 
 
-def _optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt, sched) -> None:
-    """One update of both phases: backward, clip the gradient norm at 1.0, AdamW, schedule."""
+def _optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt, sched) -> torch.Tensor:
+    """One update of both phases: backward, clip the gradient norm at 1.0, AdamW, schedule.
+    Returns the gradient norm before clipping."""
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
+    return norm
 
 
 def rich_progress(console):
@@ -298,10 +327,116 @@ class _Timer:
         return self.samples / self.seconds if self.seconds > 0 and self.samples else None
 
 
-def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter: Reporter | None = None) -> dict:
+# Files a run writes into its folder; --overwrite replaces these and nothing else.
+RUN_FILES = (CHECKPOINT, "model.safetensors", "config.json", "metrics.json", "train.log")
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds anything but a run of ours, unless told to overwrite.
+
+    Accepted: a missing or empty folder; one that holds a checkpoint (resumed, if its config and
+    recipe match: checked once the checkpoint is read); one that holds only a train.log (a run
+    killed before its first checkpoint). Anything else (another tool's checkpoint, a finished run
+    whose checkpoint was deleted) would be overwritten, so it is refused.
+    """
+    if out.exists() and not out.is_dir():
+        raise TrainingInputError(
+            f"--out {out} is a file, not a folder", hint="pass a folder (it is created if missing)"
+        )
+    if not out.is_dir() or overwrite:
+        return
+    names = {p.name for p in out.iterdir()}
+    leftovers = {n for n in names if n.startswith("." + CHECKPOINT) and n.endswith(".tmp")}
+    if CHECKPOINT in names or names - leftovers <= {"train.log"}:
+        return
+    ours = sorted(names & set(RUN_FILES))
+    raise TrainingInputError(
+        f"--out {out} is not empty and holds no checkpoint of a run to resume"
+        + (f" (it holds {', '.join(ours)})" if ours else ""),
+        hint="pass a new or empty --out, or add --overwrite to replace "
+        + ", ".join(RUN_FILES)
+        + " there (other files are left alone)",
+    )
+
+
+def _remove_run_files(out: Path) -> None:
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def data_fingerprint(src: DataSources, tok, pretrain_splits, sst2) -> dict:
+    """What a resumed run must read again: sha256 of the tokenizer and of each data source's
+    content (not its path: the same files moved elsewhere are the same data), with the sources
+    as given, to name them in a mismatch."""
+    fp: dict[str, Any] = {"tokenizer": {"source": src.tokenizer, "sha256": tok.fingerprint()}}
+    where = os.path.abspath(src.data_dir) if src.data_dir is not None else f"--dataset {src.dataset}"
+    fp["pretrain"] = {"source": where, "sha256": D.fingerprint_lines(*pretrain_splits)}
+    if sst2 is not None:
+        (ts, ty), (ds, dy) = sst2
+        fp["sst2"] = {
+            "source": os.path.abspath(src.sst2_dir) if src.sst2_dir is not None else None,
+            "sha256": D.fingerprint_lines(ts, [str(y) for y in ty], ds, [str(y) for y in dy]),
+        }
+    else:
+        fp["sst2"] = None
+    return fp
+
+
+def _check_same_data(recorded: dict | None, now: dict, out: Path) -> None:
+    if recorded is None:  # a checkpoint of an older svd-probe: nothing to compare with
+        return
+    for key, label, flag in (
+        ("tokenizer", "tokenizer", "--tokenizer"),
+        ("pretrain", "pretraining data", "--data-dir or --dataset"),
+        ("sst2", "SST-2 data", "--sst2-dir"),
+    ):
+        a, b = recorded.get(key), now.get(key)
+        if a is None or b is None or a["sha256"] == b["sha256"]:
+            continue
+        raise TrainingInputError(
+            f"{out} holds a run trained with different {label}: the checkpoint has {a['source']} "
+            f"(sha256 {a['sha256'][:12]}), this command gives {b['source']} (sha256 {b['sha256'][:12]})",
+            hint=f"pass the {flag} the run used, or start over with --overwrite (or a new --out)",
+        )
+
+
+class _NonFinite:
+    """Watches losses and gradient norms without a host sync per step; checked when the loop
+    syncs anyway (logging) and before every checkpoint, so no checkpoint holds a diverged model."""
+
+    def __init__(self, phase: str, lr_flag: str, dev: torch.device):
+        self.phase, self.lr_flag = phase, lr_flag
+        self.flag = torch.zeros((), dtype=torch.bool, device=dev)
+
+    def watch(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.flag |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
+
+    def check(self, step: int, model: torch.nn.Module | None = None, lr: float | None = None) -> None:
+        bad = bool(self.flag)
+        if not bad and model is not None:
+            bad = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        if bad:
+            raise TrainingInputError(
+                f"the {self.phase} loss became non-finite by step {step}"
+                + (f" (lr {lr:.3g})" if lr is not None else "")
+                + "; the run stopped before saving a diverged model",
+                hint=f"lower {self.lr_flag} or raise --warmup-frac, then start over with --overwrite (or a new --out)",
+            )
+
+
+def run(
+    cfg: ModelConfig,
+    tc: TrainConfig,
+    src: DataSources,
+    out: Path,
+    reporter: Reporter | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Pretrain, export the encoder, fine-tune on SST-2 if given, write metrics.json; resumable."""
     t_start = time.perf_counter()
     tc.validate()
+    out = Path(out)
+    check_out_dir(out, overwrite)
     dev = pick_device(tc.device)
     reporter = reporter or Reporter()
     # Inputs are checked before anything is written, so a typo costs nothing.
@@ -313,15 +448,16 @@ def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter
     sst2 = D.read_sst2_dir(src.sst2_dir) if src.sst2_dir is not None else None
     if src.data_dir is not None:
         train_lines, valid_lines = D.read_wikitext_dir(src.data_dir)
-    elif src.dataset is not None:
-        train_lines, valid_lines = D.read_wikitext_hub(src.dataset)
     else:
-        train_lines = valid_lines = None
+        assert src.dataset is not None
+        train_lines, valid_lines = D.read_wikitext_hub(src.dataset)
+    fingerprint = data_fingerprint(src, tok, (train_lines, valid_lines), sst2)
     if tok.vocab_size != cfg.vocab_size:
         cfg = replace(cfg, vocab_size=tok.vocab_size)
     cfg = replace(cfg, max_seq_len=max(cfg.max_seq_len, tc.seq_len))
 
-    out = Path(out)
+    if overwrite and out.is_dir():
+        _remove_run_files(out)
     out.mkdir(parents=True, exist_ok=True)
     reporter.log_path = reporter.log_path or out / "train.log"
     ckpt_path = out / CHECKPOINT
@@ -331,11 +467,18 @@ def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter
             state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated or foreign file: torch raises several types
             raise TrainingInputError(
-                f"cannot read the checkpoint {ckpt_path}: {e}", hint="delete it to start over, or pass a new --out"
+                f"cannot read the checkpoint {ckpt_path}: {e}",
+                hint="start over with --overwrite, or pass a new --out",
             ) from None
         _check_resumable(state, cfg, tc, out)
+        _check_same_data(state.get("data"), fingerprint, out)
+        if state.get("data") is None:
+            reporter.log("the checkpoint records no data fingerprint (older svd-probe); recording this command's")
         reporter.log(f"resuming {state['phase']} at step {state['step']} from {ckpt_path}")
     recipe = {k: getattr(tc, k) for k in _RESUME_KEYS}
+    if state is not None and state.get("data") and fingerprint["sst2"] is None:
+        fingerprint["sst2"] = state["data"].get("sst2")  # a pretraining-only rerun keeps the record
+    saved = {"recipe": recipe, "data": fingerprint}  # in every checkpoint
     prior_wall = state.get("wall_time_s", 0.0) if state else 0.0
     if dev.type == "cuda":
         torch.set_float32_matmul_precision("high")
@@ -363,7 +506,7 @@ def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter
             dev,
             out,
             state if state and state["phase"] == "pretrain" else None,
-            recipe,
+            saved,
             reporter,
             wall,
         )
@@ -387,7 +530,7 @@ def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter
             out,
             state if state and state["phase"] == "finetune" else None,
             pre,
-            recipe,
+            saved,
             reporter,
             wall,
         )
@@ -431,7 +574,7 @@ def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter
 
 
 def _check_resumable(state: dict, cfg: ModelConfig, tc: TrainConfig, out: Path) -> None:
-    hint = "resume with the same flags, or pass a new --out"
+    hint = "resume with the same flags, or start over with --overwrite (or a new --out)"
     if state.get("model_config") != cfg.to_dict():
         raise TrainingInputError(f"{out} holds a run of a different model config", hint=hint)
     diff = [k for k in _RESUME_KEYS if state.get("recipe", {}).get(k) != getattr(tc, k)]
@@ -465,8 +608,10 @@ def _pretrain(cfg, tc, tok, train_rows, valid_rows, dev, out, state, recipe, rep
     stop_at = tc.pretrain_steps if tc.stop_after is None else min(tc.pretrain_steps, step + tc.stop_after)
     reporter.start(f"pretrain {cfg.variant}", tc.pretrain_steps, step)
     loss_sum, n_logged = torch.zeros((), device=dev), 0
+    finite = _NonFinite("pretraining", "--lr", dev)
 
     def checkpoint():
+        finite.check(step, model, sched.get_last_lr()[0])
         timer.stop()
         save_atomic(
             {
@@ -477,7 +622,7 @@ def _pretrain(cfg, tc, tok, train_rows, valid_rows, dev, out, state, recipe, rep
                 "scheduler": sched.state_dict(),
                 "rng": rng_state(dev),
                 "model_config": cfg.to_dict(),
-                "recipe": recipe,
+                **recipe,
                 "timed_samples": samples + timer.samples,
                 "timed_seconds": seconds + timer.seconds,
                 "wall_time_s": wall(),
@@ -494,13 +639,14 @@ def _pretrain(cfg, tc, tok, train_rows, valid_rows, dev, out, state, recipe, rep
         inputs, positions, targets = (t.to(dev, non_blocking=True) for t in (inputs, positions, targets))
         with autocast(dev):
             loss, _ = fwd(inputs, positions, targets)
-        _optimizer_step(loss, model, opt, sched)
+        finite.watch(loss, _optimizer_step(loss, model, opt, sched))
         step += 1
         timer.step_done(len(idx))
         loss_sum += loss.detach()
         n_logged += 1
         if step % tc.log_every == 0 or step == stop_at:
             mean_loss = loss_sum.item() / n_logged  # the one host sync per log interval
+            finite.check(step)
             loss_sum.zero_()
             n_logged = 0
             sps = (
@@ -515,6 +661,7 @@ def _pretrain(cfg, tc, tok, train_rows, valid_rows, dev, out, state, recipe, rep
     if step < tc.pretrain_steps:
         reporter.log(f"stopped after step {step} (--stop-after); rerun the same command to resume")
         return None
+    finite.check(step, model)
     timer.stop()
     loss, acc = evaluate_mlm(model, valid_rows, tok, dev, tc.batch_size)
     total_samples, total_seconds = samples + timer.samples, seconds + timer.seconds
@@ -534,7 +681,7 @@ def _pretrain(cfg, tc, tok, train_rows, valid_rows, dev, out, state, recipe, rep
             "step": 0,
             "pretrain_metrics": pre,
             "model_config": cfg.to_dict(),
-            "recipe": recipe,
+            **recipe,
             "wall_time_s": wall(),
         },
         out / CHECKPOINT,
@@ -596,8 +743,10 @@ def _finetune(cfg, tc, tok, sst2, dev, out, state, pre, recipe, reporter, wall):
     stop_at = total if tc.stop_after is None else min(total, step + tc.stop_after)
     reporter.start(f"finetune {cfg.variant}", total, step)
     loss_sum, n_logged = torch.zeros((), device=dev), 0
+    finite = _NonFinite("fine-tuning", "--finetune-lr", dev)
 
     def checkpoint():
+        finite.check(step, model, sched.get_last_lr()[0])
         timer.stop()
         save_atomic(
             {
@@ -608,7 +757,7 @@ def _finetune(cfg, tc, tok, sst2, dev, out, state, pre, recipe, reporter, wall):
                 "scheduler": sched.state_dict(),
                 "rng": rng_state(dev),
                 "model_config": cfg.to_dict(),
-                "recipe": recipe,
+                **recipe,
                 "pretrain_metrics": pre,
                 "timed_samples": samples + timer.samples,
                 "timed_seconds": seconds + timer.seconds,
@@ -631,13 +780,14 @@ def _finetune(cfg, tc, tok, sst2, dev, out, state, pre, recipe, reporter, wall):
         with autocast(dev):
             logits = fwd(ids, pad)
         loss = F.cross_entropy(logits.float(), y)
-        _optimizer_step(loss, model, opt, sched)
+        finite.watch(loss, _optimizer_step(loss, model, opt, sched))
         step += 1
         timer.step_done(len(idx))
         loss_sum += loss.detach()
         n_logged += 1
         if step % tc.log_every == 0 or step == stop_at:
             mean_loss = loss_sum.item() / n_logged
+            finite.check(step)
             loss_sum.zero_()
             n_logged = 0
             sps = (
@@ -652,6 +802,7 @@ def _finetune(cfg, tc, tok, sst2, dev, out, state, pre, recipe, reporter, wall):
     if step < total:
         reporter.log(f"stopped after fine-tuning step {step} (--stop-after); rerun the same command to resume")
         return None
+    finite.check(step, model)
     timer.stop()
     acc = evaluate_classifier(model, dev_ids, dev_y, tok, dev, 128)
     reporter.log(f"sst2 dev accuracy {acc:.4f} ({len(dev_ids)} sentences)")
