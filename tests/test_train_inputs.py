@@ -15,8 +15,8 @@ from train_fixtures import cli_main, cli_train_args, inputs_fixture, small_recip
 
 from svd_probe.errors import TrainingInputError
 from svd_probe.train import data as D
-from svd_probe.train.config import build_config, preset, read_config_file
-from svd_probe.train.loop import DataSources, build_train_config, run
+from svd_probe.train.config import build_config, build_train_config, preset, read_config_file
+from svd_probe.train.loop import DataSources, run
 
 # ---- the run folder ------------------------------------------------------------------------------
 

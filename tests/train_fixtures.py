@@ -15,7 +15,8 @@ import pytest
 from svd_probe import cli
 from svd_probe.testing.text_samples import write_sst2, write_vocab, write_wikitext
 from svd_probe.train import data as D
-from svd_probe.train.loop import DataSources, TrainConfig
+from svd_probe.train.config import TrainConfig
+from svd_probe.train.loop import DataSources
 
 VARIANTS = ("mha", "mla", "mla-o")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -100,11 +101,10 @@ def train_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (the dry-run summary, or metrics.json)."),
 ) -> None:
     """Pretrain an encoder (MLM), fine-tune it on SST-2, write model + metrics; reruns resume."""
-    import contextlib
-
     from svd_probe.errors import TrainingInputError
-    from svd_probe.train.config import build_config, read_config_file
-    from svd_probe.train.loop import DataSources, Reporter, build_train_config, dry_run_summary, rich_progress, run
+    from svd_probe.train.config import build_config, build_train_config, read_config_file
+    from svd_probe.train.loop import DataSources, run
+    from svd_probe.train.model import dry_run_summary
 
     file_values = read_config_file(config) if config is not None else {}
     overrides = dict(
@@ -152,12 +152,7 @@ def train_cmd(
     if out_dir is None:
         raise TrainingInputError("--out is required to train", hint="e.g. --out runs/mla-o-seed0")
     sources = DataSources(tokenizer=tokenizer, data_dir=data_dir, dataset=dataset, sst2_dir=sst2_dir)
-    show = progress and err.is_terminal and not as_json
-    bar = rich_progress(err) if show else None
-    reporter = Reporter(
-        progress=bar, echo=None if show or as_json else (lambda line: err.print(line, highlight=False, markup=False))
-    )
-    with bar if bar is not None else contextlib.nullcontext():
+    with RichTrainProgress(err, bar=progress and err.is_terminal and not as_json, echo=not as_json) as reporter:
         metrics = run(model_cfg, train_cfg, sources, out_dir, reporter, overwrite=overwrite)
     if metrics.get("stopped"):
         err.print(f"stopped early; checkpoint in {out_dir}. Rerun the same command to resume.")
@@ -168,6 +163,49 @@ def train_cmd(
         out.print(
             f"{metrics['variant']}: MLM acc {metrics['mlm_accuracy']:.4f} (loss {metrics['mlm_loss']:.3f}), SST-2 dev acc {'—' if acc is None else f'{acc:.4f}'}; wrote {out_dir}"
         )
+
+
+class RichTrainProgress:
+    """The library's TrainProgress drawn with rich: a bar per phase on a terminal, else the log
+    lines on stderr (none with --json, whose stdout is for the metrics)."""
+
+    def __init__(self, console, bar: bool, echo: bool):
+        self.console, self.echo = console, echo
+        self.bar = None
+        self._tasks: dict[str, Any] = {}
+        if bar:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.3f}"),
+                TextColumn("{task.fields[sps]:,.0f} samples/s"),
+                TimeRemainingColumn(),
+                console=console,
+            )
+
+    def __enter__(self) -> RichTrainProgress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def phase_started(self, phase: str, total: int, done: int) -> None:
+        if self.bar is not None:
+            self._tasks[phase] = self.bar.add_task(phase, total=total, completed=done, loss=float("nan"), sps=0.0)
+
+    def phase_step(self, phase: str, done: int, loss: float, samples_per_s: float) -> None:
+        if self.bar is not None and phase in self._tasks:
+            self.bar.update(self._tasks[phase], completed=done, loss=loss, sps=samples_per_s)
+
+    def message(self, line: str) -> None:
+        if self.bar is None and self.echo:
+            self.console.print(line, highlight=False, markup=False)
 
 
 @app.command("compare")

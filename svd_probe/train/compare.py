@@ -131,14 +131,3 @@ def render_table(rows: list[dict]):
             _pm(r["finetune_samples_per_s"], r["finetune_samples_per_s_std"], 1, 0),
         )
     return table
-
-
-def render_text(rows: list[dict]) -> str:
-    """The same table as plain text (for logs and files)."""
-    from io import StringIO
-
-    from rich.console import Console
-
-    buf = StringIO()
-    Console(file=buf, width=200, color_system=None).print(render_table(rows))
-    return buf.getvalue()

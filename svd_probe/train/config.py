@@ -1,7 +1,9 @@
-"""Model configs of the training lab: variants, size presets, overrides and JSON config files.
+"""Configs of the training lab: the model (`ModelConfig`: variant, shapes, presets) and the recipe
+(`TrainConfig`: steps, batches, learning rates, checkpointing), from flags and JSON config files.
 
-Precedence, lowest first: the `--size` preset, then `--config file.json`, then explicit flags.
-Every problem a user can cause here is a `TrainingInputError` with a hint.
+Precedence, lowest first: the `--size` preset (or the dataclass defaults), then `--config
+file.json`, then explicit flags. Every value is validated before anything is read or written, and
+every problem a user can cause here is a `TrainingInputError` with a hint.
 """
 
 from __future__ import annotations
@@ -105,6 +107,100 @@ _MAX_DIM = {
     "max_seq_len": MAX_SEQ_LEN,
 }
 CONFIG_FILE_MAX_BYTES = 1 << 20
+
+
+@dataclass
+class TrainConfig:
+    """The recipe of a run, and how it is run (device, compile, checkpointing, stopping)."""
+
+    pretrain_steps: int = 2000
+    finetune_steps: int | None = None  # None: finetune_epochs (default 1) over train.tsv
+    finetune_epochs: float | None = None
+    batch_size: int = 128
+    finetune_batch_size: int = 32
+    lr: float = 1e-3
+    finetune_lr: float = 1e-4
+    warmup_frac: float = 0.06
+    weight_decay: float = 0.01
+    seed: int = 0
+    checkpoint_every: int = 500
+    seq_len: int = 128
+    log_every: int = 50
+    device: str = "auto"
+    compile: bool = False
+    # Stop a phase after this many steps of it (checkpointed), e.g. to split a run across
+    # sessions; the schedule still follows the full step count.
+    stop_after: int | None = None
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields that decide what a run computes: a checkpoint resumes only under the same."""
+        return {k: getattr(self, k) for k in RESUME_KEYS}
+
+    def validate(self) -> None:
+        """Every value a flag or a config file can set, checked before anything is read or written."""
+
+        def bad(msg: str, hint: str | None = None) -> None:
+            raise TrainingInputError(f"bad training config: {msg}", hint=hint)
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name, low in (
+            ("pretrain_steps", 0),
+            ("batch_size", 1),
+            ("finetune_batch_size", 1),
+            ("checkpoint_every", 1),
+            ("log_every", 1),
+            ("seq_len", 8),
+            ("seed", 0),
+        ):
+            v = getattr(self, name)
+            if not is_int(v) or v < low:
+                bad(f"{name} must be an integer >= {low}, got {_short(v)}")
+        if self.seq_len > MAX_SEQ_LEN:
+            bad(f"seq_len must be at most {MAX_SEQ_LEN:,}, got {self.seq_len:,}")
+        if self.seed >= 2**31:
+            bad(f"seed must be below 2**31, got {self.seed}")
+        if self.finetune_steps is not None and (not is_int(self.finetune_steps) or self.finetune_steps < 0):
+            bad(f"finetune_steps must be an integer >= 0, got {_short(self.finetune_steps)}")
+        if self.finetune_epochs is not None and (not is_num(self.finetune_epochs) or self.finetune_epochs <= 0):
+            bad(f"finetune_epochs must be a finite number > 0, got {_short(self.finetune_epochs)}")
+        if self.stop_after is not None and (not is_int(self.stop_after) or self.stop_after < 1):
+            bad(
+                f"stop_after must be a positive number of steps, got {_short(self.stop_after)}",
+                hint="--stop-after N stops the current phase after N steps and writes a checkpoint",
+            )
+        for name in ("lr", "finetune_lr"):
+            v = getattr(self, name)
+            if not is_num(v) or v <= 0:
+                bad(
+                    f"{name} must be a finite positive number, got {_short(v)}",
+                    hint="e.g. --lr 1e-3 --finetune-lr 1e-4",
+                )
+        if not is_num(self.weight_decay) or self.weight_decay < 0:
+            bad(f"weight_decay must be a finite number >= 0, got {_short(self.weight_decay)}")
+        if not is_num(self.warmup_frac) or not 0 <= self.warmup_frac < 1:
+            bad(f"warmup_frac must be in [0, 1), got {_short(self.warmup_frac)}")
+
+
+# Recipe fields that must match for a run folder to be resumed (not: how often to log or
+# checkpoint, where to stop, the device).
+RESUME_KEYS = (
+    "pretrain_steps",
+    "finetune_steps",
+    "finetune_epochs",
+    "batch_size",
+    "finetune_batch_size",
+    "lr",
+    "finetune_lr",
+    "warmup_frac",
+    "weight_decay",
+    "seed",
+    "seq_len",
+)
 
 
 def check_variant(variant: object) -> str:
@@ -229,14 +325,18 @@ def _short(v: object, limit: int = 40) -> str:
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
-def count_parameters(cfg: ModelConfig) -> int:
-    """Parameters of the pretraining model (embeddings, encoder, tied head), from the shapes."""
-    d, f, h, hd, L = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.head_dim, cfg.n_layers
-    ffn = 2 * (d * f + f) + (f * d + d)
-    if cfg.variant == "mha":
-        attn = d * 3 * h * hd + h * hd * d
-    else:
-        ql, kvl = cfg.q_latent, cfg.kv_latent
-        attn = d * (ql + kvl) + ql + kvl + ql * h * hd + kvl * h * 2 * hd
-        attn += h * hd * d if cfg.variant == "mla" else h * hd * cfg.o_latent + cfg.o_latent * d
-    return cfg.vocab_size * d + L * (2 * d + attn + ffn)
+def build_train_config(file_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
+    """TrainConfig defaults, then a --config file's training keys, then flags that were given (not None)."""
+    vals = {k: v for k, v in (file_values or {}).items() if k in TRAIN_KEYS}
+    vals.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    floats = {"lr", "finetune_lr", "warmup_frac", "weight_decay", "finetune_epochs"}
+    for k, v in vals.items():
+        want = (int, float) if k in floats else int
+        if k in TRAIN_KEYS and (isinstance(v, bool) or not isinstance(v, want)):
+            raise TrainingInputError(f"bad training config: {k} must be a number, got {_short(v)}")
+    try:
+        tc = TrainConfig(**vals)
+    except TypeError as e:
+        raise TrainingInputError(f"bad training config: {e}") from None
+    tc.validate()
+    return tc

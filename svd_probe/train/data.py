@@ -80,8 +80,16 @@ def load_tokenizer(spec: str) -> Tok:
             f"tokenizer {spec!r} lacks the special tokens {', '.join(missing)}",
             hint="use a BERT-style WordPiece vocabulary",
         )
+    found = {t: i for t, i in ids.items() if i is not None}
     return Tok(
-        tok, str(spec), tok.get_vocab_size(), ids["[PAD]"], ids["[UNK]"], ids["[CLS]"], ids["[SEP]"], ids["[MASK]"]
+        tok,
+        str(spec),
+        tok.get_vocab_size(),
+        found["[PAD]"],
+        found["[UNK]"],
+        found["[CLS]"],
+        found["[SEP]"],
+        found["[MASK]"],
     )
 
 

@@ -51,6 +51,9 @@ class RMSNorm(nn.Module):
 class Rope(nn.Module):
     """cos/sin tables of shape [T, head_dim]; identity (cos 1, sin 0) beyond rope_dims."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, rope_dims: int, theta: float, max_len: int):
         super().__init__()
         self.head_dim, self.rope_dims = head_dim, rope_dims
@@ -256,3 +259,17 @@ def pretraining_parameters(cfg: ModelConfig) -> int:
 def num_parameters(model: nn.Module) -> int:
     # Tied weights are one Parameter, which named_parameters() yields once.
     return sum(p.numel() for p in model.parameters())
+
+
+def dry_run_summary(cfg: ModelConfig) -> dict:
+    """Parameter count and shapes of the pretraining model, without data, training or memory."""
+    with torch.device("meta"):
+        model = MaskedLM(cfg)
+    n = num_parameters(model)
+    return {
+        "parameters": n,
+        "non_embedding_parameters": n - cfg.vocab_size * cfg.d_model,
+        "variant": cfg.variant,
+        "config": cfg.to_dict(),
+        "shapes": parameter_shapes(model),
+    }
