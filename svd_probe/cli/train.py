@@ -13,94 +13,276 @@ from svd_probe.cli.app import (
     out,
     print_json,
 )
+from svd_probe.train.config import TrainConfig, preset
+
+_T = TrainConfig()  # the recipe's defaults, shown in --help
+_SMALL, _TINY = preset("mla-o", "small"), preset("mla-o", "tiny")
+
+
+def _default(text: str) -> str:
+    """ "[default: text]" for a flag whose None means "not given" (the --config file or the preset
+    decides); the backslash keeps rich from reading the brackets as markup."""
+    return f" \\[default: {text}]"
+
+
+def _from_size(field: str) -> str:
+    """The [default: ...] text of a shape flag: the --size preset's value."""
+    return f"{getattr(_SMALL, field)} small, {getattr(_TINY, field)} tiny"
+
+
+MODEL, DATA, RECIPE, RUN = "Model", "Data", "Recipe", "Run"
 
 
 @app.command("train")
 def train_cmd(
     variant: str | None = typer.Option(
-        None, "--variant", help="mha, mla or mla-o (default: the --config file's, else mha).", show_default=False
+        None,
+        "--variant",
+        help="Attention: mha, mla or mla-o (shared output latent)." + _default("the --config file's, else mha"),
+        show_default=False,
+        rich_help_panel=MODEL,
     ),
     size: str = typer.Option(
-        "small", "--size", help="Size preset: small (the issue's 256-wide model) or tiny (CPU smoke runs)."
+        "small",
+        "--size",
+        help="Preset: small (256 wide, 6 layers, 8 heads) or tiny (64 wide, 2 layers: CPU smoke runs).",
+        rich_help_panel=MODEL,
     ),
     config: Path | None = typer.Option(
-        None, "--config", help="JSON file of model fields and/or training keys; flags override it.", show_default=False
+        None,
+        "--config",
+        help="JSON file of model fields and/or recipe keys; flags override it.",
+        show_default=False,
+        rich_help_panel=MODEL,
     ),
-    d_model: int | None = typer.Option(None, "--d-model", show_default=False),
-    n_layers: int | None = typer.Option(None, "--n-layers", show_default=False),
-    n_heads: int | None = typer.Option(None, "--n-heads", show_default=False),
-    head_dim: int | None = typer.Option(None, "--head-dim", show_default=False),
-    ffn_dim: int | None = typer.Option(None, "--ffn-dim", show_default=False),
+    d_model: int | None = typer.Option(
+        None,
+        "--d-model",
+        help="Model width." + _default(_from_size("d_model")),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+    n_layers: int | None = typer.Option(
+        None, "--n-layers", help="Blocks." + _default(_from_size("n_layers")), show_default=False, rich_help_panel=MODEL
+    ),
+    n_heads: int | None = typer.Option(
+        None,
+        "--n-heads",
+        help="Attention heads." + _default(_from_size("n_heads")),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+    head_dim: int | None = typer.Option(
+        None,
+        "--head-dim",
+        help="Width of each head." + _default(_from_size("head_dim")),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+    ffn_dim: int | None = typer.Option(
+        None,
+        "--ffn-dim",
+        help="SwiGLU hidden width." + _default(_from_size("ffn_dim")),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
     rope_dims: int | None = typer.Option(
-        None, "--rope-dims", help="RoPE on the first N dims of each q/k head.", show_default=False
+        None,
+        "--rope-dims",
+        help="RoPE on the first N dims of each q/k head." + _default("head_dim; mla: head_dim/2"),
+        show_default=False,
+        rich_help_panel=MODEL,
     ),
-    q_latent: int | None = typer.Option(None, "--q-latent", help="mla, mla-o: query latent width.", show_default=False),
-    kv_latent: int | None = typer.Option(None, "--kv-latent", help="mla, mla-o: KV latent width.", show_default=False),
+    q_latent: int | None = typer.Option(
+        None,
+        "--q-latent",
+        help="mla, mla-o: query latent." + _default(_from_size("q_latent")),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+    kv_latent: int | None = typer.Option(
+        None,
+        "--kv-latent",
+        help="mla, mla-o: KV latent." + _default(_from_size("kv_latent")),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
     o_latent: int | None = typer.Option(
-        None, "--o-latent", help="mla-o: shared output latent width.", show_default=False
+        None,
+        "--o-latent",
+        help="mla-o: shared output latent." + _default(_from_size("o_latent")),
+        show_default=False,
+        rich_help_panel=MODEL,
     ),
     tokenizer: str = typer.Option(
-        "bert-base-uncased", "--tokenizer", help="WordPiece vocab.txt, tokenizer.json, or a Hub name (online)."
+        "bert-base-uncased",
+        "--tokenizer",
+        help="WordPiece vocab.txt, tokenizer.json, or a Hub name (online).",
+        rich_help_panel=DATA,
     ),
     data_dir: Path | None = typer.Option(
-        None, "--data-dir", help="Folder with wiki.train.tokens and wiki.valid.tokens.", show_default=False
+        None,
+        "--data-dir",
+        help="Folder with wiki.train.tokens and wiki.valid.tokens (WikiText-2 or -103).",
+        show_default=False,
+        rich_help_panel=DATA,
     ),
     dataset: str | None = typer.Option(
-        None, "--dataset", help="wikitext-103 through `datasets` (online) instead of --data-dir.", show_default=False
+        None,
+        "--dataset",
+        help="wikitext-103 or wikitext-2 through `datasets` (online), instead of --data-dir.",
+        show_default=False,
+        rich_help_panel=DATA,
     ),
     sst2_dir: Path | None = typer.Option(
         None,
         "--sst2-dir",
-        help="Folder with GLUE SST-2 train.tsv and dev.tsv (no fine-tuning without it).",
+        help="Folder with GLUE SST-2 train.tsv and dev.tsv; without it, no fine-tuning.",
         show_default=False,
+        rich_help_panel=DATA,
+    ),
+    pretrain_steps: int | None = typer.Option(
+        None,
+        "--pretrain-steps",
+        help="Pretraining steps." + _default(str(_T.pretrain_steps)),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    finetune_steps: int | None = typer.Option(
+        None,
+        "--finetune-steps",
+        help="Fine-tuning steps (overrides --finetune-epochs)." + _default("--finetune-epochs"),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    finetune_epochs: float | None = typer.Option(
+        None,
+        "--finetune-epochs",
+        help="Fine-tuning epochs over train.tsv." + _default("1"),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        help="Pretraining batch." + _default(str(_T.batch_size)),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    finetune_batch_size: int | None = typer.Option(
+        None,
+        "--finetune-batch-size",
+        help="Fine-tuning batch." + _default(str(_T.finetune_batch_size)),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    lr: float | None = typer.Option(
+        None,
+        "--lr",
+        help="Peak pretraining learning rate." + _default(f"{_T.lr:g}"),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    finetune_lr: float | None = typer.Option(
+        None,
+        "--finetune-lr",
+        help="Peak fine-tuning learning rate." + _default(f"{_T.finetune_lr:g}"),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    warmup_frac: float | None = typer.Option(
+        None,
+        "--warmup-frac",
+        help="Share of each phase's steps in linear warmup (then linear decay to 0)." + _default(f"{_T.warmup_frac:g}"),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    weight_decay: float | None = typer.Option(
+        None,
+        "--weight-decay",
+        help="AdamW weight decay (not on biases and norms)." + _default(f"{_T.weight_decay:g}"),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    seq_len: int | None = typer.Option(
+        None,
+        "--seq-len",
+        help="Pretraining sequence length; fine-tuning truncates to it." + _default(str(_T.seq_len)),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    seed: int | None = typer.Option(
+        None,
+        "--seed",
+        help="Seed of initialization, batch order and masks." + _default(str(_T.seed)),
+        show_default=False,
+        rich_help_panel=RECIPE,
     ),
     out_dir: Path | None = typer.Option(
         None,
         "--out",
-        help="Run folder: checkpoint, model.safetensors, config.json, metrics.json, train.log.",
+        help="Run folder (created): checkpoint.pt, model.safetensors, config.json, metrics.json, train.log. "
+        "Rerunning the same command resumes it.",
         show_default=False,
+        rich_help_panel=RUN,
     ),
     overwrite: bool = typer.Option(
         False,
         "--overwrite",
-        help="Start over in an --out folder that holds another run or other files (replaces only the run's own files).",
+        help="Start over in an --out that holds another run or other files (replaces only the run's files).",
+        rich_help_panel=RUN,
     ),
-    pretrain_steps: int | None = typer.Option(None, "--pretrain-steps", help="[default: 2000]", show_default=False),
-    finetune_steps: int | None = typer.Option(
-        None, "--finetune-steps", help="[default: one epoch]", show_default=False
+    checkpoint_every: int | None = typer.Option(
+        None,
+        "--checkpoint-every",
+        help="Checkpoint every N steps." + _default(str(_T.checkpoint_every)),
+        show_default=False,
+        rich_help_panel=RUN,
     ),
-    finetune_epochs: float | None = typer.Option(None, "--finetune-epochs", show_default=False),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Pretraining batch [default: 128].", show_default=False
+    checkpoint_minutes: float | None = typer.Option(
+        None,
+        "--checkpoint-minutes",
+        help="Also checkpoint every M minutes (0: off)." + _default(f"{_T.checkpoint_minutes:g}"),
+        show_default=False,
+        rich_help_panel=RUN,
     ),
-    finetune_batch_size: int | None = typer.Option(
-        None, "--finetune-batch-size", help="[default: 32]", show_default=False
+    log_every: int | None = typer.Option(
+        None,
+        "--log-every",
+        help="Log the mean loss every N steps." + _default(str(_T.log_every)),
+        show_default=False,
+        rich_help_panel=RUN,
     ),
-    lr: float | None = typer.Option(None, "--lr", help="Peak pretraining lr [default: 1e-3].", show_default=False),
-    finetune_lr: float | None = typer.Option(None, "--finetune-lr", help="[default: 1e-4]", show_default=False),
-    warmup_frac: float | None = typer.Option(None, "--warmup-frac", help="[default: 0.06]", show_default=False),
-    weight_decay: float | None = typer.Option(None, "--weight-decay", help="[default: 0.01]", show_default=False),
-    seq_len: int | None = typer.Option(
-        None, "--seq-len", help="Pretraining sequence length (and fine-tuning cap) [default: 128].", show_default=False
-    ),
-    seed: int | None = typer.Option(None, "--seed", help="[default: 0]", show_default=False),
-    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="[default: 500]", show_default=False),
-    log_every: int | None = typer.Option(None, "--log-every", help="[default: 50]", show_default=False),
     stop_after: int | None = typer.Option(
         None,
         "--stop-after",
-        help="Stop the current phase after N steps (checkpointed); rerun to resume.",
+        help="Stop the current phase after N steps, with a checkpoint; rerun to resume." + _default("run to the end"),
         show_default=False,
+        rich_help_panel=RUN,
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto: cuda when available)."),
-    compile_: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (cuda when available), cpu, cuda or cuda:N.", rich_help_panel=RUN
+    ),
+    compile_: bool = typer.Option(
+        False, "--compile/--no-compile", help="torch.compile the model.", rich_help_panel=RUN
+    ),
     progress: bool = typer.Option(
-        True, "--progress/--no-progress", help="Rich progress bar (off when stderr is not a terminal)."
+        True,
+        "--progress/--no-progress",
+        help="Progress bar on a terminal; else log lines on stderr.",
+        rich_help_panel=RUN,
     ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print parameters and shapes, train nothing."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (the dry-run summary, or metrics.json)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print parameter counts (and shapes with --json); train nothing.", rich_help_panel=RUN
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON: the dry-run summary, or metrics.json.", rich_help_panel=RUN
+    ),
 ) -> None:
-    """Pretrain an encoder (MLM), fine-tune it on SST-2, write model + metrics; reruns resume."""
+    """Pretrain an encoder (MLM), fine-tune it on SST-2, write model + metrics.
+
+    Ctrl-C or SIGTERM stops after the step in progress and saves a checkpoint; rerunning the same command resumes.
+    """
     from svd_probe.errors import TrainingInputError
     from svd_probe.train.config import build_config, build_train_config, read_config_file
     from svd_probe.train.loop import DataSources, run
@@ -143,6 +325,7 @@ def train_cmd(
             seq_len=seq_len,
             seed=seed,
             checkpoint_every=checkpoint_every,
+            checkpoint_minutes=checkpoint_minutes,
             log_every=log_every,
             stop_after=stop_after,
             device=device,
@@ -155,7 +338,7 @@ def train_cmd(
     with RichTrainProgress(err, bar=progress and err.is_terminal and not as_json, echo=not as_json) as reporter:
         metrics = run(model_cfg, train_cfg, sources, out_dir, reporter, overwrite=overwrite)
     if metrics.get("stopped"):
-        err.print(f"stopped early; checkpoint in {out_dir}. Rerun the same command to resume.")
+        report_stop(metrics)
     elif as_json:
         print_json(metrics)
     else:
@@ -163,6 +346,23 @@ def train_cmd(
         out.print(
             f"{metrics['variant']}: MLM acc {metrics['mlm_accuracy']:.4f} (loss {metrics['mlm_loss']:.3f}), SST-2 dev acc {'—' if acc is None else f'{acc:.4f}'}; wrote {out_dir}"
         )
+
+
+def report_stop(stopped: dict) -> None:
+    """How a run stopped early, and how to go on; an interrupt exits 130 (SIGINT) or 143 (SIGTERM)."""
+    where = f"{stopped['phase']} step {stopped['step']}"
+    if stopped["reason"] == "interrupted":
+        err.print(
+            f"interrupted at {where}; checkpoint saved in {stopped['out']}; run the same command to resume",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(143 if stopped.get("signal") == "SIGTERM" else 130)
+    err.print(
+        f"stopped after {where} (--stop-after); checkpoint saved in {stopped['out']}; run the same command to resume",
+        highlight=False,
+    )
 
 
 class RichTrainProgress:
@@ -205,7 +405,7 @@ class RichTrainProgress:
 
     def message(self, line: str) -> None:
         if self.bar is None and self.echo:
-            self.console.print(line, highlight=False, markup=False)
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("compare")

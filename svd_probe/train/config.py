@@ -86,6 +86,7 @@ TRAIN_KEYS = {
     "weight_decay",
     "seed",
     "checkpoint_every",
+    "checkpoint_minutes",
     "seq_len",
 }
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)}
@@ -124,6 +125,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     seed: int = 0
     checkpoint_every: int = 500
+    # Also checkpoint when this many minutes have passed since the last checkpoint (0: never), so
+    # a crash or a kill -9 loses minutes, not the steps since the last `checkpoint_every`.
+    checkpoint_minutes: float = 5.0
     seq_len: int = 128
     log_every: int = 50
     device: str = "auto"
@@ -180,6 +184,8 @@ class TrainConfig:
                     f"{name} must be a finite positive number, got {_short(v)}",
                     hint="e.g. --lr 1e-3 --finetune-lr 1e-4",
                 )
+        if not is_num(self.checkpoint_minutes) or self.checkpoint_minutes < 0:
+            bad(f"checkpoint_minutes must be a finite number >= 0, got {_short(self.checkpoint_minutes)}")
         if not is_num(self.weight_decay) or self.weight_decay < 0:
             bad(f"weight_decay must be a finite number >= 0, got {_short(self.weight_decay)}")
         if not is_num(self.warmup_frac) or not 0 <= self.warmup_frac < 1:
@@ -329,7 +335,7 @@ def build_train_config(file_values: dict | None = None, overrides: dict | None =
     """TrainConfig defaults, then a --config file's training keys, then flags that were given (not None)."""
     vals = {k: v for k, v in (file_values or {}).items() if k in TRAIN_KEYS}
     vals.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    floats = {"lr", "finetune_lr", "warmup_frac", "weight_decay", "finetune_epochs"}
+    floats = {"lr", "finetune_lr", "warmup_frac", "weight_decay", "finetune_epochs", "checkpoint_minutes"}
     for k, v in vals.items():
         want = (int, float) if k in floats else int
         if k in TRAIN_KEYS and (isinstance(v, bool) or not isinstance(v, want)):

@@ -34,10 +34,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
+import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -293,6 +296,43 @@ class _NonFinite:
             )
 
 
+class StopRequest:
+    """Set by SIGINT or SIGTERM: the loop finishes the step in progress, checkpoints and returns."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """While training, the first SIGINT (Ctrl-C) or SIGTERM asks for a clean stop: the steps done
+    are checkpointed and the run says how to resume. A second one ends the process at once, as
+    without this handler. Outside the main thread (where Python delivers no signals) it does nothing."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in wanted}
+
+    def handler(signum: int, frame: Any) -> None:
+        if request.signal is None:
+            request.signal = signal.Signals(signum).name
+            return
+        signal.signal(signum, signal.SIG_DFL)  # the second one: stop now
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
+
+    for s in wanted:
+        signal.signal(s, handler)
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
 # ---- the phase runner ----------------------------------------------------------------------------
 
 Batch = tuple[torch.Tensor, ...]
@@ -315,9 +355,10 @@ class Phase:
 
 @dataclass
 class PhaseOutcome:
-    done: bool  # False: stopped early on purpose (the checkpoint holds the state)
+    done: bool  # False: stopped early (the checkpoint holds the state)
     step: int
     samples_per_s: float | None
+    stopped_by: str | None = None  # "stop_after", or the signal's name ("SIGINT", "SIGTERM")
 
 
 @dataclass
@@ -329,11 +370,14 @@ class _RunContext:
     progress: TrainProgress
     base: dict  # the checkpoint fields every checkpoint of the run carries
     wall: Callable[[], float]
+    stop: StopRequest = field(default_factory=StopRequest)
 
 
 def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutcome:
-    """Train `phase.model` for `phase.steps` optimizer steps (from `resume`'s step, if given),
-    checkpointing every `checkpoint_every` steps and where it stops."""
+    """Train `phase.model` for `phase.steps` optimizer steps (from `resume`'s step, if given).
+
+    Checkpoints every `checkpoint_every` steps, every `checkpoint_minutes`, where --stop-after
+    stops it, and when a signal asks it to stop (after the step in progress)."""
     tc, dev, model = ctx.tc, ctx.dev, phase.model
     opt = make_optimizer(model, phase.peak_lr, tc.weight_decay, dev)
     step, samples, seconds = 0, 0, 0.0
@@ -348,8 +392,10 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
     finite = _NonFinite(phase.label, phase.lr_flag, dev)
     loss_sum, n_logged = torch.zeros((), device=dev), 0
     ctx.progress.phase_started(phase.name, phase.steps, step)
+    saved_at, saved_step = time.monotonic(), step if resume is not None else None
 
     def checkpoint() -> None:
+        nonlocal saved_at, saved_step
         finite.check(step, model)
         timer.pause()
         save_checkpoint(
@@ -367,10 +413,14 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
             },
             ctx.out,
         )
+        saved_at, saved_step = time.monotonic(), step
         timer.resume()
 
     model.train()
+    every_s = 60 * tc.checkpoint_minutes
     while step < stop_at:
+        if ctx.stop.signal is not None:
+            break
         lr = lr_at(step, phase.steps, tc.warmup_frac, phase.peak_lr)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -395,12 +445,25 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
             sps = timer.running_rate()
             ctx.progress.phase_step(phase.name, step, mean_loss, sps)
             ctx.log(f"{phase.name} step {step}/{phase.steps} loss {mean_loss:.4f} lr {lr:.2e} samples/s {sps:,.0f}")
-        if step % tc.checkpoint_every == 0 or step == stop_at:
+        if (
+            step % tc.checkpoint_every == 0
+            or step == stop_at
+            or (every_s > 0 and time.monotonic() - saved_at >= every_s)
+        ):
             checkpoint()
+    if step < stop_at:  # a signal asked to stop
+        if saved_step != step:
+            checkpoint()
+        timer.pause()
+        ctx.log(
+            f"interrupted ({ctx.stop.signal}) at {phase.label} step {step}; checkpoint saved in {ctx.out}; "
+            "run the same command to resume"
+        )
+        return PhaseOutcome(False, step, None, ctx.stop.signal)
     timer.pause()
     if step < phase.steps:
         ctx.log(f"stopped {phase.label} after step {step} (--stop-after); rerun the same command to resume")
-        return PhaseOutcome(False, step, None)
+        return PhaseOutcome(False, step, None, "stop_after")
     finite.check(step, model)
     total_samples, total_seconds = samples + timer.samples, seconds + timer.seconds
     rate = round(total_samples / total_seconds, 1) if total_seconds > 0 and total_samples else None
@@ -521,7 +584,10 @@ def run(
         overwrite: start over in a folder that holds another run or other files.
 
     Returns:
-        metrics.json's content, or {"stopped": True, ...} when --stop-after stopped a phase.
+        metrics.json's content; or, when a phase stopped early, {"stopped": True, "reason":
+        "stop_after" or "interrupted", "signal": "SIGINT" or "SIGTERM" (interrupted only),
+        "phase", "step", "out"}. SIGINT and SIGTERM stop after the step in progress, with a
+        checkpoint (see stop_on_signals).
 
     Example:
         >>> run(preset("mla-o", "tiny"), TrainConfig(pretrain_steps=20, device="cpu"),
@@ -543,6 +609,19 @@ def train(
     overwrite: bool = False,
 ) -> dict:
     """`run` on data already loaded (`load_data`)."""
+    with stop_on_signals() as stop:
+        return _train(cfg, tc, data, out, progress, overwrite, stop)
+
+
+def _train(
+    cfg: ModelConfig,
+    tc: TrainConfig,
+    data: TrainingData,
+    out: Path,
+    progress: TrainProgress | None,
+    overwrite: bool,
+    stop: StopRequest,
+) -> dict:
     t_start = time.perf_counter()
     tc.validate()
     out = Path(out)
@@ -572,14 +651,18 @@ def train(
     def wall() -> float:
         return prior_wall + time.perf_counter() - t_start
 
-    ctx = _RunContext(out, dev, tc, log, progress, base, wall)
+    ctx = _RunContext(out, dev, tc, log, progress, base, wall, stop)
     if dev.type == "cuda":
         torch.set_float32_matmul_precision("high")
     parameters = pretraining_parameters(cfg)
     log(f"run {cfg.variant} seed={tc.seed} device={device_name(dev)} params={parameters:,} out={out}")
 
-    def stopped(phase: str, step: int) -> dict:
-        return {"stopped": True, "reason": "stop_after", "phase": phase, "step": step, "out": str(out)}
+    def stopped(phase: str, outcome: PhaseOutcome) -> dict:
+        reason = "stop_after" if outcome.stopped_by == "stop_after" else "interrupted"
+        info = {"stopped": True, "reason": reason, "phase": phase, "step": outcome.step, "out": str(out)}
+        if reason == "interrupted":
+            info["signal"] = outcome.stopped_by
+        return info
 
     # -- pretraining
     pre = state.get("pretrain_metrics") if state else None
@@ -593,7 +676,7 @@ def train(
         phase = pretraining_phase(lm, tc, tok, train_rows, log)
         done = run_phase(phase, ctx, state if state and state["phase"] == "pretrain" else None)
         if not done.done:
-            return stopped("pretrain", done.step)
+            return stopped("pretrain", done)
         loss, acc = evaluate_mlm(lm, valid_rows, tok, dev, tc.batch_size)
         pre = {"mlm_loss": loss, "mlm_accuracy": acc, "pretrain_samples_per_s": done.samples_per_s}
         log(f"pretrain valid: mlm_loss {loss:.4f} mlm_accuracy {acc:.4f}")
@@ -625,7 +708,7 @@ def train(
             load_encoder_weights(clf, out / "model.safetensors")
         done = run_phase(phase, ctx, resume)
         if not done.done:
-            return stopped("finetune", done.step)
+            return stopped("finetune", done)
         acc = evaluate_classifier(clf, dev_ids, dev_y, tok, dev, 128)
         log(f"sst2 dev accuracy {acc:.4f} ({len(dev_ids)} sentences)")
         ft = {"sst2_dev_accuracy": acc, "finetune_samples_per_s": done.samples_per_s, "finetune_steps": phase.steps}
