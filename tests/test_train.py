@@ -454,7 +454,9 @@ def test_cli_train_and_compare(inputs, tmp_path, monkeypatch, capsys):
     assert "mla" in out and "±" in out
     code, out, err = cli_main(["compare", str(tmp_path / "runs"), "--json"], monkeypatch, capsys)
     assert code == 0, err
-    assert [r["latents"] for r in json.loads(out)] == ["rope16", "q16 kv4 rope8"]
+    comp = json.loads(out)
+    assert [r["latents"] for r in comp["configs"]] == ["rope16", "q16 kv4 rope8"]
+    assert {(p["a"], p["b"], p["n"]) for p in comp["differences"]} == {("mla q16 kv4 rope8", "mha rope16", 1)}
     code, _, err = cli_main(["compare", str(tmp_path / "nothing-here")], monkeypatch, capsys)
     assert code == 2 and "run folder not found" in err
 

@@ -147,7 +147,7 @@ def test_train_help_is_complete_and_fits_80_columns():
         assert p.help and p.help.strip(), f"{p.opts} has no help"
         takes_value = not getattr(p, "is_flag", False)
         shows_default = (p.show_default not in (None, False)) or "[default:" in p.help
-        if takes_value and p.name not in ("config", "out_dir", "data_dir", "dataset", "sst2_dir"):
+        if takes_value and p.name not in ("config", "out_dir", "data_dir", "dataset", "sst2_dir", "init_from", "seeds"):
             assert shows_default, f"{p.opts} shows no default"
         assert "issue" not in p.help
     result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "80", "TERM": "dumb"}, terminal_width=80)

@@ -48,6 +48,30 @@ def train_cmd(
         help="Preset: small (256 wide, 6 layers, 8 heads) or tiny (64 wide, 2 layers: CPU smoke runs).",
         rich_help_panel=MODEL,
     ),
+    objective: str | None = typer.Option(
+        None,
+        "--objective",
+        help="mlm (masked LM, bidirectional) or clm (causal LM, next token; perplexity on valid and test)."
+        + _default("mlm"),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+    o_norm: str | None = typer.Option(
+        None,
+        "--o-norm",
+        help="mla-o: norm on the shared output latent: none, rms (after the heads are summed) or "
+        "rms-per-head (each head's latent, own weights, sum / sqrt(H))." + _default("none"),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+    init_from: Path | None = typer.Option(
+        None,
+        "--init-from",
+        help="Start mla-o from a finished mha or mla run folder: W_O by truncated SVD into the shared latent, "
+        "the rest copied; shapes come from that run.",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
     config: Path | None = typer.Option(
         None,
         "--config",
@@ -123,7 +147,7 @@ def train_cmd(
     data_dir: Path | None = typer.Option(
         None,
         "--data-dir",
-        help="Folder with wiki.train.tokens and wiki.valid.tokens (WikiText-2 or -103).",
+        help="Folder with wiki.train.tokens, wiki.valid.tokens and (optional) wiki.test.tokens: WikiText-2 or -103.",
         show_default=False,
         rich_help_panel=DATA,
     ),
@@ -218,6 +242,13 @@ def train_cmd(
         show_default=False,
         rich_help_panel=RECIPE,
     ),
+    seeds: str | None = typer.Option(
+        None,
+        "--seeds",
+        help="Several seeds, one run each in OUT/seed-N, one after another (e.g. 0,1,2,3,4 or 0-4).",
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
     out_dir: Path | None = typer.Option(
         None,
         "--out",
@@ -279,37 +310,55 @@ def train_cmd(
         False, "--json", help="Print JSON: the dry-run summary, or metrics.json.", rich_help_panel=RUN
     ),
 ) -> None:
-    """Pretrain an encoder (MLM), fine-tune it on SST-2, write model + metrics.
+    """Pretrain a small transformer (MLM or CLM), fine-tune it on SST-2, write model + metrics.
 
     Ctrl-C or SIGTERM stops after the step in progress and saves a checkpoint; rerunning the same command resumes.
     """
     from svd_probe.errors import TrainingInputError
     from svd_probe.train.config import build_config, build_train_config, read_config_file
-    from svd_probe.train.loop import DataSources, run
+    from svd_probe.train.loop import DataSources, run, run_seeds
     from svd_probe.train.model import dry_run_summary
 
     file_values = read_config_file(config) if config is not None else {}
-    overrides = dict(
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        head_dim=head_dim,
-        ffn_dim=ffn_dim,
-        rope_dims=rope_dims,
-        q_latent=q_latent,
-        kv_latent=kv_latent,
-        o_latent=o_latent,
-    )
-    model_cfg = build_config(variant, size, file_values, overrides)
+    shapes = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, head_dim=head_dim, ffn_dim=ffn_dim)
+    if init_from is not None:
+        from svd_probe.train.init_from import derive_config, load_source
+
+        if variant not in (None, "mla-o"):
+            raise TrainingInputError(f"--init-from builds mla-o, not {variant}", hint="drop --variant")
+        source = load_source(init_from)
+        model_cfg = derive_config(
+            source.cfg,
+            o_latent,
+            o_norm,
+            q_latent,
+            kv_latent,
+            {**shapes, "rope_dims": rope_dims, "objective": objective},
+        )
+    else:
+        overrides = dict(
+            **shapes,
+            rope_dims=rope_dims,
+            q_latent=q_latent,
+            kv_latent=kv_latent,
+            o_latent=o_latent,
+            o_norm=o_norm,
+            objective=objective,
+        )
+        model_cfg = build_config(variant, size, file_values, overrides)
     if dry_run:
         summary = dry_run_summary(model_cfg)
         if as_json:
             print_json(summary)
         else:
             out.print(
-                f"{model_cfg.variant}: {summary['parameters']:,} parameters ({summary['non_embedding_parameters']:,} without embeddings)"
+                f"{model_cfg.variant} {model_cfg.objective}: {summary['parameters']:,} parameters "
+                f"({summary['non_embedding_parameters']:,} without embeddings)"
             )
         return
+    if seed is not None and seeds is not None:
+        raise TrainingInputError("--seed and --seeds both given", hint="pass one: --seed N, or --seeds 0,1,2")
+    seed_list = parse_seeds(seeds) if seeds is not None else None
     train_cfg = build_train_config(
         file_values,
         dict(
@@ -330,22 +379,56 @@ def train_cmd(
             stop_after=stop_after,
             device=device,
             compile=compile_,
+            init_from=None if init_from is None else str(init_from),
         ),
     )
     if out_dir is None:
         raise TrainingInputError("--out is required to train", hint="e.g. --out runs/mla-o-seed0")
     sources = DataSources(tokenizer=tokenizer, data_dir=data_dir, dataset=dataset, sst2_dir=sst2_dir)
     with RichTrainProgress(err, bar=progress and err.is_terminal and not as_json, echo=not as_json) as reporter:
-        metrics = run(model_cfg, train_cfg, sources, out_dir, reporter, overwrite=overwrite)
-    if metrics.get("stopped"):
-        report_stop(metrics)
-    elif as_json:
-        print_json(metrics)
+        if seed_list is None:
+            results = [run(model_cfg, train_cfg, sources, out_dir, reporter, overwrite=overwrite)]
+        else:
+            results = run_seeds(model_cfg, train_cfg, sources, out_dir, seed_list, reporter, overwrite=overwrite)
+    if as_json:
+        print_json(results[0] if seed_list is None else results)
     else:
-        acc = metrics["sst2_dev_accuracy"]
-        out.print(
-            f"{metrics['variant']}: MLM acc {metrics['mlm_accuracy']:.4f} (loss {metrics['mlm_loss']:.3f}), SST-2 dev acc {'—' if acc is None else f'{acc:.4f}'}; wrote {out_dir}"
+        for metrics in results:
+            if not metrics.get("stopped"):
+                out.print(summary_line(metrics), highlight=False)
+    for metrics in results:
+        if metrics.get("stopped"):
+            report_stop(metrics)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`0,1,2`, `0-4` or a mix (`0-2,7`): distinct non-negative integers, in the order given."""
+    from svd_probe.errors import TrainingInputError
+
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
+        except ValueError:
+            raise TrainingInputError(f"bad --seeds {text!r}", hint="e.g. --seeds 0,1,2,3,4 or --seeds 0-4") from None
+    if not seeds or len(seeds) > 1000 or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise TrainingInputError(
+            f"bad --seeds {text!r}: distinct seeds >= 0 (at most 1000)", hint="e.g. --seeds 0,1,2,3,4"
         )
+    return seeds
+
+
+def summary_line(m: dict) -> str:
+    acc = m["sst2_dev_accuracy"]
+    sst2 = "—" if acc is None else f"{acc:.4f}"
+    if m.get("objective") == "clm":
+        test = m.get("clm_test_perplexity")
+        pre = f"CLM ppl {m['clm_perplexity']:.2f} valid, {'—' if test is None else f'{test:.2f}'} test"
+    else:
+        pre = f"MLM acc {m['mlm_accuracy']:.4f} (loss {m['mlm_loss']:.3f})"
+    return f"{m['variant']} seed {m['seed']}: {pre}, SST-2 dev acc {sst2}"
 
 
 def report_stop(stopped: dict) -> None:
@@ -410,14 +493,19 @@ class RichTrainProgress:
 
 @app.command("compare")
 def compare_cmd(
-    run_dirs: list[Path] = typer.Argument(..., help="Run folders of `svd-probe train` (or folders of run folders)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of a table."),
+    run_dirs: list[Path] = typer.Argument(
+        ..., help="Run folders of `svd-probe train`, or folders of run folders (e.g. the --out of --seeds)."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help='Print {"configs": [...], "differences": [...]} as JSON instead of tables.'
+    ),
 ) -> None:
-    """One table over training runs: variant, latents, parameters, MLM and SST-2 accuracy (mean ± std), samples/s."""
-    from svd_probe.train.compare import load_runs, render_table, summarize
+    """Tables of training runs: per configuration mean ± std over seeds, and for each pair of configurations the difference with a 95% interval (paired t over seeds)."""
+    from svd_probe.train.compare import comparison, load_runs, render_tables
 
-    rows = summarize(load_runs(run_dirs))
+    comp = comparison(load_runs(run_dirs))
     if as_json:
-        print_json(rows)
-    else:
-        out.print(render_table(rows))
+        print_json(comp)
+        return
+    for table in render_tables(comp):
+        out.print(table)

@@ -17,6 +17,8 @@ from typing import Any
 from svd_probe.errors import TrainingInputError
 
 VARIANTS = ("mha", "mla", "mla-o")
+OBJECTIVES = ("mlm", "clm")  # masked LM (bidirectional encoder) or causal LM (decoder)
+O_NORMS = ("none", "rms", "rms-per-head")  # mla-o: a norm on the shared output latent
 SIZES = ("small", "tiny")
 MODEL_TYPE = "svd_probe_encoder"
 
@@ -38,6 +40,8 @@ class ModelConfig:
     q_latent: int = 64  # mla, mla-o
     kv_latent: int = 32  # mla, mla-o
     o_latent: int = 64  # mla-o
+    o_norm: str = "none"  # mla-o: none, rms (one norm on the summed latent), rms-per-head
+    objective: str = "mlm"  # mlm or clm: bidirectional or causal attention
     max_seq_len: int = 128
 
     @property
@@ -52,22 +56,30 @@ class ModelConfig:
         d = {"model_type": MODEL_TYPE, "architectures": ["SvdProbeEncoder"], **self.to_dict()}
         d.update(hidden_size=self.d_model, num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads)
         if self.variant == "mha":
-            for k in ("q_latent", "kv_latent", "o_latent"):
+            for k in ("q_latent", "kv_latent", "o_latent", "o_norm"):
                 d.pop(k)
         elif self.variant == "mla":
             d.pop("o_latent")
+            d.pop("o_norm")
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """A config recorded by an earlier run (metrics.json, a checkpoint); fields added since
+        then take their defaults (o_norm none, objective mlm: what those runs trained)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # Latent sizes and RoPE widths per variant, as the issue specifies them for `--size small`.
-_SMALL = {
+_SMALL: dict[str, dict[str, Any]] = {
     "mha": dict(rope_dims=32),
     "mla": dict(rope_dims=16, q_latent=64, kv_latent=32),
     "mla-o": dict(rope_dims=32, q_latent=64, kv_latent=32, o_latent=64),
 }
 # `--size tiny`: a CPU smoke-test model, a quarter of the width; latents keep small's ratios.
-_TINY_BASE = dict(d_model=64, n_layers=2, n_heads=4, head_dim=16, ffn_dim=256)
-_TINY = {
+_TINY_BASE: dict[str, Any] = dict(d_model=64, n_layers=2, n_heads=4, head_dim=16, ffn_dim=256)
+_TINY: dict[str, dict[str, Any]] = {
     "mha": dict(rope_dims=16),
     "mla": dict(rope_dims=8, q_latent=16, kv_latent=8),
     "mla-o": dict(rope_dims=16, q_latent=16, kv_latent=8, o_latent=16),
@@ -135,6 +147,8 @@ class TrainConfig:
     # Stop a phase after this many steps of it (checkpointed), e.g. to split a run across
     # sessions; the schedule still follows the full step count.
     stop_after: int | None = None
+    # Start pretraining from this run's weights (mla-o from mha or mla: train/init_from.py).
+    init_from: str | None = None
 
     def recipe(self) -> dict[str, Any]:
         """The fields that decide what a run computes: a checkpoint resumes only under the same."""
@@ -300,6 +314,15 @@ def validate(cfg: ModelConfig) -> None:
         raise TrainingInputError(f"bad model config: {msg}", hint=hint)
 
     check_variant(cfg.variant)
+    if cfg.objective not in OBJECTIVES:
+        bad(f"objective must be one of {', '.join(OBJECTIVES)}, got {_short(cfg.objective)}")
+    if cfg.o_norm not in O_NORMS:
+        bad(f"o_norm must be one of {', '.join(O_NORMS)}, got {_short(cfg.o_norm)}")
+    if cfg.o_norm != "none" and cfg.variant != "mla-o":
+        bad(
+            f"o_norm {cfg.o_norm} needs the shared output latent of mla-o, not {cfg.variant}",
+            hint="add --variant mla-o, or drop --o-norm",
+        )
     for name in (
         "vocab_size",
         "d_model",

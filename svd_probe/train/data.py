@@ -160,7 +160,16 @@ def read_wikitext_dir(data_dir: Path) -> tuple[list[str], list[str]]:
     return splits[0], splits[1]
 
 
-def read_wikitext_hub(name: str) -> tuple[list[str], list[str]]:
+def read_wikitext_test(data_dir: Path) -> list[str] | None:
+    """Lines of wiki.test.tokens when the folder has it (the clm objective reports its perplexity)."""
+    f = Path(data_dir) / "wiki.test.tokens"
+    if not f.is_file():
+        return None
+    lines = [ly for ly in (clean_wikitext_line(x) for x in read_text(f).splitlines()) if ly]
+    return lines or None
+
+
+def read_wikitext_hub(name: str, splits: tuple[str, ...] = ("train", "validation")) -> tuple[list[str], ...]:
     """WikiText-103 (or -2) through `datasets`, imported here so that it stays optional."""
     configs = {"wikitext-103": "wikitext-103-v1", "wikitext-2": "wikitext-2-v1"}
     if name not in configs:
@@ -178,10 +187,10 @@ def read_wikitext_hub(name: str) -> tuple[list[str], list[str]]:
             f"cannot load {name} through datasets: {e}", hint="check the network, or pass --data-dir with local files"
         ) from None
     out = []
-    for split in ("train", "validation"):
+    for split in splits:
         lines = (clean_wikitext_line(t) for t in ds[split]["text"])
         out.append([ly for ly in lines if ly])
-    return out[0], out[1]
+    return tuple(out)
 
 
 def pack_sequences(tok: Tok, lines: list[str], seq_len: int) -> torch.Tensor:
@@ -200,6 +209,19 @@ def pack_sequences(tok: Tok, lines: list[str], seq_len: int) -> torch.Tensor:
     rows[:, 1:-1] = ids[: n * body].reshape(n, body)
     rows[:, -1] = tok.sep_id
     return torch.from_numpy(rows)
+
+
+def pack_causal(tok: Tok, lines: list[str], seq_len: int) -> torch.Tensor:
+    """Rows for next-token prediction: all lines' ids, each line followed by [SEP] (the end-of-text
+    marker that fine-tuning also puts after a sentence), cut into rows of seq_len + 1 tokens that
+    overlap by one, so inputs row[:-1] and targets row[1:] are full: no padding, and every token
+    after the first is predicted exactly once."""
+    ids = np.fromiter((i for seq in tok.encode_batch(lines) for i in (*seq, tok.sep_id)), dtype=np.int64)
+    n = (len(ids) - 1) // seq_len
+    if n == 0:
+        raise TrainingInputError(f"too little text: {len(ids)} tokens, fewer than one sequence of {seq_len + 1}")
+    starts = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+    return torch.from_numpy(ids[starts])
 
 
 def masked_count(seq_len: int, mlm_prob: float = 0.15) -> int:
@@ -282,7 +304,11 @@ def read_sst2_dir(sst2_dir: Path):
     return read_sst2_tsv(sst2_dir / "train.tsv"), read_sst2_tsv(sst2_dir / "dev.tsv")
 
 
-def encode_sentences(tok: Tok, sentences: list[str], max_len: int) -> list[list[int]]:
+def encode_sentences(tok: Tok, sentences: list[str], max_len: int, causal: bool = False) -> list[list[int]]:
+    """[CLS] sentence [SEP] for an encoder (classified at [CLS]); sentence [SEP] for a causal model
+    (classified at its last token, the [SEP])."""
+    if causal:
+        return [ids[: max_len - 1] + [tok.sep_id] for ids in tok.encode_batch(sentences)]
     return [[tok.cls_id] + ids[: max_len - 2] + [tok.sep_id] for ids in tok.encode_batch(sentences)]
 
 

@@ -52,11 +52,13 @@ from svd_probe.errors import TrainingInputError
 from svd_probe.options import pick_device
 from svd_probe.train import data as D
 from svd_probe.train.config import ModelConfig, TrainConfig
-from svd_probe.train.model import Classifier, MaskedLM, pretraining_parameters
+from svd_probe.train.init_from import initial_state, load_source
+from svd_probe.train.model import CausalLM, Classifier, MaskedLM, pretraining_model, pretraining_parameters
 from svd_probe.train.run_dir import (
     check_out_dir,
     check_resumable,
     check_same_data,
+    check_same_init,
     data_fingerprint,
     describe_source,
     load_checkpoint,
@@ -76,6 +78,7 @@ __all__ = [
     "lr_at",
     "run",
     "run_phase",
+    "run_seeds",
     "save_encoder",
 ]
 
@@ -100,6 +103,7 @@ class TrainingData:
     tok: D.Tok
     train_lines: list[str]
     valid_lines: list[str]
+    test_lines: list[str] | None  # evaluated (clm: test perplexity), never trained on
     sst2: tuple[tuple[list[str], list[int]], tuple[list[str], list[int]]] | None
     fingerprint: dict
 
@@ -114,9 +118,10 @@ def load_data(src: DataSources) -> TrainingData:
     sst2 = D.read_sst2_dir(src.sst2_dir) if src.sst2_dir is not None else None
     if src.data_dir is not None:
         train_lines, valid_lines = D.read_wikitext_dir(src.data_dir)
+        test_lines = D.read_wikitext_test(src.data_dir)
     else:
         assert src.dataset is not None
-        train_lines, valid_lines = D.read_wikitext_hub(src.dataset)
+        train_lines, valid_lines, test_lines = D.read_wikitext_hub(src.dataset, ("train", "validation", "test"))
     fingerprint = data_fingerprint(
         src.tokenizer,
         tok,
@@ -124,7 +129,7 @@ def load_data(src: DataSources) -> TrainingData:
         (train_lines, valid_lines),
         None if sst2 is None else (*sst2, describe_source(src.sst2_dir, None)),
     )
-    return TrainingData(tok, train_lines, valid_lines, sst2, fingerprint)
+    return TrainingData(tok, train_lines, valid_lines, test_lines, sst2, fingerprint)
 
 
 # ---- what the loop tells its caller --------------------------------------------------------------
@@ -473,8 +478,10 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
 # ---- the two phases ------------------------------------------------------------------------------
 
 
-def pretraining_phase(model: MaskedLM, tc: TrainConfig, tok: D.Tok, rows: torch.Tensor, log: _RunLog) -> Phase:
-    """MLM on packed rows: the batch order of step s from (seed, epoch), its masks from (seed, s)."""
+def pretraining_phase(
+    model: torch.nn.Module, cfg: ModelConfig, tc: TrainConfig, tok: D.Tok, rows: torch.Tensor, log: _RunLog
+) -> Phase:
+    """MLM or CLM on packed rows: the batch order of step s from (seed, epoch); MLM masks from (seed, s)."""
     batch = min(tc.batch_size, len(rows))
     if batch < tc.batch_size:
         log(f"batch size {tc.batch_size} > {len(rows)} rows: using {batch}")
@@ -482,12 +489,20 @@ def pretraining_phase(model: MaskedLM, tc: TrainConfig, tok: D.Tok, rows: torch.
 
     def make_batch(step: int) -> tuple[Batch, int]:
         idx = epoch_batch(len(rows), batch, step, tc.seed, cache)
+        if cfg.objective == "clm":
+            picked = rows[idx]
+            return (picked[:, :-1], picked[:, 1:]), len(idx)
         return D.mask_tokens(rows[idx], tok, step_generator(tc.seed, step, 1)), len(idx)
 
     def loss(fwd, t: Batch) -> torch.Tensor:
         return fwd(*t)[0]
 
     return Phase("pretrain", "pretraining", model, tc.pretrain_steps, tc.lr, "--lr", make_batch, loss)
+
+
+def pack_rows(cfg: ModelConfig, tok: D.Tok, lines: list[str], seq_len: int) -> torch.Tensor:
+    """mlm: [CLS] body [SEP] rows of seq_len; clm: rows of seq_len + 1 (inputs and shifted targets)."""
+    return D.pack_causal(tok, lines, seq_len) if cfg.objective == "clm" else D.pack_sequences(tok, lines, seq_len)
 
 
 def finetune_phase(
@@ -547,6 +562,50 @@ def evaluate_mlm(model: MaskedLM, rows: torch.Tensor, tok: D.Tok, dev: torch.dev
 
 
 @torch.no_grad()
+def evaluate_clm(model: CausalLM, rows: torch.Tensor, dev: torch.device, batch: int) -> dict[str, float]:
+    """Mean next-token loss, its perplexity exp(loss), and accuracy over every token of `rows`."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        with autocast(dev):
+            loss, c = model(chunk[:, :-1].to(dev), chunk[:, 1:].to(dev))
+        n = chunk[:, 1:].numel()
+        loss_sum += loss.item() * n
+        correct += int(c)
+        count += n
+    model.train(was_training)
+    mean = loss_sum / count
+    return {
+        "loss": round(mean, 5),
+        "perplexity": round(math.exp(min(mean, 700.0)), 3),
+        "accuracy": round(correct / count, 5),
+    }
+
+
+def evaluate_pretraining(
+    model: torch.nn.Module, cfg: ModelConfig, tok: D.Tok, data: TrainingData, tc: TrainConfig, dev: torch.device
+) -> dict[str, Any]:
+    """The pretraining metrics of metrics.json. mlm: mlm_loss, mlm_accuracy (valid, fixed masks).
+    clm: clm_loss, clm_perplexity, clm_accuracy (valid), clm_test_loss, clm_test_perplexity
+    (None without a test split)."""
+    valid = pack_rows(cfg, tok, data.valid_lines, tc.seq_len)
+    if cfg.objective == "mlm":
+        assert isinstance(model, MaskedLM)
+        loss, acc = evaluate_mlm(model, valid, tok, dev, tc.batch_size)
+        return {"mlm_loss": loss, "mlm_accuracy": acc}
+    assert isinstance(model, CausalLM)
+    v = evaluate_clm(model, valid, dev, tc.batch_size)
+    out: dict[str, Any] = {"clm_loss": v["loss"], "clm_perplexity": v["perplexity"], "clm_accuracy": v["accuracy"]}
+    out["clm_test_loss"] = out["clm_test_perplexity"] = None
+    if data.test_lines:
+        t = evaluate_clm(model, pack_rows(cfg, tok, data.test_lines, tc.seq_len), dev, tc.batch_size)
+        out["clm_test_loss"], out["clm_test_perplexity"] = t["loss"], t["perplexity"]
+    return out
+
+
+@torch.no_grad()
 def evaluate_classifier(
     model: Classifier, seqs: list[list[int]], labels: list[int], tok: D.Tok, dev: torch.device, batch: int
 ) -> float:
@@ -600,6 +659,53 @@ def run(
     return train(cfg, tc, load_data(src), out, progress, overwrite)
 
 
+def run_seeds(
+    cfg: ModelConfig,
+    tc: TrainConfig,
+    src: DataSources,
+    out: Path,
+    seeds: list[int],
+    progress: TrainProgress | None = None,
+    overwrite: bool = False,
+) -> list[dict]:
+    """One run per seed, in OUT/seed-N, one after another on the same device, the data read once.
+
+    Each run resumes, stops and overwrites on its own terms, exactly as `run` (a rerun of the
+    command resumes cut runs and re-evaluates finished ones). A signal stops the run in progress
+    and the runs after it; --stop-after stops each run's phase and goes on to the next seed.
+
+    Returns:
+        one `run` result per seed started, in order.
+
+    Example:
+        >>> run_seeds(preset("mla-o", "tiny"), TrainConfig(device="cpu"), sources, Path("runs/mla-o"), [0, 1, 2])
+    """
+    tc.validate()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TrainingInputError(
+            f"--out {out} is a file, not a folder", hint="pass a folder (it is created if missing)"
+        )
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise TrainingInputError(f"--seeds must list distinct seeds, got {seeds}", hint="e.g. --seeds 0,1,2,3,4")
+    for seed in seeds:
+        replace(tc, seed=seed).validate()
+        check_out_dir(seed_dir(out, seed), overwrite)
+    pick_device(tc.device)
+    data = load_data(src)
+    results = []
+    for seed in seeds:
+        result = train(cfg, replace(tc, seed=seed), data, seed_dir(out, seed), progress, overwrite)
+        results.append(result)
+        if result.get("reason") == "interrupted":
+            break
+    return results
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    return Path(out) / f"seed-{seed}"
+
+
 def train(
     cfg: ModelConfig,
     tc: TrainConfig,
@@ -631,6 +737,15 @@ def _train(
     tok = data.tok
     cfg = replace(cfg, vocab_size=tok.vocab_size, max_seq_len=max(cfg.max_seq_len, tc.seq_len))
 
+    source = load_source(Path(tc.init_from)) if tc.init_from is not None else None
+    init_record = source.record() if source is not None else None
+    if source is not None:
+        if cfg.variant != "mla-o":
+            raise TrainingInputError(
+                f"--init-from builds an mla-o model, not {cfg.variant}", hint="pass --variant mla-o (or leave it out)"
+            )
+        initial_state(cfg, source)  # checks the shapes against the source before anything is written
+
     if overwrite and out.is_dir():
         remove_run_files(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -640,12 +755,19 @@ def _train(
     if state is not None:
         check_resumable(state, cfg, tc, out)
         check_same_data(state.get("data"), fingerprint, out)
+        check_same_init(state.get("init_from"), init_record, out)
         if state.get("data") is None:
             log("the checkpoint records no data fingerprint (older svd-probe); recording this command's")
         elif fingerprint["sst2"] is None:
             fingerprint["sst2"] = state["data"].get("sst2")  # a rerun without --sst2-dir keeps the record
         log(f"resuming {state['phase']} at step {state['step']} from {out}")
-    base = {"format": CHECKPOINT_FORMAT, "model_config": cfg.to_dict(), "recipe": tc.recipe(), "data": fingerprint}
+    base = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": cfg.to_dict(),
+        "recipe": tc.recipe(),
+        "data": fingerprint,
+        "init_from": init_record,
+    }
     prior_wall = state.get("wall_time_s", 0.0) if state else 0.0
 
     def wall() -> float:
@@ -655,7 +777,12 @@ def _train(
     if dev.type == "cuda":
         torch.set_float32_matmul_precision("high")
     parameters = pretraining_parameters(cfg)
-    log(f"run {cfg.variant} seed={tc.seed} device={device_name(dev)} params={parameters:,} out={out}")
+    log(
+        f"run {cfg.variant} {cfg.objective}"
+        + (f" o_norm={cfg.o_norm}" if cfg.variant == "mla-o" else "")
+        + (f" init_from={source.path} ({source.cfg.variant})" if source is not None else "")
+        + f" seed={tc.seed} device={device_name(dev)} params={parameters:,} out={out}"
+    )
 
     def stopped(phase: str, outcome: PhaseOutcome) -> dict:
         reason = "stop_after" if outcome.stopped_by == "stop_after" else "interrupted"
@@ -667,19 +794,21 @@ def _train(
     # -- pretraining
     pre = state.get("pretrain_metrics") if state else None
     if pre is None:
-        train_rows = D.pack_sequences(tok, data.train_lines, tc.seq_len)
-        valid_rows = D.pack_sequences(tok, data.valid_lines, tc.seq_len)
-        log(f"pretraining data: {len(train_rows):,} train rows, {len(valid_rows):,} valid rows of {tc.seq_len} tokens")
+        train_rows = pack_rows(cfg, tok, data.train_lines, tc.seq_len)
+        log(f"pretraining data ({cfg.objective}): {len(train_rows):,} train rows of {tc.seq_len} tokens")
         # Each phase seeds its own initialization, so where a run was interrupted cannot change it.
         torch.manual_seed(tc.seed)
-        lm = MaskedLM(cfg).to(dev)
-        phase = pretraining_phase(lm, tc, tok, train_rows, log)
-        done = run_phase(phase, ctx, state if state and state["phase"] == "pretrain" else None)
+        lm = pretraining_model(cfg)
+        resume = state if state and state["phase"] == "pretrain" else None
+        if source is not None and resume is None:
+            lm.encoder.load_state_dict(initial_state(cfg, source))
+        lm = lm.to(dev)
+        phase = pretraining_phase(lm, cfg, tc, tok, train_rows, log)
+        done = run_phase(phase, ctx, resume)
         if not done.done:
             return stopped("pretrain", done)
-        loss, acc = evaluate_mlm(lm, valid_rows, tok, dev, tc.batch_size)
-        pre = {"mlm_loss": loss, "mlm_accuracy": acc, "pretrain_samples_per_s": done.samples_per_s}
-        log(f"pretrain valid: mlm_loss {loss:.4f} mlm_accuracy {acc:.4f}")
+        pre = {**evaluate_pretraining(lm, cfg, tok, data, tc, dev), "pretrain_samples_per_s": done.samples_per_s}
+        log("pretrain valid: " + " ".join(f"{k} {v}" for k, v in pre.items() if k != "pretrain_samples_per_s"))
         save_encoder(lm, cfg, out)
         save_checkpoint({**base, "phase": "finetune", "step": 0, "pretrain_metrics": pre, "wall_time_s": wall()}, out)
         state = None
@@ -694,8 +823,9 @@ def _train(
     ft: dict[str, Any] = {"sst2_dev_accuracy": None, "finetune_samples_per_s": None, "finetune_steps": 0}
     if data.sst2 is not None:
         (train_s, train_y), (dev_s, dev_y) = data.sst2
-        train_ids = D.encode_sentences(tok, train_s, tc.seq_len)
-        dev_ids = D.encode_sentences(tok, dev_s, tc.seq_len)
+        causal = cfg.objective == "clm"
+        train_ids = D.encode_sentences(tok, train_s, tc.seq_len, causal)
+        dev_ids = D.encode_sentences(tok, dev_s, tc.seq_len, causal)
         torch.manual_seed(tc.seed + 1)  # the head's initialization (the encoder is loaded below)
         clf = Classifier(cfg, n_labels=2).to(dev)
         phase = finetune_phase(clf, tc, tok, train_ids, torch.tensor(train_y), pre)
@@ -713,10 +843,11 @@ def _train(
         log(f"sst2 dev accuracy {acc:.4f} ({len(dev_ids)} sentences)")
         ft = {"sst2_dev_accuracy": acc, "finetune_samples_per_s": done.samples_per_s, "finetune_steps": phase.steps}
 
+    pre_metrics = {k: v for k, v in pre.items() if k != "pretrain_samples_per_s"}
     metrics = {
         "parameters": parameters,
-        "mlm_loss": pre["mlm_loss"],
-        "mlm_accuracy": pre["mlm_accuracy"],
+        "objective": cfg.objective,
+        **pre_metrics,
         "sst2_dev_accuracy": ft["sst2_dev_accuracy"],
         "pretrain_samples_per_s": pre["pretrain_samples_per_s"],
         "finetune_samples_per_s": ft["finetune_samples_per_s"],
@@ -725,11 +856,13 @@ def _train(
         "seed": tc.seed,
         "git_commit": git_commit(),
         "variant": cfg.variant,
+        "o_norm": cfg.o_norm,
+        "init_from": init_record,
         "config": cfg.to_dict(),
         "train_config": {**asdict(tc), "finetune_steps": ft["finetune_steps"]},
         "torch_version": torch.__version__,
     }
     write_json(metrics, out / "metrics.json")
-    summary = ("mlm_loss", "mlm_accuracy", "sst2_dev_accuracy", "pretrain_samples_per_s", "finetune_samples_per_s")
-    log("done: " + json.dumps({k: metrics[k] for k in (*summary, "wall_time_s")}))
+    summary = (*pre_metrics, "sst2_dev_accuracy", "pretrain_samples_per_s", "finetune_samples_per_s", "wall_time_s")
+    log("done: " + json.dumps({k: metrics[k] for k in summary}))
     return metrics

@@ -145,10 +145,26 @@ def check_same_data(recorded: dict | None, now: dict, out: Path) -> None:
         )
 
 
+def check_same_init(recorded: dict | None, now: dict | None, out: Path) -> None:
+    """Refuse a resume that starts from other weights (--init-from) than the checkpoint's run."""
+    a = recorded["sha256"] if recorded else None
+    b = now["sha256"] if now else None
+    if a != b:
+
+        def name(r: dict | None) -> str:
+            return f"--init-from {r['source']} (sha256 {r['sha256'][:12]})" if r else "a random initialization"
+
+        raise TrainingInputError(
+            f"{out} holds a run started from {name(recorded)}; this command starts from {name(now)}",
+            hint="pass the --init-from the run used, or start over with --overwrite (or a new --out)",
+        )
+
+
 def check_resumable(state: dict, cfg: ModelConfig, tc: TrainConfig, out: Path) -> None:
     """Refuse a resume under another model config or recipe."""
     hint = "resume with the same flags, or start over with --overwrite (or a new --out)"
-    if state.get("model_config") != cfg.to_dict():
+    recorded = state.get("model_config")
+    if not isinstance(recorded, dict) or ModelConfig.from_dict(recorded).to_dict() != cfg.to_dict():
         raise TrainingInputError(f"{out} holds a run of a different model config", hint=hint)
     recipe = state.get("recipe") or {}
     diff = [k for k in RESUME_KEYS if recipe.get(k) != getattr(tc, k)]
