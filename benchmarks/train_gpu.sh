@@ -75,8 +75,9 @@ for seed in $SEEDS; do
              --finetune-steps "$FINETUNE_STEPS" --finetune-batch-size "$FINETUNE_BATCH_SIZE" --finetune-lr "$FINETUNE_LR"
              --log-every 100 --checkpoint-every 250 --no-progress $compile_flag --out "$dir")
         echo "${cmd[*]}" >> "$OUT/env.txt"
-        mkdir -p "$dir"
-        "${cmd[@]}" > "$dir/stdout.txt" 2>&1 &
+        # Beside the run folder, not in it: train refuses a non-empty folder that holds no checkpoint.
+        mkdir -p "$RUNS/stdout"
+        "${cmd[@]}" > "$RUNS/stdout/$v-seed$seed.txt" 2>&1 &
         pids+=($!)
         # Throttle to PARALLEL runs at once.
         while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 2; done
@@ -104,7 +105,7 @@ for d in "$RUNS"/*/; do
     echo "===== $d"
     cat "$d/train.log" 2>/dev/null
     echo "----- stdout/stderr"
-    tail -n 40 "$d/stdout.txt" 2>/dev/null
+    tail -n 40 "$RUNS/stdout/$(basename "$d").txt" 2>/dev/null
 done > "$OUT/train_logs.txt"
 
 keep="$RUNS/mla-o-seed0"

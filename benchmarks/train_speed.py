@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from svd_probe.train.config import count_parameters, preset  # noqa: E402
+from svd_probe.train.config import preset  # noqa: E402
 from svd_probe.train.data import masked_count  # noqa: E402
 from svd_probe.train.loop import autocast, make_optimizer  # noqa: E402
-from svd_probe.train.model import MaskedLM  # noqa: E402
+from svd_probe.train.model import MaskedLM, pretraining_parameters  # noqa: E402
 
 
 def make_cases(size: str, ablation: bool):
@@ -132,7 +132,7 @@ def main() -> None:
                 {
                     "variant": name,
                     "compiled": compiled,
-                    "parameters": count_parameters(cfg),
+                    "parameters": pretraining_parameters(cfg),
                     "rope_dims": cfg.rope_dims,
                     "samples_per_s": round(statistics.median(rates), 1),
                     "samples_per_s_min": round(min(rates), 1),

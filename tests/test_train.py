@@ -3,89 +3,30 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_fixtures import (  # noqa: F401  (inputs_fixture, tok_fixture: the `inputs` and `tok` fixtures)
+    VARIANTS,
+    cli_main,
+    expected_parameters,
+    inputs_fixture,
+    small_recipe,
+    sources,
+    tok_fixture,
+)
 
-from svd_probe import cli
 from svd_probe.errors import TrainingInputError
-from svd_probe.testing.text_samples import write_sst2, write_vocab, write_wikitext
 from svd_probe.train import data as D
 from svd_probe.train.compare import load_runs, summarize
-from svd_probe.train.config import build_config, preset, read_config_file
-from svd_probe.train.loop import DataSources, TrainConfig, build_train_config, make_optimizer, run
-from svd_probe.train.model import Encoder, MaskedLM, num_parameters
-
-VARIANTS = ("mha", "mla", "mla-o")
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-inputs")
-    return {
-        "vocab": write_vocab(root / "vocab.txt"),
-        "wiki": write_wikitext(root / "wikitext"),
-        "sst2": write_sst2(root / "SST-2"),
-    }
-
-
-@pytest.fixture(scope="module")
-def tok(inputs):
-    return D.load_tokenizer(str(inputs["vocab"]))
-
-
-def small_recipe(**kw) -> TrainConfig:
-    base = dict(
-        pretrain_steps=8,
-        finetune_steps=6,
-        batch_size=8,
-        finetune_batch_size=8,
-        seq_len=32,
-        lr=3e-3,
-        finetune_lr=1e-3,
-        checkpoint_every=2,
-        log_every=2,
-        device="cpu",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def sources(inputs) -> DataSources:
-    return DataSources(tokenizer=str(inputs["vocab"]), data_dir=inputs["wiki"], sst2_dir=inputs["sst2"])
-
-
-def cli_main(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run the console entry point as a user would; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["svd-probe", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    captured = capsys.readouterr()
-    code = e.value.code if isinstance(e.value.code, int) else (0 if e.value.code is None else 1)
-    return code, captured.out, captured.err
-
+from svd_probe.train.config import build_config, build_train_config, preset, read_config_file
+from svd_probe.train.loop import DataSources, lr_at, make_optimizer, run
+from svd_probe.train.model import Encoder, MaskedLM, num_parameters, pretraining_parameters
 
 # ---- parameter counts ----------------------------------------------------------------------------
-
-
-def expected_parameters(variant, V, d, L, H, D, F, ql=None, kvl=None, ol=None) -> int:
-    """Written out from the issue's description, independently of the package."""
-    embed = V * d  # the MLM head is tied: no extra weights
-    norms = 2 * d  # attention and FFN RMSNorm weights
-    swiglu = (d * F + F) + (d * F + F) + (F * d + d)  # gate, up (with bias), down (with bias)
-    if variant == "mha":
-        attn = d * (3 * H * D) + (H * D) * d
-    else:
-        attn = d * (ql + kvl)  # the joint down-projection
-        attn += ql + kvl  # latent RMSNorms
-        attn += ql * (H * D)  # query up
-        attn += kvl * (H * 2 * D)  # key and value up
-        attn += (H * D) * d if variant == "mla" else (H * D) * ol + ol * d
-    return embed + L * (norms + attn + swiglu)
 
 
 def test_parameter_counts_of_the_issue_presets():
@@ -121,6 +62,21 @@ def test_parameter_counts_with_overrides(variant):
     )
     want = expected_parameters(variant, cfg.vocab_size, 48, 3, 3, 10, 70, 12, 6, 9)
     assert num_parameters(MaskedLM(cfg)) == want
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_size_guard_counts_what_the_model_holds(variant):
+    """pretraining_parameters (one meta block times n_layers) is the full model's count."""
+    cfg = replace(preset(variant, "tiny"), n_layers=3)
+    assert pretraining_parameters(cfg) == num_parameters(MaskedLM(cfg))
+
+
+def test_lr_schedule_is_a_pure_function_of_the_step():
+    # 100 steps, 6% warmup: 6 warmup steps to the peak, then linear decay to 0 at step 100.
+    got = [lr_at(s, 100, 0.06, 1e-3) for s in (0, 2, 5, 6, 53, 99, 100)]
+    want = [1e-3 / 6, 3e-3 / 6, 1e-3, 1e-3 * 94 / 94, 1e-3 * 47 / 94, 1e-3 * 1 / 94, 0.0]
+    assert got == pytest.approx(want, rel=1e-12, abs=0)
+    assert lr_at(0, 10, 0.0, 0.5) == 0.5  # no warmup: at least one step, at the peak
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -170,7 +126,7 @@ def test_sst2_reading(inputs, tmp_path):
     bad.mkdir()
     (bad / "train.tsv").write_text("sentence\tlabel\nok film\tpositive\n")
     (bad / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
-    with pytest.raises(TrainingInputError, match="bad row"):
+    with pytest.raises(TrainingInputError, match="label must be 0 or 1"):
         D.read_sst2_dir(bad)
 
 
@@ -290,9 +246,11 @@ def test_resume_reaches_the_same_state(inputs, finished_run, tmp_path):
     straight_out, straight = finished_run
     out = tmp_path / "resumed"
     # Interrupt pretraining at step 3, then fine-tuning at step 5; each rerun resumes.
-    assert run(preset("mla-o", "tiny"), small_recipe(stop_after=3), sources(inputs), out) == {"stopped": True}
+    stop = run(preset("mla-o", "tiny"), small_recipe(stop_after=3), sources(inputs), out)
+    assert (stop["stopped"], stop["phase"], stop["step"]) == (True, "pretrain", 3)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
-    assert run(preset("mla-o", "tiny"), small_recipe(stop_after=5), sources(inputs), out) == {"stopped": True}
+    stop = run(preset("mla-o", "tiny"), small_recipe(stop_after=5), sources(inputs), out)
+    assert (stop["stopped"], stop["phase"], stop["step"]) == (True, "finetune", 5)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["phase"] == "finetune" and state["step"] == 5
     resumed = run(preset("mla-o", "tiny"), small_recipe(), sources(inputs), out)
@@ -307,6 +265,23 @@ def test_resume_reaches_the_same_state(inputs, finished_run, tmp_path):
         assert torch.equal(fa["optimizer"]["state"][k]["exp_avg"], fb["optimizer"]["state"][k]["exp_avg"])
     for key in ("mlm_loss", "mlm_accuracy", "sst2_dev_accuracy"):
         assert resumed[key] == straight[key], key
+
+
+def test_a_first_format_checkpoint_resumes(inputs, finished_run, tmp_path):
+    """Checkpoints of the first lab held a LambdaLR state and no data fingerprint; they resume to
+    the same weights (the learning rate is now a function of the step)."""
+    straight_out, _ = finished_run
+    out = tmp_path / "old"
+    run(preset("mla-o", "tiny"), small_recipe(stop_after=3), sources(inputs, sst2_dir=None), out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    for key in ("format", "data"):
+        del state[key]
+    state["scheduler"] = {"base_lrs": [3e-3, 3e-3], "last_epoch": 3, "_step_count": 4}
+    torch.save(state, out / "checkpoint.pt")
+    run(preset("mla-o", "tiny"), small_recipe(), sources(inputs, sst2_dir=None), out)
+    a, b = load_file(str(straight_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "no data fingerprint" in (out / "train.log").read_text()
 
 
 def test_resume_at_the_phase_boundary(inputs, finished_run, tmp_path):
@@ -479,7 +454,9 @@ def test_cli_train_and_compare(inputs, tmp_path, monkeypatch, capsys):
     assert "mla" in out and "±" in out
     code, out, err = cli_main(["compare", str(tmp_path / "runs"), "--json"], monkeypatch, capsys)
     assert code == 0, err
-    assert [r["latents"] for r in json.loads(out)] == ["rope16", "q16 kv4 rope8"]
+    comp = json.loads(out)
+    assert [r["latents"] for r in comp["configs"]] == ["rope16", "q16 kv4 rope8"]
+    assert {(p["a"], p["b"], p["n"]) for p in comp["differences"]} == {("mla q16 kv4 rope8", "mha rope16", 1)}
     code, _, err = cli_main(["compare", str(tmp_path / "nothing-here")], monkeypatch, capsys)
     assert code == 2 and "run folder not found" in err
 

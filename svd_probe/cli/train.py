@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -12,117 +13,352 @@ from svd_probe.cli.app import (
     out,
     print_json,
 )
+from svd_probe.train.config import TrainConfig, preset
+
+_T = TrainConfig()  # the recipe's defaults, shown in --help
+_SMALL, _TINY = preset("mla-o", "small"), preset("mla-o", "tiny")
+
+
+def _default(text: str) -> str:
+    """ "[default: text]" for a flag whose None means "not given" (the --config file or the preset
+    decides); the backslash keeps rich from reading the brackets as markup."""
+    return f" \\[default: {text}]"
+
+
+def _from_size(field: str) -> str:
+    """The [default: ...] text of a shape flag: the --size preset's value."""
+    return f"{getattr(_SMALL, field)} small, {getattr(_TINY, field)} tiny"
+
+
+MODEL, DATA, RECIPE, RUN = "Model", "Data", "Recipe", "Run"
 
 
 @app.command("train")
 def train_cmd(
     variant: str | None = typer.Option(
-        None, "--variant", help="mha, mla or mla-o (default: the --config file's, else mha).", show_default=False
+        None,
+        "--variant",
+        help="Attention: mha, mla or mla-o (shared output latent)." + _default("the --config file's, else mha"),
+        show_default=False,
+        rich_help_panel=MODEL,
     ),
     size: str = typer.Option(
-        "small", "--size", help="Size preset: small (the issue's 256-wide model) or tiny (CPU smoke runs)."
+        "small",
+        "--size",
+        help="Preset: small (256 wide, 6 layers, 8 heads) or tiny (64 wide, 2 layers: CPU smoke runs).",
+        rich_help_panel=MODEL,
+    ),
+    objective: str | None = typer.Option(
+        None,
+        "--objective",
+        help="mlm (masked LM, bidirectional) or clm (causal LM, next token; perplexity on valid and test)."
+        + _default("mlm"),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+    o_norm: str | None = typer.Option(
+        None,
+        "--o-norm",
+        help="mla-o: norm on the shared output latent: none, rms (after the heads are summed) or "
+        "rms-per-head (each head's latent, own weights, sum / sqrt(H))." + _default("none"),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+    init_from: Path | None = typer.Option(
+        None,
+        "--init-from",
+        help="Start mla-o from a finished mha or mla run folder: W_O by truncated SVD into the shared latent, "
+        "the rest copied; shapes come from that run.",
+        show_default=False,
+        rich_help_panel=MODEL,
     ),
     config: Path | None = typer.Option(
-        None, "--config", help="JSON file of model fields and/or training keys; flags override it.", show_default=False
+        None,
+        "--config",
+        help="JSON file of model fields and/or recipe keys; flags override it.",
+        show_default=False,
+        rich_help_panel=MODEL,
     ),
-    d_model: int | None = typer.Option(None, "--d-model", show_default=False),
-    n_layers: int | None = typer.Option(None, "--n-layers", show_default=False),
-    n_heads: int | None = typer.Option(None, "--n-heads", show_default=False),
-    head_dim: int | None = typer.Option(None, "--head-dim", show_default=False),
-    ffn_dim: int | None = typer.Option(None, "--ffn-dim", show_default=False),
+    d_model: int | None = typer.Option(
+        None,
+        "--d-model",
+        help="Model width." + _default(_from_size("d_model")),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+    n_layers: int | None = typer.Option(
+        None, "--n-layers", help="Blocks." + _default(_from_size("n_layers")), show_default=False, rich_help_panel=MODEL
+    ),
+    n_heads: int | None = typer.Option(
+        None,
+        "--n-heads",
+        help="Attention heads." + _default(_from_size("n_heads")),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+    head_dim: int | None = typer.Option(
+        None,
+        "--head-dim",
+        help="Width of each head." + _default(_from_size("head_dim")),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+    ffn_dim: int | None = typer.Option(
+        None,
+        "--ffn-dim",
+        help="SwiGLU hidden width." + _default(_from_size("ffn_dim")),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
     rope_dims: int | None = typer.Option(
-        None, "--rope-dims", help="RoPE on the first N dims of each q/k head.", show_default=False
+        None,
+        "--rope-dims",
+        help="RoPE on the first N dims of each q/k head." + _default("head_dim; mla: head_dim/2"),
+        show_default=False,
+        rich_help_panel=MODEL,
     ),
-    q_latent: int | None = typer.Option(None, "--q-latent", help="mla, mla-o: query latent width.", show_default=False),
-    kv_latent: int | None = typer.Option(None, "--kv-latent", help="mla, mla-o: KV latent width.", show_default=False),
+    q_latent: int | None = typer.Option(
+        None,
+        "--q-latent",
+        help="mla, mla-o: query latent." + _default(_from_size("q_latent")),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+    kv_latent: int | None = typer.Option(
+        None,
+        "--kv-latent",
+        help="mla, mla-o: KV latent." + _default(_from_size("kv_latent")),
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
     o_latent: int | None = typer.Option(
-        None, "--o-latent", help="mla-o: shared output latent width.", show_default=False
+        None,
+        "--o-latent",
+        help="mla-o: shared output latent." + _default(_from_size("o_latent")),
+        show_default=False,
+        rich_help_panel=MODEL,
     ),
     tokenizer: str = typer.Option(
-        "bert-base-uncased", "--tokenizer", help="WordPiece vocab.txt, tokenizer.json, or a Hub name (online)."
+        "bert-base-uncased",
+        "--tokenizer",
+        help="WordPiece vocab.txt, tokenizer.json, or a Hub name (online).",
+        rich_help_panel=DATA,
     ),
     data_dir: Path | None = typer.Option(
-        None, "--data-dir", help="Folder with wiki.train.tokens and wiki.valid.tokens.", show_default=False
+        None,
+        "--data-dir",
+        help="Folder with wiki.train.tokens, wiki.valid.tokens and (optional) wiki.test.tokens: WikiText-2 or -103.",
+        show_default=False,
+        rich_help_panel=DATA,
     ),
     dataset: str | None = typer.Option(
-        None, "--dataset", help="wikitext-103 through `datasets` (online) instead of --data-dir.", show_default=False
+        None,
+        "--dataset",
+        help="wikitext-103 or wikitext-2 through `datasets` (online), instead of --data-dir.",
+        show_default=False,
+        rich_help_panel=DATA,
     ),
     sst2_dir: Path | None = typer.Option(
         None,
         "--sst2-dir",
-        help="Folder with GLUE SST-2 train.tsv and dev.tsv (no fine-tuning without it).",
+        help="Folder with GLUE SST-2 train.tsv and dev.tsv; without it, no fine-tuning.",
         show_default=False,
+        rich_help_panel=DATA,
+    ),
+    pretrain_steps: int | None = typer.Option(
+        None,
+        "--pretrain-steps",
+        help="Pretraining steps." + _default(str(_T.pretrain_steps)),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    finetune_steps: int | None = typer.Option(
+        None,
+        "--finetune-steps",
+        help="Fine-tuning steps (overrides --finetune-epochs)." + _default("--finetune-epochs"),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    finetune_epochs: float | None = typer.Option(
+        None,
+        "--finetune-epochs",
+        help="Fine-tuning epochs over train.tsv." + _default("1"),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        help="Pretraining batch." + _default(str(_T.batch_size)),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    finetune_batch_size: int | None = typer.Option(
+        None,
+        "--finetune-batch-size",
+        help="Fine-tuning batch." + _default(str(_T.finetune_batch_size)),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    lr: float | None = typer.Option(
+        None,
+        "--lr",
+        help="Peak pretraining learning rate." + _default(f"{_T.lr:g}"),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    finetune_lr: float | None = typer.Option(
+        None,
+        "--finetune-lr",
+        help="Peak fine-tuning learning rate." + _default(f"{_T.finetune_lr:g}"),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    warmup_frac: float | None = typer.Option(
+        None,
+        "--warmup-frac",
+        help="Share of each phase's steps in linear warmup (then linear decay to 0)." + _default(f"{_T.warmup_frac:g}"),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    weight_decay: float | None = typer.Option(
+        None,
+        "--weight-decay",
+        help="AdamW weight decay (not on biases and norms)." + _default(f"{_T.weight_decay:g}"),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    seq_len: int | None = typer.Option(
+        None,
+        "--seq-len",
+        help="Pretraining sequence length; fine-tuning truncates to it." + _default(str(_T.seq_len)),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    seed: int | None = typer.Option(
+        None,
+        "--seed",
+        help="Seed of initialization, batch order and masks." + _default(str(_T.seed)),
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+    seeds: str | None = typer.Option(
+        None,
+        "--seeds",
+        help="Several seeds, one run each in OUT/seed-N, one after another (e.g. 0,1,2,3,4 or 0-4).",
+        show_default=False,
+        rich_help_panel=RECIPE,
     ),
     out_dir: Path | None = typer.Option(
         None,
         "--out",
-        help="Run folder: checkpoint, model.safetensors, config.json, metrics.json, train.log.",
+        help="Run folder (created): checkpoint.pt, model.safetensors, config.json, metrics.json, train.log. "
+        "Rerunning the same command resumes it.",
         show_default=False,
+        rich_help_panel=RUN,
     ),
-    pretrain_steps: int | None = typer.Option(None, "--pretrain-steps", help="[default: 2000]", show_default=False),
-    finetune_steps: int | None = typer.Option(
-        None, "--finetune-steps", help="[default: one epoch]", show_default=False
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Start over in an --out that holds another run or other files (replaces only the run's files).",
+        rich_help_panel=RUN,
     ),
-    finetune_epochs: float | None = typer.Option(None, "--finetune-epochs", show_default=False),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Pretraining batch [default: 128].", show_default=False
+    checkpoint_every: int | None = typer.Option(
+        None,
+        "--checkpoint-every",
+        help="Checkpoint every N steps." + _default(str(_T.checkpoint_every)),
+        show_default=False,
+        rich_help_panel=RUN,
     ),
-    finetune_batch_size: int | None = typer.Option(
-        None, "--finetune-batch-size", help="[default: 32]", show_default=False
+    checkpoint_minutes: float | None = typer.Option(
+        None,
+        "--checkpoint-minutes",
+        help="Also checkpoint every M minutes (0: off)." + _default(f"{_T.checkpoint_minutes:g}"),
+        show_default=False,
+        rich_help_panel=RUN,
     ),
-    lr: float | None = typer.Option(None, "--lr", help="Peak pretraining lr [default: 1e-3].", show_default=False),
-    finetune_lr: float | None = typer.Option(None, "--finetune-lr", help="[default: 1e-4]", show_default=False),
-    warmup_frac: float | None = typer.Option(None, "--warmup-frac", help="[default: 0.06]", show_default=False),
-    weight_decay: float | None = typer.Option(None, "--weight-decay", help="[default: 0.01]", show_default=False),
-    seq_len: int | None = typer.Option(
-        None, "--seq-len", help="Pretraining sequence length (and fine-tuning cap) [default: 128].", show_default=False
+    log_every: int | None = typer.Option(
+        None,
+        "--log-every",
+        help="Log the mean loss every N steps." + _default(str(_T.log_every)),
+        show_default=False,
+        rich_help_panel=RUN,
     ),
-    seed: int | None = typer.Option(None, "--seed", help="[default: 0]", show_default=False),
-    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="[default: 500]", show_default=False),
-    log_every: int | None = typer.Option(None, "--log-every", help="[default: 50]", show_default=False),
     stop_after: int | None = typer.Option(
         None,
         "--stop-after",
-        help="Stop the current phase after N steps (checkpointed); rerun to resume.",
+        help="Stop the current phase after N steps, with a checkpoint; rerun to resume." + _default("run to the end"),
         show_default=False,
+        rich_help_panel=RUN,
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto: cuda when available)."),
-    compile_: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (cuda when available), cpu, cuda or cuda:N.", rich_help_panel=RUN
+    ),
+    compile_: bool = typer.Option(
+        False, "--compile/--no-compile", help="torch.compile the model.", rich_help_panel=RUN
+    ),
     progress: bool = typer.Option(
-        True, "--progress/--no-progress", help="Rich progress bar (off when stderr is not a terminal)."
+        True,
+        "--progress/--no-progress",
+        help="Progress bar on a terminal; else log lines on stderr.",
+        rich_help_panel=RUN,
     ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print parameters and shapes, train nothing."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (the dry-run summary, or metrics.json)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print parameter counts (and shapes with --json); train nothing.", rich_help_panel=RUN
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON: the dry-run summary, or metrics.json.", rich_help_panel=RUN
+    ),
 ) -> None:
-    """Pretrain an encoder (MLM), fine-tune it on SST-2, write model + metrics; reruns resume."""
-    import contextlib
+    """Pretrain a small transformer (MLM or CLM), fine-tune it on SST-2, write model + metrics.
 
+    Ctrl-C or SIGTERM stops after the step in progress and saves a checkpoint; rerunning the same command resumes.
+    """
     from svd_probe.errors import TrainingInputError
-    from svd_probe.train.config import build_config, read_config_file
-    from svd_probe.train.loop import DataSources, Reporter, build_train_config, dry_run_summary, rich_progress, run
+    from svd_probe.train.config import build_config, build_train_config, read_config_file
+    from svd_probe.train.loop import DataSources, run, run_seeds
+    from svd_probe.train.model import dry_run_summary
 
     file_values = read_config_file(config) if config is not None else {}
-    overrides = dict(
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        head_dim=head_dim,
-        ffn_dim=ffn_dim,
-        rope_dims=rope_dims,
-        q_latent=q_latent,
-        kv_latent=kv_latent,
-        o_latent=o_latent,
-    )
-    model_cfg = build_config(variant, size, file_values, overrides)
+    shapes = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, head_dim=head_dim, ffn_dim=ffn_dim)
+    if init_from is not None:
+        from svd_probe.train.init_from import derive_config, load_source
+
+        if variant not in (None, "mla-o"):
+            raise TrainingInputError(f"--init-from builds mla-o, not {variant}", hint="drop --variant")
+        source = load_source(init_from)
+        model_cfg = derive_config(
+            source.cfg,
+            o_latent,
+            o_norm,
+            q_latent,
+            kv_latent,
+            {**shapes, "rope_dims": rope_dims, "objective": objective},
+        )
+    else:
+        overrides = dict(
+            **shapes,
+            rope_dims=rope_dims,
+            q_latent=q_latent,
+            kv_latent=kv_latent,
+            o_latent=o_latent,
+            o_norm=o_norm,
+            objective=objective,
+        )
+        model_cfg = build_config(variant, size, file_values, overrides)
     if dry_run:
         summary = dry_run_summary(model_cfg)
         if as_json:
             print_json(summary)
         else:
             out.print(
-                f"{model_cfg.variant}: {summary['parameters']:,} parameters ({summary['non_embedding_parameters']:,} without embeddings)"
+                f"{model_cfg.variant} {model_cfg.objective}: {summary['parameters']:,} parameters "
+                f"({summary['non_embedding_parameters']:,} without embeddings)"
             )
         return
+    if seed is not None and seeds is not None:
+        raise TrainingInputError("--seed and --seeds both given", hint="pass one: --seed N, or --seeds 0,1,2")
+    seed_list = parse_seeds(seeds) if seeds is not None else None
     train_cfg = build_train_config(
         file_values,
         dict(
@@ -138,43 +374,138 @@ def train_cmd(
             seq_len=seq_len,
             seed=seed,
             checkpoint_every=checkpoint_every,
+            checkpoint_minutes=checkpoint_minutes,
             log_every=log_every,
             stop_after=stop_after,
             device=device,
             compile=compile_,
+            init_from=None if init_from is None else str(init_from),
         ),
     )
     if out_dir is None:
         raise TrainingInputError("--out is required to train", hint="e.g. --out runs/mla-o-seed0")
     sources = DataSources(tokenizer=tokenizer, data_dir=data_dir, dataset=dataset, sst2_dir=sst2_dir)
-    show = progress and err.is_terminal and not as_json
-    bar = rich_progress(err) if show else None
-    reporter = Reporter(
-        progress=bar, echo=None if show or as_json else (lambda line: err.print(line, highlight=False, markup=False))
-    )
-    with bar if bar is not None else contextlib.nullcontext():
-        metrics = run(model_cfg, train_cfg, sources, out_dir, reporter)
-    if metrics.get("stopped"):
-        err.print(f"stopped early; checkpoint in {out_dir}. Rerun the same command to resume.")
-    elif as_json:
-        print_json(metrics)
+    with RichTrainProgress(err, bar=progress and err.is_terminal and not as_json, echo=not as_json) as reporter:
+        if seed_list is None:
+            results = [run(model_cfg, train_cfg, sources, out_dir, reporter, overwrite=overwrite)]
+        else:
+            results = run_seeds(model_cfg, train_cfg, sources, out_dir, seed_list, reporter, overwrite=overwrite)
+    if as_json:
+        print_json(results[0] if seed_list is None else results)
     else:
-        acc = metrics["sst2_dev_accuracy"]
-        out.print(
-            f"{metrics['variant']}: MLM acc {metrics['mlm_accuracy']:.4f} (loss {metrics['mlm_loss']:.3f}), SST-2 dev acc {'—' if acc is None else f'{acc:.4f}'}; wrote {out_dir}"
+        for metrics in results:
+            if not metrics.get("stopped"):
+                out.print(summary_line(metrics), highlight=False)
+    for metrics in results:
+        if metrics.get("stopped"):
+            report_stop(metrics)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`0,1,2`, `0-4` or a mix (`0-2,7`): distinct non-negative integers, in the order given."""
+    from svd_probe.errors import TrainingInputError
+
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
+        except ValueError:
+            raise TrainingInputError(f"bad --seeds {text!r}", hint="e.g. --seeds 0,1,2,3,4 or --seeds 0-4") from None
+    if not seeds or len(seeds) > 1000 or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise TrainingInputError(
+            f"bad --seeds {text!r}: distinct seeds >= 0 (at most 1000)", hint="e.g. --seeds 0,1,2,3,4"
         )
+    return seeds
+
+
+def summary_line(m: dict) -> str:
+    acc = m["sst2_dev_accuracy"]
+    sst2 = "—" if acc is None else f"{acc:.4f}"
+    if m.get("objective") == "clm":
+        test = m.get("clm_test_perplexity")
+        pre = f"CLM ppl {m['clm_perplexity']:.2f} valid, {'—' if test is None else f'{test:.2f}'} test"
+    else:
+        pre = f"MLM acc {m['mlm_accuracy']:.4f} (loss {m['mlm_loss']:.3f})"
+    return f"{m['variant']} seed {m['seed']}: {pre}, SST-2 dev acc {sst2}"
+
+
+def report_stop(stopped: dict) -> None:
+    """How a run stopped early, and how to go on; an interrupt exits 130 (SIGINT) or 143 (SIGTERM)."""
+    where = f"{stopped['phase']} step {stopped['step']}"
+    if stopped["reason"] == "interrupted":
+        err.print(
+            f"interrupted at {where}; checkpoint saved in {stopped['out']}; run the same command to resume",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(143 if stopped.get("signal") == "SIGTERM" else 130)
+    err.print(
+        f"stopped after {where} (--stop-after); checkpoint saved in {stopped['out']}; run the same command to resume",
+        highlight=False,
+    )
+
+
+class RichTrainProgress:
+    """The library's TrainProgress drawn with rich: a bar per phase on a terminal, else the log
+    lines on stderr (none with --json, whose stdout is for the metrics)."""
+
+    def __init__(self, console, bar: bool, echo: bool):
+        self.console, self.echo = console, echo
+        self.bar = None
+        self._tasks: dict[str, Any] = {}
+        if bar:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.3f}"),
+                TextColumn("{task.fields[sps]:,.0f} samples/s"),
+                TimeRemainingColumn(),
+                console=console,
+            )
+
+    def __enter__(self) -> RichTrainProgress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def phase_started(self, phase: str, total: int, done: int) -> None:
+        if self.bar is not None:
+            self._tasks[phase] = self.bar.add_task(phase, total=total, completed=done, loss=float("nan"), sps=0.0)
+
+    def phase_step(self, phase: str, done: int, loss: float, samples_per_s: float) -> None:
+        if self.bar is not None and phase in self._tasks:
+            self.bar.update(self._tasks[phase], completed=done, loss=loss, sps=samples_per_s)
+
+    def message(self, line: str) -> None:
+        if self.bar is None and self.echo:
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("compare")
 def compare_cmd(
-    run_dirs: list[Path] = typer.Argument(..., help="Run folders of `svd-probe train` (or folders of run folders)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of a table."),
+    run_dirs: list[Path] = typer.Argument(
+        ..., help="Run folders of `svd-probe train`, or folders of run folders (e.g. the --out of --seeds)."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help='Print {"configs": [...], "differences": [...]} as JSON instead of tables.'
+    ),
 ) -> None:
-    """One table over training runs: variant, latents, parameters, MLM and SST-2 accuracy (mean ± std), samples/s."""
-    from svd_probe.train.compare import load_runs, render_table, summarize
+    """Tables of training runs: per configuration mean ± std over seeds, and for each pair of configurations the difference with a 95% interval (paired t over seeds)."""
+    from svd_probe.train.compare import comparison, load_runs, render_tables
 
-    rows = summarize(load_runs(run_dirs))
+    comp = comparison(load_runs(run_dirs))
     if as_json:
-        print_json(rows)
-    else:
-        out.print(render_table(rows))
+        print_json(comp)
+        return
+    for table in render_tables(comp):
+        out.print(table)

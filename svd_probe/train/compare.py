@@ -1,4 +1,17 @@
-"""`svd-probe compare RUN_DIR ...`: one table over training runs, seeds pooled per configuration."""
+"""`svd-probe compare RUN_DIR ...`: training runs grouped by configuration, with intervals.
+
+One row per configuration (objective, variant, latents, output norm, --init-from source,
+recipe), with the mean ± sample std over its seeds. Then, for each pair of configurations of
+one objective, the difference of their means with a 95% interval, so a reader can tell which
+differences the seeds support.
+
+The interval is paired over seeds: runs of two configurations with the same seed see the same
+batch order, MLM masks and fine-tuning order, so the per-seed difference d_s = a_s - b_s
+cancels what the seed gives both. The interval is Student's t on those differences,
+mean(d) ± t(0.975, n - 1) · sd(d) / √n, over the n seeds both configurations ran (none below 2).
+We chose it over a bootstrap over dev sentences and seeds because a run records its accuracy,
+not its per-sentence predictions, and at 5 seeds a bootstrap over seeds has too few resamples.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +19,27 @@ import json
 import math
 import statistics
 from pathlib import Path
+from typing import Any
 
 from svd_probe.errors import TrainingInputError
+from svd_probe.train.config import RESUME_KEYS
 
 _VARIANT_ORDER = {"mha": 0, "mla": 1, "mla-o": 2}
+_NORM_ORDER = {"none": 0, "rms": 1, "rms-per-head": 2}
+CONFIDENCE = 0.95
+# (field, header, scale, digits), per objective, as tabled; the first is the pretraining metric
+# compared in pairs. The JSON rows hold these and mlm_loss, clm_loss and the samples/s too.
+PRETRAIN_FIELDS = {
+    "mlm": [("mlm_accuracy", "MLM acc %", 100, 2)],
+    "clm": [("clm_perplexity", "ppl valid", 1, 1), ("clm_test_perplexity", "ppl test", 1, 1)],
+}
+_EXTRA_FIELDS = {"mlm": ["mlm_loss"], "clm": ["clm_loss", "clm_test_loss"]}
+COMMON_FIELDS = [("sst2_dev_accuracy", "SST-2 %", 100, 2)]
+SPEED_FIELDS = ["pretrain_samples_per_s", "finetune_samples_per_s"]
 
 
 def find_metrics(paths: list[Path]) -> list[Path]:
-    """metrics.json of each RUN_DIR, or of its subfolders when it is a folder of runs."""
+    """metrics.json of each RUN_DIR, or of the runs below it (a folder of runs, OUT/seed-N)."""
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_file() and p.name == "metrics.json":
@@ -21,7 +47,7 @@ def find_metrics(paths: list[Path]) -> list[Path]:
         elif (p / "metrics.json").is_file():
             found.append(p / "metrics.json")
         elif p.is_dir():
-            sub = sorted(p.glob("*/metrics.json"))
+            sub = sorted(set(p.glob("*/metrics.json")) | set(p.glob("*/*/metrics.json")))
             if not sub:
                 raise TrainingInputError(
                     f"{p} holds no metrics.json (nor do its subfolders)",
@@ -30,17 +56,19 @@ def find_metrics(paths: list[Path]) -> list[Path]:
             found += sub
         else:
             raise TrainingInputError(f"run folder not found: {p}")
-    return found
+    return list(dict.fromkeys(found))
 
 
 def load_runs(paths: list[Path]) -> list[dict]:
     runs = []
     for f in find_metrics(paths):
         try:
-            m = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
+            m = json.loads(f.read_bytes().decode("utf-8"))
+        except RecursionError:
+            raise TrainingInputError(f"{f} is nested too deeply to be a metrics.json") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
             raise TrainingInputError(f"{f} is not valid JSON: {e}") from None
-        if not isinstance(m, dict) or "variant" not in m:
+        if not isinstance(m, dict) or m.get("variant") not in _VARIANT_ORDER:
             raise TrainingInputError(f"{f} is not a metrics.json of svd-probe train")
         m["_path"] = str(f.parent)
         runs.append(m)
@@ -59,84 +87,224 @@ def latent_label(m: dict) -> str:
     return " ".join(parts)
 
 
-def _stats(values: list) -> tuple[float | None, float | None]:
-    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+def _objective(m: dict) -> str:
+    return m.get("objective") or m.get("config", {}).get("objective") or "mlm"  # runs before clm: mlm
+
+
+def _o_norm(m: dict) -> str:
+    return m.get("o_norm") or m.get("config", {}).get("o_norm") or "none"
+
+
+def _init_variant(m: dict) -> str | None:
+    init = m.get("init_from")
+    return init.get("variant") if isinstance(init, dict) else None
+
+
+def config_label(m: dict) -> str:
+    """variant, latents, output norm and init source: `mla-o q64 kv32 o64 rope32 rms <-mha`."""
+    label = f"{m['variant']} {latent_label(m)}"
+    if m["variant"] == "mla-o" and _o_norm(m) != "none":
+        label += f" {_o_norm(m)}"
+    if _init_variant(m):
+        label += f" <-{_init_variant(m)}"
+    return label
+
+
+def _values(ms: list[dict], field: str) -> list[float]:
+    out = []
+    for m in ms:
+        v = m.get(field)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out.append(float(v))
+    return out
+
+
+def _stats(xs: list[float]) -> tuple[float | None, float | None]:
     if not xs:
         return None, None
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def t_interval(diffs: list[float], confidence: float = CONFIDENCE) -> tuple[float, float | None, float | None]:
+    """(mean, low, high) of Student's t-interval on paired differences; low, high None for n < 2."""
+    from scipy import stats
+
+    mean = statistics.fmean(diffs)
+    n = len(diffs)
+    if n < 2:
+        return mean, None, None
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def _group_key(m: dict) -> tuple:
+    recipe = {k: m.get("train_config", {}).get(k) for k in RESUME_KEYS if k != "seed"}
+    config = dict(m.get("config", {}))
+    config.setdefault("objective", _objective(m))
+    config.setdefault("o_norm", _o_norm(m))
+    init = m.get("init_from") or {}
+    return (json.dumps(config, sort_keys=True), json.dumps(recipe, sort_keys=True), init.get("sha256"))
+
+
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (variant, shapes), with mean and sample std over seeds."""
+    """One row per configuration, with mean and sample std over its seeds (and its runs' seeds)."""
     groups: dict[tuple, list[dict]] = {}
     for m in runs:
-        key = (m["variant"], latent_label(m), json.dumps(m.get("config", {}), sort_keys=True))
-        groups.setdefault(key, []).append(m)
+        groups.setdefault(_group_key(m), []).append(m)
+
+    def order(ms: list[dict]) -> tuple:
+        m = ms[0]
+        return (
+            _objective(m) != "mlm",
+            _init_variant(m) is not None,
+            _VARIANT_ORDER[m["variant"]],
+            _NORM_ORDER.get(_o_norm(m), 9),
+            latent_label(m),
+        )
+
     rows = []
-    for (variant, latents, _), ms in sorted(groups.items(), key=lambda kv: (_VARIANT_ORDER.get(kv[0][0], 9), kv[0][1])):
-        row = {
-            "variant": variant,
-            "latents": latents,
-            "parameters": ms[0].get("parameters"),
-            "seeds": sorted(m.get("seed") for m in ms),
+    labels: dict[tuple[str, str], int] = {}
+    for ms in sorted(groups.values(), key=order):
+        m = ms[0]
+        label = config_label(m)
+        key = (_objective(m), label)
+        labels[key] = labels.get(key, 0) + 1
+        if labels[key] > 1:  # the same shapes under another recipe
+            label += f" #{labels[key]}"
+        row: dict[str, Any] = {
+            "label": label,
+            "objective": _objective(m),
+            "variant": m["variant"],
+            "latents": latent_label(m),
+            "o_norm": _o_norm(m),
+            "init_from": _init_variant(m),
+            "parameters": m.get("parameters"),
+            "seeds": sorted(x.get("seed") for x in ms if isinstance(x.get("seed"), int)),
             "n": len(ms),
         }
-        for field in (
-            "mlm_loss",
-            "mlm_accuracy",
-            "sst2_dev_accuracy",
-            "pretrain_samples_per_s",
-            "finetune_samples_per_s",
-        ):
-            row[field], row[field + "_std"] = _stats([m.get(field) for m in ms])
-        row["device"] = ms[0].get("device")
+        fields = [f for f, *_ in PRETRAIN_FIELDS[row["objective"]] + COMMON_FIELDS]
+        fields += _EXTRA_FIELDS[row["objective"]] + SPEED_FIELDS
+        for field in fields:
+            row[field], row[field + "_std"] = _stats(_values(ms, field))
+        row["device"] = m.get("device")
+        row["_runs"] = {x.get("seed"): x for x in ms}
         rows.append(row)
     return rows
 
 
-def _pm(mean, std, scale=1.0, digits=2) -> str:
-    if mean is None:
+def paired_differences(rows: list[dict]) -> list[dict]:
+    """For each pair of configurations of one objective (later row minus earlier row) and each
+    compared metric: the mean per-seed difference and its 95% t-interval, over common seeds."""
+    pairs = []
+    for i, b in enumerate(rows):
+        for a in rows[i + 1 :]:
+            if a["objective"] != b["objective"]:
+                continue
+            common = sorted(set(a["_runs"]) & set(b["_runs"]) - {None})
+            for field, *_ in PRETRAIN_FIELDS[a["objective"]][:1] + COMMON_FIELDS:
+                diffs, seeds = [], []
+                for s in common:
+                    va, vb = _values([a["_runs"][s]], field), _values([b["_runs"][s]], field)
+                    if va and vb:
+                        diffs.append(va[0] - vb[0])
+                        seeds.append(s)
+                if not diffs:
+                    continue
+                mean, low, high = t_interval(diffs)
+                pairs.append(
+                    {
+                        "objective": a["objective"],
+                        "a": a["label"],
+                        "b": b["label"],
+                        "metric": field,
+                        "n": len(diffs),
+                        "seeds": seeds,
+                        "mean": mean,
+                        "low": low,
+                        "high": high,
+                        "confidence": CONFIDENCE,
+                        "interval": "paired t over seeds",
+                    }
+                )
+    return pairs
+
+
+def comparison(runs: list[dict]) -> dict:
+    """What `compare --json` prints: {"configs": rows, "differences": pairs}."""
+    rows = summarize(runs)
+    pairs = paired_differences(rows)
+    return {"configs": [{k: v for k, v in r.items() if k != "_runs"} for r in rows], "differences": pairs}
+
+
+# ---- tables (readable at 80 columns) -------------------------------------------------------------
+
+
+def _pm(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    if mean is None or std is None:
         return "—"
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
-def render_table(rows: list[dict]):
+def _signed(x: float, scale: float, digits: int) -> str:
+    return f"{x * scale:+.{digits}f}".replace("-", "−")
+
+
+def _interval(p: dict, scale: float, digits: int) -> str:
+    if p["low"] is None:
+        return f"{_signed(p['mean'], scale, digits)} [—]"
+    return (
+        f"{_signed(p['mean'], scale, digits)} [{_signed(p['low'], scale, digits)}, {_signed(p['high'], scale, digits)}]"
+    )
+
+
+def _params(n: object) -> str:
+    return f"{n / 1e6:.2f}M" if isinstance(n, (int, float)) and n else "—"
+
+
+def render_tables(comp: dict) -> list:
+    """rich Tables: per objective, the configurations and then their paired differences."""
     from rich.table import Table
 
-    table = Table(title="svd-probe train: runs compared (mean ± std over seeds)")
-    for col, justify in [
-        ("variant", "left"),
-        ("latents", "left"),
-        ("params", "right"),
-        ("seeds", "right"),
-        ("MLM acc %", "right"),
-        ("MLM loss", "right"),
-        ("SST-2 dev acc %", "right"),
-        ("pretrain samples/s", "right"),
-        ("finetune samples/s", "right"),
-    ]:
-        table.add_column(col, justify=justify)
-    for r in rows:
-        table.add_row(
-            r["variant"],
-            r["latents"],
-            f"{r['parameters']:,}" if r["parameters"] else "—",
-            str(r["n"]),
-            _pm(r["mlm_accuracy"], r["mlm_accuracy_std"], 100),
-            _pm(r["mlm_loss"], r["mlm_loss_std"], 1, 3),
-            _pm(r["sst2_dev_accuracy"], r["sst2_dev_accuracy_std"], 100),
-            _pm(r["pretrain_samples_per_s"], r["pretrain_samples_per_s_std"], 1, 0),
-            _pm(r["finetune_samples_per_s"], r["finetune_samples_per_s_std"], 1, 0),
+    tables = []
+    for objective in ("mlm", "clm"):
+        rows = [r for r in comp["configs"] if r["objective"] == objective]
+        if not rows:
+            continue
+        fields = PRETRAIN_FIELDS[objective] + COMMON_FIELDS
+        name = "MLM (masked LM)" if objective == "mlm" else "CLM (causal LM)"
+        # Samples/s are left to --json (and benchmarks/train_speed.py): runs that shared a GPU
+        # do not time each other fairly, and the table must fit 80 columns.
+        t = Table(title=f"{name}: mean ± std over seeds", title_justify="left")
+        t.add_column("config", overflow="fold", ratio=1)
+        t.add_column("n", justify="right", no_wrap=True)
+        t.add_column("params", justify="right", no_wrap=True)
+        for _, header, _, _ in fields:
+            t.add_column(header, justify="right", no_wrap=True)
+        for r in rows:
+            cells = [_pm(r[f], r[f + "_std"], scale, digits) for f, _, scale, digits in fields]
+            t.add_row(r["label"], str(r["n"]), _params(r["parameters"]), *cells)
+        tables.append(t)
+        pairs = [p for p in comp["differences"] if p["objective"] == objective]
+        if not pairs:
+            continue
+        compared = PRETRAIN_FIELDS[objective][:1] + COMMON_FIELDS
+        d = Table(
+            title=f"{name}: differences, first − second config",
+            caption="[95% interval]: Student t on the per-seed differences (paired by seed); "
+            "n: seeds both ran; [—]: fewer than 2",
+            title_justify="left",
+            caption_justify="left",
         )
-    return table
-
-
-def render_text(rows: list[dict]) -> str:
-    """The same table as plain text (for logs and files)."""
-    from io import StringIO
-
-    from rich.console import Console
-
-    buf = StringIO()
-    Console(file=buf, width=200, color_system=None).print(render_table(rows))
-    return buf.getvalue()
+        d.add_column("first − second", overflow="fold", ratio=1)
+        d.add_column("n", justify="right", no_wrap=True)
+        for _, header, _, _ in compared:
+            d.add_column(f"Δ {header} [95%]", justify="right", no_wrap=True)
+        by_pair: dict[tuple[str, str], dict[str, dict]] = {}
+        for p in pairs:
+            by_pair.setdefault((p["a"], p["b"]), {})[p["metric"]] = p
+        for (a, b), metrics in by_pair.items():
+            n = max(p["n"] for p in metrics.values())
+            cells = [_interval(metrics[f], scale, digits) if f in metrics else "—" for f, _, scale, digits in compared]
+            d.add_row(f"{a} − {b}", str(n), *cells)
+        tables.append(d)
+    return tables

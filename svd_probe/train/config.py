@@ -1,12 +1,15 @@
-"""Model configs of the training lab: variants, size presets, overrides and JSON config files.
+"""Configs of the training lab: the model (`ModelConfig`: variant, shapes, presets) and the recipe
+(`TrainConfig`: steps, batches, learning rates, checkpointing), from flags and JSON config files.
 
-Precedence, lowest first: the `--size` preset, then `--config file.json`, then explicit flags.
-Every problem a user can cause here is a `TrainingInputError` with a hint.
+Precedence, lowest first: the `--size` preset (or the dataclass defaults), then `--config
+file.json`, then explicit flags. Every value is validated before anything is read or written, and
+every problem a user can cause here is a `TrainingInputError` with a hint.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,8 @@ from typing import Any
 from svd_probe.errors import TrainingInputError
 
 VARIANTS = ("mha", "mla", "mla-o")
+OBJECTIVES = ("mlm", "clm")  # masked LM (bidirectional encoder) or causal LM (decoder)
+O_NORMS = ("none", "rms", "rms-per-head")  # mla-o: a norm on the shared output latent
 SIZES = ("small", "tiny")
 MODEL_TYPE = "svd_probe_encoder"
 
@@ -35,6 +40,8 @@ class ModelConfig:
     q_latent: int = 64  # mla, mla-o
     kv_latent: int = 32  # mla, mla-o
     o_latent: int = 64  # mla-o
+    o_norm: str = "none"  # mla-o: none, rms (one norm on the summed latent), rms-per-head
+    objective: str = "mlm"  # mlm or clm: bidirectional or causal attention
     max_seq_len: int = 128
 
     @property
@@ -49,22 +56,30 @@ class ModelConfig:
         d = {"model_type": MODEL_TYPE, "architectures": ["SvdProbeEncoder"], **self.to_dict()}
         d.update(hidden_size=self.d_model, num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads)
         if self.variant == "mha":
-            for k in ("q_latent", "kv_latent", "o_latent"):
+            for k in ("q_latent", "kv_latent", "o_latent", "o_norm"):
                 d.pop(k)
         elif self.variant == "mla":
             d.pop("o_latent")
+            d.pop("o_norm")
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """A config recorded by an earlier run (metrics.json, a checkpoint); fields added since
+        then take their defaults (o_norm none, objective mlm: what those runs trained)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # Latent sizes and RoPE widths per variant, as the issue specifies them for `--size small`.
-_SMALL = {
+_SMALL: dict[str, dict[str, Any]] = {
     "mha": dict(rope_dims=32),
     "mla": dict(rope_dims=16, q_latent=64, kv_latent=32),
     "mla-o": dict(rope_dims=32, q_latent=64, kv_latent=32, o_latent=64),
 }
 # `--size tiny`: a CPU smoke-test model, a quarter of the width; latents keep small's ratios.
-_TINY_BASE = dict(d_model=64, n_layers=2, n_heads=4, head_dim=16, ffn_dim=256)
-_TINY = {
+_TINY_BASE: dict[str, Any] = dict(d_model=64, n_layers=2, n_heads=4, head_dim=16, ffn_dim=256)
+_TINY: dict[str, dict[str, Any]] = {
     "mha": dict(rope_dims=16),
     "mla": dict(rope_dims=8, q_latent=16, kv_latent=8),
     "mla-o": dict(rope_dims=16, q_latent=16, kv_latent=8, o_latent=16),
@@ -83,12 +98,136 @@ TRAIN_KEYS = {
     "weight_decay",
     "seed",
     "checkpoint_every",
+    "checkpoint_minutes",
     "seq_len",
 }
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 
+# Bounds on what a config can make the program allocate. Far above any model this lab trains
+# (the small preset: 13 M parameters), far below what would exhaust a machine before an error.
+MAX_PARAMETERS = 2_000_000_000
+MAX_SEQ_LEN = 65_536
+_MAX_DIM = {
+    "vocab_size": 1 << 22,
+    "d_model": 1 << 16,
+    "n_layers": 1024,
+    "n_heads": 1024,
+    "head_dim": 4096,
+    "ffn_dim": 1 << 18,
+    "q_latent": 1 << 16,
+    "kv_latent": 1 << 16,
+    "o_latent": 1 << 16,
+    "max_seq_len": MAX_SEQ_LEN,
+}
+CONFIG_FILE_MAX_BYTES = 1 << 20
 
-def check_variant(variant: str) -> str:
+
+@dataclass
+class TrainConfig:
+    """The recipe of a run, and how it is run (device, compile, checkpointing, stopping)."""
+
+    pretrain_steps: int = 2000
+    finetune_steps: int | None = None  # None: finetune_epochs (default 1) over train.tsv
+    finetune_epochs: float | None = None
+    batch_size: int = 128
+    finetune_batch_size: int = 32
+    lr: float = 1e-3
+    finetune_lr: float = 1e-4
+    warmup_frac: float = 0.06
+    weight_decay: float = 0.01
+    seed: int = 0
+    checkpoint_every: int = 500
+    # Also checkpoint when this many minutes have passed since the last checkpoint (0: never), so
+    # a crash or a kill -9 loses minutes, not the steps since the last `checkpoint_every`.
+    checkpoint_minutes: float = 5.0
+    seq_len: int = 128
+    log_every: int = 50
+    device: str = "auto"
+    compile: bool = False
+    # Stop a phase after this many steps of it (checkpointed), e.g. to split a run across
+    # sessions; the schedule still follows the full step count.
+    stop_after: int | None = None
+    # Start pretraining from this run's weights (mla-o from mha or mla: train/init_from.py).
+    init_from: str | None = None
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields that decide what a run computes: a checkpoint resumes only under the same."""
+        return {k: getattr(self, k) for k in RESUME_KEYS}
+
+    def validate(self) -> None:
+        """Every value a flag or a config file can set, checked before anything is read or written."""
+
+        def bad(msg: str, hint: str | None = None) -> None:
+            raise TrainingInputError(f"bad training config: {msg}", hint=hint)
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name, low in (
+            ("pretrain_steps", 0),
+            ("batch_size", 1),
+            ("finetune_batch_size", 1),
+            ("checkpoint_every", 1),
+            ("log_every", 1),
+            ("seq_len", 8),
+            ("seed", 0),
+        ):
+            v = getattr(self, name)
+            if not is_int(v) or v < low:
+                bad(f"{name} must be an integer >= {low}, got {_short(v)}")
+        if self.seq_len > MAX_SEQ_LEN:
+            bad(f"seq_len must be at most {MAX_SEQ_LEN:,}, got {self.seq_len:,}")
+        if self.seed >= 2**31:
+            bad(f"seed must be below 2**31, got {self.seed}")
+        if self.finetune_steps is not None and (not is_int(self.finetune_steps) or self.finetune_steps < 0):
+            bad(f"finetune_steps must be an integer >= 0, got {_short(self.finetune_steps)}")
+        if self.finetune_epochs is not None and (not is_num(self.finetune_epochs) or self.finetune_epochs <= 0):
+            bad(f"finetune_epochs must be a finite number > 0, got {_short(self.finetune_epochs)}")
+        if self.stop_after is not None and (not is_int(self.stop_after) or self.stop_after < 1):
+            bad(
+                f"stop_after must be a positive number of steps, got {_short(self.stop_after)}",
+                hint="--stop-after N stops the current phase after N steps and writes a checkpoint",
+            )
+        for name in ("lr", "finetune_lr"):
+            v = getattr(self, name)
+            if not is_num(v) or v <= 0:
+                bad(
+                    f"{name} must be a finite positive number, got {_short(v)}",
+                    hint="e.g. --lr 1e-3 --finetune-lr 1e-4",
+                )
+        if not is_num(self.checkpoint_minutes) or self.checkpoint_minutes < 0:
+            bad(f"checkpoint_minutes must be a finite number >= 0, got {_short(self.checkpoint_minutes)}")
+        if not is_num(self.weight_decay) or self.weight_decay < 0:
+            bad(f"weight_decay must be a finite number >= 0, got {_short(self.weight_decay)}")
+        if not is_num(self.warmup_frac) or not 0 <= self.warmup_frac < 1:
+            bad(f"warmup_frac must be in [0, 1), got {_short(self.warmup_frac)}")
+
+
+# Recipe fields that must match for a run folder to be resumed (not: how often to log or
+# checkpoint, where to stop, the device).
+RESUME_KEYS = (
+    "pretrain_steps",
+    "finetune_steps",
+    "finetune_epochs",
+    "batch_size",
+    "finetune_batch_size",
+    "lr",
+    "finetune_lr",
+    "warmup_frac",
+    "weight_decay",
+    "seed",
+    "seq_len",
+)
+
+
+def check_variant(variant: object) -> str:
+    if not isinstance(variant, str):
+        raise TrainingInputError(
+            f"variant must be a string, got {type(variant).__name__}", hint=f"use one of: {', '.join(VARIANTS)}"
+        )
     v = variant.lower()
     if v not in VARIANTS:
         raise TrainingInputError(f"unknown variant {variant!r}", hint=f"use one of: {', '.join(VARIANTS)}")
@@ -109,9 +248,16 @@ def read_config_file(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TrainingInputError(f"config file not found: {path}", hint="pass --config PATH to a JSON file")
+    if path.stat().st_size > CONFIG_FILE_MAX_BYTES:
+        raise TrainingInputError(
+            f"config file {path} is {path.stat().st_size:,} bytes, more than a config holds",
+            hint="pass a JSON object of model fields and training keys",
+        )
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise TrainingInputError(f"config file {path} is nested too deeply", hint="pass a flat JSON object") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
         raise TrainingInputError(f"config file {path} is not valid JSON: {e}", hint="fix the JSON syntax") from None
     if not isinstance(data, dict):
         raise TrainingInputError(f"config file {path} must hold a JSON object, not {type(data).__name__}")
@@ -147,7 +293,20 @@ def build_config(
     except TypeError as e:
         raise TrainingInputError(f"bad model config: {e}") from None
     validate(cfg)
+    check_size(cfg)
     return cfg
+
+
+def check_size(cfg: ModelConfig) -> None:
+    """Refuse a model whose parameters alone would exhaust the machine, before allocating any."""
+    from svd_probe.train.model import pretraining_parameters  # the model owns its parameter count
+
+    n = pretraining_parameters(cfg)
+    if n > MAX_PARAMETERS:
+        raise TrainingInputError(
+            f"bad model config: {n:,} parameters, more than the lab trains ({MAX_PARAMETERS:,})",
+            hint="lower d_model, n_layers, ffn_dim or the vocabulary size",
+        )
 
 
 def validate(cfg: ModelConfig) -> None:
@@ -155,6 +314,15 @@ def validate(cfg: ModelConfig) -> None:
         raise TrainingInputError(f"bad model config: {msg}", hint=hint)
 
     check_variant(cfg.variant)
+    if cfg.objective not in OBJECTIVES:
+        bad(f"objective must be one of {', '.join(OBJECTIVES)}, got {_short(cfg.objective)}")
+    if cfg.o_norm not in O_NORMS:
+        bad(f"o_norm must be one of {', '.join(O_NORMS)}, got {_short(cfg.o_norm)}")
+    if cfg.o_norm != "none" and cfg.variant != "mla-o":
+        bad(
+            f"o_norm {cfg.o_norm} needs the shared output latent of mla-o, not {cfg.variant}",
+            hint="add --variant mla-o, or drop --o-norm",
+        )
     for name in (
         "vocab_size",
         "d_model",
@@ -169,23 +337,35 @@ def validate(cfg: ModelConfig) -> None:
     ):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            bad(f"{name} must be a positive integer, got {v!r}")
-    if not isinstance(cfg.rope_dims, int) or cfg.rope_dims < 0 or cfg.rope_dims % 2 or cfg.rope_dims > cfg.head_dim:
-        bad(f"rope_dims must be an even integer in [0, head_dim={cfg.head_dim}], got {cfg.rope_dims!r}")
+            bad(f"{name} must be a positive integer, got {_short(v)}")
+        if v > _MAX_DIM[name]:
+            bad(f"{name} must be at most {_MAX_DIM[name]:,}, got {v:,}")
+    r = cfg.rope_dims
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0 or r % 2 or r > cfg.head_dim:
+        bad(f"rope_dims must be an even integer in [0, head_dim={cfg.head_dim}], got {_short(r)}")
     for name in ("rope_theta", "norm_eps"):
         v = getattr(cfg, name)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            bad(f"{name} must be a positive number, got {v!r}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            bad(f"{name} must be a finite positive number, got {_short(v)}")
 
 
-def count_parameters(cfg: ModelConfig) -> int:
-    """Parameters of the pretraining model (embeddings, encoder, tied head), from the shapes."""
-    d, f, h, hd, L = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.head_dim, cfg.n_layers
-    ffn = 2 * (d * f + f) + (f * d + d)
-    if cfg.variant == "mha":
-        attn = d * 3 * h * hd + h * hd * d
-    else:
-        ql, kvl = cfg.q_latent, cfg.kv_latent
-        attn = d * (ql + kvl) + ql + kvl + ql * h * hd + kvl * h * 2 * hd
-        attn += h * hd * d if cfg.variant == "mla" else h * hd * cfg.o_latent + cfg.o_latent * d
-    return cfg.vocab_size * d + L * (2 * d + attn + ffn)
+def _short(v: object, limit: int = 40) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def build_train_config(file_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
+    """TrainConfig defaults, then a --config file's training keys, then flags that were given (not None)."""
+    vals = {k: v for k, v in (file_values or {}).items() if k in TRAIN_KEYS}
+    vals.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    floats = {"lr", "finetune_lr", "warmup_frac", "weight_decay", "finetune_epochs", "checkpoint_minutes"}
+    for k, v in vals.items():
+        want = (int, float) if k in floats else int
+        if k in TRAIN_KEYS and (isinstance(v, bool) or not isinstance(v, want)):
+            raise TrainingInputError(f"bad training config: {k} must be a number, got {_short(v)}")
+    try:
+        tc = TrainConfig(**vals)
+    except TypeError as e:
+        raise TrainingInputError(f"bad training config: {e}") from None
+    tc.validate()
+    return tc

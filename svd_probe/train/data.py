@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +26,7 @@ _WIKITEXT_REPLACE = (("<unk>", "[UNK]"), (" @-@ ", "-"), (" @,@ ", ","), (" @.@ 
 class Tok:
     """A `tokenizers.Tokenizer` and the ids of the special tokens the lab needs."""
 
-    tokenizer: object
+    tokenizer: Any  # tokenizers.Tokenizer or one of its implementations (BertWordPieceTokenizer)
     name: str
     vocab_size: int
     pad_id: int
@@ -35,6 +38,10 @@ class Tok:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids without [CLS]/[SEP]: callers place those themselves."""
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer's full serialization (vocabulary, normalizer, model)."""
+        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()
 
 
 def load_tokenizer(spec: str) -> Tok:
@@ -73,13 +80,52 @@ def load_tokenizer(spec: str) -> Tok:
             f"tokenizer {spec!r} lacks the special tokens {', '.join(missing)}",
             hint="use a BERT-style WordPiece vocabulary",
         )
+    found = {t: i for t, i in ids.items() if i is not None}
     return Tok(
-        tok, str(spec), tok.get_vocab_size(), ids["[PAD]"], ids["[UNK]"], ids["[CLS]"], ids["[SEP]"], ids["[MASK]"]
+        tok,
+        str(spec),
+        tok.get_vocab_size(),
+        found["[PAD]"],
+        found["[UNK]"],
+        found["[CLS]"],
+        found["[SEP]"],
+        found["[MASK]"],
     )
 
 
 def looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith((".txt", ".json")) or spec.count("/") > 1
+
+
+def read_text(path: Path) -> str:
+    """A data file's text: strict UTF-8, so a binary or mis-encoded file is an error, not noise."""
+    try:
+        raw = Path(path).read_bytes()
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TrainingInputError(
+            f"{path} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})",
+            hint="pass the original text file (WikiText .tokens, GLUE .tsv), not a binary or re-encoded copy",
+        ) from None
+    except OSError as e:
+        raise TrainingInputError(f"cannot read {path}: {e.strerror or e}") from None
+    if "\x00" in text:
+        raise TrainingInputError(
+            f"{path} is not UTF-8 text (a NUL byte at {raw.index(0)})",
+            hint="pass the original text file (WikiText .tokens, GLUE .tsv), not a binary copy",
+        )
+    return text
+
+
+def fingerprint_lines(*splits: list[str]) -> str:
+    """sha256 over the lines of each split, in order: what a resumed run must see again."""
+    h = hashlib.sha256()
+    for lines in splits:
+        for line in lines:
+            h.update(line.encode())
+            h.update(b"\n")
+        h.update(b"\x00")  # split boundary
+    return h.hexdigest()
 
 
 # ---- WikiText --------------------------------------------------------------------------------
@@ -106,7 +152,7 @@ def read_wikitext_dir(data_dir: Path) -> tuple[list[str], list[str]]:
             raise TrainingInputError(
                 f"{f} is missing", hint="--data-dir must hold wiki.train.tokens and wiki.valid.tokens"
             )
-        lines = [clean_wikitext_line(ly) for ly in f.read_text(encoding="utf-8").splitlines()]
+        lines = [clean_wikitext_line(ly) for ly in read_text(f).splitlines()]
         lines = [ly for ly in lines if ly]
         if not lines:
             raise TrainingInputError(f"{f} holds no text")
@@ -114,7 +160,16 @@ def read_wikitext_dir(data_dir: Path) -> tuple[list[str], list[str]]:
     return splits[0], splits[1]
 
 
-def read_wikitext_hub(name: str) -> tuple[list[str], list[str]]:
+def read_wikitext_test(data_dir: Path) -> list[str] | None:
+    """Lines of wiki.test.tokens when the folder has it (the clm objective reports its perplexity)."""
+    f = Path(data_dir) / "wiki.test.tokens"
+    if not f.is_file():
+        return None
+    lines = [ly for ly in (clean_wikitext_line(x) for x in read_text(f).splitlines()) if ly]
+    return lines or None
+
+
+def read_wikitext_hub(name: str, splits: tuple[str, ...] = ("train", "validation")) -> tuple[list[str], ...]:
     """WikiText-103 (or -2) through `datasets`, imported here so that it stays optional."""
     configs = {"wikitext-103": "wikitext-103-v1", "wikitext-2": "wikitext-2-v1"}
     if name not in configs:
@@ -132,10 +187,10 @@ def read_wikitext_hub(name: str) -> tuple[list[str], list[str]]:
             f"cannot load {name} through datasets: {e}", hint="check the network, or pass --data-dir with local files"
         ) from None
     out = []
-    for split in ("train", "validation"):
+    for split in splits:
         lines = (clean_wikitext_line(t) for t in ds[split]["text"])
         out.append([ly for ly in lines if ly])
-    return out[0], out[1]
+    return tuple(out)
 
 
 def pack_sequences(tok: Tok, lines: list[str], seq_len: int) -> torch.Tensor:
@@ -154,6 +209,19 @@ def pack_sequences(tok: Tok, lines: list[str], seq_len: int) -> torch.Tensor:
     rows[:, 1:-1] = ids[: n * body].reshape(n, body)
     rows[:, -1] = tok.sep_id
     return torch.from_numpy(rows)
+
+
+def pack_causal(tok: Tok, lines: list[str], seq_len: int) -> torch.Tensor:
+    """Rows for next-token prediction: all lines' ids, each line followed by [SEP] (the end-of-text
+    marker that fine-tuning also puts after a sentence), cut into rows of seq_len + 1 tokens that
+    overlap by one, so inputs row[:-1] and targets row[1:] are full: no padding, and every token
+    after the first is predicted exactly once."""
+    ids = np.fromiter((i for seq in tok.encode_batch(lines) for i in (*seq, tok.sep_id)), dtype=np.int64)
+    n = (len(ids) - 1) // seq_len
+    if n == 0:
+        raise TrainingInputError(f"too little text: {len(ids)} tokens, fewer than one sequence of {seq_len + 1}")
+    starts = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+    return torch.from_numpy(ids[starts])
 
 
 def masked_count(seq_len: int, mlm_prob: float = 0.15) -> int:
@@ -188,33 +256,42 @@ def mask_tokens(ids: torch.Tensor, tok: Tok, gen: torch.Generator, mlm_prob: flo
 
 
 def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:
-    """GLUE SST-2 `sentence<TAB>label` with a header row."""
+    """GLUE SST-2 `sentence<TAB>label` with a header row; labels are 0 or 1 (the task is binary,
+    and a label sizes the classifier head, so a stray 100000000 would allocate gigabytes)."""
     path = Path(path)
     if not path.is_file():
         raise TrainingInputError(
             f"{path} is missing", hint="--sst2-dir must hold GLUE's train.tsv and dev.tsv (e.g. ../shared/data/SST-2)"
         )
+    row_hint = "each row must be `sentence<TAB>0|1` (GLUE's SST-2 TSV files)"
     sentences, labels = [], []
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
         header = next(reader, None)
         if not header or "sentence" not in header or "label" not in header:
             raise TrainingInputError(f"{path} has no `sentence\\tlabel` header", hint="use GLUE's SST-2 TSV files")
         si, li = header.index("sentence"), header.index("label")
-        for n, row in enumerate(reader, start=2):
+        for row in reader:
+            n = reader.line_num
             if not row:
                 continue
-            try:
-                label = int(row[li])
-            except (IndexError, ValueError):
-                raise TrainingInputError(
-                    f"{path}:{n}: bad row {row!r}", hint="each row must be `sentence<TAB>0|1`"
-                ) from None
+            if len(row) <= max(si, li):
+                raise TrainingInputError(f"{path}:{n}: bad row {_clip(row)}", hint=row_hint)
+            label = row[li].strip()
+            if label not in ("0", "1"):
+                raise TrainingInputError(f"{path}:{n}: label must be 0 or 1, got {_clip(label)}", hint=row_hint)
             sentences.append(row[si].strip())
-            labels.append(label)
+            labels.append(int(label))
+    except csv.Error as e:  # NUL bytes, an over-long field
+        raise TrainingInputError(f"cannot read {path}:{reader.line_num}: {e}", hint=row_hint) from None
     if not sentences:
         raise TrainingInputError(f"{path} holds no rows")
     return sentences, labels
+
+
+def _clip(value: object, limit: int = 60) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def read_sst2_dir(sst2_dir: Path):
@@ -227,7 +304,11 @@ def read_sst2_dir(sst2_dir: Path):
     return read_sst2_tsv(sst2_dir / "train.tsv"), read_sst2_tsv(sst2_dir / "dev.tsv")
 
 
-def encode_sentences(tok: Tok, sentences: list[str], max_len: int) -> list[list[int]]:
+def encode_sentences(tok: Tok, sentences: list[str], max_len: int, causal: bool = False) -> list[list[int]]:
+    """[CLS] sentence [SEP] for an encoder (classified at [CLS]); sentence [SEP] for a causal model
+    (classified at its last token, the [SEP])."""
+    if causal:
+        return [ids[: max_len - 1] + [tok.sep_id] for ids in tok.encode_batch(sentences)]
     return [[tok.cls_id] + ids[: max_len - 2] + [tok.sep_id] for ids in tok.encode_batch(sentences)]
 
 

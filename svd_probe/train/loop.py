@@ -1,15 +1,32 @@
-"""Pretraining (MLM) and fine-tuning (SST-2) loops, checkpoints, resume, metrics.
+"""Pretraining and fine-tuning: one phase runner, one checkpoint dict, a pure learning-rate function.
 
-A run lives in one `--out` folder:
+    run(cfg, tc, sources, out)
+        load_data(sources)                    every input read and checked before anything is written
+        pretraining  (MLM on WikiText)        -> model.safetensors + config.json (what `analyze` reads)
+        fine-tuning  (SST-2, with --sst2-dir) -> dev accuracy
+        metrics.json
 
-    checkpoint.pt      model + optimizer + scheduler + step + RNG state of the current phase
-    model.safetensors  the pretrained encoder (what `svd-probe analyze` reads), with config.json
-    metrics.json       written when the run ends
-    train.log          one line per log interval
+Both phases are a `Phase`: a model, a step count, a peak learning rate, a function from the step
+number to a batch, and a loss. `run_phase` owns everything else, written once: resume, the
+learning-rate schedule (`lr_at`), the optimizer step, logging, the non-finite-loss guard,
+checkpointing, stopping and timing.
 
-Determinism: the batch order of step s is a function of (seed, epoch) and the MLM mask of step
-s a function of (seed, step), so a resumed run sees exactly the batches an uninterrupted run
-sees, and on CPU reaches the same weights bit for bit.
+The checkpoint (run_dir.CHECKPOINT) is one dict:
+
+    format          CHECKPOINT_FORMAT
+    phase, step     "pretrain" or "finetune", and the number of optimizer steps taken in it
+    model, optimizer, rng          the phase's state (absent at the phase boundary, see below)
+    model_config, recipe, data     what a resume must match (config, RESUME_KEYS, data fingerprint)
+    pretrain_metrics               once pretraining has ended
+    timed_samples, timed_seconds   for samples/s across resumes; wall_time_s
+
+When pretraining ends, the encoder is exported and a checkpoint {phase: finetune, step: 0,
+pretrain_metrics} without weights records the boundary; fine-tuning starts from model.safetensors.
+
+Determinism: the batch order of step s is a function of (seed, epoch) and the MLM mask of step s a
+function of (seed, step); the learning rate is a function of the step. So a resumed run sees
+exactly the batches and rates an uninterrupted run sees, and on CPU reaches the same weights bit
+for bit (tests/test_train.py).
 """
 
 from __future__ import annotations
@@ -19,12 +36,14 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,70 +51,45 @@ import torch.nn.functional as F
 from svd_probe.errors import TrainingInputError
 from svd_probe.options import pick_device
 from svd_probe.train import data as D
-from svd_probe.train.config import ModelConfig, count_parameters
-from svd_probe.train.model import Classifier, MaskedLM, num_parameters, parameter_shapes
-
-CHECKPOINT = "checkpoint.pt"
-# Recipe fields that must match for a run folder to be resumed.
-_RESUME_KEYS = (
-    "pretrain_steps",
-    "finetune_steps",
-    "finetune_epochs",
-    "batch_size",
-    "finetune_batch_size",
-    "lr",
-    "finetune_lr",
-    "warmup_frac",
-    "weight_decay",
-    "seed",
-    "seq_len",
+from svd_probe.train.config import ModelConfig, TrainConfig
+from svd_probe.train.init_from import initial_state, load_source
+from svd_probe.train.model import CausalLM, Classifier, MaskedLM, pretraining_model, pretraining_parameters
+from svd_probe.train.run_dir import (
+    check_out_dir,
+    check_resumable,
+    check_same_data,
+    check_same_init,
+    data_fingerprint,
+    describe_source,
+    load_checkpoint,
+    load_encoder_weights,
+    remove_run_files,
+    save_checkpoint,
+    save_encoder,
+    write_json,
 )
+
+__all__ = [
+    "DataSources",
+    "Phase",
+    "TrainProgress",
+    "TrainingData",
+    "load_data",
+    "lr_at",
+    "run",
+    "run_phase",
+    "run_seeds",
+    "save_encoder",
+]
+
+CHECKPOINT_FORMAT = 2  # 1: the first lab (a LambdaLR state, no data fingerprint); still resumable
 EVAL_MASK_SEED = 1234  # the same valid-set masks for every run, so runs compare on equal terms
 
 
 @dataclass
-class TrainConfig:
-    pretrain_steps: int = 2000
-    finetune_steps: int | None = None  # None: finetune_epochs (default 1) over train.tsv
-    finetune_epochs: float | None = None
-    batch_size: int = 128
-    finetune_batch_size: int = 32
-    lr: float = 1e-3
-    finetune_lr: float = 1e-4
-    warmup_frac: float = 0.06
-    weight_decay: float = 0.01
-    seed: int = 0
-    checkpoint_every: int = 500
-    seq_len: int = 128
-    log_every: int = 50
-    device: str = "auto"
-    compile: bool = False
-    # Stop a phase after this many steps of it (checkpointed), e.g. to split a run across
-    # sessions; the schedule still follows the full step count.
-    stop_after: int | None = None
-
-    def validate(self) -> None:
-        for name in ("pretrain_steps", "batch_size", "finetune_batch_size", "checkpoint_every", "log_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name == "pretrain_steps" else 1):
-                raise TrainingInputError(
-                    f"bad training config: {name} must be a {'non-negative' if name == 'pretrain_steps' else 'positive'} integer, got {v!r}"
-                )
-        if self.finetune_steps is not None and self.finetune_steps < 0:
-            raise TrainingInputError(f"bad training config: finetune_steps must be >= 0, got {self.finetune_steps}")
-        if self.finetune_epochs is not None and self.finetune_epochs <= 0:
-            raise TrainingInputError(f"bad training config: finetune_epochs must be > 0, got {self.finetune_epochs}")
-        if self.seq_len < 8:
-            raise TrainingInputError(f"bad training config: seq_len must be at least 8, got {self.seq_len}")
-        for name in ("lr", "finetune_lr"):
-            if not getattr(self, name) > 0:
-                raise TrainingInputError(f"bad training config: {name} must be positive")
-        if not 0 <= self.warmup_frac < 1:
-            raise TrainingInputError("bad training config: warmup_frac must be in [0, 1)")
-
-
-@dataclass
 class DataSources:
+    """Where a run's data comes from (paths as the user gave them)."""
+
     tokenizer: str
     data_dir: Path | None = None
     dataset: str | None = None  # "wikitext-103" through `datasets`
@@ -103,71 +97,98 @@ class DataSources:
 
 
 @dataclass
-class Reporter:
-    """Where progress goes: a log file always, a rich progress bar when enabled."""
+class TrainingData:
+    """Every input of a run, read and checked once (and shared by the seeds of one command)."""
 
-    log_path: Path | None = None
-    progress: Any = None  # rich.progress.Progress or None
-    echo: Callable[[str], None] | None = None
-    _task: Any = None
-
-    def log(self, msg: str) -> None:
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
-        if self.log_path is not None:
-            with open(self.log_path, "a") as f:
-                f.write(line + "\n")
-        if self.echo is not None:
-            self.echo(line)
-
-    def start(self, name: str, total: int, done: int) -> None:
-        if self.progress is not None:
-            self._task = self.progress.add_task(name, total=total, completed=done, loss=float("nan"), sps=0.0)
-
-    def update(self, done: int, loss: float, sps: float) -> None:
-        if self.progress is not None and self._task is not None:
-            self.progress.update(self._task, completed=done, loss=loss, sps=sps)
+    tok: D.Tok
+    train_lines: list[str]
+    valid_lines: list[str]
+    test_lines: list[str] | None  # evaluated (clm: test perplexity), never trained on
+    sst2: tuple[tuple[list[str], list[int]], tuple[list[str], list[int]]] | None
+    fingerprint: dict
 
 
-def _optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt, sched) -> None:
-    """One update of both phases: backward, clip the gradient norm at 1.0, AdamW, schedule."""
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def rich_progress(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TextColumn("{task.fields[sps]:,.0f} samples/s"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
-
-# ---- helpers ---------------------------------------------------------------------------------
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def git_commit() -> str | None:
-    try:
-        r = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+def load_data(src: DataSources) -> TrainingData:
+    """Read the tokenizer, WikiText and SST-2 named by `src`; every problem is a TrainingInputError."""
+    tok = D.load_tokenizer(src.tokenizer)
+    if src.data_dir is None and src.dataset is None:
+        raise TrainingInputError(
+            "no pretraining text", hint="pass --data-dir (e.g. ../shared/data/wikitext-2) or --dataset wikitext-103"
         )
-        return r.stdout.strip() or None if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    sst2 = D.read_sst2_dir(src.sst2_dir) if src.sst2_dir is not None else None
+    if src.data_dir is not None:
+        train_lines, valid_lines = D.read_wikitext_dir(src.data_dir)
+        test_lines = D.read_wikitext_test(src.data_dir)
+    else:
+        assert src.dataset is not None
+        train_lines, valid_lines, test_lines = D.read_wikitext_hub(src.dataset, ("train", "validation", "test"))
+    fingerprint = data_fingerprint(
+        src.tokenizer,
+        tok,
+        describe_source(src.data_dir, src.dataset),
+        (train_lines, valid_lines),
+        None if sst2 is None else (*sst2, describe_source(src.sst2_dir, None)),
+    )
+    return TrainingData(tok, train_lines, valid_lines, test_lines, sst2, fingerprint)
+
+
+# ---- what the loop tells its caller --------------------------------------------------------------
+
+
+class TrainProgress(Protocol):
+    """Progress of a run, for the caller to show (the CLI draws a rich bar: cli/train.py)."""
+
+    def phase_started(self, phase: str, total: int, done: int) -> None: ...
+
+    def phase_step(self, phase: str, done: int, loss: float, samples_per_s: float) -> None: ...
+
+    def message(self, line: str) -> None: ...
+
+
+class _Silent:
+    def phase_started(self, phase: str, total: int, done: int) -> None:
+        pass
+
+    def phase_step(self, phase: str, done: int, loss: float, samples_per_s: float) -> None:
+        pass
+
+    def message(self, line: str) -> None:
+        pass
+
+
+class _RunLog:
+    """train.log (always) and the caller's progress (when given)."""
+
+    def __init__(self, path: Path, progress: TrainProgress):
+        self.path, self.progress = path, progress
+
+    def __call__(self, msg: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+        self.progress.message(line)
+
+
+# ---- pieces of a step ----------------------------------------------------------------------------
+
+
+def lr_at(step: int, total: int, warmup_frac: float, peak: float) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup over the first
+    `warmup_frac` of the steps to `peak`, then linear decay to zero at `total`."""
+    warmup = max(1, int(round(warmup_frac * total)))
+    if step < warmup:
+        return peak * ((step + 1) / warmup)
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, dev: torch.device):
+    """AdamW; weight decay on the matrices, none on biases and norm weights."""
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or name.endswith("norm.weight") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=dev.type == "cuda")
 
 
 def autocast(dev: torch.device):
@@ -175,25 +196,6 @@ def autocast(dev: torch.device):
     if dev.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, dev: torch.device):
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # biases and norm weights
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=dev.type == "cuda")
-
-
-def make_scheduler(opt, total_steps: int, warmup_frac: float):
-    """Linear warmup to the peak lr, then linear decay to zero at `total_steps`."""
-    warmup = max(1, int(round(warmup_frac * total_steps)))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def epoch_batch(n_rows: int, batch: int, step: int, seed: int, cache: dict) -> torch.Tensor:
@@ -223,60 +225,31 @@ def set_rng_state(s: dict, dev: torch.device) -> None:
         torch.cuda.set_rng_state(s["cuda"], dev)
 
 
-def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def write_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def save_encoder(model: torch.nn.Module, cfg: ModelConfig, out: Path) -> None:
-    """model.safetensors + config.json: the pretrained encoder, in the layout the adapter reads."""
-    from safetensors.torch import save_file
-
-    encoder = model.encoder
-    tensors = {n: p.detach().float().cpu().contiguous() for n, p in encoder.state_dict().items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    write_json(cfg.hf_config(), out / "config.json")
-
-
-def load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    model.encoder.load_state_dict(load_file(str(path)))
-
-
-def dry_run_summary(cfg: ModelConfig) -> dict:
-    """Parameter count and shapes of the pretraining model, without data or training."""
-    with torch.device("meta"):
-        model = MaskedLM(cfg)
-    return {
-        "parameters": num_parameters(model),
-        "parameters_formula": count_parameters(cfg),
-        "non_embedding_parameters": num_parameters(model) - cfg.vocab_size * cfg.d_model,
-        "variant": cfg.variant,
-        "config": cfg.to_dict(),
-        "shapes": {
-            "encoder." + n if not n.startswith("encoder.") else n: s for n, s in parameter_shapes(model).items()
-        },
-    }
-
-
-# ---- the run ---------------------------------------------------------------------------------
+def git_commit() -> str | None:
+    try:
+        r = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return (r.stdout.strip() or None) if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 class _Timer:
     """Samples/s over training steps only, skipping the first steps of a process (compile, warmup)."""
 
     def __init__(self, dev: torch.device, skip: int):
-        self.dev, self.skip, self.samples, self.seconds, self.t0, self.seen = dev, skip, 0, 0.0, None, 0
+        self.dev, self.skip = dev, skip
+        self.samples, self.seconds, self.seen = 0, 0.0, 0
+        self.t0: float | None = None
 
-    def _sync(self):
+    def _sync(self) -> None:
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
 
@@ -288,262 +261,289 @@ class _Timer:
         elif self.seen > self.skip:
             self.samples += n
 
-    def stop(self) -> None:
+    def pause(self) -> None:
         if self.t0 is not None:
             self._sync()
             self.seconds += time.perf_counter() - self.t0
             self.t0 = None
 
-    def rate(self) -> float | None:
-        return self.samples / self.seconds if self.seconds > 0 and self.samples else None
+    def resume(self) -> None:
+        if self.seen >= self.skip:
+            self.t0 = time.perf_counter()
+
+    def running_rate(self) -> float:
+        if self.t0 is None or not self.samples:
+            return 0.0
+        return self.samples / (self.seconds + time.perf_counter() - self.t0)
 
 
-def run(cfg: ModelConfig, tc: TrainConfig, src: DataSources, out: Path, reporter: Reporter | None = None) -> dict:
-    """Pretrain, export the encoder, fine-tune on SST-2 if given, write metrics.json; resumable."""
-    t_start = time.perf_counter()
-    tc.validate()
-    dev = pick_device(tc.device)
-    reporter = reporter or Reporter()
-    # Inputs are checked before anything is written, so a typo costs nothing.
-    tok = D.load_tokenizer(src.tokenizer)
-    if src.data_dir is None and src.dataset is None:
-        raise TrainingInputError(
-            "no pretraining text", hint="pass --data-dir (e.g. ../shared/data/wikitext-2) or --dataset wikitext-103"
-        )
-    sst2 = D.read_sst2_dir(src.sst2_dir) if src.sst2_dir is not None else None
-    if src.data_dir is not None:
-        train_lines, valid_lines = D.read_wikitext_dir(src.data_dir)
-    elif src.dataset is not None:
-        train_lines, valid_lines = D.read_wikitext_hub(src.dataset)
-    else:
-        train_lines = valid_lines = None
-    if tok.vocab_size != cfg.vocab_size:
-        cfg = replace(cfg, vocab_size=tok.vocab_size)
-    cfg = replace(cfg, max_seq_len=max(cfg.max_seq_len, tc.seq_len))
+class _NonFinite:
+    """Watches losses and gradient norms without a host sync per step; checked when the loop
+    syncs anyway (logging) and before every checkpoint, so no checkpoint holds a diverged model."""
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    reporter.log_path = reporter.log_path or out / "train.log"
-    ckpt_path = out / CHECKPOINT
-    state = None
-    if ckpt_path.exists():
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or foreign file: torch raises several types
+    def __init__(self, phase: str, lr_flag: str, dev: torch.device):
+        self.phase, self.lr_flag = phase, lr_flag
+        self.flag = torch.zeros((), dtype=torch.bool, device=dev)
+
+    def watch(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.flag |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
+
+    def check(self, step: int, model: torch.nn.Module | None = None, lr: float | None = None) -> None:
+        bad = bool(self.flag)
+        if not bad and model is not None:
+            bad = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        if bad:
             raise TrainingInputError(
-                f"cannot read the checkpoint {ckpt_path}: {e}", hint="delete it to start over, or pass a new --out"
-            ) from None
-        _check_resumable(state, cfg, tc, out)
-        reporter.log(f"resuming {state['phase']} at step {state['step']} from {ckpt_path}")
-    recipe = {k: getattr(tc, k) for k in _RESUME_KEYS}
-    prior_wall = state.get("wall_time_s", 0.0) if state else 0.0
-    if dev.type == "cuda":
-        torch.set_float32_matmul_precision("high")
-    reporter.log(
-        f"run {cfg.variant} seed={tc.seed} device={device_name(dev)} params={count_parameters(cfg):,} out={out}"
-    )
-
-    def wall() -> float:
-        return prior_wall + time.perf_counter() - t_start
-
-    # -- pretraining
-    pre = state.get("pretrain_metrics") if state else None
-    if pre is None:
-        train_rows = D.pack_sequences(tok, train_lines, tc.seq_len)
-        valid_rows = D.pack_sequences(tok, valid_lines, tc.seq_len)
-        reporter.log(
-            f"pretraining data: {len(train_rows):,} train rows, {len(valid_rows):,} valid rows of {tc.seq_len} tokens"
-        )
-        pre = _pretrain(
-            cfg,
-            tc,
-            tok,
-            train_rows,
-            valid_rows,
-            dev,
-            out,
-            state if state and state["phase"] == "pretrain" else None,
-            recipe,
-            reporter,
-            wall,
-        )
-        if pre is None:  # stopped early on purpose; the checkpoint holds the state
-            return {"stopped": True}
-        state = None
-    if not (out / "model.safetensors").exists():
-        raise TrainingInputError(
-            f"{out} has a finished pretraining checkpoint but no model.safetensors", hint="use a new --out"
-        )
-
-    # -- fine-tuning
-    ft = {"sst2_dev_accuracy": None, "finetune_samples_per_s": None, "finetune_steps": 0}
-    if sst2 is not None:
-        ft = _finetune(
-            cfg,
-            tc,
-            tok,
-            sst2,
-            dev,
-            out,
-            state if state and state["phase"] == "finetune" else None,
-            pre,
-            recipe,
-            reporter,
-            wall,
-        )
-        if ft is None:
-            return {"stopped": True}
-
-    metrics = {
-        "parameters": count_parameters(cfg),
-        "mlm_loss": pre["mlm_loss"],
-        "mlm_accuracy": pre["mlm_accuracy"],
-        "sst2_dev_accuracy": ft["sst2_dev_accuracy"],
-        "pretrain_samples_per_s": pre["pretrain_samples_per_s"],
-        "finetune_samples_per_s": ft["finetune_samples_per_s"],
-        "wall_time_s": round(wall(), 2),
-        "device": device_name(dev),
-        "seed": tc.seed,
-        "git_commit": git_commit(),
-        "variant": cfg.variant,
-        "config": cfg.to_dict(),
-        "train_config": {**asdict(tc), "finetune_steps": ft["finetune_steps"]},
-        "torch_version": torch.__version__,
-    }
-    write_json(metrics, out / "metrics.json")
-    reporter.log(
-        "done: "
-        + json.dumps(
-            {
-                k: metrics[k]
-                for k in (
-                    "mlm_loss",
-                    "mlm_accuracy",
-                    "sst2_dev_accuracy",
-                    "pretrain_samples_per_s",
-                    "finetune_samples_per_s",
-                    "wall_time_s",
-                )
-            }
-        )
-    )
-    return metrics
+                f"the {self.phase} loss became non-finite by step {step}"
+                + (f" (lr {lr:.3g})" if lr is not None else "")
+                + "; the run stopped before saving a diverged model",
+                hint=f"lower {self.lr_flag} or raise --warmup-frac, then start over with --overwrite (or a new --out)",
+            )
 
 
-def _check_resumable(state: dict, cfg: ModelConfig, tc: TrainConfig, out: Path) -> None:
-    hint = "resume with the same flags, or pass a new --out"
-    if state.get("model_config") != cfg.to_dict():
-        raise TrainingInputError(f"{out} holds a run of a different model config", hint=hint)
-    diff = [k for k in _RESUME_KEYS if state.get("recipe", {}).get(k) != getattr(tc, k)]
-    if diff:
-        raise TrainingInputError(f"{out} holds a run with a different recipe ({', '.join(diff)})", hint=hint)
+class StopRequest:
+    """Set by SIGINT or SIGTERM: the loop finishes the step in progress, checkpoints and returns."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
 
 
-def _compiled(model, tc: TrainConfig):
-    return torch.compile(model) if tc.compile else model
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """While training, the first SIGINT (Ctrl-C) or SIGTERM asks for a clean stop: the steps done
+    are checkpointed and the run says how to resume. A second one ends the process at once, as
+    without this handler. Outside the main thread (where Python delivers no signals) it does nothing."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in wanted}
+
+    def handler(signum: int, frame: Any) -> None:
+        if request.signal is None:
+            request.signal = signal.Signals(signum).name
+            return
+        signal.signal(signum, signal.SIG_DFL)  # the second one: stop now
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
+
+    for s in wanted:
+        signal.signal(s, handler)
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
-def _pretrain(cfg, tc, tok, train_rows, valid_rows, dev, out, state, recipe, reporter, wall):
-    # Each phase seeds its own initialization, so where a run was interrupted cannot change it.
-    torch.manual_seed(tc.seed)
-    model = MaskedLM(cfg).to(dev)
-    opt = make_optimizer(model, tc.lr, tc.weight_decay, dev)
-    sched = make_scheduler(opt, tc.pretrain_steps, tc.warmup_frac)
+# ---- the phase runner ----------------------------------------------------------------------------
+
+Batch = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class Phase:
+    """What differs between pretraining and fine-tuning; `run_phase` does the rest."""
+
+    name: str  # "pretrain" or "finetune": the checkpoint's phase, the log's word
+    label: str  # "pretraining" or "fine-tuning", for messages
+    model: torch.nn.Module
+    steps: int
+    peak_lr: float
+    lr_flag: str  # the flag that sets peak_lr, named when the loss diverges
+    batch: Callable[[int], tuple[Batch, int]]  # step -> (CPU tensors, number of samples)
+    loss: Callable[[Callable[..., Any], Batch], torch.Tensor]  # (forward, device tensors) -> loss
+    extra: dict = field(default_factory=dict)  # saved in every checkpoint of the phase
+
+
+@dataclass
+class PhaseOutcome:
+    done: bool  # False: stopped early (the checkpoint holds the state)
+    step: int
+    samples_per_s: float | None
+    stopped_by: str | None = None  # "stop_after", or the signal's name ("SIGINT", "SIGTERM")
+
+
+@dataclass
+class _RunContext:
+    out: Path
+    dev: torch.device
+    tc: TrainConfig
+    log: _RunLog
+    progress: TrainProgress
+    base: dict  # the checkpoint fields every checkpoint of the run carries
+    wall: Callable[[], float]
+    stop: StopRequest = field(default_factory=StopRequest)
+
+
+def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutcome:
+    """Train `phase.model` for `phase.steps` optimizer steps (from `resume`'s step, if given).
+
+    Checkpoints every `checkpoint_every` steps, every `checkpoint_minutes`, where --stop-after
+    stops it, and when a signal asks it to stop (after the step in progress)."""
+    tc, dev, model = ctx.tc, ctx.dev, phase.model
+    opt = make_optimizer(model, phase.peak_lr, tc.weight_decay, dev)
     step, samples, seconds = 0, 0, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], dev)
-        step, samples, seconds = state["step"], state["timed_samples"], state["timed_seconds"]
-    batch = min(tc.batch_size, len(train_rows))
-    if batch < tc.batch_size:
-        reporter.log(f"batch size {tc.batch_size} > {len(train_rows)} rows: using {batch}")
-    fwd = _compiled(model, tc)
-    timer = _Timer(dev, skip=min(3, max(1, tc.pretrain_steps - step - 1)))
-    cache: dict = {}
-    stop_at = tc.pretrain_steps if tc.stop_after is None else min(tc.pretrain_steps, step + tc.stop_after)
-    reporter.start(f"pretrain {cfg.variant}", tc.pretrain_steps, step)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        set_rng_state(resume["rng"], dev)
+        step, samples, seconds = resume["step"], resume["timed_samples"], resume["timed_seconds"]
+    fwd = torch.compile(model) if tc.compile else model
+    timer = _Timer(dev, skip=min(3, max(1, phase.steps - step - 1)))
+    stop_at = phase.steps if tc.stop_after is None else min(phase.steps, step + tc.stop_after)
+    finite = _NonFinite(phase.label, phase.lr_flag, dev)
     loss_sum, n_logged = torch.zeros((), device=dev), 0
+    ctx.progress.phase_started(phase.name, phase.steps, step)
+    saved_at, saved_step = time.monotonic(), step if resume is not None else None
 
-    def checkpoint():
-        timer.stop()
-        save_atomic(
+    def checkpoint() -> None:
+        nonlocal saved_at, saved_step
+        finite.check(step, model)
+        timer.pause()
+        save_checkpoint(
             {
-                "phase": "pretrain",
+                **ctx.base,
+                **phase.extra,
+                "phase": phase.name,
                 "step": step,
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
                 "rng": rng_state(dev),
-                "model_config": cfg.to_dict(),
-                "recipe": recipe,
                 "timed_samples": samples + timer.samples,
                 "timed_seconds": seconds + timer.seconds,
-                "wall_time_s": wall(),
+                "wall_time_s": ctx.wall(),
             },
-            out / CHECKPOINT,
+            ctx.out,
         )
-        if step < stop_at:
-            timer.t0 = time.perf_counter() if timer.seen >= timer.skip else None
+        saved_at, saved_step = time.monotonic(), step
+        timer.resume()
 
     model.train()
+    every_s = 60 * tc.checkpoint_minutes
     while step < stop_at:
-        idx = epoch_batch(len(train_rows), batch, step, tc.seed, cache)
-        inputs, positions, targets = D.mask_tokens(train_rows[idx], tok, step_generator(tc.seed, step, 1))
-        inputs, positions, targets = (t.to(dev, non_blocking=True) for t in (inputs, positions, targets))
+        if ctx.stop.signal is not None:
+            break
+        lr = lr_at(step, phase.steps, tc.warmup_frac, phase.peak_lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        tensors, n_samples = phase.batch(step)
+        tensors = tuple(t.to(dev, non_blocking=True) for t in tensors)
         with autocast(dev):
-            loss, _ = fwd(inputs, positions, targets)
-        _optimizer_step(loss, model, opt, sched)
+            loss = phase.loss(fwd, tensors)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        finite.watch(loss, grad_norm)
         step += 1
-        timer.step_done(len(idx))
+        timer.step_done(n_samples)
         loss_sum += loss.detach()
         n_logged += 1
         if step % tc.log_every == 0 or step == stop_at:
             mean_loss = loss_sum.item() / n_logged  # the one host sync per log interval
+            finite.check(step, lr=lr)
             loss_sum.zero_()
             n_logged = 0
-            sps = (
-                timer.samples / (timer.seconds + time.perf_counter() - timer.t0) if timer.t0 and timer.samples else 0.0
-            )
-            reporter.update(step, mean_loss, sps)
-            reporter.log(
-                f"pretrain step {step}/{tc.pretrain_steps} loss {mean_loss:.4f} lr {sched.get_last_lr()[0]:.2e} samples/s {sps:,.0f}"
-            )
-        if step % tc.checkpoint_every == 0 or step == stop_at:
+            sps = timer.running_rate()
+            ctx.progress.phase_step(phase.name, step, mean_loss, sps)
+            ctx.log(f"{phase.name} step {step}/{phase.steps} loss {mean_loss:.4f} lr {lr:.2e} samples/s {sps:,.0f}")
+        if (
+            step % tc.checkpoint_every == 0
+            or step == stop_at
+            or (every_s > 0 and time.monotonic() - saved_at >= every_s)
+        ):
             checkpoint()
-    if step < tc.pretrain_steps:
-        reporter.log(f"stopped after step {step} (--stop-after); rerun the same command to resume")
-        return None
-    timer.stop()
-    loss, acc = evaluate_mlm(model, valid_rows, tok, dev, tc.batch_size)
+    if step < stop_at:  # a signal asked to stop
+        if saved_step != step:
+            checkpoint()
+        timer.pause()
+        ctx.log(
+            f"interrupted ({ctx.stop.signal}) at {phase.label} step {step}; checkpoint saved in {ctx.out}; "
+            "run the same command to resume"
+        )
+        return PhaseOutcome(False, step, None, ctx.stop.signal)
+    timer.pause()
+    if step < phase.steps:
+        ctx.log(f"stopped {phase.label} after step {step} (--stop-after); rerun the same command to resume")
+        return PhaseOutcome(False, step, None, "stop_after")
+    finite.check(step, model)
     total_samples, total_seconds = samples + timer.samples, seconds + timer.seconds
-    pre = {
-        "mlm_loss": loss,
-        "mlm_accuracy": acc,
-        "pretrain_samples_per_s": round(total_samples / total_seconds, 1)
-        if total_seconds > 0 and total_samples
-        else None,
-    }
-    reporter.log(f"pretrain valid: mlm_loss {loss:.4f} mlm_accuracy {acc:.4f}")
-    save_encoder(model, cfg, out)
-    # The finished phase is recorded by a checkpoint that holds its metrics and no weights.
-    save_atomic(
-        {
-            "phase": "finetune",
-            "step": 0,
-            "pretrain_metrics": pre,
-            "model_config": cfg.to_dict(),
-            "recipe": recipe,
-            "wall_time_s": wall(),
-        },
-        out / CHECKPOINT,
+    rate = round(total_samples / total_seconds, 1) if total_seconds > 0 and total_samples else None
+    return PhaseOutcome(True, step, rate)
+
+
+# ---- the two phases ------------------------------------------------------------------------------
+
+
+def pretraining_phase(
+    model: torch.nn.Module, cfg: ModelConfig, tc: TrainConfig, tok: D.Tok, rows: torch.Tensor, log: _RunLog
+) -> Phase:
+    """MLM or CLM on packed rows: the batch order of step s from (seed, epoch); MLM masks from (seed, s)."""
+    batch = min(tc.batch_size, len(rows))
+    if batch < tc.batch_size:
+        log(f"batch size {tc.batch_size} > {len(rows)} rows: using {batch}")
+    cache: dict = {}
+
+    def make_batch(step: int) -> tuple[Batch, int]:
+        idx = epoch_batch(len(rows), batch, step, tc.seed, cache)
+        if cfg.objective == "clm":
+            picked = rows[idx]
+            return (picked[:, :-1], picked[:, 1:]), len(idx)
+        return D.mask_tokens(rows[idx], tok, step_generator(tc.seed, step, 1)), len(idx)
+
+    def loss(fwd, t: Batch) -> torch.Tensor:
+        return fwd(*t)[0]
+
+    return Phase("pretrain", "pretraining", model, tc.pretrain_steps, tc.lr, "--lr", make_batch, loss)
+
+
+def pack_rows(cfg: ModelConfig, tok: D.Tok, lines: list[str], seq_len: int) -> torch.Tensor:
+    """mlm: [CLS] body [SEP] rows of seq_len; clm: rows of seq_len + 1 (inputs and shifted targets)."""
+    return D.pack_causal(tok, lines, seq_len) if cfg.objective == "clm" else D.pack_sequences(tok, lines, seq_len)
+
+
+def finetune_phase(
+    model: Classifier, tc: TrainConfig, tok: D.Tok, train_ids: list[list[int]], labels: torch.Tensor, pre: dict
+) -> Phase:
+    """SST-2 classification; the batch order from (seed + 1, epoch)."""
+    batch = min(tc.finetune_batch_size, len(train_ids))
+    cache: dict = {}
+
+    def make_batch(step: int) -> tuple[Batch, int]:
+        idx = epoch_batch(len(train_ids), batch, step, tc.seed + 1, cache)
+        ids, pad = D.pad_batch([train_ids[i] for i in idx.tolist()], tok.pad_id)
+        return (ids, pad, labels[idx]), len(idx)
+
+    def loss(fwd, t: Batch) -> torch.Tensor:
+        ids, pad, y = t
+        return F.cross_entropy(fwd(ids, pad).float(), y)
+
+    steps = finetune_steps(tc, len(train_ids))
+    return Phase(
+        "finetune",
+        "fine-tuning",
+        model,
+        steps,
+        tc.finetune_lr,
+        "--finetune-lr",
+        make_batch,
+        loss,
+        {"pretrain_metrics": pre},
     )
-    return pre
+
+
+def finetune_steps(tc: TrainConfig, n_sentences: int) -> int:
+    if tc.finetune_steps is not None:
+        return tc.finetune_steps
+    per_epoch = n_sentences // min(tc.finetune_batch_size, n_sentences)
+    return max(1, math.ceil((tc.finetune_epochs or 1.0) * per_epoch))
 
 
 @torch.no_grad()
-def evaluate_mlm(model: MaskedLM, rows: torch.Tensor, tok, dev, batch: int) -> tuple[float, float]:
+def evaluate_mlm(model: MaskedLM, rows: torch.Tensor, tok: D.Tok, dev: torch.device, batch: int) -> tuple[float, float]:
     """Mean MLM loss and accuracy over every masked position of `rows`, with fixed masks."""
     was_training = model.training
     model.eval()
@@ -561,112 +561,55 @@ def evaluate_mlm(model: MaskedLM, rows: torch.Tensor, tok, dev, batch: int) -> t
     return round(loss_sum / count, 5), round(correct / count, 5)
 
 
-def _finetune(cfg, tc, tok, sst2, dev, out, state, pre, recipe, reporter, wall):
-    (train_s, train_y), (dev_s, dev_y) = sst2
-    train_ids = D.encode_sentences(tok, train_s, tc.seq_len)
-    dev_ids = D.encode_sentences(tok, dev_s, tc.seq_len)
-    labels = torch.tensor(train_y)
-    n_labels = max(max(train_y), max(dev_y)) + 1
-    batch = min(tc.finetune_batch_size, len(train_ids))
-    per_epoch = len(train_ids) // batch
-    if tc.finetune_steps is not None:
-        total = tc.finetune_steps
-    else:
-        total = max(1, math.ceil((tc.finetune_epochs or 1.0) * per_epoch))
-    reporter.log(
-        f"fine-tuning data: {len(train_ids):,} train, {len(dev_ids):,} dev sentences; {total} steps of {batch}"
-    )
-
-    torch.manual_seed(tc.seed + 1)  # the head's initialization (the encoder is loaded below)
-    model = Classifier(cfg, n_labels).to(dev)
-    opt = make_optimizer(model, tc.finetune_lr, tc.weight_decay, dev)
-    sched = make_scheduler(opt, total, tc.warmup_frac)
-    step, samples, seconds = 0, 0, 0.0
-    if state is not None and "model" in state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], dev)
-        step, samples, seconds = state["step"], state["timed_samples"], state["timed_seconds"]
-    else:
-        load_encoder_weights(model, out / "model.safetensors")
-    fwd = _compiled(model, tc)
-    timer = _Timer(dev, skip=min(3, max(1, total - step - 1)))
-    cache: dict = {}
-    stop_at = total if tc.stop_after is None else min(total, step + tc.stop_after)
-    reporter.start(f"finetune {cfg.variant}", total, step)
-    loss_sum, n_logged = torch.zeros((), device=dev), 0
-
-    def checkpoint():
-        timer.stop()
-        save_atomic(
-            {
-                "phase": "finetune",
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "rng": rng_state(dev),
-                "model_config": cfg.to_dict(),
-                "recipe": recipe,
-                "pretrain_metrics": pre,
-                "timed_samples": samples + timer.samples,
-                "timed_seconds": seconds + timer.seconds,
-                "wall_time_s": wall(),
-            },
-            out / CHECKPOINT,
-        )
-        if step < stop_at:
-            timer.t0 = time.perf_counter() if timer.seen >= timer.skip else None
-
-    model.train()
-    while step < stop_at:
-        idx = epoch_batch(len(train_ids), batch, step, tc.seed + 1, cache)
-        ids, pad = D.pad_batch([train_ids[i] for i in idx.tolist()], tok.pad_id)
-        ids, pad, y = (
-            ids.to(dev, non_blocking=True),
-            pad.to(dev, non_blocking=True),
-            labels[idx].to(dev, non_blocking=True),
-        )
+@torch.no_grad()
+def evaluate_clm(model: CausalLM, rows: torch.Tensor, dev: torch.device, batch: int) -> dict[str, float]:
+    """Mean next-token loss, its perplexity exp(loss), and accuracy over every token of `rows`."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
         with autocast(dev):
-            logits = fwd(ids, pad)
-        loss = F.cross_entropy(logits.float(), y)
-        _optimizer_step(loss, model, opt, sched)
-        step += 1
-        timer.step_done(len(idx))
-        loss_sum += loss.detach()
-        n_logged += 1
-        if step % tc.log_every == 0 or step == stop_at:
-            mean_loss = loss_sum.item() / n_logged
-            loss_sum.zero_()
-            n_logged = 0
-            sps = (
-                timer.samples / (timer.seconds + time.perf_counter() - timer.t0) if timer.t0 and timer.samples else 0.0
-            )
-            reporter.update(step, mean_loss, sps)
-            reporter.log(
-                f"finetune step {step}/{total} loss {mean_loss:.4f} lr {sched.get_last_lr()[0]:.2e} samples/s {sps:,.0f}"
-            )
-        if step % tc.checkpoint_every == 0 or step == stop_at:
-            checkpoint()
-    if step < total:
-        reporter.log(f"stopped after fine-tuning step {step} (--stop-after); rerun the same command to resume")
-        return None
-    timer.stop()
-    acc = evaluate_classifier(model, dev_ids, dev_y, tok, dev, 128)
-    reporter.log(f"sst2 dev accuracy {acc:.4f} ({len(dev_ids)} sentences)")
-    total_samples, total_seconds = samples + timer.samples, seconds + timer.seconds
+            loss, c = model(chunk[:, :-1].to(dev), chunk[:, 1:].to(dev))
+        n = chunk[:, 1:].numel()
+        loss_sum += loss.item() * n
+        correct += int(c)
+        count += n
+    model.train(was_training)
+    mean = loss_sum / count
     return {
-        "sst2_dev_accuracy": acc,
-        "finetune_samples_per_s": round(total_samples / total_seconds, 1)
-        if total_seconds > 0 and total_samples
-        else None,
-        "finetune_steps": total,
+        "loss": round(mean, 5),
+        "perplexity": round(math.exp(min(mean, 700.0)), 3),
+        "accuracy": round(correct / count, 5),
     }
 
 
+def evaluate_pretraining(
+    model: torch.nn.Module, cfg: ModelConfig, tok: D.Tok, data: TrainingData, tc: TrainConfig, dev: torch.device
+) -> dict[str, Any]:
+    """The pretraining metrics of metrics.json. mlm: mlm_loss, mlm_accuracy (valid, fixed masks).
+    clm: clm_loss, clm_perplexity, clm_accuracy (valid), clm_test_loss, clm_test_perplexity
+    (None without a test split)."""
+    valid = pack_rows(cfg, tok, data.valid_lines, tc.seq_len)
+    if cfg.objective == "mlm":
+        assert isinstance(model, MaskedLM)
+        loss, acc = evaluate_mlm(model, valid, tok, dev, tc.batch_size)
+        return {"mlm_loss": loss, "mlm_accuracy": acc}
+    assert isinstance(model, CausalLM)
+    v = evaluate_clm(model, valid, dev, tc.batch_size)
+    out: dict[str, Any] = {"clm_loss": v["loss"], "clm_perplexity": v["perplexity"], "clm_accuracy": v["accuracy"]}
+    out["clm_test_loss"] = out["clm_test_perplexity"] = None
+    if data.test_lines:
+        t = evaluate_clm(model, pack_rows(cfg, tok, data.test_lines, tc.seq_len), dev, tc.batch_size)
+        out["clm_test_loss"], out["clm_test_perplexity"] = t["loss"], t["perplexity"]
+    return out
+
+
 @torch.no_grad()
-def evaluate_classifier(model: Classifier, seqs: list[list[int]], labels: list[int], tok, dev, batch: int) -> float:
+def evaluate_classifier(
+    model: Classifier, seqs: list[list[int]], labels: list[int], tok: D.Tok, dev: torch.device, batch: int
+) -> float:
+    was_training = model.training
     model.eval()
     correct = 0
     for i in range(0, len(seqs), batch):
@@ -674,24 +617,252 @@ def evaluate_classifier(model: Classifier, seqs: list[list[int]], labels: list[i
         with autocast(dev):
             pred = model(ids.to(dev), pad.to(dev)).argmax(-1).cpu()
         correct += int((pred == torch.tensor(labels[i : i + batch])).sum())
-    model.train()
+    model.train(was_training)
     return round(correct / len(seqs), 5)
 
 
-def build_train_config(file_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
-    """TrainConfig defaults, then a --config file's training keys, then flags that were given."""
-    from svd_probe.train.config import TRAIN_KEYS
+# ---- a run ---------------------------------------------------------------------------------------
 
-    vals = {k: v for k, v in (file_values or {}).items() if k in TRAIN_KEYS}
-    vals.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    floats = {"lr", "finetune_lr", "warmup_frac", "weight_decay", "finetune_epochs"}
-    for k, v in vals.items():
-        want = (int, float) if k in floats else int
-        if k in TRAIN_KEYS and (isinstance(v, bool) or not isinstance(v, want)):
-            raise TrainingInputError(f"bad training config: {k} must be a number, got {v!r}")
-    try:
-        tc = TrainConfig(**vals)
-    except TypeError as e:
-        raise TrainingInputError(f"bad training config: {e}") from None
+
+def run(
+    cfg: ModelConfig,
+    tc: TrainConfig,
+    src: DataSources,
+    out: Path,
+    progress: TrainProgress | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Pretrain, export the encoder, fine-tune on SST-2 if given, write metrics.json; resumable.
+
+    Args:
+        cfg: the model (`build_config`); its vocab_size follows the tokenizer.
+        tc: the recipe (`build_train_config`).
+        src: tokenizer and data.
+        out: the run folder (see run_dir.py for what it may already hold).
+        progress: told about phases, steps and log lines; None: train.log only.
+        overwrite: start over in a folder that holds another run or other files.
+
+    Returns:
+        metrics.json's content; or, when a phase stopped early, {"stopped": True, "reason":
+        "stop_after" or "interrupted", "signal": "SIGINT" or "SIGTERM" (interrupted only),
+        "phase", "step", "out"}. SIGINT and SIGTERM stop after the step in progress, with a
+        checkpoint (see stop_on_signals).
+
+    Example:
+        >>> run(preset("mla-o", "tiny"), TrainConfig(pretrain_steps=20, device="cpu"),
+        ...     DataSources("vocab.txt", data_dir=Path("wikitext-2")), Path("runs/mla-o"))
+    """
     tc.validate()
-    return tc
+    out = Path(out)
+    check_out_dir(out, overwrite)
+    pick_device(tc.device)  # a bad --device is refused before the data is read
+    return train(cfg, tc, load_data(src), out, progress, overwrite)
+
+
+def run_seeds(
+    cfg: ModelConfig,
+    tc: TrainConfig,
+    src: DataSources,
+    out: Path,
+    seeds: list[int],
+    progress: TrainProgress | None = None,
+    overwrite: bool = False,
+) -> list[dict]:
+    """One run per seed, in OUT/seed-N, one after another on the same device, the data read once.
+
+    Each run resumes, stops and overwrites on its own terms, exactly as `run` (a rerun of the
+    command resumes cut runs and re-evaluates finished ones). A signal stops the run in progress
+    and the runs after it; --stop-after stops each run's phase and goes on to the next seed.
+
+    Returns:
+        one `run` result per seed started, in order.
+
+    Example:
+        >>> run_seeds(preset("mla-o", "tiny"), TrainConfig(device="cpu"), sources, Path("runs/mla-o"), [0, 1, 2])
+    """
+    tc.validate()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TrainingInputError(
+            f"--out {out} is a file, not a folder", hint="pass a folder (it is created if missing)"
+        )
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise TrainingInputError(f"--seeds must list distinct seeds, got {seeds}", hint="e.g. --seeds 0,1,2,3,4")
+    for seed in seeds:
+        replace(tc, seed=seed).validate()
+        check_out_dir(seed_dir(out, seed), overwrite)
+    pick_device(tc.device)
+    data = load_data(src)
+    results = []
+    for seed in seeds:
+        result = train(cfg, replace(tc, seed=seed), data, seed_dir(out, seed), progress, overwrite)
+        results.append(result)
+        if result.get("reason") == "interrupted":
+            break
+    return results
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    return Path(out) / f"seed-{seed}"
+
+
+def train(
+    cfg: ModelConfig,
+    tc: TrainConfig,
+    data: TrainingData,
+    out: Path,
+    progress: TrainProgress | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """`run` on data already loaded (`load_data`)."""
+    with stop_on_signals() as stop:
+        return _train(cfg, tc, data, out, progress, overwrite, stop)
+
+
+def _train(
+    cfg: ModelConfig,
+    tc: TrainConfig,
+    data: TrainingData,
+    out: Path,
+    progress: TrainProgress | None,
+    overwrite: bool,
+    stop: StopRequest,
+) -> dict:
+    t_start = time.perf_counter()
+    tc.validate()
+    out = Path(out)
+    check_out_dir(out, overwrite)
+    dev = pick_device(tc.device)
+    progress = progress or _Silent()
+    tok = data.tok
+    cfg = replace(cfg, vocab_size=tok.vocab_size, max_seq_len=max(cfg.max_seq_len, tc.seq_len))
+
+    source = load_source(Path(tc.init_from)) if tc.init_from is not None else None
+    init_record = source.record() if source is not None else None
+    if source is not None:
+        if cfg.variant != "mla-o":
+            raise TrainingInputError(
+                f"--init-from builds an mla-o model, not {cfg.variant}", hint="pass --variant mla-o (or leave it out)"
+            )
+        initial_state(cfg, source)  # checks the shapes against the source before anything is written
+
+    if overwrite and out.is_dir():
+        remove_run_files(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = _RunLog(out / "train.log", progress)
+    state = load_checkpoint(out)
+    fingerprint = dict(data.fingerprint)
+    if state is not None:
+        check_resumable(state, cfg, tc, out)
+        check_same_data(state.get("data"), fingerprint, out)
+        check_same_init(state.get("init_from"), init_record, out)
+        if state.get("data") is None:
+            log("the checkpoint records no data fingerprint (older svd-probe); recording this command's")
+        elif fingerprint["sst2"] is None:
+            fingerprint["sst2"] = state["data"].get("sst2")  # a rerun without --sst2-dir keeps the record
+        log(f"resuming {state['phase']} at step {state['step']} from {out}")
+    base = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": cfg.to_dict(),
+        "recipe": tc.recipe(),
+        "data": fingerprint,
+        "init_from": init_record,
+    }
+    prior_wall = state.get("wall_time_s", 0.0) if state else 0.0
+
+    def wall() -> float:
+        return prior_wall + time.perf_counter() - t_start
+
+    ctx = _RunContext(out, dev, tc, log, progress, base, wall, stop)
+    if dev.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    parameters = pretraining_parameters(cfg)
+    log(
+        f"run {cfg.variant} {cfg.objective}"
+        + (f" o_norm={cfg.o_norm}" if cfg.variant == "mla-o" else "")
+        + (f" init_from={source.path} ({source.cfg.variant})" if source is not None else "")
+        + f" seed={tc.seed} device={device_name(dev)} params={parameters:,} out={out}"
+    )
+
+    def stopped(phase: str, outcome: PhaseOutcome) -> dict:
+        reason = "stop_after" if outcome.stopped_by == "stop_after" else "interrupted"
+        info = {"stopped": True, "reason": reason, "phase": phase, "step": outcome.step, "out": str(out)}
+        if reason == "interrupted":
+            info["signal"] = outcome.stopped_by
+        return info
+
+    # -- pretraining
+    pre = state.get("pretrain_metrics") if state else None
+    if pre is None:
+        train_rows = pack_rows(cfg, tok, data.train_lines, tc.seq_len)
+        log(f"pretraining data ({cfg.objective}): {len(train_rows):,} train rows of {tc.seq_len} tokens")
+        # Each phase seeds its own initialization, so where a run was interrupted cannot change it.
+        torch.manual_seed(tc.seed)
+        lm = pretraining_model(cfg)
+        resume = state if state and state["phase"] == "pretrain" else None
+        if source is not None and resume is None:
+            lm.encoder.load_state_dict(initial_state(cfg, source))
+        lm = lm.to(dev)
+        phase = pretraining_phase(lm, cfg, tc, tok, train_rows, log)
+        done = run_phase(phase, ctx, resume)
+        if not done.done:
+            return stopped("pretrain", done)
+        pre = {**evaluate_pretraining(lm, cfg, tok, data, tc, dev), "pretrain_samples_per_s": done.samples_per_s}
+        log("pretrain valid: " + " ".join(f"{k} {v}" for k, v in pre.items() if k != "pretrain_samples_per_s"))
+        save_encoder(lm, cfg, out)
+        save_checkpoint({**base, "phase": "finetune", "step": 0, "pretrain_metrics": pre, "wall_time_s": wall()}, out)
+        state = None
+        del lm
+    if not (out / "model.safetensors").exists():
+        raise TrainingInputError(
+            f"{out} has a finished pretraining checkpoint but no model.safetensors",
+            hint="start over with --overwrite, or pass a new --out",
+        )
+
+    # -- fine-tuning
+    ft: dict[str, Any] = {"sst2_dev_accuracy": None, "finetune_samples_per_s": None, "finetune_steps": 0}
+    if data.sst2 is not None:
+        (train_s, train_y), (dev_s, dev_y) = data.sst2
+        causal = cfg.objective == "clm"
+        train_ids = D.encode_sentences(tok, train_s, tc.seq_len, causal)
+        dev_ids = D.encode_sentences(tok, dev_s, tc.seq_len, causal)
+        torch.manual_seed(tc.seed + 1)  # the head's initialization (the encoder is loaded below)
+        clf = Classifier(cfg, n_labels=2).to(dev)
+        phase = finetune_phase(clf, tc, tok, train_ids, torch.tensor(train_y), pre)
+        log(
+            f"fine-tuning data: {len(train_ids):,} train, {len(dev_ids):,} dev sentences; "
+            f"{phase.steps} steps of {min(tc.finetune_batch_size, len(train_ids))}"
+        )
+        resume = state if state and state["phase"] == "finetune" and "model" in state else None
+        if resume is None:
+            load_encoder_weights(clf, out / "model.safetensors")
+        done = run_phase(phase, ctx, resume)
+        if not done.done:
+            return stopped("finetune", done)
+        acc = evaluate_classifier(clf, dev_ids, dev_y, tok, dev, 128)
+        log(f"sst2 dev accuracy {acc:.4f} ({len(dev_ids)} sentences)")
+        ft = {"sst2_dev_accuracy": acc, "finetune_samples_per_s": done.samples_per_s, "finetune_steps": phase.steps}
+
+    pre_metrics = {k: v for k, v in pre.items() if k != "pretrain_samples_per_s"}
+    metrics = {
+        "parameters": parameters,
+        "objective": cfg.objective,
+        **pre_metrics,
+        "sst2_dev_accuracy": ft["sst2_dev_accuracy"],
+        "pretrain_samples_per_s": pre["pretrain_samples_per_s"],
+        "finetune_samples_per_s": ft["finetune_samples_per_s"],
+        "wall_time_s": round(wall(), 2),
+        "device": device_name(dev),
+        "seed": tc.seed,
+        "git_commit": git_commit(),
+        "variant": cfg.variant,
+        "o_norm": cfg.o_norm,
+        "init_from": init_record,
+        "config": cfg.to_dict(),
+        "train_config": {**asdict(tc), "finetune_steps": ft["finetune_steps"]},
+        "torch_version": torch.__version__,
+    }
+    write_json(metrics, out / "metrics.json")
+    summary = (*pre_metrics, "sst2_dev_accuracy", "pretrain_samples_per_s", "finetune_samples_per_s", "wall_time_s")
+    log("done: " + json.dumps({k: metrics[k] for k in summary}))
+    return metrics

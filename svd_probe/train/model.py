@@ -1,10 +1,16 @@
-"""The encoders of the training lab: one pre-norm block stack, three kinds of attention.
+"""The models of the training lab: one pre-norm block stack, three kinds of attention, two objectives.
 
     h = embed(tokens)                       # no position embeddings: RoPE carries position
     for each layer:
-        h = h + attn(rmsnorm(h))
+        h = h + attn(rmsnorm(h))            # bidirectional (mlm) or causal (clm)
         h = h + swiglu(rmsnorm(h))
-    mlm logits = h @ embed.weight.T         # tied head, no bias, no final norm
+    logits = h @ embed.weight.T             # tied head, no bias, no final norm
+
+    mlm  MaskedLM: BERT-style masked tokens, logits at the masked positions only
+    clm  CausalLM: causal attention, next-token loss at every position
+
+The block stack is `Encoder` under both objectives (the name of its module, `encoder`, fixes the
+tensor names below; a causal stack is still one).
 
 Attention variants (shapes for the small preset: d=256, 8 heads of 32):
 
@@ -13,6 +19,10 @@ Attention variants (shapes for the small preset: d=256, 8 heads of 32):
            q_up [H·D, q_latent]; kv_up [H·2D, kv_latent], per head [key D | value D]
            o_proj [d, H·D]
     mla-o  as mla, with the output through a shared latent: o_down [o_latent, H·D], o_up [d, o_latent]
+           o_norm none          o_up(Σ_h o_down_h · head_h)
+           o_norm rms           o_up(rmsnorm(Σ_h o_down_h · head_h)), o_norm.weight [o_latent]
+           o_norm rms-per-head  o_up(Σ_h rmsnorm_h(o_down_h · head_h) / √H), o_norm.weight [H, o_latent]
+           (o_down_h = o_down[:, h·D:(h+1)·D], head h's slice; RMSNorm weight only, eps norm_eps = 1e-6)
 
 RoPE rotates the first `rope_dims` dimensions of every query and key head (rotate-half
 pairing inside that block: dim i pairs with i + rope_dims/2). The cos/sin tables span the
@@ -21,8 +31,9 @@ whole head, with cos=1, sin=0 beyond rope_dims, so partial RoPE (mla: 16 of 32) 
 variant slower than another.
 
 Tensor names (the adapter in svd_probe/adapters/svd_probe_train.py depends on them):
-`embed.weight`, `layers.L.{attn_norm,ffn_norm}.weight`, `layers.L.attn.*.weight`,
-`layers.L.ffn.{gate_up,down}.{weight,bias}`.
+`embed.weight`, `layers.L.{attn_norm,ffn_norm}.weight`, `layers.L.attn.*.weight` (with
+`layers.L.attn.o_norm.weight` for mla-o with an output-latent norm),
+`layers.L.ffn.{gate_up,down}.{weight,bias}`. Both objectives use the same names.
 """
 
 from __future__ import annotations
@@ -50,6 +61,9 @@ class RMSNorm(nn.Module):
 
 class Rope(nn.Module):
     """cos/sin tables of shape [T, head_dim]; identity (cos 1, sin 0) beyond rope_dims."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     def __init__(self, head_dim: int, rope_dims: int, theta: float, max_len: int):
         super().__init__()
@@ -83,11 +97,32 @@ class Rope(nn.Module):
         return q * cos + self._rotate(q) * sin, k * cos + self._rotate(k) * sin
 
 
-def _attend(q, k, v, key_mask):
-    """q, k, v: [B, T, H, D] -> [B, T, H·D], heads contiguous for the output projection."""
+def _attend(q, k, v, key_mask, causal: bool):
+    """q, k, v: [B, T, H, D] -> [B, T, H·D], heads contiguous for the output projection.
+
+    Causal attention ignores `key_mask`: padding is on the right, after every real token, so no
+    real token can attend to it anyway (and SDPA takes a mask or is_causal, not both)."""
     B, T, H, D = q.shape
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=None if causal else key_mask,
+        is_causal=causal,
+    )
     return out.transpose(1, 2).reshape(B, T, H * D)
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm of each head's own latent: x [..., H, L] normalized over L, weight [H, L]."""
+
+    def __init__(self, n_heads: int, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), None, self.eps) * self.weight.to(x.dtype)
 
 
 class MHA(nn.Module):
@@ -97,6 +132,7 @@ class MHA(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.attn_dim, bias=False)
         self.o_proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
         self.rope = Rope(cfg.head_dim, cfg.rope_dims, cfg.rope_theta, cfg.max_seq_len)
+        self.causal = cfg.objective == "clm"
 
     def forward(self, x, key_mask=None):
         B, T, _ = x.shape
@@ -104,7 +140,7 @@ class MHA(nn.Module):
         # write a zero-filled full-size gradient and copy into it.
         q, k, v = self.qkv(x).view(B, T, 3, self.h, self.d).unbind(2)
         q, k = self.rope(q, k)
-        return self.o_proj(_attend(q, k, v, key_mask))
+        return self.o_proj(_attend(q, k, v, key_mask, self.causal))
 
 
 class MLA(nn.Module):
@@ -127,9 +163,15 @@ class MLA(nn.Module):
             # One [o_latent, H·D] matmul over the contiguous head outputs, not H small ones.
             self.o_down = nn.Linear(cfg.attn_dim, cfg.o_latent, bias=False)
             self.o_up = nn.Linear(cfg.o_latent, cfg.d_model, bias=False)
+            self.o_norm_kind = cfg.o_norm
+            if cfg.o_norm == "rms":
+                self.o_norm: nn.Module = RMSNorm(cfg.o_latent, cfg.norm_eps)
+            elif cfg.o_norm == "rms-per-head":
+                self.o_norm = HeadRMSNorm(cfg.n_heads, cfg.o_latent, cfg.norm_eps)
         else:
             self.o_proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
         self.rope = Rope(cfg.head_dim, cfg.rope_dims, cfg.rope_theta, cfg.max_seq_len)
+        self.causal = cfg.objective == "clm"
 
     def forward(self, x, key_mask=None):
         B, T, _ = x.shape
@@ -137,8 +179,15 @@ class MLA(nn.Module):
         q = self.q_up(self.q_norm(c_q)).view(B, T, self.h, self.d)
         k, v = self.kv_up(self.kv_norm(c_kv)).view(B, T, self.h, 2, self.d).unbind(3)  # per head [key | value]
         q, k = self.rope(q, k)
-        heads = _attend(q, k, v, key_mask)
+        heads = _attend(q, k, v, key_mask, self.causal)
         if self.shared_output:
+            if self.o_norm_kind == "rms":
+                return self.o_up(self.o_norm(self.o_down(heads)))
+            if self.o_norm_kind == "rms-per-head":
+                # Each head's latent o_down_h · head_h: one batched matmul over [B, T, H, D].
+                w = self.o_down.weight.view(-1, self.h, self.d)  # [L, H, D]
+                per_head = torch.einsum("bthe,lhe->bthl", heads.view(B, T, self.h, self.d), w.to(heads.dtype))
+                return self.o_up(self.o_norm(per_head).sum(2) * self.h**-0.5)
             if self.fuse_shared_output:
                 # o_up(o_down(x)) = x·(W_up·W_down)ᵀ: the same function and the same gradients for
                 # both factors (autograd goes through the d×d weight product), but one wide matmul
@@ -227,24 +276,91 @@ class MaskedLM(nn.Module):
         return loss, correct
 
 
+class CausalLM(nn.Module):
+    """Causal block stack + tied LM head; next-token loss at every position of a packed row."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.objective != "clm":
+            raise ValueError("CausalLM needs objective='clm' (causal attention)")
+        self.encoder = Encoder(cfg)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(ids)
+        return h @ self.encoder.embed.weight.T.to(h.dtype)
+
+    def forward(self, ids, targets):
+        """ids, targets [B, T] (targets: ids shifted by one). Returns (mean loss, number correct)."""
+        logits = self.logits(ids)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        correct = (logits.argmax(-1) == targets).sum()
+        return loss, correct
+
+
 class Classifier(nn.Module):
-    """Encoder + a linear head on the first ([CLS]) token."""
+    """Block stack + a linear head: on the first ([CLS]) token for mlm, on the last real token
+    for clm.
+
+    Why the last token for clm (and not the logits of label words such as "positive"): under
+    causal attention only the last position has read the whole sentence, so it is the clm
+    counterpart of the encoder's [CLS] (the sentence ends in [SEP], the separator pretraining puts
+    after every line, so the position is the same kind of token in every sentence). A linear head
+    there has the same parameters as the mlm head, so the two objectives are compared on equal
+    terms, and it does not depend on whether a small model pretrained on WikiText has learned to
+    put mass on a label word, which label-word scoring would measure instead.
+    """
 
     def __init__(self, cfg: ModelConfig, n_labels: int = 2):
         super().__init__()
         self.encoder = Encoder(cfg)
+        self.last_token = cfg.objective == "clm"
         self.head = nn.Linear(cfg.d_model, n_labels)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, ids, pad_mask=None):
-        return self.head(self.encoder(ids, pad_mask)[:, 0])
+        h = self.encoder(ids, pad_mask)
+        if not self.last_token:
+            return self.head(h[:, 0])
+        if pad_mask is None:
+            return self.head(h[:, -1])
+        last = (pad_mask.sum(1) - 1).clamp(min=0)  # right padding: the last True of each row
+        return self.head(h[torch.arange(h.shape[0], device=h.device), last])
+
+
+def pretraining_model(cfg: ModelConfig) -> MaskedLM | CausalLM:
+    """The model of the pretraining phase: MaskedLM (mlm) or CausalLM (clm)."""
+    return CausalLM(cfg) if cfg.objective == "clm" else MaskedLM(cfg)
 
 
 def parameter_shapes(model: nn.Module) -> dict[str, list[int]]:
     return {n: list(p.shape) for n, p in model.named_parameters()}
 
 
+def pretraining_parameters(cfg: ModelConfig) -> int:
+    """Parameters of the pretraining model of `cfg`, without allocating any: one block is built on
+    the meta device and counted n_layers times (building all of them there takes 8 s at 1000
+    layers), plus the tied embedding."""
+    with torch.device("meta"):
+        return cfg.n_layers * num_parameters(Block(cfg)) + cfg.vocab_size * cfg.d_model
+
+
 def num_parameters(model: nn.Module) -> int:
     # Tied weights are one Parameter, which named_parameters() yields once.
     return sum(p.numel() for p in model.parameters())
+
+
+def dry_run_summary(cfg: ModelConfig) -> dict:
+    """Parameter count and shapes of the pretraining model, without data, training or memory."""
+    with torch.device("meta"):
+        model = pretraining_model(cfg)
+    n = num_parameters(model)
+    return {
+        "parameters": n,
+        "non_embedding_parameters": n - cfg.vocab_size * cfg.d_model,
+        "variant": cfg.variant,
+        "objective": cfg.objective,
+        "o_norm": cfg.o_norm,
+        "config": cfg.to_dict(),
+        "shapes": parameter_shapes(model),
+    }

@@ -1,0 +1,176 @@
+"""The run folder of `svd-probe train`: what it holds, when it may be written, and what a resumed
+run must find there again.
+
+    checkpoint.pt      one dict (see `loop.py`): the current phase's model, optimizer, step and
+                       RNG state, plus the model config, the recipe and the data fingerprint
+    model.safetensors  the pretrained encoder (what `svd-probe analyze` reads), with config.json
+    metrics.json       written when the run ends
+    train.log          one line per log interval
+
+Policy: a folder is written only when it is missing, empty, holds a checkpoint (resumed if its
+config, recipe and data match), or holds nothing but a train.log (a run killed before its first
+checkpoint). Anything else, such as another tool's checkpoint, is refused unless the user says
+`--overwrite`, which replaces the five files above and leaves every other file alone.
+
+Every file is written through `svd_probe.atomic` (temporary name, fsync, rename): a run killed
+mid-write leaves the previous version, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from svd_probe.atomic import atomic_write, atomic_write_json
+from svd_probe.errors import TrainingInputError
+from svd_probe.train import data as D
+from svd_probe.train.config import RESUME_KEYS, ModelConfig, TrainConfig
+
+CHECKPOINT = "checkpoint.pt"
+RUN_FILES = (CHECKPOINT, "model.safetensors", "config.json", "metrics.json", "train.log")
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds anything but a run of ours, unless told to overwrite."""
+    if out.exists() and not out.is_dir():
+        raise TrainingInputError(
+            f"--out {out} is a file, not a folder", hint="pass a folder (it is created if missing)"
+        )
+    if not out.is_dir() or overwrite:
+        return
+    names = {p.name for p in out.iterdir()}
+    leftovers = {n for n in names if n.startswith(".") and n.endswith(".tmp")}  # atomic_write's, after a kill
+    if CHECKPOINT in names or names - leftovers <= {"train.log"}:
+        return
+    ours = sorted(names & set(RUN_FILES))
+    raise TrainingInputError(
+        f"--out {out} is not empty and holds no checkpoint of a run to resume"
+        + (f" (it holds {', '.join(ours)})" if ours else ""),
+        hint="pass a new or empty --out, or add --overwrite to replace "
+        + ", ".join(RUN_FILES)
+        + " there (other files are left alone)",
+    )
+
+
+def remove_run_files(out: Path) -> None:
+    """--overwrite: the run's own files go; nothing else in the folder is touched."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def save_checkpoint(state: dict, out: Path) -> None:
+    atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(out: Path) -> dict | None:
+    """The checkpoint dict of `out`, None when there is none; a damaged one is a typed error."""
+    path = out / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: torch raises several types
+        raise TrainingInputError(
+            f"cannot read the checkpoint {path}: {e}", hint="start over with --overwrite, or pass a new --out"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "phase" not in state:
+        raise TrainingInputError(
+            f"{path} is not a checkpoint of svd-probe train", hint="start over with --overwrite, or pass a new --out"
+        )
+    return state
+
+
+def write_json(obj: Any, path: Path) -> None:
+    atomic_write_json(path, obj, indent=2)
+
+
+def save_encoder(model: torch.nn.Module, cfg: ModelConfig, out: Path) -> None:
+    """model.safetensors + config.json: the pretrained encoder, in the layout the adapter reads."""
+    from safetensors.torch import save_file
+
+    encoder = model.encoder
+    assert isinstance(encoder, torch.nn.Module)
+    tensors = {n: p.detach().float().cpu().contiguous() for n, p in encoder.state_dict().items()}
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_json(cfg.hf_config(), out / "config.json")
+
+
+def load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    encoder = model.encoder
+    assert isinstance(encoder, torch.nn.Module)
+    encoder.load_state_dict(load_file(str(path)))
+
+
+# ---- what a resumed run must see again -----------------------------------------------------------
+
+
+def data_fingerprint(tokenizer_spec: str, tok: D.Tok, pretrain_source: str, pretrain_splits, sst2) -> dict:
+    """sha256 of the tokenizer and of each data source's content (not its path: the same files
+    moved elsewhere are the same data), with the sources as given, to name them in a mismatch."""
+    fp: dict[str, Any] = {
+        "tokenizer": {"source": tokenizer_spec, "sha256": tok.fingerprint()},
+        "pretrain": {"source": pretrain_source, "sha256": D.fingerprint_lines(*pretrain_splits)},
+        "sst2": None,
+    }
+    if sst2 is not None:
+        (ts, ty), (ds, dy), source = sst2
+        fp["sst2"] = {
+            "source": source,
+            "sha256": D.fingerprint_lines(ts, [str(y) for y in ty], ds, [str(y) for y in dy]),
+        }
+    return fp
+
+
+def check_same_data(recorded: dict | None, now: dict, out: Path) -> None:
+    """Refuse a resume whose tokenizer or data differ from the checkpoint's, naming both."""
+    if recorded is None:  # a checkpoint of an older svd-probe: nothing to compare with
+        return
+    for key, label, flag in (
+        ("tokenizer", "tokenizer", "--tokenizer"),
+        ("pretrain", "pretraining data", "--data-dir or --dataset"),
+        ("sst2", "SST-2 data", "--sst2-dir"),
+    ):
+        a, b = recorded.get(key), now.get(key)
+        if a is None or b is None or a["sha256"] == b["sha256"]:
+            continue
+        raise TrainingInputError(
+            f"{out} holds a run trained with different {label}: the checkpoint has {a['source']} "
+            f"(sha256 {a['sha256'][:12]}), this command gives {b['source']} (sha256 {b['sha256'][:12]})",
+            hint=f"pass the {flag} the run used, or start over with --overwrite (or a new --out)",
+        )
+
+
+def check_same_init(recorded: dict | None, now: dict | None, out: Path) -> None:
+    """Refuse a resume that starts from other weights (--init-from) than the checkpoint's run."""
+    a = recorded["sha256"] if recorded else None
+    b = now["sha256"] if now else None
+    if a != b:
+
+        def name(r: dict | None) -> str:
+            return f"--init-from {r['source']} (sha256 {r['sha256'][:12]})" if r else "a random initialization"
+
+        raise TrainingInputError(
+            f"{out} holds a run started from {name(recorded)}; this command starts from {name(now)}",
+            hint="pass the --init-from the run used, or start over with --overwrite (or a new --out)",
+        )
+
+
+def check_resumable(state: dict, cfg: ModelConfig, tc: TrainConfig, out: Path) -> None:
+    """Refuse a resume under another model config or recipe."""
+    hint = "resume with the same flags, or start over with --overwrite (or a new --out)"
+    recorded = state.get("model_config")
+    if not isinstance(recorded, dict) or ModelConfig.from_dict(recorded).to_dict() != cfg.to_dict():
+        raise TrainingInputError(f"{out} holds a run of a different model config", hint=hint)
+    recipe = state.get("recipe") or {}
+    diff = [k for k in RESUME_KEYS if recipe.get(k) != getattr(tc, k)]
+    if diff:
+        raise TrainingInputError(f"{out} holds a run with a different recipe ({', '.join(diff)})", hint=hint)
+
+
+def describe_source(path: Path | None, dataset: str | None) -> str:
+    return os.path.abspath(path) if path is not None else f"--dataset {dataset}"

@@ -1,0 +1,247 @@
+"""The training lab against inputs it does not control: run folders, data files, configs, flags.
+
+Every case ends in a `TrainingInputError` that names the problem (and, on the command line, exit 2
+with a hint and no traceback), or works correctly; no user file is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from train_fixtures import cli_main, cli_train_args, inputs_fixture, small_recipe, sources  # noqa: F401
+
+from svd_probe.errors import TrainingInputError
+from svd_probe.train import data as D
+from svd_probe.train.config import build_config, build_train_config, preset, read_config_file
+from svd_probe.train.loop import DataSources, run
+
+# ---- the run folder ------------------------------------------------------------------------------
+
+
+def test_out_refuses_a_folder_that_holds_other_files(inputs, tmp_path):
+    """A downloaded checkpoint in --out is never overwritten; --overwrite replaces only our files."""
+    out = tmp_path / "downloaded"
+    out.mkdir()
+    theirs = {"config.json": b'{"model_type": "bert"}', "model.safetensors": b"\x08\x00weights", "README.md": b"mine"}
+    for name, data in theirs.items():
+        (out / name).write_bytes(data)
+    with pytest.raises(TrainingInputError, match="not empty") as e:
+        run(preset("mha", "tiny"), small_recipe(pretrain_steps=2), sources(inputs, sst2_dir=None), out)
+    assert "--overwrite" in (e.value.hint or "")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == theirs  # untouched, nothing added
+    m = run(preset("mha", "tiny"), small_recipe(pretrain_steps=2), sources(inputs, sst2_dir=None), out, overwrite=True)
+    assert m["variant"] == "mha" and (out / "README.md").read_bytes() == b"mine"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "svd_probe_encoder"
+
+
+def test_out_naming_a_file(inputs, tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    with pytest.raises(TrainingInputError, match="is a file"):
+        run(preset("mha", "tiny"), small_recipe(), sources(inputs), f)
+    assert f.read_text() == "x"
+
+
+def test_a_run_of_another_config_is_refused_then_overwritten_on_request(inputs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    code, _, err = cli_main(cli_train_args(inputs, out, "--variant", "mla"), monkeypatch, capsys)
+    assert code == 0, err
+    before = (out / "model.safetensors").read_bytes()
+    code, _, err = cli_main(cli_train_args(inputs, out, "--variant", "mha"), monkeypatch, capsys)
+    assert code == 2 and "different model config" in err and "--overwrite" in err and "Traceback" not in err
+    assert (out / "model.safetensors").read_bytes() == before
+    code, _, err = cli_main(cli_train_args(inputs, out, "--variant", "mha", "--overwrite"), monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["variant"] == "mha"
+
+
+def test_a_run_that_never_checkpointed_is_started_again(inputs, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train.log").write_text("2026-01-01 00:00:00 run mha seed=0\n")  # killed before step 1
+    run(preset("mha", "tiny"), small_recipe(pretrain_steps=2), sources(inputs, sst2_dir=None), out)
+    assert (out / "train.log").read_text().startswith("2026-01-01")  # appended to, not replaced
+
+
+def test_stop_after_zero_is_refused(inputs, tmp_path):
+    with pytest.raises(TrainingInputError, match="stop_after"):
+        run(preset("mha", "tiny"), small_recipe(stop_after=0), sources(inputs), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+# ---- data files ----------------------------------------------------------------------------------
+
+
+def test_binary_wikitext_file(inputs, tmp_path):
+    wiki = tmp_path / "wiki"
+    shutil.copytree(inputs["wiki"], wiki)
+    (wiki / "wiki.train.tokens").write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(TrainingInputError, match="not UTF-8 text"):
+        D.read_wikitext_dir(wiki)
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (bytes(range(256)) * 8, "not UTF-8 text"),
+        (b"sentence\tlabel\nnice\x00film\t1\n", "not UTF-8 text"),  # a NUL byte: binary
+        (b"sentence\tlabel\nbad film\t-1\n", "label must be 0 or 1"),
+        (b"sentence\tlabel\nhuge film\t100000000\n", "label must be 0 or 1"),
+        (b"sentence\tlabel\nfilm\t" + b"9" * 5000 + b"\n", "label must be 0 or 1"),
+    ],
+    ids=["binary", "nul", "minus-one", "1e8", "5000-digits"],
+)
+def test_bad_sst2_files(tmp_path, content, match):
+    d = tmp_path / "sst"
+    d.mkdir()
+    (d / "train.tsv").write_bytes(content)
+    (d / "dev.tsv").write_bytes(b"sentence\tlabel\nok\t1\n")
+    with pytest.raises(TrainingInputError, match=match):
+        D.read_sst2_dir(d)
+
+
+def test_a_huge_label_allocates_nothing(inputs, tmp_path):
+    """Before: a label of 1e8 built a 1e8-way head (25.6 GB). Now the file is refused on reading."""
+    d = tmp_path / "sst"
+    shutil.copytree(inputs["sst2"], d)
+    with (d / "dev.tsv").open("a") as f:
+        f.write("the film \t100000000\n")
+    with pytest.raises(TrainingInputError, match=r"dev.tsv:\d+: label must be 0 or 1"):
+        run(preset("mha", "tiny"), small_recipe(), sources(inputs, sst2_dir=d), tmp_path / "o")
+
+
+# ---- configs and flags ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ('{"variant": {"a": 1}}', "variant must be a string"),
+        ("[" * 100_000 + "]" * 100_000, "JSON object|nested too deeply"),
+        ('{"d_model": ' + "[" * 50_000 + "]" * 50_000 + "}", "nested too deeply|d_model"),
+        ('{"norm_eps": NaN}', "norm_eps must be a finite positive number"),
+        ('{"rope_theta": Infinity}', "rope_theta must be a finite positive number"),
+        ('{"n_layers": ' + "7" * 5000 + "}", "not valid JSON|n_layers"),
+        ('{"finetune_epochs": 1e400}', "finetune_epochs must be a finite number"),
+        ('{"lr": {"peak": 0.1}}', "lr must be a number"),
+        ('{"warmup_frac": NaN}', "warmup_frac"),
+        ('{"d_model": 8192, "n_layers": 1000}', "parameters"),
+        ('{"d_model": 100000}', "d_model must be at most"),
+        ('{"max_seq_len": 1000000000}', "max_seq_len"),
+    ],
+)
+def test_bad_config_files(tmp_path, text, match):
+    f = tmp_path / "cfg.json"
+    f.write_text(text)
+    with pytest.raises(TrainingInputError, match=match):
+        values = read_config_file(f)
+        build_config(None, "tiny", values)
+        build_train_config(values)
+
+
+def test_config_file_not_utf8(tmp_path):
+    f = tmp_path / "cfg.json"
+    f.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(TrainingInputError, match="not valid JSON"):
+        read_config_file(f)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("lr", float("inf")),
+        ("lr", float("nan")),
+        ("finetune_lr", float("inf")),
+        ("weight_decay", float("nan")),
+        ("weight_decay", -0.1),
+        ("warmup_frac", float("nan")),
+        ("finetune_epochs", float("inf")),
+    ],
+)
+def test_non_finite_recipe_values(field, value):
+    with pytest.raises(TrainingInputError, match=field):
+        build_train_config(overrides={field: value})
+
+
+def test_cli_lr_inf(inputs, tmp_path, monkeypatch, capsys):
+    code, out, err = cli_main(cli_train_args(inputs, tmp_path / "o", "--lr", "inf"), monkeypatch, capsys)
+    assert code == 2 and "lr must be a finite positive number" in err and "hint:" in err
+    assert "Traceback" not in out + err and not (tmp_path / "o").exists()
+
+
+def test_a_diverging_run_stops_with_a_typed_error(inputs, tmp_path):
+    """lr 1e30 is finite, so it passes validation; the weights blow up within a few steps. The run
+    ends with an error naming the step, writes no model or metrics, and keeps no non-finite checkpoint."""
+    out = tmp_path / "diverged"
+    with pytest.raises(TrainingInputError, match="non-finite") as e:
+        run(preset("mha", "tiny"), small_recipe(lr=1e30, warmup_frac=0.0, log_every=1), sources(inputs), out)
+    assert "--lr" in (e.value.hint or "")
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
+    if (out / "checkpoint.pt").exists():
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+# ---- resuming against other data -----------------------------------------------------------------
+
+
+def test_resume_refuses_other_data_and_names_both(inputs, tmp_path):
+    out = tmp_path / "run"
+    recipe = small_recipe(pretrain_steps=4, stop_after=2)
+    assert run(preset("mha", "tiny"), recipe, sources(inputs), out)["stopped"]
+    other = tmp_path / "other-wiki"
+    shutil.copytree(inputs["wiki"], other)
+    (other / "wiki.train.tokens").write_text((other / "wiki.train.tokens").read_text().replace("cat", "dog"))
+    with pytest.raises(TrainingInputError, match="different pretraining data") as e:
+        run(preset("mha", "tiny"), recipe, sources(inputs, data_dir=other), out)
+    assert str(inputs["wiki"]) in e.value.message and str(other) in e.value.message
+    # The same files under another path are the same data: the run resumes.
+    moved = tmp_path / "moved-wiki"
+    shutil.copytree(inputs["wiki"], moved)
+    assert run(preset("mha", "tiny"), recipe, sources(inputs, data_dir=moved), out)["stopped"]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)  # pretraining finished, fine-tuning began
+    assert (state["phase"], state["step"]) == ("finetune", 2) and (out / "model.safetensors").is_file()
+
+
+def test_resume_refuses_another_tokenizer_or_sst2(inputs, tmp_path):
+    out = tmp_path / "run"
+    recipe = small_recipe(pretrain_steps=2, finetune_steps=4, stop_after=2)
+    run(preset("mha", "tiny"), recipe, sources(inputs), out)  # pretraining done
+    run(preset("mha", "tiny"), recipe, sources(inputs), out)  # fine-tuning at step 2 of 4
+    vocab = tmp_path / "vocab.txt"
+    words = inputs["vocab"].read_text().split()
+    vocab.write_text("\n".join(words[:5] + list(reversed(words[5:]))) + "\n")  # same size, other ids
+    with pytest.raises(TrainingInputError, match="different tokenizer"):
+        run(preset("mha", "tiny"), recipe, sources(inputs, tokenizer=str(vocab)), out)
+    sst = tmp_path / "sst"
+    shutil.copytree(inputs["sst2"], sst)
+    (sst / "train.tsv").write_text((sst / "train.tsv").read_text().replace("\t1", "\t0"))
+    with pytest.raises(TrainingInputError, match="different SST-2 data"):
+        run(preset("mha", "tiny"), recipe, sources(inputs, sst2_dir=sst), out)
+
+
+def test_sst2_may_be_added_after_pretraining(inputs, tmp_path):
+    out = tmp_path / "run"
+    run(preset("mha", "tiny"), small_recipe(pretrain_steps=2), DataSources(str(inputs["vocab"]), inputs["wiki"]), out)
+    m = run(preset("mha", "tiny"), small_recipe(pretrain_steps=2), sources(inputs), out)
+    assert m["sst2_dev_accuracy"] is not None
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"variant": ' + b"1" * 5000 + b"}", "not valid JSON"),
+        (b"[]", "not a metrics.json"),
+    ],
+)
+def test_compare_reads_bad_metrics_files_as_errors(tmp_path, content, match):
+    from svd_probe.train.compare import load_runs
+
+    (tmp_path / "metrics.json").write_bytes(content)
+    with pytest.raises(TrainingInputError, match=match):
+        load_runs([tmp_path])
