@@ -32,11 +32,11 @@ def checkpoint(folder, variant, objective="mlm", o_norm="none"):
 
 def analyze_run(folder, cache, monkeypatch):
     import svd_probe.adapters as adapters
-    from svd_probe.analysis import AnalyzeRequest, analyze
+    from svd_probe.analysis import AnalyzeJob, analyze
 
     if SvdProbeTrainAdapter not in adapters._ADAPTERS:  # until the registry lists it
         monkeypatch.setattr(adapters, "_ADAPTERS", [*adapters._ADAPTERS, SvdProbeTrainAdapter])
-    return analyze(AnalyzeRequest(model=str(folder), cache_dir=cache, device="cpu")).analysis
+    return analyze(AnalyzeJob(model=str(folder), cache_dir=cache, device="cpu")).analysis
 
 
 def head_o(cfg, w, layer, h):
@@ -79,7 +79,6 @@ def test_analyze_reads_a_causal_checkpoint(tmp_path, monkeypatch, variant):
     check_spectra(analysis, cfg, w)
 
 
-@pytest.mark.xfail(reason="needs adapter support", strict=False)
 @pytest.mark.parametrize("o_norm", ["rms", "rms-per-head"])
 def test_analyze_folds_the_output_latent_norm(tmp_path, monkeypatch, o_norm):
     """With an output-latent norm, O_h = o_up · diag(g) · o_down_h (rms) or

@@ -12,6 +12,7 @@ Tensor layout (svd_probe/train/model.py), per layer L, prefix `layers.L.`:
            attn.kv_up.weight        [H·2D, kvl]    per head 2D rows: D key rows, then D value rows
            attn.o_proj.weight       [d, H·D]                      (mla)
            attn.o_down.weight       [ol, H·D], attn.o_up.weight [d, ol]   (mla-o: O_h = o_up · o_down[:, head h])
+           attn.o_norm.weight       [ol] (o_norm rms) or [H, ol] (rms-per-head): the output-latent norm
 
 RoPE choice. These models rotate the first `rope_dims` dimensions of every query and key head
 (there is no decoupled, shared RoPE key as in DeepSeek's MLA). So:
@@ -24,7 +25,11 @@ RoPE choice. These models rotate the first `rope_dims` dimensions of every query
   K_h are the whole head and there is no Q_pe.
 
 Norm folding (docs/reference.md §3): attn_norm multiplies the columns of qkv (mha) or of down (mla),
-q_norm the columns of q_up, kv_norm the columns of kv_up. Nothing folds into the output side.
+q_norm the columns of q_up, kv_norm the columns of kv_up. On the output side only mla-o's
+output-latent norm folds, into o_up's columns: O_h = o_up·diag(g)·o_down[:, head h] for `rms`,
+O_h = o_up·diag(g_h)·o_down[:, head h]/√H for `rms-per-head` (each head's latent has its own gain,
+and the heads' sum is scaled by 1/√H). The RMS division itself is a data-dependent scalar per
+token, not part of the linear map.
 """
 
 from __future__ import annotations
@@ -68,8 +73,17 @@ class SvdProbeTrainAdapter:
         mla = variant != "mha"
         q_latent = f.integer("q_latent") if mla else None
         kv_latent = f.integer("kv_latent") if mla else None
+        self.o_norm = "none"
         if variant == "mla-o":
             f.integer("o_latent")
+            o_norm = config.get("o_norm", "none")
+            if o_norm not in ("none", "rms", "rms-per-head"):
+                raise BadConfigError(
+                    f"svd_probe_encoder config has unknown o_norm {str(o_norm)[:40]!r}",
+                    hint="expected none, rms or rms-per-head",
+                    field="o_norm",
+                )
+            self.o_norm = o_norm
         self.partial_rope = 0 < rope < D
         self.rope = rope
         self._dims = ModelDims(
@@ -119,6 +133,10 @@ class SvdProbeTrainAdapter:
                 "attn.o_down.weight": f.spec("o_latent", "n_heads*head_dim"),
                 "attn.o_up.weight": f.spec("d_model", "o_latent"),
             }
+            if self.o_norm == "rms":
+                specs["attn.o_norm.weight"] = f.spec("o_latent")
+            elif self.o_norm == "rms-per-head":
+                specs["attn.o_norm.weight"] = f.spec("n_heads", "o_latent")
         return specs
 
     def _short_names(self, kinds: set[str], fold_norms: bool) -> list[str]:
@@ -146,7 +164,12 @@ class SvdProbeTrainAdapter:
                 if fold_norms:
                     names.append("attn_norm.weight")
         if need_o:
-            names += ["attn.o_down.weight", "attn.o_up.weight"] if self.variant == "mla-o" else ["attn.o_proj.weight"]
+            if self.variant == "mla-o":
+                names += ["attn.o_down.weight", "attn.o_up.weight"]
+                if fold_norms and self.o_norm != "none":
+                    names.append("attn.o_norm.weight")
+            else:
+                names.append("attn.o_proj.weight")
         return list(dict.fromkeys(names))
 
     def plan(self, layer: int, kinds: set[str], fold_norms: bool) -> LayerPlan:
@@ -211,7 +234,14 @@ class SvdProbeTrainAdapter:
         elif "attn.o_down.weight" in t and "attn.o_up.weight" in t:
             down, up = t["attn.o_down.weight"].float(), t["attn.o_up.weight"].float()
             # O_h = o_up · o_down[:, head h]: rank at most o_latent, shared column space.
-            o = torch.einsum("dl,lhe->hde", up, down.view(down.shape[0], H, D))
+            g = t.get("attn.o_norm.weight") if fold_norms else None
+            if g is None:
+                o = torch.einsum("dl,lhe->hde", up, down.view(down.shape[0], H, D))
+            elif self.o_norm == "rms":
+                o = torch.einsum("dl,l,lhe->hde", up, g.float(), down.view(down.shape[0], H, D))
+            else:  # rms-per-head: gains [H, ol], heads summed with 1/√H
+                gh = g.float() * H**-0.5
+                o = torch.einsum("dl,hl,lhe->hde", up, gh, down.view(down.shape[0], H, D))
 
         return AttentionFactors(
             q=_contig(q),
