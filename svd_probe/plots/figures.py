@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 from svd_probe.errors import MissingFigureData
 from svd_probe.kinds import STACKED
 from svd_probe.plots import style
-from svd_probe.plots.planner import PlannerResult, plan_latent
+from svd_probe.plots.planner import ENERGY_ERROR, PlannerResult, plan_latent
 from svd_probe.spectra.metrics import DEFAULT_ERRORS, energy_rank, error_column, relative_error_at_rank
 
 # The stacked kinds of the layer-wise figure, in the issue's order.
@@ -124,8 +124,9 @@ def _suptitle(fig: Figure, text: str) -> None:
 
 
 def _integer_ticks(ax, axis: str = "x") -> None:
-    """Whole-number ticks on a layer or head axis (never 0.5 of a layer)."""
-    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+    """Whole-number ticks on a layer, head, index or width axis (never 0.5 of a layer)."""
+    # Steps of 1, 2 or 5 × 10^k, as matplotlib's default locator picks, but never a fraction.
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
 
 
 # --- the largest rank a spectrum can have --------------------------------------------------------
@@ -328,7 +329,7 @@ def headwise_ranks(
     frame = _headwise_frame(analysis, metrics, layer, error, present)
     d_v = analysis.dims.get("d_v")
     with style.plot_style():
-        fig = style.new_figure(max(6.5, min(14.0, 0.06 * len(frame) + 4)), 4.0, dpi)
+        fig = style.new_figure(max(7.0, min(14.0, 0.06 * len(frame) + 4)), 4.0, dpi)
         ax = fig.subplots()
         medians = _draw_headwise(ax, frame, present, d_v)
         ax.set_xlabel(f"head, sorted by {'VO' if 'VO' in present else present[0]} rank (of {len(frame)})")
@@ -377,7 +378,7 @@ def headwise_grid(
             fig,
             style.title(
                 analysis,
-                "Head-wise rank of V, O and VO in every layer (y: number of singular values)",
+                "Head-wise rank of V, O and VO, every layer",
                 style.rank_at(error),
             ),
         )
@@ -407,7 +408,7 @@ def headwise_grid(
         for ax in axes[-1]:
             ax.set_xlabel("head (sorted by VO)", fontsize=7)
         for ax in axes[:, 0]:
-            ax.set_ylabel("rank", fontsize=7)
+            ax.set_ylabel("rank (number of σ)", fontsize=7)
         axes.flat[0].set_ylim(bottom=0)
         axes.flat[0].set_xlim(-0.5, max(len(f) for f in frames) - 0.5)
         _integer_ticks(axes.flat[0])  # shared axes share their locators
@@ -444,7 +445,6 @@ def rank_heatmaps(
     data = data.rename(columns={col: "rank"}).astype({"head": int}).reset_index(drop=True)
     grids = {k: data[data["matrix"] == k].pivot(index="layer", columns="head", values="rank") for k in present}
     bounds = {k: int(data.loc[data["matrix"] == k, "max_rank"].max()) for k in present}
-    annotated = {}
     with style.plot_style():
         n_heads = max(g.shape[1] for g in grids.values())
         n_layers = max(g.shape[0] for g in grids.values())
@@ -478,10 +478,13 @@ def rank_heatmaps(
             fig,
             style.title(analysis, "Per-head rank (number of singular values), layer × head", style.rank_at(error)),
         )
-        # Cell labels need the cells' final size, known once the layout has run.
-        fig.draw_without_rendering()
-        for ax, kind, im in zip(axes, present, images, strict=False):
-            annotated[kind] = _annotate_cells(ax, grids[kind].to_numpy(dtype=float), im, dpi)
+        # Cell labels need the cells' final size, known once the layout has run; a layout pass
+        # is skipped where even the whole panel width leaves no room (DeepSeek-V3's 128 heads).
+        annotated = dict.fromkeys(present, False)
+        if panel * 72 / n_heads >= _CELL_FONT_MIN * style.text_width("0", 1.0):
+            fig.draw_without_rendering()
+            for ax, kind, im in zip(axes, present, images, strict=False):
+                annotated[kind] = _annotate_cells(ax, grids[kind].to_numpy(dtype=float), im, dpi)
     return FigureResult(
         "heatmap",
         "heatmap-head-ranks",
@@ -757,6 +760,15 @@ def planner_figure(analysis, latent: int | None = None, dpi: float = 100) -> Fig
                     ls=":",
                     label=f"{kind} energy kept, median layer",
                 )
+        for kind, needed in plan.latent_for_energy.items():
+            keeps = f"{100 * (1 - ENERGY_ERROR):g}%"
+            ax2.axvline(
+                needed,
+                color=style.kind_color(kind),
+                lw=0.9,
+                ls="-.",
+                label=f"D = {needed:,}: {kind} keeps {keeps} in every layer",
+            )
         ax2.axhline(100, color="0.5", lw=0.6)
         saves = "" if plan.param_change < 0 else ", no saving"
         ax2.axvline(D, color="0.2", lw=1.0, label=f"D = {D:,} ({plan.param_change * 100:+.1f}% weights{saves})")

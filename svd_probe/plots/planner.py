@@ -279,7 +279,7 @@ def planner_rich_table(results: list[PlannerResult]):
             "FLOP per token, before → after",
             lambda r, t: f"{si(t['flops_per_token_before'], 'FLOP')} → {si(t['flops_per_token_after'], 'FLOP')}",
         ),
-        (f"D keeping {100 * (1 - ENERGY_ERROR):g}% energy, every layer, O / VO", lambda r, t: _latents(r)),
+        (f"D for {100 * (1 - ENERGY_ERROR):g}% energy, all layers, O / VO", lambda r, t: _latents(r)),
         ("stacked O energy kept, min / mean", lambda r, t: _pct_pair(t["energy_kept_O_min"], t["energy_kept_O_mean"])),
         (
             "stacked VO energy kept, min / mean",
