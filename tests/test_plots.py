@@ -225,7 +225,7 @@ def test_error_at_default_rank_leaves_out_exact_kinds(mla):
     res = figures.error_at_rank(mla, kinds=figures.LAYERWISE_KINDS, dpi=DPI)
     assert res.extra["rank"] == default_error_rank(64) == 37
     assert set(res.data["matrix"]) == {"O", "VO", "Q"}
-    assert any("K, V, QK have full rank" in n for n in res.notes)
+    assert any("K, V, QK have rank ≤ r = 37" in n for n in res.notes)
 
 
 def test_planner_energy_on_fixture(mla):
@@ -241,15 +241,15 @@ def test_planner_energy_on_fixture(mla):
     assert csv["layer"].iloc[-1] == "total" and csv["params_before"].iloc[-1] == 4 * 8 * 16 * 64
 
 
-def test_compare_fraction_of_full_rank(mla, narrow):
+def test_compare_fraction_of_max_rank(mla, narrow):
     res = figures.compare_models([mla, narrow], dpi=DPI)
     d = res.data
     assert set(d["model"]) == {"acme/tiny-mla", "acme/tiny-narrow"}
     n = d[(d["model"] == "acme/tiny-narrow") & (d["matrix"] == "VO")]
-    assert list(n["rank"]) == [10, 11] and list(n["fraction_of_full_rank"]) == [10 / 32, 11 / 32]
+    assert list(n["rank"]) == [10, 11] and list(n["fraction_of_max_rank"]) == [10 / 32, 11 / 32]
     assert list(n["depth"]) == [0.0, 1.0]
     m = d[(d["model"] == "acme/tiny-mla") & (d["matrix"] == "O")]
-    assert list(m["fraction_of_full_rank"]) == [(20 + 4 * L) / 64 for L in range(4)]
+    assert list(m["fraction_of_max_rank"]) == [(20 + 4 * L) / 64 for L in range(4)]
     assert "acme/tiny-narrow" in res.figure._suptitle.get_text()
 
 
@@ -335,6 +335,7 @@ ALL_STEMS = [
 ]
 
 
+@pytest.mark.slow
 def test_make_plots_writes_every_figure(cache_root, tmp_path):
     report = make_plots(
         [CacheQuery("acme/tiny-mla", cache_dir=cache_root)], tmp_path / "out", formats="png,svg", dpi=DPI
@@ -469,3 +470,243 @@ def test_cli_plot_refuses_bad_spectra_options(cache_root, tmp_path, flag, value,
     )
     assert result.exit_code != 0 and isinstance(result.exception, BadOptionError)
     assert needle in result.exception.message and not list(tmp_path.iterdir())
+
+
+# --- what a reader sees: text layout, labels, ticks, rank bounds --------------------------------
+
+
+def _drawn_texts(fig) -> list:
+    """Every non-empty text the figure draws, tick labels only for ticks inside the view."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    fig.canvas.draw()
+    tick_labels, drawn = set(), []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            span = (hi - lo) or 1.0
+            for ticks, locs in (
+                (axis.get_major_ticks(), axis.get_majorticklocs()),
+                (axis.get_minor_ticks(), axis.get_minorticklocs()),
+            ):
+                for tick in ticks:
+                    tick_labels.update({id(tick.label1), id(tick.label2)})
+                for tick, loc in zip(ticks, locs, strict=False):
+                    if ax.get_visible() and lo - 1e-9 * span <= loc <= hi + 1e-9 * span:
+                        drawn += [t for t in (tick.label1, tick.label2) if t.get_visible() and t.get_text().strip()]
+    for t in fig.findobj(Text):
+        if id(t) not in tick_labels and t.get_visible() and t.get_text().strip():
+            axes = t.axes
+            if axes is None or axes.get_visible():
+                drawn.append(t)
+    return drawn
+
+
+def assert_text_fits(fig) -> None:
+    """No text leaves the figure, and no two texts overlap (1 px of slack)."""
+    texts = _drawn_texts(fig)
+    renderer = fig.canvas.get_renderer()
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    fb = fig.bbox
+    outside = [s for s, b in boxes if b.x0 < fb.x0 - 1 or b.y0 < fb.y0 - 1 or b.x1 > fb.x1 + 1 or b.y1 > fb.y1 + 1]
+    assert not outside, f"texts leave the figure: {outside}"
+    overlaps = []
+    for i, (s1, b1) in enumerate(boxes):
+        for s2, b2 in boxes[i + 1 :]:
+            w = min(b1.x1, b2.x1) - max(b1.x0, b2.x0)
+            h = min(b1.y1, b2.y1) - max(b1.y0, b2.y0)
+            if w > 1 and h > 1:
+                overlaps.append((s1, s2))
+    assert not overlaps, f"texts overlap: {overlaps}"
+
+
+def assert_error_measures_named(fig) -> None:
+    """Every text that speaks of an error says which: energy error or relative Frobenius error."""
+    vague = [
+        t.get_text()
+        for t in _drawn_texts(fig)
+        if "error" in t.get_text().lower()
+        and not all(
+            "energy error" in part.lower() or "frobenius error" in part.lower()
+            for part in t.get_text().replace("\n", " ").split(" — ")
+            if "error" in part.lower()
+        )
+    ]
+    assert not vague, f"texts that do not say which error: {vague}"
+
+
+def assert_integer_layer_ticks(fig) -> None:
+    """Axes of layers or heads carry whole-number ticks only."""
+    for ax in fig.axes:
+        for axis, label in ((ax.xaxis, ax.get_xlabel()), (ax.yaxis, ax.get_ylabel())):
+            if not label.startswith(("layer", "head")):
+                continue
+            lo, hi = sorted(axis.get_view_interval())
+            locs = [v for v in axis.get_majorticklocs() if lo <= v <= hi]
+            assert locs and all(float(v).is_integer() for v in locs), f"{label!r} ticks {locs}"
+
+
+FIGURES = {
+    "layerwise": lambda a, b: figures.layerwise_ranks(a, dpi=72),
+    "headwise": lambda a, b: figures.headwise_ranks(a, 2, dpi=72),
+    "grid": lambda a, b: figures.headwise_grid(a, dpi=72),
+    "heatmap": lambda a, b: figures.rank_heatmaps(a, dpi=72),
+    "spectra": lambda a, b: figures.spectra(a, dpi=72),
+    "error": lambda a, b: figures.error_at_rank(a, dpi=72),
+    "planner": lambda a, b: figures.planner_figure(a, dpi=72),
+    # The narrow model has 2 layers: a default locator gives it ticks 0.0, 0.2, ... 1.0.
+    "compare": lambda a, b: figures.compare_models([a, b], dpi=72),
+    "compare-narrow-first": lambda a, b: figures.compare_models([b, a], dpi=72),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(FIGURES))
+def test_figure_text_fits_names_its_error_and_counts_layers_in_integers(kind, mla, narrow):
+    fig = FIGURES[kind](mla, narrow).figure
+    assert_text_fits(fig)
+    assert_error_measures_named(fig)
+    assert_integer_layer_ticks(fig)
+
+
+@pytest.mark.slow
+def test_heatmap_cells_carry_their_rank_where_it_fits(mla, tmp_path):
+    res = figures.rank_heatmaps(mla, dpi=72)
+    assert res.extra["annotated"] == {"VO": True, "QK": True}
+    ax = res.figure.axes[0]
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    grid = res.extra["grids"]["VO"]
+    assert cells == {(i, j): str(int(grid[i, j])) for i in range(grid.shape[0]) for j in range(grid.shape[1])}
+    # 96 heads: a cell is about 0.05 in wide, too narrow for a label.
+    wide = dict(MLA_DIMS, n_heads=96, n_kv_groups=96, num_layers=2, num_mtp_layers=0)
+    write_model(tmp_path, "acme/many-heads", COMMIT, wide, range(2), {}, {"VO": HEAD["VO"]})
+    res = figures.rank_heatmaps(load_analysis(CacheQuery("acme/many-heads", cache_dir=tmp_path)), dpi=72)
+    assert res.extra["annotated"] == {"VO": False} and not res.figure.axes[0].texts
+
+
+# --- the largest possible rank: nonzero σ counted in a real analysis of the demo model -----------
+
+# build_deepseek_v3's defaults: hidden 320, 4 heads, d_qk 32 (+16 RoPE), d_v 32, q_lora 200,
+# kv_lora 136. (scope, kind) → (shape the cache records, σ stored, σ > 1e-12·σ₁ in its analysis).
+DEMO_DIMS = {"d_model": 320, "n_heads": 4, "d_qk": 32, "d_rope": 16, "d_v": 32, "q_latent": 200, "kv_latent": 136}
+DEMO_RANKS = {
+    ("head", "VO"): ((320, 136), 136, 32),
+    ("head", "QK"): ((200, 136), 136, 32),
+    ("head", "O"): ((320, 32), 32, 32),
+    ("stacked", "VO"): ((320, 544), 320, 128),
+    ("stacked", "QK"): ((800, 136), 136, 128),
+    ("stacked", "KQ"): ((200, 544), 200, 128),
+    ("stacked", "O"): ((320, 128), 128, 128),
+    ("stacked", "Q"): ((128, 200), 128, 128),
+    ("layer", "KVA"): ((136, 320), 136, 136),
+}
+
+
+def test_max_rank_is_the_count_of_nonzero_sigma_of_the_demo_model():
+    for (scope, kind), (shape, _, nonzero) in DEMO_RANKS.items():
+        assert figures.max_rank(scope, kind, shape, DEMO_DIMS) == nonzero, (scope, kind)
+    assert figures.max_rank("stacked", "VO", None, DEMO_DIMS) is None
+
+
+@pytest.mark.slow
+def test_demo_model_figures_draw_each_kind_at_its_real_maximum_rank(deepseek_ckpt, tmp_path):
+    from svd_probe.analysis import AnalyzeJob, analyze
+
+    a = analyze(AnalyzeJob(str(deepseek_ckpt.folder), cache_dir=tmp_path, device="cpu")).analysis
+    ls = a.layer_spectra[0]
+    for (scope, kind), (shape, stored, nonzero) in DEMO_RANKS.items():
+        s = ls.spectrum(scope, kind)
+        assert ls.matrix_shape(scope, kind) == shape and s.shape[-1] == stored
+        assert np.all((s > 1e-12 * s.max(axis=-1, keepdims=True)).sum(axis=-1) == nonzero), (scope, kind)
+    lw = figures.layerwise_ranks(a, dpi=72)
+    vo = lw.data[lw.data["matrix"] == "VO"]
+    assert set(vo["max_rank"]) == {128} and set(vo["full_rank"]) == {320}
+    # One dashed bound line: every stacked kind of the demo model has rank ≤ 128.
+    bounds = [ln.get_ydata()[0] for ln in lw.figure.axes[0].get_lines() if ln.get_gid() == "max-rank"]
+    assert bounds == [128]
+    assert any(t.get_text().startswith("max rank 128 (") for t in lw.figure.axes[0].texts)
+    assert not any("320" in t.get_text() for t in lw.figure.axes[0].texts)
+    # The error figure: r = 4/7 of 128, and VO is not "exact" there (its 128 σ go past r).
+    err = figures.error_at_rank(a, dpi=72)
+    assert err.extra["rank"] == 73 and set(err.data["matrix"]) == {"O", "VO"}
+    assert (err.data["rel_error"] > 0).all()
+    assert_text_fits(figures.rank_heatmaps(a, dpi=72).figure)
+
+
+# --- the planner's default latent, notes and units -----------------------------------------------
+
+
+def test_si_units_keep_three_significant_digits():
+    from svd_probe.plots.style import si
+
+    assert si(163_840) == "164 k" and si(327_680, "FLOP") == "328 kFLOP"
+    assert si(117_440_512) == "117 M" and si(2 * 61 * 117_440_512, "FLOP") == "14.3 GFLOP"
+    assert si(999_999) == "1.00 M" and si(1234) == "1.23 k" and si(12) == "12.0"
+
+
+def test_default_latent_is_below_the_break_even():
+    # Demo model: 3/7·320 = 137 is above the break-even 4·32·320/(128 + 320) = 91.4.
+    assert break_even_latent(4, 32, 320) == pytest.approx(40960 / 448)
+    assert default_latent(320, 4, 32) == 77  # ⌊0.85 · 91.43⌋
+    assert default_latent(7168, 128, 128) == 3072 and default_latent(7168, 64, 128) == 3072  # DeepSeek-V3, Kimi-K2
+    assert default_latent(256, 8, 32) == 108  # MHA encoder: break-even 128, 3/7·256 = 110 > 108.8
+
+
+DEMO_PLAN_DIMS = dict(MLA_DIMS, d_model=320, n_heads=4, n_kv_groups=4, d_v=32, num_layers=4, num_mtp_layers=1)
+
+
+@pytest.fixture(scope="module")
+def demo_shaped(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo-shaped")
+    # Stacked O of rank 100 + 3 small values (rank at 1% energy error 100 > break-even 91.4).
+    write_model(root, "acme/demo-shaped", COMMIT, DEMO_PLAN_DIMS, range(4), {"O": ((320, 128), 128, lambda L: 100)}, {})
+    return load_analysis(CacheQuery("acme/demo-shaped", cache_dir=root))
+
+
+def test_planner_default_saves_and_says_when_no_latent_keeps_the_energy(demo_shaped):
+    from rich.console import Console
+
+    from svd_probe.plots import planner_rich_table
+
+    plan = plan_latent(demo_shaped)
+    assert plan.latent == 77 and plan.param_change == pytest.approx(77 / (40960 / 448) - 1)
+    assert plan.latent_for_energy == {"O": 100}
+    assert any(
+        "no latent that saves weights keeps 99% of the stacked O energy" in n and "D ≥ 100" in n for n in plan.notes
+    )
+    assert not any("saves nothing" in n for n in plan.notes)
+    console = Console(record=True, width=100)
+    console.print(planner_rich_table([plan]))
+    text = console.export_text()
+    # 4 layers × 4·32·320 = 163,840 weights; after: 4 × (4·32·77 + 77·320) = 137,984.
+    assert "164 k" in text and "138 k" in text and "328 kFLOP → 276 kFLOP" in text and "-15.8%" in text
+    assert " M" not in text and "GFLOP" not in text
+
+    above = plan_latent(demo_shaped, 137)
+    assert above.param_change == pytest.approx(0.498, abs=1e-3)
+    assert any("a 137-dim latent saves nothing" in n and "+49.8%" in n for n in above.notes)
+    console = Console(record=True, width=100)
+    console.print(planner_rich_table([above]))
+    assert "+49.8% (no saving)" in console.export_text()
+
+
+def test_planner_figure_sweeps_up_to_the_largest_rank(demo_shaped):
+    res = figures.planner_figure(demo_shaped, dpi=72)
+    sweep = res.extra["plan"].sweep
+    assert sweep["latent"].max() == 128 and sweep["latent"].min() == 1  # min(H, n·d_v)
+    left = res.figure.axes[0]
+    kept = [ln for ln in left.get_lines() if ln.get_label() == "stacked O"][0].get_ydata()
+    b2 = 0.002 * 100 / 0.994
+    assert np.allclose(kept, 100 * 77 / (100 + 3 * b2))  # 77 of the 100 unit σ kept
+
+
+def test_plot_help_names_the_two_error_measures():
+    import typer
+
+    from svd_probe.cli import app
+
+    params = {p.name: p.help for p in typer.main.get_command(app).commands["plot"].params}
+    assert "energy error" in params["error"] and "Σ_{i>r} σ_i² / Σ σ_i²" in params["error"]
+    assert "relative Frobenius error" in params["rank"]

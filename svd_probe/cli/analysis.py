@@ -208,20 +208,20 @@ def plot_cmd(
         None,
         "--latent",
         min=1,
-        help="Shared output latent width D for the planner (default: 3/7 of d_model, 3072 for DeepSeek-V3).",
+        help="Shared output latent width D for the planner (default: 3/7 of d_model capped at 85% of the break-even; 3072 for DeepSeek-V3).",
         show_default=False,
     ),
     rank: int | None = typer.Option(
         None,
         "--rank",
         min=1,
-        help="Fixed rank r of the error figure (default: 4/7 of d_model, 4096 for DeepSeek-V3).",
+        help="Fixed rank r of the error figure, which draws the relative Frobenius error ‖A − A_r‖_F / ‖A‖_F at rank r (default: 4/7 of the largest possible rank, at most d_model; 4096 for DeepSeek-V3).",
         show_default=False,
     ),
     error: float = typer.Option(
         0.01,
         "--error",
-        help="Error threshold of the head-wise, grid, heat-map and comparison figures (0.01 = rank at 1% error).",
+        help="Energy-error threshold e of the head-wise, grid, heat-map and comparison figures: they draw the smallest rank r whose energy error Σ_{i>r} σ_i² / Σ σ_i² is ≤ e (0.01 = rank at 1% energy error; not the Frobenius error, its square root).",
     ),
     spectra_layers: str | None = typer.Option(
         None,

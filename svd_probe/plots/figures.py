@@ -13,16 +13,18 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.colors import LinearSegmentedColormap, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from svd_probe.errors import MissingFigureData
 from svd_probe.kinds import STACKED
 from svd_probe.plots import style
-from svd_probe.plots.planner import PlannerResult, plan_latent
+from svd_probe.plots.planner import ENERGY_ERROR, PlannerResult, plan_latent
 from svd_probe.spectra.metrics import DEFAULT_ERRORS, energy_rank, error_column, relative_error_at_rank
 
 # The stacked kinds of the layer-wise figure, in the issue's order.
@@ -47,9 +49,11 @@ class FigureResult:
 
 
 def default_error_rank(d_model: int) -> int:
-    """4/7 of the residual width, rounded to a multiple of 64: r = 4096 for a 7168-wide model.
+    """4/7 of a width, rounded to a multiple of 64 from 512: r = 4096 for a 7168-wide model.
 
     The fixed rank of the public DeepSeek-V3 analyses; for other widths the same fraction.
+    `error_at_rank` applies it to the smaller of d_model and the largest possible rank of the
+    kinds it draws (73 for the demo model, whose stacked O and VO have rank ≤ 128 < d_model = 320).
     """
     q = 64 if d_model >= 512 else 1
     return max(1, int(round(d_model * 4 / 7 / q)) * q)
@@ -114,13 +118,66 @@ def _kind_cmap(kind: str) -> LinearSegmentedColormap:
 
 
 def _suptitle(fig: Figure, text: str) -> None:
-    fig.suptitle(text, ha="left", x=0.01)
+    # Wrapped to the figure's width: a long model line must not run off a narrow figure.
+    size = matplotlib.rcParams["figure.titlesize"]  # points, or a name such as "large"
+    fig.suptitle(style.fit_lines(text, 0.97 * fig.get_figwidth() * 72, size), ha="left", x=0.01)
 
 
-def _layer_ticks(ax, layers: Sequence[int], axis: str = "x", max_ticks: int = 16) -> None:
-    step = max(1, math.ceil(len(layers) / max_ticks))
-    ticks = list(layers)[::step]
-    (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks)
+def _integer_ticks(ax, axis: str = "x") -> None:
+    """Whole-number ticks on a layer, head, index or width axis (never 0.5 of a layer)."""
+    # Steps of 1, 2 or 5 × 10^k, as matplotlib's default locator picks, but never a fraction.
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+
+
+# --- the largest rank a spectrum can have --------------------------------------------------------
+
+# The inner dimension through which each fused kind is computed (svd_probe/spectra/compute.py's
+# table): a per-head product L_h·R_h is a k×k problem, a stack of n heads an n·k-sided one, so at
+# most that many of its σ are nonzero; the cache pads the rest with exact zeros up to min(m, n)
+# of the full matrix (stacked VO of DeepSeek-V3 is 7168 × 65536 but has rank ≤ 7168; of the demo
+# model, 320 × 544 with 320 σ stored, of which at most 4·32 = 128 are nonzero).
+_FUSED_INNER = {"VO": "d_v", "QK": "d_qk", "KQ": "d_qk"}
+
+
+def max_rank(scope: str, kind: str, shape: tuple[int, int] | None, dims: dict) -> int | None:
+    """The most nonzero singular values a cached spectrum can have: min(m, n) of the problem solved.
+
+    That is min(m, n) of the matrix itself, and for the fused kinds (VO, QK, KQ) also the size of
+    the reduced problem: k per head, n_heads·k for a stack, with k = d_v (VO) or d_qk (QK, KQ).
+
+    Args:
+        scope: "head", "stacked" or "layer".
+        kind: the matrix kind, e.g. "VO".
+        shape: (m, n) of the full matrix as the cache records it; None gives None.
+        dims: the cache manifest's model dims (`Analysis.dims`).
+
+    Returns:
+        The rank bound, or None without a shape.
+
+    Example:
+        >>> max_rank("stacked", "VO", (320, 544), {"n_heads": 4, "d_v": 32})
+        128
+    """
+    if shape is None:
+        return None
+    bound = int(min(shape))
+    inner = int(dims.get(_FUSED_INNER.get(kind, ""), 0) or 0)
+    if inner:
+        blocks = 1 if scope == "head" else int(dims.get("n_heads") or 0)
+        if blocks:
+            bound = min(bound, blocks * inner)
+    return bound
+
+
+def _with_max_rank(frame: pd.DataFrame, dims: dict) -> pd.DataFrame:
+    """`frame` (rows with scope, matrix, m, n) with a `max_rank` column."""
+    keys = frame[["scope", "matrix", "m", "n"]].drop_duplicates()
+    bounds = {
+        (sc, k, m, n): max_rank(sc, k, (int(m), int(n)), dims)
+        for sc, k, m, n in keys.itertuples(index=False, name=None)
+    }
+    rows = zip(frame["scope"], frame["matrix"], frame["m"], frame["n"], strict=True)
+    return frame.assign(max_rank=[bounds[key] for key in rows])
 
 
 # --- 1. layer-wise ranks -------------------------------------------------------------------------
@@ -133,33 +190,38 @@ def layerwise_ranks(
     errors: Sequence[float] = DEFAULT_ERRORS,
     dpi: float = 100,
 ) -> FigureResult:
-    """Rank at each error (default 1% and 0.1%) of each stacked kind against layer, with full ranks."""
+    """Rank at each energy error (default 1% and 0.1%) of each stacked kind against layer.
+
+    A dashed line marks each kind's largest possible rank (`max_rank`: stacked VO of n heads has
+    at most n·d_v nonzero σ, whatever its shape). The data has one row per layer and kind.
+    """
     metrics = _metrics(analysis, metrics, errors)
     present = _require(analysis, metrics, "stacked", kinds, "the layer-wise figure")
     cols = [error_column(e) for e in errors]
     data = metrics.loc[
         (metrics["scope"] == "stacked") & metrics["matrix"].isin(present),
-        ["layer", "matrix", "m", "n", "full_rank", *cols],
+        ["layer", "scope", "matrix", "m", "n", "full_rank", *cols],
     ]
+    data = _with_max_rank(data, analysis.dims).drop(columns="scope")
     order = data["matrix"].map({k: i for i, k in enumerate(present)})
     data = data.assign(_order=order).sort_values(["_order", "layer"]).drop(columns="_order").reset_index(drop=True)
 
     with style.plot_style():
         fig = style.new_figure(5.0 * len(errors), 4.2, dpi)
         axes = fig.subplots(1, len(errors), sharey=True, squeeze=False)[0]
-        full = data.groupby("full_rank")["matrix"].apply(lambda s: list(dict.fromkeys(s))).to_dict()
+        bounds = data.groupby("max_rank")["matrix"].apply(lambda s: list(dict.fromkeys(s))).to_dict()
         for ax, e, col in zip(axes, errors, cols, strict=False):
             _mark_mtp(ax, analysis)
             for kind in present:
                 d = data[data["matrix"] == kind]
                 ax.plot(d["layer"], d[col], color=style.kind_color(kind), marker=".", ms=4, lw=1.3, label=kind)
-            for fr, ks in full.items():
-                # Kinds sharing a full rank share one line, drawn in their colour when alone.
+            for bound, ks in bounds.items():
+                # Kinds sharing a bound share one line, drawn in their colour when alone.
                 color = style.kind_color(ks[0]) if len(ks) == 1 else "0.3"
-                ax.axhline(fr, color=color, ls="--", lw=0.9, alpha=0.8)
+                ax.axhline(bound, color=color, ls="--", lw=0.9, alpha=0.8, gid="max-rank")
                 ax.annotate(
-                    f"full rank {fr:,} ({', '.join(ks)})",
-                    (1.0, fr),
+                    f"max rank {bound:,} ({', '.join(ks)})",
+                    (1.0, bound),
                     xycoords=("axes fraction", "data"),
                     xytext=(-2, 2),
                     textcoords="offset points",
@@ -168,9 +230,9 @@ def layerwise_ranks(
                     fontsize=7,
                     color=color,
                 )
-            ax.set_title(f"rank at {style.pct(e)} error (stacked heads)")
+            ax.set_title(f"{style.rank_at(e)} (stacked heads)")
             ax.set_xlabel("layer")
-            _layer_ticks(ax, analysis.layers)
+            _integer_ticks(ax)
         axes[0].set_ylabel(RANK_UNIT)
         axes[0].set_ylim(bottom=0)
         axes[-1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), title="stacked")
@@ -179,7 +241,7 @@ def layerwise_ranks(
             style.title(
                 analysis,
                 "Layer-wise effective rank of stacked attention matrices",
-                "rank at " + " / ".join(style.pct(e) for e in errors) + " error",
+                "rank at " + " / ".join(style.pct(e) for e in errors) + " energy error",
             ),
         )
     return FigureResult("layerwise", "layerwise", fig, data, _missing_note(analysis, "stacked", kinds, present))
@@ -267,16 +329,17 @@ def headwise_ranks(
     frame = _headwise_frame(analysis, metrics, layer, error, present)
     d_v = analysis.dims.get("d_v")
     with style.plot_style():
-        fig = style.new_figure(max(5.5, min(14.0, 0.06 * len(frame) + 4)), 4.0, dpi)
+        fig = style.new_figure(max(7.0, min(14.0, 0.06 * len(frame) + 4)), 4.0, dpi)
         ax = fig.subplots()
         medians = _draw_headwise(ax, frame, present, d_v)
         ax.set_xlabel(f"head, sorted by {'VO' if 'VO' in present else present[0]} rank (of {len(frame)})")
-        ax.set_ylabel(f"{RANK_UNIT}, at {style.pct(error)} error")
+        ax.set_ylabel(f"{RANK_UNIT},\nat {style.energy_error(error)}")
         ax.set_ylim(bottom=0)
+        _integer_ticks(ax)
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), title="per head")
         _suptitle(
             fig,
-            style.title(analysis, f"Head-wise rank of V, O and VO, layer {layer}", f"rank at {style.pct(error)} error"),
+            style.title(analysis, f"Head-wise rank of V, O and VO, layer {layer}", style.rank_at(error)),
         )
     return FigureResult(
         "headwise",
@@ -309,11 +372,31 @@ def headwise_grid(
     nrows = math.ceil(len(layers) / ncols)
     medians = {}
     with style.plot_style():
-        height = 1.45 * nrows + 1.2
-        # Fixed margins: constrained layout costs seconds with 60-odd panels and gains nothing here.
-        fig = Figure(figsize=(1.9 * ncols + 1.2, height), dpi=dpi)
+        width = max(6.5, 1.9 * ncols + 0.8)
+        fig = Figure(figsize=(width, 1.45 * nrows + 0.4), dpi=dpi)
+        _suptitle(
+            fig,
+            style.title(
+                analysis,
+                "Head-wise rank of V, O and VO, every layer",
+                style.rank_at(error),
+            ),
+        )
+        # Fixed margins, in inches: constrained layout costs seconds with 60-odd panels and gains
+        # nothing here. Top: the title's lines; bottom: tick labels, x label and the legend row.
+        # The title hangs from 2% below the top, 12 pt a line, then the panel titles (~20 pt).
+        lines = fig.get_suptitle().count("\n") + 1
+        bottom, left = 0.75, 0.5
+        top = (0.02 * (fig.get_figheight() + bottom) + (12 * lines + 20) / 72) / 0.98
+        fig.set_figheight(fig.get_figheight() + top + bottom)
+        height = fig.get_figheight()
         fig.subplots_adjust(
-            left=0.06, right=0.99, bottom=0.55 / height + 0.04, top=1 - 0.75 / height, wspace=0.12, hspace=0.35
+            left=left / width,
+            right=1 - 0.1 / width,
+            bottom=bottom / height,
+            top=1 - top / height,
+            wspace=0.12,
+            hspace=0.4,
         )
         axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
         for ax, layer, frame in zip(axes.flat, layers, frames, strict=False):
@@ -325,23 +408,16 @@ def headwise_grid(
         for ax in axes[-1]:
             ax.set_xlabel("head (sorted by VO)", fontsize=7)
         for ax in axes[:, 0]:
-            ax.set_ylabel("rank", fontsize=7)
+            ax.set_ylabel("rank (number of σ)", fontsize=7)
         axes.flat[0].set_ylim(bottom=0)
         axes.flat[0].set_xlim(-0.5, max(len(f) for f in frames) - 0.5)
+        _integer_ticks(axes.flat[0])  # shared axes share their locators
         handles = [Line2D([], [], color=style.kind_color(k), lw=1.3, label=k) for k in present]
         handles += [
             Line2D([], [], color="0.3", ls=":", label="median"),
             Line2D([], [], color="0.3", ls="--", label="d_v"),
         ]
-        fig.legend(handles=handles, loc="lower center", ncols=len(handles), frameon=False)
-        _suptitle(
-            fig,
-            style.title(
-                analysis,
-                "Head-wise rank of V, O and VO in every layer (y: number of singular values)",
-                f"rank at {style.pct(error)} error",
-            ),
-        )
+        fig.legend(handles=handles, loc="lower center", ncols=len(handles), frameon=False, borderaxespad=0.2)
     notes = _missing_note(analysis, "head", kinds, present)
     return FigureResult("grid", "headwise-grid", fig, data, notes, {"medians": medians})
 
@@ -356,20 +432,28 @@ def rank_heatmaps(
     kinds: Sequence[str] = HEATMAP_KINDS,
     dpi: float = 100,
 ) -> FigureResult:
-    """Layer × head maps of per-head rank (default VO and QK)."""
+    """Layer × head maps of per-head rank (default VO and QK), each cell labelled with its rank
+    where the label fits the cell (`extra["annotated"]` says, per kind, whether it did)."""
     metrics = _metrics(analysis, metrics, [error])
     present = _require(analysis, metrics, "head", kinds, "the heat maps")
     col = error_column(error)
     data = metrics.loc[
-        (metrics["scope"] == "head") & metrics["matrix"].isin(present), ["layer", "head", "matrix", col, "full_rank"]
+        (metrics["scope"] == "head") & metrics["matrix"].isin(present),
+        ["layer", "head", "scope", "matrix", "m", "n", col, "full_rank"],
     ]
+    data = _with_max_rank(data, analysis.dims).drop(columns=["scope", "m", "n"])
     data = data.rename(columns={col: "rank"}).astype({"head": int}).reset_index(drop=True)
     grids = {k: data[data["matrix"] == k].pivot(index="layer", columns="head", values="rank") for k in present}
+    bounds = {k: int(data.loc[data["matrix"] == k, "max_rank"].max()) for k in present}
     with style.plot_style():
         n_heads = max(g.shape[1] for g in grids.values())
         n_layers = max(g.shape[0] for g in grids.values())
-        fig = style.new_figure(min(16.0, 2.5 + 0.045 * n_heads) * len(present), min(12.0, 2.0 + 0.12 * n_layers), dpi)
+        # Per panel: the map (cells 0.045 in wide up to 16 in) and its colour bar, at least wide
+        # enough for the panel title; the constrained layout places titles, bars and their labels.
+        panel = max(3.4, min(16.0, 1.6 + 0.045 * n_heads))
+        fig = style.new_figure(panel * len(present), max(3.2, min(12.0, 2.2 + 0.14 * n_layers)), dpi)
         axes = fig.subplots(1, len(present), squeeze=False)[0]
+        images = []
         for ax, kind in zip(axes, present, strict=False):
             g = grids[kind]
             im = ax.imshow(
@@ -380,23 +464,63 @@ def rank_heatmaps(
                 vmin=0,
                 extent=(-0.5, g.shape[1] - 0.5, len(g) - 0.5, -0.5),
             )
+            images.append(im)
             # Rows are the cached layers, which need not be contiguous: label rows by layer number.
             rows = list(range(0, len(g), max(1, math.ceil(len(g) / 16))))
             ax.set_yticks(rows, [str(g.index[i]) for i in rows])
+            _integer_ticks(ax)
             ax.grid(False)
             ax.set_xlabel("head")
             ax.set_ylabel("layer")
-            ax.set_title(f"per-head {kind} rank at {style.pct(error)} error")
-            fig.colorbar(im, ax=ax, label=f"{kind} {RANK_UNIT}", shrink=0.9)
-        _suptitle(fig, style.title(analysis, "Per-head rank, layer × head", f"rank at {style.pct(error)} error"))
+            ax.set_title(f"{kind} (max rank {bounds[kind]:,})")
+            fig.colorbar(im, ax=ax, label="rank", shrink=0.9)
+        _suptitle(
+            fig,
+            style.title(analysis, "Per-head rank (number of singular values), layer × head", style.rank_at(error)),
+        )
+        # Cell labels need the cells' final size, known once the layout has run; a layout pass
+        # is skipped where even the whole panel width leaves no room (DeepSeek-V3's 128 heads).
+        annotated = dict.fromkeys(present, False)
+        if panel * 72 / n_heads >= _CELL_FONT_MIN * style.text_width("0", 1.0):
+            fig.draw_without_rendering()
+            for ax, kind, im in zip(axes, present, images, strict=False):
+                annotated[kind] = _annotate_cells(ax, grids[kind].to_numpy(dtype=float), im, dpi)
     return FigureResult(
         "heatmap",
         "heatmap-head-ranks",
         fig,
         data,
         _missing_note(analysis, "head", kinds, present),
-        {"grids": {k: g.to_numpy() for k, g in grids.items()}},
+        {"grids": {k: g.to_numpy() for k, g in grids.items()}, "max_rank": bounds, "annotated": annotated},
     )
+
+
+# Cell labels: at most this size, and not below the smallest that stays legible.
+_CELL_FONT_MAX, _CELL_FONT_MIN = 7.0, 5.0
+
+
+def _annotate_cells(ax, values: np.ndarray, image, dpi: float) -> bool:
+    """Write each cell's value in it when the longest label fits a cell; True if it did."""
+    n_rows, n_cols = values.shape
+    box = ax.get_window_extent()
+    cell_w, cell_h = box.width / n_cols * 72 / dpi, box.height / n_rows * 72 / dpi  # points
+    labels = [["" if np.isnan(v) else f"{v:.0f}" for v in row] for row in values]
+    longest = max((s for row in labels for s in row), key=len, default="")
+    if not longest:
+        return False
+    # Glyphs of a number are about 0.6 em wide; a label needs ~1.2 em of height and a margin.
+    size = min(_CELL_FONT_MAX, 0.8 * cell_h / 1.2, 0.85 * cell_w / style.text_width(longest, 1.0))
+    if size < _CELL_FONT_MIN:
+        return False
+    for i in range(n_rows):
+        for j in range(n_cols):
+            if not labels[i][j]:
+                continue
+            r, g, b, _ = image.cmap(image.norm(values[i, j]))
+            dark = 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5  # relative luminance of the cell
+            t = ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=size, color="white" if dark else "black")
+            t.set_in_layout(False)
+    return True
 
 
 # --- 5. spectra ----------------------------------------------------------------------------------
@@ -478,15 +602,14 @@ def spectra(
             ax.set_yscale("log")
             ax.set_title(f"layer {ly}" + (" (MTP)" if ly in _mtp_layers(analysis) else ""))
             ax.set_xlabel("singular value index i")
+            _integer_ticks(ax)
             ax.set_ylabel("σ_i / σ_1 (log scale)")
         for ax in list(axes.flat)[len(layers) :]:
             ax.set_visible(False)
         axes.flat[0].legend(title=scope)
         _suptitle(
             fig,
-            style.title(
-                analysis, f"Normalized singular values of {scope} matrices", f"dots: rank at {style.pct(error)} error"
-            ),
+            style.title(analysis, f"Normalized singular values of {scope} matrices", f"dots: {style.rank_at(error)}"),
         )
     return FigureResult("spectra", "spectra", fig, data, notes)
 
@@ -500,19 +623,14 @@ def error_at_rank(
     kinds: Sequence[str] = ERROR_KINDS,
     dpi: float = 100,
 ) -> FigureResult:
-    """Relative Frobenius error of the best rank-r approximation of each stacked kind, per layer.
+    """Relative Frobenius error ‖A − A_r‖_F / ‖A‖_F of the best rank-r approximation of each
+    stacked kind, per layer (not the energy error, which is its square).
 
-    By default the kinds that write to the residual stream (O, VO), where r is measured against
-    d_model. Kinds whose full rank is at most r are exact at rank r and left out with a note.
+    By default the kinds that write to the residual stream (O, VO), and r = `default_error_rank`
+    of the smaller of d_model and the kinds' largest possible rank (`max_rank`: 4096 for
+    DeepSeek-V3, whose stacked O and VO have rank ≤ 7168). Kinds whose largest possible rank is at
+    most r are exact at rank r and left out with a note.
     """
-    d_model = int(analysis.dims.get("d_model") or 0)
-    if rank is None:
-        if not d_model:
-            raise MissingFigureData(
-                f"{analysis.display}: no d_model in the cache manifest to choose a default rank; pass a rank"
-            )
-        rank = default_error_rank(d_model)
-    rank = int(rank)
     rows = []
     for ly in analysis.layers:
         ls = analysis.layer_spectra[ly]
@@ -520,16 +638,14 @@ def error_at_rank(
             s = ls.spectrum(STACKED, kind)
             if s is None:
                 continue
-            full = int(min(ls.matrix_shape(STACKED, kind) or (len(s),) * 2))
-            err = relative_error_at_rank(s, rank)
+            shape = ls.matrix_shape(STACKED, kind) or (len(s),) * 2
             rows.append(
                 {
                     "layer": ly,
                     "matrix": kind,
-                    "rank": rank,
-                    "full_rank": full,
-                    "rel_error": err,
-                    "energy_kept": 1.0 - err**2,
+                    "full_rank": int(min(shape)),
+                    "max_rank": max_rank(STACKED, kind, shape, analysis.dims),
+                    "sigma": s,
                 }
             )
     if not rows:
@@ -537,27 +653,38 @@ def error_at_rank(
             f"{analysis.display}: no stacked spectra of {', '.join(kinds)} cached",
             analysis.analyze_command(matrices=",".join(kinds)),
         )
-    data = pd.DataFrame(rows)
+    if rank is None:
+        d_model = int(analysis.dims.get("d_model") or 0)
+        if not d_model:
+            raise MissingFigureData(
+                f"{analysis.display}: no d_model in the cache manifest to choose a default rank; pass a rank"
+            )
+        rank = default_error_rank(min(d_model, max(int(r["max_rank"]) for r in rows)))
+    rank = int(rank)
+    for r in rows:
+        err = relative_error_at_rank(r.pop("sigma"), rank)
+        r.update(rank=rank, rel_error=err, energy_kept=1.0 - err**2)
+    data = pd.DataFrame(rows)[["layer", "matrix", "rank", "full_rank", "max_rank", "rel_error", "energy_kept"]]
     present = [k for k in kinds if k in set(data["matrix"])]
     notes = _missing_note(analysis, "stacked", kinds, present)
-    exact = sorted(set(data.loc[data["full_rank"] <= rank, "matrix"]), key=list(kinds).index)
+    exact = sorted(set(data.loc[data["max_rank"] <= rank, "matrix"]), key=list(kinds).index)
     if exact:
         notes.append(
-            f"{analysis.display}: {', '.join(exact)} have full rank ≤ r = {rank} (exact at that rank), left out of the error figure"
+            f"{analysis.display}: {', '.join(exact)} have rank ≤ r = {rank} (exact at that rank), left out of the error figure"
         )
     data = data[~data["matrix"].isin(exact)].reset_index(drop=True)
     drawn = [k for k in present if k not in exact]
     if not drawn:
         raise MissingFigureData(
-            f"{analysis.display}: every cached stacked kind has full rank ≤ r = {rank}; choose a smaller rank"
+            f"{analysis.display}: every cached stacked kind has rank ≤ r = {rank}; choose a smaller rank"
         )
     with style.plot_style():
-        fig = style.new_figure(6.5, 4.0, dpi)
+        fig = style.new_figure(7.5, 4.0, dpi)
         ax = fig.subplots()
         _mark_mtp(ax, analysis)
         for kind in drawn:
             d = data[data["matrix"] == kind]
-            full = int(d["full_rank"].iloc[0])
+            bound = int(d["max_rank"].max())
             ax.plot(
                 d["layer"],
                 d["rel_error"] * 100,
@@ -565,17 +692,21 @@ def error_at_rank(
                 marker=".",
                 ms=4,
                 lw=1.3,
-                label=f"{kind} (full rank {full:,})",
+                label=f"{kind} (max rank {bound:,})",
             )
         ax.set_xlabel("layer")
-        ax.set_ylabel("relative error ‖A − A_r‖_F / ‖A‖_F (%)")
+        ax.set_ylabel("relative Frobenius error (%)\n‖A − A_r‖_F / ‖A‖_F")
         ax.set_ylim(bottom=0)
-        _layer_ticks(ax, analysis.layers)
+        _integer_ticks(ax)
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), title="stacked")
-        width = f" of {d_model:,}" if d_model else ""
+        widest = int(data["max_rank"].max())
         _suptitle(
             fig,
-            style.title(analysis, "Error of the best fixed-rank approximation, per layer", f"rank r = {rank:,}{width}"),
+            style.title(
+                analysis,
+                "Relative Frobenius error of the best rank-r approximation, per layer",
+                f"rank r = {rank:,} (max rank {widest:,})",
+            ),
         )
     return FigureResult("error", f"error-at-rank-{rank}", fig, data, notes, {"rank": rank})
 
@@ -589,7 +720,7 @@ def planner_figure(analysis, latent: int | None = None, dpi: float = 100) -> Fig
     t, sweep = plan.table, plan.sweep
     D = plan.latent
     with style.plot_style():
-        fig = style.new_figure(11.0, 4.2, dpi)
+        fig = style.new_figure(12.0, 4.2, dpi)
         ax1, ax2 = fig.subplots(1, 2)
         _mark_mtp(ax1, analysis)
         for kind in ("O", "VO"):
@@ -607,7 +738,7 @@ def planner_figure(analysis, latent: int | None = None, dpi: float = 100) -> Fig
         ax1.set_xlabel("layer")
         ax1.set_ylabel(f"energy kept at rank D = {D:,} (%)")
         ax1.set_title(f"Energy kept by a {D:,}-dim shared output latent")
-        _layer_ticks(ax1, analysis.layers)
+        _integer_ticks(ax1)
         ax1.legend()
 
         ax2.plot(sweep["latent"], sweep["params_ratio"] * 100, color="black", lw=1.5, label="output weights vs direct")
@@ -629,13 +760,24 @@ def planner_figure(analysis, latent: int | None = None, dpi: float = 100) -> Fig
                     ls=":",
                     label=f"{kind} energy kept, median layer",
                 )
+        for kind, needed in plan.latent_for_energy.items():
+            keeps = f"{100 * (1 - ENERGY_ERROR):g}%"
+            ax2.axvline(
+                needed,
+                color=style.kind_color(kind),
+                lw=0.9,
+                ls="-.",
+                label=f"D = {needed:,}: {kind} keeps {keeps} in every layer",
+            )
         ax2.axhline(100, color="0.5", lw=0.6)
-        ax2.axvline(D, color="0.2", lw=1.0, label=f"D = {D:,} ({plan.param_change * 100:+.1f}% weights)")
-        ax2.axvline(plan.break_even, color="0.2", lw=1.0, ls="--", label=f"break-even D = {plan.break_even:,.0f}")
+        saves = "" if plan.param_change < 0 else ", no saving"
+        ax2.axvline(D, color="0.2", lw=1.0, label=f"D = {D:,} ({plan.param_change * 100:+.1f}% weights{saves})")
+        ax2.axvline(plan.break_even, color="0.2", lw=1.0, ls="--", label=f"break-even D = {plan.break_even:,.1f}")
         ax2.set_xlabel("shared latent width D (dimensions)")
         ax2.set_ylabel("% (of direct projection's weights / of energy)")
         ax2.set_title("Cost and energy kept against D")
-        ax2.legend(fontsize=7, loc="lower right")
+        _integer_ticks(ax2)
+        ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         what = f"Shared output latent: n·d_v·H → n·d_v·D + D·H (n={plan.n_heads}, d_v={plan.d_v}, H={plan.d_model:,})"
         _suptitle(fig, style.title(analysis, what, f"D = {D:,}"))
     return FigureResult("planner", f"planner-D{D}", fig, t, list(plan.notes), {"plan": plan})
@@ -651,10 +793,11 @@ def compare_models(
     error: float = 0.01,
     dpi: float = 100,
 ) -> FigureResult:
-    """Several models on shared axes: rank against layer, and fraction of full rank against depth.
+    """Several models on shared axes: rank against layer, and fraction of the largest possible
+    rank (`max_rank`) against depth.
 
     Depth is layer / (layers − 1) so that models of different depth line up; the fraction of
-    full rank puts models of different widths on one scale.
+    the largest possible rank puts models of different widths on one scale.
     """
     metrics = list(metrics) if metrics is not None else [None] * len(analyses)
     col = error_column(error)
@@ -663,13 +806,15 @@ def compare_models(
         m = _metrics(a, m, [error])
         present = _present(m, "stacked", kinds)
         notes += _missing_note(a, "stacked", kinds, present)
-        d = m.loc[(m["scope"] == "stacked") & m["matrix"].isin(present), ["layer", "matrix", "full_rank", col]].rename(
-            columns={col: "rank"}
-        )
+        d = m.loc[
+            (m["scope"] == "stacked") & m["matrix"].isin(present),
+            ["layer", "scope", "matrix", "m", "n", "full_rank", col],
+        ].rename(columns={col: "rank"})
+        d = _with_max_rank(d, a.dims).drop(columns=["scope", "m", "n"])
         n_layers = int(a.dims.get("num_layers") or (max(a.layers) + 1))
         d.insert(0, "model", a.display)
         d["depth"] = d["layer"] / max(1, n_layers - 1)
-        d["fraction_of_full_rank"] = d["rank"] / d["full_rank"]
+        d["fraction_of_max_rank"] = d["rank"] / d["max_rank"]
         d["d_model"] = a.dims.get("d_model")
         rows.append(d)
     data = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
@@ -692,15 +837,16 @@ def compare_models(
                     continue
                 kw = dict(color=style.kind_color(kind), ls=ls, marker=mk, ms=3, lw=1.2)
                 ax1.plot(d["layer"], d["rank"], **kw)
-                ax2.plot(d["depth"], d["fraction_of_full_rank"] * 100, **kw)
+                ax2.plot(d["depth"], d["fraction_of_max_rank"] * 100, **kw)
         ax1.set_xlabel("layer")
-        ax1.set_ylabel(f"{RANK_UNIT}, at {style.pct(error)} error")
+        ax1.set_ylabel(f"{RANK_UNIT},\nat {style.energy_error(error)}")
         ax1.set_ylim(bottom=0)
+        _integer_ticks(ax1)
         ax1.set_title("Rank of stacked matrices")
         ax2.set_xlabel("relative depth: layer / (layers − 1)")
-        ax2.set_ylabel("rank / full rank (%)")
+        ax2.set_ylabel("rank / max rank (%)")
         ax2.set_ylim(0, 105)
-        ax2.set_title("Fraction of full rank")
+        ax2.set_title("Fraction of the largest possible rank")
         handles = [Line2D([], [], color=style.kind_color(k), lw=2, label=f"stacked {k}") for k in drawn_kinds]
         for i, model in enumerate(models):
             w = data.loc[data["model"] == model, "d_model"].iloc[0]
@@ -722,7 +868,7 @@ def compare_models(
             style.title(
                 list(analyses),
                 "Comparison of models: effective rank of stacked matrices",
-                f"rank at {style.pct(error)} error",
+                style.rank_at(error),
             ),
         )
     return FigureResult("compare", "compare", fig, data.reset_index(drop=True), notes)
@@ -751,6 +897,7 @@ __all__ = [
     "headwise_grid",
     "headwise_ranks",
     "layerwise_ranks",
+    "max_rank",
     "planner_figure",
     "rank_heatmaps",
     "spectra",

@@ -21,7 +21,11 @@ import pandas as pd
 
 from svd_probe.errors import MissingFigureData
 from svd_probe.kinds import STACKED
-from svd_probe.spectra.metrics import energy_kept_at_rank
+from svd_probe.plots.style import si
+from svd_probe.spectra.metrics import energy_kept_at_rank, energy_rank
+
+# The energy error of the "D that keeps the energy" figures: D keeps 99% of Σσ² in every layer.
+ENERGY_ERROR = 0.01
 
 
 def output_params(n_heads: int, d_v: int, d_model: int, latent: int | None = None) -> int:
@@ -36,17 +40,43 @@ def break_even_latent(n_heads: int, d_v: int, d_model: int) -> float:
     return n_heads * d_v * d_model / (n_heads * d_v + d_model)
 
 
-def default_latent(d_model: int) -> int:
-    """3/7 of the residual width, rounded to a multiple of 64: 3072 for a 7168-wide model.
+# The default latent keeps at least this share of the output weights off: D ≤ 0.85 × break-even.
+DEFAULT_CUT = 0.15
 
-    A round default below the break-even of the models studied (DeepSeek-V3, Kimi-K2); pass
-    `latent` for anything else.
+
+def default_latent(d_model: int, n_heads: int | None = None, d_v: int | None = None) -> int:
+    """The planner's D when none is given: the smaller of 3/7 of d_model and 85% of the break-even.
+
+    3/7 of d_model is the round figure of the public analyses: 3072 for DeepSeek-V3 (a 38% cut;
+    break-even 4,986.4) and for Kimi-K2 (a 20% cut; break-even 3,822.9). It is not below the
+    break-even of every model: the demo checkpoint (n = 4, d_v = 32, H = 320) has 3/7·H = 137
+    against a break-even of 91.4, where a latent adds 50% weights and keeps energy that rank 128
+    already holds. The weights after are D / break-even of those before, so D ≤ 0.85 × break-even
+    always saves at least 15% (`DEFAULT_CUT`): 77 for the demo model, a 15.8% cut, while
+    DeepSeek-V3 and Kimi-K2 keep 3072. D is rounded to a multiple of 64 from 512 wide (3/7·H to
+    the nearest, the cap down), else to a whole number.
+
+    Whether any D that saves weights also keeps enough energy is the data's to say:
+    `plan_latent` notes it (`PlannerResult.latent_for_energy`).
+
+    Args:
+        d_model: residual width H.
+        n_heads, d_v: heads and value width; without them only 3/7 of d_model is used.
+
+    Returns:
+        D, at least 1.
+
+    Example:
+        >>> default_latent(7168, 128, 128), default_latent(320, 4, 32)
+        (3072, 77)
     """
-    return _round_to(d_model * 3 / 7, 64 if d_model >= 512 else 1)
-
-
-def _round_to(x: float, q: int) -> int:
-    return max(1, int(round(x / q)) * q)
+    q = 64 if d_model >= 512 else 1
+    latent = max(1, int(round(d_model * 3 / 7 / q)) * q)
+    if n_heads and d_v:
+        cap = (1 - DEFAULT_CUT) * break_even_latent(n_heads, d_v, d_model)
+        if latent > cap:
+            latent = int(cap // q) * q or int(cap) or 1
+    return latent
 
 
 @dataclass
@@ -62,6 +92,8 @@ class PlannerResult:
     table: pd.DataFrame  # one row per cached layer
     sweep: pd.DataFrame = field(default_factory=pd.DataFrame)  # energy and cost against D
     notes: list[str] = field(default_factory=list)
+    # Per kind (O, VO): the smallest D keeping 1 − ENERGY_ERROR of the energy in every cached layer.
+    latent_for_energy: dict[str, int] = field(default_factory=dict)
 
     @property
     def params_before(self) -> int:
@@ -127,8 +159,15 @@ def plan_latent(analysis, latent: int | None = None, sweep_points: int = 64) -> 
     if missing:
         raise MissingFigureData(f"the cache manifest lacks model dims {', '.join(missing)}", analysis.analyze_command())
     n, d_v, H = int(dims["n_heads"]), int(dims["d_v"]), int(dims["d_model"])
-    D = int(latent) if latent else default_latent(H)
+    D = int(latent) if latent else default_latent(H, n, d_v)
     notes: list[str] = []
+    break_even = break_even_latent(n, d_v, H)
+    if D >= break_even:
+        change = output_params(n, d_v, H, D) / output_params(n, d_v, H) - 1
+        notes.append(
+            f"{analysis.display}: a {D:,}-dim latent saves nothing: it is at or above the break-even "
+            f"D = {break_even:,.1f} and has {change * 100:+.1f}% output weights; pick D < {break_even:,.1f}"
+        )
     rows = []
     kinds_present = set(analysis.kinds("stacked"))
     for kind in ("O", "VO"):
@@ -151,6 +190,13 @@ def plan_latent(analysis, latent: int | None = None, sweep_points: int = 64) -> 
         )
         rows.append(row)
     table = pd.DataFrame(rows)
+    latent_for_energy = _latent_for_energy(analysis)
+    for kind, needed in latent_for_energy.items():
+        if needed >= break_even:
+            notes.append(
+                f"{analysis.display}: no latent that saves weights keeps {100 * (1 - ENERGY_ERROR):g}% of the "
+                f"stacked {kind} energy in every layer: that takes D ≥ {needed:,}, the break-even is {break_even:,.1f}"
+            )
     num_layers = int(dims.get("num_layers") or len(analysis.layers))
     if num_layers != len(analysis.layers):
         notes.append(
@@ -165,13 +211,28 @@ def plan_latent(analysis, latent: int | None = None, sweep_points: int = 64) -> 
         num_layers=num_layers,
         table=table,
         sweep=_sweep(analysis, n, d_v, H, sweep_points),
+        latent_for_energy=latent_for_energy,
         notes=notes,
     )
 
 
+def _latent_for_energy(analysis) -> dict[str, int]:
+    """Per kind (O, VO): the smallest D that keeps 1 − ENERGY_ERROR of the energy in every cached layer."""
+    out = {}
+    for kind in ("O", "VO"):
+        found = (analysis.layer_spectra[ly].spectrum(STACKED, kind) for ly in analysis.layers)
+        needed = [energy_rank(s, ENERGY_ERROR) for s in found if s is not None]
+        if needed:
+            out[kind] = int(max(needed))
+    return out
+
+
 def _sweep(analysis, n: int, d_v: int, H: int, points: int) -> pd.DataFrame:
-    """Energy kept (min and median over layers) and relative weights, for D from 1 to H."""
-    ds = np.unique(np.linspace(1, H, points).round().astype(int))
+    """Energy kept (min and median over layers) and relative weights, for D from 1 to min(H, n·d_v).
+
+    Stacked O and VO have rank ≤ min(H, n·d_v): past it no energy is left to keep and the
+    weights only grow (the break-even is always below it)."""
+    ds = np.unique(np.linspace(1, min(H, n * d_v), points).round().astype(int))
     out = {"latent": ds, "params_ratio": [output_params(n, d_v, H, int(d)) / output_params(n, d_v, H) for d in ds]}
     for kind in ("O", "VO"):
         found = (analysis.layer_spectra[ly].spectrum(STACKED, kind) for ly in analysis.layers)
@@ -208,13 +269,17 @@ def planner_rich_table(results: list[PlannerResult]):
         ("latent D", lambda r, t: f"{r.latent:,}"),
         ("break-even D", lambda r, t: f"{t['break_even_latent']:,.1f}"),
         ("layers (with spectra)", lambda r, t: f"{t['layers']} ({t['layers_with_spectra']})"),
-        ("output weights before", lambda r, t: f"{t['params_before'] / 1e6:,.1f} M"),
-        ("output weights after", lambda r, t: f"{t['params_after'] / 1e6:,.1f} M"),
-        ("change", lambda r, t: f"{t['params_change'] * 100:+.1f}%"),
+        ("output weights before", lambda r, t: si(t["params_before"])),
+        ("output weights after", lambda r, t: si(t["params_after"])),
         (
-            "GFLOP per token, before → after",
-            lambda r, t: f"{t['flops_per_token_before'] / 1e9:.3f} → {t['flops_per_token_after'] / 1e9:.3f}",
+            "change",
+            lambda r, t: f"{t['params_change'] * 100:+.1f}%" + ("" if t["params_change"] < 0 else " (no saving)"),
         ),
+        (
+            "FLOP per token, before → after",
+            lambda r, t: f"{si(t['flops_per_token_before'], 'FLOP')} → {si(t['flops_per_token_after'], 'FLOP')}",
+        ),
+        (f"D for {100 * (1 - ENERGY_ERROR):g}% energy, all layers, O / VO", lambda r, t: _latents(r)),
         ("stacked O energy kept, min / mean", lambda r, t: _pct_pair(t["energy_kept_O_min"], t["energy_kept_O_mean"])),
         (
             "stacked VO energy kept, min / mean",
@@ -224,6 +289,10 @@ def planner_rich_table(results: list[PlannerResult]):
     for label, cell in rows:
         table.add_row(label, *(cell(r, t) for r, t in zip(results, totals, strict=False)))
     return table
+
+
+def _latents(r: PlannerResult) -> str:
+    return " / ".join(f"{r.latent_for_energy[k]:,}" if k in r.latent_for_energy else "—" for k in ("O", "VO"))
 
 
 def _pct_pair(a: float, b: float) -> str:

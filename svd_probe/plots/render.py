@@ -102,8 +102,8 @@ def make_plots(
         formats: png, svg and/or pdf.
         kinds: figures from FIGURE_KINDS (default: all; `compare` only with several models).
         layer: the head-wise figure's layer (default: the middle cached layer).
-        latent: the planner's D (default 3/7 of d_model, 3072 for DeepSeek-V3).
-        rank: the fixed rank of the error figure (default 4/7 of d_model, 4096 for DeepSeek-V3).
+        latent: the planner's D (default `planner.default_latent`: 3072 for DeepSeek-V3).
+        rank: the fixed rank of the error figure (default 4/7 of the largest possible rank; 4096 for DeepSeek-V3).
         error: the energy-error threshold of the head-wise, grid, heat-map and comparison figures.
         spectra_layers, spectra_kinds: what the spectra figure draws (`options.parse_layers`,
             `options.parse_matrices(..., scope="stacked")`).

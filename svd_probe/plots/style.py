@@ -8,6 +8,7 @@ instead of living on in pyplot's figure registry.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import matplotlib
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import TextToPath
 
 from svd_probe.kinds import ALL_KINDS
 
@@ -78,6 +81,42 @@ def pct(error: float) -> str:
     return f"{error * 100:.6g}%"
 
 
+# Two measures that are easy to confuse, named apart on every figure. The energy error of rank r
+# is Σ_{i>r} σ_i² / Σ σ_i² (the share of ‖A‖_F² left out); the relative Frobenius error is its
+# square root, ‖A − A_r‖_F / ‖A‖_F. "Rank at 1% energy error" is the smallest r whose energy error
+# is ≤ 1%, i.e. whose relative Frobenius error is ≤ 10%.
+FROBENIUS_ERROR = "relative Frobenius error ‖A − A_r‖_F / ‖A‖_F"
+
+
+def energy_error(error: float) -> str:
+    """0.01 → '1% energy error'."""
+    return f"{pct(error)} energy error"
+
+
+def rank_at(error: float) -> str:
+    """0.01 → 'rank at 1% energy error'."""
+    return f"rank at {energy_error(error)}"
+
+
+_SI_PREFIXES = ("", "k", "M", "G", "T", "P")
+
+
+def si(value: float, unit: str = "") -> str:
+    """A count with 3 significant digits and an SI prefix: 163840 → '164 k', 2.35e8 FLOP → '235 MFLOP'.
+
+    matplotlib's EngFormatter fixes the number of decimals rather than of significant digits
+    ('0.2 M' and '117.4 M' alike), hence this helper.
+    """
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g} {unit}".rstrip()
+    rounded = float(f"{abs(value):.3g}")  # round first: 999,999 is '1.00 M', not '1e+03 k'
+    step = min(max(0, int(math.floor(math.log10(rounded))) // 3), len(_SI_PREFIXES) - 1)
+    mantissa = rounded / 1000**step
+    decimals = max(0, 2 - int(math.floor(math.log10(mantissa)))) if mantissa >= 1 else 3
+    sign = "-" if value < 0 else ""
+    return f"{sign}{mantissa:.{decimals}f} {_SI_PREFIXES[step]}{unit}".rstrip()
+
+
 def short_revision(analysis: Analysis) -> str:
     """'main @ 1a2b3c4d' or, when a commit was asked for, just the short commit."""
     short = analysis.commit[:8]
@@ -105,6 +144,31 @@ def title(analyses: Analysis | Iterable[Analysis], what: str, threshold: str | N
     lines = [what + (f" — {threshold}" if threshold else "")]
     lines += [model_line(a) for a in items]
     return "\n".join(lines)
+
+
+def text_width(text: str, fontsize: float | str) -> float:
+    """Width in points of one line of `text` at `fontsize`, in the current rc font (no renderer needed)."""
+    width, _, _ = TextToPath().get_text_width_height_descent(text, FontProperties(size=fontsize), ismath=False)
+    return float(width)
+
+
+def fit_lines(text: str, width_pt: float, fontsize: float | str) -> str:
+    """`text` with each line wrapped at spaces so that none is wider than `width_pt` at `fontsize`.
+
+    A word longer than the width stays whole on its own line.
+    """
+    out: list[str] = []
+    for line in text.split("\n"):
+        current = ""
+        for word in line.split(" "):
+            candidate = f"{current} {word}" if current else word
+            if current and text_width(candidate, fontsize) > width_pt:
+                out.append(current)
+                current = "  " + word  # continuation lines are indented
+            else:
+                current = candidate
+        out.append(current)
+    return "\n".join(out)
 
 
 def model_slug(analysis_or_name) -> str:
