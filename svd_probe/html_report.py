@@ -22,10 +22,12 @@ where it is written into the page, and long values are cut to `MAX_TEXT` charact
 Page size: the tables grow with layers × kinds, not with heads. The stacked and layer spectra get
 one metrics row each; per-head spectra get one summary row per (layer, kind), with the median,
 min and max over heads. The per-head rows themselves are added (in a closed `<details>`) only
-while a model has at most `max_head_rows` of them (default `MAX_HEAD_ROWS`, about 0.2 MB of
-HTML); beyond that the page says how to export them. A table row is about 0.2 KB, so a
-DeepSeek-V3 analysis (62 layers, 11 stacked or layer kinds, 7 per-head kinds) adds about 0.3 MB
-of tables to its figures; the figures are 0.1-0.4 MB each at the default 100 dpi.
+while a model has at most `max_head_rows` of them (default `MAX_HEAD_ROWS`, about 0.45 MB of
+HTML); beyond that the page says how to export them. Measured on a synthetic checkpoint with
+DeepSeek-V3's 62 layers and 128 heads (`svd_probe.testing.checkpoints.build_deepseek_v3`): a
+1.8 MB page, 0.6 MB of it tables (1,284 rows, about 0.5 KB each) and 1.2 MB the seven figures
+at the default 100 dpi (0.08-0.4 MB each as base64); its 55,552 per-head rows would have added
+24 MB (0.44 KB a row).
 
 Templating: plain f-strings with `html.escape` on every value. jinja2 is not a dependency of
 svd-probe (it arrives only with torch), and one fixed page does not need a template language.
@@ -513,10 +515,12 @@ def _model_section(a: Analysis, slug: str, figures: list[str], plan, max_head_ro
                 + "</details>"
             )
         else:
+            # export takes the options analyze does (revision, folds, cache folder).
+            export_cmd = a.analyze_command().replace("svd-probe analyze", "svd-probe export", 1)
             note = (
                 f"{a.display}: {n_rows:,} per-head metrics rows are more than this page holds "
                 f"({max_head_rows:,}, --max-head-rows); they are summarized above. All rows: "
-                f"svd-probe export {a.query.name} --format csv --out {slug}-metrics.csv"
+                f"{export_cmd} --format csv --out {slug}-metrics.csv"
             )
             page.notes.append(note)
             parts.append(f"<p>{esc(note, 4 * MAX_TEXT)}</p>")

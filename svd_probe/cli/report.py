@@ -26,7 +26,6 @@ from svd_probe.html_report import DEFAULT_DPI, MAX_HEAD_ROWS
 def report_cmd(
     models: list[str] = typer.Argument(
         ...,
-        metavar="MODEL...",
         help="Cached models (alias, Hub repo id or local folder, as given to `analyze`); several add a comparison.",
     ),
     out_file: Path = typer.Option(..., "--out", help="HTML file to write (an existing file only with --overwrite)."),
