@@ -29,6 +29,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
     os.close(fd)
+    # mkstemp makes the file private (0600); the final file gets the mode a plain open() would
+    # give it, so exports and reports are readable by whoever the user's umask allows.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

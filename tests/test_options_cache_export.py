@@ -260,3 +260,16 @@ def test_cache_query_drives_export_and_loading(tmp_path):
     assert export(q, format="jsonl", out=tmp_path / "a.jsonl") == 12
     with pytest.raises(CacheMissError, match="revision v9"):
         load_analysis(CacheQuery("deepseek-v3", revision="v9", cache_dir=tmp_path))
+
+
+def test_atomic_writes_get_the_mode_the_umask_gives(tmp_path):
+    import os
+
+    from svd_probe.atomic import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "f.txt", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
