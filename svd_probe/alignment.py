@@ -900,7 +900,8 @@ def load_alignment(
     got = _from_store(store, wanted, notes, hint + " --force")
     if not got:
         raise MissingFigureData(f"{ref.display}: no readable alignment layers cached", hint)
-    dims = manifest.get("dims") if isinstance(manifest.get("dims"), dict) else {}
+    raw_dims = manifest.get("dims")
+    dims: dict = raw_dims if isinstance(raw_dims, dict) else {}
     return Alignment(
         model=str(manifest.get("model") or ref.display),
         commit=commit,

@@ -213,16 +213,16 @@ class SvdProbeTrainAdapter:
             # O_h = o_up · o_down[:, head h]: rank at most o_latent, shared column space.
             o = torch.einsum("dl,lhe->hde", up, down.view(down.shape[0], H, D))
 
-        layer = {k_: v_.contiguous() for k_, v_ in layer_mats.items()}
+        mats = {k_: v_.contiguous() for k_, v_ in layer_mats.items()}
         return AttentionFactors(
             q=_contig(q),
             k=_contig(k),
             v=_contig(v),
             o=_contig(o),
             q_pe=_contig(q_pe),
-            layer=layer,
-            q_read=layer.get("QA"),  # mla, mla-o: q and k, v read the latents
-            kv_read=layer.get("KVA"),
+            layer=mats,
+            q_read=mats.get("QA"),  # mla, mla-o: q and k, v read the latents
+            kv_read=mats.get("KVA"),
         )
 
 
