@@ -77,8 +77,7 @@ def align_cmd(
 ) -> None:
     """Do heads write where later heads read? Principal angles between output and read subspaces.
 
-    Streams the attention weights layer by layer, computes in float64 and caches the results beside
-    the model's spectra; a rerun computes only what is missing.
+    Streams attention weights layer by layer, computes in float64, caches beside the spectra; reruns add what is missing.
     """
     from svd_probe.alignment import align, export_alignment
     from svd_probe.options import parse_choices
