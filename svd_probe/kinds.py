@@ -2,9 +2,10 @@
 
 Every spectrum svd-probe computes is named by a scope and a matrix kind, written `scope.kind`:
 
-    head.VO      one σ row per head (per key/value group for K and V)   [n_heads, k]
-    stacked.O    the heads side by side (or one above the other)        [k]
-    layer.KVA    a whole-layer matrix (MLA's latent projections)        [k]
+    head.VO        one σ row per head (per key/value group for K and V)   [n_heads, k]
+    stacked.O      the heads side by side (or one above the other)        [k]
+    layer.KVA      a whole-layer matrix (MLA's latent projections)        [k]
+    layer.KVjoint  the whole layer's map into its keys and values         [k]
 
 That string is the tensor key in the cache's layer files, and the (scope, matrix) pair of an
 export record and a metrics row. This module is the one place that spells the kinds, the scopes
@@ -26,8 +27,13 @@ from dataclasses import dataclass
 # Matrix kinds, exactly as they appear in the cache, in exports and on plots.
 HEAD_KINDS = ("Q", "Q_pe", "K", "V", "O", "VO", "QK")
 STACKED_KINDS = ("Q", "Q_pe", "K", "V", "O", "VO", "QK", "KQ")
-LAYER_KINDS = ("QA", "KVA", "KVA_pe")
-ALL_KINDS = ("Q", "Q_pe", "K", "V", "O", "VO", "QK", "KQ", "QA", "KVA", "KVA_pe")
+# Qjoint and KVjoint are the maps from the residual stream into every head's queries and into
+# every key/value head's keys and values, heads stacked as they are (not normalized); for MLA the
+# latent route (q_b·q_a, kv_b·kv_a), no-RoPE rows only (docs/reference.md §3). Their spectra say
+# how wide a latent would keep them: the input-latent planner (`svd_probe.plots.kv_planner`).
+LAYER_KINDS = ("QA", "KVA", "KVA_pe", "Qjoint", "KVjoint")
+ALL_KINDS = ("Q", "Q_pe", "K", "V", "O", "VO", "QK", "KQ", "QA", "KVA", "KVA_pe", "Qjoint", "KVjoint")
+JOINT_KINDS = ("Qjoint", "KVjoint")
 
 # Scopes: one spectrum per head, one of the heads stacked, one of a whole-layer matrix.
 HEAD, STACKED, LAYER = "head", "stacked", "layer"

@@ -198,6 +198,12 @@ def reference_spectra(f: dict, normalize: bool = True) -> dict[str, tuple[np.nda
         out[f"stacked.{kind}"] = (sv(stacked), stacked.shape)
     for kind, m in f.get("layer", {}).items():
         out[f"layer.{kind}"] = (sv(m), m.shape)
+    # The joint maps: heads' rows stacked as they are, through the latent where q, k, v read one.
+    lay = f.get("layer", {})
+    q, kv = np.vstack(f["q"]), np.vstack(f["k"] + f["v"])
+    q = q @ lay["QA"] if "QA" in lay else q
+    kv = kv @ lay["KVA"] if "KVA" in lay else kv
+    out["layer.Qjoint"], out["layer.KVjoint"] = (sv(q), q.shape), (sv(kv), kv.shape)
     return out
 
 
@@ -427,7 +433,7 @@ def test_gqa_export_has_one_record_per_group_for_k_and_v(tmp_path):
         for m in ("Q", "K", "V", "O", "VO", "QK")
     }
     assert heads == {"Q": n, "K": g, "V": g, "O": n, "VO": n, "QK": n}
-    assert n_rows == len(records) == 4 * n + 2 * g + 7
+    assert n_rows == len(records) == 4 * n + 2 * g + 7 + 2  # 7 stacked, layer.Qjoint and layer.KVjoint
     csv = tmp_path / "qwen2.csv"
     assert export(CacheQuery(str(folder), cache_dir=tmp_path / "cache"), format="csv", out=csv) == n_rows
 

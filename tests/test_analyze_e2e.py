@@ -106,6 +106,8 @@ def reference_layer(folder, config, layer, fold=True, normalize=True):
     ref["layer.QA"] = sv(t[a + "q_a_proj.weight"] * g_in)
     ref["layer.KVA"] = sv(kva[:kvl])
     ref["layer.KVA_pe"] = sv(kva[kvl:])
+    ref["layer.Qjoint"] = sv(np.vstack(Q) @ (t[a + "q_a_proj.weight"] * g_in))
+    ref["layer.KVjoint"] = sv(np.vstack(K + V) @ kva[:kvl])
     return ref
 
 

@@ -206,7 +206,7 @@ def test_spectrum_keys_parse_format_and_order():
     assert [str(x) for x in sorted(keys)] == ["head.Q", "head.VO", "stacked.O", "stacked.KQ", "layer.QA"]
     # Every kind exists in at least one scope; the string form round-trips for all of them.
     every = spectrum_keys(ALL_KINDS)
-    assert {x.kind for x in every} == set(ALL_KINDS) and len(every) == 7 + 8 + 3
+    assert {x.kind for x in every} == set(ALL_KINDS) and len(every) == 7 + 8 + 5
     assert all(SpectrumKey.parse(str(x)) == x for x in every)
     assert sort_keys(["stacked.O", "head.XY", "head.O", "junk"]) == ["head.O", "stacked.O", "head.XY", "junk"]
 
@@ -245,7 +245,7 @@ def test_layer_lists_keep_their_order_and_are_bounded():
 
 
 def test_matrices_in_one_scope():
-    assert parse_matrices(None, scope="layer") == ["QA", "KVA", "KVA_pe"]
+    assert parse_matrices(None, scope="layer") == ["QA", "KVA", "KVA_pe", "Qjoint", "KVjoint"]
     assert parse_matrices("kq,O", scope="stacked", keep_order=True) == ["KQ", "O"]
     with pytest.raises(BadOptionError, match="QA has no stacked spectra"):
         parse_matrices("QA", scope="stacked")

@@ -20,6 +20,16 @@ and query head h reads group `kv_group[h]` (MHA/MLA: kv_group[h] == h). The fuse
     QK_h = q[h].T @ k[kv_group[h]]        : [in_q, in_k]   (RoPE parts excluded)
 
 Whole-layer matrices (MLA's QA, KVA, KVA_pe) go in `layer`, oriented [out, in].
+
+Where q (or k and v) read a latent rather than the residual stream, `q_read` (`kv_read`) is the
+map from the residual stream into that latent, [in_q, d_model] ([in_kv, d_model]): MLA's q_a_proj
+and kv_a_proj_with_mqa's latent rows, input norm folded. The joint maps into every head's queries
+and into every key/value head's keys and values follow (docs/reference.md §3):
+
+    Qjoint  = [q_0; q_1; ...] @ q_read              : [n·d_qk, d_model]
+    KVjoint = [k_0; ...; v_0; ...] @ kv_read        : [g·(d_qk + d_v), d_model]
+
+with `q_read` / `kv_read` None meaning the identity (q, k, v already read the residual stream).
 All tensors are float32 on the analysis device, with norms already folded when asked.
 
 Before any byte is read, the adapter says once per layer what it will read: a `LayerPlan` with
@@ -52,6 +62,9 @@ class AttentionFactors:
     q_pe: torch.Tensor | None = None
     kv_group: torch.Tensor | None = None  # [n_heads] long; None means head h uses group h
     layer: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The residual stream → latent maps that q and k, v read through; None: they read it directly.
+    q_read: torch.Tensor | None = None
+    kv_read: torch.Tensor | None = None
 
     @property
     def n_heads(self) -> int:

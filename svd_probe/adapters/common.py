@@ -294,18 +294,18 @@ class RoleNamedAdapter:
 
 
 # The kinds of a plain MHA/GQA layout: no decoupled RoPE, no latent projections.
-MHA_KINDS = ("Q", "K", "V", "O", "VO", "QK", "KQ")
+MHA_KINDS = ("Q", "K", "V", "O", "VO", "QK", "KQ", "Qjoint", "KVjoint")
 
 
 def projection_roles(kinds: set[str]) -> set[str]:
     """Which of a layer's q, k, v, o projections these matrix kinds read: the fused VO reads v and
-    o, QK and KQ read q and k, every other kind its own projection."""
+    o, QK and KQ read q and k, the joint KVjoint reads k and v, every other kind its own projection."""
     roles: set[str] = set()
-    if kinds & {"Q", "QK", "KQ"}:
+    if kinds & {"Q", "QK", "KQ", "Qjoint"}:
         roles.add("q")
-    if kinds & {"K", "QK", "KQ"}:
+    if kinds & {"K", "QK", "KQ", "KVjoint"}:
         roles.add("k")
-    if kinds & {"V", "VO"}:
+    if kinds & {"V", "VO", "KVjoint"}:
         roles.add("v")
     if kinds & {"O", "VO"}:
         roles.add("o")

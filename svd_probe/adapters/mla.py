@@ -71,7 +71,7 @@ class MLAAdapter(RoleNamedAdapter):
         return self._dims
 
     def supported_kinds(self) -> tuple[str, ...]:
-        kinds = ("Q", "Q_pe", "K", "V", "O", "VO", "QK", "KQ", "KVA", "KVA_pe")
+        kinds = ("Q", "Q_pe", "K", "V", "O", "VO", "QK", "KQ", "KVA", "KVA_pe", "Qjoint", "KVjoint")
         return kinds + (("QA",) if self.has_q_latent else ())
 
     # --- which tensors -----------------------------------------------------------------------
@@ -111,18 +111,19 @@ class MLAAdapter(RoleNamedAdapter):
 
     def _roles(self, kinds: set[str], fold_norms: bool) -> set[str]:
         roles: set[str] = set()
-        if kinds & {"Q", "Q_pe", "QK", "KQ"}:
+        if kinds & {"Q", "Q_pe", "QK", "KQ", "Qjoint"}:
             if self.has_q_latent:
                 roles |= {"q_b"} | ({"q_a_norm"} if fold_norms else set())
             else:
                 roles |= {"q"} | ({"input_norm"} if fold_norms else set())
-        if kinds & {"K", "V", "VO", "QK", "KQ"}:
+        if kinds & {"K", "V", "VO", "QK", "KQ", "KVjoint"}:
             roles |= {"kv_b"} | ({"kv_a_norm"} if fold_norms else set())
         if kinds & {"O", "VO"}:
             roles.add("o")
-        if "QA" in kinds and self.has_q_latent:
+        # The joint maps run through the latents: Qjoint = q_b·q_a, KVjoint = kv_b·kv_a (latent rows).
+        if kinds & {"QA", "Qjoint"} and self.has_q_latent:
             roles |= {"q_a"} | ({"input_norm"} if fold_norms else set())
-        if kinds & {"KVA", "KVA_pe"}:
+        if kinds & {"KVA", "KVA_pe", "KVjoint"}:
             roles |= {"kv_a"} | ({"input_norm"} if fold_norms else set())
         return roles
 
@@ -162,4 +163,14 @@ class MLAAdapter(RoleNamedAdapter):
         if "kv_a" in t:
             w = fold(t["kv_a"], input_norm)
             layer_mats["KVA"], layer_mats["KVA_pe"] = w[: d.kv_latent], w[d.kv_latent :]
-        return AttentionFactors(q=q, k=k, v=v, o=o, q_pe=q_pe, layer=layer_mats)
+        # q and k, v read the latents, not the residual stream: the joint maps go through these.
+        return AttentionFactors(
+            q=q,
+            k=k,
+            v=v,
+            o=o,
+            q_pe=q_pe,
+            layer=layer_mats,
+            q_read=layer_mats.get("QA"),
+            kv_read=layer_mats.get("KVA"),
+        )

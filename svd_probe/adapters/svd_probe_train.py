@@ -43,7 +43,7 @@ from svd_probe.adapters.base import AttentionFactors, LayerPlan, ModelDims, Tens
 from svd_probe.adapters.common import MAX_HEADS, MAX_LAYERS, ConfigFields, check_layer_count, find_layers
 from svd_probe.errors import BadConfigError
 
-_QK_KINDS = {"Q", "Q_pe", "K", "QK", "KQ"}
+_QK_KINDS = {"Q", "Q_pe", "K", "QK", "KQ", "Qjoint"}
 _PROBE = "attn_norm.weight"
 
 
@@ -109,7 +109,7 @@ class SvdProbeTrainAdapter:
         kinds = ["Q"] + (["Q_pe"] if self.partial_rope else []) + ["K", "V", "O", "VO", "QK", "KQ"]
         if self.variant != "mha":
             kinds += ["QA", "KVA"]
-        return tuple(kinds)
+        return tuple(kinds + ["Qjoint", "KVjoint"])
 
     # -- tensors -----------------------------------------------------------------------------
 
@@ -142,8 +142,8 @@ class SvdProbeTrainAdapter:
     def _short_names(self, kinds: set[str], fold_norms: bool) -> list[str]:
         names: list[str] = []
         need_q = bool(kinds & (_QK_KINDS - {"K"}))
-        need_k = bool(kinds & {"K", "QK", "KQ"})
-        need_v = bool(kinds & {"V", "VO"})
+        need_k = bool(kinds & {"K", "QK", "KQ", "KVjoint"})
+        need_v = bool(kinds & {"V", "VO", "KVjoint"})
         need_o = bool(kinds & {"O", "VO"})
         if self.variant == "mha":
             if need_q or need_k or need_v:
@@ -159,7 +159,7 @@ class SvdProbeTrainAdapter:
                 names.append("attn.kv_up.weight")
                 if fold_norms:
                     names.append("attn.kv_norm.weight")
-            if kinds & {"QA", "KVA"}:
+            if kinds & {"QA", "KVA", "Qjoint", "KVjoint"}:  # the joint maps run through the latents
                 names.append("attn.down.weight")
                 if fold_norms:
                     names.append("attn_norm.weight")
@@ -243,13 +243,16 @@ class SvdProbeTrainAdapter:
                 gh = g.float() * H**-0.5
                 o = torch.einsum("dl,hl,lhe->hde", up, gh, down.view(down.shape[0], H, D))
 
+        mats = {k_: v_.contiguous() for k_, v_ in layer_mats.items()}
         return AttentionFactors(
             q=_contig(q),
             k=_contig(k),
             v=_contig(v),
             o=_contig(o),
             q_pe=_contig(q_pe),
-            layer={k_: v_.contiguous() for k_, v_ in layer_mats.items()},
+            layer=mats,
+            q_read=mats.get("QA"),  # mla, mla-o: q and k, v read the latents
+            kv_read=mats.get("KVA"),
         )
 
 

@@ -52,7 +52,8 @@ def analyze_cmd(
     matrices: str | None = typer.Option(
         None,
         "--matrices",
-        help="Matrix kinds, comma-separated, from Q,Q_pe,K,V,O,VO,QK,KQ,QA,KVA,KVA_pe (default: all the model has).",
+        help="Matrix kinds, comma-separated, from Q,Q_pe,K,V,O,VO,QK,KQ,QA,KVA,KVA_pe,Qjoint,KVjoint "
+        "(default: all the model has).",
         show_default=False,
     ),
     fold_norms: bool = FoldOpt,
@@ -189,7 +190,8 @@ def plot_cmd(
     kind: list[str] | None = typer.Option(
         None,
         "--kind",
-        help="Figures: layerwise, headwise, grid, heatmap, spectra, error, planner, compare; repeat or comma-separate (default: all).",
+        help="Figures: layerwise, headwise, grid, heatmap, spectra, error, planner, kv-planner, alignment, compare; "
+        "repeat or comma-separate (default: all; alignment when `svd-probe align` ran).",
         show_default=False,
     ),
     revision: str = RevisionOpt,
@@ -235,10 +237,16 @@ def plot_cmd(
         help="Stacked kinds of the spectra figure (default: O,VO,Q,K,V,QK).",
         show_default=False,
     ),
+    energy: float = typer.Option(
+        0.99, "--energy", help="Share of Σσ² the kv-planner's latent keeps (0.99: rank at 1% error)."
+    ),
+    kv_dtype: str = typer.Option(
+        "bf16", "--kv-dtype", help="KV-cache dtype the kv-planner prices: bf16, fp16, fp8, fp32."
+    ),
     dpi: int = typer.Option(150, "--dpi", min=10, max=1200, help="Resolution of png files."),
     data: bool = typer.Option(False, "--data", help="Also write each figure's data as CSV beside it."),
 ) -> None:
-    """Draw effective-rank figures of cached analyses (offline): layer-wise, head-wise, heat maps, spectra, planner."""
+    """Draw effective-rank figures of cached analyses (offline): layer-wise, head-wise, heat maps, spectra, planners."""
     from svd_probe.options import parse_layers, parse_matrices
     from svd_probe.plots import make_plots, planner_rich_table
 
@@ -262,9 +270,16 @@ def plot_cmd(
         spectra_kinds=kinds_of_spectra,
         dpi=dpi,
         write_data=data,
+        energy=energy,
+        kv_dtype=kv_dtype,
     )
     if report.plans:
         out.print(planner_rich_table(report.plans))
+    if report.kv_plans:
+        from svd_probe.plots.kv_planner import kv_planner_rich_table
+
+        for plan in report.kv_plans:
+            out.print(kv_planner_rich_table(plan))
     print_notes(report.notes)
     if not report.files:
         err.print("no figure could be drawn from the cache (see the notes above)")

@@ -14,12 +14,25 @@ from pathlib import Path
 from svd_probe.errors import BadOptionError
 from svd_probe.options import parse_choices
 from svd_probe.plots import figures
+from svd_probe.plots.kv_planner import DEFAULT_ENERGY, DEFAULT_KV_DTYPE, KVPlan, kv_planner_figure
 from svd_probe.plots.planner import PlannerResult
 from svd_probe.plots.style import model_slug, plot_style
 from svd_probe.results import Analysis, CacheQuery, load_analysis
 
-# `--kind` names, in drawing order. `compare` needs two models or more.
-FIGURE_KINDS = ("layerwise", "headwise", "grid", "heatmap", "spectra", "error", "planner", "compare")
+# `--kind` names, in drawing order. `compare` needs two models or more; `alignment` a cached
+# `svd-probe align` run (drawn by default only when there is one).
+FIGURE_KINDS = (
+    "layerwise",
+    "headwise",
+    "grid",
+    "heatmap",
+    "spectra",
+    "error",
+    "planner",
+    "kv-planner",
+    "alignment",
+    "compare",
+)
 FORMATS = ("png", "svg", "pdf")
 DEFAULT_OUT_ROOT = Path("plots")
 
@@ -32,6 +45,7 @@ class PlotReport:
     notes: list[str] = field(default_factory=list)
     results: list[figures.FigureResult] = field(default_factory=list)
     plans: list[PlannerResult] = field(default_factory=list)
+    kv_plans: list[KVPlan] = field(default_factory=list)
     out_dirs: dict[str, Path] = field(default_factory=dict)
 
     def result(self, kind: str, model: str | None = None) -> figures.FigureResult:
@@ -92,6 +106,8 @@ def make_plots(
     dpi: float = 150,
     write_data: bool = False,
     keep_figures: bool = False,
+    energy: float = DEFAULT_ENERGY,
+    kv_dtype: str = DEFAULT_KV_DTYPE,
 ) -> PlotReport:
     """Draw the selected figures of one or more cached models and write them to disk.
 
@@ -110,6 +126,7 @@ def make_plots(
         dpi: resolution of png files.
         write_data: also write every figure's data as CSV beside it (the planner's always is).
         keep_figures: keep the matplotlib Figures in the report (closed after saving otherwise).
+        energy, kv_dtype: the kv-planner's energy kept (0.99) and KV-cache dtype (bf16, fp16, fp8, fp32).
 
     Returns:
         A `PlotReport`: files written, notes (figures skipped and why, damaged layers left out),
@@ -159,6 +176,8 @@ def make_plots(
             ),
             "error": lambda: figures.error_at_rank(a, rank, dpi=dpi),
             "planner": lambda: figures.planner_figure(a, latent, dpi=dpi),
+            "kv-planner": lambda: kv_planner_figure(a, energy, kv_dtype, dpi=dpi),
+            "alignment": lambda: _alignment_figure(a, layer, dpi),
         }
         for kind in kinds:
             if kind not in draw:
@@ -166,7 +185,8 @@ def make_plots(
             try:
                 result = draw[kind]()
             except figures.MissingFigureData as e:
-                report.notes.append(f"skipped {kind}: {e}")
+                if kind != "alignment" or kinds_asked:
+                    report.notes.append(f"skipped {kind}: {e}")
                 continue
             emit(result, folder, a.display)
             if kind == "planner":
@@ -175,6 +195,8 @@ def make_plots(
                 csv = folder / f"planner-D{plan.latent}.csv"
                 plan.to_csv_frame().to_csv(csv, index=False)
                 report.files.append(csv)
+            if kind == "kv-planner":
+                report.kv_plans.append(result.extra["plan"])
 
     if "compare" in kinds:
         if len(analyses) < 2:
@@ -186,3 +208,11 @@ def make_plots(
             except figures.MissingFigureData as e:
                 report.notes.append(f"skipped compare: {e}")
     return report
+
+
+def _alignment_figure(analysis: Analysis, layer: int | None, dpi: float) -> figures.FigureResult:
+    """The figure of the `svd-probe align` run cached beside this analysis (MissingFigureData if none)."""
+    from svd_probe.alignment import load_alignment
+    from svd_probe.plots.alignment import alignment_figure
+
+    return alignment_figure(load_alignment(analysis.query), layer=layer, dpi=dpi)

@@ -38,6 +38,8 @@ KIND_COLORS: dict[str, str] = {
     "QA": "#BCBD22",
     "KVA": "#17BECF",
     "KVA_pe": "#9467BD",
+    "Qjoint": "#F781BF",
+    "KVjoint": "#1B9E77",
 }
 assert set(KIND_COLORS) == set(ALL_KINDS), "every matrix kind needs a colour"
 

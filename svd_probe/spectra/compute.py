@@ -23,6 +23,9 @@ d_qk, d_rope or d_v), and everything else follows from them:
     QK      q_hᵀ     k_g      σ(F_Q,h·F_K,gᵀ) d_qk²     rows F_Q,h·k_g/s_h          [n·d_qk, in_k] (not n·in_q)
     KQ      (the columns of the QK stack)               columns q_hᵀ·F_K,gᵀ/s_h     [in_q, n·d_qk] (not n·in_k)
     QA, KVA, KVA_pe (layer scope): the matrix itself    [out, in]
+    Qjoint  (layer) [q_0; q_1; ...]·q_read: σ(F_J·q_read), F_J the thin factor of the row stack  [n·d_qk, in]
+    KVjoint (layer) [k_0; ...; v_0; ...]·kv_read, the same way                                [g·(d_qk+d_v), in]
+                    (without a read map, the row stack itself)
 
 where F_X,h is the thin factor of head h (X_h X_hᵀ = F_XᵀF_X for a right factor, X_hᵀX_h for a
 left one), g the key/value group of head h, and s_h the head's own largest σ of that kind.
@@ -61,7 +64,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from svd_probe.adapters.base import AttentionFactors
-from svd_probe.kinds import HEAD, LAYER, SpectrumKey, parse_key, spectrum_keys
+from svd_probe.kinds import HEAD, JOINT_KINDS, LAYER, SpectrumKey, parse_key, spectrum_keys
 from svd_probe.spectra.solvers import SOLVERS, Solver, solver_unavailable, svdvals
 
 __all__ = [
@@ -558,15 +561,35 @@ class _LayerProblems:
                     have[left] if left else None, have[right] if right else None, grp if pair else None
                 )
         self.layer = {name: w for name, w in f.layer.items() if w is not None}
+        self.joint_parts = {"Qjoint": ((f.q,), f.q_read), "KVjoint": ((f.k, f.v), f.kv_read)}
+        self._joint: dict[str, _Stack] = {}
 
     def stack(self, key: str) -> _Stack:
         scope, _, kind = key.partition(".")
         if scope == "stacked":
             name, by = _STACKING[kind]
             return self.heads[name].stacked(by, self.normalize)
+        if scope == "layer" and kind in JOINT_KINDS:
+            if kind not in self._joint:
+                self._joint[kind] = self.joint(kind)
+            return self._joint[kind]
         if scope == "layer":
             return _Stack.of_matrix(self.layer[kind])
         raise KeyError(key)
+
+    def joint(self, kind: str) -> _Stack:
+        """Qjoint or KVjoint: the heads' rows stacked as they are (not normalized), then through the
+        read map. σ(J·P) = σ(F_J·P) with F_Jᵀ F_J = JᵀJ (the module's identity), so DeepSeek-V3's
+        KVjoint [32768, 7168] is solved as [512, 7168]; its rank is at most kv_lora_rank."""
+        parts, read = self.joint_parts[kind]
+        rows = torch.cat([p.reshape(-1, p.shape[-1]) for p in parts if p is not None])
+        rows = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+        if read is None:
+            return _Stack.of_matrix(rows)
+        f = thin_factor(rows[None], "cols", self.cfg.factor, self.cfg.chunk_bytes)[0]
+        m = f @ read.to(torch.float64)
+        full = (int(rows.shape[0]), int(read.shape[1]))
+        return _Stack(int(m.shape[0]), 1, int(m.shape[1]), lambda i0, i1, dt: m[i0:i1, None, :].to(dt), full, m.device)
 
     def shape(self, key: str) -> tuple[int, int]:
         """The full matrix shape of a key, from tensor shapes alone (nothing is computed)."""
@@ -614,12 +637,16 @@ def requested_keys(factors: AttentionFactors, kinds) -> list[str]:
         "VO": have_o and have_v,
         "QK": have_q and have_k,
         "KQ": have_q and have_k,
+        "Qjoint": have_q,
+        "KVjoint": have_k and have_v,
     }
     scoped = {parse_key(k) for k in kinds if "." in k}
     keys = {k for k in scoped if k is not None} | set(spectrum_keys(k for k in kinds if "." not in k))
 
     def available(key: SpectrumKey) -> bool:
-        return factors.layer.get(key.kind) is not None if key.scope == LAYER else needs[key.kind]
+        if key.scope == LAYER and key.kind not in JOINT_KINDS:
+            return factors.layer.get(key.kind) is not None
+        return needs[key.kind]
 
     return [str(key) for key in sorted(keys) if available(key)]
 
@@ -837,7 +864,7 @@ def layer_spectra(
 ) -> Result:
     """Spectra of one layer: {"head.VO": (σ [n, k], (m, n)), "stacked.O": (σ [k], (m, n)), ...}.
 
-    `kinds`: matrix names (Q, Q_pe, K, V, O, VO, QK, KQ, QA, KVA, KVA_pe: each in every scope it
+    `kinds`: matrix names (Q, Q_pe, K, V, O, VO, QK, KQ, QA, KVA, KVA_pe, Qjoint, KVjoint: each in every scope it
     exists in) and/or scoped keys such as "stacked.VO". Kinds whose factors are missing are left
     out. σ are float64 CPU tensors, descending, min(m, n) per spectrum; head-scope K and V have one
     row per key/value group. Runs on the device of the factors.
