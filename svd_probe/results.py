@@ -92,6 +92,11 @@ class Analysis:
         return self.query.options
 
     @property
+    def control(self) -> str:
+        """The randomized control these spectra are of ("gaussian", "shuffled"), or "none"."""
+        return self.options.control or "none"
+
+    @property
     def display(self) -> str:
         return self.manifest.get("model") or self.ref.display
 
@@ -158,6 +163,7 @@ class Analysis:
         return {
             "model": self.display,
             "revision": self.commit,
+            "control": self.control,
             "layer": layer,
             "matrix": key.kind,
             "scope": key.scope,
@@ -188,6 +194,7 @@ class Analysis:
                 frame = {
                     "model": [self.display] * n,
                     "revision": [self.commit] * n,
+                    "control": [self.control] * n,
                     "layer": np.full(n, layer),
                     "matrix": [key.kind] * n,
                     "scope": [key.scope] * n,
@@ -216,6 +223,8 @@ def analyze_command(query: CacheQuery, layers: str | None = None, matrices: str 
         parts.append("--no-normalize-stacked")
     if query.options.layernorm_fold != "exact":
         parts += ["--layernorm-fold", query.options.layernorm_fold]
+    if query.options.control is not None:
+        parts += ["--control", query.options.control]
     if layers:
         parts += ["--layers", layers]
     if matrices:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from svd_probe.cli import analysis as _analysis  # noqa: F401  (registers models, analyze, export, plot)
+from svd_probe.cli import diff as _diff  # noqa: F401  (registers diff)
 from svd_probe.cli import train as _train  # noqa: F401  (registers train, compare)
 from svd_probe.cli.app import app, err, out
 from svd_probe.errors import SvdProbeError

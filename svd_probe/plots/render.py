@@ -92,6 +92,7 @@ def make_plots(
     dpi: float = 150,
     write_data: bool = False,
     keep_figures: bool = False,
+    diff: CacheQuery | str | None = None,
 ) -> PlotReport:
     """Draw the selected figures of one or more cached models and write them to disk.
 
@@ -110,6 +111,8 @@ def make_plots(
         dpi: resolution of png files.
         write_data: also write every figure's data as CSV beside it (the planner's always is).
         keep_figures: keep the matplotlib Figures in the report (closed after saving otherwise).
+        diff: TUNED: draw the figures of the cached diff TUNED − models[0] instead
+            (`svd_probe.plots.diff.make_diff_plots`; kinds from its DIFF_FIGURE_KINDS).
 
     Returns:
         A `PlotReport`: files written, notes (figures skipped and why, damaged layers left out),
@@ -120,6 +123,22 @@ def make_plots(
     """
     if not models:
         raise BadOptionError("no model given", "Name at least one cached model, e.g. `svd-probe plot deepseek-v3`.")
+    if diff is not None:
+        from svd_probe.plots.diff import make_diff_plots
+
+        if len(models) != 1:
+            raise BadOptionError("--diff takes one BASE model", "Run e.g. `svd-probe plot BASE --diff TUNED`.")
+        return make_diff_plots(
+            models[0],
+            diff,
+            out_dir,
+            formats,
+            kinds,
+            error=error,
+            dpi=dpi,
+            write_data=write_data,
+            keep_figures=keep_figures,
+        )
     formats = parse_choices(formats, FORMATS, "format")
     kinds_asked = kinds is not None and parse_choices(kinds, FIGURE_KINDS, "figure kind") != list(FIGURE_KINDS)
     kinds = parse_choices(kinds, FIGURE_KINDS, "figure kind")
