@@ -160,10 +160,12 @@ class Analysis:
                     yield self._record(layer, key, None, s)
 
     def _record(self, layer: int, key: SpectrumKey, head: int | None, s) -> dict:
+        # A control's records say so; the real analysis' records keep the fields they always had.
+        control = {"control": self.control} if self.options.control else {}
         return {
             "model": self.display,
             "revision": self.commit,
-            "control": self.control,
+            **control,
             "layer": layer,
             "matrix": key.kind,
             "scope": key.scope,
@@ -194,11 +196,11 @@ class Analysis:
                 frame = {
                     "model": [self.display] * n,
                     "revision": [self.commit] * n,
-                    "control": [self.control] * n,
                     "layer": np.full(n, layer),
                     "matrix": [key.kind] * n,
                     "scope": [key.scope] * n,
                     "head": np.arange(n) if key.scope == HEAD else np.full(n, -1),
+                    "control": [self.control] * n,
                     "m": np.full(n, shape[0]),
                     "n": np.full(n, shape[1]),
                     **cols,

@@ -370,3 +370,25 @@ def test_export_and_plot_of_a_diff(tmp_path):
     assert [p.name for p in (tmp_path / "p2").iterdir()] == ["delta-rank.svg"]
     # The base's own analysis is untouched by the diff.
     assert load_analysis(CacheQuery(str(fb), cache_dir=cache)).layers == [0, 1]
+
+
+def test_offline_diff_answers_from_the_cache(tmp_path, hub, monkeypatch):
+    from huggingface_hub import constants
+
+    from svd_probe.errors import OfflineCacheMissError
+
+    hub.add_repo("test/base", write_layout(tmp_path / "b", "llama"))
+    hub.add_repo("test/tuned", write_layout(tmp_path / "t", "llama", seed=5))
+    job = DiffJob("test/base", "test/tuned", endpoint=hub.endpoint, cache_dir=tmp_path / "c", device="cpu")
+    online = diff(dataclasses.replace(job, layers="0", matrices="VO"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.reset_records()
+    offline = diff(dataclasses.replace(job, layers="0", matrices="VO"))
+    assert hub.records == [] and offline.stats["offline"] and offline.computed == []
+    assert "offline mode" in offline.notes[0]
+    np.testing.assert_array_equal(
+        offline.analysis.layer_spectra[0].sigma["head.VO"], online.analysis.layer_spectra[0].sigma["head.VO"]
+    )
+    with pytest.raises(OfflineCacheMissError) as ei:
+        diff(dataclasses.replace(job, layers="0-1", matrices="VO"))
+    assert "cannot compute layer 1" in ei.value.message

@@ -68,10 +68,9 @@ def diff_cmd(
 ) -> None:
     """Spectra of the weight difference TUNED − BASE, layer by layer: per head, stacked, per layer.
 
-    Both checkpoints are streamed once, attention tensors only; fused VO and QK deltas are the
-    differences of the fused maps, computed through factors. Cached like `analyze` (Ctrl-C keeps
-    finished layers; rerun to resume); `export BASE --diff TUNED` and `plot BASE --diff TUNED`
-    read the result.
+    Each checkpoint is streamed once, attention tensors only; VO and QK deltas come through factors.
+
+    Cached like `analyze` (Ctrl-C keeps finished layers); read by `export/plot BASE --diff TUNED`.
     """
     from svd_probe.cli.analysis import print_notes
     from svd_probe.diff import DiffJob, diff
