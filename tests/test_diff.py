@@ -349,7 +349,7 @@ def test_export_and_plot_of_a_diff(tmp_path):
         vo = df[(df["layer"] == 0) & (df["scope"] == "head") & (df["matrix"] == "VO")].sort_values("head")
         np.testing.assert_allclose(vo["rel_delta_norm"], expected[0]["rel"]["head.VO"], rtol=1e-6)
     # Plot: the two figures and the data they drew.
-    report = make_plots([CacheQuery(str(fb), cache_dir=cache)], out_dir=tmp_path / "plots", diff=str(ft))
+    report = make_plots([CacheQuery(str(fb), cache_dir=cache)], out_dir=tmp_path / "plots", diff=str(ft), dpi=50)
     assert sorted(p.name for p in report.files) == ["delta-norm-heads.png", "delta-rank.png"]
     ranks = report.result("delta-rank").data
     for layer in (0, 1):
