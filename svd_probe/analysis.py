@@ -30,6 +30,7 @@ from svd_probe.kinds import SpectrumKey, spectrum_keys
 from svd_probe.models import ModelRef, is_commit, resolve_model
 from svd_probe.options import parse_layers, parse_matrices, pick_device, select_layers
 from svd_probe.results import Analysis, CacheQuery, cache_repo, read_layers
+from svd_probe.spectra.controls import CONTROL_SEED, apply_control, check_control
 
 
 @dataclass
@@ -55,6 +56,9 @@ class AnalyzeJob:
     device: str = "auto"
     force: bool = False
     concurrency: int = 8
+    # "gaussian" or "shuffled": analyze a randomized copy of every projection weight instead
+    # (`svd_probe.spectra.controls`), cached as an analysis of its own.
+    control: str | None = None
     # Passed to the range reader (retries, backoff, max_gap, chunk_size, timeout).
     read_options: dict = field(default_factory=dict)
 
@@ -62,7 +66,10 @@ class AnalyzeJob:
     def options(self) -> SpectraOptions:
         """The options that change the numbers, hence the cache key."""
         return SpectraOptions(
-            fold_norms=self.fold_norms, normalize_stacked=self.normalize_stacked, layernorm_fold=self.layernorm_fold
+            fold_norms=self.fold_norms,
+            normalize_stacked=self.normalize_stacked,
+            layernorm_fold=self.layernorm_fold,
+            control=check_control(self.control),
         )
 
     def query(self, model: str | ModelRef | None = None) -> CacheQuery:
@@ -241,6 +248,7 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
     bytes_before = source.bytes_fetched
     t_layer = time.perf_counter()
     for layer, tensors in stream_layers(source, todo, plan_for_layer, device):
+        tensors = apply_control(tensors, options.control, CONTROL_SEED)  # --control: randomized weights
         factors = adapter.factors(layer, tensors, kind_set, request.fold_norms, options.layernorm_fold)
         spectra = layer_spectra(factors, kind_set, normalize_stacked=request.normalize_stacked)
         # Each spectrum records the storage dtype of the weights the plan computes it from.

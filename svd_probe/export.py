@@ -18,7 +18,7 @@ from pathlib import Path
 from svd_probe.atomic import atomic_write
 from svd_probe.errors import BadOptionError, DiskWriteError, OutputExistsError
 from svd_probe.models import ModelRef
-from svd_probe.results import CacheQuery, load_analysis
+from svd_probe.results import Analysis, CacheQuery, load_analysis
 from svd_probe.spectra.metrics import DEFAULT_ERRORS
 
 FORMATS = ("jsonl", "csv", "parquet")
@@ -44,6 +44,7 @@ def export(
     at_rank: int | None = None,
     errors: tuple[float, ...] = DEFAULT_ERRORS,
     overwrite: bool = False,
+    diff: CacheQuery | str | ModelRef | None = None,
 ) -> int:
     """Write one file from the cache; reads no network.
 
@@ -54,6 +55,9 @@ def export(
         at_rank: also export the relative error at this fixed rank.
         errors: energy errors of the rank columns (0.01 → rank_1pct).
         overwrite: replace an existing `out`.
+        diff: TUNED: write the cached diff TUNED − `query` (`svd_probe.diff.load_diff`) instead,
+            with the same columns plus base_model, base_revision, tuned_model, tuned_revision
+            (and base_frobenius, rel_delta_norm in the metrics).
 
     Returns:
         The number of rows written.
@@ -65,7 +69,13 @@ def export(
     if fmt not in FORMATS:
         raise BadOptionError(f"unknown --format {format!r}", "Use jsonl, csv or parquet.")
     out = check_output_file(out, overwrite)
-    analysis = load_analysis(query)
+    analysis: Analysis
+    if diff is not None:
+        from svd_probe.diff import load_diff
+
+        analysis = load_diff(query, diff)
+    else:
+        analysis = load_analysis(query)
     n = 0
 
     def write(tmp: str) -> None:

@@ -92,6 +92,11 @@ class Analysis:
         return self.query.options
 
     @property
+    def control(self) -> str:
+        """The randomized control these spectra are of ("gaussian", "shuffled"), or "none"."""
+        return self.options.control or "none"
+
+    @property
     def display(self) -> str:
         return self.manifest.get("model") or self.ref.display
 
@@ -155,9 +160,12 @@ class Analysis:
                     yield self._record(layer, key, None, s)
 
     def _record(self, layer: int, key: SpectrumKey, head: int | None, s) -> dict:
+        # A control's records say so; the real analysis' records keep the fields they always had.
+        control = {"control": self.control} if self.options.control else {}
         return {
             "model": self.display,
             "revision": self.commit,
+            **control,
             "layer": layer,
             "matrix": key.kind,
             "scope": key.scope,
@@ -192,6 +200,7 @@ class Analysis:
                     "matrix": [key.kind] * n,
                     "scope": [key.scope] * n,
                     "head": np.arange(n) if key.scope == HEAD else np.full(n, -1),
+                    "control": [self.control] * n,
                     "m": np.full(n, shape[0]),
                     "n": np.full(n, shape[1]),
                     **cols,
@@ -216,6 +225,8 @@ def analyze_command(query: CacheQuery, layers: str | None = None, matrices: str 
         parts.append("--no-normalize-stacked")
     if query.options.layernorm_fold != "exact":
         parts += ["--layernorm-fold", query.options.layernorm_fold]
+    if query.options.control is not None:
+        parts += ["--control", query.options.control]
     if layers:
         parts += ["--layers", layers]
     if matrices:

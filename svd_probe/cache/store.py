@@ -7,6 +7,8 @@ Layout under the cache root (`--cache-dir`, else `$SVD_PROBE_CACHE`, else the us
         manifest.json                                 config, options, versions, per-layer keys and timings
         layer-0007.safetensors                        spectra of layer 7
         .lock                                         held while a process updates this folder
+    <root>/<repo key>/<commit>/diff/<tuned repo key>/<tuned commit>/<options key>/
+                                                      spectra of a weight difference (`DiffCache`)
 
 The repo key is `models--org--name` for Hub repos (as in huggingface_hub's cache) and
 `local--<folder name>-<hash of its path>` for local folders, whose "commit" is a fingerprint of
@@ -123,6 +125,14 @@ class SpectraOptions:
     # How a pre-LayerNorm folds (GPT-2): "exact" W·diag(g)·P, or "gain" W·diag(g) as svd-probe 0.1
     # did. `analyze` sets "exact" for every other model, whose folds these two never tell apart.
     layernorm_fold: str = "exact"
+    # A randomized control (`svd_probe.spectra.controls.CONTROL_MODES`): every projection weight
+    # replaced by its randomized copy before folding and fusion; None analyses the weights as they are.
+    control: str | None = None
+
+    def __post_init__(self) -> None:
+        # The mode names a folder: nothing but a lower-case word (which words, `controls` decides).
+        if self.control is not None and not (self.control.isascii() and self.control.isalpha()):
+            raise ValueError(f"not a control mode: {self.control!r}")
 
     def key(self) -> str:
         fields = asdict(self)
@@ -130,10 +140,14 @@ class SpectraOptions:
             # Left out of the hash at its default, so keys from before the field existed still
             # name the same spectra for every RMSNorm and BERT model.
             del fields["layernorm_fold"]
+        if self.control is None:  # likewise: the real weights keep the keys they always had
+            del fields["control"]
         blob = json.dumps({"v": CACHE_FORMAT_VERSION, **fields}, sort_keys=True)
         tag = ("fold" if self.fold_norms else "nofold") + "-" + ("norm" if self.normalize_stacked else "raw")
         if self.layernorm_fold != "exact":
             tag += f"-ln{self.layernorm_fold}"
+        if self.control is not None:
+            tag += f"-ctl{self.control}"
         return f"{tag}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
@@ -465,3 +479,39 @@ class SpectraCache:
         entry = layers.get(str(layer)) if isinstance(layers, dict) else None
         keys = entry.get("keys") if isinstance(entry, dict) else None
         return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+
+
+class DiffCache(SpectraCache):
+    """The cache folder of the weight difference TUNED − BASE (`svd_probe.diff`) with options:
+
+        <root>/<base repo key>/<base commit>/diff/<tuned repo key>/<tuned commit>/<options key>/
+            manifest.json, layer-NNNN.safetensors     spectra of the differences (`scope.kind` keys)
+            base/layer-NNNN.safetensors               BASE's head and layer spectra: the ‖W‖ of ‖ΔW‖/‖W‖
+
+    Both commits and the options name the folder, so a new commit of either side is a new diff.
+    Writing, reading, checking and locking are SpectraCache's, for both folders.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        base_repo: str,
+        base_commit: str,
+        tuned_repo: str,
+        tuned_commit: str,
+        options: SpectraOptions,
+    ):
+        super().__init__(root, base_repo, base_commit, options)
+        if not is_commit(tuned_commit):
+            raise ValueError(f"not a commit hash: {tuned_commit!r}")
+        if not tuned_repo or "/" in tuned_repo or tuned_repo.startswith("."):
+            raise ValueError(f"not a cache repo key: {tuned_repo!r}")
+        self.tuned_repo = tuned_repo
+        self.tuned_commit = tuned_commit
+        self.dir = self.root / base_repo / base_commit / "diff" / tuned_repo / tuned_commit / options.key()
+
+    def reference(self) -> SpectraCache:
+        """The folder of BASE's reference spectra, inside this one."""
+        ref = SpectraCache(self.root, self.repo, self.commit, self.options)
+        ref.dir = self.dir / "base"
+        return ref

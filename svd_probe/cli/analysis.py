@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -21,6 +22,36 @@ from svd_probe.cli.app import (
     out,
     print_json,
 )
+
+
+class Control(str, Enum):
+    """`--control`: which randomized copy of the weights (`svd_probe.spectra.controls`)."""
+
+    gaussian = "gaussian"
+    shuffled = "shuffled"
+
+
+AnalyzeControlOpt = typer.Option(
+    None,
+    "--control",
+    help="Analyze a randomized copy of every projection weight instead: gaussian (i.i.d. normal, same Frobenius "
+    "norm) or shuffled (its entries permuted). Norm weights are not randomized. Cached beside the real analysis.",
+    show_default=False,
+)
+ReadControlOpt = typer.Option(
+    None,
+    "--control",
+    help="Read the analysis of this randomized control (`analyze --control`) instead of the real one.",
+    show_default=False,
+)
+DiffOpt = typer.Option(
+    None,
+    "--diff",
+    metavar="TUNED",
+    help="Read the diff TUNED − MODEL computed by `svd-probe diff MODEL TUNED` instead of MODEL's analysis.",
+    show_default=False,
+)
+TunedRevisionOpt = typer.Option("main", "--tuned-revision", help="Revision of TUNED for --diff, as given to `diff`.")
 
 
 @app.command("models")
@@ -68,6 +99,7 @@ def analyze_cmd(
     force: bool = typer.Option(False, "--force", help="Recompute layers that are already cached."),
     concurrency: int = typer.Option(8, "--concurrency", min=1, max=64, help="HTTP range requests in flight."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
+    control: Control | None = AnalyzeControlOpt,
 ) -> None:
     """Stream a checkpoint's attention layer by layer, compute every spectrum, cache it, summarize."""
     from svd_probe.analysis import AnalyzeJob, analyze
@@ -88,6 +120,7 @@ def analyze_cmd(
         device=device,
         force=force,
         concurrency=concurrency,
+        control=control.value if control else None,
     )
     # Progress goes to stderr, so it never mixes with --json on stdout.
     with layer_progress(err, enabled=err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
@@ -122,6 +155,7 @@ def cache_query(
     fold_norms: bool,
     normalize_stacked: bool,
     layernorm_fold: LayerNormFold = LayerNormFold.exact,
+    control: Control | None = None,
 ):
     """The CacheQuery the shared options of export and plot name."""
     from svd_probe.cache.store import SpectraOptions
@@ -131,7 +165,12 @@ def cache_query(
         model,
         revision,
         cache_dir,
-        SpectraOptions(fold_norms=fold_norms, normalize_stacked=normalize_stacked, layernorm_fold=layernorm_fold.value),
+        SpectraOptions(
+            fold_norms=fold_norms,
+            normalize_stacked=normalize_stacked,
+            layernorm_fold=layernorm_fold.value,
+            control=control.value if control else None,
+        ),
     )
 
 
@@ -156,18 +195,23 @@ def export_cmd(
     errors: str = typer.Option(
         "0.01,0.001", "--errors", help="Energy errors for the rank columns, comma-separated (0.01 → rank_1pct)."
     ),
+    control: Control | None = ReadControlOpt,
+    diff: str | None = DiffOpt,
+    tuned_revision: str = TunedRevisionOpt,
 ) -> None:
     """Write cached spectra (jsonl) or their metrics table (csv, parquet); reads the cache only."""
     from svd_probe.export import export
     from svd_probe.options import parse_errors
+    from svd_probe.results import CacheQuery
 
     n = export(
-        cache_query(model, revision, cache_dir, fold_norms, normalize_stacked, layernorm_fold),
+        cache_query(model, revision, cache_dir, fold_norms, normalize_stacked, layernorm_fold, control),
         format=format,
         out=out_file,
         at_rank=at_rank,
         errors=parse_errors(errors),
         overwrite=overwrite,
+        diff=CacheQuery(diff, tuned_revision) if diff else None,
     )
     err.print(f"wrote {n} rows to {out_file}")
 
@@ -191,7 +235,8 @@ def plot_cmd(
         None,
         "--kind",
         help="Figures: layerwise, headwise, grid, heatmap, spectra, error, planner, kv-planner, alignment, compare; "
-        "repeat or comma-separate (default: all; alignment when `svd-probe align` ran).",
+        "with --diff: delta-rank, delta-norm; repeat or comma-separate (default: all; alignment when "
+        "`svd-probe align` ran).",
         show_default=False,
     ),
     revision: str = RevisionOpt,
@@ -245,10 +290,14 @@ def plot_cmd(
     ),
     dpi: int = typer.Option(150, "--dpi", min=10, max=1200, help="Resolution of png files."),
     data: bool = typer.Option(False, "--data", help="Also write each figure's data as CSV beside it."),
+    control: Control | None = ReadControlOpt,
+    diff: str | None = DiffOpt,
+    tuned_revision: str = TunedRevisionOpt,
 ) -> None:
     """Draw effective-rank figures of cached analyses (offline): layer-wise, head-wise, heat maps, spectra, planners."""
     from svd_probe.options import parse_layers, parse_matrices
     from svd_probe.plots import make_plots, planner_rich_table
+    from svd_probe.results import CacheQuery
 
     # Parsed before any cache is read, so a typo costs nothing.
     layers_of_spectra = parse_layers(spectra_layers, flag="--spectra-layers")
@@ -258,7 +307,7 @@ def plot_cmd(
         else None
     )
     report = make_plots(
-        [cache_query(m, revision, cache_dir, fold_norms, normalize_stacked, layernorm_fold) for m in models],
+        [cache_query(m, revision, cache_dir, fold_norms, normalize_stacked, layernorm_fold, control) for m in models],
         out_dir=out_dir,
         formats=format,
         kinds=kind,
@@ -272,6 +321,7 @@ def plot_cmd(
         write_data=data,
         energy=energy,
         kv_dtype=kv_dtype,
+        diff=CacheQuery(diff, tuned_revision) if diff else None,
     )
     if report.plans:
         out.print(planner_rich_table(report.plans))

@@ -108,6 +108,7 @@ def make_plots(
     keep_figures: bool = False,
     energy: float = DEFAULT_ENERGY,
     kv_dtype: str = DEFAULT_KV_DTYPE,
+    diff: CacheQuery | str | None = None,
 ) -> PlotReport:
     """Draw the selected figures of one or more cached models and write them to disk.
 
@@ -127,6 +128,8 @@ def make_plots(
         write_data: also write every figure's data as CSV beside it (the planner's always is).
         keep_figures: keep the matplotlib Figures in the report (closed after saving otherwise).
         energy, kv_dtype: the kv-planner's energy kept (0.99) and KV-cache dtype (bf16, fp16, fp8, fp32).
+        diff: TUNED: draw the figures of the cached diff TUNED − models[0] instead
+            (`svd_probe.plots.diff.make_diff_plots`; kinds from its DIFF_FIGURE_KINDS).
 
     Returns:
         A `PlotReport`: files written, notes (figures skipped and why, damaged layers left out),
@@ -137,6 +140,22 @@ def make_plots(
     """
     if not models:
         raise BadOptionError("no model given", "Name at least one cached model, e.g. `svd-probe plot deepseek-v3`.")
+    if diff is not None:
+        from svd_probe.plots.diff import make_diff_plots
+
+        if len(models) != 1:
+            raise BadOptionError("--diff takes one BASE model", "Run e.g. `svd-probe plot BASE --diff TUNED`.")
+        return make_diff_plots(
+            models[0],
+            diff,
+            out_dir,
+            formats,
+            kinds,
+            error=error,
+            dpi=dpi,
+            write_data=write_data,
+            keep_figures=keep_figures,
+        )
     formats = parse_choices(formats, FORMATS, "format")
     kinds_asked = kinds is not None and parse_choices(kinds, FIGURE_KINDS, "figure kind") != list(FIGURE_KINDS)
     kinds = parse_choices(kinds, FIGURE_KINDS, "figure kind")

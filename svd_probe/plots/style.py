@@ -133,6 +133,7 @@ def options_text(analysis: Analysis) -> str:
         ("norms folded" if o.fold_norms else "norms not folded")
         + ", "
         + ("heads normalized before stacking" if o.normalize_stacked else "raw heads stacked")
+        + (f"; {o.control} control (randomized weights)" if getattr(o, "control", None) else "")
     )
 
 
@@ -178,6 +179,8 @@ def model_slug(analysis_or_name) -> str:
     ref = getattr(analysis_or_name, "ref", None)
     if ref is not None:
         name = ref.alias or (ref.repo_id.replace("/", "--") if ref.repo_id else ref.local_path.name)
+        control = getattr(getattr(analysis_or_name, "options", None), "control", None)
+        name += f"-{control}-control" if control else ""  # never the real analysis' folder
     else:
         name = str(analysis_or_name).replace("/", "--")
     return re.sub(r"[^A-Za-z0-9._\-]+", "_", name)

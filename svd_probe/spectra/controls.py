@@ -18,11 +18,21 @@ seed with `control_seed(seed, name)` (stable across runs, unlike Python's `hash`
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from typing import TYPE_CHECKING
 
 import torch
 
+from svd_probe.errors import BadOptionError
+
+if TYPE_CHECKING:
+    from svd_probe.hub.source import LayerTensors
+
 CONTROL_MODES = ("gaussian", "shuffled")
+# The run seed of `svd-probe analyze --control`: fixed, so a control analysis is reproducible and
+# its cache key needs no seed (each tensor still draws its own, `control_seed(CONTROL_SEED, name)`).
+CONTROL_SEED = 0
 
 
 def control_seed(seed: int, name: str) -> int:
@@ -64,3 +74,45 @@ def randomized_copy(w: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
     g_norm = float(torch.linalg.vector_norm(g, dtype=torch.float64))
     w_norm = float(torch.linalg.vector_norm(w, dtype=torch.float64))
     return (g.to(w.device) * (w_norm / g_norm if g_norm > 0 else 0.0)).to(w.dtype)
+
+
+def check_control(mode: str | None) -> str | None:
+    """`mode` if it is None or one of CONTROL_MODES, else `BadOptionError` (the `--control` value)."""
+    if mode is not None and mode not in CONTROL_MODES:
+        raise BadOptionError(f"bad --control value {mode!r}", f"Use --control {' or '.join(CONTROL_MODES)}.")
+    return mode
+
+
+def apply_control(tensors: LayerTensors, mode: str | None, seed: int) -> LayerTensors:
+    """One layer's tensors with every projection weight replaced by its randomized copy.
+
+    The weights randomized are those the read's `LayerPlan` lists behind the matrix kinds
+    (`kind_tensors`), each as stored (a fused tensor such as GPT-2's c_attn or MLA's kv_b_proj as
+    a whole), each with its own seed `control_seed(seed, name)`; they are dequantized already,
+    and norms fold and heads fuse afterwards, as for the real weights. Norm weights are kept as
+    they are: a control randomizes the learned maps, not the per-channel gains that scale them,
+    so the real and the control spectra see the same folded norms.
+
+    Args:
+        tensors: what `CheckpointSource.read_tensors` returned for a `LayerPlan`.
+        mode: a CONTROL_MODES entry, or None for the tensors themselves (returned as they are).
+        seed: the run's seed.
+
+    Returns:
+        A `LayerTensors` with the same names, storage dtypes and plan.
+
+    Example:
+        >>> lt = src.read_tensors(adapter.plan(0, {"VO"}, True))  # doctest: +SKIP
+        >>> apply_control(lt, "gaussian", 0)["model.layers.0.self_attn.o_proj.weight"]  # doctest: +SKIP
+    """
+    if mode is None:
+        return tensors
+    check_control(mode)
+    if tensors.plan is None:
+        raise ValueError("a control needs tensors read for a LayerPlan, which says which are projection weights")
+    weights = {name for names in tensors.plan.kind_tensors.values() for name in names}
+    out = {
+        name: randomized_copy(t, mode, control_seed(seed, name)) if name in weights else t
+        for name, t in tensors.items()
+    }
+    return dataclasses.replace(tensors, tensors=out)
