@@ -387,6 +387,7 @@ E2E_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,options,n_shards",
     E2E_CASES,
@@ -403,6 +404,7 @@ def test_analyze_matches_float64_reference(tmp_path, name, options, n_shards):
     np.testing.assert_array_equal(again.sigma(0, "VO", "head"), run.analysis.sigma(0, "VO", "head"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen3", "gpt2", "deepseek_v2_lite"])
 def test_analyze_without_folding_or_normalizing(tmp_path, name):
     layout = build_layout(name)
@@ -418,6 +420,7 @@ def test_analyze_without_folding_or_normalizing(tmp_path, name):
     assert not np.allclose(folded.analysis.sigma(0, "Q", "head"), run.analysis.sigma(0, "Q", "head"), rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_gqa_export_has_one_record_per_group_for_k_and_v(tmp_path):
     from svd_probe.export import export
 
@@ -438,6 +441,7 @@ def test_gqa_export_has_one_record_per_group_for_k_and_v(tmp_path):
     assert export(CacheQuery(str(folder), cache_dir=tmp_path / "cache"), format="csv", out=csv) == n_rows
 
 
+@pytest.mark.slow
 def test_plots_draw_for_gqa_and_conv1d_layouts(tmp_path):
     from svd_probe.plots.render import make_plots
 
@@ -463,6 +467,7 @@ def layout_hub():
         yield hub
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,options", [("deepseek_v32", {"fp8": True}), ("qwen3", {}), ("kimi_multimodal", {})])
 def test_analyze_over_the_fake_hub(tmp_path, layout_hub, name, options):
     fake_hub = layout_hub
@@ -490,6 +495,7 @@ def test_analyze_over_the_fake_hub(tmp_path, layout_hub, name, options):
 # --- the catalog ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_models_lists_well_known_gqa_models():
     pytest.importorskip("svd_probe.known_models")
     from typer.testing import CliRunner

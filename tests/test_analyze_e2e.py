@@ -132,6 +132,7 @@ def run_cli(*args):
 # --- tests ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_kind_over_the_hub_matches_float64(fake_hub, deepseek_ckpt, tmp_path):
     fake_hub.clear_faults()
     fake_hub.reset_records()
@@ -162,6 +163,7 @@ def test_every_kind_over_the_hub_matches_float64(fake_hub, deepseek_ckpt, tmp_pa
     assert set(a.layer_spectra[0].storage_dtypes.values()) == {"F8_E4M3"}
 
 
+@pytest.mark.slow
 def test_options_change_the_numbers_and_the_cache_key(fake_hub, deepseek_ckpt, tmp_path):
     fake_hub.clear_faults()
     args = [
@@ -187,6 +189,7 @@ def test_options_change_the_numbers_and_the_cache_key(fake_hub, deepseek_ckpt, t
     assert not np.allclose(plain.sigma(1, "VO"), raw.sigma(1, "VO"))
 
 
+@pytest.mark.slow
 def test_a_rerun_fetches_nothing_and_force_refetches(fake_hub, tmp_path):
     fake_hub.clear_faults()
     args = [
@@ -212,6 +215,7 @@ def test_a_rerun_fetches_nothing_and_force_refetches(fake_hub, tmp_path):
     assert fake_hub.bytes_served(".safetensors") > 0
 
 
+@pytest.mark.slow
 def test_more_matrices_later_compute_only_whats_missing(fake_hub, tmp_path):
     fake_hub.clear_faults()
     base = [
@@ -241,6 +245,7 @@ def test_more_matrices_later_compute_only_whats_missing(fake_hub, tmp_path):
     assert only_o > 0
 
 
+@pytest.mark.slow
 def test_a_revision_with_another_commit_gets_its_own_cache(fake_hub, deepseek_ckpt, tmp_path):
     other = "f" * 40
     fake_hub.add_repo("tiny/deepseek-revs", deepseek_ckpt.folder, revisions={"v2": other})
@@ -266,6 +271,7 @@ def test_a_revision_with_another_commit_gets_its_own_cache(fake_hub, deepseek_ck
     assert load_analysis(CacheQuery("tiny/deepseek-revs", "v2", tmp_path)).commit == other
 
 
+@pytest.mark.slow
 def test_planted_ranks_come_out_of_the_whole_path(fake_hub, tmp_path_factory, tmp_path):
     from svd_probe.testing.checkpoints import build_deepseek_v3
 
@@ -317,6 +323,7 @@ def header_spans(folder, shard):
     return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}, 8 + n
 
 
+@pytest.mark.slow
 def test_crash_mid_layer_resumes_without_refetching_finished_layers(fake_hub, deepseek_ckpt, tmp_path):
     """A layer whose reads keep failing aborts the run with a TransferError; the layers before it
     stay cached, and the rerun fetches only the missing layer and ends with the same spectra."""
@@ -357,6 +364,7 @@ def test_crash_mid_layer_resumes_without_refetching_finished_layers(fake_hub, de
     assert_spectra_match(full, folder, deepseek_ckpt.config, [0, 3])
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_from_its_cache(fake_hub, deepseek_ckpt, tmp_path):
     """SIGKILL `svd-probe analyze` while it is reading a layer; the rerun resumes from the cache."""
     import signal
@@ -418,6 +426,7 @@ def test_killed_process_resumes_from_its_cache(fake_hub, deepseek_ckpt, tmp_path
     assert_spectra_match(full, deepseek_ckpt.folder, deepseek_ckpt.config, [3])
 
 
+@pytest.mark.slow
 def test_live_progress_shows_layers_bytes_and_eta(fake_hub, tmp_path, monkeypatch):
     """In a terminal (forced here) analyze draws a bar: layer k/N, MB fetched, MB/s and an ETA."""
     fake_hub.clear_faults()
@@ -444,6 +453,7 @@ def _corrupt_copy(src_folder, dst):
     return shard.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case", ["gated", "corrupt", "bad-layers", "bad-matrices", "bad-device", "unknown-model", "bad-flag"]
 )

@@ -65,6 +65,7 @@ def closed_port_endpoint() -> str:
     return f"http://127.0.0.1:{port}"  # nothing listens there once the socket is closed
 
 
+@pytest.mark.slow
 def test_offline_analyze_summarizes_what_is_cached(fake_hub, tmp_path, monkeypatch):
     fake_hub.clear_faults()
     first = runner.invoke(app, analyze_args(fake_hub, tmp_path, "--layers", "0-1", "--json"))
@@ -86,6 +87,7 @@ def test_offline_analyze_summarizes_what_is_cached(fake_hub, tmp_path, monkeypat
     assert summary["layers"] == json.loads(first.stdout)["layers"]
 
 
+@pytest.mark.slow
 def test_offline_analyze_lists_the_layers_it_cannot_compute(fake_hub, tmp_path, monkeypatch):
     from huggingface_hub import constants
 

@@ -122,6 +122,7 @@ def test_distinct_revisions_get_distinct_ref_files():
     assert len(names) == len(REVISIONS) + 3
 
 
+@pytest.mark.slow
 def test_revision_dot_does_not_wedge_the_cache(llama, tmp_path, monkeypatch, capsys):
     for rev in (".", "..", "main", "."):
         code, _, err = run_cli(
@@ -194,6 +195,7 @@ def damage(path: Path, how: str) -> None:
 DAMAGE = ["truncated", "garbage", "empty-but-valid", "lacks-a-key", "bad-metadata"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", DAMAGE)
 def test_a_damaged_layer_file_is_reported_and_recomputed_alone(llama, analyzed, tmp_path, how, monkeypatch, capsys):
     cache = cached(analyzed, tmp_path, llama)
@@ -227,6 +229,7 @@ def test_export_stops_at_a_damaged_layer_and_names_it(llama, analyzed, tmp_path,
     assert code == 2 and "damaged cache file" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_plot_draws_the_other_layers_and_notes_the_damaged_one(llama, analyzed, tmp_path):
     from svd_probe.plots import make_plots
 
@@ -282,6 +285,7 @@ def test_update_layer_merges_kinds_and_lists_them(tmp_path):
 # --- manifests -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "content",
     [b"[]", b"null", b'"a string"', b"\xff\xfe\x00\x01", b"[" * 100_000, b"1" * 5000, b"{"],
@@ -345,6 +349,7 @@ def test_a_full_disk_loses_the_layer_cleanly(llama, tmp_path, monkeypatch, capsy
             )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["a" * 250, "ü" * 120, "b" * 250])
 def test_long_folder_names_give_valid_cache_keys(llama, tmp_path, name):
     import shutil
@@ -361,6 +366,7 @@ def test_long_folder_names_give_valid_cache_keys(llama, tmp_path, name):
 # --- export's output file ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_never_overwrites_a_file_or_writes_into_a_folder(llama, tmp_path, monkeypatch, capsys):
     analyze(job(llama, tmp_path / "cache", layers="0"))
     q = CacheQuery(str(llama), cache_dir=tmp_path / "cache")
@@ -382,6 +388,7 @@ def test_export_never_overwrites_a_file_or_writes_into_a_folder(llama, tmp_path,
     assert mine.read_text().startswith("model,revision,layer")
 
 
+@pytest.mark.slow
 def test_export_on_a_full_disk_leaves_no_temporary_file(llama, tmp_path):
     analyze(job(llama, tmp_path / "cache"))
     disk = tmp_path / "disk"

@@ -23,6 +23,7 @@ def spikes(w: torch.Tensor) -> int:
     return M.mp_spikes(s, tuple(w.shape))
 
 
+@pytest.mark.slow
 def test_gaussian_keeps_shape_dtype_and_norm_and_loses_the_signal():
     w = planted()
     assert spikes(w) == 6
@@ -41,6 +42,7 @@ def test_gaussian_keeps_shape_dtype_and_norm_and_loses_the_signal():
     assert C.randomized_copy(w.to(torch.bfloat16), "gaussian", seed=1).dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_shuffled_keeps_the_entries_and_loses_the_signal():
     w = planted()
     c = C.randomized_copy(w, "shuffled", seed=2)

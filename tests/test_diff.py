@@ -375,6 +375,7 @@ def test_export_and_plot_of_a_diff(tmp_path):
     assert load_analysis(CacheQuery(str(fb), cache_dir=cache)).layers == [0, 1]
 
 
+@pytest.mark.slow
 def test_offline_diff_answers_from_the_cache(tmp_path, hub, monkeypatch):
     from huggingface_hub import constants
 

@@ -103,6 +103,7 @@ def test_check_weight_map_result_or_typed_error(index):
         hub.close()
 
 
+@pytest.mark.slow
 @FUZZ
 @given(shard_names)
 def test_a_name_outside_the_folder_is_never_accepted(name):
@@ -114,6 +115,7 @@ def test_a_name_outside_the_folder_is_never_accepted(name):
     assert _inside_folder(name)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     config=st.one_of(json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=64), adversarial_json()),

@@ -131,6 +131,7 @@ LAYOUT_FIELDS = {
 _LAYOUTS = {name: build_layout(name) for name in LAYOUT_FIELDS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUT_FIELDS))
 @FUZZ
 @given(data=st.data())
@@ -154,6 +155,7 @@ def test_configs_validate_or_refuse(name, data):
             assert all(isinstance(x, int) and x >= 0 for x in spec.shape)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     q=st.one_of(hostile, st.fixed_dictionaries({}, optional={"quant_method": hostile, "weight_block_size": hostile}))

@@ -123,6 +123,7 @@ def test_resolve_model_errors(tmp_path):
     assert resolve_model("deepseek-v3").repo_id == "deepseek-ai/DeepSeek-V3"
 
 
+@pytest.mark.slow
 def test_hf_endpoint_and_hf_token_from_environment(fake_hub, tmp_path):
     # HF_ENDPOINT is read when huggingface_hub is imported: only a fresh process shows it honoured.
     code = (

@@ -201,6 +201,7 @@ def test_a_shard_in_a_subfolder_is_fine(deepseek_ckpt, tmp_path):
 # --- every request ends: slow bodies, slow headers, silence -------------------------------------
 
 
+@pytest.mark.slow
 def test_a_slow_body_is_abandoned_then_resumed(hubs, deepseek_ckpt):
     hub, _ = hubs
     src = _open(hub, retries=3)
@@ -230,6 +231,7 @@ def test_a_slow_body_is_abandoned_then_resumed(hubs, deepseek_ckpt):
     assert any(first < k <= first + slow.body_bytes for k in starts), (slow, resumed)
 
 
+@pytest.mark.slow
 def test_a_body_that_keeps_trickling_is_a_transfer_error_naming_the_url(hubs):
     hub, _ = hubs
     src = _open(hub)
@@ -243,6 +245,7 @@ def test_a_body_that_keeps_trickling_is_a_transfer_error_naming_the_url(hubs):
     assert ei.value.hint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["slow-headers", "never-answer"])
 def test_a_head_that_never_completes_is_unreachable_not_a_hang(hubs, kind):
     hub, _ = hubs
@@ -255,6 +258,7 @@ def test_a_head_that_never_completes_is_unreachable_not_a_hang(hubs, kind):
     assert f"{hub.endpoint}/{REPO}/resolve/main/config.json" in ei.value.message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["slow-headers", "never-answer"])
 def test_a_range_read_that_never_completes_ends(hubs, kind):
     hub, _ = hubs
@@ -266,6 +270,7 @@ def test_a_range_read_that_never_completes_ends(hubs, kind):
     assert time.monotonic() - t0 < 4.0
 
 
+@pytest.mark.slow
 def test_a_single_stall_is_retried_and_succeeds(hubs, deepseek_ckpt):
     hub, _ = hubs
     hub.misbehave("never-answer", match="config.json", methods=("HEAD",))
@@ -313,6 +318,7 @@ def test_offline_cli_says_so_without_a_traceback(tmp_path, hubs):
     assert hub.records == []
 
 
+@pytest.mark.slow
 def test_unreachable_hub_is_a_typed_error_and_fast():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -376,6 +382,7 @@ def test_bad_json_is_a_typed_error_naming_the_file(deepseek_ckpt, tmp_path, whic
     assert "\xff" not in ei.value.message  # says where, never echoes the bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "which,cap", [("config.json", 4 * 1024 * 1024), (INDEX_FILE, 64 * 1024 * 1024)], ids=["config", "index"]
 )

@@ -46,6 +46,7 @@ def shard_header_bytes(folder, shard):
         return 8 + struct.unpack("<Q", f.read(8))[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["deepseek", "kimi"])
 def test_stream_all_layers_exact_and_minimal(fake_hub, deepseek_ckpt, kimi_ckpt, which):
     ck, repo = (deepseek_ckpt, "tiny/deepseek-v3") if which == "deepseek" else (kimi_ckpt, "tiny/kimi-k2")
@@ -107,6 +108,7 @@ def test_local_folder_same_code_path(deepseek_ckpt, fake_hub):
     assert local.bytes_fetched > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", FAULT_KINDS)
 def test_faults_survived_with_identical_results(fake_hub, deepseek_ckpt, kind):
     ck = deepseek_ckpt
@@ -196,6 +198,7 @@ def test_plan_reads_coalesces_small_gaps_within_budget():
     assert [(b, e) for _, b, e in chunks] == [(0, 4 << 20), (4 << 20, 8 << 20), (8 << 20, 10 << 20)]
 
 
+@pytest.mark.slow
 def test_several_requests_in_flight_and_split_tensors(fake_hub, deepseek_ckpt):
     ck = deepseek_ckpt
     fake_hub.clear_faults()

@@ -198,6 +198,7 @@ def test_storage_rank_hand_values():
     assert M.storage_rank([0, 0], (2, 2), 0.1) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F8_E4M3"])
 def test_batch_metrics_equal_the_one_spectrum_functions(dtype):
     """The cache's tables use the vectorized `metrics_batch`; each of its columns must equal the
@@ -236,6 +237,7 @@ def test_frobenius_and_mp_edge_hand_values():
     assert M.mp_edge([0, 0], (2, 2)) == 0.0 and M.mp_spikes([0, 0], (2, 2)) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(300, 200), (500, 100), (256, 256), (64, 1000)])
 def test_gaussian_matrices_have_about_zero_spikes(shape):
     # A Gaussian matrix's σ₁ sits at the MP edge to within Tracy–Widom fluctuations, mostly below

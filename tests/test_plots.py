@@ -176,6 +176,7 @@ def test_headwise_grid_has_every_layer(mla, metrics):
         assert row["VO"] == HEAD["VO"][2](row["layer"], row["head"])
 
 
+@pytest.mark.slow
 def test_heatmaps_layer_by_head(mla, metrics):
     res = figures.rank_heatmaps(mla, metrics, dpi=DPI)
     grids = res.extra["grids"]
@@ -350,6 +351,7 @@ def test_make_plots_writes_every_figure(cache_root, tmp_path):
     assert all(r.figure is None for r in report.results)  # closed after saving
 
 
+@pytest.mark.slow
 def test_make_plots_skips_missing_figures_with_a_note(cache_root, tmp_path):
     report = make_plots(
         [CacheQuery("acme/tiny-mla", cache_dir=cache_root), CacheQuery("acme/tiny-narrow", cache_dir=cache_root)],
@@ -382,6 +384,7 @@ def test_make_plots_other_options_miss_the_cache(cache_root, tmp_path):
     assert "svd-probe analyze acme/tiny-mla --no-fold-norms" in e.value.hint
 
 
+@pytest.mark.slow
 def test_cli_plot_writes_files(cache_root, tmp_path):
     from svd_probe.cli import app
 

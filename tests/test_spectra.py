@@ -208,6 +208,7 @@ def test_kinds_subset_and_scopes():
     assert layer_spectra(f, set()) == {}
 
 
+@pytest.mark.slow
 def test_missing_factors_are_skipped():
     f = make_factors(seed=6, with_pe=False, with_layer=False)
     got = layer_spectra(f, ALL)
@@ -259,6 +260,7 @@ def test_bad_route_is_refused():
         layer_spectra(make_factors(), {"O"}, config=SpectraConfig(big="svd16"))
 
 
+@pytest.mark.slow
 def test_chunked_grams_match():
     # Tiny chunks: every Gram (per-head factors, stacked O/VO accumulation, solve) is summed over
     # many pieces; the result must not change.
@@ -287,6 +289,7 @@ def _assert_identical(got, want, rounding=0.0):
             assert diff <= rounding, f"{key}: differs from the single-layer path by {diff:.2g}·σ₁"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inflight,batched", [(1, False), (2, False), (3, False), (2, True), (3, True)])
 def test_layers_in_flight_equal_layer_by_layer(inflight, batched):
     # Layers of different shapes (GQA groups, a K/V-only layer) mixed in one sequence: every

@@ -29,6 +29,7 @@ from svd_probe.train.model import Encoder, MaskedLM, num_parameters, pretraining
 # ---- parameter counts ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_parameter_counts_of_the_issue_presets():
     assert num_parameters(MaskedLM(preset("mha"))) == expected_parameters("mha", 30522, 256, 6, 8, 32, 1024)
     assert num_parameters(MaskedLM(preset("mla"))) == expected_parameters("mla", 30522, 256, 6, 8, 32, 1024, 64, 32)
@@ -43,6 +44,7 @@ def test_parameter_counts_of_the_issue_presets():
     assert shapes["encoder.layers.0.ffn.gate_up.weight"] == (2048, 256)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_parameter_counts_with_overrides(variant):
     cfg = build_config(
@@ -64,6 +66,7 @@ def test_parameter_counts_with_overrides(variant):
     assert num_parameters(MaskedLM(cfg)) == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_size_guard_counts_what_the_model_holds(variant):
     """pretraining_parameters (one meta block times n_layers) is the full model's count."""
@@ -133,6 +136,7 @@ def test_sst2_reading(inputs, tmp_path):
 # ---- learning ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_loss_falls_within_a_few_dozen_steps(variant, inputs, tok):
     torch.manual_seed(0)
@@ -175,6 +179,7 @@ def test_rope_rotates_the_first_rope_dims_by_relative_position(rope_dims):
         assert not torch.allclose(scores[3, 1], scores[3, 2])
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_the_first_token(tok):
     cfg = replace(preset("mla", "tiny"), vocab_size=tok.vocab_size)
     enc = Encoder(cfg).eval()
@@ -195,6 +200,7 @@ def finished_run(inputs, tmp_path_factory):
     return out, metrics
 
 
+@pytest.mark.slow
 def test_run_writes_every_output(finished_run):
     out, metrics = finished_run
     for name in ("model.safetensors", "config.json", "metrics.json", "train.log", "checkpoint.pt"):
@@ -242,6 +248,7 @@ def test_checkpoint_round_trips(finished_run):
         torch.testing.assert_close(enc(ids), again(ids), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_state(inputs, finished_run, tmp_path):
     straight_out, straight = finished_run
     out = tmp_path / "resumed"
@@ -267,6 +274,7 @@ def test_resume_reaches_the_same_state(inputs, finished_run, tmp_path):
         assert resumed[key] == straight[key], key
 
 
+@pytest.mark.slow
 def test_a_first_format_checkpoint_resumes(inputs, finished_run, tmp_path):
     """Checkpoints of the first lab held a LambdaLR state and no data fingerprint; they resume to
     the same weights (the learning rate is now a function of the step)."""
@@ -284,6 +292,7 @@ def test_a_first_format_checkpoint_resumes(inputs, finished_run, tmp_path):
     assert "no data fingerprint" in (out / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_resume_at_the_phase_boundary(inputs, finished_run, tmp_path):
     """Pretraining alone first (no --sst2-dir), then the same run with SST-2: fine-tuning starts from
     the saved encoder and ends where the uninterrupted run ended."""
@@ -295,6 +304,7 @@ def test_resume_at_the_phase_boundary(inputs, finished_run, tmp_path):
     assert both["sst2_dev_accuracy"] == straight["sst2_dev_accuracy"]
 
 
+@pytest.mark.slow
 def test_finetune_epochs_set_the_step_count(inputs, tmp_path):
     # 200 sentences in batches of 8: 25 steps an epoch, so 0.15 epochs -> ceil(3.75) = 4 steps.
     m = run(
@@ -391,6 +401,7 @@ def test_cli_errors_exit_nonzero_without_traceback(args, message, inputs, tmp_pa
     assert "Traceback" not in err + out
 
 
+@pytest.mark.slow
 def test_cli_train_and_compare(inputs, tmp_path, monkeypatch, capsys):
     base = [
         "train",
@@ -490,6 +501,7 @@ def test_smoke_on_shared_data(tmp_path):
     assert metrics["config"]["vocab_size"] == 30522 and metrics["sst2_dev_accuracy"] is not None
 
 
+@pytest.mark.slow
 def test_fused_and_factored_shared_output_are_the_same_function():
     """mla-o applies o_up(o_down(x)) as x·(W_up·W_down)ᵀ for speed; values and the gradients of
     both factors must equal those of the two-step form (float64, so rounding cannot hide a bug)."""

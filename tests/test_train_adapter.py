@@ -83,6 +83,7 @@ def reference(cfg, tensors, layer, fold):
 CASES = [(v, None) for v in VARIANTS] + [("mha", 8), ("mla-o", 8), ("mla", 16)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,rope_dims", CASES, ids=[f"{v}-rope{r}" if r else v for v, r in CASES])
 @pytest.mark.parametrize("fold", [True, False])
 def test_factors_match_float64_slices(tmp_path, variant, rope_dims, fold):
@@ -167,6 +168,7 @@ def test_tensor_names_are_only_what_the_kinds_need(tmp_path):
     assert a.layer_tensor_names(0, {"O"}, True) == ["layers.0.attn.o_proj.weight"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_analyze_reads_a_trained_checkpoint(tmp_path, monkeypatch, variant):
     """`svd-probe analyze` on a run folder: per-head VO spectra equal float64 numpy's."""

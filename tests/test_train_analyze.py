@@ -70,6 +70,7 @@ def check_spectra(analysis, cfg, w):
                 np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=f"{kind} layer {layer} head {h}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["mha", "mla-o"])
 def test_analyze_reads_a_causal_checkpoint(tmp_path, monkeypatch, variant):
     """A clm model has the encoder's tensor names and config fields (plus objective: clm)."""
@@ -79,6 +80,7 @@ def test_analyze_reads_a_causal_checkpoint(tmp_path, monkeypatch, variant):
     check_spectra(analysis, cfg, w)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("o_norm", ["rms", "rms-per-head"])
 def test_analyze_folds_the_output_latent_norm(tmp_path, monkeypatch, o_norm):
     """With an output-latent norm, O_h = o_up · diag(g) · o_down_h (rms) or

@@ -21,6 +21,7 @@ from svd_probe.train.loop import DataSources, run
 # ---- the run folder ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_out_refuses_a_folder_that_holds_other_files(inputs, tmp_path):
     """A downloaded checkpoint in --out is never overwritten; --overwrite replaces only our files."""
     out = tmp_path / "downloaded"
@@ -45,6 +46,7 @@ def test_out_naming_a_file(inputs, tmp_path):
     assert f.read_text() == "x"
 
 
+@pytest.mark.slow
 def test_a_run_of_another_config_is_refused_then_overwritten_on_request(inputs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     code, _, err = cli_main(cli_train_args(inputs, out, "--variant", "mla"), monkeypatch, capsys)
@@ -58,6 +60,7 @@ def test_a_run_of_another_config_is_refused_then_overwritten_on_request(inputs, 
     assert json.loads((out / "metrics.json").read_text())["variant"] == "mha"
 
 
+@pytest.mark.slow
 def test_a_run_that_never_checkpointed_is_started_again(inputs, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -166,6 +169,7 @@ def test_non_finite_recipe_values(field, value):
         build_train_config(overrides={field: value})
 
 
+@pytest.mark.slow
 def test_cli_lr_inf(inputs, tmp_path, monkeypatch, capsys):
     code, out, err = cli_main(cli_train_args(inputs, tmp_path / "o", "--lr", "inf"), monkeypatch, capsys)
     assert code == 2 and "lr must be a finite positive number" in err and "hint:" in err
@@ -188,6 +192,7 @@ def test_a_diverging_run_stops_with_a_typed_error(inputs, tmp_path):
 # ---- resuming against other data -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_data_and_names_both(inputs, tmp_path):
     out = tmp_path / "run"
     recipe = small_recipe(pretrain_steps=4, stop_after=2)
@@ -206,6 +211,7 @@ def test_resume_refuses_other_data_and_names_both(inputs, tmp_path):
     assert (state["phase"], state["step"]) == ("finetune", 2) and (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_tokenizer_or_sst2(inputs, tmp_path):
     out = tmp_path / "run"
     recipe = small_recipe(pretrain_steps=2, finetune_steps=4, stop_after=2)
@@ -223,6 +229,7 @@ def test_resume_refuses_another_tokenizer_or_sst2(inputs, tmp_path):
         run(preset("mha", "tiny"), recipe, sources(inputs, sst2_dir=sst), out)
 
 
+@pytest.mark.slow
 def test_sst2_may_be_added_after_pretraining(inputs, tmp_path):
     out = tmp_path / "run"
     run(preset("mha", "tiny"), small_recipe(pretrain_steps=2), DataSources(str(inputs["vocab"]), inputs["wiki"]), out)

@@ -61,6 +61,7 @@ def test_a_signal_stops_after_the_step_and_saves_it(inputs, tmp_path, sig):
     assert signal.getsignal(sig) is before  # the handler is the caller's again
 
 
+@pytest.mark.slow
 def test_time_based_checkpoints(inputs, tmp_path):
     """checkpoint_every far away, checkpoint_minutes ~0: every step is checkpointed by time. The
     callback fails at step 3 (after step 2's checkpoint), as a crash would."""

@@ -124,6 +124,26 @@ def test_clm_is_causal_and_mlm_is_not(variant, o_norm):
             assert not torch.allclose(a[:, :7], b[:, :7])  # an encoder sees the whole row
 
 
+def test_the_chunked_lm_head_loss_equals_one_big_matmul_in_float64():
+    from svd_probe.train.model import lm_head_loss
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(37, 8, dtype=torch.float64, generator=g)
+    w = torch.randn(50, 8, dtype=torch.float64, generator=g)
+    t = torch.randint(0, 50, (37,), generator=g)
+    grads = []
+    for chunk in (5, 37):  # 8 chunks (the last of 2 tokens), and one whole-batch matmul
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, correct = lm_head_loss(hh, ww, t, chunk=chunk)
+        loss.backward()
+        grads.append((loss.detach(), int(correct), hh.grad, ww.grad))
+    logits = h @ w.T  # the independent reference: torch's own log-softmax on the whole batch
+    ref = -torch.log_softmax(logits, -1).gather(1, t[:, None]).mean()
+    assert torch.allclose(grads[0][0], ref, rtol=1e-12) and torch.allclose(grads[1][0], ref, rtol=1e-12)
+    assert grads[0][1] == grads[1][1] == int((logits.argmax(-1) == t).sum())
+    assert torch.allclose(grads[0][2], grads[1][2], rtol=1e-10) and torch.allclose(grads[0][3], grads[1][3], rtol=1e-10)
+
+
 def test_causal_packing_predicts_every_token_once(tok):
     lines = ["the red cat sees a dog .", "a big bird finds the tree ."] * 20
     rows = D.pack_causal(tok, lines, 8)
@@ -149,6 +169,7 @@ def test_clm_classifier_reads_the_last_real_token(tok):
     torch.testing.assert_close(alone[1], clf.head(h[0, -1]), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
 @pytest.mark.parametrize("variant,o_norm", ATTENTIONS)
 def test_every_attention_learns_under_both_objectives(variant, o_norm, objective, inputs, tok):
@@ -171,6 +192,7 @@ def test_every_attention_learns_under_both_objectives(variant, o_norm, objective
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
 
 
+@pytest.mark.slow
 def test_a_clm_run_reports_perplexity_and_fine_tunes(inputs, tmp_path):
     out = tmp_path / "clm"
     cfg = replace(preset("mla-o", "tiny"), objective="clm", o_norm="rms-per-head")
@@ -227,6 +249,7 @@ def test_init_from_mla_at_full_rank_is_the_source_model(tmp_path, objective):
         torch.testing.assert_close(new.encoder(ids), src.encoder(ids), rtol=1e-5, atol=1e-6)  # the whole model
 
 
+@pytest.mark.slow
 def test_init_from_mha_factors_every_attention_map(tmp_path):
     src_cfg, src = _source_run(tmp_path / "mha", "mha")
     source = load_source(tmp_path / "mha")
@@ -266,6 +289,7 @@ def test_init_from_below_full_rank_is_the_truncated_svd(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_init_from_end_to_end_and_its_refusals(inputs, tmp_path, monkeypatch, capsys):
     mha = tmp_path / "mha"
     code, _, err = cli_main(cli_train_args(inputs, mha, "--variant", "mha"), monkeypatch, capsys)
@@ -323,6 +347,7 @@ def _metrics(variant, seed, mlm_acc, sst2, o_norm="none", objective="mlm"):
     return m
 
 
+@pytest.mark.slow
 def test_the_interval_is_the_paired_t_interval_by_hand():
     a = [0.81, 0.84, 0.80]  # mla-o SST-2, seeds 0, 1, 2
     b = [0.80, 0.81, 0.79]  # mha
@@ -347,6 +372,23 @@ def test_the_interval_is_the_paired_t_interval_by_hand():
     assert mha["n"] == 4 and mha["sst2_dev_accuracy"] == pytest.approx(np.mean(b + [0.5]))
     assert mha["sst2_dev_accuracy_std"] == pytest.approx(np.std(b + [0.5], ddof=1))
     assert t_interval([0.02]) == (0.02, None, None)  # one seed: no interval
+
+
+def test_init_from_runs_of_several_seeds_pool_into_one_configuration():
+    # Each seed starts from its own source file (another sha256); the seeds must still pool, and
+    # sources of another recipe (pretrain_steps) must not pool with them.
+    runs = []
+    for s, acc in enumerate([0.80, 0.82, 0.81]):
+        m = _metrics("mla-o", s, 0.3, acc)
+        m["init_from"] = {"source": f"src{s}", "variant": "mla", "sha256": f"{s:064x}", "source_pretrain_steps": 50}
+        runs.append(m)
+    other = _metrics("mla-o", 0, 0.3, 0.5)
+    other["init_from"] = {"source": "x", "variant": "mla", "sha256": "f" * 64, "source_pretrain_steps": 99}
+    rows = summarize(runs + [other, _metrics("mla-o", 0, 0.3, 0.7)])
+    pooled = [r for r in rows if r["init_from"] == "mla" and r["n"] == 3]
+    assert len(pooled) == 1 and pooled[0]["seeds"] == [0, 1, 2]
+    assert pooled[0]["sst2_dev_accuracy"] == pytest.approx(0.81)
+    assert sorted(r["n"] for r in rows) == [1, 1, 3]
 
 
 def test_compare_tables_both_objectives_at_80_columns():
@@ -376,6 +418,7 @@ def test_compare_tables_both_objectives_at_80_columns():
         assert want in text, want
 
 
+@pytest.mark.slow
 def test_seeds_write_one_run_each_and_compare_pools_them(inputs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "mla-o"
     code, stdout, err = cli_main(

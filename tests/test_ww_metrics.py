@@ -90,6 +90,7 @@ def test_norm_metrics_hand_values():
     assert H.fit_powerlaw(bad) == H.fit_powerlaw(sigma**2)
 
 
+@pytest.mark.slow
 def test_mp_softrank_of_a_gaussian_is_about_one_and_spikes_lower_it():
     # The fitted bulk edge of a Gaussian matrix is its largest eigenvalue: soft rank ≈ 1.
     rng = np.random.default_rng(5)
@@ -104,6 +105,7 @@ def test_mp_softrank_of_a_gaussian_is_about_one_and_spikes_lower_it():
     assert math.isnan(H.mp_softrank(np.zeros(10), (10, 20)))
 
 
+@pytest.mark.slow
 def test_linear_kde_equals_sklearn():
     neighbors = pytest.importorskip("sklearn.neighbors", reason="scikit-learn (pulled by weightwatcher) missing")
     pts = np.random.default_rng(6).gamma(2.0, 0.5, 700)
@@ -115,6 +117,7 @@ def test_linear_kde_equals_sklearn():
 # --- the published loop --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,n",
     [("student-t", 300), ("student-t", 2000), ("lognormal", 1500), ("mp-bulk", 1200), ("pareto", 3000)],

@@ -142,8 +142,11 @@ def _group_key(m: dict) -> tuple:
     config = dict(m.get("config", {}))
     config.setdefault("objective", _objective(m))
     config.setdefault("o_norm", _o_norm(m))
+    # Runs started from another run group by the source's variant and pretraining steps, not by
+    # its sha256: each seed's source is a different file, and the seeds must pool.
     init = m.get("init_from") or {}
-    return (json.dumps(config, sort_keys=True), json.dumps(recipe, sort_keys=True), init.get("sha256"))
+    source = (init.get("variant"), init.get("source_pretrain_steps")) if init else None
+    return (json.dumps(config, sort_keys=True), json.dumps(recipe, sort_keys=True), json.dumps(source))
 
 
 def summarize(runs: list[dict]) -> list[dict]:

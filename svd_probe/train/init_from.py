@@ -50,9 +50,17 @@ class SourceRun:
     cfg: ModelConfig
     tensors: dict[str, torch.Tensor]
     sha256: str
+    # The source run's own pretraining steps (its metrics.json), so that `compare` can group the
+    # runs started from sources of one recipe across seeds; None where it recorded none.
+    pretrain_steps: int | None = None
 
     def record(self) -> dict:
-        return {"source": str(self.path), "variant": self.cfg.variant, "sha256": self.sha256}
+        return {
+            "source": str(self.path),
+            "variant": self.cfg.variant,
+            "sha256": self.sha256,
+            "source_pretrain_steps": self.pretrain_steps,
+        }
 
 
 def load_source(run_dir: Path) -> SourceRun:
@@ -83,7 +91,18 @@ def load_source(run_dir: Path) -> SourceRun:
     with open(weights, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return SourceRun(run_dir, cfg, tensors, h.hexdigest())
+    return SourceRun(run_dir, cfg, tensors, h.hexdigest(), _source_steps(run_dir / "metrics.json"))
+
+
+def _source_steps(metrics: Path) -> int | None:
+    """pretrain_steps of the source's metrics.json, if it is there and says so (else None)."""
+    import json
+
+    try:
+        steps = json.loads(metrics.read_text())["train_config"]["pretrain_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
 
 
 def _model_type(config: Path) -> object:

@@ -291,10 +291,47 @@ class CausalLM(nn.Module):
 
     def forward(self, ids, targets):
         """ids, targets [B, T] (targets: ids shifted by one). Returns (mean loss, number correct)."""
-        logits = self.logits(ids)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        correct = (logits.argmax(-1) == targets).sum()
-        return loss, correct
+        h = self.encoder(ids)
+        return lm_head_loss(h.flatten(0, 1), self.encoder.embed.weight, targets.flatten())
+
+
+# Tokens per chunk of the LM head's loss: 4,096 × a 30,522-word vocabulary is 0.5 GB of float32
+# logits, where a whole batch of 128 × 128 would hold 2 GB of them, plus as much for their
+# gradient, in every process sharing the GPU.
+LM_HEAD_CHUNK = 4096
+
+
+def _head_chunk(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = h @ weight.T.to(h.dtype)
+    # bf16 logits get a float32 softmax; float64 (the tests' reference) stays float64.
+    loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
+    return loss, (logits.argmax(-1) == targets).sum()
+
+
+def lm_head_loss(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = LM_HEAD_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of the tied head `h @ weight.T` against `targets`, and the number correct.
+
+    h [N, d], weight [V, d], targets [N]. Over `chunk` tokens at a time, each chunk's logits
+    recomputed in the backward pass (activation checkpointing) rather than kept: the same loss
+    and gradient as one big matmul (tests compare them in float64), at a fraction of the memory,
+    for one more head matmul forward.
+    """
+    if h.shape[0] <= chunk:
+        loss, correct = _head_chunk(h, weight, targets)
+        return loss / h.shape[0], correct
+    from torch.utils.checkpoint import checkpoint
+
+    total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
+    correct = torch.zeros((), dtype=torch.long, device=h.device)
+    for i in range(0, h.shape[0], chunk):
+        loss_i, correct_i = checkpoint(
+            _head_chunk, h[i : i + chunk], weight, targets[i : i + chunk], use_reentrant=False
+        )
+        total = total + loss_i
+        correct = correct + correct_i
+    return total / h.shape[0], correct
 
 
 class Classifier(nn.Module):

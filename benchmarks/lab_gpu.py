@@ -1,0 +1,378 @@
+"""The training lab's experiment on one GPU (issue 11, item 7), sized to fit one call.
+
+Per objective (mlm, clm) and seed, seven runs of `svd-probe train` share the GPU at once:
+
+    mha, mla, mla-o, mla-o --o-norm rms, mla-o --o-norm rms-per-head     S pretraining steps
+    mla (source, no fine-tuning)                                          S/2 steps
+    mla-o --init-from that source                                         S/2 more steps
+
+so `--init-from` is compared with mla-o from scratch at equal total pretraining steps. Every run
+but the source is then fine-tuned on SST-2.
+
+S is not guessed. A calibration starts the same processes (same shapes, same recipe, open-ended
+step count) for `--calibrate-s` seconds, counts the steps each objective's processes make in a
+fixed window, and S is the largest step count whose pretraining still fits the time left, after
+two process start-ups, fine-tuning, evaluation and the spectra of the trained runs. The
+calibration's own throughput figures go to the output, so the choice can be checked.
+
+At the end: every run's metrics.json (`results.json`), `svd-probe compare` of all runs
+(`compare.txt`, table and JSON), the learning curves parsed from each train.log
+(`curves.json`), the stacked and layer spectra of every trained model through `svd-probe
+analyze` on the GPU (`spectra.jsonl.gz`, head rows left out), logs and the environment.
+
+    mkdir -p .carry/data && cp -r ../shared/data/{wikitext-2,SST-2,vocab} .carry/data/
+    PYTHONPATH=. python benchmarks/lab_gpu.py --deadline-s 560          # on the GPU, $OUT set
+    PYTHONPATH=. python benchmarks/lab_gpu.py --device cpu --size tiny --seeds 0 \
+        --objectives mlm --deadline-s 300 --calibrate-s 20               # a CPU smoke test
+
+The driver is a process pool over `svd-probe train` (one process a run, so every run has its
+own CUDA context and its own resume); it schedules nothing beyond that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+T0 = time.monotonic()
+STEP = re.compile(r"pretrain step (\d+)/(\d+) loss ([0-9.]+)")
+FT_STEP = re.compile(r"finetune step (\d+)/(\d+) loss ([0-9.]+)")
+
+
+def elapsed() -> float:
+    return time.monotonic() - T0
+
+
+def log(msg: str) -> None:
+    print(f"[{elapsed():6.1f}s] {msg}", flush=True)
+
+
+def seeds_of(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+CONFIGS = {
+    # name: (train flags, full-length?, fine-tuned?)
+    "mha": (["--variant", "mha"], True, True),
+    "mla": (["--variant", "mla"], True, True),
+    "mlao": (["--variant", "mla-o"], True, True),
+    "mlao-rms": (["--variant", "mla-o", "--o-norm", "rms"], True, True),
+    "mlao-rmsph": (["--variant", "mla-o", "--o-norm", "rms-per-head"], True, True),
+    "mla-src": (["--variant", "mla"], False, False),
+}
+INIT = "mlao-init"  # mla-o --init-from <obj>-mla-src-seed<k>, S/2 steps, fine-tuned
+
+
+class Pool:
+    """Processes of `svd-probe train`, each with its log file; killed together on the way out."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+    def common(self, objective: str, seed: int) -> list[str]:
+        a = self.args
+        d = Path(a.data)
+        return [
+            sys.executable, "-m", "svd_probe.cli", "train",
+            "--objective", objective, "--seed", str(seed), "--size", a.size, "--device", a.device,
+            "--tokenizer", str(d / "vocab/bert-base-uncased-vocab.txt"), "--data-dir", str(d / "wikitext-2"),
+            "--batch-size", str(a.batch_size), "--lr", str(a.lr),
+            "--log-every", str(a.log_every), "--checkpoint-every", "100000", "--checkpoint-minutes", "0",
+            "--no-progress", "--no-compile",
+        ]  # fmt: skip
+
+    def start(self, name: str, cmd: list[str]) -> None:
+        logf = Path(self.args.runs) / "stdout" / f"{name}.txt"
+        logf.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(logf, "w")  # noqa: SIM115 (closed with the process)
+        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.procs[name] = (p, logf)
+
+    def running(self) -> list[str]:
+        return [n for n, (p, _) in self.procs.items() if p.poll() is None]
+
+    def kill_all(self, sig: int = signal.SIGKILL) -> None:
+        for p, _ in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+        for p, _ in self.procs.values():
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def last_step(logf: Path) -> int | None:
+    try:
+        text = logf.read_text(errors="replace")
+    except OSError:
+        return None
+    steps = STEP.findall(text)
+    return int(steps[-1][0]) if steps else None
+
+
+def gpu_memory() -> str:
+    try:
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "n/a"
+
+
+def calibrate(args: argparse.Namespace, jobs: list[tuple[str, str, int, list[str]]]) -> dict:
+    """Steps per second per process, by objective, with every phase-1 process running at once."""
+    pool = Pool(args)
+    for name, obj, seed, flags in jobs:
+        run = Path(args.runs) / "calib" / name
+        cmd = pool.common(obj, seed) + flags + ["--pretrain-steps", "1000000", "--out", str(run), "--overwrite"]
+        cmd[cmd.index("--log-every") + 1] = "5"
+        pool.start("calib-" + name, cmd)
+    started = elapsed()
+    # Start-up: until every process has logged a step (or gave up), at most --startup-limit-s.
+    while elapsed() - started < args.startup_limit_s:
+        steps = {n: last_step(f) for n, (_, f) in pool.procs.items()}
+        if all(s is not None for s in steps.values()) or not pool.running():
+            break
+        time.sleep(0.5)
+    startup = elapsed() - started
+    # The window: each process's step count as it changes, timed when the change is seen (every
+    # 0.5 s), so a rate is (last change - first change) in steps over the time between them.
+    seen: dict[str, list[tuple[int, float]]] = {n: [] for n in pool.procs}
+    end = time.monotonic() + args.calibrate_s
+    while time.monotonic() < end:
+        for n, (_, f) in pool.procs.items():
+            s_now = last_step(f)
+            if s_now is not None and (not seen[n] or seen[n][-1][0] != s_now):
+                seen[n].append((s_now, time.monotonic()))
+        time.sleep(0.5)
+    mem = gpu_memory()
+    rates: dict[str, list[float]] = {}
+    failed = [n for n, (p, _) in pool.procs.items() if p.poll() is not None]
+    for (_, obj, _, _), n in zip(jobs, pool.procs, strict=True):
+        marks = seen[n][1:]  # the first mark may be a log line printed long before the window
+        if len(marks) >= 2 and marks[-1][1] > marks[0][1]:
+            rates.setdefault(obj, []).append((marks[-1][0] - marks[0][0]) / (marks[-1][1] - marks[0][1]))
+    pool.kill_all()
+    out = {
+        "processes": len(jobs),
+        "startup_s": round(startup, 1),
+        "window_s": args.calibrate_s,
+        "gpu_memory_used_total": mem,
+        "failed": failed,
+        "steps_per_s_per_process": {k: [round(r, 2) for r in v] for k, v in rates.items()},
+        "samples_per_s_total": round(sum(sum(v) for v in rates.values()) * args.batch_size, 0),
+    }
+    log(f"calibration: {json.dumps(out)}")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=".carry/data")
+    ap.add_argument("--runs", default="runs/lab")
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/lab/out"))
+    ap.add_argument("--objectives", default="mlm,clm")
+    ap.add_argument("--seeds", default="0-4")
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--finetune-steps", type=int, default=1500)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--deadline-s", type=float, default=560, help="the whole script, from start to results")
+    ap.add_argument("--calibrate-s", type=float, default=25, help="the measuring window, after start-up")
+    ap.add_argument("--startup-limit-s", type=float, default=120)
+    ap.add_argument("--reserve-s", type=float, default=75, help="kept for fine-tuning, evaluation, spectra")
+    ap.add_argument("--steps", type=int, default=0, help="pretraining steps S (skips the calibration)")
+    ap.add_argument("--max-steps", type=int, default=20000)
+    args = ap.parse_args()
+    out, runs = Path(args.out), Path(args.runs)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    objectives, seeds = args.objectives.split(","), seeds_of(args.seeds)
+    d = Path(args.data)
+    for f in ("wikitext-2/wiki.train.tokens", "SST-2/train.tsv", "vocab/bert-base-uncased-vocab.txt"):
+        if not (d / f).is_file():
+            print(f"missing {d / f}: copy ../shared/data/{{wikitext-2,SST-2,vocab}} into {d}/", file=sys.stderr)
+            return 2
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "argv": sys.argv,
+        "gpu": gpu_memory(),
+        "nvidia_smi": subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip()
+        if args.device.startswith("cuda")
+        else None,
+        "cpus": os.cpu_count(),
+    }
+    import torch
+
+    env["torch"] = torch.__version__
+    env["cuda"] = torch.version.cuda
+    phase1 = [(f"{o}-{c}-seed{s}", o, s, CONFIGS[c][0]) for o in objectives for s in seeds for c in CONFIGS]
+
+    # 1. How many steps fit.
+    if args.steps:
+        steps = {o: args.steps for o in objectives}
+        env["calibration"] = None
+    else:
+        cal = calibrate(args, phase1)
+        env["calibration"] = cal
+        left = args.deadline_s - elapsed() - 2 * cal["startup_s"] - args.reserve_s
+        per = cal["steps_per_s_per_process"]
+        steps = {}
+        for o in objectives:
+            if o not in per or not per[o]:
+                print(f"calibration made no {o} steps: see {runs}/stdout", file=sys.stderr)
+                return 1
+            # The slowest process of the objective sets the pace; all run at once.
+            rate = min(per[o])
+            steps[o] = max(20, min(args.max_steps, int(left * rate) // 2 * 2))
+    env["pretrain_steps"] = steps
+    log(f"pretraining steps: {steps}")
+
+    # 2. The runs.
+    pool = Pool(args)
+    sst2 = ["--sst2-dir", str(d / "SST-2"), "--finetune-steps", str(args.finetune_steps)]
+
+    def flags_for(obj: str, config: str) -> list[str]:
+        f, full, tuned = CONFIGS[config]
+        n = steps[obj] if full else steps[obj] // 2
+        return f + ["--pretrain-steps", str(n)] + (sst2 if tuned else [])
+
+    def launch(name: str, obj: str, seed: int, flags: list[str]) -> None:
+        run = runs / name
+        if (run / "metrics.json").is_file():
+            log(f"{name}: finished earlier, kept")
+            return
+        pool.start(name, pool.common(obj, seed) + flags + ["--out", str(run)])
+
+    for name, obj, seed, _ in phase1:
+        launch(name, obj, seed, flags_for(obj, name.split("-", 1)[1].rsplit("-seed", 1)[0]))
+    pending_init = {(o, s) for o in objectives for s in seeds}
+    train_deadline = args.deadline_s - 25
+    try:
+        while elapsed() < train_deadline:
+            for o, s in sorted(pending_init):
+                src = runs / f"{o}-mla-src-seed{s}"
+                if (src / "metrics.json").is_file():
+                    pending_init.discard((o, s))
+                    flags = ["--variant", "mla-o", "--init-from", str(src), "--pretrain-steps", str(steps[o] // 2)]
+                    launch(f"{o}-{INIT}-seed{s}", o, s, flags + sst2)
+            if not pool.running() and not pending_init:
+                break
+            time.sleep(2)
+    finally:
+        cut = pool.running()
+        if cut:
+            log(f"deadline: stopping {len(cut)} runs (they checkpoint on SIGTERM): {cut}")
+            pool.kill_all(signal.SIGTERM)
+    env["cut_runs"] = cut
+    env["train_end_s"] = round(elapsed(), 1)
+    log("training ended")
+    collect(args, runs, out, env)
+    return 0
+
+
+SPECTRA_WORKER = """
+import sys
+from pathlib import Path
+from svd_probe.analysis import AnalyzeJob, analyze
+from svd_probe.export import export
+from svd_probe.results import CacheQuery
+cache, device, jdir, *runs = sys.argv[1:]
+for r in runs:
+    try:
+        analyze(AnalyzeJob(r, cache_dir=cache, device=device))
+        export(CacheQuery(r, cache_dir=cache), format="jsonl", out=Path(jdir) / (Path(r).name + ".jsonl"), overwrite=True)
+    except Exception as e:  # one bad run must not cost the others their spectra
+        print(r, type(e).__name__, e, file=sys.stderr)
+"""
+
+
+def curves(runs: Path) -> dict:
+    out = {}
+    for logf in sorted(runs.glob("*/train.log")):
+        text = logf.read_text(errors="replace")
+        out[logf.parent.name] = {
+            "pretrain": [[int(a), float(c)] for a, _, c in STEP.findall(text)],
+            "finetune": [[int(a), float(c)] for a, _, c in FT_STEP.findall(text)],
+        }
+    return out
+
+
+def collect(args: argparse.Namespace, runs: Path, out: Path, env: dict) -> None:
+    finished = sorted(p.parent for p in runs.glob("*/metrics.json") if p.parent.name != "calib")
+    rows = [dict(json.loads((r / "metrics.json").read_text()), run=r.name) for r in finished]
+    (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "curves.json").write_text(json.dumps(curves(runs)) + "\n")
+    log(f"{len(rows)} finished runs")
+    cli = [sys.executable, "-m", "svd_probe.cli"]
+    cenv = dict(os.environ, COLUMNS="160")
+    with open(out / "compare.txt", "w") as fh:
+        for extra in ([], ["--json"]):
+            r = subprocess.run(cli + ["compare", *map(str, finished)] + extra, capture_output=True, text=True, env=cenv)
+            fh.write(r.stdout + r.stderr + "\n")
+    # Spectra of every trained model on the GPU: 4 worker processes (one CUDA start-up each), each
+    # analyzing its share of the runs through the Python API; stacked and layer rows only.
+    spectra: list[dict] = []
+    budget = args.deadline_s - elapsed() - 5
+    if finished and budget > 10:
+        cache, jdir = runs / "spectra-cache", runs / "spectra"
+        jdir.mkdir(exist_ok=True)
+        shares = [finished[i::4] for i in range(4)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", SPECTRA_WORKER, str(cache), args.device, str(jdir), *map(str, share)],
+                stdout=subprocess.DEVNULL,
+                stderr=open(runs / "stdout" / f"spectra{i}.txt", "w"),  # noqa: SIM115
+            )  # fmt: skip
+            for i, share in enumerate(shares)
+            if share
+        ]
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, args.deadline_s - 5 - elapsed()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for jl in sorted(jdir.glob("*.jsonl")):
+            for line in jl.read_text().splitlines():
+                row = json.loads(line)
+                if row.get("scope") != "head":
+                    row["run"] = jl.stem
+                    row["sigma"] = [float(f"{x:.6g}") for x in row.get("sigma", [])]
+                    spectra.append(row)
+    with gzip.open(out / "spectra.jsonl.gz", "wt") as fh:
+        for row in spectra:
+            fh.write(json.dumps(row) + "\n")
+    env["spectra_rows"] = len(spectra)
+    with open(out / "logs.txt", "w") as fh:
+        for f in sorted((runs / "stdout").glob("*.txt")):
+            lines = f.read_text(errors="replace").splitlines()
+            fh.write(f"===== {f.name}\n" + "\n".join(lines[:3] + ["..."] + lines[-12:]) + "\n")
+    env["end_s"] = round(elapsed(), 1)
+    (out / "env.json").write_text(json.dumps(env, indent=1) + "\n")
+    log(f"results in {out}: {sorted(p.name for p in out.iterdir())}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
