@@ -70,8 +70,11 @@ CONFIGS = {
     "mlao": (["--variant", "mla-o"], True, True),
     "mlao-rms": (["--variant", "mla-o", "--o-norm", "rms"], True, True),
     "mlao-rmsph": (["--variant", "mla-o", "--o-norm", "rms-per-head"], True, True),
-    "mla-src": (["--variant", "mla"], False, False),
+    # The source: mla with RoPE on the whole head, as mla-o has by default (mla's own default is
+    # half the head), so that mla-o --init-from it has the shapes of mla-o from scratch.
+    "mla-src": (["--variant", "mla", "--rope-dims", "HEAD_DIM"], False, False),
 }
+HEAD_DIM = {"small": "32", "tiny": "16"}
 INIT = "mlao-init"  # mla-o --init-from <obj>-mla-src-seed<k>, S/2 steps, fine-tuned
 
 
@@ -228,7 +231,12 @@ def main() -> int:
 
     env["torch"] = torch.__version__
     env["cuda"] = torch.version.cuda
-    phase1 = [(f"{o}-{c}-seed{s}", o, s, CONFIGS[c][0]) for o in objectives for s in seeds for c in CONFIGS]
+    phase1 = [
+        (f"{o}-{c}-seed{s}", o, s, [HEAD_DIM[args.size] if x == "HEAD_DIM" else x for x in CONFIGS[c][0]])
+        for o in objectives
+        for s in seeds
+        for c in CONFIGS
+    ]
 
     # 1. How many steps fit.
     if args.steps:
@@ -256,6 +264,7 @@ def main() -> int:
 
     def flags_for(obj: str, config: str) -> list[str]:
         f, full, tuned = CONFIGS[config]
+        f = [HEAD_DIM[args.size] if x == "HEAD_DIM" else x for x in f]
         n = steps[obj] if full else steps[obj] // 2
         return f + ["--pretrain-steps", str(n)] + (sst2 if tuned else [])
 
@@ -329,8 +338,9 @@ def collect(args: argparse.Namespace, runs: Path, out: Path, env: dict) -> None:
     cli = [sys.executable, "-m", "svd_probe.cli"]
     cenv = dict(os.environ, COLUMNS="160")
     with open(out / "compare.txt", "w") as fh:
+        compared = [str(r) for r in finished if "-mla-src-" not in r.name]  # sources are not compared
         for extra in ([], ["--json"]):
-            r = subprocess.run(cli + ["compare", *map(str, finished)] + extra, capture_output=True, text=True, env=cenv)
+            r = subprocess.run(cli + ["compare", *compared] + extra, capture_output=True, text=True, env=cenv)
             fh.write(r.stdout + r.stderr + "\n")
     # Spectra of every trained model on the GPU: 4 worker processes (one CUDA start-up each), each
     # analyzing its share of the runs through the Python API; stacked and layer rows only.
