@@ -266,13 +266,14 @@ class MaskedLM(nn.Module):
         super().__init__()
         self.encoder = Encoder(cfg)
 
-    def forward(self, ids, positions, targets):
-        """ids [B, T]; positions, targets [B, k]. Returns (mean loss, number of correct predictions)."""
+    def forward(self, ids, positions, targets, accuracy: bool = True):
+        """ids [B, T]; positions, targets [B, k]. Returns (mean loss, number of correct predictions,
+        or None with accuracy=False: training skips the argmax, one more pass over the logits)."""
         h = self.encoder(ids)
         picked = torch.gather(h, 1, positions[..., None].expand(-1, -1, h.shape[-1]))
         logits = picked @ self.encoder.embed.weight.T.to(h.dtype)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        correct = (logits.argmax(-1) == targets).sum()
+        correct = (logits.argmax(-1) == targets).sum() if accuracy else None
         return loss, correct
 
 
@@ -289,11 +290,12 @@ class CausalLM(nn.Module):
         h = self.encoder(ids)
         return h @ self.encoder.embed.weight.T.to(h.dtype)
 
-    def forward(self, ids, targets):
-        """ids, targets [B, T] (targets: ids shifted by one). Returns (mean loss, number correct)."""
+    def forward(self, ids, targets, accuracy: bool = True):
+        """ids, targets [B, T] (targets: ids shifted by one). Returns (mean loss, number correct,
+        or None with accuracy=False)."""
         logits = self.logits(ids)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        correct = (logits.argmax(-1) == targets).sum()
+        correct = (logits.argmax(-1) == targets).sum() if accuracy else None
         return loss, correct
 
 
