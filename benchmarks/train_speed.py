@@ -150,6 +150,26 @@ class Bench:
         return time.perf_counter() - t0, issued - t0
 
 
+def watch_cudagraph_messages() -> list[str]:
+    """Inductor's reasons for not using CUDA graphs ("skipping cudagraphs due to ..."), collected."""
+    import logging
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if "cudagraph" in msg.lower() and len(seen) < 50:
+                seen.append(msg[:300])
+
+    try:
+        torch._logging.set_logs(perf_hints=True)
+    except Exception:  # an older torch without the artifact
+        pass
+    logging.getLogger("torch").addHandler(Keep())
+    return seen
+
+
 def summarize(rates: list[float], issue: list[float], batch: int) -> dict:
     med = statistics.median(rates)
     return {
@@ -239,6 +259,7 @@ def main() -> None:
         }
     log: list[str] = []
     rows: list[dict] = []
+    cudagraph_messages = watch_cudagraph_messages()
 
     def say(msg: str) -> None:
         line = f"[{time.perf_counter() - t_start:6.1f}s] {msg}"
@@ -251,9 +272,8 @@ def main() -> None:
         from torch._dynamo.utils import counters
 
         extra = {
-            "cudagraph_skips": dict(counters["inductor"].get("cudagraph_skips", {}) or {})
-            if "inductor" in counters
-            else {},
+            "inductor_counters": {k: v for k, v in counters["inductor"].items() if "cudagraph" in k},
+            "cudagraph_messages": cudagraph_messages,
             "peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
         }
         doc = {"stage": stage, "env": {**env, **extra}, "results": rows, "checks": checks(rows), "log": log}
@@ -288,6 +308,8 @@ def main() -> None:
                 est_step_s[mode] = max(est_step_s.get(mode, 0.0), per_step)
                 if mode != "eager":
                     compile_s.append(max(b.first_step_s.values()))
+                if mode == "graphs" and cudagraph_messages:
+                    say(f"cudagraphs: {cudagraph_messages[-1]}")
                 benches.append(b)
                 first = ", ".join(f"{s} {t:.1f}s" for s, t in b.first_step_s.items())
                 say(f"ready {name} {mode}: first step {first}; warm {1000 * per_step:.1f} ms/step")

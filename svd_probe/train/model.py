@@ -255,6 +255,11 @@ class Encoder(nn.Module):
         return h
 
 
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """The loss is taken in fp32 from bf16 logits, and in float64 from a float64 model (tests)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 class MaskedLM(nn.Module):
     """Encoder + tied MLM head, evaluated only at the masked positions (~15% of the vocab matmul).
 
@@ -272,7 +277,7 @@ class MaskedLM(nn.Module):
         h = self.encoder(ids)
         picked = torch.gather(h, 1, positions[..., None].expand(-1, -1, h.shape[-1]))
         logits = picked @ self.encoder.embed.weight.T.to(h.dtype)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss = F.cross_entropy(_at_least_fp32(logits).flatten(0, 1), targets.flatten())
         correct = (logits.argmax(-1) == targets).sum() if accuracy else None
         return loss, correct
 
@@ -294,7 +299,7 @@ class CausalLM(nn.Module):
         """ids, targets [B, T] (targets: ids shifted by one). Returns (mean loss, number correct,
         or None with accuracy=False)."""
         logits = self.logits(ids)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss = F.cross_entropy(_at_least_fp32(logits).flatten(0, 1), targets.flatten())
         correct = (logits.argmax(-1) == targets).sum() if accuracy else None
         return loss, correct
 
