@@ -90,7 +90,7 @@ class Bench:
                     m.fuse_shared_output = False
         opt = make_optimizer(self.model, 1e-4, 0.01, dev)
         tok = bench_tok(cfg.vocab_size)
-        rows = packed_rows(16 * batch, seq_len, tok)
+        rows = packed_rows(64 * batch, seq_len, tok)  # 64 steps an epoch, as few new permutations
         tc = TrainConfig(pretrain_steps=10**9, batch_size=batch, seq_len=seq_len, device=dev.type)
         phase = pretraining_phase(self.model, cfg, tc, tok, rows, log=lambda msg: None)
         host_cache: dict = {}

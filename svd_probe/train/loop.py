@@ -26,7 +26,9 @@ pretrain_metrics} without weights records the boundary; fine-tuning starts from 
 Determinism: the batch order of step s is a function of (seed, epoch) and the MLM mask of step s a
 function of (seed, step); the learning rate is a function of the step. So a resumed run sees
 exactly the batches and rates an uninterrupted run sees, and on CPU reaches the same weights bit
-for bit (tests/test_train.py).
+for bit (tests/test_train.py). Pretraining batches are cut and masked on the training device:
+the batch order is the same everywhere, the masks of one seed differ between CPU and CUDA (two
+generators), each a function of (seed, step).
 """
 
 from __future__ import annotations
@@ -204,12 +206,16 @@ def epoch_batch(
     """Row indices of step `step`: epochs are seeded permutations; the tail of each is dropped.
 
     The permutation is drawn on the CPU (the same batch order on every device) and moved to
-    `device` once an epoch, so a step's indices are a slice of a tensor already there."""
+    `device` once an epoch without waiting for the GPU (a blocking copy would drain its queue),
+    so a step's indices are a slice of a tensor already there."""
     per_epoch = n_rows // batch
     epoch, j = divmod(step, per_epoch)
     if cache.get("epoch") != epoch:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        cache["epoch"], cache["perm"] = epoch, torch.randperm(n_rows, generator=g).to(device or "cpu")
+        cache["epoch"], cache["perm"] = (
+            epoch,
+            torch.randperm(n_rows, generator=g).to(device or "cpu", non_blocking=True),
+        )
     return cache["perm"][j * batch : (j + 1) * batch]
 
 
@@ -371,13 +377,15 @@ class TrainStep:
 
     `compile_mode`: None runs the model eagerly; otherwise a torch.compile mode ("default",
     "reduce-overhead", "max-autotune-no-cudagraphs", ...). "reduce-overhead" replays the forward
-    and backward as CUDA graphs: at batch 256 × 128 the compiled small model issues a few hundred
-    kernels a step, and launching them from Python cost more than running them (the issue's
-    H200 figures: compiled mha 27,897 samples/s with rounds from 15,840 to 30,096; at batch 1024,
-    where launches amortize, the H100 ran GPU-bound with rounds within ±0.3%, docs/results.md).
-    A replay is a few launches, so the host stays ahead of the GPU and its jitter stops showing
-    in the rate. It needs static shapes (one graph per shape) and a step marker before each
-    forward, so the outputs of the previous step's graphs may be overwritten.
+    and backward as CUDA graphs. Why: at batch 256 × 128 the compiled small model issues a few
+    hundred kernels a step, and the figures point to the host's launches as the limit (H200,
+    compiled: mha 27,897 samples/s with rounds from 15,840 to 30,096, and mla, with more and
+    smaller kernels, 26% slower; at batch 1024, where launches amortize, the H100 ran GPU-bound
+    with rounds within ±0.3%, docs/results.md). That is an inference until
+    benchmarks/train_speed.py has run on the GPU. A replay is a few launches, so the host can stay
+    ahead of the GPU and its jitter stops showing in the rate. It needs static shapes (one graph
+    per shape) and a step marker before each forward, so the outputs of the previous step's graphs
+    may be overwritten.
 
     Used by `run_phase` and by benchmarks/train_speed.py, so the benchmark times this step.
     """
@@ -453,7 +461,10 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
         opt.load_state_dict(resume["optimizer"])
         set_rng_state(resume["rng"], dev)
         step, samples, seconds = resume["step"], resume["timed_samples"], resume["timed_seconds"]
-    train_step = TrainStep(model, opt, phase.loss, dev, compile_mode_for(phase, tc, dev))
+    compile_mode = compile_mode_for(phase, tc, dev)
+    train_step = TrainStep(model, opt, phase.loss, dev, compile_mode)
+    if compile_mode is not None:
+        ctx.log(f"{phase.label}: torch.compile mode {compile_mode}")
     timer = _Timer(dev, skip=min(3, max(1, phase.steps - step - 1)))
     stop_at = phase.steps if tc.stop_after is None else min(phase.steps, step + tc.stop_after)
     finite = _NonFinite(phase.label, phase.lr_flag, dev)

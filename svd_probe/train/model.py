@@ -147,7 +147,7 @@ class MLA(nn.Module):
     """Low-rank queries and keys/values through normalized latents; mla-o also factors the output."""
 
     # How mla-o applies its factored output; both forms compute the same function
-    # (benchmarks/train_speed.py times both, see docs/results.md).
+    # (benchmarks/train_speed.py --ablation times both in training, bench_attention.py across widths).
     fuse_shared_output: bool = True
 
     def __init__(self, cfg: ModelConfig):
