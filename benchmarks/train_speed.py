@@ -151,22 +151,26 @@ class Bench:
 
 
 def watch_cudagraph_messages() -> list[str]:
-    """Inductor's reasons for not using CUDA graphs ("skipping cudagraphs due to ..."), collected."""
+    """Inductor's reasons for not using CUDA graphs ("skipping cudagraphs due to ..."), collected
+    from its cudagraphs logger (best effort: the logger's name moves between torch versions; the
+    skip counter, `inductor_counters` in the JSON, is the reliable sign)."""
     import logging
 
     seen: list[str] = []
 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            msg = record.getMessage()
-            if "cudagraph" in msg.lower() and len(seen) < 50:
-                seen.append(msg[:300])
+            if len(seen) < 50:
+                seen.append(record.getMessage()[:300])
 
     try:
-        torch._logging.set_logs(perf_hints=True)
-    except Exception:  # an older torch without the artifact
+        import torch._inductor.cudagraph_utils as cu
+
+        for name in ("cudagraphs_log", "perf_hint_log"):
+            if (logger := getattr(cu, name, None)) is not None:
+                logger.addHandler(Keep(level=logging.WARNING))
+    except Exception:  # torch without inductor's cudagraph utilities
         pass
-    logging.getLogger("torch").addHandler(Keep())
     return seen
 
 
@@ -308,8 +312,13 @@ def main() -> None:
                 est_step_s[mode] = max(est_step_s.get(mode, 0.0), per_step)
                 if mode != "eager":
                     compile_s.append(max(b.first_step_s.values()))
-                if mode == "graphs" and cudagraph_messages:
-                    say(f"cudagraphs: {cudagraph_messages[-1]}")
+                if mode == "graphs":
+                    from torch._dynamo.utils import counters
+
+                    skips = counters["inductor"].get("cudagraph_skips", 0)
+                    if skips:
+                        why = cudagraph_messages[-1] if cudagraph_messages else "reason not logged"
+                        say(f"WARNING: inductor skipped CUDA graphs {skips} time(s) so far: {why}")
                 benches.append(b)
                 first = ", ".join(f"{s} {t:.1f}s" for s, t in b.first_step_s.items())
                 say(f"ready {name} {mode}: first step {first}; warm {1000 * per_step:.1f} ms/step")
