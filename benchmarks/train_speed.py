@@ -1,17 +1,33 @@
 """Training throughput of the three encoder variants, in one process, on one device.
 
-One step = forward + backward + clip + AdamW step on a pretraining batch (MLM head at the masked
-positions, as in `svd-probe train`), bf16 autocast on CUDA. Each variant runs eager and (with
---compile both|on) under torch.compile. Rounds are interleaved (mha, mla, mla-o, mha, ...) and
-the median round is reported, so clock drift and a warming GPU hit every variant alike.
+One step is `svd_probe.train.loop.TrainStep`, the step `svd-probe train` runs: forward +
+backward + clip + AdamW on a pretraining batch (MLM head at the masked positions), bf16
+autocast on CUDA. Batches come from one of two sources, timed side by side:
 
-Also measured by default: mla with rope_dims 32 and mla-o with rope_dims 16, to separate the
-cost of the RoPE width from the cost of the factored output.
+    device   today's `svd-probe train`: rows on the GPU, cut and masked there
+             (loop.pretraining_phase, data.mask_tokens on a CUDA generator), no accuracy argmax
+    host     the earlier loop: rows cut and masked on the CPU each step, copied over
+             (non_blocking from pageable memory), forward also counting correct predictions
+             (under graphs: the host batches only, the forward as today's, one compiled graph)
 
-    PYTHONPATH=. python benchmarks/train_speed.py                       # cuda, batch 256
-    PYTHONPATH=. python benchmarks/train_speed.py --device cpu --size tiny --batch-size 8 --steps 3 --compile off
+Modes (--modes, comma-separated):
 
-Prints a table; writes $OUT/train_speed.json when $OUT is set (or --json-out PATH).
+    eager      no compilation                       sources: device, host
+    graphs     torch.compile mode reduce-overhead   sources: device, host  (`svd-probe train --compile`)
+    compiled   torch.compile default mode           source:  host          (the earlier `--compile`)
+
+So `graphs/device` is today's compiled training step and `compiled/host` the earlier one; the
+same model under `graphs/host` separates the batch source from the CUDA graphs. Rounds are
+interleaved (every variant, mode and source once per round, the order rotated each round) and
+each row reports the median round with its spread, so clock drift and a warming GPU hit every
+row alike. `issue_ms` is the host time to enqueue a step: near `ms/step`, the host is the limit.
+
+Every compile is timed; a mode whose compiles would not fit in --budget seconds (with the
+rounds after them) is skipped and recorded as such, and the JSON is rewritten after each stage,
+so a cut run still leaves its figures.
+
+    PYTHONPATH=. python benchmarks/train_speed.py --json $OUT/train_speed.json      # H200: ~3-4 min
+    PYTHONPATH=. python benchmarks/train_speed.py --device cpu --size tiny --steps 2 --json /tmp/ts.json
 """
 
 from __future__ import annotations
@@ -19,9 +35,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,150 +47,335 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from svd_probe.train.config import preset  # noqa: E402
-from svd_probe.train.data import masked_count  # noqa: E402
-from svd_probe.train.loop import autocast, make_optimizer  # noqa: E402
+from svd_probe.train import data as D  # noqa: E402
+from svd_probe.train.config import TrainConfig, preset  # noqa: E402
+from svd_probe.train.loop import (  # noqa: E402
+    TrainStep,
+    epoch_batch,
+    make_optimizer,
+    pretraining_phase,
+    step_generator,
+)
 from svd_probe.train.model import MaskedLM, pretraining_parameters  # noqa: E402
 
+MODES = {"eager": None, "graphs": "reduce-overhead", "compiled": "default"}
+SOURCES = {"eager": ("device", "host"), "graphs": ("device", "host"), "compiled": ("host",)}
+# The issue's targets (samples/s at batch 256 x 128 on one H200, compiled) and round spread.
+TARGETS = {"mha": 40_000, "mla": 39_000, "mla-o": 39_000}
+SPREAD = 0.05
 
-def make_cases(size: str, ablation: bool):
-    cases = [(v, preset(v, size)) for v in ("mha", "mla", "mla-o")]
-    # mla-o's output as two skinny matmuls (o_up(o_down(x))) instead of the default fused form.
-    cases.append(("mla-o factored", preset("mla-o", size)))
-    if ablation:
-        mla, mlao = cases[1][1], cases[2][1]
-        cases.append((f"mla rope{mla.head_dim}", replace(mla, rope_dims=mla.head_dim)))
-        cases.append((f"mla-o rope{mlao.rope_dims // 2}", replace(mlao, rope_dims=mlao.rope_dims // 2)))
-    return cases
+
+def bench_tok(vocab_size: int) -> D.Tok:
+    """BERT's special-token ids, no tokenizer: the step never encodes text."""
+    return D.Tok(None, "bench", vocab_size, pad_id=0, unk_id=100, cls_id=101, sep_id=102, mask_id=103)
+
+
+def packed_rows(n: int, seq_len: int, tok: D.Tok, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(1000, tok.vocab_size, (n, seq_len), generator=g)
+    rows[:, 0], rows[:, -1] = tok.cls_id, tok.sep_id
+    return rows
 
 
 class Bench:
-    """A model, its optimizer and a few fixed device-resident batches."""
+    """One model, its optimizer and step under one mode, fed by one or two batch sources."""
 
-    def __init__(self, name, cfg, dev, batch, seq_len, compiled, compile_mode):
+    def __init__(self, variant: str, cfg, mode: str, dev, batch: int, seq_len: int, factored: bool):
         torch.manual_seed(0)
-        self.dev = dev
+        self.variant, self.mode, self.dev, self.batch = variant, mode, dev, batch
         self.model = MaskedLM(cfg).to(dev)
-        if name == "mla-o factored":
+        if factored:
             for m in self.model.modules():
                 if hasattr(m, "fuse_shared_output"):
                     m.fuse_shared_output = False
-        self.opt = make_optimizer(self.model, 1e-4, 0.01, dev)
-        self.fwd = torch.compile(self.model, mode=compile_mode) if compiled else self.model
-        k = masked_count(seq_len)
-        g = torch.Generator().manual_seed(0)
-        self.batches = []
-        for _ in range(4):
-            ids = torch.randint(1000, cfg.vocab_size, (batch, seq_len), generator=g)
-            positions = torch.rand(batch, seq_len, generator=g)[:, 1:-1].topk(k, dim=1).indices + 1
-            targets = torch.gather(ids, 1, positions)
-            self.batches.append(tuple(t.to(dev) for t in (ids, positions, targets)))
-        self.i = 0
+        opt = make_optimizer(self.model, 1e-4, 0.01, dev)
+        tok = bench_tok(cfg.vocab_size)
+        rows = packed_rows(64 * batch, seq_len, tok)  # 64 steps an epoch, as few new permutations
+        tc = TrainConfig(pretrain_steps=10**9, batch_size=batch, seq_len=seq_len, device=dev.type)
+        phase = pretraining_phase(self.model, cfg, tc, tok, rows, log=lambda msg: None)
+        host_cache: dict = {}
 
-    def step(self):
-        ids, positions, targets = self.batches[self.i % len(self.batches)]
-        self.i += 1
-        with autocast(self.dev):
-            loss, _ = self.fwd(ids, positions, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        def host_batch(step: int):
+            idx = epoch_batch(len(rows), batch, step, 0, host_cache)
+            t = D.mask_tokens(rows[idx], tok, step_generator(0, step, 1))
+            return tuple(x.to(dev, non_blocking=True) for x in t)
 
-    def sync(self):
+        def host_loss(fwd, t):
+            return fwd(*t)[0]  # accuracy counted, as the earlier loop did
+
+        # graphs/host keeps today's loss, so both sources replay one compiled graph and differ
+        # in the batch source alone; eager/host and compiled/host are the earlier step entire.
+        loss_of = {"device": phase.loss, "host": phase.loss if mode == "graphs" else host_loss}
+        batch_of = {"device": lambda s: phase.batch(s)[0], "host": host_batch}
+        made: dict = {}
+        self.steps = {}
+        for source in SOURCES[mode]:
+            fn = loss_of[source]
+            if fn not in made:
+                made[fn] = TrainStep(self.model, opt, fn, dev, MODES[mode])
+            self.steps[source] = (made[fn], batch_of[source])
+        self.i = {s: 0 for s in self.steps}
+        self.first_step_s: dict[str, float] = {}
+
+    def step(self, source: str) -> None:
+        train_step, make_batch = self.steps[source]
+        train_step(make_batch(self.i[source]), 1e-4)
+        self.i[source] += 1
+
+    def sync(self) -> None:
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
 
-    def timed(self, steps: int) -> float:
+    def warm(self, steps: int) -> float:
+        """The first step of each source (compilation) timed apart, then `steps` more."""
+        t0 = time.perf_counter()
+        for source in self.steps:
+            t = time.perf_counter()
+            self.step(source)
+            self.sync()
+            self.first_step_s[source] = time.perf_counter() - t
+            for _ in range(steps):
+                self.step(source)
+            self.sync()
+        return time.perf_counter() - t0
+
+    def timed(self, source: str, steps: int) -> tuple[float, float]:
+        """(wall seconds, host seconds to enqueue) for `steps` steps."""
         self.sync()
         t0 = time.perf_counter()
         for _ in range(steps):
-            self.step()
+            self.step(source)
+        issued = time.perf_counter()
         self.sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, issued - t0
+
+
+def watch_cudagraph_messages() -> list[str]:
+    """Inductor's reasons for not using CUDA graphs ("skipping cudagraphs due to ..."), collected
+    from its cudagraphs logger (best effort: the logger's name moves between torch versions; the
+    skip counter, `inductor_counters` in the JSON, is the reliable sign)."""
+    import logging
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if len(seen) < 50:
+                seen.append(record.getMessage()[:300])
+
+    try:
+        import torch._inductor.cudagraph_utils as cu
+
+        for name in ("cudagraphs_log", "perf_hint_log"):
+            if (logger := getattr(cu, name, None)) is not None:
+                logger.addHandler(Keep(level=logging.WARNING))
+    except Exception:  # torch without inductor's cudagraph utilities
+        pass
+    return seen
+
+
+def summarize(rates: list[float], issue: list[float], batch: int) -> dict:
+    med = statistics.median(rates)
+    return {
+        "samples_per_s": round(med, 1),
+        "samples_per_s_min": round(min(rates), 1),
+        "samples_per_s_max": round(max(rates), 1),
+        "spread": round(max(abs(r / med - 1) for r in rates), 4),
+        "samples_per_s_rounds": [round(r, 1) for r in rates],
+        "ms_per_step": round(1000 * batch / med, 3),
+        "issue_ms_per_step": round(1000 * statistics.median(issue), 3),
+    }
+
+
+def checks(rows: list[dict]) -> list[dict]:
+    """The issue's targets against today's compiled step (graphs/device), and mla-o vs mla."""
+    by = {(r["variant"], r["mode"], r["source"]): r for r in rows if "samples_per_s" in r}
+    out = []
+    for v, target in TARGETS.items():
+        r = by.get((v, "graphs", "device"))
+        if r:
+            out.append({"check": f"{v} graphs/device >= {target:,}", "ok": r["samples_per_s"] >= target})
+    for r in rows:
+        if r["mode"] != "eager" and "spread" in r:
+            name = f"{r['variant']} {r['mode']}/{r['source']} rounds within ±{SPREAD:.0%}"
+            out.append({"check": name, "ok": r["spread"] <= SPREAD})
+    for mode, source in {(r["mode"], r["source"]) for r in rows}:
+        a, b = by.get(("mla-o", mode, source)), by.get(("mla", mode, source))
+        if a and b:
+            ratio = a["samples_per_s"] / b["samples_per_s"]
+            out.append({"check": f"mla-o >= mla, {mode}/{source} (ratio {ratio:.3f})", "ok": ratio >= 1.0})
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--size", default="small", choices=["small", "tiny"])
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation happens here)")
-    ap.add_argument("--compile", default="both", choices=["off", "on", "both"])
-    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
-    ap.add_argument("--no-ablation", action="store_true", help="only the three presets")
-    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--batch-size", type=int, default=None, help="default 256 (tiny: 8)")
+    ap.add_argument("--seq-len", type=int, default=None, help="default 128 (tiny: 32)")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per round and source")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=6, help="untimed steps per source after the first")
+    ap.add_argument("--modes", default=None, help="default: eager,graphs,compiled on cuda; eager on cpu")
+    ap.add_argument("--variants", default="mha,mla,mla-o")
+    ap.add_argument("--ablation", action="store_true", help="also mla-o with the two-matmul (factored) output")
+    ap.add_argument("--budget", type=float, default=230.0, help="seconds for the whole run, compiles included")
+    ap.add_argument("--json", dest="json_path", default=None, help="default: $OUT/train_speed.json when $OUT is set")
     args = ap.parse_args()
+    t_start = time.perf_counter()
 
     dev = torch.device(args.device)
+    tiny = args.size == "tiny"
+    batch = args.batch_size or (8 if tiny else 256)
+    seq_len = args.seq_len or (32 if tiny else 128)
+    modes = (args.modes or ("eager,graphs,compiled" if dev.type == "cuda" else "eager")).split(",")
+    if unknown := [m for m in modes if m not in MODES]:
+        sys.exit(f"unknown --modes {unknown}: pick from {', '.join(MODES)}")
     if dev.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    cases = make_cases(args.size, not args.no_ablation)
-    results = []
-    for compiled in modes:
-        benches = []
-        for name, cfg in cases:
-            t0 = time.perf_counter()
-            b = Bench(name, cfg, dev, args.batch_size, args.seq_len, compiled, args.compile_mode)
-            for _ in range(args.warmup):
-                b.step()
-            b.sync()
-            benches.append((name, cfg, b, time.perf_counter() - t0))
-        rounds = {name: [] for name, *_ in benches}
-        for _ in range(args.rounds):
-            for name, _, b, _ in benches:
-                rounds[name].append(args.batch_size * args.steps / b.timed(args.steps))
-        for name, cfg, _b, setup_s in benches:
-            rates = rounds[name]
-            results.append(
-                {
-                    "variant": name,
-                    "compiled": compiled,
-                    "parameters": pretraining_parameters(cfg),
-                    "rope_dims": cfg.rope_dims,
-                    "samples_per_s": round(statistics.median(rates), 1),
-                    "samples_per_s_min": round(min(rates), 1),
-                    "samples_per_s_max": round(max(rates), 1),
-                    "samples_per_s_rounds": [round(r, 1) for r in rates],
-                    "ms_per_step": round(1000 * args.batch_size / statistics.median(rates), 2),
-                    "setup_and_warmup_s": round(setup_s, 1),
-                }
-            )
-        del benches
-        if compiled:
-            torch._dynamo.reset()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    # 3 variants x 3 compiled steps of one forward: more than dynamo's default cache of 8 entries
+    # per code object, past which it would silently run eagerly.
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
 
+    cases = [(v, replace(preset(v, args.size), max_seq_len=max(128, seq_len)), False) for v in args.variants.split(",")]
+    if args.ablation:
+        cases.append(("mla-o factored", cases[-1][1], True))
+    path = args.json_path or (os.path.join(os.environ["OUT"], "train_speed.json") if os.environ.get("OUT") else None)
     env = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})",
         "torch": torch.__version__,
-        "batch_size": args.batch_size,
-        "seq_len": args.seq_len,
+        "python": platform.python_version(),
+        "batch_size": batch,
+        "seq_len": seq_len,
+        "size": args.size,
         "steps": args.steps,
         "rounds": args.rounds,
-        "size": args.size,
         "autocast": "bf16" if dev.type == "cuda" else "off",
-        "compile_mode": args.compile_mode,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
-    print(
-        f"# {env['device']}, torch {env['torch']}, batch {args.batch_size} x seq {args.seq_len}, autocast {env['autocast']}, median of {args.rounds} rounds x {args.steps} steps"
-    )
-    print(f"{'variant':<14} {'compiled':>8} {'params':>12} {'rope':>5} {'samples/s':>11} {'ms/step':>8}  vs mla")
-    base = {r["compiled"]: r["samples_per_s"] for r in results if r["variant"] == "mla"}
-    for r in results:
-        rel = r["samples_per_s"] / base[r["compiled"]] if base.get(r["compiled"]) else float("nan")
-        print(
-            f"{r['variant']:<14} {str(r['compiled']):>8} {r['parameters']:>12,} {r['rope_dims']:>5} {r['samples_per_s']:>11,.0f} {r['ms_per_step']:>8.2f}  {rel:.3f}   [{r['samples_per_s_min']:,.0f} .. {r['samples_per_s_max']:,.0f}]"
+    if dev.type == "cuda":
+        env["sdpa"] = {
+            k: getattr(torch.backends.cuda, f"{k}_sdp_enabled")()
+            for k in ("flash", "mem_efficient", "cudnn", "math")
+            if hasattr(torch.backends.cuda, f"{k}_sdp_enabled")
+        }
+    log: list[str] = []
+    rows: list[dict] = []
+    cudagraph_messages = watch_cudagraph_messages()
+
+    def say(msg: str) -> None:
+        line = f"[{time.perf_counter() - t_start:6.1f}s] {msg}"
+        print(line, flush=True)
+        log.append(line)
+
+    def write(stage: str) -> None:
+        if not path:
+            return
+        from torch._dynamo.utils import counters
+
+        extra = {
+            "inductor_counters": {k: v for k, v in counters["inductor"].items() if "cudagraph" in k},
+            "cudagraph_messages": cudagraph_messages,
+            "peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
+        }
+        doc = {"stage": stage, "env": {**env, **extra}, "results": rows, "checks": checks(rows), "log": log}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+
+    say(f"{env['device']}, torch {env['torch']}, batch {batch} x {seq_len}, modes {modes}, budget {args.budget:.0f}s")
+    benches: list[Bench] = []
+    est_step_s: dict[str, float] = {}  # per mode, from warmup, for the budget of the rounds
+    compile_s: list[float] = []
+
+    def rounds_cost(extra_mode: str | None = None) -> float:
+        n = sum(len(b.steps) * est_step_s.get(b.mode, 0.05) for b in benches)
+        if extra_mode:
+            n += len(cases) * len(SOURCES[extra_mode]) * est_step_s.get(extra_mode, est_step_s.get("graphs", 0.02))
+        return n * args.steps * args.rounds
+
+    for mode in modes:
+        for name, cfg, factored in cases:
+            elapsed = time.perf_counter() - t_start
+            need = (max(compile_s) if compile_s and mode != "eager" else 0.0) + rounds_cost(mode)
+            if elapsed + need > args.budget:
+                say(
+                    f"skip {name} {mode}: {elapsed:.0f}s spent, about {need:.0f}s more needed, budget {args.budget:.0f}s"
+                )
+                rows += [{"variant": name, "mode": mode, "source": s, "skipped": "budget"} for s in SOURCES[mode]]
+                continue
+            try:
+                b = Bench(name, cfg, mode, dev, batch, seq_len, factored)
+                setup = b.warm(args.warmup)
+                per_step = max((setup - sum(b.first_step_s.values())) / max(1, args.warmup * len(b.steps)), 1e-4)
+                est_step_s[mode] = max(est_step_s.get(mode, 0.0), per_step)
+                if mode != "eager":
+                    compile_s.append(max(b.first_step_s.values()))
+                if mode == "graphs":
+                    from torch._dynamo.utils import counters
+
+                    skips = counters["inductor"].get("cudagraph_skips", 0)
+                    if skips:
+                        why = cudagraph_messages[-1] if cudagraph_messages else "reason not logged"
+                        say(f"WARNING: inductor skipped CUDA graphs {skips} time(s) so far: {why}")
+                benches.append(b)
+                first = ", ".join(f"{s} {t:.1f}s" for s, t in b.first_step_s.items())
+                say(f"ready {name} {mode}: first step {first}; warm {1000 * per_step:.1f} ms/step")
+            except Exception as e:  # a mode that fails on this machine is recorded, not fatal
+                say(f"FAILED {name} {mode}: {type(e).__name__}: {e}")
+                rows += [
+                    {"variant": name, "mode": mode, "source": s, "error": f"{type(e).__name__}: {e}"}
+                    for s in SOURCES[mode]
+                ]
+                traceback.print_exc()
+        write(f"built {mode}")
+
+    keys = [(b, s) for b in benches for s in b.steps]
+    rates: dict[tuple[int, str], list[float]] = {(id(b), s): [] for b, s in keys}
+    issue: dict[tuple[int, str], list[float]] = {(id(b), s): [] for b, s in keys}
+    for r in range(args.rounds):
+        order = keys[r % len(keys) :] + keys[: r % len(keys)] if keys else []
+        for b, s in order:
+            wall, host = b.timed(s, args.steps)
+            rates[(id(b), s)].append(b.batch * args.steps / wall)
+            issue[(id(b), s)].append(host / args.steps)
+        say(f"round {r + 1}/{args.rounds} done")
+    for b, s in keys:
+        rows.append(
+            {
+                "variant": b.variant,
+                "mode": b.mode,
+                "source": s,
+                "parameters": pretraining_parameters(b.model.encoder.cfg),
+                "first_step_s": round(b.first_step_s[s], 2),
+                **summarize(rates[(id(b), s)], issue[(id(b), s)], b.batch),
+            }
         )
-    path = args.json_out or (os.path.join(os.environ["OUT"], "train_speed.json") if os.environ.get("OUT") else None)
-    if path:
-        Path(path).write_text(json.dumps({"env": env, "results": results}, indent=2) + "\n")
-        print(f"wrote {path}")
+    write("done")
+
+    print(
+        f"\n# {env['device']}, torch {env['torch']}, batch {batch} x {seq_len}, {env['autocast']}, "
+        f"median of {args.rounds} rounds x {args.steps} steps"
+    )
+    print(
+        f"{'variant':<15} {'mode':<9} {'source':<7} {'samples/s':>10} {'[min .. max]':>21} {'±':>6} "
+        f"{'ms/step':>8} {'issue_ms':>8} {'1st step':>8}"
+    )
+    for r in rows:
+        head = f"{r['variant']:<15} {r['mode']:<9} {r['source']:<7}"
+        if "samples_per_s" not in r:
+            print(f"{head} {r.get('skipped') or r.get('error')}")
+            continue
+        span = f"[{r['samples_per_s_min']:,.0f} .. {r['samples_per_s_max']:,.0f}]"
+        print(
+            f"{head} {r['samples_per_s']:>10,.0f} {span:>21} {100 * r['spread']:>5.1f}% "
+            f"{r['ms_per_step']:>8.2f} {r['issue_ms_per_step']:>8.2f} {r['first_step_s']:>7.1f}s"
+        )
+    print()
+    for c in checks(rows):
+        print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']}")
+    print(f"total {time.perf_counter() - t_start:.0f}s" + (f"; wrote {path}" if path else ""))
 
 
 if __name__ == "__main__":

@@ -233,17 +233,22 @@ def mask_tokens(ids: torch.Tensor, tok: Tok, gen: torch.Generator, mlm_prob: flo
     """BERT masking: pick 15% of the non-special tokens; 80% -> [MASK], 10% random, 10% kept.
 
     Exactly `masked_count` positions per row, so the MLM head gathers a fixed shape.
+    Runs where `ids` lives, with `gen` on the same device: in pretraining the rows, the
+    permutation slice and the masking all stay on the GPU, so a step builds its batch with a
+    dozen small kernels and no host work, copy or sync (the host only seeds `gen`). The same seed
+    gives other masks on CUDA than on the CPU (another generator), each deterministic.
     Returns (inputs [B, T], positions [B, k], targets [B, k]).
     """
     B, T = ids.shape
     k = masked_count(T, mlm_prob)
-    scores = torch.rand(B, T, generator=gen)
+    dev = ids.device
+    scores = torch.rand(B, T, generator=gen, device=dev)
     special = (ids == tok.cls_id) | (ids == tok.sep_id) | (ids == tok.pad_id)
-    scores[special] = -1.0
+    scores.masked_fill_(special, -1.0)  # not scores[special] = ...: a boolean index syncs on CUDA
     positions = scores.topk(k, dim=1).indices
     targets = torch.gather(ids, 1, positions)
-    action = torch.rand(B, k, generator=gen)
-    random_ids = torch.randint(0, tok.vocab_size, (B, k), generator=gen)
+    action = torch.rand(B, k, generator=gen, device=dev)
+    random_ids = torch.randint(0, tok.vocab_size, (B, k), generator=gen, device=dev)
     replaced = torch.where(
         action < 0.8, torch.full_like(targets, tok.mask_id), torch.where(action < 0.9, random_ids, targets)
     )

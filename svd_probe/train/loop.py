@@ -26,7 +26,9 @@ pretrain_metrics} without weights records the boundary; fine-tuning starts from 
 Determinism: the batch order of step s is a function of (seed, epoch) and the MLM mask of step s a
 function of (seed, step); the learning rate is a function of the step. So a resumed run sees
 exactly the batches and rates an uninterrupted run sees, and on CPU reaches the same weights bit
-for bit (tests/test_train.py).
+for bit (tests/test_train.py). Pretraining batches are cut and masked on the training device:
+the batch order is the same everywhere, the masks of one seed differ between CPU and CUDA (two
+generators), each a function of (seed, step).
 """
 
 from __future__ import annotations
@@ -198,18 +200,28 @@ def autocast(dev: torch.device):
     return contextlib.nullcontext()
 
 
-def epoch_batch(n_rows: int, batch: int, step: int, seed: int, cache: dict) -> torch.Tensor:
-    """Row indices of step `step`: epochs are seeded permutations; the tail of each is dropped."""
+def epoch_batch(
+    n_rows: int, batch: int, step: int, seed: int, cache: dict, device: torch.device | None = None
+) -> torch.Tensor:
+    """Row indices of step `step`: epochs are seeded permutations; the tail of each is dropped.
+
+    The permutation is drawn on the CPU (the same batch order on every device) and moved to
+    `device` once an epoch without waiting for the GPU (a blocking copy would drain its queue),
+    so a step's indices are a slice of a tensor already there."""
     per_epoch = n_rows // batch
     epoch, j = divmod(step, per_epoch)
     if cache.get("epoch") != epoch:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        cache["epoch"], cache["perm"] = epoch, torch.randperm(n_rows, generator=g)
+        cache["epoch"], cache["perm"] = (
+            epoch,
+            torch.randperm(n_rows, generator=g).to(device or "cpu", non_blocking=True),
+        )
     return cache["perm"][j * batch : (j + 1) * batch]
 
 
-def step_generator(seed: int, step: int, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + salt)
+def step_generator(seed: int, step: int, salt: int, device: torch.device | None = None) -> torch.Generator:
+    """The generator of step `step`, on `device` (seeding one costs no kernel and no sync)."""
+    return torch.Generator(device=device or "cpu").manual_seed((seed * 1_000_003 + step) * 7 + salt)
 
 
 def rng_state(dev: torch.device) -> dict:
@@ -353,9 +365,67 @@ class Phase:
     steps: int
     peak_lr: float
     lr_flag: str  # the flag that sets peak_lr, named when the loss diverges
-    batch: Callable[[int], tuple[Batch, int]]  # step -> (CPU tensors, number of samples)
+    batch: Callable[[int], tuple[Batch, int]]  # step -> (tensors on any device, number of samples)
     loss: Callable[[Callable[..., Any], Batch], torch.Tensor]  # (forward, device tensors) -> loss
     extra: dict = field(default_factory=dict)  # saved in every checkpoint of the phase
+    # Every batch has the same shapes: compiled on CUDA, the step runs as CUDA graphs.
+    static_shapes: bool = False
+
+
+class TrainStep:
+    """One optimizer step: forward + backward + gradient clipping + AdamW, with no host sync.
+
+    `compile_mode`: None runs the model eagerly; otherwise a torch.compile mode ("default",
+    "reduce-overhead", "max-autotune-no-cudagraphs", ...). "reduce-overhead" replays the forward
+    and backward as CUDA graphs. Why: at batch 256 × 128 the compiled small model issues a few
+    hundred kernels a step, and the figures point to the host's launches as the limit (H200,
+    compiled: mha 27,897 samples/s with rounds from 15,840 to 30,096, and mla, with more and
+    smaller kernels, 26% slower; at batch 1024, where launches amortize, the H100 ran GPU-bound
+    with rounds within ±0.3%, docs/results.md). That is an inference until
+    benchmarks/train_speed.py has run on the GPU. A replay is a few launches, so the host can stay
+    ahead of the GPU and its jitter stops showing in the rate. It needs static shapes (one graph
+    per shape) and a step marker before each forward, so the outputs of the previous step's graphs
+    may be overwritten.
+
+    Used by `run_phase` and by benchmarks/train_speed.py, so the benchmark times this step.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        loss: Callable[[Callable[..., Any], Batch], torch.Tensor],
+        dev: torch.device,
+        compile_mode: str | None = None,
+    ):
+        self.model, self.opt, self.loss, self.dev = model, opt, loss, dev
+        self.params = [p for p in model.parameters() if p.requires_grad]  # listed once, not per step
+        if compile_mode is None:
+            self.fwd: Callable[..., Any] = model
+        else:
+            self.fwd = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+        self.graphed = compile_mode == "reduce-overhead"
+
+    def __call__(self, tensors: Batch, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (loss, gradient norm before clipping), both still on the device."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if self.graphed:
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast(self.dev):
+            loss = self.loss(self.fwd, tensors)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach(), grad_norm
+
+
+def compile_mode_for(phase: Phase, tc: TrainConfig, dev: torch.device) -> str | None:
+    """None (eager) without --compile; CUDA graphs for static shapes on CUDA; else the default mode."""
+    if not tc.compile:
+        return None
+    return "reduce-overhead" if dev.type == "cuda" and phase.static_shapes else "default"
 
 
 @dataclass
@@ -391,7 +461,10 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
         opt.load_state_dict(resume["optimizer"])
         set_rng_state(resume["rng"], dev)
         step, samples, seconds = resume["step"], resume["timed_samples"], resume["timed_seconds"]
-    fwd = torch.compile(model) if tc.compile else model
+    compile_mode = compile_mode_for(phase, tc, dev)
+    train_step = TrainStep(model, opt, phase.loss, dev, compile_mode)
+    if compile_mode is not None:
+        ctx.log(f"{phase.label}: torch.compile mode {compile_mode}")
     timer = _Timer(dev, skip=min(3, max(1, phase.steps - step - 1)))
     stop_at = phase.steps if tc.stop_after is None else min(phase.steps, step + tc.stop_after)
     finite = _NonFinite(phase.label, phase.lr_flag, dev)
@@ -427,20 +500,13 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
         if ctx.stop.signal is not None:
             break
         lr = lr_at(step, phase.steps, tc.warmup_frac, phase.peak_lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
         tensors, n_samples = phase.batch(step)
-        tensors = tuple(t.to(dev, non_blocking=True) for t in tensors)
-        with autocast(dev):
-            loss = phase.loss(fwd, tensors)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        tensors = tuple(t.to(dev, non_blocking=True) for t in tensors)  # no-op where built there
+        loss, grad_norm = train_step(tensors, lr)
         finite.watch(loss, grad_norm)
         step += 1
         timer.step_done(n_samples)
-        loss_sum += loss.detach()
+        loss_sum += loss
         n_logged += 1
         if step % tc.log_every == 0 or step == stop_at:
             mean_loss = loss_sum.item() / n_logged  # the one host sync per log interval
@@ -481,23 +547,30 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
 def pretraining_phase(
     model: torch.nn.Module, cfg: ModelConfig, tc: TrainConfig, tok: D.Tok, rows: torch.Tensor, log: _RunLog
 ) -> Phase:
-    """MLM or CLM on packed rows: the batch order of step s from (seed, epoch); MLM masks from (seed, s)."""
+    """MLM or CLM on packed rows: the batch order of step s from (seed, epoch); MLM masks from (seed, s).
+
+    The rows live on the model's device (WikiText-103 at seq_len 128: 0.84 GB of int64 ids), and
+    batches are cut and masked there (data.mask_tokens), so the host does no per-step work."""
     batch = min(tc.batch_size, len(rows))
     if batch < tc.batch_size:
         log(f"batch size {tc.batch_size} > {len(rows)} rows: using {batch}")
+    dev = next(model.parameters()).device
+    rows = rows.to(dev)
     cache: dict = {}
 
     def make_batch(step: int) -> tuple[Batch, int]:
-        idx = epoch_batch(len(rows), batch, step, tc.seed, cache)
+        idx = epoch_batch(len(rows), batch, step, tc.seed, cache, dev)
+        picked = rows[idx]
         if cfg.objective == "clm":
-            picked = rows[idx]
-            return (picked[:, :-1], picked[:, 1:]), len(idx)
-        return D.mask_tokens(rows[idx], tok, step_generator(tc.seed, step, 1)), len(idx)
+            return (picked[:, :-1], picked[:, 1:]), batch
+        return D.mask_tokens(picked, tok, step_generator(tc.seed, step, 1, dev)), batch
 
     def loss(fwd, t: Batch) -> torch.Tensor:
-        return fwd(*t)[0]
+        return fwd(*t, accuracy=False)[0]
 
-    return Phase("pretrain", "pretraining", model, tc.pretrain_steps, tc.lr, "--lr", make_batch, loss)
+    return Phase(
+        "pretrain", "pretraining", model, tc.pretrain_steps, tc.lr, "--lr", make_batch, loss, static_shapes=True
+    )
 
 
 def pack_rows(cfg: ModelConfig, tok: D.Tok, lines: list[str], seq_len: int) -> torch.Tensor:

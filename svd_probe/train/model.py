@@ -147,7 +147,7 @@ class MLA(nn.Module):
     """Low-rank queries and keys/values through normalized latents; mla-o also factors the output."""
 
     # How mla-o applies its factored output; both forms compute the same function
-    # (benchmarks/train_speed.py times both, see docs/results.md).
+    # (benchmarks/train_speed.py --ablation times both in training, bench_attention.py across widths).
     fuse_shared_output: bool = True
 
     def __init__(self, cfg: ModelConfig):
@@ -255,6 +255,11 @@ class Encoder(nn.Module):
         return h
 
 
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """The loss is taken in fp32 from bf16 logits, and in float64 from a float64 model (tests)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 class MaskedLM(nn.Module):
     """Encoder + tied MLM head, evaluated only at the masked positions (~15% of the vocab matmul).
 
@@ -266,13 +271,14 @@ class MaskedLM(nn.Module):
         super().__init__()
         self.encoder = Encoder(cfg)
 
-    def forward(self, ids, positions, targets):
-        """ids [B, T]; positions, targets [B, k]. Returns (mean loss, number of correct predictions)."""
+    def forward(self, ids, positions, targets, accuracy: bool = True):
+        """ids [B, T]; positions, targets [B, k]. Returns (mean loss, number of correct predictions,
+        or None with accuracy=False: training skips the argmax, one more pass over the logits)."""
         h = self.encoder(ids)
         picked = torch.gather(h, 1, positions[..., None].expand(-1, -1, h.shape[-1]))
         logits = picked @ self.encoder.embed.weight.T.to(h.dtype)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        correct = (logits.argmax(-1) == targets).sum()
+        loss = F.cross_entropy(_at_least_fp32(logits).flatten(0, 1), targets.flatten())
+        correct = (logits.argmax(-1) == targets).sum() if accuracy else None
         return loss, correct
 
 
@@ -289,10 +295,11 @@ class CausalLM(nn.Module):
         h = self.encoder(ids)
         return h @ self.encoder.embed.weight.T.to(h.dtype)
 
-    def forward(self, ids, targets):
-        """ids, targets [B, T] (targets: ids shifted by one). Returns (mean loss, number correct)."""
+    def forward(self, ids, targets, accuracy: bool = True):
+        """ids, targets [B, T] (targets: ids shifted by one). Returns (mean loss, number correct,
+        or None with accuracy=False)."""
         h = self.encoder(ids)
-        return lm_head_loss(h.flatten(0, 1), self.encoder.embed.weight, targets.flatten())
+        return lm_head_loss(h.flatten(0, 1), self.encoder.embed.weight, targets.flatten(), accuracy=accuracy)
 
 
 # Tokens per chunk of the LM head's loss: 4,096 × a 30,522-word vocabulary is 0.5 GB of float32
@@ -301,17 +308,19 @@ class CausalLM(nn.Module):
 LM_HEAD_CHUNK = 4096
 
 
-def _head_chunk(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _head_chunk(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, accuracy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     logits = h @ weight.T.to(h.dtype)
-    # bf16 logits get a float32 softmax; float64 (the tests' reference) stays float64.
-    loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
-    return loss, (logits.argmax(-1) == targets).sum()
+    loss = F.cross_entropy(_at_least_fp32(logits), targets, reduction="sum")
+    return loss, ((logits.argmax(-1) == targets).sum() if accuracy else None)
 
 
 def lm_head_loss(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = LM_HEAD_CHUNK
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of the tied head `h @ weight.T` against `targets`, and the number correct.
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = LM_HEAD_CHUNK, accuracy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean cross-entropy of the tied head `h @ weight.T` against `targets`, and the number correct
+    (None with accuracy=False).
 
     h [N, d], weight [V, d], targets [N]. Over `chunk` tokens at a time, each chunk's logits
     recomputed in the backward pass (activation checkpointing) rather than kept: the same loss
@@ -319,19 +328,20 @@ def lm_head_loss(
     for one more head matmul forward.
     """
     if h.shape[0] <= chunk:
-        loss, correct = _head_chunk(h, weight, targets)
+        loss, correct = _head_chunk(h, weight, targets, accuracy)
         return loss / h.shape[0], correct
     from torch.utils.checkpoint import checkpoint
 
     total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
-    correct = torch.zeros((), dtype=torch.long, device=h.device)
+    count = torch.zeros((), dtype=torch.long, device=h.device)
     for i in range(0, h.shape[0], chunk):
         loss_i, correct_i = checkpoint(
-            _head_chunk, h[i : i + chunk], weight, targets[i : i + chunk], use_reentrant=False
+            _head_chunk, h[i : i + chunk], weight, targets[i : i + chunk], accuracy, use_reentrant=False
         )
         total = total + loss_i
-        correct = correct + correct_i
-    return total / h.shape[0], correct
+        if correct_i is not None:
+            count = count + correct_i
+    return total / h.shape[0], (count if accuracy else None)
 
 
 class Classifier(nn.Module):
