@@ -4,6 +4,7 @@ accepts exactly what `train` accepts). The work is in svd_probe.train.sweep."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,10 @@ def sweep_cmd(
     if _init_from(passthrough) is not None and grid.variants != ["mla-o"]:
         raise TrainingInputError("--init-from builds mla-o runs only", hint="add --variant mla-o")
     points = S.expand(grid)
+    init_from = _init_from(passthrough)
+    if init_from is not None:
+        init_variant = _source_variant(init_from.replace("{seed}", str(grid.seeds[0])))
+        points = [dataclasses.replace(p, init=init_variant) for p in points]
     total = len(points)
     if shard is not None:
         k, n = S.parse_shard(shard)
@@ -147,13 +152,13 @@ def sweep_cmd(
     def on_event(kind: str, o: S.RunOutcome) -> None:
         where = f" (GPU {o.slot})" if o.slot is not None else ""
         if kind == "start":
-            err.print(f"start    {o.run.point.name}{where}", highlight=False)
+            err.print(f"start    {o.run.point.name}{where}", highlight=False, soft_wrap=True)
             return
         done[0] += 1
         line = f"{o.status:<8} {o.run.point.name} in {o.seconds:,.0f} s [{done[0]}/{n_todo}]"
         if o.status == "failed":
             line += f": exit {o.returncode}, see {o.run.log}"
-        err.print(line, highlight=False, markup=False)
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
 
     outcomes, stop_signal = S.run_pool(runs, slots, on_event)
     _report(outcomes, stop_signal, out_dir, as_json)
@@ -186,6 +191,12 @@ def _init_from(args: list[str]) -> str | None:
         if a.startswith("--init-from="):
             return a.split("=", 1)[1]
     return None
+
+
+def _source_variant(run_dir: str) -> str:
+    from svd_probe.train.init_from import load_source
+
+    return load_source(Path(run_dir)).cfg.variant
 
 
 def _with_seed(args: list[str], seed: int) -> list[str]:
@@ -267,8 +278,10 @@ def _show_plan(runs, cfgs, total: int, as_json: bool) -> None:
         print_json({"grid_points": total, "runs": rows})
         return
     for row in rows:
-        out.print(f"{row['state']:<9} {row['name']:<40} {row['parameters']:>12,} parameters", highlight=False)
-    out.print(f"{len(rows)} runs (of {total} grid points)", highlight=False)
+        out.print(
+            f"{row['state']:<9} {row['name']:<40} {row['parameters']:>12,} parameters", highlight=False, soft_wrap=True
+        )
+    out.print(f"{len(rows)} runs (of {total} grid points)", highlight=False, soft_wrap=True)
 
 
 def _report(outcomes, stop_signal: str | None, out_dir: Path, as_json: bool) -> None:
@@ -283,20 +296,25 @@ def _report(outcomes, stop_signal: str | None, out_dir: Path, as_json: bool) -> 
             ]
         )
     order = ("finished", "skipped", "stopped", "interrupted", "not started", "busy", "failed")
-    err.print("sweep: " + ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s)), highlight=False)
+    err.print(
+        "sweep: " + ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s)), highlight=False, soft_wrap=True
+    )
     for o in outcomes:
         if o.status == "failed":
-            err.print(f"failed: {o.run.point.name} (exit {o.returncode}); log: {o.run.log}", highlight=False)
+            err.print(
+                f"failed: {o.run.point.name} (exit {o.returncode}); log: {o.run.log}", highlight=False, soft_wrap=True
+            )
         elif o.status == "busy":
-            err.print(f"busy: {o.run.point.name} is being trained by another process", highlight=False)
+            err.print(f"busy: {o.run.point.name} is being trained by another process", highlight=False, soft_wrap=True)
     if stop_signal is not None:
         err.print(
             f"interrupted ({stop_signal}): the runs in progress saved a checkpoint; "
             "run the same command to resume (finished runs are skipped)",
             highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(143 if stop_signal == "SIGTERM" else 130)
     if counts.get("finished") or counts.get("skipped"):
-        err.print(f"tables: svd-probe compare {out_dir}", highlight=False)
+        err.print(f"tables: svd-probe compare {out_dir}", highlight=False, soft_wrap=True)
     if counts.get("failed"):
         raise typer.Exit(1)

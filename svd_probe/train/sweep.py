@@ -9,9 +9,10 @@ q_latent, kv_latent, o_latent in the order given.
 
 Each grid point is one run folder, OUT/CONFIG/seed-N, CONFIG read off the point:
 
-    mha_mlm                      mla_clm_kv16           mla-o_mlm_o32_norm-rms
+    mha_mlm        mla_clm_kv16        mla-o_mlm_o32_norm-rms        mla-o_mlm_norm-none_init-mha
 
-(an axis the command did not list is left out of the name; mla-o always names its norm), and
+(an axis the command did not list is left out of the name; mla-o always names its norm; a
+sweep with --init-from names the source's variant, and `{seed}` in its path takes each run's), and
 its child's stdout and stderr go to OUT/logs/CONFIG.seed-N.log (not into the run folder, which
 `train` keeps for its own files). `svd-probe compare OUT` reads every finished run below OUT.
 
@@ -71,6 +72,7 @@ class GridPoint:
     q_latent: int | None = None
     kv_latent: int | None = None
     o_latent: int | None = None
+    init: str | None = None  # --init-from: the source run's variant (the path is the command's)
 
     @property
     def config_name(self) -> str:
@@ -79,6 +81,8 @@ class GridPoint:
         parts += [f"{tag}{getattr(self, k)}" for k, tag in _LATENT_TAGS if getattr(self, k) is not None]
         if self.variant == "mla-o":
             parts.append(f"norm-{self.o_norm or 'none'}")
+        if self.init is not None:
+            parts.append(f"init-{self.init}")
         return "_".join(parts)
 
     @property
