@@ -346,9 +346,9 @@ def train_cmd(
             results = [run(model_cfg, train_cfg, sources, out_dir, reporter, overwrite=overwrite)]
         else:
             results = run_seeds(model_cfg, train_cfg, sources, out_dir, seed_list, reporter, overwrite=overwrite)
-    if as_json:
+    if as_json and _main_rank():
         print_json(results[0] if seed_list is None else results)
-    else:
+    elif _main_rank():
         for metrics in results:
             if not metrics.get("stopped"):
                 out.print(summary_line(metrics), highlight=False)
@@ -430,6 +430,13 @@ def sources_from(p: dict[str, Any]) -> DataSources:
     return DataSources(
         tokenizer=p["tokenizer"], data_dir=path("data_dir"), dataset=p["dataset"], sst2_dir=path("sst2_dir")
     )
+
+
+def _main_rank() -> bool:
+    """Under torchrun every rank returns the metrics; rank 0 prints them."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def parse_seeds(text: str) -> list[int]:
