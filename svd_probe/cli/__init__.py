@@ -12,6 +12,7 @@ from svd_probe.cli import align as _align  # noqa: F401  (registers align)
 from svd_probe.cli import analysis as _analysis  # noqa: F401  (registers models, analyze, export, plot)
 from svd_probe.cli import diff as _diff  # noqa: F401  (registers diff)
 from svd_probe.cli import report as _report  # noqa: F401  (registers report)
+from svd_probe.cli import sweep as _sweep  # noqa: F401  (registers sweep)
 from svd_probe.cli import train as _train  # noqa: F401  (registers train, compare)
 from svd_probe.cli.app import app, err, out
 from svd_probe.errors import SvdProbeError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -13,7 +13,10 @@ from svd_probe.cli.app import (
     out,
     print_json,
 )
-from svd_probe.train.config import TrainConfig, preset
+from svd_probe.train.config import ModelConfig, TrainConfig, preset
+
+if TYPE_CHECKING:
+    from svd_probe.train.loop import DataSources
 
 _T = TrainConfig()  # the recipe's defaults, shown in --help
 _SMALL, _TINY = preset("mla-o", "small"), preset("mla-o", "tiny")
@@ -314,38 +317,13 @@ def train_cmd(
 
     Ctrl-C or SIGTERM stops after the step in progress and saves a checkpoint; rerunning the same command resumes.
     """
+    params = dict(locals())  # the parsed options by name, as `sweep` hands them over too
     from svd_probe.errors import TrainingInputError
-    from svd_probe.train.config import build_config, build_train_config, read_config_file
-    from svd_probe.train.loop import DataSources, run, run_seeds
+    from svd_probe.train.loop import run, run_seeds
     from svd_probe.train.model import dry_run_summary
 
-    file_values = read_config_file(config) if config is not None else {}
-    shapes = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, head_dim=head_dim, ffn_dim=ffn_dim)
-    if init_from is not None:
-        from svd_probe.train.init_from import derive_config, load_source
-
-        if variant not in (None, "mla-o"):
-            raise TrainingInputError(f"--init-from builds mla-o, not {variant}", hint="drop --variant")
-        source = load_source(init_from)
-        model_cfg = derive_config(
-            source.cfg,
-            o_latent,
-            o_norm,
-            q_latent,
-            kv_latent,
-            {**shapes, "rope_dims": rope_dims, "objective": objective},
-        )
-    else:
-        overrides = dict(
-            **shapes,
-            rope_dims=rope_dims,
-            q_latent=q_latent,
-            kv_latent=kv_latent,
-            o_latent=o_latent,
-            o_norm=o_norm,
-            objective=objective,
-        )
-        model_cfg = build_config(variant, size, file_values, overrides)
+    file_values = read_config(params)
+    model_cfg = model_config_from(params, file_values)
     if dry_run:
         summary = dry_run_summary(model_cfg)
         if as_json:
@@ -359,46 +337,106 @@ def train_cmd(
     if seed is not None and seeds is not None:
         raise TrainingInputError("--seed and --seeds both given", hint="pass one: --seed N, or --seeds 0,1,2")
     seed_list = parse_seeds(seeds) if seeds is not None else None
-    train_cfg = build_train_config(
-        file_values,
-        dict(
-            pretrain_steps=pretrain_steps,
-            finetune_steps=finetune_steps,
-            finetune_epochs=finetune_epochs,
-            batch_size=batch_size,
-            finetune_batch_size=finetune_batch_size,
-            lr=lr,
-            finetune_lr=finetune_lr,
-            warmup_frac=warmup_frac,
-            weight_decay=weight_decay,
-            seq_len=seq_len,
-            seed=seed,
-            checkpoint_every=checkpoint_every,
-            checkpoint_minutes=checkpoint_minutes,
-            log_every=log_every,
-            stop_after=stop_after,
-            device=device,
-            compile=compile_,
-            init_from=None if init_from is None else str(init_from),
-        ),
-    )
+    train_cfg = train_config_from(params, file_values)
     if out_dir is None:
         raise TrainingInputError("--out is required to train", hint="e.g. --out runs/mla-o-seed0")
-    sources = DataSources(tokenizer=tokenizer, data_dir=data_dir, dataset=dataset, sst2_dir=sst2_dir)
+    sources = sources_from(params)
     with RichTrainProgress(err, bar=progress and err.is_terminal and not as_json, echo=not as_json) as reporter:
         if seed_list is None:
             results = [run(model_cfg, train_cfg, sources, out_dir, reporter, overwrite=overwrite)]
         else:
             results = run_seeds(model_cfg, train_cfg, sources, out_dir, seed_list, reporter, overwrite=overwrite)
-    if as_json:
+    if as_json and _main_rank():
         print_json(results[0] if seed_list is None else results)
-    else:
+    elif _main_rank():
         for metrics in results:
             if not metrics.get("stopped"):
                 out.print(summary_line(metrics), highlight=False)
     for metrics in results:
         if metrics.get("stopped"):
             report_stop(metrics)
+
+
+# ---- from the train options to the library's configs (also used by `sweep`, which parses each
+# run's command line with this command's own parser: cli/sweep.py)
+
+
+def read_config(p: dict[str, Any]) -> dict[str, Any]:
+    from svd_probe.train.config import read_config_file
+
+    return read_config_file(Path(p["config"])) if p.get("config") is not None else {}
+
+
+def model_config_from(p: dict[str, Any], file_values: dict[str, Any]) -> ModelConfig:
+    """The model of a `train` command line (its parsed options, by parameter name)."""
+    from svd_probe.errors import TrainingInputError
+    from svd_probe.train.config import build_config
+
+    shapes = {k: p[k] for k in ("d_model", "n_layers", "n_heads", "head_dim", "ffn_dim")}
+    if p.get("init_from") is not None:
+        from svd_probe.train.init_from import derive_config, load_source
+
+        if p["variant"] not in (None, "mla-o"):
+            raise TrainingInputError(f"--init-from builds mla-o, not {p['variant']}", hint="drop --variant")
+        source = load_source(Path(p["init_from"]))
+        return derive_config(
+            source.cfg,
+            p["o_latent"],
+            p["o_norm"],
+            p["q_latent"],
+            p["kv_latent"],
+            {**shapes, "rope_dims": p["rope_dims"], "objective": p["objective"]},
+        )
+    overrides = dict(
+        **shapes, **{k: p[k] for k in ("rope_dims", "q_latent", "kv_latent", "o_latent", "o_norm", "objective")}
+    )
+    return build_config(p["variant"], p["size"], file_values, overrides)
+
+
+def train_config_from(p: dict[str, Any], file_values: dict[str, Any]) -> TrainConfig:
+    """The recipe of a `train` command line (its parsed options, by parameter name)."""
+    from svd_probe.train.config import build_train_config
+
+    keys = (
+        "pretrain_steps",
+        "finetune_steps",
+        "finetune_epochs",
+        "batch_size",
+        "finetune_batch_size",
+        "lr",
+        "finetune_lr",
+        "warmup_frac",
+        "weight_decay",
+        "seq_len",
+        "seed",
+        "checkpoint_every",
+        "checkpoint_minutes",
+        "log_every",
+        "stop_after",
+        "device",
+    )
+    overrides = {k: p[k] for k in keys}
+    overrides["compile"] = p["compile_"]
+    overrides["init_from"] = None if p.get("init_from") is None else str(p["init_from"])
+    return build_train_config(file_values, overrides)
+
+
+def sources_from(p: dict[str, Any]) -> DataSources:
+    from svd_probe.train.loop import DataSources
+
+    def path(k: str) -> Path | None:
+        return None if p.get(k) is None else Path(p[k])
+
+    return DataSources(
+        tokenizer=p["tokenizer"], data_dir=path("data_dir"), dataset=p["dataset"], sst2_dir=path("sst2_dir")
+    )
+
+
+def _main_rank() -> bool:
+    """Under torchrun every rank returns the metrics; rank 0 prints them."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -159,12 +159,14 @@ class _Silent:
 
 
 class _RunLog:
-    """train.log (always) and the caller's progress (when given)."""
+    """train.log (always) and the caller's progress (when given); under DDP, rank 0's only."""
 
-    def __init__(self, path: Path, progress: TrainProgress):
-        self.path, self.progress = path, progress
+    def __init__(self, path: Path, progress: TrainProgress, enabled: bool = True):
+        self.path, self.progress, self.enabled = path, progress, enabled
 
     def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
         with open(self.path, "a") as f:
             f.write(line + "\n")
@@ -350,6 +352,84 @@ def stop_on_signals() -> Iterator[StopRequest]:
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
+# ---- data parallel (torchrun) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ddp:
+    """This process's rank and the world size (1: no torch.distributed)."""
+
+    rank: int
+    world: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def take(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """This rank's rows of the global batch, which every rank draws whole (the same indices and
+        MLM masks as a single process). The ranks' slices in rank order are that batch, and every
+        row carries as many loss terms (MLM masks a fixed count per row), so the mean of the
+        ranks' mean losses, which DDP's averaged gradient follows, is the single process's loss."""
+        if self.world == 1:
+            return tensors
+        return tuple(t[self.rank * (len(t) // self.world) : (self.rank + 1) * (len(t) // self.world)] for t in tensors)
+
+    def any(self, flag: bool, dev: torch.device) -> bool:
+        """True on every rank when it is true on one (a collective: every rank must call it)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor(float(flag), device=dev)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.clone()
+            torch.distributed.all_reduce(t)
+            t /= self.world
+        return t
+
+
+@contextlib.contextmanager
+def distributed(device: str) -> Iterator[tuple[Ddp, torch.device]]:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): the process group, from torchrun's
+    environment variables only (NCCL on CUDA, Gloo on the CPU), and this rank's device
+    (cuda:LOCAL_RANK). Without it: rank 0 of 1 and `pick_device(device)`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = pick_device(device)
+    if world <= 1:
+        yield Ddp(0, 1), dev
+        return
+    import torch.distributed as dist
+
+    own = not dist.is_initialized()
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if own:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        yield Ddp(dist.get_rank(), dist.get_world_size()), dev
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def check_batch(tc: TrainConfig, world: int) -> None:
+    """--batch-size and --finetune-batch-size are global: split evenly across the ranks."""
+    for flag, value in (("--batch-size", tc.batch_size), ("--finetune-batch-size", tc.finetune_batch_size)):
+        if value % world:
+            raise TrainingInputError(
+                f"{flag} {value} does not split evenly across {world} ranks (it is the global batch)",
+                hint=f"pass a {flag} divisible by {world}",
+            )
+
+
 # ---- the phase runner ----------------------------------------------------------------------------
 
 Batch = tuple[torch.Tensor, ...]
@@ -397,13 +477,16 @@ class TrainStep:
         loss: Callable[[Callable[..., Any], Batch], torch.Tensor],
         dev: torch.device,
         compile_mode: str | None = None,
+        module: torch.nn.Module | None = None,
     ):
+        """`module`: what the forward runs, when not `model` itself (DistributedDataParallel(model))."""
         self.model, self.opt, self.loss, self.dev = model, opt, loss, dev
         self.params = [p for p in model.parameters() if p.requires_grad]  # listed once, not per step
+        base = module if module is not None else model
         if compile_mode is None:
-            self.fwd: Callable[..., Any] = model
+            self.fwd: Callable[..., Any] = base
         else:
-            self.fwd = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+            self.fwd = torch.compile(base, mode=None if compile_mode == "default" else compile_mode)
         self.graphed = compile_mode == "reduce-overhead"
 
     def __call__(self, tensors: Batch, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -446,6 +529,7 @@ class _RunContext:
     base: dict  # the checkpoint fields every checkpoint of the run carries
     wall: Callable[[], float]
     stop: StopRequest = field(default_factory=StopRequest)
+    ddp: Ddp = field(default_factory=lambda: Ddp(0, 1))
 
 
 def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutcome:
@@ -462,7 +546,15 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
         set_rng_state(resume["rng"], dev)
         step, samples, seconds = resume["step"], resume["timed_samples"], resume["timed_seconds"]
     compile_mode = compile_mode_for(phase, tc, dev)
-    train_step = TrainStep(model, opt, phase.loss, dev, compile_mode)
+    wrapped: torch.nn.Module = model
+    if ctx.ddp.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if compile_mode == "reduce-overhead":
+            # CUDA graphs around DDP's gradient hooks are untested here: the default mode instead.
+            compile_mode = "default"
+    train_step = TrainStep(model, opt, phase.loss, dev, compile_mode, module=wrapped)
     if compile_mode is not None:
         ctx.log(f"{phase.label}: torch.compile mode {compile_mode}")
     timer = _Timer(dev, skip=min(3, max(1, phase.steps - step - 1)))
@@ -474,6 +566,8 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
 
     def checkpoint() -> None:
         nonlocal saved_at, saved_step
+        if not ctx.ddp.main:  # rank 0 writes; every rank holds the same weights
+            return
         finite.check(step, model)
         timer.pause()
         save_checkpoint(
@@ -497,11 +591,15 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
     model.train()
     every_s = 60 * tc.checkpoint_minutes
     while step < stop_at:
-        if ctx.stop.signal is not None:
-            break
+        # Under DDP the ranks agree on stopping, where they sync anyway (every log_every steps).
+        if ctx.ddp.world == 1 or step % tc.log_every == 0:
+            if ctx.ddp.any(ctx.stop.signal is not None, dev):
+                ctx.stop.signal = ctx.stop.signal or "SIGTERM"
+                break
         lr = lr_at(step, phase.steps, tc.warmup_frac, phase.peak_lr)
         tensors, n_samples = phase.batch(step)
-        tensors = tuple(t.to(dev, non_blocking=True) for t in tensors)  # no-op where built there
+        # ctx.ddp.take: this rank's rows of the global batch (all of them in one process).
+        tensors = tuple(t.to(dev, non_blocking=True) for t in ctx.ddp.take(tensors))  # no-op where built there
         loss, grad_norm = train_step(tensors, lr)
         finite.watch(loss, grad_norm)
         step += 1
@@ -509,7 +607,7 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
         loss_sum += loss
         n_logged += 1
         if step % tc.log_every == 0 or step == stop_at:
-            mean_loss = loss_sum.item() / n_logged  # the one host sync per log interval
+            mean_loss = ctx.ddp.mean(loss_sum).item() / n_logged  # the one host sync per log interval
             finite.check(step, lr=lr)
             loss_sum.zero_()
             n_logged = 0
@@ -787,9 +885,9 @@ def train(
     progress: TrainProgress | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """`run` on data already loaded (`load_data`)."""
-    with stop_on_signals() as stop:
-        return _train(cfg, tc, data, out, progress, overwrite, stop)
+    """`run` on data already loaded (`load_data`); under torchrun, this process's rank of it."""
+    with stop_on_signals() as stop, distributed(tc.device) as (ddp, dev):
+        return _train(cfg, tc, data, out, progress, overwrite, stop, ddp, dev)
 
 
 def _train(
@@ -800,12 +898,14 @@ def _train(
     progress: TrainProgress | None,
     overwrite: bool,
     stop: StopRequest,
+    ddp: Ddp,
+    dev: torch.device,
 ) -> dict:
     t_start = time.perf_counter()
     tc.validate()
+    check_batch(tc, ddp.world)
     out = Path(out)
     check_out_dir(out, overwrite)
-    dev = pick_device(tc.device)
     progress = progress or _Silent()
     tok = data.tok
     cfg = replace(cfg, vocab_size=tok.vocab_size, max_seq_len=max(cfg.max_seq_len, tc.seq_len))
@@ -819,10 +919,12 @@ def _train(
             )
         initial_state(cfg, source)  # checks the shapes against the source before anything is written
 
-    if overwrite and out.is_dir():
-        remove_run_files(out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = _RunLog(out / "train.log", progress)
+    if ddp.main:  # under DDP rank 0 writes the folder; every rank reads the same checkpoint
+        if overwrite and out.is_dir():
+            remove_run_files(out)
+        out.mkdir(parents=True, exist_ok=True)
+    ddp.barrier()
+    log = _RunLog(out / "train.log", progress, enabled=ddp.main)
     state = load_checkpoint(out)
     fingerprint = dict(data.fingerprint)
     if state is not None:
@@ -846,7 +948,7 @@ def _train(
     def wall() -> float:
         return prior_wall + time.perf_counter() - t_start
 
-    ctx = _RunContext(out, dev, tc, log, progress, base, wall, stop)
+    ctx = _RunContext(out, dev, tc, log, progress, base, wall, stop, ddp)
     if dev.type == "cuda":
         torch.set_float32_matmul_precision("high")
     parameters = pretraining_parameters(cfg)
@@ -855,6 +957,7 @@ def _train(
         + (f" o_norm={cfg.o_norm}" if cfg.variant == "mla-o" else "")
         + (f" init_from={source.path} ({source.cfg.variant})" if source is not None else "")
         + f" seed={tc.seed} device={device_name(dev)} params={parameters:,} out={out}"
+        + (f" ddp_ranks={ddp.world} (batch {tc.batch_size // ddp.world} per rank)" if ddp.world > 1 else "")
     )
 
     def stopped(phase: str, outcome: PhaseOutcome) -> dict:
@@ -882,8 +985,12 @@ def _train(
             return stopped("pretrain", done)
         pre = {**evaluate_pretraining(lm, cfg, tok, data, tc, dev), "pretrain_samples_per_s": done.samples_per_s}
         log("pretrain valid: " + " ".join(f"{k} {v}" for k, v in pre.items() if k != "pretrain_samples_per_s"))
-        save_encoder(lm, cfg, out)
-        save_checkpoint({**base, "phase": "finetune", "step": 0, "pretrain_metrics": pre, "wall_time_s": wall()}, out)
+        if ddp.main:
+            save_encoder(lm, cfg, out)
+            save_checkpoint(
+                {**base, "phase": "finetune", "step": 0, "pretrain_metrics": pre, "wall_time_s": wall()}, out
+            )
+        ddp.barrier()  # fine-tuning loads model.safetensors on every rank
         state = None
         del lm
     if not (out / "model.safetensors").exists():
@@ -934,8 +1041,10 @@ def _train(
         "config": cfg.to_dict(),
         "train_config": {**asdict(tc), "finetune_steps": ft["finetune_steps"]},
         "torch_version": torch.__version__,
+        "ddp_world_size": ddp.world,
     }
-    write_json(metrics, out / "metrics.json")
+    if ddp.main:
+        write_json(metrics, out / "metrics.json")
     summary = (*pre_metrics, "sst2_dev_accuracy", "pretrain_samples_per_s", "finetune_samples_per_s", "wall_time_s")
     log("done: " + json.dumps({k: metrics[k] for k in summary}))
     return metrics
