@@ -1,29 +1,30 @@
 """The training lab's experiment on one GPU (issue 11, item 7), sized to fit one call.
 
-Per objective (mlm, clm) and seed, seven runs of `svd-probe train` share the GPU at once:
+Per seed, seven runs of `svd-probe train` (MLM by default):
 
     mha, mla, mla-o, mla-o --o-norm rms, mla-o --o-norm rms-per-head     S pretraining steps
-    mla (source, no fine-tuning)                                          S/2 steps
+    mla (source, no fine-tuning, RoPE on the whole head as mla-o has)     S/2 steps
     mla-o --init-from that source                                         S/2 more steps
 
 so `--init-from` is compared with mla-o from scratch at equal total pretraining steps. Every run
-but the source is then fine-tuned on SST-2.
+but the source is then fine-tuned on SST-2. Then, while time is left, `--then` (clm:0-2: mha,
+mla, mla-o, causal, seeds 0-2).
 
-S is not guessed. A calibration starts the same processes (same shapes, same recipe, open-ended
-step count) for `--calibrate-s` seconds, counts the steps each objective's processes make in a
-fixed window, and S is the largest step count whose pretraining still fits the time left, after
-two process start-ups, fine-tuning, evaluation and the spectra of the trained runs. The
-calibration's own throughput figures go to the output, so the choice can be checked.
+`--parallel` runs share the GPU at once, taken from a queue in seed order, so that a cut-off
+leaves whole seeds; a run is started only if runs of its kind finished in the time left. The
+first try (2026-12-02, H200) started all 60 runs of both objectives at once: 43 ran out of GPU
+memory (about 5.5 GB each at batch 256) and the 16 cores starved the rest; hence the pool.
+`--calibrate` measures the steps/s of the first `--parallel` runs and trains nothing.
 
-At the end: every run's metrics.json (`results.json`), `svd-probe compare` of all runs
-(`compare.txt`, table and JSON), the learning curves parsed from each train.log
+At the end: every run's metrics.json (`results.json`), `svd-probe compare` of all runs but the
+sources (`compare.txt`, table and JSON), the learning curves parsed from each train.log
 (`curves.json`), the stacked and layer spectra of every trained model through `svd-probe
 analyze` on the GPU (`spectra.jsonl.gz`, head rows left out), logs and the environment.
 
     mkdir -p .carry/data && cp -r ../shared/data/{wikitext-2,SST-2,vocab} .carry/data/
-    PYTHONPATH=. python benchmarks/lab_gpu.py --deadline-s 560          # on the GPU, $OUT set
-    PYTHONPATH=. python benchmarks/lab_gpu.py --device cpu --size tiny --seeds 0 \
-        --objectives mlm --deadline-s 300 --calibrate-s 20               # a CPU smoke test
+    PYTHONPATH=. python benchmarks/lab_gpu.py --deadline-s 500          # on the GPU, $OUT set
+    PYTHONPATH=. python benchmarks/lab_gpu.py --device cpu --size tiny --seeds 0 --then '' \
+        --steps 20 --batch-size 8 --finetune-steps 10 --parallel 3       # a CPU smoke test
 
 The driver is a process pool over `svd-probe train` (one process a run, so every run has its
 own CUDA context and its own resume); it schedules nothing beyond that.
@@ -194,110 +195,118 @@ def main() -> int:
     ap.add_argument("--data", default=".carry/data")
     ap.add_argument("--runs", default="runs/lab")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/lab/out"))
-    ap.add_argument("--objectives", default="mlm,clm")
+    ap.add_argument("--objectives", default="mlm", help="the full grid, seed by seed")
     ap.add_argument("--seeds", default="0-4")
+    ap.add_argument("--then", default="clm:0-2", help="afterwards, if time is left: OBJ:SEEDS of mha, mla, mla-o")
     ap.add_argument("--size", default="small")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=800, help="pretraining steps S")
+    ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--finetune-steps", type=int, default=1500)
+    ap.add_argument("--finetune-steps", type=int, default=500)
+    ap.add_argument("--finetune-batch-size", type=int, default=64)
     ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--deadline-s", type=float, default=560, help="the whole script, from start to results")
+    ap.add_argument("--parallel", type=int, default=12, help="runs at once on the GPU")
+    ap.add_argument("--deadline-s", type=float, default=500, help="the whole script, from start to results")
+    ap.add_argument("--calibrate", action="store_true", help="measure steps/s of the first wave (no runs)")
     ap.add_argument("--calibrate-s", type=float, default=25, help="the measuring window, after start-up")
     ap.add_argument("--startup-limit-s", type=float, default=120)
-    ap.add_argument("--reserve-s", type=float, default=75, help="kept for fine-tuning, evaluation, spectra")
-    ap.add_argument("--steps", type=int, default=0, help="pretraining steps S (skips the calibration)")
-    ap.add_argument("--max-steps", type=int, default=20000)
     args = ap.parse_args()
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
-    objectives, seeds = args.objectives.split(","), seeds_of(args.seeds)
     d = Path(args.data)
     for f in ("wikitext-2/wiki.train.tokens", "SST-2/train.tsv", "vocab/bert-base-uncased-vocab.txt"):
         if not (d / f).is_file():
             print(f"missing {d / f}: copy ../shared/data/{{wikitext-2,SST-2,vocab}} into {d}/", file=sys.stderr)
             return 2
-    env = {
+    env: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "argv": sys.argv,
         "gpu": gpu_memory(),
-        "nvidia_smi": subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip()
-        if args.device.startswith("cuda")
-        else None,
         "cpus": os.cpu_count(),
     }
     import torch
 
-    env["torch"] = torch.__version__
-    env["cuda"] = torch.version.cuda
-    phase1 = [
-        (f"{o}-{c}-seed{s}", o, s, [HEAD_DIM[args.size] if x == "HEAD_DIM" else x for x in CONFIGS[c][0]])
-        for o in objectives
-        for s in seeds
-        for c in CONFIGS
-    ]
+    env["torch"], env["cuda"] = torch.__version__, torch.version.cuda
 
-    # 1. How many steps fit.
-    if args.steps:
-        steps = {o: args.steps for o in objectives}
-        env["calibration"] = None
-    else:
-        cal = calibrate(args, phase1)
-        env["calibration"] = cal
-        left = args.deadline_s - elapsed() - 2 * cal["startup_s"] - args.reserve_s
-        per = cal["steps_per_s_per_process"]
-        steps = {}
-        for o in objectives:
-            if o not in per or not per[o]:
-                print(f"calibration made no {o} steps: see {runs}/stdout", file=sys.stderr)
-                return 1
-            # The slowest process of the objective sets the pace; all run at once.
-            rate = min(per[o])
-            steps[o] = max(20, min(args.max_steps, int(left * rate) // 2 * 2))
-    env["pretrain_steps"] = steps
-    log(f"pretraining steps: {steps}")
-
-    # 2. The runs.
-    pool = Pool(args)
     sst2 = ["--sst2-dir", str(d / "SST-2"), "--finetune-steps", str(args.finetune_steps)]
+    sst2 += ["--finetune-batch-size", str(args.finetune_batch_size)]
 
-    def flags_for(obj: str, config: str) -> list[str]:
+    def flags(config: str, steps: int) -> list[str]:
         f, full, tuned = CONFIGS[config]
         f = [HEAD_DIM[args.size] if x == "HEAD_DIM" else x for x in f]
-        n = steps[obj] if full else steps[obj] // 2
-        return f + ["--pretrain-steps", str(n)] + (sst2 if tuned else [])
+        return f + ["--pretrain-steps", str(steps if full else steps // 2)] + (sst2 if tuned else [])
 
-    def launch(name: str, obj: str, seed: int, flags: list[str]) -> None:
-        run = runs / name
-        if (run / "metrics.json").is_file():
-            log(f"{name}: finished earlier, kept")
-            return
-        pool.start(name, pool.common(obj, seed) + flags + ["--out", str(run)])
+    # The queue, seed by seed, so that a cut-off leaves whole seeds: (name, objective, seed, flags,
+    # the source run it waits for).
+    queue: list[tuple[str, str, int, list[str], Path | None]] = []
+    for s in seeds_of(args.seeds):
+        for o in args.objectives.split(","):
+            src = runs / f"{o}-mla-src-seed{s}"
+            queue.append((src.name, o, s, flags("mla-src", args.steps), None))
+            for c in ("mha", "mla", "mlao", "mlao-rms", "mlao-rmsph"):
+                queue.append((f"{o}-{c}-seed{s}", o, s, flags(c, args.steps), None))
+            init = ["--variant", "mla-o", "--init-from", str(src), "--pretrain-steps", str(args.steps // 2)]
+            queue.append((f"{o}-{INIT}-seed{s}", o, s, init + sst2, src))
+    if args.then:
+        o, _, seeds = args.then.partition(":")
+        for s in seeds_of(seeds):
+            for c in ("mha", "mla", "mlao"):
+                queue.append((f"{o}-{c}-seed{s}", o, s, flags(c, args.steps), None))
+    if args.calibrate:
+        first = [(n, o, s, [x for x in f if x not in sst2]) for n, o, s, f, _ in queue[: args.parallel]]
+        env["calibration"] = calibrate(args, [(n, o, s, f[: f.index("--pretrain-steps")]) for n, o, s, f in first])
+        (out / "env.json").write_text(json.dumps(env, indent=1) + "\n")
+        return 0
+    env["queue"] = [n for n, *_ in queue]
 
-    for name, obj, seed, _ in phase1:
-        launch(name, obj, seed, flags_for(obj, name.split("-", 1)[1].rsplit("-seed", 1)[0]))
-    pending_init = {(o, s) for o in objectives for s in seeds}
+    pool = Pool(args)
+    walls: dict[str, list[float]] = {}
+    started: dict[str, float] = {}
+    skipped: list[str] = []
     train_deadline = args.deadline_s - 25
     try:
-        while elapsed() < train_deadline:
-            for o, s in sorted(pending_init):
-                src = runs / f"{o}-mla-src-seed{s}"
-                if (src / "metrics.json").is_file():
-                    pending_init.discard((o, s))
-                    flags = ["--variant", "mla-o", "--init-from", str(src), "--pretrain-steps", str(steps[o] // 2)]
-                    launch(f"{o}-{INIT}-seed{s}", o, s, flags + sst2)
-            if not pool.running() and not pending_init:
+        while queue or pool.running():
+            for n in list(started):
+                p = pool.procs[n][0]
+                if p.poll() is not None:
+                    if (runs / n / "metrics.json").is_file():
+                        walls.setdefault(n.split("-", 1)[0], []).append(elapsed() - started[n])
+                    del started[n]
+            if elapsed() >= train_deadline:
                 break
-            time.sleep(2)
+            for job in list(queue):
+                if len(pool.running()) >= args.parallel:
+                    break
+                name, o, s, f, wait_for = job
+                if wait_for is not None and not (wait_for / "metrics.json").is_file():
+                    if wait_for.name in started or any(j[0] == wait_for.name for j in queue):
+                        continue  # its source is still training or queued
+                    queue.remove(job)  # the source failed: nothing to start from
+                    skipped.append(name)
+                    continue
+                # Start a run only if runs of its kind have finished in the time left (+15%).
+                w = walls.get(o) or [1.6 * x for x in walls.get("mlm", [])]
+                need = 1.15 * sorted(w)[len(w) // 2] * (0.5 if "src" in name or INIT in name else 1) if w else 0
+                if elapsed() + need > train_deadline:
+                    queue.remove(job)
+                    skipped.append(name)
+                    continue
+                queue.remove(job)
+                if (runs / name / "metrics.json").is_file():
+                    continue
+                pool.start(name, pool.common(o, s) + f + ["--out", str(runs / name)])
+                started[name] = elapsed()
+            time.sleep(1)
     finally:
         cut = pool.running()
         if cut:
             log(f"deadline: stopping {len(cut)} runs (they checkpoint on SIGTERM): {cut}")
             pool.kill_all(signal.SIGTERM)
-    env["cut_runs"] = cut
-    env["train_end_s"] = round(elapsed(), 1)
-    log("training ended")
+    env.update(cut_runs=cut, skipped=skipped + [j[0] for j in queue], train_end_s=round(elapsed(), 1))
+    env["median_wall_s"] = {k: sorted(v)[len(v) // 2] for k, v in walls.items() if v}
+    log(f"training ended: cut {cut}, skipped {env['skipped']}")
     collect(args, runs, out, env)
     return 0
 
