@@ -103,7 +103,8 @@ def analyze_cmd(
 ) -> None:
     """Stream a checkpoint's attention layer by layer, compute every spectrum, cache it, summarize."""
     from svd_probe.analysis import AnalyzeJob, analyze
-    from svd_probe.report import layer_progress, render_summary, summary_rows
+    from svd_probe.options import parse_matrices
+    from svd_probe.report import layer_progress, summary_rows
 
     job = AnalyzeJob(
         model=model,
@@ -126,7 +127,7 @@ def analyze_cmd(
     with layer_progress(err, enabled=err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
         outcome = analyze(job, progress=progress)
     print_notes(outcome.notes)
-    rows = summary_rows(outcome)
+    rows = summary_rows(outcome, parse_matrices(matrices) if matrices else None)
     if as_json:
         print_json(
             {
@@ -140,7 +141,16 @@ def analyze_cmd(
             }
         )
     else:
-        out.print(render_summary(outcome, rows))
+        print_summary(outcome, rows)
+
+
+def print_summary(outcome, rows: list[dict]) -> None:
+    """The summary table, then the cache folder on a line of its own (unwrapped: it stays copyable)."""
+    from svd_probe.report import render_summary, summary_footer
+
+    out.print(render_summary(outcome, rows))
+    for line in summary_footer(outcome, rows):
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 def print_notes(notes: list[str]) -> None:
