@@ -27,6 +27,7 @@ from svd_probe.spectra.metrics import energy_rank, metrics_batch
 
 if TYPE_CHECKING:
     from svd_probe.analysis import AnalyzeOutcome
+    from svd_probe.results import Analysis
 
 
 class _BytesColumn(ProgressColumn):
@@ -65,6 +66,8 @@ class LayerProgress:
             else None
         )
         self._task: TaskID | None = None
+        self.total: int | None = None  # layers this run covers, once known
+        self.done = 0  # of them, cached before the run or finished since
 
     def bytes_fetched(self) -> int:
         return self._bytes()
@@ -72,12 +75,14 @@ class LayerProgress:
     def start(self, total_layers: int, cached_layers: int, bytes_source: Callable[[], int]) -> None:
         self._bytes = bytes_source
         self.t0 = time.perf_counter()
+        self.total, self.done = total_layers, cached_layers
         if self._progress is not None:
             self._progress.start()
             # Cached layers count as done at once, so the ETA only reflects work still to do.
             self._task = self._progress.add_task("analyze", total=total_layers, completed=cached_layers)
 
     def layer_done(self, layer: int) -> None:
+        self.done += 1
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task)
 
@@ -102,17 +107,90 @@ _SUMMARY_HEAD = ("VO", "QK", "O", "V", "K", "Q", "Q_pe")
 _SUMMARY_LAYER = ("QA", "KVA", "KVA_pe", "Qjoint", "KVjoint")
 
 
+class TqdmLayerProgress:
+    """The same sink as `LayerProgress`, drawn by tqdm.auto (a widget in Jupyter, text elsewhere)."""
+
+    def __init__(self):
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self._bar = None
+        self._bytes: Callable[[], int] = lambda: 0
+
+    def start(self, total_layers: int, cached_layers: int, bytes_source: Callable[[], int]) -> None:
+        self._bytes = bytes_source
+        self._bar = self._tqdm(total=total_layers, initial=cached_layers, unit="layer", desc="analyze")
+
+    def layer_done(self, layer: int) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{self._bytes() / 1e6:,.1f} MB", refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+PROGRESS_CHOICES = ("auto", "rich", "tqdm", "none")
+
+
+@contextlib.contextmanager
+def progress_for(kind: str | None, console: Console | None = None):
+    """A progress sink for `analyze(..., progress=kind)`.
+
+    kind: "rich" (a live bar on `console`, default stderr), "tqdm" (tqdm.auto: a Jupyter widget),
+    "none" / None (silent), or "auto": rich when stderr is a terminal, else tqdm when it is
+    installed (notebooks), else none.
+    """
+    if kind not in (*PROGRESS_CHOICES, None):
+        from svd_probe.errors import BadOptionError
+
+        raise BadOptionError(f"unknown progress {kind!r}", "Pass progress='auto', 'rich', 'tqdm' or None.")
+    console = console or Console(stderr=True)
+    if kind == "auto":
+        if console.is_terminal and not console.is_jupyter:
+            kind = "rich"
+        else:
+            try:
+                import tqdm.auto  # noqa: F401
+            except ImportError:
+                kind = "none"
+            else:
+                kind = "tqdm"
+    sink: LayerProgress | TqdmLayerProgress
+    if kind == "tqdm":
+        try:
+            sink = TqdmLayerProgress()
+        except ImportError as e:
+            from svd_probe.errors import BadOptionError
+
+            raise BadOptionError("progress='tqdm' needs tqdm", "pip install tqdm, or pass progress='rich'.") from e
+    else:
+        sink = LayerProgress(console, enabled=kind == "rich")
+    try:
+        yield sink
+    finally:
+        sink.close()
+
+
 def summary_rows(outcome: AnalyzeOutcome, kinds: Iterable[str] | None = None) -> list[dict]:
-    """Per layer: rank at 1% and 0.1% energy error of every stacked kind computed (and of the
+    """`layer_summary` of the layers one `analyze` call covered."""
+    return layer_summary(outcome.analysis, outcome.layers, kinds)
+
+
+def layer_summary(
+    analysis: Analysis, layers: Iterable[int] | None = None, kinds: Iterable[str] | None = None
+) -> list[dict]:
+    """Per layer (default: every layer of `analysis`): rank at 1% and 0.1% energy error of every stacked kind computed (and of the
     layer-scope latents), with the full rank, and the median per-head rank at 1% of each head kind.
 
     kinds: only these matrix kinds (what `--matrices` asked for; a layer file can also hold kinds
     an earlier run computed). None: every kind the layers hold.
     """
-    a = outcome.analysis
+    a = analysis
     only = set(kinds) if kinds is not None else None
     rows = []
-    for layer in outcome.layers:
+    for layer in a.layers if layers is None else layers:
         ls = a.layer_spectra.get(layer)
         if ls is None:
             continue

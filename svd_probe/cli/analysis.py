@@ -17,10 +17,12 @@ from svd_probe.cli.app import (
     NormStackedOpt,
     RevisionOpt,
     TokenOpt,
+    alert,
     app,
     err,
     out,
     print_json,
+    quiet,
 )
 
 
@@ -124,8 +126,26 @@ def analyze_cmd(
         control=control.value if control else None,
     )
     # Progress goes to stderr, so it never mixes with --json on stdout.
-    with layer_progress(err, enabled=err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
-        outcome = analyze(job, progress=progress)
+    with layer_progress(err, enabled=show_progress()) as progress:
+        try:
+            outcome = analyze(job, progress=progress)
+        except KeyboardInterrupt:
+            progress.close()
+            from svd_probe.cache.store import default_cache_root
+
+            where = default_cache_root(cache_dir)
+            if progress.total is None:  # before the layers were known: nothing of this run is cached
+                alert.print(
+                    f"interrupted before any layer was computed; cache {where}", highlight=False, soft_wrap=True
+                )
+            else:
+                alert.print(
+                    f"interrupted: {progress.done} of {progress.total} layers cached in {where}; "
+                    "run the same command to resume",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            raise typer.Exit(130) from None
     print_notes(outcome.notes)
     rows = summary_rows(outcome, parse_matrices(matrices) if matrices else None)
     if as_json:
@@ -142,6 +162,11 @@ def analyze_cmd(
         )
     else:
         print_summary(outcome, rows)
+
+
+def show_progress() -> bool:
+    """Live bars on stderr: in a terminal (or with SVD_PROBE_PROGRESS=1), unless --quiet."""
+    return (err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") and not quiet()
 
 
 def print_summary(outcome, rows: list[dict]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -22,11 +21,11 @@ def demo_cmd(
 ) -> None:
     """Try everything offline: build a small DeepSeek-V3-layout checkpoint, serve it on loopback with the
     Hub stand-in, analyze it through the Hub protocol, export and plot; the stand-in stops at the end."""
-    from svd_probe.cli.analysis import print_notes, print_summary
+    from svd_probe.cli.analysis import print_notes, print_summary, show_progress
     from svd_probe.demo import DEMO_REPO, run_demo
     from svd_probe.report import layer_progress, summary_rows
 
-    with layer_progress(err, enabled=err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
+    with layer_progress(err, enabled=show_progress()) as progress:
         result = run_demo(out_dir, progress=progress, device=device)
     print_notes(result.notes)
     outcome = result.outcome
@@ -37,9 +36,12 @@ def demo_cmd(
         f"cache root  {p.cache}  (pass --cache-dir {p.cache} to export, plot, report)",
         *(f"export      {f}  ({n} rows)" for f, n in result.rows.items()),
         f"figures     {p.plots}/  ({len(result.figures)} files)",
-        "next, offline from the cache:",
-        f"  svd-probe plot {DEMO_REPO} --cache-dir {p.cache} --kind spectra --format svg",
-        f"  svd-probe analyze {p.checkpoint} --matrices QK --cache-dir {p.cache}   # a local folder",
     ]
     for line in lines:
         out.print(line, highlight=False, soft_wrap=True)
+    for line in (
+        "next, offline from the cache:",
+        f"  svd-probe plot {DEMO_REPO} --cache-dir {p.cache} --kind spectra --format svg",
+        f"  svd-probe analyze {p.checkpoint} --matrices QK --cache-dir {p.cache}   # a local folder",
+    ):
+        err.print(line, highlight=False, soft_wrap=True)
