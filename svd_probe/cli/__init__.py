@@ -10,6 +10,7 @@ import sys
 
 from svd_probe.cli import align as _align  # noqa: F401  (registers align)
 from svd_probe.cli import analysis as _analysis  # noqa: F401  (registers models, analyze, export, plot)
+from svd_probe.cli import cache as _cache  # noqa: F401  (registers cache list, cache rm)
 from svd_probe.cli import demo as _demo  # noqa: F401  (registers demo)
 from svd_probe.cli import diff as _diff  # noqa: F401  (registers diff)
 from svd_probe.cli import report as _report  # noqa: F401  (registers report)

@@ -67,7 +67,7 @@ def models_cmd(
     if as_json:
         print_json(rows)
     else:
-        out.print(render_model_table(rows))
+        out.print(render_model_table(rows, width=out.width))
 
 
 @app.command("analyze")
