@@ -122,7 +122,8 @@ def list_cache(root: str | os.PathLike) -> list[CachedAnalysis]:
                     continue
                 size, mtime = _size_and_mtime(opts_dir)
                 model = manifest.get("model") if isinstance(manifest.get("model"), str) else None
-                options = manifest.get("options") if isinstance(manifest.get("options"), dict) else {}
+                raw_options = manifest.get("options")
+                options: dict = raw_options if isinstance(raw_options, dict) else {}
                 found.append(
                     CachedAnalysis(
                         model=model or repo_dir.name,
