@@ -27,7 +27,6 @@ def demo_cmd(
 
     with layer_progress(err, enabled=show_progress()) as progress:
         result = run_demo(out_dir, progress=progress, device=device)
-    print_notes(result.notes)
     outcome = result.outcome
     print_summary(outcome, summary_rows(outcome))
     p = result.paths
@@ -45,3 +44,4 @@ def demo_cmd(
         f"  svd-probe analyze {p.checkpoint} --matrices QK --cache-dir {p.cache}   # a local folder",
     ):
         err.print(line, highlight=False, soft_wrap=True)
+    print_notes(result.notes)
