@@ -111,13 +111,13 @@ def run_demo(root: str | Path = DEFAULT_DEMO_DIR, *, progress=None, device: str 
         A `DemoResult`; the cache it filled is read offline with
         `load_analysis(CacheQuery("demo/tiny-deepseek-v3", cache_dir=root / "cache"))`.
     """
+    paths = prepare_folder(root)  # first: a refused folder costs no imports
     from svd_probe.analysis import AnalyzeJob, analyze
     from svd_probe.export import export
     from svd_probe.plots import make_plots
     from svd_probe.results import CacheQuery
     from svd_probe.testing.fake_hub import FakeHub
 
-    paths = prepare_folder(root)
     folder = build_checkpoint(paths)
     with FakeHub() as hub:
         hub.add_repo(DEMO_REPO, folder)

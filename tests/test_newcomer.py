@@ -240,6 +240,7 @@ def test_version():
     assert result.exit_code == 0 and result.stdout == f"svd-probe {__version__}\n"
 
 
+@pytest.mark.slow
 def test_h_is_help_on_every_command():
     group = typer.main.get_command(app)
     names = [[n] for n in group.commands if n != "cache"] + [["cache", "list"], ["cache", "rm"], []]
