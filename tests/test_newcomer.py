@@ -99,7 +99,7 @@ def test_demo_output_matches_readme_and_files_exist(demo_run):
     assert len(jsonl) == 164 and json.loads(jsonl[0])["model"] == "demo/tiny-deepseek-v3"
     assert len((demo / "metrics.csv").read_text().splitlines()) == 164 + 1
     figures = [p for p in (demo / "plots").rglob("*") if p.is_file()]
-    assert len(figures) == 9 and all(p.stat().st_size > 1000 for p in figures)
+    assert len(figures) == 9 and all(p.stat().st_size > 1000 for p in figures if p.suffix == ".png")
 
 
 @pytest.mark.slow
