@@ -149,8 +149,9 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
 
     Args:
         request: what to analyze (model, revision, layers, matrices, options, device...).
-        progress: a `report.LayerProgress`-like object with `start(...)` and `layer_done(...)`,
-            or None.
+        progress: "auto" (a rich bar in a terminal, tqdm.auto in a notebook when installed, else
+            none), "rich", "tqdm", "none"; or a `report.LayerProgress`-like object with
+            `start(...)` and `layer_done(...)`; or None (silent).
 
     Returns:
         An `AnalyzeOutcome`: the `Analysis` of the requested layers (from memory: layers computed
@@ -164,6 +165,11 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
     Example:
         >>> analyze(AnalyzeJob("deepseek-v3", layers="0-3")).stats["computed"]
     """
+    if isinstance(progress, str):
+        from svd_probe.report import progress_for
+
+        with progress_for(progress) as sink:
+            return analyze(request, progress=sink)
     from svd_probe.hub.checkpoint import open_checkpoint
     from svd_probe.hub.stream import stream_layers
     from svd_probe.spectra.compute import layer_spectra
