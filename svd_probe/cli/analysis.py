@@ -125,6 +125,8 @@ def analyze_cmd(
     # Progress goes to stderr, so it never mixes with --json on stdout.
     with layer_progress(err, enabled=err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
         outcome = analyze(job, progress=progress)
+    if outcome.stats.get("rank", 0) != 0:
+        return  # under torchrun, rank 0 reports for every rank
     print_notes(outcome.notes)
     rows = summary_rows(outcome)
     if as_json:
