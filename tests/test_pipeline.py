@@ -99,3 +99,64 @@ def test_split_layers_is_contiguous_and_covers_each_layer_once():
         runs = [split_layers(todo, r, world) for r in range(world)]
         assert sum(runs, []) == todo
         assert max(map(len, runs)) - min(map(len, runs)) <= 1
+
+
+# --- torchrun: layers split across ranks (Gloo on the CPU) ----------------------------------------
+
+
+def _torchrun(nproc: int, *args: str) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
+    cmd += ["-m", "svd_probe.cli", *args, "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)  # rank 0 alone prints
+
+
+@pytest.mark.slow
+def test_torchrun_splits_missing_layers_once_each_and_a_rerun_resumes(fake_hub, deepseek_ckpt, tmp_path):
+    import json
+
+    model, hub = "tiny/deepseek-v3", ["--endpoint", fake_hub.endpoint]
+    fake_hub.clear_faults()
+
+    def job(cache, layers=None):
+        return AnalyzeJob(model, endpoint=fake_hub.endpoint, cache_dir=cache, device="cpu", layers=layers)
+
+    reference = analyze(job(tmp_path / "one")).analysis  # one process, every layer
+    alone = analyze(job(tmp_path / "alone", "1-3")).stats["bytes_fetched"]  # layers 1-3, one process
+    shared = tmp_path / "shared"
+    analyze(job(shared, "0"))  # layer 0 already cached by an earlier one-process run
+
+    fake_hub.reset_records()
+    out = _torchrun(2, "analyze", model, *hub, "--cache-dir", str(shared), "--device", "cpu")
+    stats = out["stats"]
+    assert (stats["computed"], stats["from_cache"], stats["world_size"]) == (3, 1, 2)
+    assert [r["layers"] for r in stats["ranks"]] == [[1, 2], [3]]
+    # Each rank fetched its own layers' bytes: the stand-in served exactly their sum, and
+    # together no more than one process reading the same layers (plus re-read shard headers).
+    per_rank = [r["bytes_fetched"] for r in stats["ranks"]]
+    assert all(0 < b < alone for b in per_rank)
+    assert sum(per_rank) == fake_hub.bytes_served() == stats["bytes_fetched"]
+    assert alone <= sum(per_rank) <= 1.1 * alone
+    # Each layer computed exactly once, by the rank the split names; the manifest says who.
+    manifest = json.loads((next(shared.rglob("manifest.json"))).read_text())
+    assert {ly: manifest["layers"][str(ly)].get("rank") for ly in range(4)} == {0: None, 1: 0, 2: 0, 3: 1}
+    # The same spectra as one process.
+    full = load_analysis(CacheQuery(model, cache_dir=shared))
+    assert full.layers == reference.layers == [0, 1, 2, 3]
+    for ly in full.layers:
+        a, b = full.layer_spectra[ly].sigma, reference.layer_spectra[ly].sigma
+        assert set(a) == set(b)
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-12 * max(float(np.max(b[key])), 1e-300))
+
+    # Rank 0 "killed" before it wrote its layers: they are gone. One process (another world
+    # size) redoes only those.
+    for ly in (1, 2):
+        next(shared.rglob(f"layer-{ly:04d}.safetensors")).unlink()
+    rerun = analyze(job(shared))
+    assert rerun.computed == [1, 2] and rerun.from_cache == [0, 3]
