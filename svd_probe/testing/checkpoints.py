@@ -97,7 +97,7 @@ def write_safetensors(
                 ), name
             if t.numel():
                 # memoryview, not tobytes(): no extra copy, and the write releases the GIL.
-                f.write(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def write_checkpoint(
