@@ -284,6 +284,7 @@ def test_help_fits_80_columns_and_never_cuts_an_option():
         text = result.stdout
         assert max(len(line) for line in text.splitlines()) <= 80, name
         assert "…" not in text, name
+        assert "\\[" not in text, name  # rich's markup escape, printed as is by click's plain help
         for param in getattr(command, "params", []):
             for opt in [*param.opts, *param.secondary_opts]:
                 if opt.startswith("-"):

@@ -146,6 +146,8 @@ def analyze_cmd(
                     soft_wrap=True,
                 )
             raise typer.Exit(130) from None
+    if outcome.stats.get("rank", 0) != 0:
+        return  # under torchrun, rank 0 reports for every rank
     print_notes(outcome.notes)
     rows = summary_rows(outcome, parse_matrices(matrices) if matrices else None)
     if as_json:
