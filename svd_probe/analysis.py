@@ -15,6 +15,7 @@ A rerun finds every requested layer in the cache and fetches nothing for it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,14 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from svd_probe.adapters import adapter_for
 from svd_probe.adapters.base import ModelDims
 from svd_probe.cache.store import LayerSpectra, SpectraCache, SpectraOptions, default_cache_root
-from svd_probe.errors import BadOptionError, DiskWriteError, OfflineCacheMissError, SvdProbeError, TransferError
+from svd_probe.errors import (
+    BadOptionError,
+    CacheDamagedError,
+    DiskWriteError,
+    OfflineCacheMissError,
+    SvdProbeError,
+    TransferError,
+)
 from svd_probe.kinds import SpectrumKey, spectrum_keys
 from svd_probe.models import ModelRef, is_commit, resolve_model
 from svd_probe.options import parse_layers, parse_matrices, pick_device, select_layers
@@ -59,6 +67,12 @@ class AnalyzeJob:
     # "gaussian" or "shuffled": analyze a randomized copy of every projection weight instead
     # (`svd_probe.spectra.controls`), cached as an analysis of its own.
     control: str | None = None
+    # The overlap pipeline's bounds (`_compute_layers`): layers read ahead of the one being
+    # computed, computed layers waiting for the cache writer, and layers whose big eigensolves
+    # may be in flight at once (0: 2 on CUDA, 1 on the CPU).
+    prefetch: int = 2
+    write_queue: int = 4
+    inflight: int = 0
     # Passed to the range reader (retries, backoff, max_gap, chunk_size, timeout).
     read_options: dict = field(default_factory=dict)
 
@@ -149,12 +163,17 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
 
     Args:
         request: what to analyze (model, revision, layers, matrices, options, device...).
-        progress: a `report.LayerProgress`-like object with `start(...)` and `layer_done(...)`,
-            or None.
+        progress: "auto" (a rich bar in a terminal, tqdm.auto in a notebook when installed, else
+            none), "rich", "tqdm", "none"; or a `report.LayerProgress`-like object with
+            `start(...)` and `layer_done(...)`; or None (silent).
 
     Returns:
         An `AnalyzeOutcome`: the `Analysis` of the requested layers (from memory: layers computed
         now and layers read from the cache), which were computed, and notes for the user.
+        Under `torchrun` (WORLD_SIZE > 1) the layers still missing are split across the ranks
+        (`svd_probe.distributed`); rank 0's outcome covers every requested layer and
+        `stats["ranks"]` lists what each rank computed and fetched; another rank's covers only
+        its own layers (`stats["rank"]` says which rank answered).
 
     Raises a `BadOptionError` for a malformed --layers or --matrices before any request, and for
     layers or kinds the model lacks right after config.json. When the Hub cannot be reached (or
@@ -164,14 +183,29 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
     Example:
         >>> analyze(AnalyzeJob("deepseek-v3", layers="0-3")).stats["computed"]
     """
+    if isinstance(progress, str):
+        from svd_probe.report import progress_for
+
+        with progress_for(progress) as sink:
+            return analyze(request, progress=sink)
+    from svd_probe.distributed import Ranks
+
+    ranks, device = Ranks.from_env(pick_device(request.device))
+    try:
+        outcome = _analyze(request, progress, device, ranks)
+    finally:
+        ranks.close()
+    outcome.stats.setdefault("rank", ranks.rank)
+    outcome.stats.setdefault("world_size", ranks.world_size)
+    return outcome
+
+
+def _analyze(request: AnalyzeJob, progress, device: torch.device, ranks) -> AnalyzeOutcome:
     from svd_probe.hub.checkpoint import open_checkpoint
-    from svd_probe.hub.stream import stream_layers
-    from svd_probe.spectra.compute import layer_spectra
 
     t_start = time.perf_counter()
     ref = resolve_model(request.model)
     revision = request.revision or "main"
-    device = pick_device(request.device)
     # The syntax of --layers and --matrices is checked before anything is fetched.
     layer_spec = parse_layers(request.layers)
     parse_matrices(request.matrices)
@@ -205,76 +239,88 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
     query = dataclasses.replace(query, options=options)
 
     cache = SpectraCache(root, repo, source.commit, options)
-    manifest = cache.read_manifest(notes)
     wanted_keys = {str(k) for k in spectrum_keys(kinds)}
-    have, damaged = ({}, {}) if request.force else read_layers(cache, manifest, layers, notes)
-    if damaged:
-        notes.append(f"recomputing damaged layer{'s' if len(damaged) > 1 else ''} {','.join(map(str, damaged))}")
-    todo = [ly for ly in layers if ly not in have or not wanted_keys <= have[ly].kinds()]
+    have: dict[int, LayerSpectra] = {}
+    todo: list[int] | None = None
+    manifest: dict = {}
+    if ranks.rank == 0:  # one rank reads the cache and decides what is missing
+        manifest = cache.read_manifest(notes)
+        have, damaged = ({}, {}) if request.force else read_layers(cache, manifest, layers, notes)
+        if damaged:
+            notes.append(f"recomputing damaged layer{'s' if len(damaged) > 1 else ''} {','.join(map(str, damaged))}")
+        todo = [ly for ly in layers if ly not in have or not wanted_keys <= have[ly].kinds()]
+        header = dict(
+            format=1,
+            model=ref.display,
+            name=ref.name,
+            repo_id=ref.repo_id,
+            local_path=str(ref.local_path) if ref.local_path else None,
+            revision=revision,
+            commit=source.commit,
+            options=dataclasses.asdict(options),
+            config=source.config,
+            dims=dataclasses.asdict(dims),
+        )
+        # Nothing is written when nothing changes, so a read-only cache that holds everything
+        # works; a manifest rebuilt (or written by an older version) lists the layers found whole.
+        unlisted = [have[ly] for ly in have if not cache.expected_keys(manifest, ly)]
+        try:
+            if todo or unlisted or any(k not in manifest for k in header):
+                manifest = cache.update_manifest({**header, "versions": _versions()}, unlisted)
+            SpectraCache.write_ref(root, repo, revision, source.commit)
+        except DiskWriteError as e:
+            if todo:
+                raise
+            notes.append(f"nothing needed computing, but the manifest or refs could not be updated: {e.message}")
+    todo, mine = ranks.share(todo)
     from_cache = [ly for ly in layers if ly not in todo]
-    header = dict(
-        format=1,
-        model=ref.display,
-        name=ref.name,
-        repo_id=ref.repo_id,
-        local_path=str(ref.local_path) if ref.local_path else None,
-        revision=revision,
-        commit=source.commit,
-        options=dataclasses.asdict(options),
-        config=source.config,
-        dims=dataclasses.asdict(dims),
-    )
-    # Nothing is written when nothing changes, so a read-only cache that holds everything works;
-    # a manifest rebuilt (or written by an older version) lists the layers found whole on disk.
-    unlisted = [have[ly] for ly in have if not cache.expected_keys(manifest, ly)]
-    try:
-        if todo or unlisted or any(k not in manifest for k in header):
-            manifest = cache.update_manifest({**header, "versions": _versions()}, unlisted)
-        SpectraCache.write_ref(root, repo, revision, source.commit)
-    except DiskWriteError as e:
-        if todo:
-            raise
-        notes.append(f"nothing needed computing, but the manifest or refs could not be updated: {e.message}")
+    if ranks.rank != 0:
+        layers = mine
     kind_set = set(kinds)
-
-    def plan_for_layer(layer: int):
-        return adapter.plan(layer, kind_set, request.fold_norms)
 
     if progress is not None:
         progress.start(
-            total_layers=len(layers), cached_layers=len(from_cache), bytes_source=lambda: source.bytes_fetched
+            total_layers=len(layers),
+            cached_layers=len(from_cache) if ranks.rank == 0 else 0,
+            bytes_source=lambda: source.bytes_fetched,
         )
 
     bytes_before = source.bytes_fetched
-    t_layer = time.perf_counter()
-    for layer, tensors in stream_layers(source, todo, plan_for_layer, device):
-        tensors = apply_control(tensors, options.control, CONTROL_SEED)  # --control: randomized weights
-        factors = adapter.factors(layer, tensors, kind_set, request.fold_norms, options.layernorm_fold)
-        spectra = layer_spectra(factors, kind_set, normalize_stacked=request.normalize_stacked)
-        # Each spectrum records the storage dtype of the weights the plan computes it from.
-        storage = {k: tensors.storage_dtype(SpectrumKey.parse(k).kind) for k in spectra}
-        del tensors, factors
-        sigma = {k: v[0].numpy() for k, v in spectra.items()}
-        shapes = {k: (int(v[1][0]), int(v[1][1])) for k, v in spectra.items()}
-        now = time.perf_counter()
-        info = {"seconds": round(now - t_layer, 4), "device": str(device)}
-        t_layer = now
-        computed = LayerSpectra(layer=layer, sigma=sigma, shapes=shapes, storage_dtypes=storage, info=info)
-        # One call merges with kinds cached by earlier runs and lists the layer in the manifest.
-        have[layer] = cache.update_layer(computed, merge=not request.force)
-        if progress is not None:
-            progress.layer_done(layer)
-
+    rank_info = {"rank": ranks.rank, "world_size": ranks.world_size} if ranks.active else {}
+    computed = _compute_layers(request, source, adapter, cache, mine, kind_set, options, device, rank_info, progress)
+    have.update(computed)
+    mine_stats = {
+        "rank": ranks.rank,
+        "layers": mine,
+        "bytes_fetched": source.bytes_fetched - bytes_before,
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
+    per_rank = ranks.gather(mine_stats)  # every rank's layers are on disk past this point
     stats = {
         "layers": len(layers),
-        "computed": len(todo),
-        "from_cache": len(from_cache),
-        "bytes_fetched": source.bytes_fetched - bytes_before,
+        "computed": len(todo) if ranks.rank == 0 else len(mine),
+        "from_cache": len(from_cache) if ranks.rank == 0 else 0,
+        "bytes_fetched": sum(r["bytes_fetched"] for r in per_rank) if ranks.rank == 0 else mine_stats["bytes_fetched"],
         "seconds": round(time.perf_counter() - t_start, 3),
         "device": str(device),
     }
+    if ranks.active:
+        stats["ranks"] = per_rank
     if todo:
         manifest = cache.read_manifest()
+    others = [ly for ly in layers if ly not in have]
+    if others:  # rank 0: the layers the other ranks computed, from the shared cache
+        got, _ = read_layers(cache, manifest, others, notes)
+        have.update(got)
+        lost = [ly for ly in others if ly not in have]
+        if lost:
+            raise CacheDamagedError(
+                f"layer{'s' if len(lost) > 1 else ''} {','.join(map(str, lost))}, computed by another rank, "
+                f"cannot be read from the cache {cache.dir}",
+                "Every rank must write to the same cache folder: put --cache-dir on a filesystem all hosts "
+                "share, then rerun the same command.",
+                path=str(cache.dir),
+            )
     analysis = Analysis(
         ref=ref,
         query=query,
@@ -284,8 +330,87 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
         layer_spectra={ly: have[ly] for ly in layers},
     )
     return AnalyzeOutcome(
-        analysis=analysis, layers=layers, computed=todo, from_cache=from_cache, stats=stats, notes=notes
+        analysis=analysis,
+        layers=layers,
+        computed=todo if ranks.rank == 0 else mine,
+        from_cache=from_cache if ranks.rank == 0 else [],
+        stats=stats,
+        notes=notes,
     )
+
+
+def _compute_layers(
+    request: AnalyzeJob, source, adapter, cache, layers, kind_set, options, device, rank_info, progress
+) -> dict[int, LayerSpectra]:
+    """Read, compute and cache `layers`, the stages of consecutive layers overlapping:
+
+        reader thread      read + dequantize layer L+1 .. L+prefetch   (`stream_layers`)
+        this thread        factors + launch the spectra of layer L     (`SpectraPipeline`)
+        solver threads     the big eigensolves of layers L-1, L        (CUDA: own streams)
+        writer thread      σ of layer L-1 to the host, its file, the manifest  (`LayerWriter`)
+
+    so this thread only launches device work and never waits for the disk or a σ copy.
+    On Ctrl-C (or an error) the layers already computed are written before it propagates.
+    """
+    from svd_probe.cache.writer import LayerWriter
+    from svd_probe.hub.stream import stream_layers
+    from svd_probe.spectra.compute import SpectraConfig, SpectraPipeline
+
+    if not layers:
+        return {}
+
+    def plan_for_layer(layer: int):
+        return adapter.plan(layer, kind_set, request.fold_norms)
+
+    # Two layers' big solves in flight on CUDA: 0.726 s a DeepSeek-V3 layer instead of 0.774 s
+    # (benchmarks/README.md, H200); on the CPU each layer runs inline, as before. The writer
+    # thread collects σ, so the solves are never batched (a batch is launched by its reader).
+    config = SpectraConfig(inflight=request.inflight or (2 if device.type == "cuda" else 1), batched=False)
+    clock = [time.perf_counter()]
+
+    def finish(layer: int, pending, storage: dict[str, str]) -> LayerSpectra:
+        spectra = pending.result()  # waits for this layer's device work (on the writer thread)
+        sigma = {k: v[0].numpy() for k, v in spectra.items()}
+        shapes = {k: (int(v[1][0]), int(v[1][1])) for k, v in spectra.items()}
+        now = time.perf_counter()
+        info = {"seconds": round(now - clock[0], 4), "device": str(device), **rank_info}
+        clock[0] = now
+        done = LayerSpectra(layer=layer, sigma=sigma, shapes=shapes, storage_dtypes=storage, info=info)
+        # One call merges with kinds cached by earlier runs and lists the layer in the manifest.
+        return cache.update_layer(done, merge=not request.force)
+
+    out: dict[int, LayerSpectra] = {}
+
+    def collect(writer: LayerWriter) -> None:
+        for layer, spectra in writer.finished():
+            out[layer] = spectra
+            if progress is not None:
+                progress.layer_done(layer)
+
+    pipe = SpectraPipeline(kind_set, normalize_stacked=request.normalize_stacked, config=config)
+    writer = LayerWriter(depth=request.write_queue)
+    try:
+        for layer, tensors in stream_layers(source, layers, plan_for_layer, device, prefetch=request.prefetch):
+            tensors = apply_control(tensors, options.control, CONTROL_SEED)  # --control: randomized weights
+            factors = adapter.factors(layer, tensors, kind_set, request.fold_norms, options.layernorm_fold)
+            pending = pipe.submit(factors)
+            # Each spectrum records the storage dtype of the weights the plan computes it from.
+            storage = {k: tensors.storage_dtype(SpectrumKey.parse(k).kind) for k in pending.keys}
+            del tensors, factors
+            writer.put(layer, functools.partial(finish, layer, pending, storage))
+            del pending
+            collect(writer)
+        writer.close()
+        collect(writer)
+    finally:
+        try:
+            writer.close()  # drains: the layers computed so far are kept
+        finally:
+            try:
+                collect(writer)  # the layers the drain wrote are reported done (the Ctrl-C count)
+            finally:
+                pipe.close()
+    return out
 
 
 def _analyze_offline(

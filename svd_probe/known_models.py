@@ -234,12 +234,14 @@ def _gb(n: int | None) -> str:
     return "" if n is None else f"{n / 1e9:.1f} GB"
 
 
-def render_model_table(rows: list[dict]) -> Table:
-    t = Table(
-        title="Model aliases (MODEL also accepts a Hub repo id org/name or a local folder)",
-        caption="layers: decoder+MTP. download: the attention tensors an analysis reads (FP8 scales and norms "
-        "included), computed from config shapes; share: of the whole checkpoint.",
-    )
+# Dropped in this order when the table does not fit the terminal (they stay in --json); the note
+# becomes a footnote under the table instead.
+_DROP_ORDER = ("note", "share", "attn", "dtype")
+
+
+def render_model_table(rows: list[dict], width: int | None = None) -> Table:
+    """The `models` table; at `width` columns (None: no limit), columns are dropped in
+    `_DROP_ORDER` until the rest fit uncut. Names are never cut: they must stay copy-pasteable."""
     cells = []
     for r in rows:
         heads = (
@@ -252,38 +254,59 @@ def render_model_table(rows: list[dict]) -> Table:
             layers = f"{r['layers'] - r['mtp_layers']}+{r['mtp_layers']}"
         share = f"{100 * r['analysis_bytes'] / r['checkpoint_bytes']:.1f}%" if r.get("checkpoint_bytes") else ""
         cells.append(
-            [
-                r["alias"],
-                r["repo_id"],
-                r.get("attention", ""),
-                heads,
-                layers,
-                r.get("attention_dtype", ""),
-                _gb(r.get("analysis_bytes")),
-                share,
-                r.get("note", ""),
-            ]
+            {
+                "alias": r["alias"],
+                "repo id": r["repo_id"],
+                "attn": r.get("attention", "") or "",
+                "heads": heads,
+                "layers": layers,
+                "dtype": r.get("attention_dtype", "") or "",
+                "download": _gb(r.get("analysis_bytes")),
+                "share": share,
+                "note": r.get("note", "") or "",
+            }
         )
-    # Numbers and dtypes keep their full width on narrow terminals (min_width); names fold
-    # character-wise instead of being cut with an ellipsis, so they stay copy-pasteable.
-    cols: list[tuple[str, Literal["left", "right"], Literal["fold"] | None]] = [
-        ("alias", "left", None),
-        ("repo id", "left", "fold"),
-        ("attn", "left", None),
-        ("heads", "right", None),
-        ("layers", "right", None),
-        ("dtype", "left", None),
-        ("download", "right", None),
-        ("share", "right", None),
-        ("note", "left", "fold"),
+    cols: list[tuple[str, Literal["left", "right"]]] = [
+        ("alias", "left"),
+        ("repo id", "left"),
+        ("attn", "left"),
+        ("heads", "right"),
+        ("layers", "right"),
+        ("dtype", "left"),
+        ("download", "right"),
+        ("share", "right"),
+        ("note", "left"),
     ]
-    for i, (col, just, overflow) in enumerate(cols):
-        if overflow:
-            # The note is rare and long: cap it so the repo ids get the room.
-            t.add_column(col, justify=just, overflow=overflow, max_width=14 if col == "note" else None)
+    widths = {c: max([len(c)] + [len(row[c]) for row in cells]) for c, _ in cols}
+    widths["note"] = min(widths["note"], 14)  # the note is rare and long: it folds
+
+    def needed(names: list[str]) -> int:
+        return sum(widths[n] for n in names) + 3 * len(names) + 1  # padding and borders
+
+    shown = [c for c, _ in cols]
+    for drop in _DROP_ORDER:
+        if width is None or needed(shown) <= width:
+            break
+        shown.remove(drop)
+    caption = (
+        "layers: decoder+MTP. download: the attention tensors an analysis reads (FP8 scales and norms "
+        "included), computed from config shapes" + ("; share: of the whole checkpoint." if "share" in shown else ".")
+    )
+    if "note" not in shown:
+        caption += "".join(f"\n{row['alias']}: {row['note']}" for row in cells if row["note"])
+    t = Table(
+        title="Model aliases (MODEL also accepts a Hub repo id org/name or a local folder)",
+        caption=caption,
+        caption_justify="left",
+    )
+    for col, just in cols:
+        if col not in shown:
+            continue
+        if col == "note":
+            t.add_column(col, justify=just, overflow="fold", max_width=widths["note"])
         else:
-            width = max([len(col)] + [len(c[i]) for c in cells])
-            t.add_column(col, justify=just, no_wrap=True, min_width=width)
-    for c in cells:
-        t.add_row(*c)
+            # Full width, never wrapped: names must stay copy-pasteable, numbers readable.
+            t.add_column(col, justify=just, no_wrap=True, min_width=widths[col])
+    for row in cells:
+        t.add_row(*(row[c] for c in shown))
     return t

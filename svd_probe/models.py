@@ -7,6 +7,7 @@ like an alias still means the folder.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass
@@ -87,8 +88,13 @@ def resolve_model(name: str) -> ModelRef:
         )
     if _REPO_ID.match(name):
         return ModelRef(name=name, repo_id=name)
+    close = difflib.get_close_matches(key, list(ALIASES), n=1, cutoff=0.6)
+    if close:
+        raise UnknownModelError(
+            f"unknown model {name!r}: did you mean {close[0]}?",
+            f"Use {close[0]} (`svd-probe models` lists every alias), a Hub repo id org/name, or a local folder.",
+        )
     raise UnknownModelError(
         f"unknown model {name!r}",
-        "Use an alias (" + ", ".join(ALIASES) + "), a Hub repo id like org/name, or a local folder. "
-        "`svd-probe models` lists the aliases.",
+        "Use an alias (`svd-probe models` lists them), a Hub repo id like org/name, or a local folder.",
     )

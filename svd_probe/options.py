@@ -208,3 +208,14 @@ def parse_choices(values: Iterable[str] | str | None, allowed: Sequence[str], wh
     if bad:
         raise BadOptionError(f"unknown {what} {', '.join(map(repr, bad))}", f"Choose from: {', '.join(allowed)}.")
     return list(dict.fromkeys(picked)) or list(allowed)
+
+
+def format_layers(layers: Iterable[int]) -> str:
+    """The inverse of `parse_layers`: [0, 1, 2, 5, 7, 8] → '0-2,5,7-8'."""
+    runs: list[list[int]] = []
+    for ly in sorted(set(layers)):
+        if runs and runs[-1][1] == ly - 1:
+            runs[-1][1] = ly
+        else:
+            runs.append([ly, ly])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)

@@ -83,6 +83,42 @@ class Analysis:
     layer_spectra: dict[int, LayerSpectra] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        # Short: the spectra themselves are megabytes (the generated repr was 183 KB on the demo).
+        layers = self.layers
+        from svd_probe.options import format_layers
+
+        span = format_layers(layers) if layers else "none"
+        stacked = ",".join(self.kinds("stacked")) or "-"
+        return (
+            f"Analysis({self.display} @ {self.commit[:12]}, layers {span}, stacked {stacked}, "
+            f"control {self.control}, cache {self.cache_dir})"
+        )
+
+    def _repr_html_(self) -> str:
+        """The summary table `analyze` prints, for notebooks."""
+        from html import escape
+
+        from svd_probe.report import layer_summary, summary_columns
+
+        rows = layer_summary(self)
+        ranked, head = summary_columns(rows)
+        cols = [("layer", "layer")]
+        for kind in ranked:
+            cols += [(f"{kind}_rank_1pct", f"{kind} 1%"), (f"{kind}_rank_0.1pct", f"{kind} 0.1%")]
+        if ranked:
+            cols.append((f"{ranked[0]}_full_rank", "full"))
+        if head:
+            cols.append((f"head_{head}_median_rank_1pct", f"median head {head} 1%"))
+
+        def cell(v) -> str:
+            return "-" if v is None else escape(f"{v:g}" if isinstance(v, float) else str(v))
+
+        head_html = "".join(f"<th>{escape(label)}</th>" for _, label in cols)
+        body = "".join("<tr>" + "".join(f"<td>{cell(r.get(k))}</td>" for k, _ in cols) + "</tr>" for r in rows)
+        caption = escape(f"{self.display} @ {self.commit[:12]} · ranks at 1% / 0.1% energy error · {self.cache_dir}")
+        return f"<table><caption>{caption}</caption><thead><tr>{head_html}</tr></thead><tbody>{body}</tbody></table>"
+
     @property
     def revision(self) -> str:
         return self.query.revision

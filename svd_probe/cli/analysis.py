@@ -17,10 +17,12 @@ from svd_probe.cli.app import (
     NormStackedOpt,
     RevisionOpt,
     TokenOpt,
+    alert,
     app,
     err,
     out,
     print_json,
+    quiet,
 )
 
 
@@ -65,7 +67,7 @@ def models_cmd(
     if as_json:
         print_json(rows)
     else:
-        out.print(render_model_table(rows))
+        out.print(render_model_table(rows, width=out.width))
 
 
 @app.command("analyze")
@@ -103,7 +105,8 @@ def analyze_cmd(
 ) -> None:
     """Stream a checkpoint's attention layer by layer, compute every spectrum, cache it, summarize."""
     from svd_probe.analysis import AnalyzeJob, analyze
-    from svd_probe.report import layer_progress, render_summary, summary_rows
+    from svd_probe.options import parse_matrices
+    from svd_probe.report import layer_progress, summary_rows
 
     job = AnalyzeJob(
         model=model,
@@ -123,10 +126,30 @@ def analyze_cmd(
         control=control.value if control else None,
     )
     # Progress goes to stderr, so it never mixes with --json on stdout.
-    with layer_progress(err, enabled=err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
-        outcome = analyze(job, progress=progress)
+    with layer_progress(err, enabled=show_progress()) as progress:
+        try:
+            outcome = analyze(job, progress=progress)
+        except KeyboardInterrupt:
+            progress.close()
+            from svd_probe.cache.store import default_cache_root
+
+            where = default_cache_root(cache_dir)
+            if progress.total is None:  # before the layers were known: nothing of this run is cached
+                alert.print(
+                    f"interrupted before any layer was computed; cache {where}", highlight=False, soft_wrap=True
+                )
+            else:
+                alert.print(
+                    f"interrupted: {progress.done} of {progress.total} layers cached in {where}; "
+                    "run the same command to resume",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            raise typer.Exit(130) from None
+    if outcome.stats.get("rank", 0) != 0:
+        return  # under torchrun, rank 0 reports for every rank
     print_notes(outcome.notes)
-    rows = summary_rows(outcome)
+    rows = summary_rows(outcome, parse_matrices(matrices) if matrices else None)
     if as_json:
         print_json(
             {
@@ -140,7 +163,21 @@ def analyze_cmd(
             }
         )
     else:
-        out.print(render_summary(outcome, rows))
+        print_summary(outcome, rows)
+
+
+def show_progress() -> bool:
+    """Live bars on stderr: in a terminal (or with SVD_PROBE_PROGRESS=1), unless --quiet."""
+    return (err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") and not quiet()
+
+
+def print_summary(outcome, rows: list[dict]) -> None:
+    """The summary table, then the cache folder on a line of its own (unwrapped: it stays copyable)."""
+    from svd_probe.report import render_summary, summary_footer
+
+    out.print(render_summary(outcome, rows))
+    for line in summary_footer(outcome, rows):
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 def print_notes(notes: list[str]) -> None:

@@ -13,13 +13,49 @@ from rich.console import Console
 app = typer.Typer(
     name="svd-probe",
     help="Spectral analysis of attention weights in very large checkpoints, streamed from the Hub, "
-    "and a lab that trains MHA, MLA and MLA-o encoders.",
+    "and a lab that trains MHA, MLA and MLA-o encoders. `svd-probe demo` tries it all offline.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
+    # Click's plain help: it wraps at any width and never cuts an option name, where rich's panels
+    # cut `--normalize-stacked` to `--normalize-stac…` at 80 columns.
+    rich_markup_mode=None,
 )
-out = Console()
-err = Console(stderr=True)
+out = Console()  # results: tables, JSON, file lists
+err = Console(stderr=True)  # progress, notes, messages; silenced by --quiet
+alert = Console(stderr=True)  # errors and interrupts: printed even with --quiet
+
+
+def quiet() -> bool:
+    return err.quiet
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from svd_probe import __version__
+
+        sys.stdout.write(f"svd-probe {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+    quiet_flag: bool = typer.Option(
+        False,
+        "--quiet",
+        "-q",
+        help="Print only results (tables, JSON, files written) and errors: no progress bars, notes or messages. "
+        "Give it before the command: svd-probe -q analyze ...",
+    ),
+) -> None:
+    """Options before the command."""
+    # Set on every invocation, so one quiet call (in a test process) does not silence the next.
+    err.quiet = quiet_flag
+
 
 # Options shared by every command that reads a checkpoint or the cache.
 RevisionOpt = typer.Option(

@@ -20,6 +20,8 @@ _REFUSED = {
     "--overwrite": "a sweep never overwrites; remove the run folders to redo them",
 }
 _DROPPED = {"--progress", "--no-progress"}  # each child logs to its file
+# Help is click's plain text (`cli.app`), so the brackets need no escaping.
+_PRESET = "  [default: the --size preset's]"
 
 
 @app.command(
@@ -41,21 +43,21 @@ def sweep_cmd(
     q_latent: str | None = typer.Option(
         None,
         "--q-latent",
-        help="Query latent sizes of mla and mla-o, e.g. 32,64." + " \\[default: the --size preset's]",
+        help="Query latent sizes of mla and mla-o, e.g. 32,64." + _PRESET,
         show_default=False,
         rich_help_panel=GRID,
     ),
     kv_latent: str | None = typer.Option(
         None,
         "--kv-latent",
-        help="KV latent sizes of mla and mla-o." + " \\[default: the --size preset's]",
+        help="KV latent sizes of mla and mla-o." + _PRESET,
         show_default=False,
         rich_help_panel=GRID,
     ),
     o_latent: str | None = typer.Option(
         None,
         "--o-latent",
-        help="Shared output latent sizes D of mla-o." + " \\[default: the --size preset's]",
+        help="Shared output latent sizes D of mla-o." + _PRESET,
         show_default=False,
         rich_help_panel=GRID,
     ),

@@ -24,8 +24,8 @@ _SMALL, _TINY = preset("mla-o", "small"), preset("mla-o", "tiny")
 
 def _default(text: str) -> str:
     """ "[default: text]" for a flag whose None means "not given" (the --config file or the preset
-    decides); the backslash keeps rich from reading the brackets as markup."""
-    return f" \\[default: {text}]"
+    decides). Help is click's plain text (`cli.app`), so the brackets need no escaping."""
+    return f"  [default: {text}]"
 
 
 def _from_size(field: str) -> str:

@@ -10,6 +10,6 @@
 
 Modules: `http` (the one HTTP edge: session, retries, deadlines, token rule, typed Hub errors),
 `checkpoint` (open: commit, config, index), `safetensors_header` (parse + validate headers),
-`ranges` (HTTP and mmap range reads, resume, signed URLs), `dequant` (FP8 block scales,
+`ranges` (HTTP and local preadv range reads, resume, signed URLs), `dequant` (FP8 block scales,
 BF16/F16/F32), `source`, `stream`, `dtypes` (the one table of safetensors dtypes).
 """

@@ -1,4 +1,4 @@
-"""Byte-range reads of checkpoint files: from the Hub (HTTP) or from a local folder (mmap).
+"""Byte-range reads of checkpoint files: from the Hub (HTTP) or from a local folder (preadv).
 
 Both backends answer the same two questions, so `CheckpointSource` has one code path:
 `size(path)` and `read_many([(path, begin, end), ...]) -> [bytearray, ...]`.
@@ -13,7 +13,7 @@ coalesced; large ranges split so that one big tensor still uses every connection
 
 from __future__ import annotations
 
-import mmap
+import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -369,27 +369,34 @@ class _Expired(Exception):
 
 
 class LocalFiles:
-    """The same reads on a local folder, through memory maps (the OS page cache does the I/O)."""
+    """The same reads on a local folder: `os.preadv` straight into the buffers, in parallel.
 
-    def __init__(self, folder: Path):
+    Each range is split into `chunk_size` pieces read by `concurrency` threads. `preadv` releases
+    the GIL for the whole copy, so a layer's read neither holds up the caller's thread (which
+    launches the spectra) nor waits for it; slicing a memory map copies under the GIL, twice (to
+    bytes, then to a bytearray), and on one thread: that made `analyze` from a local folder
+    slower than over HTTP (70 s vs 65.7 s for the 62-layer DeepSeek-V3 benchmark on an H200).
+    """
+
+    def __init__(self, folder: Path, *, concurrency: int = 4, chunk_size: int = 16 * MiB):
         self.folder = Path(folder)
         self.stats = ReadStats()
-        self._maps: dict[str, mmap.mmap] = {}
+        self.chunk_size = max(1, int(chunk_size))
+        self._fds: dict[str, tuple[int, int]] = {}  # path -> (fd, size)
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max(1, int(concurrency)), thread_name_prefix="svd-probe-local")
 
-    def _map(self, path: str) -> mmap.mmap | None:
+    def _open(self, path: str) -> tuple[int, int]:
         with self._lock:
-            if path not in self._maps:
+            if path not in self._fds:
                 full = self.folder / path
                 if not full.is_file():
                     raise EntryNotFoundError(
                         f"file {path!r} not found in {self.folder}", "The checkpoint folder is incomplete."
                     )
-                if full.stat().st_size == 0:
-                    return None
-                with open(full, "rb") as f:
-                    self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            return self._maps[path]
+                fd = os.open(full, os.O_RDONLY)
+                self._fds[path] = (fd, os.fstat(fd).st_size)
+            return self._fds[path]
 
     def size(self, path: str) -> int:
         full = self.folder / path
@@ -402,23 +409,58 @@ class LocalFiles:
     def known_size(self, path: str) -> int | None:
         return self.size(path)
 
-    def read_many(self, reqs: list[tuple[str, int, int]]) -> list[bytearray]:
-        out = []
+    def read_many(self, reqs: list[tuple[str, int, int]]) -> list:
+        """Bytes [begin, end) of each (path, begin, end), as writable uint8 arrays."""
+        out: list = []
+        jobs = []
         for p, b, e in reqs:
             if e <= b:
                 out.append(bytearray())
                 continue
-            mm = self._map(p)
-            if mm is None or e > len(mm):
+            fd, size = self._open(p)
+            if e > size:
                 raise CorruptShardError(
                     f"bytes {b}-{e - 1} are past the end of the file", file=p, hint="The file is truncated."
                 )
-            out.append(bytearray(mm[b:e]))  # a copy: the tensor must outlive the map
-            self.stats.add(bytes_fetched=e - b, requests=1)
+            buf = np.empty(e - b, dtype=np.uint8)  # not zero-filled: every byte is read into it
+            out.append(buf)
+            mv = buf.data
+            for pos in range(b, e, self.chunk_size):
+                end = min(e, pos + self.chunk_size)
+                jobs.append(self._pool.submit(_pread_into, fd, mv[pos - b : end - b], pos, p))
+        try:
+            for f in jobs:
+                f.result()
+        finally:
+            for f in jobs:
+                f.cancel()
+        self.stats.add(
+            bytes_fetched=sum(e - b for _, b, e in reqs if e > b), requests=sum(1 for _, b, e in reqs if e > b)
+        )
         return out
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
-            for mm in self._maps.values():
-                mm.close()
-            self._maps.clear()
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def _pread_into(fd: int, mv: memoryview, offset: int, path: str) -> None:
+    """Fill `mv` with the file's bytes from `offset` (a short read means the file shrank)."""
+    done = 0
+    while done < len(mv):
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [mv[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            chunk = os.pread(fd, len(mv) - done, offset + done)
+            n = len(chunk)
+            mv[done : done + n] = chunk
+        if n <= 0:
+            raise CorruptShardError(
+                f"bytes {offset}-{offset + len(mv) - 1} could not be read: the file ended early",
+                file=path,
+                hint="The file is truncated (or was replaced while reading).",
+            )
+        done += n

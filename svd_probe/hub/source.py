@@ -5,7 +5,7 @@ backends of `svd_probe.hub.ranges`; `svd_probe.hub.checkpoint.open_checkpoint` b
 `open_checkpoint` pins a Hub revision to its commit, fetches config.json and the index with
 huggingface_hub (small files, cached in HF_HOME as usual), and from then on reads only the
 safetensors headers of shards that hold requested tensors and the tensors' own bytes. Shards are
-never written to disk. A local folder goes through the same code with memory-mapped reads.
+never written to disk. A local folder goes through the same code with parallel `preadv` reads.
 
 `read_tensors` takes the adapter's `LayerPlan` (or bare names) and, before it reads a byte,
 checks every tensor against the plan: the shape config.json implies, a floating-point dtype,

@@ -1,8 +1,10 @@
 """Layer streaming: yield one layer's tensors while the next layer is already being read.
 
 Reads run on one background thread (which itself fans out range requests), so the caller's
-SVDs overlap the network. With prefetch=1 at most two layers exist at once: the one the caller
-holds and the one in flight. What to read per layer comes from the caller, as the adapter's
+SVDs overlap the network. At most prefetch + 1 layers exist at once: the one the caller holds
+and the ones read ahead. On CUDA the reader copies and dequantizes on a stream of its own, so its
+work never queues behind the caller's kernels on the default stream (nor theirs behind it); the
+caller's stream waits for a layer's event before its first use. What to read per layer comes from the caller, as the adapter's
 `LayerPlan` (whose shapes are checked before any byte is read) or as bare names, never from this
 module.
 """
@@ -47,12 +49,23 @@ def stream_layers(
     pool = ThreadPoolExecutor(1, thread_name_prefix="svd-probe-prefetch")
     pending: deque = deque()
     nxt = 0
+    device = torch.device(device)
+    side = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+
+    def read(plan) -> tuple[LayerTensors, object]:
+        if side is None:
+            return src.read_tensors(plan, device), None
+        with torch.cuda.stream(side):
+            tensors = src.read_tensors(plan, device)
+            event = torch.cuda.Event()
+            event.record(side)
+        return tensors, event
 
     def submit() -> None:
         nonlocal nxt
         layer = layers[nxt]
         nxt += 1
-        pending.append((layer, pool.submit(src.read_tensors, plan_for_layer(layer), device)))
+        pending.append((layer, pool.submit(read, plan_for_layer(layer))))
 
     try:
         while nxt < len(layers) or pending:
@@ -62,8 +75,15 @@ def stream_layers(
             # Queue the next layer before waiting: its reads start as soon as this one's finish.
             while len(pending) < prefetch and nxt < len(layers):
                 submit()
-            tensors = fut.result()
+            tensors, event = fut.result()
             del fut
+            if event is not None:
+                # The caller's stream waits for the reader's copies; the allocator must not hand
+                # these blocks to the reader's stream again before the caller's kernels are done.
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for t in tensors.values():
+                    t.record_stream(current)
             yield layer, tensors
             del tensors  # drop our reference before the next layer lands
     finally:

@@ -1,0 +1,265 @@
+"""End to end: does `svd-probe analyze` overlap reading and computing? (issue: a whole DeepSeek-V3)
+
+Builds (or reuses, in `--ckpt`) a checkpoint of DeepSeek-V3's real attention shapes
+(`build_deepseek_v3_real(layers, experts_per_layer=0, n_shards=16)`: 187 MB of FP8 per layer,
+11.6 GB at 62 layers), serves it with the Hub stand-in in its own process, and measures, each
+phase in a fresh process of its own (so peak RSS and peak GPU memory are per phase):
+
+    read-http / read-local   `stream_layers` to the device (FP8 dequantized there), no spectra
+    compute                  factors + spectra of every layer from tensors already on the
+                             device (at most 8 distinct layers resident, cycled: the solves'
+                             time does not depend on the values), as `analyze` launches them
+    analyze-http / -local    `analyze` into an empty cache, over HTTP and from the folder
+                             (`--nproc N`: under torchrun with N ranks)
+
+and prints the ratio of each `analyze` to the slower of its read-only and compute-only times
+(the goal: at most 1.05). The page cache is warmed first, so the folder is read from memory.
+
+    PYTHONPATH=. python benchmarks/bench_e2e.py --device cuda --json e2e.json        # 62 layers
+    PYTHONPATH=. python benchmarks/bench_e2e.py --layers 2 --device cpu              # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's svd_probe, as in PYTHONPATH=.
+
+REPO = "bench/deepseek-v3-real"
+PHASES = ("read-http", "read-local", "compute", "analyze-http", "analyze-local")
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+
+
+def _gpu_peak_gb(device) -> float | None:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 1e9
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _source(args, http: bool):
+    from svd_probe.hub.checkpoint import open_checkpoint
+    from svd_probe.models import ModelRef, resolve_model
+
+    if http:
+        return open_checkpoint(ModelRef(name="bench", repo_id=REPO), endpoint=args.endpoint)
+    return open_checkpoint(resolve_model(str(args.ckpt)))
+
+
+def _plan(src):
+    from svd_probe.adapters import adapter_for
+
+    adapter = adapter_for(src.config, src.tensor_names)
+    kinds = set(adapter.supported_kinds())
+    layers = list(range(adapter.dims().num_layers))
+    return adapter, kinds, layers
+
+
+def phase(args) -> dict:
+    """One phase, in this process; returns its figures."""
+    from svd_probe.options import pick_device
+
+    device = pick_device(args.device)
+    out: dict = {"phase": args.phase}
+    if args.phase.startswith("read"):
+        from svd_probe.hub.stream import stream_layers
+
+        src = _source(args, args.phase == "read-http")
+        adapter, kinds, layers = _plan(src)
+        t = time.perf_counter()
+        for _layer, tensors in stream_layers(src, layers, lambda L: adapter.plan(L, kinds, True), device, prefetch=2):
+            _sync(device)
+            del tensors
+        out["seconds"] = time.perf_counter() - t
+        out["bytes"] = src.bytes_fetched
+    elif args.phase == "compute":
+        from svd_probe.hub.stream import stream_layers
+        from svd_probe.spectra.compute import SpectraConfig, SpectraPipeline
+
+        src = _source(args, False)
+        adapter, kinds, layers = _plan(src)
+        resident = [
+            (layer, t)
+            for layer, t in stream_layers(src, layers[:8], lambda L: adapter.plan(L, kinds, True), device, prefetch=1)
+        ]
+        _sync(device)
+        cfg = SpectraConfig(inflight=2 if device.type == "cuda" else 1, batched=False)  # as `analyze`
+        t = time.perf_counter()
+        with SpectraPipeline(kinds, config=cfg) as pipe:
+            pending = None
+            for i in range(len(layers)):
+                layer, tensors = resident[i % len(resident)]
+                nxt = pipe.submit(adapter.factors(layer, tensors, kinds, True))
+                if pending is not None:
+                    pending.result()  # the σ of the previous layer to the host, as analyze's writer does
+                pending = nxt
+            if pending is not None:
+                pending.result()
+        _sync(device)
+        out["seconds"] = time.perf_counter() - t
+        out["resident_layers"] = len(resident)
+    else:
+        from svd_probe.analysis import AnalyzeJob, analyze
+
+        http = args.phase == "analyze-http"
+        model = REPO if http else str(args.ckpt)
+        cache = Path(tempfile.mkdtemp(prefix="bench-e2e-cache-"))
+        try:
+            if args.nproc > 1:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+                cmd += [str(args.nproc), "-m", "svd_probe.cli", "analyze", model, "--cache-dir", str(cache)]
+                cmd += ["--device", args.device, "--json"] + (["--endpoint", args.endpoint] if http else [])
+                t = time.perf_counter()
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                out["wall_with_startup"] = time.perf_counter() - t
+                if r.returncode != 0:
+                    raise SystemExit(f"torchrun failed:\n{r.stderr[-4000:]}")
+                stats = json.loads(r.stdout)["stats"]
+                out["seconds"] = stats["seconds"]  # rank 0, from analyze's start (after imports)
+                out["ranks"] = stats.get("ranks")
+                peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
+                out["peak_rss_gb_largest_rank"] = peak
+            else:
+                job = AnalyzeJob(model, endpoint=args.endpoint if http else None, cache_dir=cache, device=args.device)
+                t = time.perf_counter()
+                stats = analyze(job).stats
+                out["seconds"] = time.perf_counter() - t
+            out["bytes"] = stats["bytes_fetched"]
+            out["computed"] = stats["computed"]
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+    out["peak_rss_gb"] = _peak_rss_gb()
+    out["peak_gpu_gb"] = _gpu_peak_gb(device)
+    out["device"] = str(device)
+    return out
+
+
+def _build(args) -> tuple[float, int]:
+    from svd_probe.testing.checkpoints import build_deepseek_v3_real
+
+    ckpt = args.ckpt
+    cfg = ckpt / "config.json"
+    if (ckpt / "model.safetensors.index.json").is_file() and cfg.is_file():
+        if json.loads(cfg.read_text()).get("num_hidden_layers") == args.layers:
+            return 0.0, args.layers
+        raise SystemExit(f"{ckpt} holds a checkpoint of another layer count: pass another --ckpt or delete it")
+    if ckpt.exists() and any(ckpt.iterdir()):
+        raise SystemExit(f"{ckpt} is not empty and holds no benchmark checkpoint: pass another --ckpt")
+    t = time.perf_counter()
+    build_deepseek_v3_real(ckpt, layers=args.layers, experts_per_layer=0, n_shards=args.shards, workers=args.workers)
+    return time.perf_counter() - t, args.layers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=62, help="layers of DeepSeek-V3's real attention shapes")
+    ap.add_argument("--shards", type=int, default=16)
+    ap.add_argument("--ckpt", type=Path, default=None, help="build here, or reuse (default: a folder under /tmp)")
+    ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="shards written at once")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--nproc", type=int, default=1, help="analyze under torchrun with this many ranks")
+    ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase
+    ap.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.ckpt is None:
+        args.ckpt = Path(tempfile.gettempdir()) / f"svdp-bench-e2e-{args.layers}"
+    if args.phase:
+        print(json.dumps(phase(args)), flush=True)
+        return
+
+    t0 = time.perf_counter()
+    build_s, _ = _build(args)
+    shards = sorted(args.ckpt.glob("*.safetensors"))
+    size = sum(s.stat().st_size for s in shards)
+    print(f"checkpoint: {args.ckpt}, {args.layers} layers, {size / 1e9:.2f} GB, built in {build_s:.1f} s", flush=True)
+    for s in shards:  # warm the page cache: both sources then read the same memory-resident bytes
+        with open(s, "rb") as f:
+            while f.read(64 << 20):
+                pass
+    hf_home = tempfile.mkdtemp(prefix="bench-e2e-hf-")
+    env = {**os.environ, "HF_HOME": hf_home, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_ENDPOINT", None)
+    hub = subprocess.Popen(
+        [sys.executable, "-m", "svd_probe.testing.fake_hub", f"{REPO}={args.ckpt}"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    results: dict = {
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "layers": args.layers,
+        "checkpoint_gb": size / 1e9,
+        "build_seconds": build_s,
+        "nproc": args.nproc,
+        "phases": {},
+    }
+    try:
+        assert hub.stdout is not None
+        endpoint = hub.stdout.readline().strip()
+        for name in args.phases:
+            cmd = [sys.executable, __file__, "--phase", name, "--endpoint", endpoint, "--ckpt", str(args.ckpt)]
+            cmd += ["--device", args.device, "--nproc", str(args.nproc), "--layers", str(args.layers)]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if r.returncode != 0:
+                print(f"{name}: failed\n{r.stderr[-4000:]}", flush=True)
+                results["phases"][name] = {"error": r.stderr[-2000:]}
+                continue
+            fig = json.loads(r.stdout.strip().splitlines()[-1])
+            results["phases"][name] = fig
+            gpu = f", GPU peak {fig['peak_gpu_gb']:.2f} GB" if fig.get("peak_gpu_gb") is not None else ""
+            print(f"{name:14s} {fig['seconds']:8.2f} s   RSS peak {fig['peak_rss_gb']:.2f} GB{gpu}", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1))
+    finally:
+        hub.terminate()
+        with contextlib.suppress(Exception):
+            hub.wait(timeout=10)
+        shutil.rmtree(hf_home, ignore_errors=True)
+    ph = results["phases"]
+
+    def secs(name):
+        return ph.get(name, {}).get("seconds")
+
+    for src in ("http", "local"):
+        read, comp, wall = secs(f"read-{src}"), secs("compute"), secs(f"analyze-{src}")
+        if read and comp and wall:
+            ratio = wall / max(read, comp)
+            results[f"ratio_{src}"] = ratio
+            print(
+                f"analyze {src:5s}: {wall:.2f} s = {ratio:.3f} × max(read {read:.2f} s, compute {comp:.2f} s)"
+                f"  ({wall / args.layers:.3f} s a layer)",
+                flush=True,
+            )
+    results["total_seconds"] = time.perf_counter() - t0
+    print(f"total {results['total_seconds']:.1f} s", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

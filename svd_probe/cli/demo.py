@@ -1,0 +1,47 @@
+"""`demo`: the whole path offline in one folder (`svd_probe.demo`); options here, work there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from svd_probe.cli.app import app, err, out
+
+
+@app.command("demo")
+def demo_cmd(
+    out_dir: Path = typer.Option(
+        Path("svd-probe-demo"),
+        "--out",
+        help="Folder for the checkpoint, cache, exports and figures; a non-empty folder the demo did not "
+        "make is refused. Rerunning reuses it (the analysis then comes from the cache).",
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto: cuda when available)."),
+) -> None:
+    """Try everything offline: build a small DeepSeek-V3-layout checkpoint, serve it on loopback with the
+    Hub stand-in, analyze it through the Hub protocol, export and plot; the stand-in stops at the end."""
+    from svd_probe.cli.analysis import print_notes, print_summary, show_progress
+    from svd_probe.demo import DEMO_REPO, run_demo
+    from svd_probe.report import layer_progress, summary_rows
+
+    with layer_progress(err, enabled=show_progress()) as progress:
+        result = run_demo(out_dir, progress=progress, device=device)
+    outcome = result.outcome
+    print_summary(outcome, summary_rows(outcome))
+    p = result.paths
+    lines = [
+        f"checkpoint  {p.checkpoint}  (served as {DEMO_REPO} on {result.endpoint}, now stopped)",
+        f"cache root  {p.cache}  (pass --cache-dir {p.cache} to export, plot, report)",
+        *(f"export      {f}  ({n} rows)" for f, n in result.rows.items()),
+        f"figures     {p.plots}/  ({len(result.figures)} files)",
+    ]
+    for line in lines:
+        out.print(line, highlight=False, soft_wrap=True)
+    for line in (
+        "next, offline from the cache:",
+        f"  svd-probe plot {DEMO_REPO} --cache-dir {p.cache} --kind spectra --format svg",
+        f"  svd-probe analyze {p.checkpoint} --matrices QK --cache-dir {p.cache}   # a local folder",
+    ):
+        err.print(line, highlight=False, soft_wrap=True)
+    print_notes(result.notes)
