@@ -395,26 +395,10 @@ def model_config_from(p: dict[str, Any], file_values: dict[str, Any]) -> ModelCo
 
 def train_config_from(p: dict[str, Any], file_values: dict[str, Any]) -> TrainConfig:
     """The recipe of a `train` command line (its parsed options, by parameter name)."""
-    from svd_probe.train.config import build_train_config
+    from svd_probe.train.config import TRAIN_KEYS, build_train_config
 
-    keys = (
-        "pretrain_steps",
-        "finetune_steps",
-        "finetune_epochs",
-        "batch_size",
-        "finetune_batch_size",
-        "lr",
-        "finetune_lr",
-        "warmup_frac",
-        "weight_decay",
-        "seq_len",
-        "seed",
-        "checkpoint_every",
-        "checkpoint_minutes",
-        "log_every",
-        "stop_after",
-        "device",
-    )
+    # The recipe keys a --config file may set, plus the run's own flags (not in a config file).
+    keys = sorted(TRAIN_KEYS | {"log_every", "stop_after", "device"})
     overrides = {k: p[k] for k in keys}
     overrides["compile"] = p["compile_"]
     overrides["init_from"] = None if p.get("init_from") is None else str(p["init_from"])
