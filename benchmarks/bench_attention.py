@@ -19,7 +19,7 @@ Timing: CUDA events over `--iters` iterations after `--warmup`, median of `--rep
 at the training model's shape (batch 256, 8 heads, 128 tokens, head_dim 32), forward + backward
 of SDPA alone under each backend that accepts it (flash, efficient, cudnn, math).
 
-    PYTHONPATH=. python benchmarks/bench_attention.py --json $OUT/bench_attention.json     # H200: ~30-60 s
+    PYTHONPATH=. python benchmarks/bench_attention.py --json $OUT/bench_attention.json     # H200: over 75 s
     PYTHONPATH=. python benchmarks/bench_attention.py --device cpu --smoke --json /tmp/ba.json
 """
 
