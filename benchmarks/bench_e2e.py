@@ -41,6 +41,15 @@ PHASES = ("read-http", "read-local", "compute", "analyze-http", "analyze-local")
 
 
 def _peak_rss_gb() -> float:
+    """This process's peak RSS. Linux keeps ru_maxrss across fork and execve, so a phase process
+    would report its parent's peak (the checkpoint build); VmHWM belongs to the process's own
+    memory map, new at execve. ru_maxrss where /proc is missing."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
