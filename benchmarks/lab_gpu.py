@@ -21,7 +21,7 @@ sources (`compare.txt`, table and JSON), the learning curves parsed from each tr
 (`curves.json`), the stacked and layer spectra of every trained model through `svd-probe
 analyze` on the GPU (`spectra.jsonl.gz`, head rows left out), logs and the environment.
 
-    mkdir -p .carry/data && cp -r ../shared/data/{wikitext-2,SST-2,vocab} .carry/data/
+    # .carry/data/{wikitext-2,SST-2,vocab/bert-base-uncased-vocab.txt}: the README's three inputs
     PYTHONPATH=. python benchmarks/lab_gpu.py --deadline-s 500          # on the GPU, $OUT set
     PYTHONPATH=. python benchmarks/lab_gpu.py --device cpu --size tiny --seeds 0 --then '' \
         --steps 20 --batch-size 8 --finetune-steps 10 --parallel 3       # a CPU smoke test
@@ -218,7 +218,10 @@ def main() -> int:
     d = Path(args.data)
     for f in ("wikitext-2/wiki.train.tokens", "SST-2/train.tsv", "vocab/bert-base-uncased-vocab.txt"):
         if not (d / f).is_file():
-            print(f"missing {d / f}: copy ../shared/data/{{wikitext-2,SST-2,vocab}} into {d}/", file=sys.stderr)
+            print(
+                f"missing {d / f}: put WikiText-2, SST-2 and vocab/bert-base-uncased-vocab.txt (README, Training lab) in {d}/",
+                file=sys.stderr,
+            )
             return 2
     env: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -1,5 +1,5 @@
 """Small generated inputs for the training lab's tests and smoke runs: a WordPiece vocab,
-WikiText-like text and SST-2 TSVs, so that tests never read ../shared/data.
+WikiText-like text and SST-2 TSVs, so that tests never need the real datasets.
 """
 
 from __future__ import annotations

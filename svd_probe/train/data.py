@@ -49,7 +49,7 @@ def load_tokenizer(spec: str) -> Tok:
     from tokenizers import BertWordPieceTokenizer, Tokenizer
 
     path = Path(spec).expanduser()
-    hint = "pass --tokenizer PATH/vocab.txt (e.g. ../shared/data/vocab/bert-base-uncased-vocab.txt), a tokenizer.json, or a Hub name when online"
+    hint = "pass --tokenizer PATH/vocab.txt (bert-base-uncased's vocab.txt: README, Training lab), a tokenizer.json, or a Hub name when online"
     if path.is_dir():
         for candidate in ("tokenizer.json", "vocab.txt"):
             if (path / candidate).is_file():
@@ -143,7 +143,7 @@ def read_wikitext_dir(data_dir: Path) -> tuple[list[str], list[str]]:
     if not data_dir.is_dir():
         raise TrainingInputError(
             f"data folder not found: {data_dir}",
-            hint="pass --data-dir with wiki.train.tokens and wiki.valid.tokens (e.g. ../shared/data/wikitext-2)",
+            hint="pass --data-dir with wiki.train.tokens and wiki.valid.tokens (README, Training lab, says where to get WikiText-2)",
         )
     splits = []
     for name in ("wiki.train.tokens", "wiki.valid.tokens"):
@@ -266,7 +266,8 @@ def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:
     path = Path(path)
     if not path.is_file():
         raise TrainingInputError(
-            f"{path} is missing", hint="--sst2-dir must hold GLUE's train.tsv and dev.tsv (e.g. ../shared/data/SST-2)"
+            f"{path} is missing",
+            hint="--sst2-dir must hold GLUE's train.tsv and dev.tsv (GLUE SST-2: README, Training lab)",
         )
     row_hint = "each row must be `sentence<TAB>0|1` (GLUE's SST-2 TSV files)"
     sentences, labels = [], []
@@ -304,7 +305,7 @@ def read_sst2_dir(sst2_dir: Path):
     if not sst2_dir.is_dir():
         raise TrainingInputError(
             f"SST-2 folder not found: {sst2_dir}",
-            hint="pass --sst2-dir with train.tsv and dev.tsv (e.g. ../shared/data/SST-2)",
+            hint="pass --sst2-dir with train.tsv and dev.tsv (GLUE SST-2: README, Training lab)",
         )
     return read_sst2_tsv(sst2_dir / "train.tsv"), read_sst2_tsv(sst2_dir / "dev.tsv")
 

@@ -115,7 +115,8 @@ def load_data(src: DataSources) -> TrainingData:
     tok = D.load_tokenizer(src.tokenizer)
     if src.data_dir is None and src.dataset is None:
         raise TrainingInputError(
-            "no pretraining text", hint="pass --data-dir (e.g. ../shared/data/wikitext-2) or --dataset wikitext-103"
+            "no pretraining text",
+            hint="pass --data-dir (a WikiText-2 folder: README, Training lab) or --dataset wikitext-103",
         )
     sst2 = D.read_sst2_dir(src.sst2_dir) if src.sst2_dir is not None else None
     if src.data_dir is not None:
