@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 
@@ -80,6 +79,7 @@ def align_cmd(
     Streams attention weights layer by layer, computes in float64, caches beside the spectra; reruns add what is missing.
     """
     from svd_probe.alignment import align, export_alignment
+    from svd_probe.cli.analysis import print_notes, show_progress
     from svd_probe.options import parse_choices
     from svd_probe.plots.render import FORMATS
     from svd_probe.report import layer_progress
@@ -89,7 +89,7 @@ def align_cmd(
         from svd_probe.export import check_output_file
 
         check_output_file(export, overwrite, flag="--export")  # refused before anything is fetched
-    with layer_progress(err, enabled=err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
+    with layer_progress(err, enabled=show_progress()) as progress:
         result = align(
             model,
             layers=layers,
@@ -108,8 +108,7 @@ def align_cmd(
             concurrency=concurrency,
             progress=progress,
         )
-    for note in result.notes:
-        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    print_notes(result.notes)
     if as_json:
         print_json(result.next_frame().to_dict("records"))
     else:

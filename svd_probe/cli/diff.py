@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import typer
@@ -72,7 +71,7 @@ def diff_cmd(
 
     Cached like `analyze` (Ctrl-C keeps finished layers); read by `export/plot BASE --diff TUNED`.
     """
-    from svd_probe.cli.analysis import print_notes
+    from svd_probe.cli.analysis import print_notes, show_progress
     from svd_probe.diff import DiffJob, diff
     from svd_probe.report import layer_progress
 
@@ -94,7 +93,7 @@ def diff_cmd(
         force=force,
         concurrency=concurrency,
     )
-    with layer_progress(err, enabled=err.is_terminal or os.environ.get("SVD_PROBE_PROGRESS") == "1") as progress:
+    with layer_progress(err, enabled=show_progress()) as progress:
         outcome = diff(job, progress=progress)
     print_notes(outcome.notes)
     rows = diff_summary_rows(outcome.analysis)
