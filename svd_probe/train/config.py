@@ -85,8 +85,9 @@ _TINY: dict[str, dict[str, Any]] = {
     "mla-o": dict(rope_dims=16, q_latent=16, kv_latent=8, o_latent=16),
 }
 
-# Keys a --config file may hold besides the model fields: the training recipe.
-TRAIN_KEYS = {
+# Recipe fields that must match for a run folder to be resumed (not: how often to log or
+# checkpoint, where to stop, the device).
+RESUME_KEYS = (
     "pretrain_steps",
     "finetune_steps",
     "finetune_epochs",
@@ -97,10 +98,13 @@ TRAIN_KEYS = {
     "warmup_frac",
     "weight_decay",
     "seed",
-    "checkpoint_every",
-    "checkpoint_minutes",
     "seq_len",
-}
+)
+
+
+# Keys a --config file may hold besides the model fields: the training recipe, and how often to
+# checkpoint.
+TRAIN_KEYS = set(RESUME_KEYS) | {"checkpoint_every", "checkpoint_minutes"}
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 
 # Bounds on what a config can make the program allocate. Far above any model this lab trains
@@ -204,23 +208,6 @@ class TrainConfig:
             bad(f"weight_decay must be a finite number >= 0, got {_short(self.weight_decay)}")
         if not is_num(self.warmup_frac) or not 0 <= self.warmup_frac < 1:
             bad(f"warmup_frac must be in [0, 1), got {_short(self.warmup_frac)}")
-
-
-# Recipe fields that must match for a run folder to be resumed (not: how often to log or
-# checkpoint, where to stop, the device).
-RESUME_KEYS = (
-    "pretrain_steps",
-    "finetune_steps",
-    "finetune_epochs",
-    "batch_size",
-    "finetune_batch_size",
-    "lr",
-    "finetune_lr",
-    "warmup_frac",
-    "weight_decay",
-    "seed",
-    "seq_len",
-)
 
 
 def check_variant(variant: object) -> str:
