@@ -588,9 +588,7 @@ def export_alignment(alignment: Alignment, out: str | Path, format: str | None =
     Example:
         >>> export_alignment(align("gpt2", layers="0-3"), "gpt2-align.csv")
     """
-    import errno
-
-    from svd_probe.export import check_output_file
+    from svd_probe.export import check_output_file, write_output_file
 
     out = Path(out)
     fmt = (format or out.suffix.lstrip(".")).lower()
@@ -613,14 +611,7 @@ def export_alignment(alignment: Alignment, out: str | Path, format: str | None =
             df.to_csv(tmp, index=False)
             n = len(df)
 
-    try:
-        atomic_write(out, write)
-    except OSError as e:
-        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
-        raise DiskWriteError(
-            f"cannot write {out}: {e.strerror or e}",
-            "Free space on that disk, or pick another --export." if full else "Pick a writable --export.",
-        ) from None
+    write_output_file(out, write, flag="--export")
     return n
 
 

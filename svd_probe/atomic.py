@@ -8,6 +8,7 @@ nothing) behind, and a crash of the machine cannot leave an empty file under the
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -42,6 +43,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def is_disk_full(e: OSError) -> bool:
+    """The write failed for want of space: the disk is full, or the user's quota is spent."""
+    return e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -11,11 +11,10 @@ where a missing figure panel is visible (`plot` goes on without the layer, with 
 
 from __future__ import annotations
 
-import errno
 import json
 from pathlib import Path
 
-from svd_probe.atomic import atomic_write
+from svd_probe.atomic import atomic_write, is_disk_full
 from svd_probe.errors import BadOptionError, DiskWriteError, OutputExistsError
 from svd_probe.models import ModelRef
 from svd_probe.results import Analysis, CacheQuery, load_analysis
@@ -34,6 +33,18 @@ def check_output_file(out: str | Path, overwrite: bool, flag: str = "--out") -> 
             f"{flag} {out} exists; svd-probe does not overwrite files", "Pass --overwrite to replace it."
         )
     return out
+
+
+def write_output_file(out: Path, write, flag: str = "--out") -> None:
+    """`atomic_write(out, write)` of a file the user named with `flag`: an OSError (disk full,
+    quota, read-only folder) becomes a `DiskWriteError` that names the file and the fix."""
+    try:
+        atomic_write(out, write)
+    except OSError as e:
+        raise DiskWriteError(
+            f"cannot write {out}: {e.strerror or e}",
+            f"Free space on that disk, or pick another {flag}." if is_disk_full(e) else f"Pick a writable {flag}.",
+        ) from None
 
 
 def export(
@@ -93,12 +104,5 @@ def export(
             df.to_parquet(tmp, index=False)
         n = len(df)
 
-    try:
-        atomic_write(out, write)
-    except OSError as e:
-        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
-        raise DiskWriteError(
-            f"cannot write {out}: {e.strerror or e}",
-            "Free space on that disk, or pick another --out." if full else "Pick a writable --out.",
-        ) from None
+    write_output_file(out, write)
     return n

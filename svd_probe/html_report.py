@@ -49,8 +49,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from svd_probe.errors import BadOptionError, DiskWriteError
-from svd_probe.export import check_output_file
+from svd_probe.errors import BadOptionError
+from svd_probe.export import check_output_file, write_output_file
 from svd_probe.kinds import HEAD, STACKED
 from svd_probe.results import Analysis, CacheQuery, load_analysis
 from svd_probe.spectra.metrics import DEFAULT_ERRORS, error_column
@@ -549,19 +549,9 @@ def write_html_report(
     Example:
         >>> write_html_report(["deepseek-v3", "kimi-k2"], "report.html").size
     """
-    import errno
-
-    from svd_probe.atomic import atomic_write_bytes
-
     path = check_output_file(out, overwrite)  # before any work: a refused --out costs nothing
     page = render_html_report(models, **options)
-    try:
-        atomic_write_bytes(path, page.html.encode())
-    except OSError as e:
-        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
-        raise DiskWriteError(
-            f"cannot write {path}: {e.strerror or e}",
-            "Free space on that disk, or pick another --out." if full else "Pick a writable --out.",
-        ) from None
+    data = page.html.encode()
+    write_output_file(path, lambda tmp: Path(tmp).write_bytes(data))
     page.path = path
     return page

@@ -393,6 +393,7 @@ def test_export_on_a_full_disk_leaves_no_temporary_file(llama, tmp_path):
     analyze(job(llama, tmp_path / "cache"))
     disk = tmp_path / "disk"
     with mounted(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)], target=disk):
-        with pytest.raises(DiskWriteError, match="No space left"):
+        with pytest.raises(DiskWriteError, match="No space left") as info:
             export(CacheQuery(str(llama), cache_dir=tmp_path / "cache"), format="jsonl", out=disk / "s.jsonl")
+        assert info.value.hint == "Free space on that disk, or pick another --out."
         assert list(disk.iterdir()) == []

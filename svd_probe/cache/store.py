@@ -47,7 +47,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from svd_probe.atomic import atomic_write, atomic_write_bytes
+from svd_probe.atomic import atomic_write, atomic_write_bytes, is_disk_full
 from svd_probe.errors import CacheDamagedError, DiskWriteError
 from svd_probe.kinds import SpectrumKey, parse_key
 from svd_probe.models import is_commit
@@ -207,7 +207,7 @@ def _now() -> str:
 
 
 def _write_error(path: Path, e: OSError) -> DiskWriteError:
-    full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+    full = is_disk_full(e)
     why = "the disk is full" if e.errno == errno.ENOSPC else "the disk quota is exceeded" if full else e.strerror
     hint = (
         "Free space there, or point --cache-dir (or SVD_PROBE_CACHE) at another folder; layers already cached are kept."
