@@ -46,6 +46,7 @@ from pathlib import Path
 T0 = time.monotonic()
 STEP = re.compile(r"pretrain step (\d+)/(\d+) loss ([0-9.]+)")
 FT_STEP = re.compile(r"finetune step (\d+)/(\d+) loss ([0-9.]+)")
+TAGGED = re.compile(r"-seed\d+-.+$")
 
 
 def elapsed() -> float:
@@ -97,7 +98,7 @@ class Pool:
             "--tokenizer", str(d / "vocab/bert-base-uncased-vocab.txt"), "--data-dir", str(d / "wikitext-2"),
             "--batch-size", str(a.batch_size), "--lr", str(a.lr),
             "--log-every", str(a.log_every), "--checkpoint-every", "100000", "--checkpoint-minutes", "0",
-            "--no-progress", "--no-compile",
+            "--no-progress", "--compile" if a.compile else "--no-compile",
         ]  # fmt: skip
 
     def start(self, name: str, cmd: list[str]) -> None:
@@ -197,7 +198,20 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/lab/out"))
     ap.add_argument("--objectives", default="mlm", help="the full grid, seed by seed")
     ap.add_argument("--seeds", default="0-4")
-    ap.add_argument("--then", default="clm:0-2", help="afterwards, if time is left: OBJ:SEEDS of mha, mla, mla-o")
+    ap.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        help="OBJ:SEEDS, repeatable: the full grid for these seeds of OBJ, instead of --objectives/--seeds",
+    )
+    ap.add_argument(
+        "--then",
+        action="append",
+        default=None,
+        help="afterwards, if time is left: OBJ:SEEDS[:CONFIGS[:TAG]] (configs default mha,mla,mlao; "
+        "a TAG is appended to the run names and keeps those runs out of compare.txt); repeatable",
+    )
+    ap.add_argument("--compile", action="store_true", help="train with --compile (CUDA graphs)")
     ap.add_argument("--size", default="small")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", type=int, default=800, help="pretraining steps S")
@@ -208,6 +222,7 @@ def main() -> int:
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--parallel", type=int, default=12, help="runs at once on the GPU")
     ap.add_argument("--deadline-s", type=float, default=500, help="the whole script, from start to results")
+    ap.add_argument("--list", action="store_true", help="print the queue and exit")
     ap.add_argument("--calibrate", action="store_true", help="measure steps/s of the first wave (no runs)")
     ap.add_argument("--calibrate-s", type=float, default=25, help="the measuring window, after start-up")
     ap.add_argument("--startup-limit-s", type=float, default=120)
@@ -244,19 +259,25 @@ def main() -> int:
     # The queue, seed by seed, so that a cut-off leaves whole seeds: (name, objective, seed, flags,
     # the source run it waits for).
     queue: list[tuple[str, str, int, list[str], Path | None]] = []
-    for s in seeds_of(args.seeds):
-        for o in args.objectives.split(","):
+    grid = [g.partition(":") for g in args.grid] or [(o, ":", args.seeds) for o in args.objectives.split(",")]
+    by_seed = sorted({s for _, _, ss in grid for s in seeds_of(ss)})
+    for s in by_seed:
+        for o in [o for o, _, ss in grid if s in seeds_of(ss)]:
             src = runs / f"{o}-mla-src-seed{s}"
             queue.append((src.name, o, s, flags("mla-src", args.steps), None))
             for c in ("mha", "mla", "mlao", "mlao-rms", "mlao-rmsph"):
                 queue.append((f"{o}-{c}-seed{s}", o, s, flags(c, args.steps), None))
             init = ["--variant", "mla-o", "--init-from", str(src), "--pretrain-steps", str(args.steps // 2)]
             queue.append((f"{o}-{INIT}-seed{s}", o, s, init + sst2, src))
-    if args.then:
-        o, _, seeds = args.then.partition(":")
+    for spec in ["clm:0-2"] if args.then is None else [t for t in args.then if t]:
+        o, seeds, configs, tag = (spec.split(":") + ["", ""])[:4]
         for s in seeds_of(seeds):
-            for c in ("mha", "mla", "mlao"):
-                queue.append((f"{o}-{c}-seed{s}", o, s, flags(c, args.steps), None))
+            for c in (configs or "mha,mla,mlao").split(","):
+                queue.append((f"{o}-{c}-seed{s}" + (f"-{tag}" if tag else ""), o, s, flags(c, args.steps), None))
+    if args.list:
+        for name, _o, _s, f, src in queue:
+            print(name, " ".join(f), f"(after {src.name})" if src else "")
+        return 0
     if args.calibrate:
         first = [(n, o, s, [x for x in f if x not in sst2]) for n, o, s, f, _ in queue[: args.parallel]]
         env["calibration"] = calibrate(args, [(n, o, s, f[: f.index("--pretrain-steps")]) for n, o, s, f in first])
@@ -350,7 +371,8 @@ def collect(args: argparse.Namespace, runs: Path, out: Path, env: dict) -> None:
     cli = [sys.executable, "-m", "svd_probe.cli"]
     cenv = dict(os.environ, COLUMNS="160")
     with open(out / "compare.txt", "w") as fh:
-        compared = [str(r) for r in finished if "-mla-src-" not in r.name]  # sources are not compared
+        # sources are not compared; tagged runs (controls) would pool with their configuration
+        compared = [str(r) for r in finished if "-mla-src-" not in r.name and not TAGGED.search(r.name)]
         for extra in ([], ["--json"]):
             r = subprocess.run(cli + ["compare", *compared] + extra, capture_output=True, text=True, env=cenv)
             fh.write(r.stdout + r.stderr + "\n")
