@@ -111,18 +111,26 @@ class Pool:
     def running(self) -> list[str]:
         return [n for n, (p, _) in self.procs.items() if p.poll() is None]
 
-    def kill_all(self, sig: int = signal.SIGKILL) -> None:
+    def kill_all(self, sig: int = signal.SIGKILL, grace_s: float = 15) -> None:
+        """Signal every running process, wait at most `grace_s` in all (not per process), then
+        SIGKILL what is left: the first call (2026-12-02) waited 30 s per process after SIGTERM
+        and ran past its device call's limit before writing any result."""
         for p, _ in self.procs.values():
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, sig)
                 except ProcessLookupError:
                     pass
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end and any(p.poll() is None for p, _ in self.procs.values()):
+            time.sleep(0.2)
         for p, _ in self.procs.values():
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
 
 
 def last_step(logf: Path) -> int | None:
@@ -202,7 +210,8 @@ def main() -> int:
         "--grid",
         action="append",
         default=[],
-        help="OBJ:SEEDS, repeatable: the full grid for these seeds of OBJ, instead of --objectives/--seeds",
+        help="OBJ:SEEDS[:CONFIGS], repeatable, queued seed by seed: these configurations (default: all "
+        "seven; 'init' = the mla source and mla-o --init-from it) instead of --objectives/--seeds",
     )
     ap.add_argument(
         "--then",
@@ -259,16 +268,21 @@ def main() -> int:
     # The queue, seed by seed, so that a cut-off leaves whole seeds: (name, objective, seed, flags,
     # the source run it waits for).
     queue: list[tuple[str, str, int, list[str], Path | None]] = []
-    grid = [g.partition(":") for g in args.grid] or [(o, ":", args.seeds) for o in args.objectives.split(",")]
-    by_seed = sorted({s for _, _, ss in grid for s in seeds_of(ss)})
+    # --grid OBJ:SEEDS[:CONFIGS]; "init" in CONFIGS is the mla source and mla-o --init-from it
+    every = "mha,mla,mlao,mlao-rms,mlao-rmsph,init"
+    grid = [(g.split(":") + [""])[:3] for g in args.grid] or [[o, args.seeds, ""] for o in args.objectives.split(",")]
+    by_seed = sorted({s for _, ss, _ in grid for s in seeds_of(ss)})
     for s in by_seed:
-        for o in [o for o, _, ss in grid if s in seeds_of(ss)]:
+        for o, _, configs in [g for g in grid if s in seeds_of(g[1])]:
+            chosen = (configs or every).split(",")
             src = runs / f"{o}-mla-src-seed{s}"
-            queue.append((src.name, o, s, flags("mla-src", args.steps), None))
-            for c in ("mha", "mla", "mlao", "mlao-rms", "mlao-rmsph"):
+            if "init" in chosen:
+                queue.append((src.name, o, s, flags("mla-src", args.steps), None))
+            for c in [c for c in chosen if c != "init"]:
                 queue.append((f"{o}-{c}-seed{s}", o, s, flags(c, args.steps), None))
-            init = ["--variant", "mla-o", "--init-from", str(src), "--pretrain-steps", str(args.steps // 2)]
-            queue.append((f"{o}-{INIT}-seed{s}", o, s, init + sst2, src))
+            if "init" in chosen:
+                init = ["--variant", "mla-o", "--init-from", str(src), "--pretrain-steps", str(args.steps // 2)]
+                queue.append((f"{o}-{INIT}-seed{s}", o, s, init + sst2, src))
     for spec in ["clm:0-2"] if args.then is None else [t for t in args.then if t]:
         o, seeds, configs, tag = (spec.split(":") + ["", ""])[:4]
         for s in seeds_of(seeds):
@@ -290,13 +304,21 @@ def main() -> int:
     started: dict[str, float] = {}
     skipped: list[str] = []
     train_deadline = args.deadline_s - 25
+
+    def stop(signum, frame):  # SIGTERM (an outer timeout): stop training, still collect
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while queue or pool.running():
             for n in list(started):
                 p = pool.procs[n][0]
                 if p.poll() is not None:
-                    if (runs / n / "metrics.json").is_file():
+                    ok = (runs / n / "metrics.json").is_file()
+                    if ok:
                         walls.setdefault(n.split("-", 1)[0], []).append(elapsed() - started[n])
+                        write_results(runs, out)  # a driver killed later still leaves these
+                    log(f"{'finished' if ok else 'FAILED'} {n} ({elapsed() - started[n]:.0f} s)")
                     del started[n]
             if elapsed() >= train_deadline:
                 break
@@ -311,7 +333,7 @@ def main() -> int:
                     skipped.append(name)
                     continue
                 # Start a run only if runs of its kind have finished in the time left (+15%).
-                w = walls.get(o) or [1.6 * x for x in walls.get("mlm", [])]
+                w = walls.get(o) or [x for v in walls.values() for x in v]
                 need = 1.15 * sorted(w)[len(w) // 2] * (0.5 if "src" in name or INIT in name else 1) if w else 0
                 if elapsed() + need > train_deadline:
                     queue.remove(job)
@@ -322,8 +344,12 @@ def main() -> int:
                     continue
                 pool.start(name, pool.common(o, s) + f + ["--out", str(runs / name)])
                 started[name] = elapsed()
+                log(f"started {name} ({len(pool.running())} running)")
             time.sleep(1)
+    except KeyboardInterrupt:
+        log("stopped by a signal: collecting what finished")
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # collecting is not interrupted; SIGKILL still is
         cut = pool.running()
         if cut:
             log(f"deadline: stopping {len(cut)} runs (they checkpoint on SIGTERM): {cut}")
@@ -362,20 +388,34 @@ def curves(runs: Path) -> dict:
     return out
 
 
-def collect(args: argparse.Namespace, runs: Path, out: Path, env: dict) -> None:
-    finished = sorted(p.parent for p in runs.glob("*/metrics.json") if p.parent.name != "calib")
-    rows = [dict(json.loads((r / "metrics.json").read_text()), run=r.name) for r in finished]
+def finished_runs(runs: Path) -> list[Path]:
+    return sorted(p.parent for p in runs.glob("*/metrics.json") if p.parent.name != "calib")
+
+
+def write_results(runs: Path, out: Path) -> int:
+    """results.json (every finished run's metrics.json) and curves.json, rewritten whole."""
+    rows = [dict(json.loads((r / "metrics.json").read_text()), run=r.name) for r in finished_runs(runs)]
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "curves.json").write_text(json.dumps(curves(runs)) + "\n")
-    log(f"{len(rows)} finished runs")
+    return len(rows)
+
+
+def collect(args: argparse.Namespace, runs: Path, out: Path, env: dict) -> None:
+    finished = finished_runs(runs)
+    log(f"{write_results(runs, out)} finished runs")
     cli = [sys.executable, "-m", "svd_probe.cli"]
     cenv = dict(os.environ, COLUMNS="160")
     with open(out / "compare.txt", "w") as fh:
         # sources are not compared; tagged runs (controls) would pool with their configuration
         compared = [str(r) for r in finished if "-mla-src-" not in r.name and not TAGGED.search(r.name)]
         for extra in ([], ["--json"]):
-            r = subprocess.run(cli + ["compare", *compared] + extra, capture_output=True, text=True, env=cenv)
-            fh.write(r.stdout + r.stderr + "\n")
+            try:
+                r = subprocess.run(
+                    cli + ["compare", *compared] + extra, capture_output=True, text=True, env=cenv, timeout=60
+                )
+                fh.write(r.stdout + r.stderr + "\n")
+            except subprocess.TimeoutExpired:
+                fh.write("compare timed out (60 s)\n")
     # Spectra of every trained model on the GPU: 4 worker processes (one CUDA start-up each), each
     # analyzing its share of the runs through the Python API; stacked and layer rows only.
     spectra: list[dict] = []
