@@ -473,14 +473,14 @@ def graph_stage(calls: int, warmup: int) -> str:
 
 
 def to_capturable(opt: torch.optim.Optimizer, lr: torch.Tensor) -> None:
-    """Make `opt` (AdamW, CUDA) a step a CUDA graph can hold: capturable, fused, the learning rate
-    the device tensor `lr` (updated in place before each replay), `step` counters on the device.
+    """Make `opt` (AdamW, CUDA; fused there, make_optimizer) a step a CUDA graph can hold:
+    capturable, the learning rate the device tensor `lr` (filled in place before each replay),
+    the `step` counters float32 on the parameters' device.
 
     Applied after any load_state_dict, which restores the saved groups' flags (an eager
     checkpoint says capturable False and holds lr as a float)."""
     for group in opt.param_groups:
-        group["capturable"], group["fused"], group["foreach"] = True, True, None
-        group["lr"] = lr
+        group["capturable"], group["lr"] = True, lr
         for p in group["params"]:
             state = opt.state.get(p)
             if state and "step" in state:
