@@ -13,20 +13,28 @@ autocast on CUDA. Batches come from one of two sources, timed side by side:
 Modes (--modes, comma-separated):
 
     eager      no compilation                       sources: device, host
-    graphs     torch.compile mode reduce-overhead   sources: device, host  (`svd-probe train --compile`)
-    compiled   torch.compile default mode           source:  host          (the earlier `--compile`)
+    graphs     torch.compile mode reduce-overhead   sources: device, host  (the earlier `--compile`)
+    stepgraph  the whole step one CUDA graph        source:  device        (`svd-probe train --compile`)
+               around torch.compile --stepgraph-compile (default mode; or max-autotune-no-cudagraphs)
+    compiled   torch.compile default mode           source:  host          (the first `--compile`)
 
-So `graphs/device` is today's compiled training step and `compiled/host` the earlier one; the
-same model under `graphs/host` separates the batch source from the CUDA graphs. Rounds are
+So `stepgraph/device` is today's compiled training step (TrainStep step_graph: forward, backward,
+clipping and AdamW captured as one graph), `graphs/device` the one before it (graphs around the
+forward and backward only, the rest launched eagerly) and `compiled/host` the first; the same model
+under `graphs/host` separates the batch source from the CUDA graphs. stepgraph needs CUDA: on the
+CPU its row records why it did not run. Rounds are
 interleaved (every variant, mode and source once per round, the order rotated each round) and
 each row reports the median round with its spread, so clock drift and a warming GPU hit every
 row alike. `issue_ms` is the host time to enqueue a step: near `ms/step`, the host is the limit.
+`--profile` adds, per row, the GPU's busy time a step (the union of its kernels' intervals under
+torch.profiler, and their plain sum) next to the wall time: the GPU-bound floor of that step.
 
 Every compile is timed; a mode whose compiles would not fit in --budget seconds (with the
 rounds after them) is skipped and recorded as such, and the JSON is rewritten after each stage,
 so a cut run still leaves its figures.
 
-    PYTHONPATH=. python benchmarks/train_speed.py --json $OUT/train_speed.json      # H200: ~3-4 min
+    PYTHONPATH=. python benchmarks/train_speed.py --json $OUT/train_speed.json      # H200: ~4 min
+    PYTHONPATH=. python benchmarks/train_speed.py --modes stepgraph,graphs --profile --json $OUT/ts.json
     PYTHONPATH=. python benchmarks/train_speed.py --device cpu --size tiny --steps 2 --json /tmp/ts.json
 """
 
@@ -50,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from svd_probe.train import data as D  # noqa: E402
 from svd_probe.train.config import TrainConfig, preset  # noqa: E402
 from svd_probe.train.loop import (  # noqa: E402
+    STEP_GRAPH_COMPILE,
     TrainStep,
     epoch_batch,
     make_optimizer,
@@ -58,8 +67,9 @@ from svd_probe.train.loop import (  # noqa: E402
 )
 from svd_probe.train.model import MaskedLM, pretraining_parameters  # noqa: E402
 
-MODES = {"eager": None, "graphs": "reduce-overhead", "compiled": "default"}
-SOURCES = {"eager": ("device", "host"), "graphs": ("device", "host"), "compiled": ("host",)}
+MODES = {"eager": None, "graphs": "reduce-overhead", "stepgraph": STEP_GRAPH_COMPILE, "compiled": "default"}
+SOURCES = {"eager": ("device", "host"), "graphs": ("device", "host"), "stepgraph": ("device",), "compiled": ("host",)}
+GRAPH_MODES = ("graphs", "stepgraph")  # the compiled steps the targets are checked on
 # The issue's targets (samples/s at batch 256 x 128 on one H200, compiled) and round spread.
 TARGETS = {"mha": 40_000, "mla": 39_000, "mla-o": 39_000}
 SPREAD = 0.05
@@ -80,7 +90,9 @@ def packed_rows(n: int, seq_len: int, tok: D.Tok, seed: int = 0) -> torch.Tensor
 class Bench:
     """One model, its optimizer and step under one mode, fed by one or two batch sources."""
 
-    def __init__(self, variant: str, cfg, mode: str, dev, batch: int, seq_len: int, factored: bool):
+    def __init__(
+        self, variant: str, cfg, mode: str, dev, batch: int, seq_len: int, factored: bool, inner: str | None = None
+    ):
         torch.manual_seed(0)
         self.variant, self.mode, self.dev, self.batch = variant, mode, dev, batch
         self.model = MaskedLM(cfg).to(dev)
@@ -112,7 +124,8 @@ class Bench:
         for source in SOURCES[mode]:
             fn = loss_of[source]
             if fn not in made:
-                made[fn] = TrainStep(self.model, opt, fn, dev, MODES[mode])
+                step_graph = mode == "stepgraph"
+                made[fn] = TrainStep(self.model, opt, fn, dev, inner or MODES[mode], step_graph=step_graph)
             self.steps[source] = (made[fn], batch_of[source])
         self.i = {s: 0 for s in self.steps}
         self.first_step_s: dict[str, float] = {}
@@ -139,6 +152,9 @@ class Bench:
             self.sync()
         return time.perf_counter() - t0
 
+    def capture_s(self, source: str) -> float | None:
+        return getattr(self.steps[source][0], "capture_s", None)
+
     def timed(self, source: str, steps: int) -> tuple[float, float]:
         """(wall seconds, host seconds to enqueue) for `steps` steps."""
         self.sync()
@@ -148,6 +164,40 @@ class Bench:
         issued = time.perf_counter()
         self.sync()
         return time.perf_counter() - t0, issued - t0
+
+
+def gpu_busy(b: Bench, source: str, steps: int) -> dict:
+    """GPU time a step under torch.profiler: the union of the device activity's intervals (kernels,
+    copies, fills; what the GPU cannot go below at this size) and their plain sum, beside the wall
+    time of the same profiled steps (slower than the rounds': the profiler adds host work)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    b.step(source)  # not the first of the profile: a fresh profiler's first step is slow
+    b.sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            b.step(source)
+        b.sync()
+        wall = time.perf_counter() - t0
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    busy, end = 0.0, float("-inf")
+    for a, z in spans:  # the union: kernels of two streams may overlap
+        if z > end:
+            busy += z - max(a, end)
+            end = z
+    return {
+        "profiled_steps": steps,
+        "gpu_busy_ms_per_step": round(busy / 1000 / steps, 3),
+        "gpu_kernel_sum_ms_per_step": round(sum(z - a for a, z in spans) / 1000 / steps, 3),
+        "gpu_events_per_step": round(len(spans) / steps, 1),
+        "profiled_wall_ms_per_step": round(1000 * wall / steps, 3),
+    }
 
 
 def watch_cudagraph_messages() -> list[str]:
@@ -192,9 +242,9 @@ def checks(rows: list[dict]) -> list[dict]:
     by = {(r["variant"], r["mode"], r["source"]): r for r in rows if "samples_per_s" in r}
     out = []
     for v, target in TARGETS.items():
-        r = by.get((v, "graphs", "device"))
-        if r:
-            out.append({"check": f"{v} graphs/device >= {target:,}", "ok": r["samples_per_s"] >= target})
+        for mode in GRAPH_MODES:
+            if r := by.get((v, mode, "device")):
+                out.append({"check": f"{v} {mode}/device >= {target:,}", "ok": r["samples_per_s"] >= target})
     for r in rows:
         if r["mode"] != "eager" and "spread" in r:
             name = f"{r['variant']} {r['mode']}/{r['source']} rounds within ±{SPREAD:.0%}"
@@ -216,7 +266,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per round and source")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=6, help="untimed steps per source after the first")
-    ap.add_argument("--modes", default=None, help="default: eager,graphs,compiled on cuda; eager on cpu")
+    ap.add_argument(
+        "--modes", default=None, help="default: eager,graphs,stepgraph,compiled on cuda; eager,stepgraph on cpu"
+    )
+    ap.add_argument(
+        "--stepgraph-compile",
+        default=STEP_GRAPH_COMPILE,
+        choices=["default", "max-autotune-no-cudagraphs"],
+        help="the torch.compile mode inside the whole-step graph",
+    )
+    ap.add_argument("--profile", action="store_true", help="GPU busy time a step per row (torch.profiler)")
+    ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--variants", default="mha,mla,mla-o")
     ap.add_argument("--ablation", action="store_true", help="also mla-o with the two-matmul (factored) output")
     ap.add_argument("--budget", type=float, default=230.0, help="seconds for the whole run, compiles included")
@@ -228,7 +288,7 @@ def main() -> None:
     tiny = args.size == "tiny"
     batch = args.batch_size or (8 if tiny else 256)
     seq_len = args.seq_len or (32 if tiny else 128)
-    modes = (args.modes or ("eager,graphs,compiled" if dev.type == "cuda" else "eager")).split(",")
+    modes = (args.modes or ("eager,graphs,stepgraph,compiled" if dev.type == "cuda" else "eager,stepgraph")).split(",")
     if unknown := [m for m in modes if m not in MODES]:
         sys.exit(f"unknown --modes {unknown}: pick from {', '.join(MODES)}")
     if dev.type == "cuda":
@@ -253,6 +313,7 @@ def main() -> None:
         "steps": args.steps,
         "rounds": args.rounds,
         "autocast": "bf16" if dev.type == "cuda" else "off",
+        "stepgraph_compile": args.stepgraph_compile,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
     if dev.type == "cuda":
@@ -296,6 +357,10 @@ def main() -> None:
         return n * args.steps * args.rounds
 
     for mode in modes:
+        if mode == "stepgraph" and dev.type != "cuda":
+            say("skip stepgraph: a CUDA graph needs a CUDA device")
+            rows += [{"variant": n, "mode": mode, "source": "device", "skipped": "needs CUDA"} for n, _, _ in cases]
+            continue
         for name, cfg, factored in cases:
             elapsed = time.perf_counter() - t_start
             need = (max(compile_s) if compile_s and mode != "eager" else 0.0) + rounds_cost(mode)
@@ -306,7 +371,8 @@ def main() -> None:
                 rows += [{"variant": name, "mode": mode, "source": s, "skipped": "budget"} for s in SOURCES[mode]]
                 continue
             try:
-                b = Bench(name, cfg, mode, dev, batch, seq_len, factored)
+                inner = args.stepgraph_compile if mode == "stepgraph" else None
+                b = Bench(name, cfg, mode, dev, batch, seq_len, factored, inner)
                 setup = b.warm(args.warmup)
                 per_step = max((setup - sum(b.first_step_s.values())) / max(1, args.warmup * len(b.steps)), 1e-4)
                 est_step_s[mode] = max(est_step_s.get(mode, 0.0), per_step)
@@ -321,6 +387,8 @@ def main() -> None:
                         say(f"WARNING: inductor skipped CUDA graphs {skips} time(s) so far: {why}")
                 benches.append(b)
                 first = ", ".join(f"{s} {t:.1f}s" for s, t in b.first_step_s.items())
+                if (cap := b.capture_s("device")) is not None:
+                    first += f", capture {cap:.2f}s"
                 say(f"ready {name} {mode}: first step {first}; warm {1000 * per_step:.1f} ms/step")
             except Exception as e:  # a mode that fails on this machine is recorded, not fatal
                 say(f"FAILED {name} {mode}: {type(e).__name__}: {e}")
@@ -334,14 +402,30 @@ def main() -> None:
     keys = [(b, s) for b in benches for s in b.steps]
     rates: dict[tuple[int, str], list[float]] = {(id(b), s): [] for b, s in keys}
     issue: dict[tuple[int, str], list[float]] = {(id(b), s): [] for b, s in keys}
-    for r in range(args.rounds):
-        order = keys[r % len(keys) :] + keys[: r % len(keys)] if keys else []
+    for rnd in range(args.rounds):
+        order = keys[rnd % len(keys) :] + keys[: rnd % len(keys)] if keys else []
         for b, s in order:
             wall, host = b.timed(s, args.steps)
             rates[(id(b), s)].append(b.batch * args.steps / wall)
             issue[(id(b), s)].append(host / args.steps)
-        say(f"round {r + 1}/{args.rounds} done")
+        say(f"round {rnd + 1}/{args.rounds} done")
+    profiled: dict[tuple[int, str], dict] = {}
+    if args.profile and dev.type != "cuda":
+        say("skip --profile: it times CUDA kernels")
+    elif args.profile:
+        for b, s in keys:
+            # The profiled steps cost a few wall steps each plus the profiler's parse.
+            need = 2 * (args.profile_steps + 1) * est_step_s.get(b.mode, 0.05) + 2.0
+            if time.perf_counter() - t_start + need > args.budget:
+                profiled[(id(b), s)] = {"profile_skipped": "budget"}
+                continue
+            try:
+                profiled[(id(b), s)] = gpu_busy(b, s, args.profile_steps)
+            except Exception as e:  # the profiler is best effort; the rates stand without it
+                profiled[(id(b), s)] = {"profile_error": f"{type(e).__name__}: {e}"}
+        say("profiled")
     for b, s in keys:
+        cap = b.capture_s(s)
         rows.append(
             {
                 "variant": b.variant,
@@ -349,7 +433,9 @@ def main() -> None:
                 "source": s,
                 "parameters": pretraining_parameters(b.model.encoder.cfg),
                 "first_step_s": round(b.first_step_s[s], 2),
+                **({"capture_s": round(cap, 3)} if cap is not None else {}),
                 **summarize(rates[(id(b), s)], issue[(id(b), s)], b.batch),
+                **profiled.get((id(b), s), {}),
             }
         )
     write("done")
@@ -360,7 +446,7 @@ def main() -> None:
     )
     print(
         f"{'variant':<15} {'mode':<9} {'source':<7} {'samples/s':>10} {'[min .. max]':>21} {'±':>6} "
-        f"{'ms/step':>8} {'issue_ms':>8} {'1st step':>8}"
+        f"{'ms/step':>8} {'issue_ms':>8} {'1st step':>8}" + (f" {'gpu_ms':>8}" if args.profile else "")
     )
     for r in rows:
         head = f"{r['variant']:<15} {r['mode']:<9} {r['source']:<7}"
@@ -371,6 +457,7 @@ def main() -> None:
         print(
             f"{head} {r['samples_per_s']:>10,.0f} {span:>21} {100 * r['spread']:>5.1f}% "
             f"{r['ms_per_step']:>8.2f} {r['issue_ms_per_step']:>8.2f} {r['first_step_s']:>7.1f}s"
+            + (f" {r['gpu_busy_ms_per_step']:>8.2f}" if "gpu_busy_ms_per_step" in r else "")
         )
     print()
     for c in checks(rows):

@@ -42,6 +42,7 @@ import signal
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -453,6 +454,48 @@ class Phase:
     static_shapes: bool = False
 
 
+# The torch.compile mode inside the whole-step graph: one without cudagraphs of its own
+# ("default" or "max-autotune-no-cudagraphs"; benchmarks/train_speed.py --stepgraph-compile).
+STEP_GRAPH_COMPILE = "default"
+# Real training steps run before the capture: the first compiles, and every lazy thing (AdamW's
+# state, Triton's autotuning, cuBLAS workspaces, the autograd engine's device threads) must have
+# happened before a capture, which runs nothing. PyTorch's examples warm up 3 times (11 with DDP).
+STEP_GRAPH_WARMUP = 3
+
+
+def graph_stage(calls: int, warmup: int) -> str:
+    """What call `calls` (0-based) of a whole-step-graph TrainStep does: "warmup" (a real step,
+    eager launches on a side stream), "capture" (record the step, then replay it: the step of this
+    call), "replay". Every call is one optimizer step, so the count matches an eager run."""
+    if calls < warmup:
+        return "warmup"
+    return "capture" if calls == warmup else "replay"
+
+
+def to_capturable(opt: torch.optim.Optimizer, lr: torch.Tensor) -> None:
+    """Make `opt` (AdamW, CUDA; fused there, make_optimizer) a step a CUDA graph can hold:
+    capturable, the learning rate the device tensor `lr` (filled in place before each replay),
+    the `step` counters float32 on the parameters' device.
+
+    Applied after any load_state_dict, which restores the saved groups' flags (an eager
+    checkpoint says capturable False and holds lr as a float)."""
+    for group in opt.param_groups:
+        group["capturable"], group["lr"] = True, lr
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if state and "step" in state:
+                state["step"] = torch.as_tensor(state["step"]).to(device=p.device, dtype=torch.float32)
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """opt.state_dict() in the eager form whichever step ran: lr a float, capturable False. So a
+    checkpoint of a graphed run resumes eagerly (even on the CPU, where capturable AdamW cannot
+    step) and the reverse (TrainStep applies to_capturable after the load)."""
+    sd = opt.state_dict()
+    groups = [{**g, "lr": float(g["lr"]), "capturable": False} for g in sd["param_groups"]]
+    return {**sd, "param_groups": groups}
+
+
 class TrainStep:
     """One optimizer step: forward + backward + gradient clipping + AdamW, with no host sync.
 
@@ -468,6 +511,18 @@ class TrainStep:
     per shape) and a step marker before each forward, so the outputs of the previous step's graphs
     may be overwritten.
 
+    `step_graph` (CUDA, static shapes, one process): the whole step as ONE torch.cuda.CUDAGraph,
+    forward + loss + backward + clip_grad_norm_ + the AdamW step, with the model compiled in
+    `compile_mode` (one without cudagraphs of its own). Under "reduce-overhead" the lr setting,
+    the clipping, AdamW and zero_grad still ran eagerly: 5.8 ms of host launches in a 7.8 ms step
+    (H200, benchmarks/README.md). PyTorch's "whole network capture": `warmup` real steps on a
+    side stream, gradients set to None, the capture into static input buffers, then one replay a
+    step; the learning rate is a device tensor filled before the replay. The outputs are static
+    too: (loss, grad_norm) of a replay are overwritten by the next one, so a caller consumes them
+    in stream order before the next call (run_phase adds them to device sums) or copies them.
+    The MLM loss is capture-safe as it is: data.mask_tokens masks exactly masked_count positions
+    a row, so the head gathers a fixed [B, k] (no boolean indexing, no host sync).
+
     Used by `run_phase` and by benchmarks/train_speed.py, so the benchmark times this step.
     """
 
@@ -479,6 +534,8 @@ class TrainStep:
         dev: torch.device,
         compile_mode: str | None = None,
         module: torch.nn.Module | None = None,
+        step_graph: bool = False,
+        warmup: int = STEP_GRAPH_WARMUP,
     ):
         """`module`: what the forward runs, when not `model` itself (DistributedDataParallel(model))."""
         self.model, self.opt, self.loss, self.dev = model, opt, loss, dev
@@ -489,9 +546,29 @@ class TrainStep:
         else:
             self.fwd = torch.compile(base, mode=None if compile_mode == "default" else compile_mode)
         self.graphed = compile_mode == "reduce-overhead"
+        self.step_graph, self.warmup, self.calls = step_graph, warmup, 0
+        if step_graph:
+            if dev.type != "cuda":
+                raise ValueError("a whole-step CUDA graph needs a CUDA device")
+            if self.graphed:
+                raise ValueError("step_graph takes a compile mode without cudagraphs of its own")
+            self.lr = torch.zeros((), dtype=torch.float32, device=dev)
+            to_capturable(opt, self.lr)
+            self.graph: torch.cuda.CUDAGraph | None = None
+            self.static_in: Batch = ()
+            self.static_out: tuple[torch.Tensor, torch.Tensor] | None = None
+            self.side = torch.cuda.Stream(dev)
+            self.capture_s: float | None = None
+
+    @property
+    def untimed_steps(self) -> int:
+        """Steps before the rate means anything: compilation, and under step_graph the capture."""
+        return self.warmup + 1 if self.step_graph else 3
 
     def __call__(self, tensors: Batch, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (loss, gradient norm before clipping), both still on the device."""
+        if self.step_graph:
+            return self._graph_step(tensors, lr)
         for group in self.opt.param_groups:
             group["lr"] = lr
         if self.graphed:
@@ -504,12 +581,54 @@ class TrainStep:
         self.opt.zero_grad(set_to_none=True)
         return loss.detach(), grad_norm
 
+    def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # The autocast cache off: under a capture, cached casts would come from the graph's pool.
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = self.loss(self.fwd, self.static_in)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
+        self.opt.step()
+        return loss.detach(), grad_norm
 
-def compile_mode_for(phase: Phase, tc: TrainConfig, dev: torch.device) -> str | None:
-    """None (eager) without --compile; CUDA graphs for static shapes on CUDA; else the default mode."""
+    def _graph_step(self, tensors: Batch, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        stage = graph_stage(self.calls, self.warmup)
+        self.calls += 1
+        if not self.static_in:
+            self.static_in = tuple(torch.empty_like(t, device=self.dev) for t in tensors)
+        for buf, t in zip(self.static_in, tensors, strict=True):
+            buf.copy_(t, non_blocking=True)
+        self.lr.fill_(lr)  # a kernel with the value as its argument: no copy, no sync
+        if stage == "warmup":
+            self.side.wait_stream(torch.cuda.current_stream(self.dev))
+            with torch.cuda.stream(self.side), warnings.catch_warnings():
+                # "capturable=True ... running without CUDA graph capture": on purpose, once.
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+                out = self._body()
+                self.opt.zero_grad(set_to_none=True)
+            torch.cuda.current_stream(self.dev).wait_stream(self.side)
+            return out
+        if stage == "capture":
+            t0 = time.perf_counter()
+            # Gradients None, so the captured backward allocates them from the graph's pool and
+            # each replay writes them afresh (no zero_grad after a replay).
+            self.opt.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_out = self._body()
+            self.capture_s = time.perf_counter() - t0
+        assert self.graph is not None and self.static_out is not None
+        self.graph.replay()
+        return self.static_out
+
+
+def compile_mode_for(phase: Phase, tc: TrainConfig, dev: torch.device) -> tuple[str | None, bool]:
+    """(torch.compile mode, whole-step graph): eager without --compile; on CUDA with static shapes
+    the whole step as one CUDA graph around a compiled model; else the default mode."""
     if not tc.compile:
-        return None
-    return "reduce-overhead" if dev.type == "cuda" and phase.static_shapes else "default"
+        return None, False
+    if dev.type == "cuda" and phase.static_shapes:
+        return STEP_GRAPH_COMPILE, True
+    return "default", False
 
 
 @dataclass
@@ -546,19 +665,20 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
         opt.load_state_dict(resume["optimizer"])
         set_rng_state(resume["rng"], dev)
         step, samples, seconds = resume["step"], resume["timed_samples"], resume["timed_seconds"]
-    compile_mode = compile_mode_for(phase, tc, dev)
+    compile_mode, step_graph = compile_mode_for(phase, tc, dev)
     wrapped: torch.nn.Module = model
     if ctx.ddp.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        if compile_mode == "reduce-overhead":
+        if step_graph:
             # CUDA graphs around DDP's gradient hooks are untested here: the default mode instead.
-            compile_mode = "default"
-    train_step = TrainStep(model, opt, phase.loss, dev, compile_mode, module=wrapped)
+            compile_mode, step_graph = "default", False
+    train_step = TrainStep(model, opt, phase.loss, dev, compile_mode, module=wrapped, step_graph=step_graph)
     if compile_mode is not None:
-        ctx.log(f"{phase.label}: torch.compile mode {compile_mode}")
-    timer = _Timer(dev, skip=min(3, max(1, phase.steps - step - 1)))
+        graph = f", the whole step one CUDA graph (captured after {train_step.warmup} steps)" if step_graph else ""
+        ctx.log(f"{phase.label}: torch.compile mode {compile_mode}{graph}")
+    timer = _Timer(dev, skip=min(train_step.untimed_steps, max(1, phase.steps - step - 1)))
     stop_at = phase.steps if tc.stop_after is None else min(phase.steps, step + tc.stop_after)
     finite = _NonFinite(phase.label, phase.lr_flag, dev)
     loss_sum, n_logged = torch.zeros((), device=dev), 0
@@ -578,7 +698,7 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
                 "phase": phase.name,
                 "step": step,
                 "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
+                "optimizer": optimizer_state(opt),
                 "rng": rng_state(dev),
                 "timed_samples": samples + timer.samples,
                 "timed_seconds": seconds + timer.seconds,
