@@ -31,7 +31,8 @@ every remaining section is recorded as skipped, this measures:
 8. the two-stage "band" solver (svd_probe/spectra/band.py), run before 5: its stage 1 (dense →
    band on the device, band to the host) and stage 2 (LAPACK on one CPU thread) on stacked VO's
    Gram for each `--band-widths` b, stage 2 of os.cpu_count() problems at once (its throughput
-   bound: the CPU does two per layer), and `layers_spectra` with it at `--band-inflight` k.
+   bound: the CPU does two per layer), and `layers_spectra` with it and with "band-hybrid" (the
+   device's syevd takes a problem that finds every core busy) at `--band-inflight` k.
 
 `--only` names the sections to run besides the baseline (e.g. `--only references,band`).
 
@@ -231,7 +232,7 @@ def main(argv=None) -> int:
         ),
         help="op:solver pairs to time (op: eig on the float64 Grams, svd32/svd64 on the reduced matrices)",
     )
-    ap.add_argument("--band-widths", default="32,64", help="band widths b whose two stages are timed (section band)")
+    ap.add_argument("--band-widths", default="32,48,64", help="band widths b whose two stages are timed (section band)")
     ap.add_argument("--band-inflight", default="8,16", help="layers in flight for the band solver")
     ap.add_argument(
         "--only",
@@ -496,6 +497,11 @@ def main(argv=None) -> int:
         rep["sections"]["band"] = out
         band_ks = [int(x) for x in args.band_inflight.split(",") if x.strip()]
         inflight("gram64 band threads", replace(base, solver="band", batched=False), band_ks)
+        before = dict(BD.ROUTE_COUNTS)
+        inflight("gram64 band-hybrid threads", replace(base, solver="band-hybrid", batched=False), band_ks)
+        split = {k: BD.ROUTE_COUNTS[k] - before[k] for k in before}
+        out["hybrid_problems_by_route"] = split
+        run.row("band", "band-hybrid: problems by route over its in-flight runs", note=str(split))
         return out
 
     run.section("band", band_section, need=40)

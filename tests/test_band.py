@@ -10,6 +10,7 @@ moves eigenvalues by O(|λ|max).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -246,3 +247,30 @@ def test_public_path_equals_default_route():
     s = solve(m, "gram64", solver="band")
     ref = np.linalg.svd(m.numpy(), compute_uv=False)
     assert np.abs(s.numpy() - ref).max() <= 1e-10 * ref[0]
+
+
+def test_hybrid_takes_the_device_only_when_every_core_is_busy():
+    # Fill the band pool with tasks that wait on a gate: every core "busy". The hybrid then
+    # solves on the device (torch.linalg.eigvalsh, here the CPU); once the gate opens, on the pool.
+    rng = np.random.default_rng(11)
+    mats = np.stack([planted(rng, 100, True)[0] for _ in range(2)])
+    refs = [np.linalg.eigvalsh(a) for a in mats]
+    gate = threading.Event()
+    blockers = [B._submit(gate.wait, 30) for _ in range(os.cpu_count() or 1)]
+    try:
+        before = dict(B.ROUTE_COUNTS)
+        got = B.eigvalsh_band(torch.from_numpy(mats), 16, hybrid=True)
+        assert B.ROUTE_COUNTS["device"] - before["device"] == 2
+        assert B.ROUTE_COUNTS["band"] == before["band"]
+    finally:
+        gate.set()
+    for f in blockers:
+        f.result()
+    for g, ref in zip(got, refs, strict=True):
+        assert np.abs(g.numpy() - ref).max() <= bound(ref)
+    before = dict(B.ROUTE_COUNTS)
+    got = B.eigvalsh_band(torch.from_numpy(mats), 16, hybrid=True)
+    assert B.ROUTE_COUNTS["band"] - before["band"] == 2 and B.ROUTE_COUNTS["device"] == before["device"]
+    for g, ref in zip(got, refs, strict=True):
+        assert np.abs(g.numpy() - ref).max() <= bound(ref)
+    assert SOLVERS["band-hybrid"].eig is not None and solver_unavailable("band-hybrid", torch.device("cpu")) is None

@@ -23,7 +23,9 @@ by other Python threads) reduces the next. The routine is LAPACK's dsbev_2stage 
 chasing, dsytrd_sb2st + dsterf) when the LAPACK behind scipy exports it (scipy's bundled
 OpenBLAS does), else dsbevd (dsbtrd + dsterf), both reached through the function pointers that
 `scipy.linalg.cython_lapack` publishes; `STAGE2` says which one runs. The band solves of all
-threads share one pool of os.cpu_count() threads (`_pool`).
+threads share one pool of os.cpu_count() threads (`_pool`). With `hybrid=True` ("band-hybrid" in
+SOLVERS), a problem that finds every core busy is solved by torch.linalg.eigvalsh on the
+device instead, one at a time, so the GPU takes a share of the problems as well.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -125,12 +128,11 @@ def _cython_lapack_pointer(name: str) -> int | None:
     capsule = cl.__pyx_capi__.get(name)
     if capsule is None:
         return None
-    api = ctypes.pythonapi
-    api.PyCapsule_GetName.restype = ctypes.c_char_p
-    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
-    api.PyCapsule_GetPointer.restype = _P
-    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    return api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule)) or None
+    # prototypes of our own: setting argtypes on ctypes.pythonapi's functions would change them
+    # for every other user in the process
+    get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
+    get_pointer = ctypes.PYFUNCTYPE(_P, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_GetPointer", ctypes.pythonapi))
+    return get_pointer(capsule, get_name(capsule)) or None
 
 
 def _scipy_lapack_symbol(name: str) -> int | None:
@@ -227,11 +229,44 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="svd-probe-band")
 
 
-def eigvalsh_band(x: torch.Tensor, b: int | None = None) -> torch.Tensor:
+_lock = threading.Lock()
+_queued = 0  # band solves submitted to the pool and not finished
+# How many problems each route took (the hybrid's split; read by benchmarks and tests).
+ROUTE_COUNTS = {"band": 0, "device": 0}
+# The hybrid's device solves at once: one keeps the GPU's syevd at full speed (two share its
+# memory bandwidth) while the CPU works through the bands.
+_device_slots = threading.BoundedSemaphore(1)
+
+
+def _submit(fn: Callable, *args) -> Future:
+    """fn(*args) on the pool, counted as queued until it finishes."""
+    global _queued
+    with _lock:
+        _queued += 1
+    fut = _pool().submit(fn, *args)
+    fut.add_done_callback(_finished)
+    return fut
+
+
+def _finished(_: Future) -> None:
+    global _queued
+    with _lock:
+        _queued -= 1
+
+
+def _cpu_full() -> bool:
+    with _lock:
+        return _queued >= (os.cpu_count() or 1)
+
+
+def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -> torch.Tensor:
     """Eigenvalues, ascending, of each symmetric float64 matrix of the batch x [k, n, n] (lower
     triangles read), float64 [k, n] on x's device: stage 1 on x's device (this thread's current
     stream), stage 2 on the CPU pool, one matrix's stage 2 beside the next one's stage 1.
 
+    `hybrid`: a matrix that arrives while every core already has a band to solve goes to
+    torch.linalg.eigvalsh on x's device instead (cuSOLVER syevd on CUDA), if no other such
+    solve is running; so the device, idle between stage-1 reductions, takes a share.
     Matrices with n ≤ 2b (nothing to gain) go to torch.linalg.eigvalsh."""
     b = DEFAULT_BAND if b is None else b
     if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
@@ -239,6 +274,21 @@ def eigvalsh_band(x: torch.Tensor, b: int | None = None) -> torch.Tensor:
     n = int(x.shape[-1])
     if n <= 2 * b:
         return torch.linalg.eigvalsh(x)
-    futures = [_pool().submit(band_eigvals, to_band(xi, b)) for xi in x]
-    w = np.stack([f.result() for f in futures])
-    return torch.from_numpy(w).to(x.device)
+    parts: list[Future | torch.Tensor] = []
+    for xi in x:
+        if hybrid and _cpu_full() and _device_slots.acquire(blocking=False):
+            try:
+                lam = torch.linalg.eigvalsh(xi)
+                if lam.is_cuda:  # the slot is taken until the device is done with it
+                    torch.cuda.current_stream(lam.device).synchronize()
+                with _lock:
+                    ROUTE_COUNTS["device"] += 1
+            finally:
+                _device_slots.release()
+            parts.append(lam)
+        else:
+            parts.append(_submit(band_eigvals, to_band(xi, b)))
+            with _lock:
+                ROUTE_COUNTS["band"] += 1
+    out = [p if isinstance(p, torch.Tensor) else torch.from_numpy(p.result()).to(x.device) for p in parts]
+    return torch.stack(out)

@@ -158,6 +158,13 @@ SOLVERS: dict[str, Solver] = {
         False,
         "two-stage: dense → band (torch geqrf + GEMMs, on the device), band → λ (LAPACK, CPU threads)",
     ),
+    "band-hybrid": Solver(
+        "torch",
+        functools.partial(eigvalsh_band, hybrid=True),
+        None,
+        False,
+        "band, and torch.linalg.eigvalsh on the device for a problem that finds every CPU core busy",
+    ),
     "torch-gesvdj": Solver("torch", None, _torch_gesvdj, True, "torch.linalg.svdvals(driver='gesvdj')"),
     "cupy": Solver(
         "cupy",
