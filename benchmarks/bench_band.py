@@ -8,14 +8,13 @@ stage 2 (`band_eigvals`: LAPACK on one CPU thread), and torch.linalg.eigvalsh of
 for scale (cuSOLVER syevd on CUDA), with the largest eigenvalue difference between the two
 relative to |λ|max. The matrix is a float64 Gram X·Xᵀ of a Gaussian X [n, 2n] (as the stacked O
 and VO Grams are) where forming it is cheap (CUDA), else a symmetric Gaussian one (`--gram`
-forces the Gram). `--parallel` also times stage 2 of os.cpu_count() copies at once.
+forces the Gram). `--parallel` also times stage 2 of one copy per core at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -47,14 +46,14 @@ def main(argv=None) -> int:
     ap.add_argument("--b", default="32,64")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--gram", action="store_true", help="a Gram X·Xᵀ also on CPU (slow to form there)")
-    ap.add_argument("--parallel", action="store_true", help="stage 2 of os.cpu_count() problems at once")
+    ap.add_argument("--parallel", action="store_true", help="stage 2 of one problem per core at once")
     ap.add_argument("--no-eigvalsh", action="store_true", help="skip torch.linalg.eigvalsh (slow on CPU)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     rows = []
-    print(f"# stage 2: {B.stage2_name()}; cpus {os.cpu_count()}; torch threads {torch.get_num_threads()}", flush=True)
+    print(f"# stage 2: {B.stage2_name()}; cores {B.cores()}; torch threads {torch.get_num_threads()}", flush=True)
     for n in (int(x) for x in args.n.split(",")):
         if device.type == "cuda" or args.gram:
             x = torch.randn(n, 2 * n, dtype=torch.float64, device=device)
@@ -78,7 +77,7 @@ def main(argv=None) -> int:
             err = float(np.abs(lam - ref).max() / np.abs(ref).max()) if ref is not None else None
             row = {"n": n, "b": b, "stage1_s": t1, "stage2_s": t2, "max_err_rel": err}
             if args.parallel:
-                p = os.cpu_count() or 1
+                p = B.cores()
                 with ThreadPoolExecutor(p) as ex:
                     tp, _ = timed(lambda ab=ab: list(ex.map(B.band_eigvals, [ab] * p)), torch.device("cpu"), 1)
                 row.update(parallel_problems=p, stage2_parallel_s=tp, stage2_amortized_s=tp / p)

@@ -30,7 +30,7 @@ every remaining section is recorded as skipped, this measures:
 7. (CUDA) a check of the reference itself: float64 gesvd of the materialized stacked O;
 8. the two-stage "band" solver (svd_probe/spectra/band.py), run before 5: its stage 1 (dense →
    band on the device, band to the host) and stage 2 (LAPACK on one CPU thread) on stacked VO's
-   Gram for each `--band-widths` b, stage 2 of os.cpu_count() problems at once (its throughput
+   Gram for each `--band-widths` b, stage 2 of one problem per core at once (its throughput
    bound: the CPU does two per layer), and `layers_spectra` with it and with "band-hybrid" (the
    device's syevd takes a problem that finds every core busy) at `--band-inflight` k.
 
@@ -460,7 +460,7 @@ def main(argv=None) -> int:
 
         from svd_probe.spectra import band as BD
 
-        out: dict = {"stage2_routine": BD.stage2_name(), "cpu_count": os.cpu_count(), "default_band": BD.DEFAULT_BAND}
+        out: dict = {"stage2_routine": BD.stage2_name(), "cores": BD.cores(), "default_band": BD.DEFAULT_BAND}
         with C._full_fp32_matmul(), torch.no_grad():
             lay = C._LayerProblems(f, base.resolved(device), True)
             g = lay.stack("stacked.VO").gram64(base.chunk_bytes)
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
         # stage 2's throughput: one band per core at once (the pipeline's ceiling on this host)
         b0 = BD.DEFAULT_BAND
         if b0 in bands and run.left() > 20:
-            p = os.cpu_count() or 1
+            p = BD.cores()
             with ThreadPoolExecutor(p) as ex:
                 t, _ = wall(lambda ab=bands[b0]: list(ex.map(BD.band_eigvals, [ab] * p)), device)
             out["stage2_parallel"] = {"problems": p, "seconds": t, "s_per_problem": t / p}

@@ -23,7 +23,7 @@ by other Python threads) reduces the next. The routine is LAPACK's dsbev_2stage 
 chasing, dsytrd_sb2st + dsterf) when the LAPACK behind scipy exports it (scipy's bundled
 OpenBLAS does), else dsbevd (dsbtrd + dsterf), both reached through the function pointers that
 `scipy.linalg.cython_lapack` publishes; `STAGE2` says which one runs. The band solves of all
-threads share one pool of os.cpu_count() threads (`_pool`). With `hybrid=True` ("band-hybrid" in
+threads share one pool of one thread per core (`_pool`). With `hybrid=True` ("band-hybrid" in
 SOLVERS), a problem that finds every core busy is solved by torch.linalg.eigvalsh on the
 device instead, one at a time, so the GPU takes a share of the problems as well.
 """
@@ -222,11 +222,18 @@ def stage2_name() -> str:
     return _stage2()[0]
 
 
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one: a container's
+    share, not the host's count)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
     # Shared by every caller (the pipeline's solve threads, a batched call): at most one band
     # solve per core at a time, however many problems are in flight.
-    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="svd-probe-band")
+    return ThreadPoolExecutor(cores(), thread_name_prefix="svd-probe-band")
 
 
 _lock = threading.Lock()
@@ -256,7 +263,7 @@ def _finished(_: Future) -> None:
 
 def _cpu_full() -> bool:
     with _lock:
-        return _queued >= (os.cpu_count() or 1)
+        return _queued >= cores()
 
 
 def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -> torch.Tensor:
@@ -272,7 +279,7 @@ def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -
     if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
         raise ValueError(f"eigvalsh_band needs a batch [k, n, n], got {tuple(x.shape)}")
     n = int(x.shape[-1])
-    if n <= 2 * b:
+    if n <= 2 * b or x.shape[0] == 0:
         return torch.linalg.eigvalsh(x)
     parts: list[Future | torch.Tensor] = []
     for xi in x:
