@@ -17,12 +17,12 @@ JAX only its QR/Jacobi/polar routes, and MAGMA's two-stage dsyevdx_2stage is not
 
 Stage 2 calls LAPACK through ctypes, because a ctypes call releases the GIL and
 `scipy.linalg.eigvals_banded` does not (measured on a 2-core VM: a Python thread spinning
-beside it ran 25x slower than beside `time.sleep`, and two threads took twice as long as one):
+beside it ran 15-25x slower than beside `time.sleep`, and two threads took twice as long as one):
 the point of the split is that the CPU works on the band of one problem while the GPU (driven
 by other Python threads) reduces the next. The routine is LAPACK's dsbev_2stage (bulge
 chasing, dsytrd_sb2st + dsterf) when the LAPACK behind scipy exports it (scipy's bundled
 OpenBLAS does), else dsbevd (dsbtrd + dsterf), both reached through the function pointers that
-`scipy.linalg.cython_lapack` publishes; `STAGE2` says which one runs. The band solves of all
+`scipy.linalg.cython_lapack` publishes; `stage2_name()` says which one runs. The band solves of all
 threads share one pool of one thread per core (`_pool`). With `hybrid=True` ("band-hybrid" in
 SOLVERS), a problem that finds every core busy is solved by torch.linalg.eigvalsh on the
 device instead, one at a time, so the GPU takes a share of the problems as well.
@@ -40,10 +40,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-# Stage 1 costs fewer launches per column with a wider band, stage 2 more CPU time per
-# problem: dsbev_2stage at n = 7168 took 2.2 s (b = 32), 3.2 s (64), 3.6 s (128), 8.9 s (256) on
-# one core of the dev VM, of which dsterf is ~1 s at any b. The CPU is the bottleneck of the
-# pair on a GPU host, so the band is narrow.
+# Stage 1 costs fewer launches per column with a wider band, stage 2 more CPU time per problem.
+# dsbev_2stage at n = 7168 on one core of the 2-core dev VM: 2.5 s (b = 16), 2.4 (24),
+# 2.0-2.2 (32), 2.2 (48), 2.7-3.2 (64), 3.6 (128), 8.9 (256), of which dsterf is ~1 s at any b
+# (dsbevd, the older dsbtrd: 3.5 s at 64, 11 s at 128). The CPU is the pair's bottleneck on a
+# GPU host (two problems a layer, 16 cores), so the band is at stage 2's minimum;
+# benchmarks/bench_solvers.py (section band) and bench_band.py time stage 1 on the GPU at 32-64.
 DEFAULT_BAND = 32
 
 
@@ -62,7 +64,6 @@ def _compact_wy(qr: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torc
     columns into one GEMM and one triangular solve. A reflector with tau = 0 is the identity;
     it becomes v = 0, tau = 1 (also the identity) so that 1/tau stays finite.
     """
-    m = qr.shape[0]
     k = tau.shape[0]
     v = torch.tril(qr[:, :k], -1)
     v.diagonal().fill_(1.0)
@@ -72,7 +73,6 @@ def _compact_wy(qr: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torc
     t_inv = torch.triu(v.mT @ v, 1) + torch.diag(1.0 / tau)
     eye = torch.eye(k, dtype=qr.dtype, device=qr.device)
     t = torch.linalg.solve_triangular(t_inv, eye, upper=True)
-    assert v.shape == (m, k)
     return v, t
 
 
