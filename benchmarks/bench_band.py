@@ -3,7 +3,8 @@
     PYTHONPATH=. python benchmarks/bench_band.py --device cpu --n 2048,7168 --b 32,64
     PYTHONPATH=. python benchmarks/bench_band.py --device cuda --n 7168 --b 16,32,64,128   # H200: ~1 min
 
-For each n and b: stage 1 (`to_band`: dense → band on the device, the band copied to the host),
+For each n and b: stage 1 (`to_band`: dense → band on the device, the band copied to the host;
+"host": how long the host takes to queue it, which is all of it if stage 1 is launch-bound),
 stage 2 (`band_eigvals`: LAPACK on one CPU thread), and torch.linalg.eigvalsh of the same matrix
 for scale (cuSOLVER syevd on CUDA), with the largest eigenvalue difference between the two
 relative to |λ|max. The matrix is a float64 Gram X·Xᵀ of a Gaussian X [n, 2n] (as the stacked O
@@ -24,6 +25,11 @@ import numpy as np
 import torch
 
 from svd_probe.spectra import band as B
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def timed(fn, device: torch.device, repeats: int):
@@ -73,9 +79,12 @@ def main(argv=None) -> int:
         for b in (int(x) for x in args.b.split(",")):
             B.to_band(a[: 4 * b, : 4 * b], b)  # warm-up: geqrf and solver handles
             t1, ab = timed(lambda b=b, a=a: B.to_band(a, b), device, args.repeats)
+            # the host's share of stage 1: until every kernel is queued (≈ t1: launch-bound or a sync)
+            t_host, _ = timed(lambda b=b, a=a: B.band_on_device(a, b), torch.device("cpu"), 1)
+            sync(device)
             t2, lam = timed(lambda ab=ab: B.band_eigvals(ab), torch.device("cpu"), args.repeats)
             err = float(np.abs(lam - ref).max() / np.abs(ref).max()) if ref is not None else None
-            row = {"n": n, "b": b, "stage1_s": t1, "stage2_s": t2, "max_err_rel": err}
+            row = {"n": n, "b": b, "stage1_s": t1, "stage1_host_s": t_host, "stage2_s": t2, "max_err_rel": err}
             if args.parallel:
                 p = B.cores()
                 with ThreadPoolExecutor(p) as ex:
@@ -88,7 +97,7 @@ def main(argv=None) -> int:
                 if args.parallel
                 else ""
             )
-            print(f"n={n} b={b}: stage 1 {t1:.3f} s, stage 2 {t2:.3f} s{e}{par}", flush=True)
+            print(f"n={n} b={b}: stage 1 {t1:.3f} s (host {t_host:.3f}), stage 2 {t2:.3f} s{e}{par}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": str(device), "stage2": B.stage2_name(), "rows": rows}, fh, indent=1)

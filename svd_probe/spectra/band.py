@@ -79,7 +79,13 @@ def _compact_wy(qr: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torc
 def to_band(a: torch.Tensor, b: int) -> np.ndarray:
     """The lower band of width b of a matrix orthogonally similar to symmetric a [n, n] (its lower
     triangle is read), in LAPACK lower band storage: ab[i, j] = B[j + i, j], float64, CPU numpy
-    array [b + 1, n] (entries past the end of a diagonal are 0).
+    array [b + 1, n] (entries past the end of a diagonal are 0). See `band_on_device`."""
+    return band_on_device(a, b).cpu().numpy()  # waits for this thread's current stream only
+
+
+def band_on_device(a: torch.Tensor, b: int) -> torch.Tensor:
+    """`to_band`'s band, float64 [b + 1, n] on a's device, queued on the current stream (on CUDA
+    it returns once the work is queued: the host never waits inside).
 
     Blocked Householder reduction (LAPACK dsytrd_sy2sb) on a's device: for each panel of b
     columns, QR of the block below the band, B₂₂ ← QᵀB₂₂Q with Q = I − V T Vᵀ as one rank-2b
@@ -112,7 +118,7 @@ def to_band(a: torch.Tensor, b: int) -> np.ndarray:
         ab = w.new_zeros((b + 1, n))
         for i in range(min(b, n - 1) + 1):
             ab[i, : n - i] = torch.diagonal(w, -i)
-        return ab.cpu().numpy()
+        return ab
 
 
 # --- stage 2: band → eigenvalues on the CPU, GIL released -----------------------------------------
