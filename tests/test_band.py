@@ -10,6 +10,7 @@ moves eigenvalues by O(|λ|max).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -274,3 +275,21 @@ def test_hybrid_takes_the_device_only_when_every_core_is_busy():
     for g, ref in zip(got, refs, strict=True):
         assert np.abs(g.numpy() - ref).max() <= bound(ref)
     assert SOLVERS["band-hybrid"].eig is not None and solver_unavailable("band-hybrid", torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_band_solves_in_a_forked_child():
+    # The parent's pool has idle threads; a forked child has none of them and must make its own.
+    import multiprocessing as mp
+
+    a, _ = planted(np.random.default_rng(12), 100, True)
+    ref = np.linalg.eigvalsh(a)
+    B.eigvalsh_band(torch.from_numpy(a)[None], 16)  # the pool exists in the parent now
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_band_in_child, (a,)).get(timeout=20)  # hangs without the fork handler
+    assert np.abs(got - ref).max() <= bound(ref)
+
+
+def _band_in_child(a: np.ndarray) -> np.ndarray:
+    return B.eigvalsh_band(torch.from_numpy(a)[None], 16)[0].numpy()

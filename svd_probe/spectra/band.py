@@ -251,6 +251,20 @@ ROUTE_COUNTS = {"band": 0, "device": 0}
 _device_slots = threading.BoundedSemaphore(1)
 
 
+def _after_fork_in_child() -> None:
+    # A forked child has none of the parent's pool threads, but the executor would believe its
+    # idle ones exist and queue work for them forever: start afresh.
+    global _queued, _lock, _device_slots
+    _pool.cache_clear()
+    _queued = 0
+    _lock = threading.Lock()
+    _device_slots = threading.BoundedSemaphore(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _submit(fn: Callable, *args) -> Future:
     """fn(*args) on the pool, counted as queued until it finishes."""
     global _queued
