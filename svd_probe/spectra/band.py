@@ -59,20 +59,18 @@ def _compact_wy(qr: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torc
     """V (unit lower trapezoidal, m × k) and upper triangular T (k × k) with Q = I − V T Vᵀ = H_1 ⋯ H_k,
     from geqrf's packed output (m × c, k = min(m, c)) and tau.
 
-    T⁻¹ = striu(VᵀV) + diag(1/tau) holds for any v_i and nonzero tau_i (it is the inverse of
-    LAPACK dlarft's recurrence T = [[T₁, −tau·T₁V₁ᵀv], [0, tau]]), and turns dlarft's loop over
-    columns into one GEMM and one triangular solve. A reflector with tau = 0 is the identity;
-    it becomes v = 0, tau = 1 (also the identity) so that 1/tau stays finite.
+    T = D·(I + S·D)⁻¹ with D = diag(tau), S = striu(VᵀV): LAPACK dlarft's column recurrence
+    T = [[T₁, −tau·T₁V₁ᵀv], [0, tau]] solved at once, one GEMM and one unit-triangular solve
+    instead of k dependent steps. No division by tau: a reflector with tau = 0 (the identity,
+    when a column is already zero below the diagonal) gives a zero row of T.
     """
     k = tau.shape[0]
     v = torch.tril(qr[:, :k], -1)
     v.diagonal().fill_(1.0)
-    skip = tau == 0
-    v = v.masked_fill(skip[None, :], 0.0)
-    tau = torch.where(skip, torch.ones_like(tau), tau)
-    t_inv = torch.triu(v.mT @ v, 1) + torch.diag(1.0 / tau)
+    unit = torch.triu(v.mT @ v, 1) * tau[None, :]
+    unit.diagonal().fill_(1.0)  # I + S·D, unit upper triangular
     eye = torch.eye(k, dtype=qr.dtype, device=qr.device)
-    t = torch.linalg.solve_triangular(t_inv, eye, upper=True)
+    t = tau[:, None] * torch.linalg.solve_triangular(unit, eye, upper=True, unitriangular=True)
     return v, t
 
 
@@ -108,12 +106,12 @@ def band_on_device(a: torch.Tensor, b: int) -> torch.Tensor:
             qr, tau = torch.geqrf(w[r0:, j0:r0])
             v, t = _compact_wy(qr, tau)
             k = v.shape[1]
-            # the panel: R (upper trapezoidal, within the band) and zeros below it
-            w[r0:, j0:r0] = 0.0
+            # The panel's band part: R, upper trapezoidal. Its rows below r0 + k lie outside the
+            # band and are never read again (later panels start to the right), so stay as they are.
             w[r0 : r0 + k, j0:r0] = torch.triu(qr[:k])
             trail = w[r0:, r0:]
             wm = trail @ (v @ t)
-            x = wm - 0.5 * (v @ (t.mT @ (v.mT @ wm)))
+            x = torch.addmm(wm, v, t.mT @ (v.mT @ wm), alpha=-0.5)
             trail.addmm_(torch.cat([v, x], 1), torch.cat([x, v], 1).mT, alpha=-1.0)
         ab = w.new_zeros((b + 1, n))
         for i in range(min(b, n - 1) + 1):
