@@ -1,6 +1,7 @@
 """Benchmark: the big solves of DeepSeek-V3-shaped layers (solver routes, layers in flight, stages).
 
-    PYTHONPATH=. python benchmarks/bench_solvers.py --device cuda --out solvers.json          # H200: ~3 min
+    PYTHONPATH=. python benchmarks/bench_solvers.py --device cuda --out solvers.json          # H200: ~4 min
+    PYTHONPATH=. python benchmarks/bench_solvers.py --device cuda --only references,band      # the band rows
     PYTHONPATH=. python benchmarks/bench_solvers.py --device cpu --small --out /tmp/s.json    # ~1 min on 2 cores
 
 Per layer, two float64 eigensolves at d_model (stacked O and VO, 7168² Grams) are most of the
@@ -26,7 +27,14 @@ every remaining section is recorded as skipped, this measures:
    predicts more than `--route-limit` seconds at full size (cubic scaling); a missing library or
    a failure is recorded, never fatal;
 6. the fastest accurate route of 5, in flight as in 4;
-7. (CUDA) a check of the reference itself: float64 gesvd of the materialized stacked O.
+7. (CUDA) a check of the reference itself: float64 gesvd of the materialized stacked O;
+8. the two-stage "band" solver (svd_probe/spectra/band.py), run before 5: its stage 1 (dense →
+   band on the device, band to the host) and stage 2 (LAPACK on one CPU thread) on stacked VO's
+   Gram for each `--band-widths` b, stage 2 of one problem per core at once (its throughput
+   bound: the CPU does two per layer), and `layers_spectra` with it and with "band-hybrid" (the
+   device's syevd takes a problem that finds every core busy) at `--band-inflight` k.
+
+`--only` names the sections to run besides the baseline (e.g. `--only references,band`).
 
 Prints a table last and writes everything to `--out` (JSON, rewritten after every section, so a
 run cut short still leaves its numbers). The line "switch:" is the `AUTO_ROUTES["cuda"]` entry
@@ -149,6 +157,10 @@ class Run:
 
     def section(self, name: str, fn, need: float = 5.0):
         """Run one section; its failure or a spent budget is recorded, never fatal."""
+        only = {x.strip() for x in self.args.only.split(",") if x.strip()}
+        if only and name != "baseline" and name not in only:
+            self.report["sections"][name] = {"skipped": "not in --only"}
+            return None
         if self.left() < need:
             self.report["sections"][name] = {"skipped": f"budget: {self.left():.0f} s left, needs ~{need:.0f} s"}
             self.row(name, "skipped (budget)")
@@ -207,7 +219,7 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="small shapes (fast on CPU); see SMALL")
     ap.add_argument("--scale", type=float, default=None, help="shrink DeepSeek-V3's dims by this factor instead")
     ap.add_argument("--out", default=None, help="JSON report path (default: $OUT/bench_solvers.json if $OUT is set)")
-    ap.add_argument("--budget", type=float, default=180.0, help="seconds from start after which sections are skipped")
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds from start after which sections are skipped")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of the whole layer and of each stage")
     ap.add_argument("--route-repeats", type=int, default=2, help="timed repeats of each solver route")
     ap.add_argument("--route-limit", type=float, default=4.0, help="skip a route predicted slower (s per problem)")
@@ -219,6 +231,14 @@ def main(argv=None) -> int:
             [f"eig:{n}" for n in C.SOLVERS] + [f"svd32:{n}" for n in C.SOLVERS] + ["svd64:torch", "svd64:jax-polar"]
         ),
         help="op:solver pairs to time (op: eig on the float64 Grams, svd32/svd64 on the reduced matrices)",
+    )
+    ap.add_argument("--band-widths", default="32,48,64", help="band widths b whose two stages are timed (section band)")
+    ap.add_argument("--band-inflight", default="8,16", help="layers in flight for the band solver")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated sections to run besides baseline (references, stages, inflight torch, routes, "
+        "inflight best route, band, reference check); default: all",
     )
     ap.add_argument("--ref-heads", type=int, default=4, help="heads with a float64 per-head reference")
     ap.add_argument("--seed", type=int, default=0)
@@ -382,7 +402,7 @@ def main(argv=None) -> int:
     run.section("stages", stages, need=10)
 
     # 4, 6 -----------------------------------------------------------------------------------------
-    def inflight(label: str, cfg: C.SpectraConfig):
+    def inflight(label: str, cfg: C.SpectraConfig, kvals: list[int] | None = None):
         rows = []
         try:
             resolved = cfg.resolved(device)
@@ -391,7 +411,7 @@ def main(argv=None) -> int:
             return rows
         single = C.layer_spectra(f, ALL, config=replace(cfg, inflight=1))
         C.layers_spectra(layer_copies(f, 2), ALL, config=replace(cfg, inflight=2))  # warm-up
-        for k in ks:
+        for k in kvals or ks:
             n_layers = args.layers or max(4, 2 * k)
             # the slowest per-layer time seen so far, with a margin: a run must not overrun
             budget_need = 2.0 + n_layers * 1.3 * max([state["per_layer_s"], *(r["s_per_layer"] for r in rows)])
@@ -433,6 +453,67 @@ def main(argv=None) -> int:
         lambda: inflight("gram64 torch threads", torch_threads) + inflight("gram64 torch batched", torch_batched),
         need=20,
     )
+
+    # 8 ---------------------------------------------------------------------------------------------
+    def band_section():
+        from concurrent.futures import ThreadPoolExecutor
+
+        from svd_probe.spectra import band as BD
+
+        out: dict = {"stage2_routine": BD.stage2_name(), "cores": BD.cores(), "default_band": BD.DEFAULT_BAND}
+        with C._full_fp32_matmul(), torch.no_grad():
+            lay = C._LayerProblems(f, base.resolved(device), True)
+            g = lay.stack("stacked.VO").gram64(base.chunk_bytes)
+        refs = state.get("refs", {})
+        widths = [int(x) for x in args.band_widths.split(",") if x.strip()]
+        bands = {}
+        for b in widths:
+            if run.left() < 15:
+                run.row("band", f"b={b}: skipped (budget)")
+                continue
+            wall(lambda b=b, g=g: BD.to_band(g, b), device)  # warm-up (cuSOLVER geqrf handles)
+            t1 = statistics.median(wall(lambda b=b, g=g: BD.to_band(g, b), device)[0] for _ in range(2))
+            t_host = time.perf_counter()
+            BD.band_on_device(g, b)
+            t_host = time.perf_counter() - t_host  # until queued: ≈ t1 if launch-bound
+            sync(device)
+            bands[b] = ab = BD.to_band(g, b)
+            t2, lam = wall(lambda ab=ab: BD.band_eigvals(ab), device)
+            s = np.sqrt(np.clip(lam[::-1], 0, None))
+            err = rel_err(s, refs["stacked.VO"]) if "stacked.VO" in refs else None
+            out[f"b={b}"] = {"stage1_s": t1, "stage1_host_s": t_host, "stage2_one_thread_s": t2, "max_err_VO": err}
+            run.row(
+                "band",
+                f"stacked VO, b={b}: stage 1 (device → band on host)",
+                t1,
+                note=f"s per problem, host {t_host:.3f}",
+            )
+            run.row("band", f"stacked VO, b={b}: stage 2 (CPU, one thread)", t2, err, "s per problem")
+        # stage 2's throughput: one band per core at once (the pipeline's ceiling on this host)
+        b0 = BD.DEFAULT_BAND
+        if b0 in bands and run.left() > 20:
+            p = BD.cores()
+            with ThreadPoolExecutor(p) as ex:
+                t, _ = wall(lambda ab=bands[b0]: list(ex.map(BD.band_eigvals, [ab] * p)), device)
+            out["stage2_parallel"] = {"problems": p, "seconds": t, "s_per_problem": t / p}
+            run.row(
+                "band",
+                f"stage 2, b={b0}: {p} problems on {p} threads",
+                2 * t / p,
+                note=f"s/layer for 2 problems (per problem {t / p:.3f}; the CPU bound of the route)",
+            )
+        bands.clear()  # the Gram goes with this function's frame
+        rep["sections"]["band"] = out
+        band_ks = [int(x) for x in args.band_inflight.split(",") if x.strip()]
+        inflight("gram64 band threads", replace(base, solver="band", batched=False), band_ks)
+        before = dict(BD.ROUTE_COUNTS)
+        inflight("gram64 band-hybrid threads", replace(base, solver="band-hybrid", batched=False), band_ks)
+        split = {k: BD.ROUTE_COUNTS[k] - before[k] for k in before}
+        out["hybrid_problems_by_route"] = split
+        run.row("band", "band-hybrid: problems by route over its in-flight runs", note=str(split))
+        return out
+
+    run.section("band", band_section, need=40)
 
     # 5 ---------------------------------------------------------------------------------------------
     def routes():
@@ -476,7 +557,8 @@ def main(argv=None) -> int:
                 x_vo = inputs[op]["stacked.VO"]
                 xq = half(op, x_vo)
                 job = C._Solve("eig" if op == "eig" else "svd", xq, name, min(xq.shape))
-                growth = (x_vo.shape[-1] / xq.shape[-1]) ** 3
+                # cubic, except the band solver's CPU stage 2 (most of its time): O(n²·b)
+                growth = (x_vo.shape[-1] / xq.shape[-1]) ** (2 if name == "band" else 3)
                 t_q, _ = wall(lambda job=job: C._run_solves([job]), device)
                 if t_q * growth <= args.route_limit * 4:  # maybe only slow once (JAX compiles)
                     t_q = min(t_q, wall(lambda job=job: C._run_solves([job]), device)[0])
@@ -546,7 +628,8 @@ def main(argv=None) -> int:
         if "s_per_problem" in r and r.get("solver") and r.get("max_err") is not None and r["max_err"] <= CONTRACT
     ]
     best = min(
-        (r for r in accurate if r["solver"] != "torch" or r["op"] != "eig"),
+        # torch eig is the baseline's, band has its own section (8)
+        (r for r in accurate if (r["solver"] != "torch" or r["op"] != "eig") and r["solver"] != "band"),
         key=lambda r: r["s_per_problem"],
         default=None,
     )

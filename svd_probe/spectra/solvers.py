@@ -7,7 +7,9 @@ float dtype, any device: the caller sorts and converts). torch is always there; 
 cannot run, so that a missing library only removes its routes. Which is fastest on a GPU is
 measured by benchmarks/bench_solvers.py, not guessed: cuSOLVER's float64 syevd at 7168 was
 0.42-0.43 s on an H100 and an H200 alike, and the GPU far from busy, so the libraries and the
-algorithms (syevd, Jacobi, polar) are all on offer.
+algorithms (syevd, Jacobi, polar) are all on offer, and "band", a two-stage eigensolver of our
+own (svd_probe/spectra/band.py: dense → band by GEMMs on the device, band → λ by LAPACK on the
+CPU), since every library's route is a one-stage tridiagonal reduction.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from svd_probe.spectra.band import eigvalsh_band
 
 
 def svdvals(a: torch.Tensor) -> torch.Tensor:
@@ -145,6 +149,21 @@ def _sorted_eig(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.T
 SOLVERS: dict[str, Solver] = {
     "torch": Solver(
         "torch", torch.linalg.eigvalsh, svdvals, False, "torch.linalg.eigvalsh (cuSOLVER syevd) / svdvals (gesvda)"
+    ),
+    # Not CUDA-only: stage 1 runs on whatever device the Gram is on, so CPU tests exercise it.
+    "band": Solver(
+        "torch",
+        eigvalsh_band,
+        None,
+        False,
+        "two-stage: dense → band (torch geqrf + GEMMs, on the device), band → λ (LAPACK, CPU threads)",
+    ),
+    "band-hybrid": Solver(
+        "torch",
+        functools.partial(eigvalsh_band, hybrid=True),
+        None,
+        False,
+        "band, and torch.linalg.eigvalsh on the device for a problem that finds every CPU core busy",
     ),
     "torch-gesvdj": Solver("torch", None, _torch_gesvdj, True, "torch.linalg.svdvals(driver='gesvdj')"),
     "cupy": Solver(

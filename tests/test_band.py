@@ -1,0 +1,295 @@
+"""The two-stage eigensolver (svd_probe/spectra/band.py) against numpy's float64 eigvalsh.
+
+Error bound. Both sides are backward stable: each returns the exact eigenvalues of A + E with
+‖E‖₂ ≤ c(n)·eps·‖A‖₂, so by Weyl's inequality every eigenvalue moves by at most ‖E‖₂. For
+Householder reductions c(n) grows like n in the worst case and like sqrt(n) in practice
+(rounding errors add up as random walks); the bound used is 1e-12·|λ|max·sqrt(n), i.e.
+~4500·eps·sqrt(n): loose for rounding, while a wrong reflector, T factor or trailing update
+moves eigenvalues by O(|λ|max).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from svd_probe.adapters.base import AttentionFactors
+from svd_probe.spectra import band as B
+from svd_probe.spectra.compute import SOLVERS, SpectraConfig, layer_spectra, layers_spectra, solve, solver_unavailable
+
+
+def bound(lam: np.ndarray) -> float:
+    return 1e-12 * float(np.abs(lam).max()) * np.sqrt(lam.shape[-1])
+
+
+def planted(rng, n: int, psd: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Q·diag(λ)·Qᵀ with Q random orthogonal and |λ| from 1 down to 1e-12 (log-spaced), mixed signs
+    unless psd; and the λ."""
+    lam = np.logspace(0, -12, n)
+    if not psd:
+        lam = lam * rng.choice([-1.0, 1.0], n)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return (q * lam) @ q.T, np.sort(lam)
+
+
+def dense_of_band(ab: np.ndarray) -> np.ndarray:
+    """The symmetric matrix of lower band storage ab[i, j] = A[j + i, j]."""
+    n = ab.shape[1]
+    a = np.zeros((n, n))
+    for i in range(ab.shape[0]):
+        idx = np.arange(n - i)
+        a[idx + i, idx] = ab[i, : n - i]
+        a[idx, idx + i] = ab[i, : n - i]
+    return a
+
+
+@pytest.mark.parametrize("n,b", [(97, 8), (300, 16), (513, 32)])
+@pytest.mark.parametrize("psd", [False, True])
+def test_planted_spectra_match_numpy(n, b, psd):
+    rng = np.random.default_rng(n + b)
+    a, lam = planted(rng, n, psd)
+    ref = np.linalg.eigvalsh(a)
+    assert np.abs(ref - lam).max() <= bound(lam)  # the reference itself sees the planted spectrum
+    got = B.eigvalsh_band(torch.from_numpy(a)[None], b)
+    assert got.dtype == torch.float64 and got.shape == (1, n)
+    g = got[0].numpy()
+    assert np.all(np.diff(g) >= 0), "not ascending"
+    assert np.abs(g - ref).max() <= bound(ref)
+
+
+def test_band_is_a_band_similar_to_the_input():
+    # to_band alone: the band's dense matrix has the input's eigenvalues and Frobenius norm (an
+    # orthogonal similarity keeps both), and entries past the end of each diagonal are zero.
+    rng = np.random.default_rng(1)
+    n, b = 130, 16
+    x = rng.standard_normal((n, n))
+    a = x + x.T
+    ab = B.to_band(torch.from_numpy(a), b)
+    assert isinstance(ab, np.ndarray) and ab.shape == (b + 1, n) and ab.dtype == np.float64
+    for i in range(1, b + 1):
+        assert np.all(ab[i, n - i :] == 0)
+    d = dense_of_band(ab)
+    assert abs(np.linalg.norm(d) - np.linalg.norm(a)) <= 1e-12 * np.linalg.norm(a)
+    ref = np.linalg.eigvalsh(a)
+    assert np.abs(np.linalg.eigvalsh(d) - ref).max() <= bound(ref)
+    # the band really carries the matrix: its sub-band entries are not all zero
+    assert np.abs(ab[b]).max() > 1e-3 * np.abs(ref).max()
+
+
+def test_only_the_lower_triangle_is_read():
+    rng = np.random.default_rng(2)
+    a, _ = planted(rng, 80, psd=False)
+    garbled = a + np.triu(rng.standard_normal((80, 80)), 1)  # upper triangle is noise
+    ref = np.linalg.eigvalsh(a)
+    got = B.eigvalsh_band(torch.from_numpy(garbled)[None], 8)[0].numpy()
+    assert np.abs(got - ref).max() <= bound(ref)
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 9])
+def test_small_matrices_are_their_own_band(n):
+    # n ≤ b + 1: nothing to reduce; the band storage holds the lower triangle as it is.
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, n))
+    a = x + x.T
+    ab = B.to_band(torch.from_numpy(a), 8)
+    for i in range(min(8, n - 1) + 1):
+        assert np.array_equal(ab[i, : n - i], np.diagonal(a, -i))
+    ref = np.linalg.eigvalsh(a)
+    assert np.abs(B.band_eigvals(ab) - ref).max() <= bound(ref)
+    # and n ≤ 2b goes straight to torch.linalg.eigvalsh
+    assert np.abs(B.eigvalsh_band(torch.from_numpy(a)[None], 8)[0].numpy() - ref).max() <= bound(ref)
+
+
+def test_rank_deficient_gram_has_its_zeros():
+    # A Gram of rank 60 at n = 200: 140 eigenvalues are exactly 0, and must come out within the
+    # rounding bound of 0 (no sign flip or spurious mass from the reduction).
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((200, 60))
+    g = x @ x.T
+    ref = np.linalg.eigvalsh(g)
+    got = B.eigvalsh_band(torch.from_numpy(g)[None], 16)[0].numpy()
+    assert np.abs(got - ref).max() <= bound(ref)
+    assert np.abs(got[:140]).max() <= bound(ref)
+    assert got[140] > 1e3 * bound(ref)
+
+
+def test_already_banded_input():
+    # Panels whose block below the band is already zero give reflectors with tau = 0 (the
+    # identity); the compact-WY T factor must stay finite. A tridiagonal matrix at b = 8.
+    rng = np.random.default_rng(4)
+    n = 150
+    d, e = rng.standard_normal(n), rng.standard_normal(n - 1)
+    a = np.diag(d) + np.diag(e, -1) + np.diag(e, 1)
+    ab = B.to_band(torch.from_numpy(a), 8)
+    assert np.isfinite(ab).all()
+    ref = np.linalg.eigvalsh(a)
+    assert np.abs(B.band_eigvals(ab) - ref).max() <= bound(ref)
+
+
+@pytest.mark.parametrize("m,c", [(50, 8), (6, 8), (40, 1)])
+def test_compact_wy_is_householder_product(m, c):
+    # I − V T Vᵀ against torch's own accumulation of geqrf's reflectors (LAPACK orgqr), also with
+    # a zero column (tau = 0) and with fewer rows than columns.
+    rng = np.random.default_rng(m * c)
+    x = torch.from_numpy(rng.standard_normal((m, c)))
+    if c > 1:
+        x[1:, 1] = 0.0
+        x[:, 0] = 0.0  # first reflector: the identity
+    qr, tau = torch.geqrf(x)
+    v, t = B._compact_wy(qr, tau)
+    k = min(m, c)
+    q = torch.eye(m, dtype=torch.float64) - v @ t @ v.mT
+    want = torch.linalg.householder_product(qr[:, :k], tau)
+    assert torch.allclose(q[:, :k], want, atol=1e-14, rtol=0)
+    assert torch.allclose(q.mT @ q, torch.eye(m, dtype=torch.float64), atol=1e-13, rtol=0)
+
+
+def test_batch():
+    rng = np.random.default_rng(5)
+    mats = [planted(rng, 120, psd)[0] for psd in (True, False, True)]
+    got = B.eigvalsh_band(torch.from_numpy(np.stack(mats)), 16)
+    assert got.shape == (3, 120)
+    for a, g in zip(mats, got, strict=True):
+        ref = np.linalg.eigvalsh(a)
+        assert np.abs(g.numpy() - ref).max() <= bound(ref)
+    assert B.eigvalsh_band(torch.empty(0, 120, 120, dtype=torch.float64), 16).shape == (0, 120)
+
+
+def test_every_stage2_route_agrees():
+    # Each LAPACK route that loads here (dsbev_2stage, dsbevd through ctypes, scipy's wrapper)
+    # on the same band, against the dense matrix of that band.
+    rng = np.random.default_rng(6)
+    n, b = 257, 12
+    ab = rng.standard_normal((b + 1, n))
+    ref = np.linalg.eigvalsh(dense_of_band(ab))
+    routes = B._band_routes()
+    assert routes[-1][0].startswith("scipy")
+    for name, fn in routes:
+        got = fn(ab)
+        assert np.abs(np.sort(got) - ref).max() <= bound(ref), name
+    assert B.stage2_name() == routes[0][0]
+
+
+def test_stage2_releases_the_gil():
+    # The point of the split: while one thread solves a band on the CPU, other Python threads
+    # (driving the GPU) must run. A thread holding the GIL through the call would stall the main
+    # thread until it returns (scipy.linalg.eigvals_banded does: the ctypes routes exist for this).
+    name, fn = B._stage2()
+    if name.startswith("scipy"):
+        pytest.skip("no ctypes LAPACK route here; scipy's wrapper holds the GIL")
+    ab = np.random.default_rng(7).standard_normal((33, 1500))
+    t0 = time.perf_counter()
+    fn(ab)
+    alone = time.perf_counter() - t0
+    started = threading.Event()
+
+    def work():
+        started.set()
+        fn(ab)
+
+    th = threading.Thread(target=work)
+    th.start()
+    started.wait()
+    time.sleep(0.02)  # inside the LAPACK call by now
+    t1 = time.perf_counter()
+    sum(range(20000))  # needs the GIL
+    stalled = time.perf_counter() - t1
+    th.join()
+    assert stalled < 0.3 * alone, f"the main thread waited {stalled:.3f} s of a {alone:.3f} s band solve"
+
+
+def test_registered_and_usable_on_cpu():
+    assert "band" in SOLVERS and SOLVERS["band"].eig is B.eigvalsh_band and SOLVERS["band"].svd is None
+    assert solver_unavailable("band", torch.device("cpu"), "eig") is None
+    assert "no SVD" in (solver_unavailable("band", torch.device("cpu"), "svd") or "")
+
+
+def _factors(seed: int) -> AttentionFactors:
+    # d_model 150 > 2·DEFAULT_BAND, so the big Grams (stacked O and VO, 150 × 150) take the band
+    # route with the default band width; Gaussian factors keep them well conditioned
+    # (σ_min/σ₁ ≈ 0.06), so the sqrt of the eigenvalues amplifies rounding little: a λ error
+    # of 1e-13·λ₁ is a σ error of at most 1e-13·σ₁²/(2σ_min) ≈ 1e-12·σ₁.
+    rng = np.random.default_rng(seed)
+    t = lambda *s: torch.from_numpy(rng.standard_normal(s))  # noqa: E731
+    n, d_model, d_qk, d_v, in_q, in_kv = 8, 150, 6, 24, 20, 32
+    return AttentionFactors(q=t(n, d_qk, in_q), k=t(n, d_qk, in_kv), v=t(n, d_v, in_kv), o=t(n, d_model, d_v))
+
+
+def _assert_same(got, want, tol):
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key][1] == want[key][1], key
+        s, w = got[key][0], want[key][0]
+        assert float((s - w).abs().max()) <= tol * float(w.abs().max()), key
+
+
+def test_public_path_equals_default_route():
+    assert B.DEFAULT_BAND * 2 < 150
+    f = _factors(8)
+    kinds = {"O", "VO", "Q", "QK"}
+    cfg = SpectraConfig(big_side=100)
+    want = layer_spectra(f, kinds, config=cfg)
+    got = layer_spectra(f, kinds, config=SpectraConfig(big_side=100, solver="band"))
+    _assert_same(got, want, 1e-10)
+    # in flight: two layers, their big solves on worker threads, and as one batched call
+    for batched in (False, True):
+        many = layers_spectra(
+            [f, _factors(9)], kinds, config=SpectraConfig(big_side=100, solver="band", inflight=2, batched=batched)
+        )
+        _assert_same(many[0], want, 1e-10)
+        _assert_same(many[1], layer_spectra(_factors(9), kinds, config=cfg), 1e-10)
+    # solve() of one matrix by the band solver
+    m = torch.from_numpy(np.random.default_rng(10).standard_normal((150, 190)))
+    s = solve(m, "gram64", solver="band")
+    ref = np.linalg.svd(m.numpy(), compute_uv=False)
+    assert np.abs(s.numpy() - ref).max() <= 1e-10 * ref[0]
+
+
+def test_hybrid_takes_the_device_only_when_every_core_is_busy():
+    # Fill the band pool with tasks that wait on a gate: every core "busy". The hybrid then
+    # solves on the device (torch.linalg.eigvalsh, here the CPU); once the gate opens, on the pool.
+    rng = np.random.default_rng(11)
+    mats = np.stack([planted(rng, 100, True)[0] for _ in range(2)])
+    refs = [np.linalg.eigvalsh(a) for a in mats]
+    gate = threading.Event()
+    blockers = [B._submit(gate.wait, 30) for _ in range(B.cores())]
+    try:
+        before = dict(B.ROUTE_COUNTS)
+        got = B.eigvalsh_band(torch.from_numpy(mats), 16, hybrid=True)
+        assert B.ROUTE_COUNTS["device"] - before["device"] == 2
+        assert B.ROUTE_COUNTS["band"] == before["band"]
+    finally:
+        gate.set()
+    for f in blockers:
+        f.result()
+    for g, ref in zip(got, refs, strict=True):
+        assert np.abs(g.numpy() - ref).max() <= bound(ref)
+    before = dict(B.ROUTE_COUNTS)
+    got = B.eigvalsh_band(torch.from_numpy(mats), 16, hybrid=True)
+    assert B.ROUTE_COUNTS["band"] - before["band"] == 2 and B.ROUTE_COUNTS["device"] == before["device"]
+    for g, ref in zip(got, refs, strict=True):
+        assert np.abs(g.numpy() - ref).max() <= bound(ref)
+    assert SOLVERS["band-hybrid"].eig is not None and solver_unavailable("band-hybrid", torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_band_solves_in_a_forked_child():
+    # The parent's pool has idle threads; a forked child has none of them and must make its own.
+    import multiprocessing as mp
+
+    a, _ = planted(np.random.default_rng(12), 100, True)
+    ref = np.linalg.eigvalsh(a)
+    B.eigvalsh_band(torch.from_numpy(a)[None], 16)  # the pool exists in the parent now
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_band_in_child, (a,)).get(timeout=20)  # hangs without the fork handler
+    assert np.abs(got - ref).max() <= bound(ref)
+
+
+def _band_in_child(a: np.ndarray) -> np.ndarray:
+    return B.eigvalsh_band(torch.from_numpy(a)[None], 16)[0].numpy()
