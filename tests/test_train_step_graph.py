@@ -213,7 +213,8 @@ def test_graphed_losses_follow_eager_losses_on_cuda():
     assert eager_steps == graphed_steps == {float(n)}  # warm-up steps are real steps, no extra ones
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(torch.tensor(graphed_norms), torch.tensor(eager_norms), rtol=5e-2, atol=5e-2)
-    assert eager[-1] < eager[0] and graphed[-1] < graphed[0]  # both learn
+    # No "loss falls" check here: these rows are random tokens, with nothing to learn in 12 steps
+    # (H200, 2026-12-02: eager 5.7012 -> 5.7026); the eager run is the expectation.
     # A resume each way: eager checkpoint -> graphed run, graphed checkpoint -> eager run.
     for first, then in ((False, True), (True, False)):
         mixed, _, mixed_steps = _cuda_run(first, n, resume_at=6, resume_graph=then)
