@@ -267,7 +267,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=6, help="untimed steps per source after the first")
     ap.add_argument(
-        "--modes", default=None, help="default: eager,graphs,stepgraph,compiled on cuda; eager,stepgraph on cpu"
+        "--modes",
+        default=None,
+        help="default: stepgraph,graphs,eager,compiled on cuda (compiled in this order, so a budget cuts the oldest modes first); eager,stepgraph on cpu",
     )
     ap.add_argument(
         "--stepgraph-compile",
@@ -288,7 +290,7 @@ def main() -> None:
     tiny = args.size == "tiny"
     batch = args.batch_size or (8 if tiny else 256)
     seq_len = args.seq_len or (32 if tiny else 128)
-    modes = (args.modes or ("eager,graphs,stepgraph,compiled" if dev.type == "cuda" else "eager,stepgraph")).split(",")
+    modes = (args.modes or ("stepgraph,graphs,eager,compiled" if dev.type == "cuda" else "eager,stepgraph")).split(",")
     if unknown := [m for m in modes if m not in MODES]:
         sys.exit(f"unknown --modes {unknown}: pick from {', '.join(MODES)}")
     if dev.type == "cuda":
