@@ -110,7 +110,7 @@ def config_curves(curves: dict, objective: str = "mlm") -> dict[str, list[np.nda
     return {c: out[c] for c in LABELS if c in out}
 
 
-def curves_figure(curves: dict[str, list[np.ndarray]], title: str, switch: float | None = None):
+def curves_figure(curves: dict[str, list[np.ndarray]], title: str, switch: float | None = None, objective: str = "mlm"):
     """`switch`: the step where init-from's mla source hands over to mla-o (a dotted line)."""
     with plot_style():
         fig = new_figure(7.5, 4.2)
@@ -126,7 +126,7 @@ def curves_figure(curves: dict[str, list[np.ndarray]], title: str, switch: float
             ax.axvline(switch, color=COLORS[INIT], ls=":", lw=1)
             ax.annotate(" init-from: mla → mla-o", (switch, 7.6), color=COLORS[INIT], fontsize=8)
         ax.set_xlabel("pretraining step (batch 256 × 128 tokens)")
-        ax.set_ylabel("training MLM loss (mean over 25 steps)")
+        ax.set_ylabel(f"training {objective.upper()} loss (mean over 25 steps)")
         ax.set_ylim(top=8.0)
         ax.set_title(title)
         ax.legend(loc="upper right")
@@ -193,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img-dir", type=Path, default=Path("docs/img"), help="where the two PNGs go")
     ap.add_argument("--json", type=Path, default=None, help="also write every run's ranks here")
     ap.add_argument("--title", default="H200, 2026-12-02: 640 steps × 256, WikiText-2 MLM")
+    ap.add_argument(
+        "--objective",
+        choices=("mlm", "clm"),
+        default="mlm",
+        help="whose runs: mlm writes lab-curves.png and lab-ranks.png, clm lab-clm-curves.png "
+        "(and lab-clm-ranks.png where the folder has their spectra)",
+    )
     args = ap.parse_args(argv)
     missing = [n for n in ("curves.json", "spectra.jsonl.gz", "results.json") if not (args.folder / n).is_file()]
     if missing:
@@ -205,18 +212,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read {args.folder}: {e}", file=sys.stderr)
         return 2
     o_latent = next((r["config"]["o_latent"] for r in results if r["variant"] == "mla-o"), 64)
+    obj = args.objective
+    prefix = "lab" if obj == "mlm" else f"lab-{obj}"
     ranks = run_ranks(rows)
-    configs = by_config(ranks)
-    if not configs:
-        print(f"error: no stacked O/VO spectra of MLM runs in {args.folder}/spectra.jsonl.gz", file=sys.stderr)
+    configs = by_config(ranks, obj)
+    by_run = config_curves(curves, obj)
+    if not configs and (obj == "mlm" or not by_run):
+        what = f"stacked O/VO spectra of {obj.upper()} runs in {args.folder}/spectra.jsonl.gz"
+        print(f"error: no {what}" + ("" if obj == "mlm" else " and no learning curves"), file=sys.stderr)
         return 2
     args.img_dir.mkdir(parents=True, exist_ok=True)
     source_steps = [r["train_config"]["pretrain_steps"] for r in results if parse_run(r["run"]) and SOURCE in r["run"]]
-    switch = float(source_steps[0]) if source_steps else None
-    curves_figure(config_curves(curves), f"Pretraining loss, {args.title}", switch).savefig(
-        args.img_dir / "lab-curves.png", dpi=130
+    has_init = any(c == INIT for c in by_run)
+    switch = float(source_steps[0]) if source_steps and has_init else None
+    curves_figure(by_run, f"Pretraining loss, {args.title}", switch, obj).savefig(
+        args.img_dir / f"{prefix}-curves.png", dpi=130
     )
-    ranks_figure(configs, o_latent, f"Trained attention, {args.title}").savefig(args.img_dir / "lab-ranks.png", dpi=130)
+    if not configs:  # curves only (runs cut before their spectra)
+        print(f"no spectra of {obj.upper()} runs: wrote {args.img_dir / f'{prefix}-curves.png'} only")
+        return 0
+    ranks_figure(configs, o_latent, f"Trained attention, {args.title}").savefig(
+        args.img_dir / f"{prefix}-ranks.png", dpi=130
+    )
     if args.json:
         args.json.write_text(json.dumps({"error": ERROR, "ranks": ranks}, indent=1))
     print(markdown(configs))

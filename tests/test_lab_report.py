@@ -88,3 +88,39 @@ def test_lab_report_refuses_a_folder_without_the_lab_files(tmp_path):
     assert r.returncode == 2
     assert "lacks curves.json" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "i").exists()
+
+
+@pytest.mark.slow
+def test_lab_report_clm_curves_of_cut_runs(tmp_path):
+    """The CLM runs of the second H200 call (2026-12-02) were cut before their spectra: the report
+    draws their curves only, one line per seed, as many seeds per configuration as curves.json has."""
+    folder = REPO / "benchmarks" / "results" / "h200-2026-12-02b" / "lab"
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import lab_report
+    finally:
+        sys.path.pop(0)
+    curves = json.loads((folder / "curves.json").read_text())
+    by_config = lab_report.config_curves(curves, "clm")
+    counted: dict[str, int] = {}
+    for run in curves:  # by hand: clm-<config>-seed<k>, sources left out (no init-from run finished)
+        config = run.removeprefix("clm-").rsplit("-seed", 1)[0]
+        if config != "mla-src":
+            counted[config] = counted.get(config, 0) + 1
+    assert (
+        {c: len(v) for c, v in by_config.items()}
+        == counted
+        == {
+            "mha": 3,
+            "mla": 2,
+            "mlao": 2,
+            "mlao-rms": 2,
+            "mlao-rmsph": 2,
+        }
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "lab_report.py"), str(folder), "--objective", "clm"]
+    r = subprocess.run([*cmd, "--img-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "lab-clm-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "lab-clm-ranks.png").exists() and "curves only" not in r.stderr
