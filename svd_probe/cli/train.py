@@ -298,7 +298,10 @@ def train_cmd(
         "auto", "--device", help="auto (cuda when available), cpu, cuda or cuda:N.", rich_help_panel=RUN
     ),
     compile_: bool = typer.Option(
-        False, "--compile/--no-compile", help="torch.compile the model.", rich_help_panel=RUN
+        False,
+        "--compile/--no-compile",
+        help="torch.compile the model; on CUDA each pretraining step runs as one CUDA graph (forward, backward, clipping, AdamW).",
+        rich_help_panel=RUN,
     ),
     progress: bool = typer.Option(
         True,
