@@ -280,16 +280,20 @@ def test_hybrid_takes_the_device_only_when_every_core_is_busy():
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_band_solves_in_a_forked_child():
     # The parent's pool has idle threads; a forked child has none of them and must make its own.
+    # The child runs stage 2 only (LAPACK through the pool): torch's own CPU ops in a child forked
+    # after the parent used its OpenMP threads can hang for reasons of their own (they did in the
+    # full suite, 2026-12-02), which is not what this test is about.
     import multiprocessing as mp
 
     a, _ = planted(np.random.default_rng(12), 100, True)
     ref = np.linalg.eigvalsh(a)
     B.eigvalsh_band(torch.from_numpy(a)[None], 16)  # the pool exists in the parent now
+    ab = B.to_band(torch.from_numpy(a), 16)
     ctx = mp.get_context("fork")
     with ctx.Pool(1) as pool:
-        got = pool.apply_async(_band_in_child, (a,)).get(timeout=20)  # hangs without the fork handler
-    assert np.abs(got - ref).max() <= bound(ref)
+        got = pool.apply_async(_band_in_child, (ab,)).get(timeout=20)  # hangs without the fork handler
+    assert np.abs(np.sort(got) - ref).max() <= bound(ref)
 
 
-def _band_in_child(a: np.ndarray) -> np.ndarray:
-    return B.eigvalsh_band(torch.from_numpy(a)[None], 16)[0].numpy()
+def _band_in_child(ab: np.ndarray) -> np.ndarray:
+    return B._submit(B.band_eigvals, ab).result(timeout=15)
