@@ -87,6 +87,12 @@ BIG_KEYS = ("stacked.O", "stacked.VO")
 # --- timing ----------------------------------------------------------------------------------------
 
 
+def _warm_band(_: int) -> str:
+    from svd_probe.spectra import band
+
+    return band.stage2_name()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -502,6 +508,24 @@ def main(argv=None) -> int:
                 2 * t / p,
                 note=f"s/layer for 2 problems (per problem {t / p:.3f}; the CPU bound of the route)",
             )
+        # Why 16 threads ran only about 2x one on the H200 host (2026-12-02): the same problems on
+        # 2, 4, 8 threads, and on as many processes as cores (no shared interpreter at all). If
+        # processes scale no better than threads, the host's cores are the limit, not the GIL.
+        if b0 in bands and run.left() > 45:
+            import multiprocessing as mp
+
+            scaling: dict = {}
+            for k in [k for k in (2, 4, 8) if k < BD.cores()]:
+                with ThreadPoolExecutor(k) as ex:
+                    t, _ = wall(lambda ab=bands[b0], k=k, ex=ex: list(ex.map(BD.band_eigvals, [ab] * k)), device)
+                scaling[f"threads={k}"] = t / k
+            p = BD.cores()
+            with mp.get_context("spawn").Pool(p) as procs:
+                procs.map(_warm_band, range(p))  # workers up, LAPACK found, before the clock starts
+                t, _ = wall(lambda ab=bands[b0]: procs.map(BD.band_eigvals, [ab] * p), device)
+            scaling[f"processes={p}"] = t / p
+            out["stage2_scaling_s_per_problem"] = scaling
+            run.row("band", f"stage 2, b={b0}: s per problem by workers", note=json.dumps(scaling))
         bands.clear()  # the Gram goes with this function's frame
         rep["sections"]["band"] = out
         band_ks = [int(x) for x in args.band_inflight.split(",") if x.strip()]
