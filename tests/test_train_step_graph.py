@@ -160,7 +160,9 @@ def test_compile_picks_the_whole_step_graph_on_cuda_with_static_shapes_only():
     assert compile_mode_for(phase, tc, gpu) == (None, False)
     assert compile_mode_for(phase, on, CPU) == ("default", False)
     assert compile_mode_for(phase, on, gpu) == (STEP_GRAPH_COMPILE, True)
-    assert compile_mode_for(replace(phase, static_shapes=False), on, gpu) == ("default", False)
+    # fine-tuning (variable-length batches) stays eager under --compile, on any device
+    assert compile_mode_for(replace(phase, static_shapes=False), on, gpu) == (None, False)
+    assert compile_mode_for(replace(phase, static_shapes=False), on, CPU) == (None, False)
     assert STEP_GRAPH_COMPILE in ("default", "max-autotune-no-cudagraphs")
     with pytest.raises(ValueError, match="CUDA"):
         TrainStep(phase.model, make_optimizer(phase.model, 1e-3, 0.0, CPU), phase.loss, CPU, "default", step_graph=True)

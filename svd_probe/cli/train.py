@@ -300,7 +300,7 @@ def train_cmd(
     compile_: bool = typer.Option(
         False,
         "--compile/--no-compile",
-        help="torch.compile the model; on CUDA each pretraining step runs as one CUDA graph (forward, backward, clipping, AdamW).",
+        help="torch.compile pretraining; on CUDA each step runs as one CUDA graph (forward, backward, clipping, AdamW). Fine-tuning stays eager.",
         rich_help_panel=RUN,
     ),
     progress: bool = typer.Option(

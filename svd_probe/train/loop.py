@@ -623,10 +623,16 @@ class TrainStep:
 
 def compile_mode_for(phase: Phase, tc: TrainConfig, dev: torch.device) -> tuple[str | None, bool]:
     """(torch.compile mode, whole-step graph): eager without --compile; on CUDA with static shapes
-    the whole step as one CUDA graph around a compiled model; else the default mode."""
-    if not tc.compile:
+    the whole step as one CUDA graph around a compiled model; on the CPU the default mode.
+
+    Phases without static shapes (fine-tuning: batches padded to their longest sentence) stay
+    eager under --compile: each new length would be a recompile until dynamo turns dynamic, and
+    those compiles (12-36 s each on the H200, benchmarks/README.md) cost about as much as the
+    whole default fine-tune (500 steps of 64: 25 s eager in each of 14 processes sharing the H200,
+    docs/results.md round 2)."""
+    if not tc.compile or not phase.static_shapes:
         return None, False
-    if dev.type == "cuda" and phase.static_shapes:
+    if dev.type == "cuda":
         return STEP_GRAPH_COMPILE, True
     return "default", False
 
@@ -678,6 +684,8 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
     if compile_mode is not None:
         graph = f", the whole step one CUDA graph (captured after {train_step.warmup} steps)" if step_graph else ""
         ctx.log(f"{phase.label}: torch.compile mode {compile_mode}{graph}")
+    elif tc.compile:
+        ctx.log(f"{phase.label}: eager (--compile compiles fixed-shape phases only; its batches vary in length)")
     timer = _Timer(dev, skip=min(train_step.untimed_steps, max(1, phase.steps - step - 1)))
     stop_at = phase.steps if tc.stop_after is None else min(phase.steps, step + tc.stop_after)
     finite = _NonFinite(phase.label, phase.lr_flag, dev)
