@@ -222,3 +222,31 @@ def test_graphed_losses_follow_eager_losses_on_cuda():
         mixed, _, mixed_steps = _cuda_run(first, n, resume_at=6, resume_graph=then)
         assert mixed_steps == {float(n)}
         torch.testing.assert_close(torch.tensor(mixed), torch.tensor(eager), rtol=2e-2, atol=2e-2)
+
+
+def test_a_phase_starts_without_the_gradients_left_on_its_parameters(tmp_path):
+    """A whole-step graph leaves its last replay's gradients in p.grad, and fine-tuning shares the
+    encoder's parameters: run_phase must not add them into its first step. Planted gradients
+    (as a graph would leave) and none give the same weights after a phase, bit for bit."""
+    from svd_probe.train.loop import Ddp, Phase, StopRequest, _RunContext, _RunLog, _Silent, run_phase
+
+    tc = TrainConfig(pretrain_steps=3, batch_size=4, seq_len=32, device="cpu", log_every=1, checkpoint_every=100)
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randint(5, VOCAB, (16, 32), generator=g)
+    rows[:, 0], rows[:, -1] = TOK.cls_id, TOK.sep_id
+
+    def weights_after(plant: bool, out) -> dict:
+        model = _model()
+        cfg = replace(preset("mha", "tiny"), vocab_size=VOCAB)
+        phase = pretraining_phase(model, cfg, tc, TOK, rows, log=lambda msg: None)
+        if plant:
+            _fake_grads(model, 0)
+        out.mkdir()
+        ctx = _RunContext(out, CPU, tc, _RunLog(out / "train.log", _Silent()), _Silent(), {}, lambda: 0.0,
+                          StopRequest(), Ddp(0, 1))  # fmt: skip
+        assert isinstance(phase, Phase) and run_phase(phase, ctx, None).done
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    clean, planted = weights_after(False, tmp_path / "a"), weights_after(True, tmp_path / "b")
+    assert all(torch.equal(clean[k], planted[k]) for k in clean)
+    assert any(not torch.equal(clean[k], _model().state_dict()[k]) for k in clean)  # it did train

@@ -664,6 +664,10 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
     Checkpoints every `checkpoint_every` steps, every `checkpoint_minutes`, where --stop-after
     stops it, and when a signal asks it to stop (after the step in progress)."""
     tc, dev, model = ctx.tc, ctx.dev, phase.model
+    # No gradients from before: a whole-step CUDA graph leaves its last replay's in every p.grad
+    # (it never sets them to None), and fine-tuning shares the encoder's parameters, so its first
+    # backward would add to pretraining's last gradients.
+    model.zero_grad(set_to_none=True)
     opt = make_optimizer(model, phase.peak_lr, tc.weight_decay, dev)
     step, samples, seconds = 0, 0, 0.0
     if resume is not None:
