@@ -95,13 +95,22 @@ def phase(args) -> dict:
     if args.phase.startswith("read"):
         from svd_probe.hub.stream import stream_layers
 
+        t_open = time.perf_counter()
         src = _source(args, args.phase == "read-http")
         adapter, kinds, layers = _plan(src)
+        # The start-up that `analyze` pays before its first layer can compute: opening the source
+        # (config, index, shard headers) and the first layer's read. At 16 layers it weighs 4x
+        # what it does at 62, which bears on the ratio (benchmarks/README.md, bench_e2e).
+        out["open_s"] = time.perf_counter() - t_open
         t = time.perf_counter()
+        arrivals = []
         for _layer, tensors in stream_layers(src, layers, lambda L: adapter.plan(L, kinds, True), device, prefetch=2):
             _sync(device)
+            arrivals.append(round(time.perf_counter() - t, 4))
             del tensors
         out["seconds"] = time.perf_counter() - t
+        out["first_layer_s"] = arrivals[0] if arrivals else None
+        out["arrivals_s"] = arrivals
         out["bytes"] = src.bytes_fetched
     elif args.phase == "compute":
         from svd_probe.hub.stream import stream_layers
@@ -241,7 +250,10 @@ def main() -> None:
             fig = json.loads(r.stdout.strip().splitlines()[-1])
             results["phases"][name] = fig
             gpu = f", GPU peak {fig['peak_gpu_gb']:.2f} GB" if fig.get("peak_gpu_gb") is not None else ""
-            print(f"{name:14s} {fig['seconds']:8.2f} s   RSS peak {fig['peak_rss_gb']:.2f} GB{gpu}", flush=True)
+            start = ""
+            if fig.get("first_layer_s") is not None:
+                start = f", start-up: open {fig['open_s']:.2f} s + first layer {fig['first_layer_s']:.2f} s"
+            print(f"{name:14s} {fig['seconds']:8.2f} s   RSS peak {fig['peak_rss_gb']:.2f} GB{gpu}{start}", flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
     finally:
