@@ -35,12 +35,10 @@ def sync(device: torch.device) -> None:
 def timed(fn, device: torch.device, repeats: int):
     out, times = None, []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
         out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 

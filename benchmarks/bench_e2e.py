@@ -109,7 +109,6 @@ def phase(args) -> dict:
             arrivals.append(round(time.perf_counter() - t, 4))
             del tensors
         out["seconds"] = time.perf_counter() - t
-        out["first_layer_s"] = arrivals[0] if arrivals else None
         out["arrivals_s"] = arrivals
         out["bytes"] = src.bytes_fetched
     elif args.phase == "compute":
@@ -251,8 +250,8 @@ def main() -> None:
             results["phases"][name] = fig
             gpu = f", GPU peak {fig['peak_gpu_gb']:.2f} GB" if fig.get("peak_gpu_gb") is not None else ""
             start = ""
-            if fig.get("first_layer_s") is not None:
-                start = f", start-up: open {fig['open_s']:.2f} s + first layer {fig['first_layer_s']:.2f} s"
+            if fig.get("arrivals_s"):
+                start = f", start-up: open {fig['open_s']:.2f} s + first layer {fig['arrivals_s'][0]:.2f} s"
             print(f"{name:14s} {fig['seconds']:8.2f} s   RSS peak {fig['peak_rss_gb']:.2f} GB{gpu}{start}", flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
