@@ -22,6 +22,7 @@ and prints the ratio of each `analyze` to the slower of its read-only and comput
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -113,7 +114,7 @@ def phase(args) -> dict:
         out["bytes"] = src.bytes_fetched
     elif args.phase == "compute":
         from svd_probe.hub.stream import stream_layers
-        from svd_probe.spectra.compute import SpectraConfig, SpectraPipeline
+        from svd_probe.spectra.compute import SpectraPipeline, pipeline_config
 
         src = _source(args, False)
         adapter, kinds, layers = _plan(src)
@@ -122,21 +123,23 @@ def phase(args) -> dict:
             for layer, t in stream_layers(src, layers[:8], lambda L: adapter.plan(L, kinds, True), device, prefetch=1)
         ]
         _sync(device)
-        cfg = SpectraConfig(inflight=2 if device.type == "cuda" else 1, batched=False)  # as `analyze`
+        cfg = pipeline_config(device, args.solver, args.inflight)  # as `analyze`
         t = time.perf_counter()
         with SpectraPipeline(kinds, config=cfg) as pipe:
-            pending = None
+            # the σ of each layer to the host, oldest first, with as many layers waiting as
+            # analyze's writer queue allows (max(4, inflight)): the pipeline keeps `inflight` busy
+            waiting: collections.deque = collections.deque()
             for i in range(len(layers)):
                 layer, tensors = resident[i % len(resident)]
-                nxt = pipe.submit(adapter.factors(layer, tensors, kinds, True))
-                if pending is not None:
-                    pending.result()  # the σ of the previous layer to the host, as analyze's writer does
-                pending = nxt
-            if pending is not None:
-                pending.result()
+                waiting.append(pipe.submit(adapter.factors(layer, tensors, kinds, True)))
+                if len(waiting) > max(4, cfg.inflight):
+                    waiting.popleft().result()
+            while waiting:
+                waiting.popleft().result()
         _sync(device)
         out["seconds"] = time.perf_counter() - t
         out["resident_layers"] = len(resident)
+        out["inflight"] = cfg.inflight
     else:
         from svd_probe.analysis import AnalyzeJob, analyze
 
@@ -147,7 +150,8 @@ def phase(args) -> dict:
             if args.nproc > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
                 cmd += [str(args.nproc), "-m", "svd_probe.cli", "analyze", model, "--cache-dir", str(cache)]
-                cmd += ["--device", args.device, "--json"] + (["--endpoint", args.endpoint] if http else [])
+                cmd += ["--device", args.device, "--json", "--solver", args.solver]
+                cmd += ["--endpoint", args.endpoint] if http else []
                 t = time.perf_counter()
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 out["wall_with_startup"] = time.perf_counter() - t
@@ -159,7 +163,14 @@ def phase(args) -> dict:
                 peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
                 out["peak_rss_gb_largest_rank"] = peak
             else:
-                job = AnalyzeJob(model, endpoint=args.endpoint if http else None, cache_dir=cache, device=args.device)
+                job = AnalyzeJob(
+                    model,
+                    endpoint=args.endpoint if http else None,
+                    cache_dir=cache,
+                    device=args.device,
+                    solver=args.solver,
+                    inflight=args.inflight,
+                )
                 t = time.perf_counter()
                 stats = analyze(job).stats
                 out["seconds"] = time.perf_counter() - t
@@ -198,6 +209,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--nproc", type=int, default=1, help="analyze under torchrun with this many ranks")
     ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    ap.add_argument("--solver", default="auto", help="analyze --solver, for compute and analyze")
+    ap.add_argument("--inflight", type=int, default=0, help="layers in flight (0: analyze's auto)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase
     ap.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
@@ -205,6 +218,11 @@ def main() -> None:
     if args.ckpt is None:
         args.ckpt = Path(tempfile.gettempdir()) / f"svdp-bench-e2e-{args.layers}"
     if args.phase:
+        from svd_probe.spectra import band
+
+        # This script is guarded and its top level harmless (a sys.path entry), which band's
+        # source check cannot tell: let the band solvers' stage 2 run on worker processes.
+        band.use_stage2_workers("processes")
         print(json.dumps(phase(args)), flush=True)
         return
 
@@ -233,6 +251,8 @@ def main() -> None:
         "checkpoint_gb": size / 1e9,
         "build_seconds": build_s,
         "nproc": args.nproc,
+        "solver": args.solver,
+        "inflight": args.inflight,
         "phases": {},
     }
     try:
@@ -241,6 +261,7 @@ def main() -> None:
         for name in args.phases:
             cmd = [sys.executable, __file__, "--phase", name, "--endpoint", endpoint, "--ckpt", str(args.ckpt)]
             cmd += ["--device", args.device, "--nproc", str(args.nproc), "--layers", str(args.layers)]
+            cmd += ["--solver", args.solver, "--inflight", str(args.inflight)]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if r.returncode != 0:
                 print(f"{name}: failed\n{r.stderr[-4000:]}", flush=True)

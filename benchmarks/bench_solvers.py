@@ -31,8 +31,9 @@ every remaining section is recorded as skipped, this measures:
 8. the two-stage "band" solver (svd_probe/spectra/band.py), run before 5: its stage 1 (dense →
    band on the device, band to the host) and stage 2 (LAPACK on one CPU thread) on stacked VO's
    Gram for each `--band-widths` b, stage 2 of one problem per core at once (its throughput
-   bound: the CPU does two per layer), and `layers_spectra` with it and with "band-hybrid" (the
-   device's syevd takes a problem that finds every core busy) at `--band-inflight` k.
+   bound: the CPU does two per layer; on threads and on processes with `--band-scaling`), and
+   `layers_spectra` with it and with "band-hybrid" (the device's syevd takes a problem that
+   finds every worker busy) at `--band-inflight` k, stage 2 on each of `--band-workers`.
 
 `--only` names the sections to run besides the baseline (e.g. `--only references,band`).
 
@@ -220,6 +221,11 @@ def versions() -> dict:
 
 
 def main(argv=None) -> int:
+    from svd_probe.spectra import band
+
+    # This script is guarded and its top level harmless, which band's source check cannot tell:
+    # let the band solvers' stage 2 run on worker processes (spawned ones import this file).
+    band.use_stage2_workers("processes")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="small shapes (fast on CPU); see SMALL")
@@ -239,7 +245,16 @@ def main(argv=None) -> int:
         help="op:solver pairs to time (op: eig on the float64 Grams, svd32/svd64 on the reduced matrices)",
     )
     ap.add_argument("--band-widths", default="32,48,64", help="band widths b whose two stages are timed (section band)")
-    ap.add_argument("--band-inflight", default="8,16", help="layers in flight for the band solver")
+    ap.add_argument("--band-inflight", default="8,12", help="layers in flight for the band solver")
+    ap.add_argument(
+        "--band-workers", default="processes", help="where band's stage 2 runs, comma-separated: processes, threads"
+    )
+    ap.add_argument(
+        "--band-scaling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stage 2's throughput on 2/4/8 threads and one process per core",
+    )
     ap.add_argument(
         "--only",
         default="",
@@ -511,7 +526,7 @@ def main(argv=None) -> int:
         # Why 16 threads ran only about 2x one on the H200 host (2026-12-02): the same problems on
         # 2, 4, 8 threads, and on as many processes as cores (no shared interpreter at all). If
         # processes scale no better than threads, the host's cores are the limit, not the GIL.
-        if b0 in bands and run.left() > 45:
+        if b0 in bands and args.band_scaling and run.left() > 45:
             import multiprocessing as mp
 
             scaling: dict = {}
@@ -529,12 +544,18 @@ def main(argv=None) -> int:
         bands.clear()  # the Gram goes with this function's frame
         rep["sections"]["band"] = out
         band_ks = [int(x) for x in args.band_inflight.split(",") if x.strip()]
-        inflight("gram64 band threads", replace(base, solver="band", batched=False), band_ks)
-        before = dict(BD.ROUTE_COUNTS)
-        inflight("gram64 band-hybrid threads", replace(base, solver="band-hybrid", batched=False), band_ks)
-        split = {k: BD.ROUTE_COUNTS[k] - before[k] for k in before}
-        out["hybrid_problems_by_route"] = split
-        run.row("band", "band-hybrid: problems by route over its in-flight runs", note=str(split))
+        out["hybrid_problems_by_route"] = {}
+        for workers in [w.strip() for w in args.band_workers.split(",") if w.strip()]:
+            # where stage 2 runs: one worker process per core (the default), or threads
+            BD.use_stage2_workers(workers)
+            inflight(f"gram64 band, stage 2 on {workers}", replace(base, solver="band", batched=False), band_ks)
+            before = dict(BD.ROUTE_COUNTS)
+            cfg = replace(base, solver="band-hybrid", batched=False)
+            inflight(f"gram64 band-hybrid, stage 2 on {workers}", cfg, band_ks)
+            split = {k: BD.ROUTE_COUNTS[k] - before[k] for k in before}
+            out["hybrid_problems_by_route"][workers] = split
+            run.row("band", f"band-hybrid on {workers}: problems by route", note=str(split))
+        BD.use_stage2_workers("processes")
         return out
 
     run.section("band", band_section, need=40)

@@ -69,10 +69,14 @@ class AnalyzeJob:
     control: str | None = None
     # The overlap pipeline's bounds (`_compute_layers`): layers read ahead of the one being
     # computed, computed layers waiting for the cache writer, and layers whose big eigensolves
-    # may be in flight at once (0: 2 on CUDA, 1 on the CPU).
+    # may be in flight at once (0: auto, `svd_probe.spectra.compute.pipeline_config`).
     prefetch: int = 2
     write_queue: int = 4
     inflight: int = 0
+    # The eigensolver of the big problems (a name in `svd_probe.spectra.solvers.SOLVERS`, or
+    # "auto": the device's entry in `AUTO_ROUTES`). Every solver meets the same 1e-4·σ₁ contract,
+    # so it is not part of the cache key.
+    solver: str = "auto"
     # Passed to the range reader (retries, backoff, max_gap, chunk_size, timeout).
     read_options: dict = field(default_factory=dict)
 
@@ -189,7 +193,9 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
         with progress_for(progress) as sink:
             return analyze(request, progress=sink)
     from svd_probe.distributed import Ranks
+    from svd_probe.spectra.compute import pipeline_config
 
+    pipeline_config(pick_device(request.device), request.solver)  # a bad --solver fails before any read
     ranks, device = Ranks.from_env(pick_device(request.device))
     try:
         outcome = _analyze(request, progress, device, ranks)
@@ -354,7 +360,7 @@ def _compute_layers(
     """
     from svd_probe.cache.writer import LayerWriter
     from svd_probe.hub.stream import stream_layers
-    from svd_probe.spectra.compute import SpectraConfig, SpectraPipeline
+    from svd_probe.spectra.compute import SpectraPipeline, pipeline_config
 
     if not layers:
         return {}
@@ -362,10 +368,7 @@ def _compute_layers(
     def plan_for_layer(layer: int):
         return adapter.plan(layer, kind_set, request.fold_norms)
 
-    # Two layers' big solves in flight on CUDA: 0.726 s a DeepSeek-V3 layer instead of 0.774 s
-    # (benchmarks/README.md, H200); on the CPU each layer runs inline, as before. The writer
-    # thread collects σ, so the solves are never batched (a batch is launched by its reader).
-    config = SpectraConfig(inflight=request.inflight or (2 if device.type == "cuda" else 1), batched=False)
+    config = pipeline_config(device, request.solver, request.inflight)
     clock = [time.perf_counter()]
 
     def finish(layer: int, pending, storage: dict[str, str]) -> LayerSpectra:
@@ -388,7 +391,9 @@ def _compute_layers(
                 progress.layer_done(layer)
 
     pipe = SpectraPipeline(kind_set, normalize_stacked=request.normalize_stacked, config=config)
-    writer = LayerWriter(depth=request.write_queue)
+    # The writer's queue holds each layer until its σ are on the host, so it bounds the layers in
+    # flight as well: at least `inflight` of them may wait (the band solvers keep 12 pending).
+    writer = LayerWriter(depth=max(request.write_queue, config.inflight))
     try:
         for layer, tensors in stream_layers(source, layers, plan_for_layer, device, prefetch=request.prefetch):
             tensors = apply_control(tensors, options.control, CONTROL_SEED)  # --control: randomized weights

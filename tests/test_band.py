@@ -20,6 +20,7 @@ import torch
 
 from svd_probe.adapters.base import AttentionFactors
 from svd_probe.spectra import band as B
+from svd_probe.spectra import band_lapack as BL
 from svd_probe.spectra.compute import SOLVERS, SpectraConfig, layer_spectra, layers_spectra, solve, solver_unavailable
 
 
@@ -167,7 +168,7 @@ def test_every_stage2_route_agrees():
     n, b = 257, 12
     ab = rng.standard_normal((b + 1, n))
     ref = np.linalg.eigvalsh(dense_of_band(ab))
-    routes = B._band_routes()
+    routes = BL._band_routes()
     assert routes[-1][0].startswith("scipy")
     for name, fn in routes:
         got = fn(ab)
@@ -179,7 +180,7 @@ def test_stage2_releases_the_gil():
     # The point of the split: while one thread solves a band on the CPU, other Python threads
     # (driving the GPU) must run. A thread holding the GIL through the call would stall the main
     # thread until it returns (scipy.linalg.eigvals_banded does: the ctypes routes exist for this).
-    name, fn = B._stage2()
+    name, fn = BL._stage2()
     if name.startswith("scipy"):
         pytest.skip("no ctypes LAPACK route here; scipy's wrapper holds the GIL")
     ab = np.random.default_rng(7).standard_normal((33, 1500))
@@ -250,9 +251,18 @@ def test_public_path_equals_default_route():
     assert np.abs(s.numpy() - ref).max() <= 1e-10 * ref[0]
 
 
-def test_hybrid_takes_the_device_only_when_every_core_is_busy():
+@pytest.fixture
+def band_threads():
+    """Stage 2 on threads for one test (a gate of threading.Event cannot go to a process)."""
+    B.use_stage2_workers("threads")
+    yield
+    B.use_stage2_workers("auto")
+
+
+def test_hybrid_takes_the_device_only_when_every_core_is_busy(band_threads):
     # Fill the band pool with tasks that wait on a gate: every core "busy". The hybrid then
     # solves on the device (torch.linalg.eigvalsh, here the CPU); once the gate opens, on the pool.
+    assert B.stage2_workers() == "threads"
     rng = np.random.default_rng(11)
     mats = np.stack([planted(rng, 100, True)[0] for _ in range(2)])
     refs = [np.linalg.eigvalsh(a) for a in mats]
@@ -297,3 +307,79 @@ def test_band_solves_in_a_forked_child():
 
 def _band_in_child(ab: np.ndarray) -> np.ndarray:
     return B._submit(B.band_eigvals, ab).result(timeout=15)
+
+
+def test_stage2_on_worker_processes_matches_numpy():
+    # Spawned workers (the default where the main script is safe to import: pytest's is): the
+    # bands go out, the eigenvalues come back, for a batch larger than the pool.
+    B.use_stage2_workers("processes")
+    try:
+        assert B.stage2_workers() == "processes"
+        rng = np.random.default_rng(13)
+        mats = [planted(rng, 120, i % 2 == 0)[0] for i in range(2 * B.cores() + 1)]
+        got = B.eigvalsh_band(torch.from_numpy(np.stack(mats)), 16)
+        for g, a in zip(got, mats, strict=True):
+            ref = np.linalg.eigvalsh(a)
+            assert np.abs(g.numpy() - ref).max() <= bound(ref)
+        pid = B._submit(os.getpid).result(timeout=60)
+        assert pid != os.getpid()  # it ran in another process
+    finally:
+        B.use_stage2_workers("auto")
+
+
+def test_dead_worker_process_falls_back_to_threads():
+    # A worker that dies (here: killed by the problem it was given) breaks the process pool; the
+    # solve is redone on a thread, with a warning, and later solves stay on threads.
+    B.use_stage2_workers("processes")
+    try:
+        a, _ = planted(np.random.default_rng(14), 100, True)
+        ab = B.to_band(torch.from_numpy(a), 16)
+        fut = B._submit(os._exit, 3)
+        with pytest.warns(RuntimeWarning, match="worker processes failed"):
+            got = B._band_result(fut, ab)
+        ref = np.linalg.eigvalsh(a)
+        assert np.abs(np.sort(got) - ref).max() <= bound(ref)
+        assert B.stage2_workers() == "threads"
+    finally:
+        B.use_stage2_workers("auto")
+
+
+@pytest.mark.parametrize(
+    ("source", "safe"),
+    [
+        ('"""doc"""\nimport sys\nfrom os import path\nX = 3\nY: int = X + 1\n'
+         'def main():\n    print(1)\n\nif __name__ == "__main__":\n    main()\n', True),
+        ("import functools\n@functools.cache\ndef f():\n    return 1\nclass A:\n    pass\n", True),
+        ("from svd_probe.analysis import analyze\nanalyze('deepseek-v3')\n", False),  # the work itself
+        ("import re\nSTEP = re.compile('x')\n", False),  # a call at import: cannot tell it is harmless
+        ("for i in range(3):\n    pass\n", False),
+        ("import typer\napp = typer.Typer()\n@app.command()\ndef f():\n    pass\n", False),
+        ('if __name__ != "__main__":\n    pass\n', False),
+        ('if __name__ == "__main__":\n    pass\nelse:\n    work()\n', False),
+        ("def broken(:\n", False),  # not Python: not safe
+    ],
+)  # fmt: skip
+def test_spawn_safety_of_a_main_script(tmp_path, source, safe):
+    script = tmp_path / "main.py"
+    script.write_text(source)
+    assert B._script_is_spawn_safe(str(script)) is safe
+
+
+def test_unguarded_script_gets_threads_and_finishes(tmp_path):
+    # A user's script that calls the band solver at top level: spawned workers would each run it
+    # again, so it must get threads, and finish with the right answer.
+    import subprocess
+    import sys
+
+    script = tmp_path / "user.py"
+    script.write_text(
+        "import numpy as np, torch\n"
+        "from svd_probe.spectra import band as B\n"
+        "a = np.random.default_rng(0).standard_normal((90, 90)); a = a + a.T\n"
+        "got = B.eigvalsh_band(torch.from_numpy(a)[None], 8)[0].numpy()\n"
+        "print(B.stage2_workers(), float(np.abs(got - np.linalg.eigvalsh(a)).max()))\n"
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    kind, err = r.stdout.split()
+    assert kind == "threads" and float(err) < 1e-9

@@ -160,3 +160,39 @@ def test_torchrun_splits_missing_layers_once_each_and_a_rerun_resumes(fake_hub, 
         next(shared.rglob(f"layer-{ly:04d}.safetensors")).unlink()
     rerun = analyze(job(shared))
     assert rerun.computed == [1, 2] and rerun.from_cache == [0, 3]
+
+
+def test_pipeline_config_picks_solver_and_layers_in_flight():
+    import torch
+
+    from svd_probe.errors import BadOptionError
+    from svd_probe.spectra.band import cores
+    from svd_probe.spectra.compute import AUTO_ROUTES, pipeline_config
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # resolving needs no GPU
+    assert pipeline_config(cpu).inflight == 1 and pipeline_config(cpu).solver == "auto"
+    assert pipeline_config(cpu).resolved(cpu).solver == AUTO_ROUTES["cpu"]["solver"]
+    assert pipeline_config(cuda, "torch").inflight == 2
+    # band: two problems a layer, one worker per core, four layers more
+    assert pipeline_config(cuda, "band-hybrid").inflight == cores() // 2 + 4
+    assert pipeline_config(cpu, "band").inflight == 1
+    assert pipeline_config(cuda, "band", inflight=3).inflight == 3
+    assert pipeline_config(cuda, "torch").batched is False
+    with pytest.raises(BadOptionError, match="--solver nope") as e:
+        pipeline_config(cpu, "nope")
+    assert "band-hybrid" in (e.value.hint or "")
+
+
+def test_analyze_refuses_an_unknown_solver_before_reading(deepseek_ckpt, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from svd_probe.cli import main
+
+    argv = ["svd-probe", "analyze", str(deepseek_ckpt.folder), "--cache-dir", str(tmp_path), "--solver", "nope"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--solver nope" in err and "--solver auto" in err and "Traceback" not in err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # refused before reading or writing anything
+    # (band's numbers through the pipeline: tests/test_band.py, layers_spectra with big_side=100)

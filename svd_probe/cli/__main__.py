@@ -2,4 +2,6 @@
 
 from svd_probe.cli import main
 
-main()
+# Guarded: the band solver's spawned worker processes import the main module (as __mp_main__).
+if __name__ == "__main__":
+    main()

@@ -102,6 +102,14 @@ def analyze_cmd(
     concurrency: int = typer.Option(8, "--concurrency", min=1, max=64, help="HTTP range requests in flight."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
     control: Control | None = AnalyzeControlOpt,
+    solver: str = typer.Option(
+        "auto",
+        "--solver",
+        help="Eigensolver of the big stacked problems: auto (the device's default), torch, band "
+        "(two-stage: GPU, then CPU workers), band-hybrid (band, and the GPU takes problems when every "
+        "CPU worker is busy), torch-gesvdj, or cupy, cupy-jacobi, jax, jax-jacobi, jax-polar with the "
+        "[solvers] extra. The same spectra to 1e-4·σ₁; only the speed differs.",
+    ),
 ) -> None:
     """Stream a checkpoint's attention layer by layer, compute every spectrum, cache it, summarize."""
     from svd_probe.analysis import AnalyzeJob, analyze
@@ -124,6 +132,7 @@ def analyze_cmd(
         force=force,
         concurrency=concurrency,
         control=control.value if control else None,
+        solver=solver,
     )
     # Progress goes to stderr, so it never mixes with --json on stdout.
     with layer_progress(err, enabled=show_progress()) as progress:

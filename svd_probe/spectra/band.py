@@ -22,23 +22,48 @@ the point of the split is that the CPU works on the band of one problem while th
 by other Python threads) reduces the next. The routine is LAPACK's dsbev_2stage (bulge
 chasing, dsytrd_sb2st + dsterf) when the LAPACK behind scipy exports it (scipy's bundled
 OpenBLAS does), else dsbevd (dsbtrd + dsterf), both reached through the function pointers that
-`scipy.linalg.cython_lapack` publishes; `stage2_name()` says which one runs. The band solves of all
-threads share one pool of one thread per core (`_pool`). With `hybrid=True` ("band-hybrid" in
-SOLVERS), a problem that finds every core busy is solved by torch.linalg.eigvalsh on the
-device instead, one at a time, so the GPU takes a share of the problems as well.
+`scipy.linalg.cython_lapack` publishes; `stage2_name()` says which one runs (that code lives in
+band_lapack.py, which imports no torch).
+
+Stage 2's workers: the band solves of all callers share one pool of one worker per core, worker
+*processes* where that is safe, else threads (`stage2_workers()` says which). Threads do not
+scale: on the H200's 16-core host (2026-12-02) 2 / 4 / 8 threads solved a 7168-wide band in
+1.68 / 1.26 / 1.32 s per problem against 2.87 s on one, while 16 spawned processes took 0.34 s
+per problem (benchmarks/README.md, "Two-stage band solver"): the LAPACK calls of one process
+serialize somewhere inside OpenBLAS, not on the GIL. A band goes to a worker as a (b+1) × n array
+(1.9 MB at n = 7168, b = 32) and comes back as n eigenvalues, so the copies cost nothing beside
+the seconds of the solve. Processes are started by "spawn" (no fork of a process that holds CUDA
+and many threads), which imports the program's main module in each worker as Python's
+multiprocessing always does; a main script that would run its work again on import (top-level
+code outside `if __name__ == "__main__":`) gets threads instead, checked on its source
+(`_spawn_safe`). If the processes cannot start or die, the pool falls back to threads with a
+warning, and the problem is solved there.
+
+With `hybrid=True` ("band-hybrid" in SOLVERS), a problem that finds every worker busy is solved
+by torch.linalg.eigvalsh on the device instead, one at a time, so the GPU takes a share of the
+problems as well.
 """
 
 from __future__ import annotations
 
-import ctypes
+import ast
 import functools
+import multiprocessing
 import os
+import signal
+import sys
 import threading
+import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from svd_probe.spectra.band_lapack import band_eigvals, stage2_name
+
+__all__ = ["DEFAULT_BAND", "band_eigvals", "band_on_device", "cores", "eigvalsh_band", "stage2_name",
+           "stage2_workers", "to_band", "use_stage2_workers"]  # fmt: skip
 
 # Stage 1 costs fewer launches per column with a wider band, stage 2 more CPU time per problem.
 # dsbev_2stage at n = 7168 on one core of the 2-core dev VM: 2.5 s (b = 16), 2.4 (24),
@@ -119,111 +144,7 @@ def band_on_device(a: torch.Tensor, b: int) -> torch.Tensor:
         return ab
 
 
-# --- stage 2: band → eigenvalues on the CPU, GIL released -----------------------------------------
-
-_P = ctypes.c_void_p
-_L = ctypes.c_size_t  # gfortran's hidden lengths of the character arguments
-
-
-def _cython_lapack_pointer(name: str) -> int | None:
-    """The C function pointer that scipy.linalg.cython_lapack publishes for LAPACK routine `name`."""
-    import scipy.linalg.cython_lapack as cl
-
-    capsule = cl.__pyx_capi__.get(name)
-    if capsule is None:
-        return None
-    # prototypes of our own: setting argtypes on ctypes.pythonapi's functions would change them
-    # for every other user in the process
-    get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
-    get_pointer = ctypes.PYFUNCTYPE(_P, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_GetPointer", ctypes.pythonapi))
-    return get_pointer(capsule, get_name(capsule)) or None
-
-
-def _scipy_lapack_symbol(name: str) -> int | None:
-    """The address of Fortran LAPACK routine `name` in the LAPACK that scipy.linalg is linked
-    against (32-bit integers), for routines that cython_lapack does not publish (dsbev_2stage).
-
-    dlsym on the handle of scipy's cython_lapack module searches it and the libraries it links
-    (scipy's bundled OpenBLAS prefixes its symbols with "scipy_"; a system LAPACK does not)."""
-    import scipy.linalg.cython_lapack as cl
-
-    try:
-        lib = ctypes.CDLL(cl.__file__)
-    except OSError:
-        return None
-    for symbol in (f"scipy_{name}_", f"{name}_", f"scipy_{name}", name):
-        try:
-            return ctypes.cast(getattr(lib, symbol), _P).value
-        except AttributeError:
-            continue
-    return None
-
-
-def _band_routes() -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
-    """[(name, fn)] in order of preference, those that load here; fn(ab) → eigenvalues ascending
-    of the band matrix in lower band storage ab."""
-    routes: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = []
-    ip = lambda v: ctypes.byref(ctypes.c_int(v))  # noqa: E731
-    try:
-        two_ptr = _scipy_lapack_symbol("dsbev_2stage")
-        bevd_ptr = _cython_lapack_pointer("dsbevd")
-    except Exception:  # noqa: BLE001 - any failure here only means: scipy's wrapper instead
-        two_ptr = bevd_ptr = None
-    if two_ptr:
-        fn2 = ctypes.CFUNCTYPE(None, *([_P] * 12), _L, _L)(two_ptr)
-
-        def run2(ab: np.ndarray) -> np.ndarray:
-            kd, n = ab.shape[0] - 1, ab.shape[1]
-            a = np.array(ab, dtype=np.float64, order="F")  # overwritten
-            w, z, q, info = np.empty(n), np.empty(1), np.empty(1), ctypes.c_int(0)
-            args = (ip(n), ip(kd), a.ctypes.data, ip(kd + 1), w.ctypes.data, z.ctypes.data, ip(1))
-            fn2(b"N", b"L", *args, q.ctypes.data, ip(-1), ctypes.byref(info), 1, 1)  # workspace query
-            work = np.empty(max(1, int(q[0])))
-            fn2(b"N", b"L", *args, work.ctypes.data, ip(work.size), ctypes.byref(info), 1, 1)
-            if info.value != 0:
-                raise np.linalg.LinAlgError(f"dsbev_2stage: info {info.value}")
-            return w
-
-        routes.append(("LAPACK dsbev_2stage (dsytrd_sb2st + dsterf)", run2))
-    if bevd_ptr:
-        fnd = ctypes.CFUNCTYPE(None, *([_P] * 14))(bevd_ptr)  # a C wrapper: no hidden lengths
-
-        def rund(ab: np.ndarray) -> np.ndarray:
-            kd, n = ab.shape[0] - 1, ab.shape[1]
-            a = np.array(ab, dtype=np.float64, order="F")
-            w, z, work, iwork, info = np.empty(n), np.empty(1), np.empty(2 * n), np.empty(1, np.int32), ctypes.c_int(0)
-            fnd(b"N", b"L", ip(n), ip(kd), a.ctypes.data, ip(kd + 1), w.ctypes.data, z.ctypes.data, ip(1),
-                work.ctypes.data, ip(2 * n), iwork.ctypes.data, ip(1), ctypes.byref(info))  # fmt: skip
-            if info.value != 0:
-                raise np.linalg.LinAlgError(f"dsbevd: info {info.value}")
-            return w
-
-        routes.append(("LAPACK dsbevd (dsbtrd + dsterf)", rund))
-
-    def run_scipy(ab: np.ndarray) -> np.ndarray:
-        import scipy.linalg
-
-        return scipy.linalg.eigvals_banded(ab, lower=True)
-
-    routes.append(("scipy.linalg.eigvals_banded (holds the GIL)", run_scipy))
-    return routes
-
-
-@functools.cache
-def _stage2() -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
-    return _band_routes()[0]
-
-
-def band_eigvals(ab: np.ndarray) -> np.ndarray:
-    """Eigenvalues, ascending, of the symmetric band matrix in LAPACK lower band storage ab [b + 1, n]."""
-    if ab.shape[1] == 0:
-        return np.empty(0)
-    return _stage2()[1](ab)
-
-
-def stage2_name() -> str:
-    """Which LAPACK routine `band_eigvals` calls here."""
-    return _stage2()[0]
+# --- stage 2: band → eigenvalues on the CPU (band_lapack.py), on worker processes or threads ---------
 
 
 def cores() -> int:
@@ -233,11 +154,130 @@ def cores() -> int:
     return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
+WORKER_KINDS = ("auto", "processes", "threads")
+_choice = "auto"  # set by use_stage2_workers
+# Bounds the check of the main script's source (a larger "script" gets threads).
+_MAX_MAIN_SOURCE = 4 << 20
+
+
+def _script_is_spawn_safe(path: str) -> bool:
+    """Whether importing the Python file at `path` as a module only defines things: its top level
+    holds imports, definitions, assignments of literals and names, docstrings and
+    `if __name__ == "__main__":` blocks, nothing that calls or loops. A spawned worker imports the
+    main script (multiprocessing's rule); a script failing this check would run its work again
+    in every worker."""
+    try:
+        if os.path.getsize(path) > _MAX_MAIN_SOURCE:
+            return False
+        with open(path, "rb") as fh:
+            tree = ast.parse(fh.read(), filename=path)
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+    def inert(value: ast.expr | None) -> bool:  # no call, comprehension or await: nothing runs
+        return value is None or not any(
+            isinstance(n, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom, ast.NamedExpr, ast.ListComp,
+                           ast.SetComp, ast.DictComp, ast.GeneratorExp))
+            for n in ast.walk(value)
+        )  # fmt: skip
+
+    def main_guard(test: ast.expr) -> bool:
+        return (
+            isinstance(test, ast.Compare)
+            and isinstance(test.left, ast.Name)
+            and test.left.id == "__name__"
+            and len(test.ops) == 1
+            and isinstance(test.ops[0], ast.Eq)
+            and isinstance(test.comparators[0], ast.Constant)
+            and test.comparators[0].value == "__main__"
+        )
+
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom, ast.Pass)):
+            continue
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if all(inert(d) or isinstance(d, (ast.Name, ast.Attribute)) for d in node.decorator_list):
+                continue  # a decorator call runs at import: only bare names pass
+            return False
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and inert(node.value):
+            continue
+        if isinstance(node, ast.If) and main_guard(node.test) and not node.orelse:
+            continue
+        return False
+    return True
+
+
 @functools.cache
-def _pool() -> ThreadPoolExecutor:
+def _spawn_safe() -> bool:
+    """Whether spawned workers may import this program's main module: an interactive session or
+    `python -c` has no file to import; a script or `python -m` module must pass
+    `_script_is_spawn_safe`. A process that is itself a spawned child (a worker of someone's
+    pool) starts no processes of its own."""
+    if multiprocessing.parent_process() is not None:
+        return False
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return True if path is None else _script_is_spawn_safe(path)
+
+
+def use_stage2_workers(kind: str) -> None:
+    """Where stage 2 runs from now on: "processes", "threads", or "auto" (processes where
+    `_spawn_safe()` and there is more than one core, else threads). Takes effect for solves
+    submitted after the call; the old pool finishes what it has."""
+    global _choice
+    if kind not in WORKER_KINDS:
+        raise ValueError(f"stage 2 workers {kind!r}: choose from {WORKER_KINDS}")
+    with _pool_lock:
+        _choice = kind
+        _pool[:] = []
+
+
+def stage2_workers() -> str:
+    """The kind of worker ("processes" or "threads") that band solves submitted now go to."""
+    return _executor()[0]
+
+
+def _worker_init() -> None:
+    # Ctrl-C goes to the whole process group: the parent handles it (keeps what is done, says
+    # how to resume); a worker printing its own KeyboardInterrupt traceback would bury that.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_pool_lock = threading.Lock()
+_pool: list[tuple[str, Executor]] = []  # the one pool, once made
+
+
+def _executor() -> tuple[str, Executor]:
     # Shared by every caller (the pipeline's solve threads, a batched call): at most one band
     # solve per core at a time, however many problems are in flight.
-    return ThreadPoolExecutor(cores(), thread_name_prefix="svd-probe-band")
+    with _pool_lock:
+        if not _pool:
+            kind = _choice
+            if kind == "auto":
+                kind = "processes" if cores() > 1 and _spawn_safe() else "threads"
+            if kind == "processes":
+                ctx = multiprocessing.get_context("spawn")
+                _pool.append((kind, ProcessPoolExecutor(cores(), mp_context=ctx, initializer=_worker_init)))
+            else:
+                _pool.append(("threads", ThreadPoolExecutor(cores(), thread_name_prefix="svd-probe-band")))
+        return _pool[0]
+
+
+def _fall_back_to_threads(why: BaseException) -> None:
+    global _choice
+    with _pool_lock:
+        if _choice == "threads" or (_pool and _pool[0][0] == "threads"):
+            return
+        _choice = "threads"
+        _pool[:] = []
+    warnings.warn(
+        f"svd-probe: the band solver's worker processes failed ({type(why).__name__}: {why}); "
+        "stage 2 runs on threads from now on (slower on many cores)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 _lock = threading.Lock()
@@ -250,10 +290,12 @@ _device_slots = threading.BoundedSemaphore(1)
 
 
 def _after_fork_in_child() -> None:
-    # A forked child has none of the parent's pool threads, but the executor would believe its
-    # idle ones exist and queue work for them forever: start afresh.
-    global _queued, _lock, _device_slots
-    _pool.cache_clear()
+    # A forked child has none of the parent's pool threads or worker processes, but the executor
+    # would believe they exist and queue work for them forever: start afresh.
+    global _queued, _lock, _pool_lock, _device_slots
+    _pool[:] = []
+    _pool_lock = threading.Lock()
+    _spawn_safe.cache_clear()
     _queued = 0
     _lock = threading.Lock()
     _device_slots = threading.BoundedSemaphore(1)
@@ -264,11 +306,16 @@ if hasattr(os, "register_at_fork"):
 
 
 def _submit(fn: Callable, *args) -> Future:
-    """fn(*args) on the pool, counted as queued until it finishes."""
+    """fn(*args) on the stage-2 pool (fn and args picklable for processes), counted as queued
+    until it finishes."""
     global _queued
     with _lock:
         _queued += 1
-    fut = _pool().submit(fn, *args)
+    try:
+        fut = _executor()[1].submit(fn, *args)
+    except (BrokenExecutor, OSError, RuntimeError) as e:  # no process could start
+        _fall_back_to_threads(e)
+        fut = _executor()[1].submit(fn, *args)
     fut.add_done_callback(_finished)
     return fut
 
@@ -282,6 +329,15 @@ def _finished(_: Future) -> None:
 def _cpu_full() -> bool:
     with _lock:
         return _queued >= cores()
+
+
+def _band_result(fut: Future, ab: np.ndarray) -> np.ndarray:
+    """The eigenvalues from a band solve; a worker process that died is replaced by a thread."""
+    try:
+        return fut.result()
+    except BrokenExecutor as e:
+        _fall_back_to_threads(e)
+        return _submit(band_eigvals, ab).result()
 
 
 def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -> torch.Tensor:
@@ -299,7 +355,7 @@ def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -
     n = int(x.shape[-1])
     if n <= 2 * b or x.shape[0] == 0:
         return torch.linalg.eigvalsh(x)
-    parts: list[Future | torch.Tensor] = []
+    parts: list[tuple[Future, np.ndarray] | torch.Tensor] = []
     for xi in x:
         if hybrid and _cpu_full() and _device_slots.acquire(blocking=False):
             try:
@@ -312,8 +368,9 @@ def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -
                 _device_slots.release()
             parts.append(lam)
         else:
-            parts.append(_submit(band_eigvals, to_band(xi, b)))
+            ab = to_band(xi, b)
+            parts.append((_submit(band_eigvals, ab), ab))
             with _lock:
                 ROUTE_COUNTS["band"] += 1
-    out = [p if isinstance(p, torch.Tensor) else torch.from_numpy(p.result()).to(x.device) for p in parts]
+    out = [p if isinstance(p, torch.Tensor) else torch.from_numpy(_band_result(*p)).to(x.device) for p in parts]
     return torch.stack(out)

@@ -80,6 +80,7 @@ __all__ = [
     "SpectraPipeline",
     "layer_spectra",
     "layers_spectra",
+    "pipeline_config",
     "requested_keys",
     "solve",
     "solver_unavailable",
@@ -172,6 +173,40 @@ AUTO_ROUTES: dict[str, dict] = {
 
 
 DEFAULT_CONFIG = SpectraConfig()
+
+# The band solvers keep every CPU worker busy only with many problems pending: two a layer, one
+# worker per core, plus a few layers for the GPU's share (band-hybrid) and the stage-1 queue.
+BAND_SOLVERS = ("band", "band-hybrid")
+
+
+def pipeline_config(device: torch.device, solver: str = "auto", inflight: int = 0) -> SpectraConfig:
+    """The config of `analyze`'s overlap pipeline on `device`: `solver` ("auto" or a name in
+    SOLVERS) for the big problems, `inflight` layers pending (0: auto), never batched (the writer
+    thread collects each layer's σ). Raises BadOptionError for a solver that cannot run here.
+
+    Auto in flight: on CUDA two layers (0.726 s a DeepSeek-V3 layer instead of 0.774 s with one,
+    benchmarks/README.md, H200), or for the band solvers enough layers for every core's worker
+    (`band_inflight`); on the CPU one, each layer inline."""
+    from svd_probe.errors import BadOptionError
+
+    config = SpectraConfig(solver=solver, inflight=max(0, inflight), batched=False)
+    try:
+        picked = config.resolved(device).solver
+    except ValueError as e:
+        names = ", ".join(SOLVERS)
+        raise BadOptionError(f"--solver {solver}: {e}", f"Use --solver auto or one of: {names}.") from None
+    if not inflight:
+        auto = band_inflight() if picked in BAND_SOLVERS else 2
+        config = replace(config, inflight=auto if device.type == "cuda" else 1)
+    return config
+
+
+def band_inflight() -> int:
+    """Layers in flight that keep the band solvers' CPU workers fed: half a layer per core (two
+    problems a layer) and four more."""
+    from svd_probe.spectra.band import cores
+
+    return cores() // 2 + 4
 
 
 # --- primitives ----------------------------------------------------------------------------------
