@@ -308,18 +308,21 @@ def main() -> int:
     def stop(signum, frame):  # SIGTERM (an outer timeout): stop training, still collect
         raise KeyboardInterrupt
 
+    def reap() -> None:  # log and record the runs that ended since the last look
+        for n in list(started):
+            p = pool.procs[n][0]
+            if p.poll() is not None:
+                ok = (runs / n / "metrics.json").is_file()
+                if ok:
+                    walls.setdefault(n.split("-", 1)[0], []).append(elapsed() - started[n])
+                    write_results(runs, out)  # a driver killed later still leaves these
+                log(f"{'finished' if ok else 'FAILED'} {n} ({elapsed() - started[n]:.0f} s)")
+                del started[n]
+
     signal.signal(signal.SIGTERM, stop)
     try:
         while queue or pool.running():
-            for n in list(started):
-                p = pool.procs[n][0]
-                if p.poll() is not None:
-                    ok = (runs / n / "metrics.json").is_file()
-                    if ok:
-                        walls.setdefault(n.split("-", 1)[0], []).append(elapsed() - started[n])
-                        write_results(runs, out)  # a driver killed later still leaves these
-                    log(f"{'finished' if ok else 'FAILED'} {n} ({elapsed() - started[n]:.0f} s)")
-                    del started[n]
+            reap()
             if elapsed() >= train_deadline:
                 break
             for job in list(queue):
@@ -346,6 +349,7 @@ def main() -> int:
                 started[name] = elapsed()
                 log(f"started {name} ({len(pool.running())} running)")
             time.sleep(1)
+        reap()  # the last runs ended while the loop's condition was checked
     except KeyboardInterrupt:
         log("stopped by a signal: collecting what finished")
     finally:
