@@ -287,6 +287,34 @@ def test_hybrid_takes_the_device_only_when_every_core_is_busy(band_threads):
     assert SOLVERS["band-hybrid"].eig is not None and solver_unavailable("band-hybrid", torch.device("cpu")) is None
 
 
+def test_hybrid_waits_for_the_device_when_every_worker_is_busy(band_threads):
+    # Every worker busy and the device slot taken (by this test): a hybrid solve must wait for
+    # the slot, not join the CPU queue (the first rule did, and gave the GPU 2 of 86 problems);
+    # once the slot is free it solves on the device.
+    a, _ = planted(np.random.default_rng(15), 100, True)
+    gate = threading.Event()
+    blockers = [B._submit(gate.wait, 30) for _ in range(B.cores())]
+    got: list = []
+    try:
+        before = dict(B.ROUTE_COUNTS)
+        B._device_slots.acquire()
+        try:
+            t = threading.Thread(target=lambda: got.append(B.eigvalsh_band(torch.from_numpy(a)[None], 16, hybrid=True)))
+            t.start()
+            t.join(0.5)
+            assert t.is_alive() and B.ROUTE_COUNTS == before  # waiting, and not queued on the CPU
+        finally:
+            B._device_slots.release()
+        t.join(30)
+        assert B.ROUTE_COUNTS["device"] - before["device"] == 1 and B.ROUTE_COUNTS["band"] == before["band"]
+    finally:
+        gate.set()
+    for f in blockers:
+        f.result()
+    ref = np.linalg.eigvalsh(a)
+    assert np.abs(got[0][0].numpy() - ref).max() <= bound(ref)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_band_solves_in_a_forked_child():
     # The parent's pool has idle threads; a forked child has none of them and must make its own.

@@ -29,7 +29,7 @@ Stage 2's workers: the band solves of all callers share one pool of one worker p
 *processes* where that is safe, else threads (`stage2_workers()` says which). Threads do not
 scale: on the H200's 16-core host (2026-12-02) 2 / 4 / 8 threads solved a 7168-wide band in
 1.68 / 1.26 / 1.32 s per problem against 2.87 s on one, while 16 spawned processes took 0.34 s
-per problem (benchmarks/README.md, "Two-stage band solver"): the LAPACK calls of one process
+per problem (benchmarks/README.md, "Stage 2 on worker processes"): the LAPACK calls of one process
 serialize somewhere inside OpenBLAS, not on the GIL. A band goes to a worker as a (b+1) × n array
 (1.9 MB at n = 7168, b = 32) and comes back as n eigenvalues, so the copies cost nothing beside
 the seconds of the solve. Processes are started by "spawn" (no fork of a process that holds CUDA
@@ -39,9 +39,9 @@ code outside `if __name__ == "__main__":`) gets threads instead, checked on its 
 (`_spawn_safe`). If the processes cannot start or die, the pool falls back to threads with a
 warning, and the problem is solved there.
 
-With `hybrid=True` ("band-hybrid" in SOLVERS), a problem that finds every worker busy is solved
-by torch.linalg.eigvalsh on the device instead, one at a time, so the GPU takes a share of the
-problems as well.
+With `hybrid=True` ("band-hybrid" in SOLVERS), a problem that finds every worker busy waits for
+the device and is solved there by torch.linalg.eigvalsh, one at a time, so the GPU takes a share
+of the problems as well.
 """
 
 from __future__ import annotations
@@ -340,14 +340,36 @@ def _band_result(fut: Future, ab: np.ndarray) -> np.ndarray:
         return _submit(band_eigvals, ab).result()
 
 
+def _on_device_if_cpu_full(xi: torch.Tensor) -> torch.Tensor | None:
+    """The hybrid's choice for one matrix: its eigenvalues by torch.linalg.eigvalsh on its device
+    if every CPU worker is busy, else None (the band route).
+
+    A matrix that finds every worker busy waits for the device slot rather than joining the CPU
+    queue: on the H200 host a queued band waits seconds for a worker (16 problems in 5.4 s),
+    where the device solves one in 0.39 s. Taking the slot only when it was free (the first
+    form) handed the device 2 of 86 problems (benchmarks/README.md, "Stage 2 on worker
+    processes"). After the wait the CPU may have room again: then the band route."""
+    if not _cpu_full():
+        return None
+    with _device_slots:
+        if not _cpu_full():
+            return None
+        lam = torch.linalg.eigvalsh(xi)
+        if lam.is_cuda:  # the slot is taken until the device is done with it
+            torch.cuda.current_stream(lam.device).synchronize()
+        with _lock:
+            ROUTE_COUNTS["device"] += 1
+    return lam
+
+
 def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -> torch.Tensor:
     """Eigenvalues, ascending, of each symmetric float64 matrix of the batch x [k, n, n] (lower
     triangles read), float64 [k, n] on x's device: stage 1 on x's device (this thread's current
     stream), stage 2 on the CPU pool, one matrix's stage 2 beside the next one's stage 1.
 
     `hybrid`: a matrix that arrives while every core already has a band to solve goes to
-    torch.linalg.eigvalsh on x's device instead (cuSOLVER syevd on CUDA), if no other such
-    solve is running; so the device, idle between stage-1 reductions, takes a share.
+    torch.linalg.eigvalsh on x's device instead (cuSOLVER syevd on CUDA), one such solve at a
+    time (`_on_device_if_cpu_full`); so the device, idle between stage-1 reductions, takes a share.
     Matrices with n ≤ 2b (nothing to gain) go to torch.linalg.eigvalsh."""
     b = DEFAULT_BAND if b is None else b
     if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
@@ -357,15 +379,8 @@ def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -
         return torch.linalg.eigvalsh(x)
     parts: list[tuple[Future, np.ndarray] | torch.Tensor] = []
     for xi in x:
-        if hybrid and _cpu_full() and _device_slots.acquire(blocking=False):
-            try:
-                lam = torch.linalg.eigvalsh(xi)
-                if lam.is_cuda:  # the slot is taken until the device is done with it
-                    torch.cuda.current_stream(lam.device).synchronize()
-                with _lock:
-                    ROUTE_COUNTS["device"] += 1
-            finally:
-                _device_slots.release()
+        lam = _on_device_if_cpu_full(xi) if hybrid else None
+        if lam is not None:
             parts.append(lam)
         else:
             ab = to_band(xi, b)

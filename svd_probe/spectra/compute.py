@@ -45,7 +45,7 @@ Routes (`SpectraConfig`) choose how each step runs; "auto" picks per device (`AU
   matrix in float32/float64.
 - the big problems (smaller side > `big_side`; DeepSeek-V3: stacked O and VO, Grams 7168²) run on
   `SpectraConfig.solver`: torch (cuSOLVER syevd / gesvda), CuPy (syevd, syevj), JAX (QR, Jacobi,
-  polar), band (two-stage: GEMMs on the device, then LAPACK on CPU threads, svd_probe/spectra/
+  polar), band (two-stage: GEMMs on the device, then LAPACK on CPU worker processes, svd_probe/spectra/
   band.py), listed in `SOLVERS`; on CUDA each on its own stream and host thread, or batched.
   The band solver's CPU stage takes seconds per problem and runs beside everything else, so it
   pays only with about one big problem in flight per core (`inflight` ≈ cores / 2).

@@ -156,7 +156,7 @@ SOLVERS: dict[str, Solver] = {
         eigvalsh_band,
         None,
         False,
-        "two-stage: dense → band (torch geqrf + GEMMs, on the device), band → λ (LAPACK, CPU threads)",
+        "two-stage: dense → band (torch geqrf + GEMMs, on the device), band → λ (LAPACK, a CPU worker process per core)",
     ),
     "band-hybrid": Solver(
         "torch",
