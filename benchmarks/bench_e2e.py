@@ -113,6 +113,7 @@ def phase(args) -> dict:
         out["arrivals_s"] = arrivals
         out["bytes"] = src.bytes_fetched
     elif args.phase == "compute":
+        from svd_probe.analysis import AnalyzeJob
         from svd_probe.hub.stream import stream_layers
         from svd_probe.spectra.compute import SpectraPipeline, pipeline_config
 
@@ -127,12 +128,13 @@ def phase(args) -> dict:
         t = time.perf_counter()
         with SpectraPipeline(kinds, config=cfg) as pipe:
             # the σ of each layer to the host, oldest first, with as many layers waiting as
-            # analyze's writer queue allows (max(4, inflight)): the pipeline keeps `inflight` busy
+            # analyze's writer queue allows: the pipeline keeps `inflight` busy
+            depth = max(AnalyzeJob.write_queue, cfg.inflight)
             waiting: collections.deque = collections.deque()
             for i in range(len(layers)):
                 layer, tensors = resident[i % len(resident)]
                 waiting.append(pipe.submit(adapter.factors(layer, tensors, kinds, True)))
-                if len(waiting) > max(4, cfg.inflight):
+                if len(waiting) > depth:
                     waiting.popleft().result()
             while waiting:
                 waiting.popleft().result()

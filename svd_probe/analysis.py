@@ -195,8 +195,9 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
     from svd_probe.distributed import Ranks
     from svd_probe.spectra.compute import pipeline_config
 
-    pipeline_config(pick_device(request.device), request.solver)  # a bad --solver fails before any read
-    ranks, device = Ranks.from_env(pick_device(request.device))
+    picked = pick_device(request.device)
+    pipeline_config(picked, request.solver)  # a bad --solver fails before any read
+    ranks, device = Ranks.from_env(picked)
     try:
         outcome = _analyze(request, progress, device, ranks)
     finally:

@@ -196,8 +196,8 @@ def _script_is_spawn_safe(path: str) -> bool:
         if isinstance(node, (ast.Import, ast.ImportFrom, ast.Pass)):
             continue
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            if all(inert(d) or isinstance(d, (ast.Name, ast.Attribute)) for d in node.decorator_list):
-                continue  # a decorator call runs at import: only bare names pass
+            if all(inert(d) for d in node.decorator_list):
+                continue  # a decorator call runs at import: only names and attributes pass
             return False
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # a docstring
@@ -231,7 +231,7 @@ def use_stage2_workers(kind: str) -> None:
         raise ValueError(f"stage 2 workers {kind!r}: choose from {WORKER_KINDS}")
     with _pool_lock:
         _choice = kind
-        _pool[:] = []
+        _retire_pool()
 
 
 def stage2_workers() -> str:
@@ -247,6 +247,15 @@ def _worker_init() -> None:
 
 _pool_lock = threading.Lock()
 _pool: list[tuple[str, Executor]] = []  # the one pool, once made
+
+
+def _retire_pool() -> None:
+    # The next _executor() makes a new pool; the old one runs what it was given, then its
+    # threads or worker processes exit (they would otherwise idle until the interpreter ends).
+    # Called with _pool_lock held.
+    for _, ex in _pool:
+        ex.shutdown(wait=False)
+    _pool[:] = []
 
 
 def _executor() -> tuple[str, Executor]:
@@ -271,7 +280,7 @@ def _fall_back_to_threads(why: BaseException) -> None:
         if _choice == "threads" or (_pool and _pool[0][0] == "threads"):
             return
         _choice = "threads"
-        _pool[:] = []
+        _retire_pool()
     warnings.warn(
         f"svd-probe: the band solver's worker processes failed ({type(why).__name__}: {why}); "
         "stage 2 runs on threads from now on (slower on many cores)",
@@ -312,15 +321,19 @@ def _submit(fn: Callable, *args) -> Future:
     with _lock:
         _queued += 1
     try:
-        fut = _executor()[1].submit(fn, *args)
-    except (BrokenExecutor, OSError, RuntimeError) as e:  # no process could start
-        _fall_back_to_threads(e)
-        fut = _executor()[1].submit(fn, *args)
+        try:
+            fut = _executor()[1].submit(fn, *args)
+        except (BrokenExecutor, OSError, RuntimeError) as e:  # no process could start
+            _fall_back_to_threads(e)
+            fut = _executor()[1].submit(fn, *args)
+    except BaseException:
+        _finished(None)  # nothing was queued after all
+        raise
     fut.add_done_callback(_finished)
     return fut
 
 
-def _finished(_: Future) -> None:
+def _finished(_: Future | None) -> None:
     global _queued
     with _lock:
         _queued -= 1

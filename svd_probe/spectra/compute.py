@@ -174,8 +174,7 @@ AUTO_ROUTES: dict[str, dict] = {
 
 DEFAULT_CONFIG = SpectraConfig()
 
-# The band solvers keep every CPU worker busy only with many problems pending: two a layer, one
-# worker per core, plus a few layers for the GPU's share (band-hybrid) and the stage-1 queue.
+# The solvers whose CPU stage needs many layers in flight (`band_inflight`).
 BAND_SOLVERS = ("band", "band-hybrid")
 
 
@@ -203,7 +202,7 @@ def pipeline_config(device: torch.device, solver: str = "auto", inflight: int = 
 
 def band_inflight() -> int:
     """Layers in flight that keep the band solvers' CPU workers fed: half a layer per core (two
-    problems a layer) and four more."""
+    problems a layer) and four more, for the GPU's share (band-hybrid) and the stage-1 queue."""
     from svd_probe.spectra.band import cores
 
     return cores() // 2 + 4
