@@ -166,7 +166,7 @@ class Bench:
         return time.perf_counter() - t0, issued - t0
 
 
-def gpu_busy(b: Bench, source: str, steps: int) -> dict:
+def gpu_busy(b: Bench, source: str, steps: int, top_kernels: int = 25) -> dict:
     """GPU time a step under torch.profiler: the union of the device activity's intervals (kernels,
     copies, fills; what the GPU cannot go below at this size) and their plain sum, beside the wall
     time of the same profiled steps (slower than the rounds': the profiler adds host work)."""
@@ -186,6 +186,15 @@ def gpu_busy(b: Bench, source: str, steps: int) -> dict:
         for e in prof.events()
         if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
     )
+    per_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start:
+            n = per_name.setdefault(e.name[:140], [0.0, 0])
+            n[0] += e.time_range.end - e.time_range.start
+            n[1] += 1
+    # Where the GPU time goes: the kernels that take most of a step, by name (inductor's fused
+    # triton kernels carry the ops they fuse in their names; cuBLAS/cutlass ones their tile shape).
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top_kernels]
     busy, end = 0.0, float("-inf")
     for a, z in spans:  # the union: kernels of two streams may overlap
         if z > end:
@@ -197,6 +206,10 @@ def gpu_busy(b: Bench, source: str, steps: int) -> dict:
         "gpu_kernel_sum_ms_per_step": round(sum(z - a for a, z in spans) / 1000 / steps, 3),
         "gpu_events_per_step": round(len(spans) / steps, 1),
         "profiled_wall_ms_per_step": round(1000 * wall / steps, 3),
+        "top_kernels": [
+            {"name": n, "ms_per_step": round(t / 1000 / steps, 4), "calls_per_step": round(c / steps, 1)}
+            for n, (t, c) in top
+        ],
     }
 
 
