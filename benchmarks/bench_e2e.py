@@ -124,7 +124,7 @@ def phase(args) -> dict:
             for layer, t in stream_layers(src, layers[:8], lambda L: adapter.plan(L, kinds, True), device, prefetch=1)
         ]
         _sync(device)
-        cfg = pipeline_config(device, args.solver, args.inflight, local=True)  # as `analyze` of a folder
+        cfg = pipeline_config(device, args.solver, args.inflight)  # as `analyze`
         t = time.perf_counter()
         with SpectraPipeline(kinds, config=cfg) as pipe:
             # the σ of each layer to the host, oldest first, with as many layers waiting as
@@ -179,8 +179,7 @@ def phase(args) -> dict:
                 out["seconds"] = time.perf_counter() - t
             from svd_probe.spectra.compute import pipeline_config
 
-            picked = pipeline_config(device, args.solver, args.inflight, local=not http)  # as analyze
-            out["solver"] = picked.resolved(device).solver
+            out["solver"] = pipeline_config(device, args.solver).resolved(device).solver  # as analyze
             out["bytes"] = stats["bytes_fetched"]
             out["computed"] = stats["computed"]
         finally:

@@ -369,7 +369,7 @@ def _compute_layers(
     def plan_for_layer(layer: int):
         return adapter.plan(layer, kind_set, request.fold_norms)
 
-    config = pipeline_config(device, request.solver, request.inflight, local=source.local_path is not None)
+    config = pipeline_config(device, request.solver, request.inflight)
     clock = [time.perf_counter()]
 
     def finish(layer: int, pending, storage: dict[str, str]) -> LayerSpectra:

@@ -183,30 +183,6 @@ def test_pipeline_config_picks_solver_and_layers_in_flight():
     assert "band-hybrid" in (e.value.hint or "")
 
 
-@pytest.mark.parametrize("n_cores", [2, 7, 8, 16])
-def test_pipeline_config_auto_solver_by_source_and_cores(monkeypatch, n_cores):
-    """Auto runs band only for a local folder on CUDA with at least 8 cores (the measured win);
-    over HTTP, on the CPU, or with fewer cores it keeps the device's auto route."""
-    import os
-
-    import torch
-
-    from svd_probe.spectra.compute import AUTO_ROUTES, band_inflight, pipeline_config
-
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n_cores)), raising=False)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    local = pipeline_config(cuda, local=True)
-    if n_cores >= 8:
-        assert local.solver == "band" and local.inflight == n_cores // 2 + 4 == band_inflight()
-    else:
-        assert local.solver == "auto" and local.inflight == 2
-    remote = pipeline_config(cuda)
-    assert remote.solver == "auto" and remote.resolved(cuda).solver == AUTO_ROUTES["cuda"]["solver"]
-    assert pipeline_config(cpu, local=True).solver == "auto"
-    # an explicit choice is kept
-    assert pipeline_config(cuda, "torch", local=True).solver == "torch"
-
-
 def test_analyze_refuses_an_unknown_solver_before_reading(deepseek_ckpt, tmp_path, monkeypatch, capsys):
     import sys
 

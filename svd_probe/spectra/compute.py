@@ -176,33 +176,18 @@ DEFAULT_CONFIG = SpectraConfig()
 
 # The solvers whose CPU stage needs many layers in flight (`band_inflight`).
 BAND_SOLVERS = ("band", "band-hybrid")
-# Cores below which the band solver's CPU stage cannot keep up with one GPU (pipeline_config).
-BAND_MIN_CORES = 8
 
 
-def pipeline_config(
-    device: torch.device, solver: str = "auto", inflight: int = 0, *, local: bool = False
-) -> SpectraConfig:
+def pipeline_config(device: torch.device, solver: str = "auto", inflight: int = 0) -> SpectraConfig:
     """The config of `analyze`'s overlap pipeline on `device`: `solver` ("auto" or a name in
     SOLVERS) for the big problems, `inflight` layers pending (0: auto), never batched (the writer
     thread collects each layer's σ). Raises BadOptionError for a solver that cannot run here.
-
-    Auto solver: the device's `AUTO_ROUTES` entry, except that a checkpoint read from a local
-    folder on CUDA with at least `BAND_MIN_CORES` cores runs on "band" (62 DeepSeek-V3 layers on
-    an H200 with 16 cores: 40.2 s against torch's 47.6 s). Over HTTP it stays torch: there the
-    band's worker on every core competes with the transfer's parsing and band took 73.2 s against
-    52.5 s (benchmarks/README.md, "band in analyze").
 
     Auto in flight: on CUDA two layers (0.726 s a DeepSeek-V3 layer instead of 0.774 s with one,
     benchmarks/README.md, H200), or for the band solvers enough layers for every core's worker
     (`band_inflight`); on the CPU one, each layer inline."""
     from svd_probe.errors import BadOptionError
 
-    if solver == "auto" and local and device.type == "cuda":
-        from svd_probe.spectra.band import cores
-
-        if cores() >= BAND_MIN_CORES and not solver_unavailable("band", device):
-            solver = "band"
     config = SpectraConfig(solver=solver, inflight=max(0, inflight), batched=False)
     try:
         picked = config.resolved(device).solver
