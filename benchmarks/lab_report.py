@@ -1,6 +1,9 @@
-"""Figures and tables of one training-lab experiment (the folder `benchmarks/lab_gpu.py` writes).
+"""Figures and tables of a training-lab experiment (the folders `benchmarks/lab_gpu.py` writes).
 
-Reads `curves.json` (the training loss every `--log-every` steps of each run) and
+Takes one lab folder or several (the device calls of one experiment), pooling their runs by run
+name (`mlm-mlao-rms-seed3`). A run name in two folders with equal metrics is one run; with
+different metrics it is an error, unless `--prefer FOLDER` says which folder's copy wins (its
+metrics, curve and spectra are used together). Reads `results.json`, `curves.json` (the training loss every `--log-every` steps of each run) and
 `spectra.jsonl.gz` (the singular values of every trained model's attention, from `svd-probe
 analyze`) and writes
 
@@ -11,9 +14,14 @@ analyze`) and writes
                              the output-latent dimensions it uses, out of o_latent
 
 then prints markdown tables of those ranks. `--json FILE` also writes every run's ranks.
+`--compare rich|markdown|json` also prints the tables of `svd-probe compare` (mean ± std per
+configuration; per pair the paired-by-seed difference with a Student-t 95% interval), computed by
+`svd_probe.train.compare` from the pooled `results.json` rows of the objective (sources left out,
+as in the `compare.txt` of each folder).
 
     PYTHONPATH=. python benchmarks/lab_report.py benchmarks/results/h200-2026-12-02/lab \
-        --img-dir docs/img
+        benchmarks/results/h200-2026-12-02c/lab benchmarks/results/h200-2026-12-02d/lab \
+        --prefer benchmarks/results/h200-2026-12-02d/lab --img-dir docs/img --compare markdown
 
 Ranks come from `svd_probe.spectra.metrics.energy_rank`, the function behind every rank the
 project reports. The mla sources of `--init-from` (half the steps, never fine-tuned) are left
@@ -34,6 +42,7 @@ import numpy as np
 
 from svd_probe.plots.style import new_figure, plot_style, rank_at
 from svd_probe.spectra.metrics import energy_rank
+from svd_probe.train import compare
 
 ERROR = 0.01
 RUN = re.compile(r"^(?P<objective>mlm|clm)-(?P<config>.+)-seed(?P<seed>\d+)$")
@@ -56,6 +65,11 @@ COLORS = {
     INIT: "#E69F00",
 }
 MATRICES = ("O", "VO")
+FILES = ("curves.json", "spectra.jsonl.gz", "results.json")
+
+
+class PoolError(ValueError):
+    """Runs of one name in several folders with different metrics, and no --prefer for them."""
 
 
 def parse_run(name: str) -> tuple[str, str, int] | None:
@@ -68,6 +82,131 @@ def load(folder: Path) -> tuple[dict, list[dict]]:
     with gzip.open(folder / "spectra.jsonl.gz", "rt") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return curves, rows
+
+
+def _same(path: Path) -> Path:
+    return path.resolve()
+
+
+def pool(
+    folders: list[Path], prefer: list[Path] | None = None, objective: str | None = None
+) -> tuple[dict, list[dict], list[dict], list[str]]:
+    """(curves, spectra rows, results, notes) of several lab folders, pooled by run name; with
+    `objective`, of the runs of that objective only (`mlm-...` or `clm-...`).
+
+    Each run comes from one folder (its metrics, curve and spectra together): the only folder
+    that has it; else the first folder of `prefer` that has it; else, where its metrics are equal
+    in every folder, the first listed. Runs of one name with different metrics and no such
+    folder raise PoolError. A run with a curve but no metrics (cut before the end) is taken the
+    same way, by its curve. `notes` says, per duplicate, which folder was used and why.
+    """
+    order = [_same(p) for p in prefer or []]
+    loaded = []
+    for folder in folders:
+        curves, rows = load(folder)
+        results = json.loads((folder / "results.json").read_text())
+        loaded.append((folder, curves, rows, {r["run"]: r for r in results}))
+    names = dict.fromkeys(
+        n for _, c, _, res in loaded for n in [*res, *c] if objective is None or n.startswith(f"{objective}-")
+    )
+    chosen: dict[str, int] = {}
+    notes, clashes = [], []
+    for name in names:
+        holders = [i for i, (_, c, _, res) in enumerate(loaded) if name in res]
+        what = "metrics"
+        if not holders:  # a curve only
+            holders = [i for i, (_, c, _, _) in enumerate(loaded) if name in c]
+            what = "curves"
+        if len(holders) == 1:
+            chosen[name] = holders[0]
+            continue
+        copies = [loaded[i][3][name] if what == "metrics" else loaded[i][1][name] for i in holders]
+        where = ", ".join(str(loaded[i][0]) for i in holders)
+        preferred = [i for p in order for i in holders if _same(loaded[i][0]) == p]
+        if preferred:
+            chosen[name] = preferred[0]
+            notes.append(f"{name}: in {where}; used {loaded[preferred[0]][0]} (--prefer)")
+        elif all(c == copies[0] for c in copies[1:]):
+            chosen[name] = holders[0]
+            notes.append(f"{name}: in {where} with equal {what}; used {loaded[holders[0]][0]}")
+        else:
+            differ = sorted({k for c in copies for k in c if c.get(k) != copies[0].get(k)}) if what == "metrics" else []
+            clashes.append(f"{name} ({where}" + (f"; differ in {', '.join(differ)})" if differ else ")"))
+    if clashes:
+        raise PoolError(
+            "runs of one name with different "
+            + "metrics in several folders: "
+            + "; ".join(clashes)
+            + ". Say which folder wins with --prefer FOLDER"
+        )
+    curves_out, rows_out, results_out = {}, [], []
+    for name, i in chosen.items():
+        _, c, _, res = loaded[i]
+        if name in c:
+            curves_out[name] = c[name]
+        if name in res:
+            results_out.append(res[name])
+    for i, (_, _, rows, _) in enumerate(loaded):
+        rows_out += [r for r in rows if chosen.get(r["run"]) == i]
+    return curves_out, rows_out, results_out, notes
+
+
+def compared_runs(results: list[dict], objective: str) -> list[dict]:
+    """The rows `compare` pools: the objective's runs, its mla sources and tagged runs left out."""
+    out = []
+    for r in results:
+        p = parse_run(r.get("run", ""))
+        if p is not None and p[0] == objective and p[1] != SOURCE:
+            out.append(r)
+    return out
+
+
+def short_labels(runs: list[dict]) -> dict[str, str]:
+    """compare's configuration label → this report's (`mla-o q64 kv32 o64 rope32 rms` → `mla-o rms`)."""
+    out = {}
+    for r in runs:
+        p = parse_run(r["run"])
+        if p is not None and p[1] in LABELS:
+            out[compare.config_label(r)] = LABELS[p[1]]
+    return out
+
+
+def compare_markdown(comp: dict, labels: dict[str, str]) -> str:
+    """`compare`'s two tables per objective as markdown, cells formatted as `svd-probe compare` does."""
+    out = []
+    for objective in ("mlm", "clm"):
+        rows = [r for r in comp["configs"] if r["objective"] == objective]
+        if not rows:
+            continue
+        fields = compare.PRETRAIN_FIELDS[objective] + compare.COMMON_FIELDS
+        extra = [("mlm_loss", "MLM loss", 1, 3)] if objective == "mlm" else []
+        heads = [h for _, h, _, _ in fields[:1] + extra + fields[1:]]
+        out.append(f"{objective.upper()}: mean ± std over seeds\n")
+        out.append("| configuration | n | seeds | parameters | " + " | ".join(heads) + " |")
+        out.append("| --- | ---: | --- | ---: |" + " ---: |" * len(heads))
+        for r in rows:
+            cells = [compare._pm(r[f], r[f + "_std"], sc, d) for f, _, sc, d in fields[:1] + extra + fields[1:]]
+            seeds = ",".join(map(str, r["seeds"]))
+            params = f"{r['parameters']:,}" if r.get("parameters") else "—"
+            out.append(
+                f"| {labels.get(r['label'], r['label'])} | {r['n']} | {seeds} | {params} | " + " | ".join(cells) + " |"
+            )
+        compared = compare.PRETRAIN_FIELDS[objective][:1] + compare.COMMON_FIELDS
+        by_pair: dict[tuple[str, str], dict[str, dict]] = {}
+        for p in comp["differences"]:
+            if p["objective"] == objective:
+                by_pair.setdefault((p["a"], p["b"]), {})[p["metric"]] = p
+        if by_pair:
+            out.append(f"\n{objective.upper()}: differences, first − second (paired by seed, Student t 95%)\n")
+            out.append("| first − second | n | " + " | ".join(f"Δ {h} [95%]" for _, h, _, _ in compared) + " |")
+            out.append("| --- | ---: |" + " ---: |" * len(compared))
+            for (a, b), metrics in by_pair.items():
+                n = max(p["n"] for p in metrics.values())
+                cells = [compare._interval(metrics[f], sc, d) if f in metrics else "—" for f, _, sc, d in compared]
+                name = f"{labels.get(a, a)} − {labels.get(b, b)}"
+                out.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def run_ranks(rows: list[dict], error: float = ERROR) -> dict[str, dict[str, dict[int, int]]]:
@@ -189,10 +328,25 @@ def markdown(configs: dict[str, dict[str, np.ndarray]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("folder", type=Path, help="the lab folder (curves.json, spectra.jsonl.gz, results.json)")
+    ap.add_argument(
+        "folders",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="lab folders (curves.json, spectra.jsonl.gz, results.json); several are pooled by run name",
+    )
+    ap.add_argument(
+        "--prefer",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="for a run name in several folders with different metrics, use this folder's copy "
+        "(repeatable: the first listed that has the run wins)",
+    )
     ap.add_argument("--img-dir", type=Path, default=Path("docs/img"), help="where the two PNGs go")
     ap.add_argument("--json", type=Path, default=None, help="also write every run's ranks here")
-    ap.add_argument("--title", default="H200, 2026-12-02: 640 steps × 256, WikiText-2 MLM")
+    ap.add_argument("--title", default=None, help="default: H200, 2026-12-02: 640 steps × 256, WikiText-2 MLM (or CLM)")
     ap.add_argument(
         "--objective",
         choices=("mlm", "clm"),
@@ -200,38 +354,69 @@ def main(argv: list[str] | None = None) -> int:
         help="whose runs: mlm writes lab-curves.png and lab-ranks.png, clm lab-clm-curves.png "
         "(and lab-clm-ranks.png where the folder has their spectra)",
     )
+    ap.add_argument(
+        "--compare",
+        choices=("rich", "markdown", "json"),
+        default=None,
+        help="also print svd-probe compare's tables of the pooled runs of the objective: as "
+        "`svd-probe compare` prints them (rich), as markdown, or its JSON",
+    )
     args = ap.parse_args(argv)
-    missing = [n for n in ("curves.json", "spectra.jsonl.gz", "results.json") if not (args.folder / n).is_file()]
-    if missing:
-        print(f"error: {args.folder} lacks {', '.join(missing)}; give the folder lab_gpu.py wrote", file=sys.stderr)
-        return 2
+    for folder in args.folders:
+        missing = [n for n in FILES if not (folder / n).is_file()]
+        if missing:
+            print(f"error: {folder} lacks {', '.join(missing)}; give the folder lab_gpu.py wrote", file=sys.stderr)
+            return 2
+    where = ", ".join(map(str, args.folders))
     try:
-        curves, rows = load(args.folder)
-        results = json.loads((args.folder / "results.json").read_text())
-    except (OSError, ValueError) as e:
-        print(f"error: cannot read {args.folder}: {e}", file=sys.stderr)
+        curves, rows, results, notes = pool(args.folders, args.prefer, args.objective)
+    except PoolError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read {where}: {e}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     o_latent = next((r["config"]["o_latent"] for r in results if r["variant"] == "mla-o"), 64)
     obj = args.objective
+    title = args.title or f"H200, 2026-12-02: 640 steps × 256, WikiText-2 {obj.upper()}"
     prefix = "lab" if obj == "mlm" else f"lab-{obj}"
     ranks = run_ranks(rows)
     configs = by_config(ranks, obj)
     by_run = config_curves(curves, obj)
     if not configs and (obj == "mlm" or not by_run):
-        what = f"stacked O/VO spectra of {obj.upper()} runs in {args.folder}/spectra.jsonl.gz"
+        what = f"stacked O/VO spectra of {obj.upper()} runs in {where} (spectra.jsonl.gz)"
         print(f"error: no {what}" + ("" if obj == "mlm" else " and no learning curves"), file=sys.stderr)
         return 2
     args.img_dir.mkdir(parents=True, exist_ok=True)
-    source_steps = [r["train_config"]["pretrain_steps"] for r in results if parse_run(r["run"]) and SOURCE in r["run"]]
+    source_steps = [
+        r["train_config"]["pretrain_steps"]
+        for r in results
+        if (p := parse_run(r["run"])) and p[0] == obj and p[1] == SOURCE
+    ]
     has_init = any(c == INIT for c in by_run)
     switch = float(source_steps[0]) if source_steps and has_init else None
-    curves_figure(by_run, f"Pretraining loss, {args.title}", switch, obj).savefig(
+    curves_figure(by_run, f"Pretraining loss, {title}", switch, obj).savefig(
         args.img_dir / f"{prefix}-curves.png", dpi=130
     )
+    if args.compare:
+        runs = compared_runs(results, obj)
+        comp = compare.comparison(runs)
+        if args.compare == "json":
+            print(json.dumps(comp, indent=1))
+        elif args.compare == "markdown":
+            print(compare_markdown(comp, short_labels(runs)))
+        else:
+            from rich.console import Console
+
+            console = Console(width=160)
+            for table in compare.render_tables(comp):
+                console.print(table)
     if not configs:  # curves only (runs cut before their spectra)
         print(f"no spectra of {obj.upper()} runs: wrote {args.img_dir / f'{prefix}-curves.png'} only")
         return 0
-    ranks_figure(configs, o_latent, f"Trained attention, {args.title}").savefig(
+    ranks_figure(configs, o_latent, f"Trained attention, {title}").savefig(
         args.img_dir / f"{prefix}-ranks.png", dpi=130
     )
     if args.json:

@@ -124,3 +124,117 @@ def test_lab_report_clm_curves_of_cut_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "lab-clm-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "lab-clm-ranks.png").exists() and "curves only" not in r.stderr
+
+
+# ---- several folders pooled by run name (CPU, synthetic) -------------------------------------------
+
+
+def _lab_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import lab_report
+    finally:
+        sys.path.pop(0)
+    return lab_report
+
+
+def _metrics(config: str, seed: int, acc: float, sst2: float) -> dict:
+    variant = {"mha": "mha", "mla": "mla"}[config]
+    shapes = {"q_latent": 64, "kv_latent": 32, "rope_dims": 16} if variant == "mla" else {"rope_dims": 32}
+    return {
+        "run": f"mlm-{config}-seed{seed}",
+        "objective": "mlm",
+        "variant": variant,
+        "o_norm": None,
+        "init_from": None,
+        "seed": seed,
+        "parameters": 1000 if variant == "mha" else 900,
+        "config": {"d_model": 32, "n_layers": 2, **shapes},
+        "train_config": {"pretrain_steps": 640, "batch_size": 256, "finetune_steps": 500, "seed": seed},
+        "mlm_accuracy": acc,
+        "mlm_loss": 5.0 - acc,
+        "sst2_dev_accuracy": sst2,
+    }
+
+
+def _write_lab(folder: Path, runs: list[dict]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(runs))
+    curves = {r["run"]: {"pretrain": [[25, 7.0], [50, 6.0 - r["mlm_accuracy"]]]} for r in runs}
+    (folder / "curves.json").write_text(json.dumps(curves))
+    with gzip.open(folder / "spectra.jsonl.gz", "wt") as f:
+        for r in runs:
+            for layer in range(2):
+                for matrix in ("O", "VO"):
+                    sigma = [4.0, 2.0, 1.0, 0.1 * (1 + r["seed"])]
+                    row = {"run": r["run"], "scope": "stacked", "matrix": matrix, "head": None, "layer": layer}
+                    f.write(json.dumps({**row, "sigma": sigma}) + "\n")
+
+
+# mha and mla MLM accuracy / SST-2 per seed: seeds 0-2 in folder a, 3-4 in folder b
+ACC = {"mha": [0.30, 0.32, 0.31, 0.33, 0.29], "mla": [0.25, 0.20, 0.27, 0.22, 0.26]}
+SST2 = {"mha": [0.75, 0.76, 0.74, 0.77, 0.75], "mla": [0.76, 0.74, 0.78, 0.75, 0.77]}
+
+
+def _two_folders(tmp_path: Path, clash: bool = False) -> tuple[Path, Path]:
+    a = [_metrics(c, s, ACC[c][s], SST2[c][s]) for c in ACC for s in range(3)]
+    b = [_metrics(c, s, ACC[c][s], SST2[c][s]) for c in ACC for s in (3, 4)]
+    # mha seed 0 in both: equal metrics pool as one run; with `clash`, folder b's copy differs
+    b.append(_metrics("mha", 0, ACC["mha"][0] + (0.05 if clash else 0.0), SST2["mha"][0]))
+    _write_lab(tmp_path / "a", a)
+    _write_lab(tmp_path / "b", b)
+    return tmp_path / "a", tmp_path / "b"
+
+
+def _hand_interval(diffs: list[float]) -> tuple[float, float, float]:
+    from scipy import stats
+
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+    half = stats.t.ppf(0.975, n - 1) * sd / n**0.5
+    return mean, mean - half, mean + half
+
+
+def test_lab_report_pools_two_folders_into_compare_tables(tmp_path, capsys):
+    lab_report = _lab_module()
+    a, b = _two_folders(tmp_path)
+    assert lab_report.main([str(a), str(b), "--img-dir", str(tmp_path / "img"), "--compare", "json"]) == 0
+    out, err = capsys.readouterr()
+    comp, end = json.JSONDecoder().raw_decode(out)
+    assert "mlm-mha-seed0" in err and "equal metrics" in err
+    configs = {r["variant"]: r for r in comp["configs"]}
+    assert configs["mha"]["n"] == configs["mla"]["n"] == 5
+    assert configs["mha"]["seeds"] == [0, 1, 2, 3, 4]
+    pair = next(p for p in comp["differences"] if p["metric"] == "mlm_accuracy")
+    assert (pair["a"].split()[0], pair["b"].split()[0], pair["n"]) == ("mla", "mha", 5)
+    mean, low, high = _hand_interval([ACC["mla"][s] - ACC["mha"][s] for s in range(5)])
+    assert pair["mean"] == pytest.approx(mean) and pair["low"] == pytest.approx(low)
+    assert pair["high"] == pytest.approx(high)
+    # the rank tables after the JSON count the pooled seeds too
+    assert "| layer | mha (n=5) | mla (n=5) |" in out[end:]
+    for name in ("lab-curves.png", "lab-ranks.png"):
+        assert (tmp_path / "img" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert lab_report.main([str(a), str(b), "--img-dir", str(tmp_path / "img"), "--compare", "markdown"]) == 0
+    md = capsys.readouterr().out
+    cell = f"{mean * 100:+.2f} [{low * 100:+.2f}, {high * 100:+.2f}]".replace("-", "−")
+    assert f"| mla − mha | 5 | {cell} |" in md
+
+
+def test_lab_report_refuses_a_clash_unless_a_folder_is_preferred(tmp_path, capsys):
+    lab_report = _lab_module()
+    a, b = _two_folders(tmp_path, clash=True)
+    img = str(tmp_path / "img")
+    assert lab_report.main([str(a), str(b), "--img-dir", img, "--compare", "json"]) == 2
+    err = capsys.readouterr().err
+    assert "mlm-mha-seed0" in err and "mlm_accuracy" in err and "--prefer" in err
+    assert not (tmp_path / "img").exists()
+
+    assert lab_report.main([str(a), str(b), "--img-dir", img, "--compare", "json", "--prefer", str(b)]) == 0
+    out, err = capsys.readouterr()
+    assert f"used {b} (--prefer)" in err
+    comp, _ = json.JSONDecoder().raw_decode(out)
+    mha = next(r for r in comp["configs"] if r["variant"] == "mha")
+    accs = [ACC["mha"][0] + 0.05] + ACC["mha"][1:]
+    assert mha["n"] == 5 and mha["mlm_accuracy"] == pytest.approx(sum(accs) / 5)
