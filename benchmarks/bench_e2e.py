@@ -41,6 +41,15 @@ REPO = "bench/deepseek-v3-real"
 PHASES = ("read-http", "read-local", "compute", "analyze-http", "analyze-local")
 
 
+def _cpu_seconds_of(pid: int) -> float | None:
+    """User + system CPU seconds of a running process, from /proc (Linux; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _peak_rss_gb() -> float:
     """This process's peak RSS. Linux keeps ru_maxrss across fork and execve, so a phase process
     would report its parent's peak (the checkpoint build); VmHWM belongs to the process's own
@@ -93,6 +102,7 @@ def phase(args) -> dict:
 
     device = pick_device(args.device)
     out: dict = {"phase": args.phase}
+    cpu0 = os.times()
     if args.phase.startswith("read"):
         from svd_probe.hub.stream import stream_layers
 
@@ -184,6 +194,13 @@ def phase(args) -> dict:
             out["computed"] = stats["computed"]
         finally:
             shutil.rmtree(cache, ignore_errors=True)
+    cpu = os.times()
+    # Host CPU seconds of this phase's process, all its threads (user + system), children too:
+    # against the wall time it says how much of the host the phase keeps busy (the HTTP reader
+    # threads' parsing, the band solver's worker processes).
+    user = cpu.user - cpu0.user + cpu.children_user - cpu0.children_user
+    system = cpu.system - cpu0.system + cpu.children_system - cpu0.children_system
+    out["cpu_s"], out["cpu_user_s"], out["cpu_system_s"] = round(user + system, 2), round(user, 2), round(system, 2)
     out["peak_rss_gb"] = _peak_rss_gb()
     out["peak_gpu_gb"] = _gpu_peak_gb(device)
     out["device"] = str(device)
@@ -268,18 +285,28 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--phase", name, "--endpoint", endpoint, "--ckpt", str(args.ckpt)]
             cmd += ["--device", args.device, "--nproc", str(args.nproc), "--layers", str(args.layers)]
             cmd += ["--solver", args.solver, "--inflight", str(args.inflight)]
+            hub_cpu0 = _cpu_seconds_of(hub.pid)
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            hub_cpu = _cpu_seconds_of(hub.pid)
             if r.returncode != 0:
                 print(f"{name}: failed\n{r.stderr[-4000:]}", flush=True)
                 results["phases"][name] = {"error": r.stderr[-2000:]}
                 continue
             fig = json.loads(r.stdout.strip().splitlines()[-1])
+            if hub_cpu is not None and hub_cpu0 is not None:
+                fig["server_cpu_s"] = round(hub_cpu - hub_cpu0, 2)  # the stand-in's CPU in this phase
             results["phases"][name] = fig
             gpu = f", GPU peak {fig['peak_gpu_gb']:.2f} GB" if fig.get("peak_gpu_gb") is not None else ""
             start = ""
             if fig.get("arrivals_s"):
                 start = f", start-up: open {fig['open_s']:.2f} s + first layer {fig['arrivals_s'][0]:.2f} s"
-            print(f"{name:14s} {fig['seconds']:8.2f} s   RSS peak {fig['peak_rss_gb']:.2f} GB{gpu}{start}", flush=True)
+            cpu = f", CPU {fig['cpu_user_s']:.1f} + {fig['cpu_system_s']:.1f} s (user + system)" + (
+                f" (server {fig['server_cpu_s']:.1f} s)" if "server_cpu_s" in fig else ""
+            )
+            print(
+                f"{name:14s} {fig['seconds']:8.2f} s   RSS peak {fig['peak_rss_gb']:.2f} GB{gpu}{start}{cpu}",
+                flush=True,
+            )
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
     finally:
