@@ -103,6 +103,10 @@ def phase(args) -> dict:
     device = pick_device(args.device)
     out: dict = {"phase": args.phase}
     cpu0 = os.times()
+    if args.band_workers:
+        from svd_probe.spectra import band
+
+        band.use_stage2_workers("auto", args.band_workers)
     if args.phase.startswith("read"):
         from svd_probe.hub.stream import stream_layers
 
@@ -234,6 +238,12 @@ def main() -> None:
     ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     ap.add_argument("--solver", default="auto", help="analyze --solver, for compute and analyze")
     ap.add_argument("--inflight", type=int, default=0, help="layers in flight (0: analyze's auto)")
+    ap.add_argument(
+        "--band-workers",
+        type=int,
+        default=0,
+        help="the band solvers' stage-2 workers (0: one per core); fewer leave cores to an HTTP transfer",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase
     ap.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
@@ -276,6 +286,7 @@ def main() -> None:
         "nproc": args.nproc,
         "solver": args.solver,
         "inflight": args.inflight,
+        "band_workers": args.band_workers,
         "phases": {},
     }
     try:
@@ -284,7 +295,7 @@ def main() -> None:
         for name in args.phases:
             cmd = [sys.executable, __file__, "--phase", name, "--endpoint", endpoint, "--ckpt", str(args.ckpt)]
             cmd += ["--device", args.device, "--nproc", str(args.nproc), "--layers", str(args.layers)]
-            cmd += ["--solver", args.solver, "--inflight", str(args.inflight)]
+            cmd += ["--solver", args.solver, "--inflight", str(args.inflight), "--band-workers", str(args.band_workers)]
             hub_cpu0 = _cpu_seconds_of(hub.pid)
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             hub_cpu = _cpu_seconds_of(hub.pid)

@@ -315,6 +315,47 @@ def test_hybrid_waits_for_the_device_when_every_worker_is_busy(band_threads):
     assert np.abs(got[0][0].numpy() - ref).max() <= bound(ref)
 
 
+def test_fewer_stage2_workers_bound_the_pool_and_the_hybrids_busy_rule():
+    # One worker: at most one stage-2 solve runs at once, a single busy worker counts as "every
+    # worker busy" (the hybrid then takes the device), and the layers in flight follow the pool.
+    from svd_probe.spectra.compute import band_inflight
+
+    with pytest.raises(ValueError, match="count"):
+        B.use_stage2_workers("threads", -1)
+    B.use_stage2_workers("threads", 10**6)
+    try:
+        assert B.pool_size() == B.cores()  # never more workers than cores
+        B.use_stage2_workers("threads", 1)
+        assert B.pool_size() == 1 and band_inflight() == 1 // 2 + 4
+        running, most = [0], [0]
+        lock, gate = threading.Lock(), threading.Event()
+
+        def task():
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            gate.wait(30)
+            with lock:
+                running[0] -= 1
+
+        blockers = [B._submit(task) for _ in range(2)]
+        try:
+            a, _ = planted(np.random.default_rng(16), 100, True)
+            before = dict(B.ROUTE_COUNTS)
+            got = B.eigvalsh_band(torch.from_numpy(a)[None], 16, hybrid=True)
+            assert B.ROUTE_COUNTS["device"] - before["device"] == 1 and B.ROUTE_COUNTS["band"] == before["band"]
+        finally:
+            gate.set()
+        for f in blockers:
+            f.result()
+        assert most[0] == 1
+        ref = np.linalg.eigvalsh(a)
+        assert np.abs(got[0].numpy() - ref).max() <= bound(ref)
+    finally:
+        B.use_stage2_workers("auto")
+    assert B.pool_size() == B.cores() and band_inflight() == B.cores() // 2 + 4
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_band_solves_in_a_forked_child():
     # The parent's pool has idle threads; a forked child has none of them and must make its own.

@@ -156,6 +156,7 @@ def cores() -> int:
 
 WORKER_KINDS = ("auto", "processes", "threads")
 _choice = "auto"  # set by use_stage2_workers
+_count = 0  # stage 2's workers (0: one per core); set by use_stage2_workers
 # Bounds the check of the main script's source (a larger "script" gets threads).
 _MAX_MAIN_SOURCE = 4 << 20
 
@@ -222,16 +223,25 @@ def _spawn_safe() -> bool:
     return True if path is None else _script_is_spawn_safe(path)
 
 
-def use_stage2_workers(kind: str) -> None:
+def use_stage2_workers(kind: str, count: int = 0) -> None:
     """Where stage 2 runs from now on: "processes", "threads", or "auto" (processes where
-    `_spawn_safe()` and there is more than one core, else threads). Takes effect for solves
-    submitted after the call; the old pool finishes what it has."""
-    global _choice
+    `_spawn_safe()` and there is more than one core, else threads), and on how many workers
+    (`count`; 0: one per core, `cores()`; at most that). Fewer workers than cores leave some to
+    the rest of the job (an HTTP transfer's reader threads). Takes effect for solves submitted
+    after the call; the old pool finishes what it has."""
+    global _choice, _count
     if kind not in WORKER_KINDS:
         raise ValueError(f"stage 2 workers {kind!r}: choose from {WORKER_KINDS}")
+    if count < 0:
+        raise ValueError(f"stage 2 workers: count {count} must be 0 (one per core) or more")
     with _pool_lock:
-        _choice = kind
+        _choice, _count = kind, count
         _retire_pool()
+
+
+def pool_size() -> int:
+    """Stage 2's workers: the count `use_stage2_workers` set, else one per core (never more)."""
+    return min(_count, cores()) if _count else cores()
 
 
 def stage2_workers() -> str:
@@ -268,9 +278,9 @@ def _executor() -> tuple[str, Executor]:
                 kind = "processes" if cores() > 1 and _spawn_safe() else "threads"
             if kind == "processes":
                 ctx = multiprocessing.get_context("spawn")
-                _pool.append((kind, ProcessPoolExecutor(cores(), mp_context=ctx, initializer=_worker_init)))
+                _pool.append((kind, ProcessPoolExecutor(pool_size(), mp_context=ctx, initializer=_worker_init)))
             else:
-                _pool.append(("threads", ThreadPoolExecutor(cores(), thread_name_prefix="svd-probe-band")))
+                _pool.append(("threads", ThreadPoolExecutor(pool_size(), thread_name_prefix="svd-probe-band")))
         return _pool[0]
 
 
@@ -341,7 +351,7 @@ def _finished(_: Future | None) -> None:
 
 def _cpu_full() -> bool:
     with _lock:
-        return _queued >= cores()
+        return _queued >= pool_size()
 
 
 def _band_result(fut: Future, ab: np.ndarray) -> np.ndarray:

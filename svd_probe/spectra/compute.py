@@ -201,11 +201,12 @@ def pipeline_config(device: torch.device, solver: str = "auto", inflight: int = 
 
 
 def band_inflight() -> int:
-    """Layers in flight that keep the band solvers' CPU workers fed: half a layer per core (two
-    problems a layer) and four more, for the GPU's share (band-hybrid) and the stage-1 queue."""
-    from svd_probe.spectra.band import cores
+    """Layers in flight that keep the band solvers' CPU workers fed: half a layer per worker
+    (two problems a layer; a worker per core unless `use_stage2_workers` set fewer) and four
+    more, for the GPU's share (band-hybrid) and the stage-1 queue."""
+    from svd_probe.spectra.band import pool_size
 
-    return cores() // 2 + 4
+    return pool_size() // 2 + 4
 
 
 # --- primitives ----------------------------------------------------------------------------------
