@@ -84,10 +84,6 @@ def load(folder: Path) -> tuple[dict, list[dict]]:
     return curves, rows
 
 
-def _same(path: Path) -> Path:
-    return path.resolve()
-
-
 def pool(
     folders: list[Path], prefer: list[Path] | None = None, objective: str | None = None
 ) -> tuple[dict, list[dict], list[dict], list[str]]:
@@ -100,7 +96,7 @@ def pool(
     folder raise PoolError. A run with a curve but no metrics (cut before the end) is taken the
     same way, by its curve. `notes` says, per duplicate, which folder was used and why.
     """
-    order = [_same(p) for p in prefer or []]
+    order = [p.resolve() for p in prefer or []]
     loaded = []
     for folder in folders:
         curves, rows = load(folder)
@@ -122,7 +118,7 @@ def pool(
             continue
         copies = [loaded[i][3][name] if what == "metrics" else loaded[i][1][name] for i in holders]
         where = ", ".join(str(loaded[i][0]) for i in holders)
-        preferred = [i for p in order for i in holders if _same(loaded[i][0]) == p]
+        preferred = [i for p in order for i in holders if loaded[i][0].resolve() == p]
         if preferred:
             chosen[name] = preferred[0]
             notes.append(f"{name}: in {where}; used {loaded[preferred[0]][0]} (--prefer)")
@@ -191,18 +187,13 @@ def compare_markdown(comp: dict, labels: dict[str, str]) -> str:
             out.append(
                 f"| {labels.get(r['label'], r['label'])} | {r['n']} | {seeds} | {params} | " + " | ".join(cells) + " |"
             )
-        compared = compare.PRETRAIN_FIELDS[objective][:1] + compare.COMMON_FIELDS
-        by_pair: dict[tuple[str, str], dict[str, dict]] = {}
-        for p in comp["differences"]:
-            if p["objective"] == objective:
-                by_pair.setdefault((p["a"], p["b"]), {})[p["metric"]] = p
-        if by_pair:
+        compared = compare.compared_fields(objective)
+        pairs = compare.pair_rows(comp, objective)
+        if pairs:
             out.append(f"\n{objective.upper()}: differences, first − second (paired by seed, Student t 95%)\n")
             out.append("| first − second | n | " + " | ".join(f"Δ {h} [95%]" for _, h, _, _ in compared) + " |")
             out.append("| --- | ---: |" + " ---: |" * len(compared))
-            for (a, b), metrics in by_pair.items():
-                n = max(p["n"] for p in metrics.values())
-                cells = [compare._interval(metrics[f], sc, d) if f in metrics else "—" for f, _, sc, d in compared]
+            for a, b, n, cells in pairs:
                 name = f"{labels.get(a, a)} − {labels.get(b, b)}"
                 out.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
         out.append("")

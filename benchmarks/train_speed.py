@@ -181,19 +181,18 @@ def gpu_busy(b: Bench, source: str, steps: int, top_kernels: int = 25) -> dict:
             b.step(source)
         b.sync()
         wall = time.perf_counter() - t0
-    spans = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in prof.events()
-        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
-    )
+    # One pass over the device activity: the spans for the union below, and per kernel name
+    # where the GPU time goes (inductor's fused triton kernels carry the ops they fuse in their
+    # names; cuBLAS/cutlass ones their tile shape).
+    spans: list[tuple[float, float]] = []
     per_name: dict[str, list[float]] = {}
     for e in prof.events():
         if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start:
+            spans.append((e.time_range.start, e.time_range.end))
             n = per_name.setdefault(e.name[:140], [0.0, 0])
             n[0] += e.time_range.end - e.time_range.start
             n[1] += 1
-    # Where the GPU time goes: the kernels that take most of a step, by name (inductor's fused
-    # triton kernels carry the ops they fuse in their names; cuBLAS/cutlass ones their tile shape).
+    spans.sort()
     top = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top_kernels]
     busy, end = 0.0, float("-inf")
     for a, z in spans:  # the union: kernels of two streams may overlap

@@ -264,6 +264,33 @@ def _params(n: object) -> str:
     return f"{n / 1e6:.2f}M" if isinstance(n, (int, float)) and n else "—"
 
 
+def compared_fields(objective: str) -> list:
+    """The metrics whose paired differences the tables show: the objective's headline, then the
+    fields every objective shares (`PRETRAIN_FIELDS`, `COMMON_FIELDS` entries)."""
+    return PRETRAIN_FIELDS[objective][:1] + COMMON_FIELDS
+
+
+def pair_rows(comp: dict, objective: str) -> list[tuple[str, str, int, list[str]]]:
+    """Per pair of configurations of `objective` in `comparison`'s output: (first, second, seeds
+    both ran, one "Δ [95%]" cell per `compared_fields` entry), as the difference tables print them."""
+    by_pair: dict[tuple[str, str], dict[str, dict]] = {}
+    for p in comp["differences"]:
+        if p["objective"] == objective:
+            by_pair.setdefault((p["a"], p["b"]), {})[p["metric"]] = p
+    return [
+        (
+            a,
+            b,
+            max(p["n"] for p in metrics.values()),
+            [
+                _interval(metrics[f], scale, digits) if f in metrics else "—"
+                for f, _, scale, digits in compared_fields(objective)
+            ],
+        )
+        for (a, b), metrics in by_pair.items()
+    ]
+
+
 def render_tables(comp: dict) -> list:
     """rich Tables: per objective, the configurations and then their paired differences."""
     from rich.table import Table
@@ -287,10 +314,9 @@ def render_tables(comp: dict) -> list:
             cells = [_pm(r[f], r[f + "_std"], scale, digits) for f, _, scale, digits in fields]
             t.add_row(r["label"], str(r["n"]), _params(r["parameters"]), *cells)
         tables.append(t)
-        pairs = [p for p in comp["differences"] if p["objective"] == objective]
+        pairs = pair_rows(comp, objective)
         if not pairs:
             continue
-        compared = PRETRAIN_FIELDS[objective][:1] + COMMON_FIELDS
         d = Table(
             title=f"{name}: differences, first − second config",
             caption="[95% interval]: Student t on the per-seed differences (paired by seed); "
@@ -300,14 +326,9 @@ def render_tables(comp: dict) -> list:
         )
         d.add_column("first − second", overflow="fold", ratio=1)
         d.add_column("n", justify="right", no_wrap=True)
-        for _, header, _, _ in compared:
+        for _, header, _, _ in compared_fields(objective):
             d.add_column(f"Δ {header} [95%]", justify="right", no_wrap=True)
-        by_pair: dict[tuple[str, str], dict[str, dict]] = {}
-        for p in pairs:
-            by_pair.setdefault((p["a"], p["b"]), {})[p["metric"]] = p
-        for (a, b), metrics in by_pair.items():
-            n = max(p["n"] for p in metrics.values())
-            cells = [_interval(metrics[f], scale, digits) if f in metrics else "—" for f, _, scale, digits in compared]
+        for a, b, n, cells in pairs:
             d.add_row(f"{a} − {b}", str(n), *cells)
         tables.append(d)
     return tables
