@@ -88,6 +88,23 @@ BIG_KEYS = ("stacked.O", "stacked.VO")
 # --- timing ----------------------------------------------------------------------------------------
 
 
+def _bisect_on_device(dd: np.ndarray, ee: np.ndarray, lam_cpu: np.ndarray, ref, device: torch.device) -> dict:
+    """Sturm bisection of one tridiagonal on the device: seconds, its difference from dsterf's
+    eigenvalues, and the singular values' error against the float64 reference."""
+    from svd_probe.spectra import sturm
+
+    dt, et = torch.from_numpy(dd)[None].to(device), torch.from_numpy(ee)[None].to(device)
+    wall(lambda: sturm.tridiagonal_eigvalsh(dt, et), device)  # compiles the kernel
+    t_dev, lam = wall(lambda: sturm.tridiagonal_eigvalsh(dt, et), device)
+    lam_d = lam[0].cpu().numpy()
+    s_d = np.sqrt(np.clip(lam_d[::-1], 0, None))
+    return {
+        "bisect_device_s": t_dev,
+        "bisect_vs_sterf_max_abs_per_lmax": float(np.abs(lam_d - lam_cpu).max() / np.abs(lam_cpu).max()),
+        "max_err_VO_bisect": rel_err(s_d, ref) if ref is not None else None,
+    }
+
+
 def _warm_band(_: int) -> str:
     from svd_probe.spectra import band
 
@@ -248,6 +265,12 @@ def main(argv=None) -> int:
     ap.add_argument("--band-inflight", default="8,12", help="layers in flight for the band solver")
     ap.add_argument(
         "--band-workers", default="processes", help="where band's stage 2 runs, comma-separated: processes, threads"
+    )
+    ap.add_argument(
+        "--band-tridiagonal",
+        default="cpu,device",
+        help="where band's tridiagonal eigenvalues are found, comma-separated: cpu (dsterf in the worker), "
+        "device (Sturm bisection, svd_probe.spectra.sturm; CUDA + Triton)",
     )
     ap.add_argument(
         "--band-scaling",
@@ -510,6 +533,21 @@ def main(argv=None) -> int:
                 note=f"s per problem, host {t_host:.3f}",
             )
             run.row("band", f"stacked VO, b={b}: stage 2 (CPU, one thread)", t2, err, "s per problem")
+            if BD.has_band_tridiagonal():
+                # stage 2 split: band → tridiagonal on the CPU, then its eigenvalues by dsterf
+                # (CPU) or by Sturm bisection on the device (svd_probe.spectra.sturm)
+                from svd_probe.spectra import sturm
+
+                t_tri, (dd, ee) = wall(lambda ab=ab: BD.band_tridiagonal(ab), device)
+                t_sterf, lam_c = wall(lambda: sturm.tridiagonal_eigvalsh_numpy(dd, ee), device)
+                split = {"sb2st_s": t_tri, "sterf_s": t_sterf}
+                if device.type == "cuda" and sturm.available():
+                    try:
+                        split |= _bisect_on_device(dd, ee, lam_c, refs.get("stacked.VO"), device)
+                    except Exception as e:  # noqa: BLE001 - a kernel that does not compile: say so, go on
+                        split["bisect_device_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                out[f"b={b}"]["stage2_split"] = split
+                run.row("band", f"b={b}: stage 2 split (sb2st, sterf, bisection on device)", note=json.dumps(split))
         # stage 2's throughput: one band per core at once (the pipeline's ceiling on this host)
         b0 = BD.DEFAULT_BAND
         if b0 in bands and run.left() > 20:
@@ -545,17 +583,26 @@ def main(argv=None) -> int:
         rep["sections"]["band"] = out
         band_ks = [int(x) for x in args.band_inflight.split(",") if x.strip()]
         out["hybrid_problems_by_route"] = {}
+        tris = [t.strip() for t in args.band_tridiagonal.split(",") if t.strip()]
         for workers in [w.strip() for w in args.band_workers.split(",") if w.strip()]:
             # where stage 2 runs: one worker process per core (the default), or threads
             BD.use_stage2_workers(workers)
-            inflight(f"gram64 band, stage 2 on {workers}", replace(base, solver="band", batched=False), band_ks)
-            before = dict(BD.ROUTE_COUNTS)
-            cfg = replace(base, solver="band-hybrid", batched=False)
-            inflight(f"gram64 band-hybrid, stage 2 on {workers}", cfg, band_ks)
-            split = {k: BD.ROUTE_COUNTS[k] - before[k] for k in before}
-            out["hybrid_problems_by_route"][workers] = split
-            run.row("band", f"band-hybrid on {workers}: problems by route", note=str(split))
+            for tri in tris:
+                # where stage 2's tridiagonal eigenvalues are found: dsterf in the worker, or the device
+                BD.use_device_tridiagonal(tri == "device")
+                if tri == "device" and not BD.tridiagonal_on_device(device):
+                    run.row("band", f"tridiagonal on device, stage 2 on {workers}", note="skipped: cannot run here")
+                    continue
+                where = f"stage 2 on {workers}, tridiagonal on {tri}"
+                inflight(f"gram64 band, {where}", replace(base, solver="band", batched=False), band_ks)
+                before = dict(BD.ROUTE_COUNTS)
+                cfg = replace(base, solver="band-hybrid", batched=False)
+                inflight(f"gram64 band-hybrid, {where}", cfg, band_ks)
+                split = {k: BD.ROUTE_COUNTS[k] - before[k] for k in before}
+                out["hybrid_problems_by_route"][f"{workers}, tridiagonal {tri}"] = split
+                run.row("band", f"band-hybrid, {where}: problems by route", note=str(split))
         BD.use_stage2_workers("processes")
+        BD.use_device_tridiagonal(None)
         return out
 
     run.section("band", band_section, need=40)

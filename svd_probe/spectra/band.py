@@ -60,10 +60,11 @@ from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExec
 import numpy as np
 import torch
 
-from svd_probe.spectra.band_lapack import band_eigvals, stage2_name
+from svd_probe.spectra import sturm
+from svd_probe.spectra.band_lapack import band_eigvals, band_tridiagonal, has_band_tridiagonal, stage2_name
 
 __all__ = ["DEFAULT_BAND", "band_eigvals", "band_on_device", "cores", "eigvalsh_band", "stage2_name",
-           "stage2_workers", "to_band", "use_stage2_workers"]  # fmt: skip
+           "stage2_workers", "to_band", "tridiagonal_on_device", "use_device_tridiagonal", "use_stage2_workers"]  # fmt: skip
 
 # Stage 1 costs fewer launches per column with a wider band, stage 2 more CPU time per problem.
 # dsbev_2stage at n = 7168 on one core of the 2-core dev VM: 2.5 s (b = 16), 2.4 (24),
@@ -354,13 +355,54 @@ def _cpu_full() -> bool:
         return _queued >= pool_size()
 
 
-def _band_result(fut: Future, ab: np.ndarray) -> np.ndarray:
-    """The eigenvalues from a band solve; a worker process that died is replaced by a thread."""
+def _band_result(fut: Future, fn: Callable, ab: np.ndarray):  # noqa: ANN202 - fn's result
+    """What the band solve fn(ab) returned; a worker process that died is replaced by a thread."""
     try:
         return fut.result()
     except BrokenExecutor as e:
         _fall_back_to_threads(e)
-        return _submit(band_eigvals, ab).result()
+        return _submit(fn, ab).result()
+
+
+# Where stage 2's last step (tridiagonal → eigenvalues) runs: None = on the device when it can
+# (a CUDA matrix, Triton, and dsytrd_sb2st in scipy's LAPACK), False = dsterf in the worker.
+_device_tridiagonal: bool | None = None
+
+
+def use_device_tridiagonal(on: bool | None = None) -> None:
+    """Stage 2's tridiagonal eigenvalues by Sturm bisection on the device (True, where it can
+    run), by dsterf on the CPU worker (False), or the automatic choice (None: the device where
+    it can). For benchmarks that time both routes side by side."""
+    global _device_tridiagonal
+    _device_tridiagonal = on
+
+
+def tridiagonal_on_device(device: torch.device) -> bool:
+    """Whether band solves of matrices on `device` find their tridiagonal eigenvalues there:
+    the CPU workers then run dsytrd_sb2st only (two thirds of stage 2's CPU time at n = 7168)."""
+    if _device_tridiagonal is False or device.type != "cuda":
+        return False
+    return sturm.available() and has_band_tridiagonal()
+
+
+def _eigvals_from(result, device: torch.device) -> torch.Tensor:  # noqa: ANN001 - λ or (d, e)
+    """The eigenvalues on `device` from what a worker returned: λ (dsterf ran there), or the
+    tridiagonal (d, e), whose eigenvalues the device finds. If the kernel cannot run (a Triton
+    that fails to compile for this GPU), dsterf here instead, with a warning, and later solves
+    leave the tridiagonal to the workers."""
+    global _device_tridiagonal
+    if isinstance(result, tuple):
+        try:
+            d, e = (torch.from_numpy(v).to(device)[None] for v in result)
+            return sturm.tridiagonal_eigvalsh(d, e)[0]
+        except Exception as why:  # noqa: BLE001 - any kernel failure: the CPU route still answers
+            if _device_tridiagonal is not False:
+                warnings.warn(
+                    f"band solver: tridiagonal eigenvalues back on the CPU ({why!s:.120})", RuntimeWarning, stacklevel=2
+                )
+            _device_tridiagonal = False
+            return torch.from_numpy(sturm.tridiagonal_eigvalsh_numpy(*result)).to(device)
+    return torch.from_numpy(result).to(device)
 
 
 def _on_device_if_cpu_full(xi: torch.Tensor) -> torch.Tensor | None:
@@ -400,15 +442,16 @@ def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -
     n = int(x.shape[-1])
     if n <= 2 * b or x.shape[0] == 0:
         return torch.linalg.eigvalsh(x)
-    parts: list[tuple[Future, np.ndarray] | torch.Tensor] = []
+    fn = band_tridiagonal if tridiagonal_on_device(x.device) else band_eigvals
+    parts: list[tuple[Future, Callable, np.ndarray] | torch.Tensor] = []
     for xi in x:
         lam = _on_device_if_cpu_full(xi) if hybrid else None
         if lam is not None:
             parts.append(lam)
         else:
             ab = to_band(xi, b)
-            parts.append((_submit(band_eigvals, ab), ab))
+            parts.append((_submit(fn, ab), fn, ab))
             with _lock:
                 ROUTE_COUNTS["band"] += 1
-    out = [p if isinstance(p, torch.Tensor) else torch.from_numpy(_band_result(*p)).to(x.device) for p in parts]
+    out = [p if isinstance(p, torch.Tensor) else _eigvals_from(_band_result(*p), x.device) for p in parts]
     return torch.stack(out)

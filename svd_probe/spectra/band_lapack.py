@@ -113,6 +113,51 @@ def band_eigvals(ab: np.ndarray) -> np.ndarray:
     return _stage2()[1](ab)
 
 
+@functools.cache
+def _sb2st() -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
+    """dsytrd_sb2st (band → tridiagonal by bulge chasing, no vectors) where scipy's LAPACK
+    exports it, else None."""
+    try:
+        ptr = _scipy_lapack_symbol("dsytrd_sb2st")
+    except Exception:  # noqa: BLE001 - any failure here only means: not offered
+        ptr = None
+    if not ptr:
+        return None
+    fn = ctypes.CFUNCTYPE(None, *([_P] * 14), _L, _L, _L)(ptr)
+    ip = lambda v: ctypes.byref(ctypes.c_int(v))  # noqa: E731
+
+    def run(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        kd, n = ab.shape[0] - 1, ab.shape[1]
+        a = np.array(ab, dtype=np.float64, order="F")  # overwritten
+        d, e, q, info = np.empty(n), np.empty(max(n - 1, 1)), np.empty(2), ctypes.c_int(0)
+        args = (ip(n), ip(kd), a.ctypes.data, ip(kd + 1), d.ctypes.data, e.ctypes.data)
+        # STAGE1 = "N": ab is a band matrix of our own (not dsytrd_sy2sb's output), VECT = "N"
+        fn(b"N", b"N", b"L", *args, q.ctypes.data, ip(-1), q[1:].ctypes.data, ip(-1), ctypes.byref(info), 1, 1, 1)
+        hous, work = np.empty(max(1, int(q[0]))), np.empty(max(1, int(q[1])))
+        fn(b"N", b"N", b"L", *args, hous.ctypes.data, ip(hous.size), work.ctypes.data, ip(work.size),
+           ctypes.byref(info), 1, 1, 1)  # fmt: skip
+        if info.value != 0:
+            raise np.linalg.LinAlgError(f"dsytrd_sb2st: info {info.value}")
+        return d, e[: n - 1]
+
+    return run
+
+
+def has_band_tridiagonal() -> bool:
+    """Whether `band_tridiagonal` can run here (scipy's LAPACK exports dsytrd_sb2st)."""
+    return _sb2st() is not None
+
+
+def band_tridiagonal(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tridiagonal form (diagonal d [n], off-diagonal e [n-1]) similar to the symmetric band
+    matrix in LAPACK lower band storage ab [b + 1, n]: stage 2 without its last step (dsterf),
+    whose eigenvalues `svd_probe.spectra.sturm` finds on the GPU."""
+    run = _sb2st()
+    if run is None:
+        raise RuntimeError("dsytrd_sb2st is not in scipy's LAPACK here")
+    return run(ab)
+
+
 def stage2_name() -> str:
     """Which LAPACK routine `band_eigvals` calls here."""
     return _stage2()[0]
