@@ -29,18 +29,46 @@ row alike. `issue_ms` is the host time to enqueue a step: near `ms/step`, the ho
 `--profile` adds, per row, the GPU's busy time a step (the union of its kernels' intervals under
 torch.profiler, and their plain sum) next to the wall time: the GPU-bound floor of that step.
 
+SDPA backends (--sdpa, comma-separated, default `default`): each one its own row (column `sdpa`,
+`"sdpa"` in the JSON), its model built, compiled, warmed, captured, timed and profiled under
+torch.nn.attention.sdpa_kernel(that backend):
+
+    default    no restriction: torch's own choice, the step as `svd-probe train` runs it
+    cudnn      SDPBackend.CUDNN_ATTENTION        flash      SDPBackend.FLASH_ATTENTION
+    efficient  SDPBackend.EFFICIENT_ATTENTION    math       SDPBackend.MATH (the unfused reference)
+
+Dynamo does not guard on the SDPA flags: a second torch.compile of a model of the same class reuses
+the graph traced first, whatever backend is enabled by then (torch 2.13 on the CPU: a model
+compiled under math ran the flash graph of the one before). So a restricted compiled row compiles
+its model inside `SdpaOnly`, a wrapper that enters the context within the traced forward: dynamo
+then traces the backend's own op and guards on it (tests/test_train_speed.py checks it); `default`
+rows compile the model itself, as today.
+
+The batches carry no attention mask: MaskedLM.forward calls the encoder without a padding mask
+(pretraining rows are packed, all of one length; only fine-tuning pads), so `_attend` passes
+attn_mask=None with is_causal=False, which every backend takes: under the CUDA step's bf16 autocast
+at head_dim 32, flash, efficient, cudnn and math should all run it. On the CPU math and flash
+(torch's CPU flash kernel) run, efficient and cudnn do not. Before its first row a restricted
+backend runs one eager forward and backward of the variant on two rows; where that fails (no
+kernel for this device, dtype or shape) its rows are recorded as skipped with the error's first
+line (and torch's warnings saying why, `sdpa_why`), as stepgraph is on the CPU, and the run goes
+on. The checks at the end read the `default` rows only; the `fastest sdpa` lines (`sdpa_fastest`
+in the JSON) name the fastest backend per variant, mode and source timed under more than one.
+
 Every compile is timed; a mode whose compiles would not fit in --budget seconds (with the
 rounds after them) is skipped and recorded as such, and the JSON is rewritten after each stage,
 so a cut run still leaves its figures.
 
     PYTHONPATH=. python benchmarks/train_speed.py --json $OUT/train_speed.json      # H200: ~4 min
     PYTHONPATH=. python benchmarks/train_speed.py --modes stepgraph,graphs --profile --json $OUT/ts.json
+    PYTHONPATH=. python benchmarks/train_speed.py --modes stepgraph --sdpa default,cudnn,flash,efficient --profile --json $OUT/ts-sdpa.json
     PYTHONPATH=. python benchmarks/train_speed.py --device cpu --size tiny --steps 2 --json /tmp/ts.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -48,10 +76,12 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,6 +90,7 @@ from svd_probe.train.config import TrainConfig, preset  # noqa: E402
 from svd_probe.train.loop import (  # noqa: E402
     STEP_GRAPH_COMPILE,
     TrainStep,
+    autocast,
     epoch_batch,
     make_optimizer,
     pretraining_phase,
@@ -73,6 +104,55 @@ GRAPH_MODES = ("graphs", "stepgraph")  # the compiled steps the targets are chec
 # The issue's targets (samples/s at batch 256 x 128 on one H200, compiled) and round spread.
 TARGETS = {"mha": 40_000, "mla": 39_000, "mla-o": 39_000}
 SPREAD = 0.05
+# --sdpa: None leaves torch's choice alone (today's step).
+SDPA = {
+    "default": None,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def sdpa_context(name: str) -> contextlib.AbstractContextManager:
+    """sdpa_kernel(backend) for a restricted row; nothing for `default`."""
+    backend = SDPA[name]
+    return contextlib.nullcontext() if backend is None else sdpa_kernel(backend)
+
+
+class SdpaOnly(torch.nn.Module):
+    """The model's forward with one SDPA backend enabled, the context entered inside the forward,
+    for torch.compile: dynamo traces it there (the graph gets that backend's op) and guards on
+    `backend`. Set from outside only, the flags would not reach a model whose class was traced
+    before: dynamo's guards leave them out, and the earlier graph would be reused."""
+
+    def __init__(self, inner: torch.nn.Module, backend: SDPBackend):
+        super().__init__()
+        self.inner, self.backend = inner, backend
+
+    def forward(self, *args, **kwargs):
+        with sdpa_kernel(self.backend):
+            return self.inner(*args, **kwargs)
+
+
+def sdpa_probe(cfg, dev, seq_len: int, name: str) -> dict | None:
+    """None where backend `name` runs one eager forward + backward of the encoder (two rows, the
+    step's autocast, no mask, as the MLM step calls it); else why not, for the skipped rows."""
+    if SDPA[name] is None:
+        return None
+    model = MaskedLM(cfg).to(dev)
+    ids = torch.randint(1000, cfg.vocab_size, (2, seq_len), device=dev)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            with sdpa_context(name), autocast(dev):
+                h = model.encoder(ids)
+            h.float().sum().backward()
+            return None
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            why = [str(w.message).strip().splitlines()[0][:300] for w in seen if str(w.message).strip()]
+            return {"skipped": f"{type(e).__name__}: {first}"[:300], **({"sdpa_why": why[:8]} if why else {})}
 
 
 def bench_tok(vocab_size: int) -> D.Tok:
@@ -91,10 +171,19 @@ class Bench:
     """One model, its optimizer and step under one mode, fed by one or two batch sources."""
 
     def __init__(
-        self, variant: str, cfg, mode: str, dev, batch: int, seq_len: int, factored: bool, inner: str | None = None
+        self,
+        variant: str,
+        cfg,
+        mode: str,
+        dev,
+        batch: int,
+        seq_len: int,
+        factored: bool,
+        inner: str | None = None,
+        sdpa: str = "default",
     ):
         torch.manual_seed(0)
-        self.variant, self.mode, self.dev, self.batch = variant, mode, dev, batch
+        self.variant, self.mode, self.dev, self.batch, self.sdpa = variant, mode, dev, batch, sdpa
         self.model = MaskedLM(cfg).to(dev)
         if factored:
             for m in self.model.modules():
@@ -119,16 +208,24 @@ class Bench:
         # in the batch source alone; eager/host and compiled/host are the earlier step entire.
         loss_of = {"device": phase.loss, "host": phase.loss if mode == "graphs" else host_loss}
         batch_of = {"device": lambda s: phase.batch(s)[0], "host": host_batch}
+        compile_mode = inner or MODES[mode]
+        backend = SDPA[sdpa]
+        # Compiled and restricted: the backend inside the traced forward (SdpaOnly says why);
+        # eager, the context around the steps (sdpa_context) is enough.
+        module = SdpaOnly(self.model, backend) if backend is not None and compile_mode is not None else None
         made: dict = {}
         self.steps = {}
         for source in SOURCES[mode]:
             fn = loss_of[source]
             if fn not in made:
                 step_graph = mode == "stepgraph"
-                made[fn] = TrainStep(self.model, opt, fn, dev, inner or MODES[mode], step_graph=step_graph)
+                made[fn] = TrainStep(self.model, opt, fn, dev, compile_mode, module=module, step_graph=step_graph)
             self.steps[source] = (made[fn], batch_of[source])
         self.i = {s: 0 for s in self.steps}
         self.first_step_s: dict[str, float] = {}
+
+    def sdpa_context(self) -> contextlib.AbstractContextManager:
+        return sdpa_context(self.sdpa)
 
     def step(self, source: str) -> None:
         train_step, make_batch = self.steps[source]
@@ -142,14 +239,15 @@ class Bench:
     def warm(self, steps: int) -> float:
         """The first step of each source (compilation) timed apart, then `steps` more."""
         t0 = time.perf_counter()
-        for source in self.steps:
-            t = time.perf_counter()
-            self.step(source)
-            self.sync()
-            self.first_step_s[source] = time.perf_counter() - t
-            for _ in range(steps):
+        with self.sdpa_context():
+            for source in self.steps:
+                t = time.perf_counter()
                 self.step(source)
-            self.sync()
+                self.sync()
+                self.first_step_s[source] = time.perf_counter() - t
+                for _ in range(steps):
+                    self.step(source)
+                self.sync()
         return time.perf_counter() - t0
 
     def capture_s(self, source: str) -> float | None:
@@ -157,12 +255,13 @@ class Bench:
 
     def timed(self, source: str, steps: int) -> tuple[float, float]:
         """(wall seconds, host seconds to enqueue) for `steps` steps."""
-        self.sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            self.step(source)
-        issued = time.perf_counter()
-        self.sync()
+        with self.sdpa_context():
+            self.sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                self.step(source)
+            issued = time.perf_counter()
+            self.sync()
         return time.perf_counter() - t0, issued - t0
 
 
@@ -173,14 +272,15 @@ def gpu_busy(b: Bench, source: str, steps: int, top_kernels: int = 25) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    b.step(source)  # not the first of the profile: a fresh profiler's first step is slow
-    b.sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            b.step(source)
+    with b.sdpa_context():
+        b.step(source)  # not the first of the profile: a fresh profiler's first step is slow
         b.sync()
-        wall = time.perf_counter() - t0
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                b.step(source)
+            b.sync()
+            wall = time.perf_counter() - t0
     # One pass over the device activity: the spans for the union below, and per kernel name
     # where the GPU time goes (inductor's fused triton kernels carry the ops they fuse in their
     # names; cuBLAS/cutlass ones their tile shape).
@@ -250,7 +350,9 @@ def summarize(rates: list[float], issue: list[float], batch: int) -> dict:
 
 
 def checks(rows: list[dict]) -> list[dict]:
-    """The issue's targets against today's compiled step (graphs/device), and mla-o vs mla."""
+    """The issue's targets against today's compiled step (graphs/device), and mla-o vs mla: on the
+    `default` SDPA rows only (today's step; the others are compared by `fastest_sdpa`)."""
+    rows = [r for r in rows if r.get("sdpa", "default") == "default"]
     by = {(r["variant"], r["mode"], r["source"]): r for r in rows if "samples_per_s" in r}
     out = []
     for v, target in TARGETS.items():
@@ -266,6 +368,33 @@ def checks(rows: list[dict]) -> list[dict]:
         if a and b:
             ratio = a["samples_per_s"] / b["samples_per_s"]
             out.append({"check": f"mla-o >= mla, {mode}/{source} (ratio {ratio:.3f})", "ok": ratio >= 1.0})
+    return out
+
+
+def fastest_sdpa(rows: list[dict]) -> list[dict]:
+    """Per variant, mode and source timed under more than one SDPA backend: the fastest, every
+    backend's samples/s and round spread, and the fastest's ratio to `default` where that ran."""
+    groups: dict[tuple[str, str, str], dict[str, dict]] = {}
+    for r in rows:
+        if "samples_per_s" in r:
+            groups.setdefault((r["variant"], r["mode"], r["source"]), {})[r.get("sdpa", "default")] = r
+    out = []
+    for (v, mode, source), by in groups.items():
+        if len(by) < 2:
+            continue
+        best = max(by, key=lambda n: by[n]["samples_per_s"])
+        base = by.get("default")
+        out.append(
+            {
+                "variant": v,
+                "mode": mode,
+                "source": source,
+                "fastest": best,
+                "samples_per_s": {n: r["samples_per_s"] for n, r in by.items()},
+                "spread": {n: r["spread"] for n, r in by.items()},
+                "vs_default": round(by[best]["samples_per_s"] / base["samples_per_s"], 4) if base else None,
+            }
+        )
     return out
 
 
@@ -289,6 +418,11 @@ def main() -> None:
         choices=["default", "max-autotune-no-cudagraphs"],
         help="the torch.compile mode inside the whole-step graph",
     )
+    ap.add_argument(
+        "--sdpa",
+        default="default",
+        help=f"SDPA backends to time, each its own row: {', '.join(SDPA)} (default: torch's own choice)",
+    )
     ap.add_argument("--profile", action="store_true", help="GPU busy time a step per row (torch.profiler)")
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--variants", default="mha,mla,mla-o")
@@ -305,6 +439,9 @@ def main() -> None:
     modes = (args.modes or ("stepgraph,graphs,eager,compiled" if dev.type == "cuda" else "eager,stepgraph")).split(",")
     if unknown := [m for m in modes if m not in MODES]:
         sys.exit(f"unknown --modes {unknown}: pick from {', '.join(MODES)}")
+    sdpas = list(dict.fromkeys(args.sdpa.split(",")))
+    if unknown := [n for n in sdpas if n not in SDPA]:
+        sys.exit(f"unknown --sdpa {unknown}: pick from {', '.join(SDPA)}")
     if dev.type == "cuda":
         torch.set_float32_matmul_precision("high")
     # 3 variants x 3 compiled steps of one forward: more than dynamo's default cache of 8 entries
@@ -328,6 +465,7 @@ def main() -> None:
         "rounds": args.rounds,
         "autocast": "bf16" if dev.type == "cuda" else "off",
         "stepgraph_compile": args.stepgraph_compile,
+        "sdpa_backends": sdpas,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
     if dev.type == "cuda":
@@ -355,11 +493,21 @@ def main() -> None:
             "cudagraph_messages": cudagraph_messages,
             "peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
         }
-        doc = {"stage": stage, "env": {**env, **extra}, "results": rows, "checks": checks(rows), "log": log}
+        doc = {
+            "stage": stage,
+            "env": {**env, **extra},
+            "results": rows,
+            "checks": checks(rows),
+            "sdpa_fastest": fastest_sdpa(rows),
+            "log": log,
+        }
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
 
-    say(f"{env['device']}, torch {env['torch']}, batch {batch} x {seq_len}, modes {modes}, budget {args.budget:.0f}s")
+    say(
+        f"{env['device']}, torch {env['torch']}, batch {batch} x {seq_len}, modes {modes}, sdpa {sdpas}, "
+        f"budget {args.budget:.0f}s"
+    )
     benches: list[Bench] = []
     est_step_s: dict[str, float] = {}  # per mode, from warmup, for the budget of the rounds
     compile_s: list[float] = []
@@ -367,27 +515,43 @@ def main() -> None:
     def rounds_cost(extra_mode: str | None = None) -> float:
         n = sum(len(b.steps) * est_step_s.get(b.mode, 0.05) for b in benches)
         if extra_mode:
-            n += len(cases) * len(SOURCES[extra_mode]) * est_step_s.get(extra_mode, est_step_s.get("graphs", 0.02))
+            rows_to_come = len(cases) * len(sdpas) * len(SOURCES[extra_mode])
+            n += rows_to_come * est_step_s.get(extra_mode, est_step_s.get("graphs", 0.02))
         return n * args.steps * args.rounds
 
+    probes: dict[tuple[str, str], dict | None] = {}  # (variant, sdpa): why that backend cannot run it
     for mode in modes:
         if mode == "stepgraph" and dev.type != "cuda":
             say("skip stepgraph: a CUDA graph needs a CUDA device")
-            rows += [{"variant": n, "mode": mode, "source": "device", "skipped": "needs CUDA"} for n, _, _ in cases]
+            rows += [
+                {"variant": n, "mode": mode, "source": "device", "sdpa": sd, "skipped": "needs CUDA"}
+                for n, _, _ in cases
+                for sd in sdpas
+            ]
             continue
-        for name, cfg, factored in cases:
+        for (name, cfg, factored), sdpa in [(c, sd) for c in cases for sd in sdpas]:
+            label = f"{name} {mode}" + ("" if sdpa == "default" else f" sdpa={sdpa}")
+            if (name, sdpa) not in probes:
+                probes[(name, sdpa)] = sdpa_probe(cfg, dev, seq_len, sdpa)
+                if probes[(name, sdpa)]:
+                    say(f"skip {name} sdpa={sdpa}: {probes[(name, sdpa)]['skipped']}")
+            if why := probes[(name, sdpa)]:
+                rows += [{"variant": name, "mode": mode, "source": s, "sdpa": sdpa, **why} for s in SOURCES[mode]]
+                continue
             elapsed = time.perf_counter() - t_start
             need = (max(compile_s) if compile_s and mode != "eager" else 0.0) + rounds_cost(mode)
             if elapsed + need > args.budget:
-                say(
-                    f"skip {name} {mode}: {elapsed:.0f}s spent, about {need:.0f}s more needed, budget {args.budget:.0f}s"
-                )
-                rows += [{"variant": name, "mode": mode, "source": s, "skipped": "budget"} for s in SOURCES[mode]]
+                say(f"skip {label}: {elapsed:.0f}s spent, about {need:.0f}s more needed, budget {args.budget:.0f}s")
+                rows += [
+                    {"variant": name, "mode": mode, "source": s, "sdpa": sdpa, "skipped": "budget"}
+                    for s in SOURCES[mode]
+                ]
                 continue
             try:
                 inner = args.stepgraph_compile if mode == "stepgraph" else None
-                b = Bench(name, cfg, mode, dev, batch, seq_len, factored, inner)
-                setup = b.warm(args.warmup)
+                with sdpa_context(sdpa):  # built, compiled, warmed and captured under the backend
+                    b = Bench(name, cfg, mode, dev, batch, seq_len, factored, inner, sdpa)
+                    setup = b.warm(args.warmup)
                 per_step = max((setup - sum(b.first_step_s.values())) / max(1, args.warmup * len(b.steps)), 1e-4)
                 est_step_s[mode] = max(est_step_s.get(mode, 0.0), per_step)
                 if mode != "eager":
@@ -403,11 +567,11 @@ def main() -> None:
                 first = ", ".join(f"{s} {t:.1f}s" for s, t in b.first_step_s.items())
                 if (cap := b.capture_s("device")) is not None:
                     first += f", capture {cap:.2f}s"
-                say(f"ready {name} {mode}: first step {first}; warm {1000 * per_step:.1f} ms/step")
+                say(f"ready {label}: first step {first}; warm {1000 * per_step:.1f} ms/step")
             except Exception as e:  # a mode that fails on this machine is recorded, not fatal
-                say(f"FAILED {name} {mode}: {type(e).__name__}: {e}")
+                say(f"FAILED {label}: {type(e).__name__}: {e}")
                 rows += [
-                    {"variant": name, "mode": mode, "source": s, "error": f"{type(e).__name__}: {e}"}
+                    {"variant": name, "mode": mode, "source": s, "sdpa": sdpa, "error": f"{type(e).__name__}: {e}"}
                     for s in SOURCES[mode]
                 ]
                 traceback.print_exc()
@@ -445,6 +609,7 @@ def main() -> None:
                 "variant": b.variant,
                 "mode": b.mode,
                 "source": s,
+                "sdpa": b.sdpa,
                 "parameters": pretraining_parameters(b.model.encoder.cfg),
                 "first_step_s": round(b.first_step_s[s], 2),
                 **({"capture_s": round(cap, 3)} if cap is not None else {}),
@@ -459,13 +624,13 @@ def main() -> None:
         f"median of {args.rounds} rounds x {args.steps} steps"
     )
     print(
-        f"{'variant':<15} {'mode':<9} {'source':<7} {'samples/s':>10} {'[min .. max]':>21} {'±':>6} "
+        f"{'variant':<15} {'mode':<9} {'source':<7} {'sdpa':<9} {'samples/s':>10} {'[min .. max]':>21} {'±':>6} "
         f"{'ms/step':>8} {'issue_ms':>8} {'1st step':>8}" + (f" {'gpu_ms':>8}" if args.profile else "")
     )
     for r in rows:
-        head = f"{r['variant']:<15} {r['mode']:<9} {r['source']:<7}"
+        head = f"{r['variant']:<15} {r['mode']:<9} {r['source']:<7} {r.get('sdpa', 'default'):<9}"
         if "samples_per_s" not in r:
-            print(f"{head} {r.get('skipped') or r.get('error')}")
+            print(f"{head} {str(r.get('skipped') or r.get('error'))[:100]}")  # whole in the JSON
             continue
         span = f"[{r['samples_per_s_min']:,.0f} .. {r['samples_per_s_max']:,.0f}]"
         print(
@@ -476,6 +641,13 @@ def main() -> None:
     print()
     for c in checks(rows):
         print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']}")
+    for f in fastest_sdpa(rows):
+        rates_of = ", ".join(
+            f"{n} {x:,.0f} ±{100 * f['spread'][n]:.1f}%"
+            for n, x in sorted(f["samples_per_s"].items(), key=lambda kv: -kv[1])
+        )
+        vs = f"; x{f['vs_default']:.3f} default" if f["vs_default"] is not None else ""
+        print(f"fastest sdpa  {f['variant']} {f['mode']}/{f['source']}: {f['fastest']} ({rates_of} samples/s{vs})")
     print(f"total {time.perf_counter() - t_start:.0f}s" + (f"; wrote {path}" if path else ""))
 
 

@@ -1,11 +1,19 @@
 """The fast paths of the training step compute what the slow ones do: the MLM loss at the gathered
 masked positions equals the loss read off full logits (float64), and batches cut and masked on the
-model's device are a function of the seed and follow BERT's rule in their counts."""
+model's device are a function of the seed and follow BERT's rule in their counts. And
+benchmarks/train_speed.py --sdpa on the CPU: a row per backend, the ones without a CPU kernel
+recorded as skipped, and a restricted compiled model traced with its own backend."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +25,7 @@ from svd_probe.train.config import TrainConfig, preset
 from svd_probe.train.loop import pretraining_phase
 from svd_probe.train.model import MaskedLM
 
+REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300
 TOK = D.Tok(None, "test", VOCAB, pad_id=0, unk_id=1, cls_id=2, sep_id=3, mask_id=4)
 
@@ -115,3 +124,71 @@ def test_device_batches_follow_the_bert_rule_in_their_counts():
     assert drawn.min() < 10 and drawn.max() > VOCAB - 10
     untouched = torch.ones_like(inputs, dtype=torch.bool).scatter_(1, positions, False)
     assert torch.equal(inputs[untouched], picked_rows[untouched])
+
+
+def test_train_speed_times_a_row_per_sdpa_backend_and_skips_those_without_a_kernel(tmp_path):
+    """On CPU torch (2.13) math and flash (its CPU flash kernel) run the MLM step, cudnn does not
+    ("No viable backend"): its rows are recorded as skipped and the run goes on."""
+    out = tmp_path / "ts.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "train_speed.py"), "--device", "cpu", "--size", "tiny"]
+    cmd += ["--steps", "2", "--rounds", "1", "--modes", "eager", "--sdpa", "default,math,flash,cudnn"]
+    r = subprocess.run(
+        [*cmd, "--json", str(out)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["stage"] == "done" and doc["env"]["sdpa_backends"] == ["default", "math", "flash", "cudnn"]
+    by = {(x["variant"], x["source"], x["sdpa"]): x for x in doc["results"]}
+    assert len(by) == len(doc["results"]) == 3 * 2 * 4  # variants x sources (eager) x backends
+    for v in ("mha", "mla", "mla-o"):
+        for source in ("device", "host"):
+            for sdpa in ("default", "math", "flash"):
+                row = by[(v, source, sdpa)]
+                assert row["mode"] == "eager" and row["samples_per_s"] > 0, row
+            skipped = by[(v, source, "cudnn")]
+            assert "samples_per_s" not in skipped and "error" not in skipped
+            assert skipped["skipped"].startswith("RuntimeError: No viable backend"), skipped
+    # The targets' checks read the default rows only; the fastest backend per row group.
+    assert doc["checks"] and all("sdpa" not in c["check"] for c in doc["checks"])
+    fastest = {(f["variant"], f["source"]): f for f in doc["sdpa_fastest"]}
+    assert len(fastest) == 6
+    assert all(f["fastest"] in ("default", "math", "flash") for f in fastest.values())
+    assert all(set(f["samples_per_s"]) == {"default", "math", "flash"} for f in fastest.values())
+    assert "fastest sdpa  mha eager/device:" in r.stdout
+    header = next(line for line in r.stdout.splitlines() if line.startswith("variant"))
+    assert header.split()[:5] == ["variant", "mode", "source", "sdpa", "samples/s"]
+
+
+def test_sdpa_only_has_each_compiled_model_traced_with_its_own_backend():
+    """train_speed's SdpaOnly: a second model of the same class, compiled under another backend,
+    runs that backend's kernel (dynamo does not guard on sdpa_kernel's flags set outside the traced
+    forward, so without the wrapper it could reuse the first model's graph); a third under the
+    first backend reuses the first graph."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import profile
+
+    spec = importlib.util.spec_from_file_location("train_speed", REPO / "benchmarks" / "train_speed.py")
+    assert spec and spec.loader
+    ts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ts)
+    cfg = replace(preset("mha", "tiny"), vocab_size=VOCAB, n_layers=1)
+    ids = torch.randint(5, VOCAB, (2, 16))
+    positions, targets = torch.tensor([[1, 2], [3, 4]]), torch.randint(5, VOCAB, (2, 2))
+    torch._dynamo.reset()
+    try:
+        for sdpa, has_flash, new_graphs in (("flash", True, 1), ("math", False, 1), ("flash", True, 0)):
+            model = torch.compile(ts.SdpaOnly(MaskedLM(cfg), ts.SDPA[sdpa]), backend="aot_eager")
+            before = counters["stats"]["unique_graphs"]
+            with ts.sdpa_context(sdpa):
+                model(ids, positions, targets, accuracy=False)[0].backward()  # traced here
+                with profile() as prof:
+                    model(ids, positions, targets, accuracy=False)[0].backward()
+            ran = {e.name for e in prof.events()}
+            assert ("aten::_scaled_dot_product_flash_attention_for_cpu" in ran) is has_flash, (sdpa, ran)
+            assert counters["stats"]["unique_graphs"] - before == new_graphs, sdpa
+    finally:
+        torch._dynamo.reset()
