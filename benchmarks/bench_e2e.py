@@ -107,6 +107,10 @@ def phase(args) -> dict:
         from svd_probe.spectra import band
 
         band.use_stage2_workers("auto", args.band_workers)
+    if args.hybrid_rule:
+        from svd_probe.spectra import band
+
+        band.use_hybrid_rule(args.hybrid_rule)
     if args.phase.startswith("read"):
         from svd_probe.hub.stream import stream_layers
 
@@ -244,6 +248,9 @@ def main() -> None:
         default=0,
         help="the band solvers' stage-2 workers (0: one per core); fewer leave cores to an HTTP transfer",
     )
+    ap.add_argument(
+        "--hybrid-rule", default="", help="band-hybrid's rule for sending a matrix to the device (band.HYBRID_RULES)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase
     ap.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
@@ -287,6 +294,7 @@ def main() -> None:
         "solver": args.solver,
         "inflight": args.inflight,
         "band_workers": args.band_workers,
+        "hybrid_rule": args.hybrid_rule or None,
         "phases": {},
     }
     try:
@@ -296,6 +304,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--phase", name, "--endpoint", endpoint, "--ckpt", str(args.ckpt)]
             cmd += ["--device", args.device, "--nproc", str(args.nproc), "--layers", str(args.layers)]
             cmd += ["--solver", args.solver, "--inflight", str(args.inflight), "--band-workers", str(args.band_workers)]
+            cmd += ["--hybrid-rule", args.hybrid_rule] if args.hybrid_rule else []
             hub_cpu0 = _cpu_seconds_of(hub.pid)
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             hub_cpu = _cpu_seconds_of(hub.pid)

@@ -273,6 +273,12 @@ def main(argv=None) -> int:
         "device (Sturm bisection, svd_probe.spectra.sturm; CUDA + Triton)",
     )
     ap.add_argument(
+        "--band-solvers",
+        default="band,band-hybrid:cpu-full",
+        help="the band routes to time, comma-separated: band, band-hybrid:RULE (RULE: cpu-full, device-free)",
+    )
+    ap.add_argument("--band-repeat", type=int, default=1, help="runs of each band route, in rotating order")
+    ap.add_argument(
         "--band-scaling",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -584,23 +590,30 @@ def main(argv=None) -> int:
         band_ks = [int(x) for x in args.band_inflight.split(",") if x.strip()]
         out["hybrid_problems_by_route"] = {}
         tris = [t.strip() for t in args.band_tridiagonal.split(",") if t.strip()]
+        band_solvers = [t.strip() for t in args.band_solvers.split(",") if t.strip()]
         for workers in [w.strip() for w in args.band_workers.split(",") if w.strip()]:
             # where stage 2 runs: one worker process per core (the default), or threads
             BD.use_stage2_workers(workers)
-            for tri in tris:
-                # where stage 2's tridiagonal eigenvalues are found: dsterf in the worker, or the device
-                BD.use_device_tridiagonal(tri == "device")
-                if tri == "device" and not BD.tridiagonal_on_device(device):
-                    run.row("band", f"tridiagonal on device, stage 2 on {workers}", note="skipped: cannot run here")
-                    continue
-                where = f"stage 2 on {workers}, tridiagonal on {tri}"
-                inflight(f"gram64 band, {where}", replace(base, solver="band", batched=False), band_ks)
-                before = dict(BD.ROUTE_COUNTS)
-                cfg = replace(base, solver="band-hybrid", batched=False)
-                inflight(f"gram64 band-hybrid, {where}", cfg, band_ks)
-                split = {k: BD.ROUTE_COUNTS[k] - before[k] for k in before}
-                out["hybrid_problems_by_route"][f"{workers}, tridiagonal {tri}"] = split
-                run.row("band", f"band-hybrid, {where}: problems by route", note=str(split))
+            # each combination `--band-repeat` times, in rotating order, so that warming (the
+            # pool's first spawn, the allocator, clocks) does not favour the later ones
+            combos = [(tri, name) for tri in tris for name in band_solvers]
+            for r in range(args.band_repeat):
+                for tri, name in combos[r % len(combos) :] + combos[: r % len(combos)]:
+                    # where stage 2's tridiagonal eigenvalues are found: dsterf in the worker, or the device
+                    BD.use_device_tridiagonal(tri == "device")
+                    if tri == "device" and not BD.tridiagonal_on_device(device):
+                        run.row("band", f"tridiagonal on device, stage 2 on {workers}", note="skipped: cannot run here")
+                        continue
+                    solver, _, rule = name.partition(":")
+                    if rule:
+                        BD.use_hybrid_rule(rule)
+                    where = f"{name}, {workers}, tri {tri}, rep {r + 1}"
+                    before = dict(BD.ROUTE_COUNTS)
+                    inflight(f"gram64 {where}", replace(base, solver=solver, batched=False), band_ks)
+                    split = {k: BD.ROUTE_COUNTS[k] - before[k] for k in before}
+                    out["hybrid_problems_by_route"][where] = split
+                    run.row("band", f"{where}: problems by route", note=str(split))
+            BD.use_hybrid_rule("cpu-full")
         BD.use_stage2_workers("processes")
         BD.use_device_tridiagonal(None)
         return out

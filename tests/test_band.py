@@ -315,6 +315,33 @@ def test_hybrid_waits_for_the_device_when_every_worker_is_busy(band_threads):
     assert np.abs(got[0][0].numpy() - ref).max() <= bound(ref)
 
 
+def test_device_free_rule_takes_the_device_whenever_its_slot_is_free(band_threads):
+    # "device-free": with idle workers the matrix still goes to the device if its slot is free,
+    # and to the band route (without waiting) while the slot is taken; both answers exact.
+    mats = np.stack([planted(np.random.default_rng(16 + i), 100, True)[0] for i in range(2)])
+    refs = [np.linalg.eigvalsh(m) for m in mats]
+    with pytest.raises(ValueError, match="unknown hybrid rule"):
+        B.use_hybrid_rule("always")
+    B.use_hybrid_rule("device-free")
+    try:
+        before = dict(B.ROUTE_COUNTS)
+        got = B.eigvalsh_band(torch.from_numpy(mats), 16, hybrid=True)
+        assert B.ROUTE_COUNTS["device"] - before["device"] == 2 and B.ROUTE_COUNTS["band"] == before["band"]
+        for g, ref in zip(got, refs, strict=True):
+            assert np.abs(g.numpy() - ref).max() <= bound(ref)
+        before = dict(B.ROUTE_COUNTS)
+        B._device_slots.acquire()
+        try:
+            got = B.eigvalsh_band(torch.from_numpy(mats), 16, hybrid=True)  # would hang if it waited
+        finally:
+            B._device_slots.release()
+        assert B.ROUTE_COUNTS["band"] - before["band"] == 2 and B.ROUTE_COUNTS["device"] == before["device"]
+        for g, ref in zip(got, refs, strict=True):
+            assert np.abs(g.numpy() - ref).max() <= bound(ref)
+    finally:
+        B.use_hybrid_rule("cpu-full")
+
+
 def test_fewer_stage2_workers_bound_the_pool_and_the_hybrids_busy_rule():
     # One worker: at most one stage-2 solve runs at once, a single busy worker counts as "every
     # worker busy" (the hybrid then takes the device), and the layers in flight follow the pool.

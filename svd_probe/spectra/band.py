@@ -64,7 +64,7 @@ from svd_probe.spectra import sturm
 from svd_probe.spectra.band_lapack import band_eigvals, band_tridiagonal, has_band_tridiagonal, stage2_name
 
 __all__ = ["DEFAULT_BAND", "band_eigvals", "band_on_device", "cores", "eigvalsh_band", "stage2_name",
-           "stage2_workers", "to_band", "tridiagonal_on_device", "use_device_tridiagonal", "use_stage2_workers"]  # fmt: skip
+           "stage2_workers", "to_band", "tridiagonal_on_device", "use_device_tridiagonal", "use_hybrid_rule", "use_stage2_workers"]  # fmt: skip
 
 # Stage 1 costs fewer launches per column with a wider band, stage 2 more CPU time per problem.
 # dsbev_2stage at n = 7168 on one core of the 2-core dev VM: 2.5 s (b = 16), 2.4 (24),
@@ -405,6 +405,45 @@ def _eigvals_from(result, device: torch.device) -> torch.Tensor:  # noqa: ANN001
     return torch.from_numpy(result).to(device)
 
 
+# The hybrid's rule for sending a matrix to the device: "cpu-full" (only when every CPU worker is
+# busy, waiting for the device slot) or "device-free" (whenever the device slot is free at once:
+# the device is kept busy, the rest go to the band route). Set by use_hybrid_rule.
+HYBRID_RULES = ("cpu-full", "device-free")
+_hybrid_rule = "cpu-full"
+
+
+def use_hybrid_rule(rule: str) -> None:
+    """Which rule band-hybrid follows (HYBRID_RULES): for benchmarks that time both."""
+    global _hybrid_rule
+    if rule not in HYBRID_RULES:
+        raise ValueError(f"unknown hybrid rule {rule!r}: pick from {', '.join(HYBRID_RULES)}")
+    _hybrid_rule = rule
+
+
+def _solve_on_device(xi: torch.Tensor) -> torch.Tensor:
+    """torch.linalg.eigvalsh of xi with the device slot held (the caller holds it)."""
+    lam = torch.linalg.eigvalsh(xi)
+    if lam.is_cuda:  # the slot is taken until the device is done with it
+        torch.cuda.current_stream(lam.device).synchronize()
+    with _lock:
+        ROUTE_COUNTS["device"] += 1
+    return lam
+
+
+def _on_device_if_free(xi: torch.Tensor) -> torch.Tensor | None:
+    """The "device-free" rule: eigenvalues on the device if its slot is free now, else None.
+
+    Stage 1 costs the host 0.17 s of launches a problem and its CPU worker 2.6 s (H200 host,
+    2026-12-02, fifth session), a device solve 0.39 s of GPU time and one call: so every problem
+    the device can take is one the host thread and the workers need not."""
+    if not _device_slots.acquire(blocking=False):
+        return None
+    try:
+        return _solve_on_device(xi)
+    finally:
+        _device_slots.release()
+
+
 def _on_device_if_cpu_full(xi: torch.Tensor) -> torch.Tensor | None:
     """The hybrid's choice for one matrix: its eigenvalues by torch.linalg.eigvalsh on its device
     if every CPU worker is busy, else None (the band route).
@@ -419,12 +458,7 @@ def _on_device_if_cpu_full(xi: torch.Tensor) -> torch.Tensor | None:
     with _device_slots:
         if not _cpu_full():
             return None
-        lam = torch.linalg.eigvalsh(xi)
-        if lam.is_cuda:  # the slot is taken until the device is done with it
-            torch.cuda.current_stream(lam.device).synchronize()
-        with _lock:
-            ROUTE_COUNTS["device"] += 1
-    return lam
+        return _solve_on_device(xi)
 
 
 def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -> torch.Tensor:
@@ -445,7 +479,9 @@ def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -
     fn = band_tridiagonal if tridiagonal_on_device(x.device) else band_eigvals
     parts: list[tuple[Future, Callable, np.ndarray] | torch.Tensor] = []
     for xi in x:
-        lam = _on_device_if_cpu_full(xi) if hybrid else None
+        lam = None
+        if hybrid:
+            lam = _on_device_if_free(xi) if _hybrid_rule == "device-free" else _on_device_if_cpu_full(xi)
         if lam is not None:
             parts.append(lam)
         else:
