@@ -106,7 +106,7 @@ def phase(args) -> dict:
     if args.band_workers:
         from svd_probe.spectra import band
 
-        band.use_stage2_workers("auto", args.band_workers)
+        band.use_stage2_workers("processes", args.band_workers)  # guarded script: see main
     if args.hybrid_rule:
         from svd_probe.spectra import band
 
