@@ -253,10 +253,13 @@ def test_public_path_equals_default_route():
 
 @pytest.fixture
 def band_threads():
-    """Stage 2 on threads for one test (a gate of threading.Event cannot go to a process)."""
+    """Stage 2 on threads for one test (a gate of threading.Event cannot go to a process), and
+    the hybrid's cpu-full rule, which these tests check (the device-free test sets its own)."""
     B.use_stage2_workers("threads")
+    B.use_hybrid_rule("cpu-full")
     yield
     B.use_stage2_workers("auto")
+    B.use_hybrid_rule("device-free")
 
 
 def test_hybrid_takes_the_device_only_when_every_core_is_busy(band_threads):
@@ -339,7 +342,7 @@ def test_device_free_rule_takes_the_device_whenever_its_slot_is_free(band_thread
         for g, ref in zip(got, refs, strict=True):
             assert np.abs(g.numpy() - ref).max() <= bound(ref)
     finally:
-        B.use_hybrid_rule("cpu-full")
+        B.use_hybrid_rule("device-free")
 
 
 def test_fewer_stage2_workers_bound_the_pool_and_the_hybrids_busy_rule():
@@ -350,6 +353,7 @@ def test_fewer_stage2_workers_bound_the_pool_and_the_hybrids_busy_rule():
     with pytest.raises(ValueError, match="count"):
         B.use_stage2_workers("threads", -1)
     B.use_stage2_workers("threads", 10**6)
+    B.use_hybrid_rule("cpu-full")  # the busy rule is the one under test
     try:
         assert B.pool_size() == B.cores()  # never more workers than cores
         B.use_stage2_workers("threads", 1)
@@ -380,6 +384,7 @@ def test_fewer_stage2_workers_bound_the_pool_and_the_hybrids_busy_rule():
         assert np.abs(got[0].numpy() - ref).max() <= bound(ref)
     finally:
         B.use_stage2_workers("auto")
+        B.use_hybrid_rule("device-free")
     assert B.pool_size() == B.cores() and band_inflight() == B.cores() // 2 + 4
 
 

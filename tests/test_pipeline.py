@@ -162,7 +162,7 @@ def test_torchrun_splits_missing_layers_once_each_and_a_rerun_resumes(fake_hub, 
     assert rerun.computed == [1, 2] and rerun.from_cache == [0, 3]
 
 
-def test_pipeline_config_picks_solver_and_layers_in_flight():
+def test_pipeline_config_picks_solver_and_layers_in_flight(monkeypatch):
     import torch
 
     from svd_probe.errors import BadOptionError
@@ -173,6 +173,15 @@ def test_pipeline_config_picks_solver_and_layers_in_flight():
     assert pipeline_config(cpu).inflight == 1 and pipeline_config(cpu).solver == "auto"
     assert pipeline_config(cpu).resolved(cpu).solver == AUTO_ROUTES["cpu"]["solver"]
     assert pipeline_config(cuda, "torch").inflight == 2
+    # auto on CUDA: band-hybrid from BAND_MIN_CORES cores, else the AUTO_ROUTES entry (syevd)
+    from svd_probe.spectra import band as B
+    from svd_probe.spectra.compute import BAND_MIN_CORES
+
+    for n_cores, want in ((BAND_MIN_CORES, "band-hybrid"), (BAND_MIN_CORES - 1, "auto")):
+        monkeypatch.setattr(B, "cores", lambda n=n_cores: n)
+        assert pipeline_config(cuda).solver == want
+    assert pipeline_config(cuda).inflight == 2
+    monkeypatch.undo()
     # band: two problems a layer, one worker per core, four layers more
     assert pipeline_config(cuda, "band-hybrid").inflight == cores() // 2 + 4
     assert pipeline_config(cpu, "band").inflight == 1

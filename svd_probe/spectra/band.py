@@ -39,9 +39,15 @@ code outside `if __name__ == "__main__":`) gets threads instead, checked on its 
 (`_spawn_safe`). If the processes cannot start or die, the pool falls back to threads with a
 warning, and the problem is solved there.
 
-With `hybrid=True` ("band-hybrid" in SOLVERS), a problem that finds every worker busy waits for
-the device and is solved there by torch.linalg.eigvalsh, one at a time, so the GPU takes a share
-of the problems as well.
+With `hybrid=True` ("band-hybrid" in SOLVERS), a problem that finds the device free is solved there
+by torch.linalg.eigvalsh (cuSOLVER syevd), one at a time, and the others take the band route, so
+the GPU takes a share of the problems as well (`use_hybrid_rule`: or only those that find every
+worker busy).
+
+Stage 2's last step, the tridiagonal's eigenvalues, runs on the GPU when the matrix is there
+(`svd_probe.spectra.sturm`, Sturm bisection in one Triton kernel, 0.046 s a 7168 problem on an
+H200): the workers run dsytrd_sb2st only and hand back the tridiagonal. dsterf in the worker is
+the fallback (no CUDA, no Triton, or a LAPACK without dsytrd_sb2st).
 """
 
 from __future__ import annotations
@@ -405,11 +411,14 @@ def _eigvals_from(result, device: torch.device) -> torch.Tensor:  # noqa: ANN001
     return torch.from_numpy(result).to(device)
 
 
-# The hybrid's rule for sending a matrix to the device: "cpu-full" (only when every CPU worker is
-# busy, waiting for the device slot) or "device-free" (whenever the device slot is free at once:
-# the device is kept busy, the rest go to the band route). Set by use_hybrid_rule.
-HYBRID_RULES = ("cpu-full", "device-free")
-_hybrid_rule = "cpu-full"
+# The hybrid's rule for sending a matrix to the device: "device-free" (the default: whenever the
+# device slot is free at once, so the device is kept busy and the rest go to the band route) or
+# "cpu-full" (only when every CPU worker is busy, waiting for the slot). On an H200 host, 16
+# DeepSeek-V3 layers in flight, two runs each in rotating order: device-free 0.429 / 0.449 s a
+# layer (the device took 14 and 13 of 70 problems), cpu-full 0.552 / 0.523 (it took none),
+# band 0.715 / 0.595 (benchmarks/README.md, "Stage 2's tridiagonal on the GPU"). Set by use_hybrid_rule.
+HYBRID_RULES = ("device-free", "cpu-full")
+_hybrid_rule = "device-free"
 
 
 def use_hybrid_rule(rule: str) -> None:

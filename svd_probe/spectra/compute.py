@@ -72,6 +72,7 @@ from svd_probe.spectra.solvers import SOLVERS, Solver, solver_unavailable, svdva
 
 __all__ = [
     "AUTO_ROUTES",
+    "BAND_MIN_CORES",
     "SOLVERS",
     "FactoredHeads",
     "PendingSpectra",
@@ -178,16 +179,31 @@ DEFAULT_CONFIG = SpectraConfig()
 BAND_SOLVERS = ("band", "band-hybrid")
 
 
+# Cores from which analyze's auto solver on CUDA is band-hybrid (pipeline_config).
+BAND_MIN_CORES = 8
+
+
 def pipeline_config(device: torch.device, solver: str = "auto", inflight: int = 0) -> SpectraConfig:
     """The config of `analyze`'s overlap pipeline on `device`: `solver` ("auto" or a name in
     SOLVERS) for the big problems, `inflight` layers pending (0: auto), never batched (the writer
     thread collects each layer's σ). Raises BadOptionError for a solver that cannot run here.
+
+    Auto solver: on CUDA with at least `BAND_MIN_CORES` cores, "band-hybrid" (its device-free
+    rule, the tridiagonal on the GPU); 62 DeepSeek-V3 layers on an H200 with 16 cores, same
+    machine: compute 32.2 s against torch's 46.7 s, analyze from the folder 34.2 s, over HTTP
+    51.7 s against 52.0 s (benchmarks/README.md, "Stage 2's tridiagonal on the GPU"). Else the
+    device's `AUTO_ROUTES` entry (torch's syevd on CUDA).
 
     Auto in flight: on CUDA two layers (0.726 s a DeepSeek-V3 layer instead of 0.774 s with one,
     benchmarks/README.md, H200), or for the band solvers enough layers for every core's worker
     (`band_inflight`); on the CPU one, each layer inline."""
     from svd_probe.errors import BadOptionError
 
+    if solver == "auto" and device.type == "cuda":
+        from svd_probe.spectra.band import cores
+
+        if cores() >= BAND_MIN_CORES and not solver_unavailable("band-hybrid", device):
+            solver = "band-hybrid"
     config = SpectraConfig(solver=solver, inflight=max(0, inflight), batched=False)
     try:
         picked = config.resolved(device).solver

@@ -163,7 +163,7 @@ SOLVERS: dict[str, Solver] = {
         functools.partial(eigvalsh_band, hybrid=True),
         None,
         False,
-        "band, and torch.linalg.eigvalsh on the device for a problem that finds every CPU core busy",
+        "band, and torch.linalg.eigvalsh on the device for each problem that finds the device free",
     ),
     "torch-gesvdj": Solver("torch", None, _torch_gesvdj, True, "torch.linalg.svdvals(driver='gesvdj')"),
     "cupy": Solver(
