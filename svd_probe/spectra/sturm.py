@@ -157,13 +157,9 @@ def tridiagonal_eigvalsh(d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     e2 = torch.zeros_like(d)
     e2[:, : n - 1] = e * e
     out = torch.empty_like(d)
-    grid = (triton_cdiv(n, _BLOCK), k)
+    grid = (-(-n // _BLOCK), k)
     _kernel()[grid](d, e2, gl, gu, pivmin, out, n, iters, BLOCK=_BLOCK, UNROLL=_UNROLL, num_warps=2)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def tridiagonal_eigvalsh_numpy(d: np.ndarray, e: np.ndarray) -> np.ndarray:
