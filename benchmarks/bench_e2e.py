@@ -195,9 +195,8 @@ def phase(args) -> dict:
                 t = time.perf_counter()
                 stats = analyze(job).stats
                 out["seconds"] = time.perf_counter() - t
-            from svd_probe.spectra.compute import pipeline_config
-
-            out["solver"] = pipeline_config(device, args.solver).resolved(device).solver  # as analyze
+            out["solver"] = stats.get("solver")  # what analyze ran (rank 0's, under torchrun)
+            out["inflight"] = stats.get("inflight")
             out["bytes"] = stats["bytes_fetched"]
             out["computed"] = stats["computed"]
         finally:

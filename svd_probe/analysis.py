@@ -294,7 +294,9 @@ def _analyze(request: AnalyzeJob, progress, device: torch.device, ranks) -> Anal
 
     bytes_before = source.bytes_fetched
     rank_info = {"rank": ranks.rank, "world_size": ranks.world_size} if ranks.active else {}
-    computed = _compute_layers(request, source, adapter, cache, mine, kind_set, options, device, rank_info, progress)
+    computed, route = _compute_layers(
+        request, source, adapter, cache, mine, kind_set, options, device, rank_info, progress
+    )
     have.update(computed)
     mine_stats = {
         "rank": ranks.rank,
@@ -311,6 +313,8 @@ def _analyze(request: AnalyzeJob, progress, device: torch.device, ranks) -> Anal
         "seconds": round(time.perf_counter() - t_start, 3),
         "device": str(device),
     }
+    if computed:  # the eigensolver and layers in flight this process computed with
+        stats.update(route)
     if ranks.active:
         stats["ranks"] = per_rank
     if todo:
@@ -348,7 +352,7 @@ def _analyze(request: AnalyzeJob, progress, device: torch.device, ranks) -> Anal
 
 def _compute_layers(
     request: AnalyzeJob, source, adapter, cache, layers, kind_set, options, device, rank_info, progress
-) -> dict[int, LayerSpectra]:
+) -> tuple[dict[int, LayerSpectra], dict]:
     """Read, compute and cache `layers`, the stages of consecutive layers overlapping:
 
         reader thread      read + dequantize layer L+1 .. L+prefetch   (`stream_layers`)
@@ -358,18 +362,21 @@ def _compute_layers(
 
     so this thread only launches device work and never waits for the disk or a σ copy.
     On Ctrl-C (or an error) the layers already computed are written before it propagates.
+    Returns the layers, and the route they were computed with ({"solver", "inflight"}; the
+    solver is also in each layer's info).
     """
     from svd_probe.cache.writer import LayerWriter
     from svd_probe.hub.stream import stream_layers
     from svd_probe.spectra.compute import SpectraPipeline, pipeline_config
 
     if not layers:
-        return {}
+        return {}, {}
 
     def plan_for_layer(layer: int):
         return adapter.plan(layer, kind_set, request.fold_norms)
 
     config = pipeline_config(device, request.solver, request.inflight)
+    route = {"solver": config.resolved(device).solver, "inflight": config.inflight}
     clock = [time.perf_counter()]
 
     def finish(layer: int, pending, storage: dict[str, str]) -> LayerSpectra:
@@ -377,7 +384,7 @@ def _compute_layers(
         sigma = {k: v[0].numpy() for k, v in spectra.items()}
         shapes = {k: (int(v[1][0]), int(v[1][1])) for k, v in spectra.items()}
         now = time.perf_counter()
-        info = {"seconds": round(now - clock[0], 4), "device": str(device), **rank_info}
+        info = {"seconds": round(now - clock[0], 4), "device": str(device), "solver": route["solver"], **rank_info}
         clock[0] = now
         done = LayerSpectra(layer=layer, sigma=sigma, shapes=shapes, storage_dtypes=storage, info=info)
         # One call merges with kinds cached by earlier runs and lists the layer in the manifest.
@@ -416,7 +423,7 @@ def _compute_layers(
                 collect(writer)  # the layers the drain wrote are reported done (the Ctrl-C count)
             finally:
                 pipe.close()
-    return out
+    return out, route
 
 
 def _analyze_offline(

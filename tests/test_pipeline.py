@@ -205,3 +205,20 @@ def test_analyze_refuses_an_unknown_solver_before_reading(deepseek_ckpt, tmp_pat
     assert e.value.code == 2 and "--solver nope" in err and "--solver auto" in err and "Traceback" not in err
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # refused before reading or writing anything
     # (band's numbers through the pipeline: tests/test_band.py, layers_spectra with big_side=100)
+
+
+def test_analyze_reports_the_solver_it_ran(deepseek_ckpt, tmp_path):
+    # stats and every layer's info name the eigensolver that computed them, as pipeline_config
+    # resolved it (auto on the CPU: AUTO_ROUTES' entry; an explicit --solver: itself); a rerun
+    # that computes nothing names none
+    from svd_probe.spectra.compute import AUTO_ROUTES
+
+    for solver, want in (("auto", AUTO_ROUTES["cpu"]["solver"]), ("band", "band")):
+        cache = tmp_path / solver
+        job = AnalyzeJob(str(deepseek_ckpt.folder), cache_dir=cache, device="cpu", matrices="O", solver=solver)
+        out = analyze(job)
+        assert out.computed and out.stats["solver"] == want and out.stats["inflight"] == 1
+        cached = load_analysis(CacheQuery(str(deepseek_ckpt.folder), cache_dir=cache))  # read back from disk
+        assert {cached.layer_spectra[ly].info["solver"] for ly in out.computed} == {want}
+        rerun = analyze(job)
+        assert not rerun.computed and "solver" not in rerun.stats
