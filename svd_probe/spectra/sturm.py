@@ -3,10 +3,12 @@
 `tridiagonal_eigvalsh(d, e)` is the last step of the band solver's stage 2 (band.py): the CPU
 worker reduces a band to tridiagonal form (LAPACK dsytrd_sb2st) and hands back its diagonal d and
 off-diagonal e; this module finds the n eigenvalues on the device. LAPACK's dsterf (Pal-Walker-
-Kahan QL/QR) is about a third of stage 2's CPU time at n = 7168 (0.55 of 1.89 s on one core of
-the dev VM, benchmarks/README.md "Stage 2's tridiagonal on the GPU"), and stage 2's CPU time is
-what bounds the band route on a GPU host; bisection has n independent problems (one per
-eigenvalue index), which is the shape a GPU wants.
+Kahan QL/QR) is part of stage 2's CPU time at n = 7168 (0.55 of 1.89 s on one core of the dev VM,
+0.37-0.40 of 2.8-3.0 s on the H200 host; on 16 busy worker processes, moving it here took
+band-hybrid from 0.685 to 0.510 s a layer: benchmarks/README.md "Stage 2's tridiagonal on the
+GPU"), and stage 2's CPU time is what bounds the band route on a GPU host; bisection has n
+independent problems (one per eigenvalue index), the shape a GPU wants: 0.04-0.046 s for one
+7168 tridiagonal on an H200.
 
 Why hand-written: no library in reach finds the eigenvalues of a tridiagonal matrix on a GPU
 (torch.linalg has no tridiagonal routine; cuSOLVER's stedc is not exposed by torch, CuPy or JAX),
