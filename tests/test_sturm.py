@@ -55,21 +55,24 @@ def test_bisection_matches_float64_in_the_interpreter(tmp_path):
         from svd_probe.spectra.sturm import tridiagonal_eigvalsh
         d, e = np.load({str(tmp_path / "d.npy")!r}), np.load({str(tmp_path / "e.npy")!r})
         w = tridiagonal_eigvalsh(torch.from_numpy(d), torch.from_numpy(e))
+        # numpy input (the band solver's, from its workers), here for two rows
+        w2 = tridiagonal_eigvalsh(d[1:3], e[1:3], "cpu")
         np.save({str(tmp_path / "w.npy")!r}, w.numpy())
+        np.save({str(tmp_path / "w2.npy")!r}, w2.numpy())
         print(w.dtype, tuple(w.shape))
     """)
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["torch.float64", f"({len(d)},", f"{n})"]
-    w = np.load(tmp_path / "w.npy")
+    w, w2 = np.load(tmp_path / "w.npy"), np.load(tmp_path / "w2.npy")
     eps = np.finfo(np.float64).eps
-    for i in range(len(d)):
+    for i, got in [*enumerate(w), (1, w2[0]), (2, w2[1])]:
         ref = _dense_ref(d[i], e[i])
         scale = max(np.abs(ref).max(), np.abs(d[i]).max())
         # the contract of dstebz/dsterf: absolute error a small multiple of n·eps·||T||
-        assert np.abs(w[i] - ref).max() <= 4 * n * eps * scale, i
-        assert np.all(np.diff(w[i]) >= 0), i  # ascending, as eigvalsh returns them
+        assert np.abs(got - ref).max() <= 4 * n * eps * scale, i
+        assert np.all(np.diff(got) >= 0), i  # ascending, as eigvalsh returns them
     # the planted rank: exactly n/2 eigenvalues at zero (within the tolerance), the rest not
     tol = 4 * n * eps * np.abs(w[1]).max()
     assert int((np.abs(w[1]) <= tol).sum()) == n // 2

@@ -400,8 +400,8 @@ def _eigvals_from(result, device: torch.device) -> torch.Tensor:  # noqa: ANN001
     global _device_tridiagonal
     if isinstance(result, tuple):
         try:
-            d, e = (torch.from_numpy(v).to(device)[None] for v in result)
-            return sturm.tridiagonal_eigvalsh(d, e)[0]
+            d, e = result
+            return sturm.tridiagonal_eigvalsh(d[None], e[None], device)[0]
         except Exception as why:  # noqa: BLE001 - any kernel failure: the CPU route still answers
             if _device_tridiagonal is not False:
                 warnings.warn(

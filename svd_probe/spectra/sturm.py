@@ -115,52 +115,59 @@ def available() -> bool:
     return True
 
 
-def _bounds(d: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def _bounds(d: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Per row: the Gershgorin interval widened as dstebz widens it, pivmin, and the iterations
-    that bring a bracket of that width under eps·||T||."""
-    eps = torch.finfo(torch.float64).eps
-    safemin = torch.finfo(torch.float64).tiny
+    that bring a bracket of that width under eps·||T||. On the host, from the host's copy of the
+    tridiagonal, so that the device is never waited for."""
+    eps = np.finfo(np.float64).eps
+    safemin = np.finfo(np.float64).tiny
     n = d.shape[-1]
-    ae = e.abs()
-    r = torch.zeros_like(d)
+    ae = np.abs(e)
+    r = np.zeros_like(d)
     r[:, :-1] += ae
     r[:, 1:] += ae
-    gl = (d - r).amin(-1)
-    gu = (d + r).amax(-1)
-    e2max = (e * e).amax(-1) if n > 1 else torch.zeros_like(gl)
-    pivmin = safemin * torch.clamp(e2max, min=1.0)
-    tnorm = torch.maximum(gl.abs(), gu.abs())
+    gl = (d - r).min(-1)
+    gu = (d + r).max(-1)
+    pivmin = safemin * np.maximum((e * e).max(-1) if n > 1 else np.zeros_like(gl), 1.0)
+    tnorm = np.maximum(np.abs(gl), np.abs(gu))
     fudge = 2.1
     gl = gl - fudge * tnorm * eps * n - fudge * 2 * pivmin
     gu = gu + fudge * tnorm * eps * n + fudge * 2 * pivmin
     # each iteration quarters the bracket; stop at 2·eps·||T|| (dstebz's default absolute tolerance)
-    width = (gu - gl).max().item()
-    tol = 2 * eps * max(float(tnorm.max().item()), safemin)
+    width = float((gu - gl).max())
+    tol = 2 * eps * max(float(tnorm.max()), safemin)
     iters = max(1, math.ceil(math.log(max(width / tol, 1.0), 4)) + 1)
-    return gl.contiguous(), gu.contiguous(), pivmin.contiguous(), iters
+    return gl, gu, pivmin, iters
 
 
-def tridiagonal_eigvalsh(d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+def tridiagonal_eigvalsh(d, e, device: torch.device | str | None = None) -> torch.Tensor:  # noqa: ANN001
     """Eigenvalues, ascending, of each symmetric tridiagonal matrix of the batch: diagonals d
-    [k, n], off-diagonals e [k, n-1], float64, on a CUDA device (or on the CPU under
-    TRITON_INTERPRET=1). Returns float64 [k, n] on d's device."""
-    if d.ndim != 2 or e.shape != (d.shape[0], max(d.shape[1] - 1, 0)):
+    [k, n], off-diagonals e [k, n-1] (float64 numpy arrays or tensors), on `device` (default:
+    d's, or the CPU for numpy input), a CUDA device or the CPU under TRITON_INTERPRET=1. Returns
+    float64 [k, n] there. From numpy input the host never waits for the device (the band solver's
+    case: its workers hand back numpy arrays); a tensor on the device is first copied to the host
+    for the bracket's bounds."""
+    if device is None:
+        device = d.device if isinstance(d, torch.Tensor) else torch.device("cpu")
+    d_np = (d.detach().cpu().numpy() if isinstance(d, torch.Tensor) else np.asarray(d)).astype(np.float64)
+    e_np = (e.detach().cpu().numpy() if isinstance(e, torch.Tensor) else np.asarray(e)).astype(np.float64)
+    if d_np.ndim != 2 or e_np.shape != (d_np.shape[0], max(d_np.shape[1] - 1, 0)):
         raise ValueError(
-            f"tridiagonal_eigvalsh needs d [k, n] and e [k, n-1], got {tuple(d.shape)} and {tuple(e.shape)}"
+            f"tridiagonal_eigvalsh needs d [k, n] and e [k, n-1], got {tuple(d_np.shape)} and {tuple(e_np.shape)}"
         )
-    k, n = d.shape
-    d = d.to(torch.float64).contiguous()
-    e = e.to(torch.float64)
-    if k == 0 or n == 0:
-        return d.clone()
-    if n == 1:
-        return d.clone()
-    gl, gu, pivmin, iters = _bounds(d, e)
-    e2 = torch.zeros_like(d)
-    e2[:, : n - 1] = e * e
-    out = torch.empty_like(d)
+    k, n = d_np.shape
+    if k == 0 or n <= 1:
+        return torch.from_numpy(d_np.copy()).to(device)
+    gl, gu, pivmin, iters = _bounds(d_np, e_np)
+    e2 = np.zeros_like(d_np)
+    e2[:, : n - 1] = e_np * e_np
+    # one host → device copy of everything the kernel reads
+    packed = torch.from_numpy(np.concatenate([d_np.ravel(), e2.ravel(), gl, gu, pivmin])).to(device)
+    dt, e2t = packed[: k * n].view(k, n), packed[k * n : 2 * k * n].view(k, n)
+    glt, gut, pt = packed[2 * k * n :].view(3, k).unbind(0)
+    out = torch.empty((k, n), dtype=torch.float64, device=device)
     grid = (-(-n // _BLOCK), k)
-    _kernel()[grid](d, e2, gl, gu, pivmin, out, n, iters, BLOCK=_BLOCK, UNROLL=_UNROLL, num_warps=2)
+    _kernel()[grid](dt, e2t, glt, gut, pt, out, n, iters, BLOCK=_BLOCK, UNROLL=_UNROLL, num_warps=2)
     return out
 
 
