@@ -103,13 +103,11 @@ def phase(args) -> dict:
     device = pick_device(args.device)
     out: dict = {"phase": args.phase}
     cpu0 = os.times()
-    if args.band_workers:
-        from svd_probe.spectra import band
+    from svd_probe.spectra import band
 
+    if args.band_workers:
         band.use_stage2_workers("processes", args.band_workers)  # guarded script: see main
     if args.hybrid_rule:
-        from svd_probe.spectra import band
-
         band.use_hybrid_rule(args.hybrid_rule)
     if args.phase.startswith("read"):
         from svd_probe.hub.stream import stream_layers

@@ -613,7 +613,7 @@ def main(argv=None) -> int:
                     split = {k: BD.ROUTE_COUNTS[k] - before[k] for k in before}
                     out["hybrid_problems_by_route"][where] = split
                     run.row("band", f"{where}: problems by route", note=str(split))
-            BD.use_hybrid_rule("cpu-full")
+            BD.use_hybrid_rule(BD.DEFAULT_HYBRID_RULE)  # for the sections after this one
         BD.use_stage2_workers("processes")
         BD.use_device_tridiagonal(None)
         return out

@@ -259,7 +259,7 @@ def band_threads():
     B.use_hybrid_rule("cpu-full")
     yield
     B.use_stage2_workers("auto")
-    B.use_hybrid_rule("device-free")
+    B.use_hybrid_rule(B.DEFAULT_HYBRID_RULE)
 
 
 def test_hybrid_takes_the_device_only_when_every_core_is_busy(band_threads):
@@ -342,7 +342,7 @@ def test_device_free_rule_takes_the_device_whenever_its_slot_is_free(band_thread
         for g, ref in zip(got, refs, strict=True):
             assert np.abs(g.numpy() - ref).max() <= bound(ref)
     finally:
-        B.use_hybrid_rule("device-free")
+        B.use_hybrid_rule(B.DEFAULT_HYBRID_RULE)
 
 
 def test_fewer_stage2_workers_bound_the_pool_and_the_hybrids_busy_rule():
@@ -384,7 +384,7 @@ def test_fewer_stage2_workers_bound_the_pool_and_the_hybrids_busy_rule():
         assert np.abs(got[0].numpy() - ref).max() <= bound(ref)
     finally:
         B.use_stage2_workers("auto")
-        B.use_hybrid_rule("device-free")
+        B.use_hybrid_rule(B.DEFAULT_HYBRID_RULE)
     assert B.pool_size() == B.cores() and band_inflight() == B.cores() // 2 + 4
 
 

@@ -69,7 +69,7 @@ import torch
 from svd_probe.spectra import sturm
 from svd_probe.spectra.band_lapack import band_eigvals, band_tridiagonal, has_band_tridiagonal, stage2_name
 
-__all__ = ["DEFAULT_BAND", "band_eigvals", "band_on_device", "cores", "eigvalsh_band", "stage2_name",
+__all__ = ["DEFAULT_BAND", "DEFAULT_HYBRID_RULE", "band_eigvals", "band_on_device", "cores", "eigvalsh_band", "stage2_name",
            "stage2_workers", "to_band", "tridiagonal_on_device", "use_device_tridiagonal", "use_hybrid_rule", "use_stage2_workers"]  # fmt: skip
 
 # Stage 1 costs fewer launches per column with a wider band, stage 2 more CPU time per problem.
@@ -419,7 +419,8 @@ def _eigvals_from(result, device: torch.device) -> torch.Tensor:  # noqa: ANN001
 # layer (the device took 14 and 13 of 70 problems), cpu-full 0.552 / 0.523 (it took none),
 # band 0.715 / 0.595 (benchmarks/README.md, "Stage 2's tridiagonal on the GPU"). Set by use_hybrid_rule.
 HYBRID_RULES = ("device-free", "cpu-full")
-_hybrid_rule = "device-free"
+DEFAULT_HYBRID_RULE = HYBRID_RULES[0]
+_hybrid_rule = DEFAULT_HYBRID_RULE
 
 
 def use_hybrid_rule(rule: str) -> None:

@@ -17,6 +17,11 @@ _P = ctypes.c_void_p
 _L = ctypes.c_size_t  # gfortran's hidden lengths of the character arguments
 
 
+def _int_ref(v: int):  # noqa: ANN202 - a ctypes byref
+    """A Fortran INTEGER argument: a reference to a C int holding v."""
+    return ctypes.byref(ctypes.c_int(v))
+
+
 def _cython_lapack_pointer(name: str) -> int | None:
     """The C function pointer that scipy.linalg.cython_lapack publishes for LAPACK routine `name`."""
     import scipy.linalg.cython_lapack as cl
@@ -55,7 +60,7 @@ def _band_routes() -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
     """[(name, fn)] in order of preference, those that load here; fn(ab) → eigenvalues ascending
     of the band matrix in lower band storage ab."""
     routes: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = []
-    ip = lambda v: ctypes.byref(ctypes.c_int(v))  # noqa: E731
+    ip = _int_ref
     try:
         two_ptr = _scipy_lapack_symbol("dsbev_2stage")
         bevd_ptr = _cython_lapack_pointer("dsbevd")
@@ -124,7 +129,7 @@ def _sb2st() -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
     if not ptr:
         return None
     fn = ctypes.CFUNCTYPE(None, *([_P] * 14), _L, _L, _L)(ptr)
-    ip = lambda v: ctypes.byref(ctypes.c_int(v))  # noqa: E731
+    ip = _int_ref
 
     def run(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         kd, n = ab.shape[0] - 1, ab.shape[1]

@@ -53,7 +53,7 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
         k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         kf = k.to(tl.float64)
         d_row = d_ptr + row * n
-        e_row = e2_ptr + row * n  # e2 is padded to n per row: e2[n-1] is never read as a divisor's partner
+        e_row = e2_ptr + row * n  # e2 has n entries a row (the last one 0, never read)
         pivmin = tl.load(piv_ptr + row)
         lo = tl.zeros([BLOCK], dtype=tl.float64) + tl.load(lo_ptr + row)
         hi = tl.zeros([BLOCK], dtype=tl.float64) + tl.load(hi_ptr + row)
@@ -72,7 +72,7 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
             c1 = (q1 <= 0.0).to(tl.float64)
             c2 = (q2 <= 0.0).to(tl.float64)
             c3 = (q3 <= 0.0).to(tl.float64)
-            # j = 1 .. n-1 in chunks of UNROLL; the padded tail (j >= n) reads d = +big, e2 = 0
+            # j = 1 .. n-1 in chunks of UNROLL; the last chunk's j >= n are masked (`live`) and change nothing
             for j0 in range(1, n, UNROLL):
                 for u in tl.static_range(UNROLL):
                     j = j0 + u
@@ -128,7 +128,7 @@ def _bounds(d: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     r[:, 1:] += ae
     gl = (d - r).min(-1)
     gu = (d + r).max(-1)
-    pivmin = safemin * np.maximum((e * e).max(-1) if n > 1 else np.zeros_like(gl), 1.0)
+    pivmin = safemin * np.maximum((e * e).max(-1), 1.0)  # n > 1 here (the caller returns earlier)
     tnorm = np.maximum(np.abs(gl), np.abs(gu))
     fudge = 2.1
     gl = gl - fudge * tnorm * eps * n - fudge * 2 * pivmin
