@@ -83,7 +83,9 @@ def _source(args, http: bool):
     from svd_probe.models import ModelRef, resolve_model
 
     if http:
-        return open_checkpoint(ModelRef(name="bench", repo_id=REPO), endpoint=args.endpoint)
+        return open_checkpoint(
+            ModelRef(name="bench", repo_id=REPO), endpoint=args.endpoint, concurrency=args.concurrency
+        )
     return open_checkpoint(resolve_model(str(args.ckpt)))
 
 
@@ -128,6 +130,7 @@ def phase(args) -> dict:
         out["seconds"] = time.perf_counter() - t
         out["arrivals_s"] = arrivals
         out["bytes"] = src.bytes_fetched
+        out["requests_in_flight"] = src.stats.get("in_flight") or None
     elif args.phase == "compute":
         from svd_probe.analysis import AnalyzeJob
         from svd_probe.hub.stream import stream_layers
@@ -169,7 +172,15 @@ def phase(args) -> dict:
             if args.nproc > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
                 cmd += [str(args.nproc), "-m", "svd_probe.cli", "analyze", model, "--cache-dir", str(cache)]
-                cmd += ["--device", args.device, "--json", "--solver", args.solver]
+                cmd += [
+                    "--device",
+                    args.device,
+                    "--json",
+                    "--solver",
+                    args.solver,
+                    "--concurrency",
+                    str(args.concurrency),
+                ]
                 cmd += ["--endpoint", args.endpoint] if http else []
                 t = time.perf_counter()
                 r = subprocess.run(cmd, capture_output=True, text=True)
@@ -189,12 +200,14 @@ def phase(args) -> dict:
                     device=args.device,
                     solver=args.solver,
                     inflight=args.inflight,
+                    concurrency=args.concurrency,
                 )
                 t = time.perf_counter()
                 stats = analyze(job).stats
                 out["seconds"] = time.perf_counter() - t
             out["solver"] = stats.get("solver")  # what analyze ran (rank 0's, under torchrun)
             out["inflight"] = stats.get("inflight")
+            out["requests_in_flight"] = stats.get("requests_in_flight")
             out["bytes"] = stats["bytes_fetched"]
             out["computed"] = stats["computed"]
         finally:
@@ -248,6 +261,7 @@ def main() -> None:
     ap.add_argument(
         "--hybrid-rule", default="", help="band-hybrid's rule for sending a matrix to the device (band.HYBRID_RULES)"
     )
+    ap.add_argument("--concurrency", type=int, default=8, help="HTTP range requests in flight (analyze's default)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase
     ap.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
@@ -292,6 +306,7 @@ def main() -> None:
         "inflight": args.inflight,
         "band_workers": args.band_workers,
         "hybrid_rule": args.hybrid_rule or None,
+        "concurrency": args.concurrency,
         "phases": {},
     }
     try:
@@ -302,6 +317,7 @@ def main() -> None:
             cmd += ["--device", args.device, "--nproc", str(args.nproc), "--layers", str(args.layers)]
             cmd += ["--solver", args.solver, "--inflight", str(args.inflight), "--band-workers", str(args.band_workers)]
             cmd += ["--hybrid-rule", args.hybrid_rule] if args.hybrid_rule else []
+            cmd += ["--concurrency", str(args.concurrency)]
             hub_cpu0 = _cpu_seconds_of(hub.pid)
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             hub_cpu = _cpu_seconds_of(hub.pid)
@@ -320,6 +336,8 @@ def main() -> None:
             cpu = f", CPU {fig['cpu_user_s']:.1f} + {fig['cpu_system_s']:.1f} s (user + system)" + (
                 f" (server {fig['server_cpu_s']:.1f} s)" if "server_cpu_s" in fig else ""
             )
+            if fig.get("requests_in_flight"):
+                cpu += f", {fig['requests_in_flight']} range requests in flight"
             print(
                 f"{name:14s} {fig['seconds']:8.2f} s   RSS peak {fig['peak_rss_gb']:.2f} GB{gpu}{start}{cpu}",
                 flush=True,

@@ -7,7 +7,10 @@ bytes, serves it with `svd_probe.testing.fake_hub.FakeHub` on 127.0.0.1, and rep
 1. bytes svd-probe fetches vs the whole-shard approach (download every shard holding attention);
 2. read throughput of svd-probe's range reads vs a plain sequential read of the same bytes
    (one `open/seek/read` per tensor from the local files, and one HTTP range at a time);
-3. the effect of the number of requests in flight (--concurrency 1 2 4 8 16).
+3. the effect of the number of requests in flight (--concurrency 1 2 4 8 16, fixed widths), and
+   svd-probe's default (at most 8, 2 while one connection streams >= 200 MB/s);
+   then httpcore's socket read size (--read-kib 64 1024: its default, svd-probe's) at 8 in flight,
+   with this process's CPU seconds per GB (the client's work, most of it with the GIL held).
 4. end to end: `stream_layers` with FP8 → float32 dequantization on `--device` (cpu, cuda).
 
     python benchmarks/bench_streaming.py                   # ~3.2 GB checkpoint, 4 layers
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=14, help="real-shaped experts per layer (44 MB each)")
     ap.add_argument("--shards", type=int, default=6)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--read-kib", type=int, nargs="+", default=[64, 1024], help="httpcore read sizes to compare")
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is reported")
     ap.add_argument("--keep", type=Path, default=None, help="generate into / reuse this folder instead of a temp dir")
     ap.add_argument("--json", type=Path, default=None)
@@ -120,12 +124,14 @@ def main() -> None:
                         pass
 
             # -- 1 + 3: raw range reads at several concurrencies -------------------------------
-            per_conc = []
-            for c in args.concurrency:
+            seen: dict = {}
+
+            def range_reads(c: int, **options) -> dict:
                 best = None
                 for _ in range(args.repeats):
-                    src = open_checkpoint(ref, endpoint=endpoint, concurrency=c)
+                    src = open_checkpoint(ref, endpoint=endpoint, concurrency=c, **options)
                     hub.stats(reset=True)
+                    cpu0 = os.times()
                     t = time.perf_counter()
                     spans = src.headers(attn_shards)
                     infos = [spans[ck.weight_map[n]].tensors[n] for n in names]
@@ -133,22 +139,57 @@ def main() -> None:
                         [(ck.weight_map[n], i.begin, i.end) for n, i in zip(names, infos, strict=False)]
                     )
                     dt = time.perf_counter() - t
+                    cpu1 = os.times()
                     fetched = src.bytes_fetched
                     st = hub.stats()
                     assert fetched == st["bytes_served"] and st["shard_gets_without_range"] == 0, st
-                    nreq = st["ranged_206"]
                     del bufs
+                    seen["commit"] = src.commit
+                    row = {
+                        "concurrency": c,
+                        "in_flight": src.stats["in_flight"],
+                        "seconds": dt,
+                        "bytes": fetched,
+                        "GBps": fetched / dt / 1e9,
+                        "requests": st["ranged_206"],
+                        "cpu_s_per_GB": (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / (fetched / 1e9),
+                        "infos": infos,
+                    }
                     src.close()
-                    if best is None or dt < best[0]:
-                        best = (dt, fetched, nreq)
-                dt, fetched, nreq = best
-                per_conc.append(
-                    {"concurrency": c, "seconds": dt, "bytes": fetched, "GBps": fetched / dt / 1e9, "requests": nreq}
-                )
+                    if best is None or dt < best["seconds"]:
+                        best = row
+                assert best is not None
+                return best
+
+            def show(label: str, r: dict) -> None:
                 print(
-                    f"  svd-probe range reads, {c:2d} in flight: {fetched / 1e9:.3f} GB in {dt:.2f} s = {fetched / dt / 1e9:.2f} GB/s ({nreq} requests)"
+                    f"  {label}: {r['bytes'] / 1e9:.3f} GB in {r['seconds']:.2f} s = {r['GBps']:.2f} GB/s "
+                    f"({r['requests']} requests, {r['in_flight']} in flight, client CPU {r['cpu_s_per_GB']:.2f} s/GB)"
                 )
+
+            per_conc = []
+            for c in args.concurrency:
+                r = range_reads(c, fast_connection=None)
+                infos = r.pop("infos")
+                per_conc.append(r)
+                show(f"svd-probe range reads, {c:2d} in flight", r)
             results["range_reads"] = per_conc
+            r = range_reads(8)
+            r.pop("infos")
+            results["range_reads_default"] = r
+            show("svd-probe's default (at most 8)", r)
+            from svd_probe.hub import http as hub_http
+
+            core = __import__(hub_http._HTTPCORE[hub_http.httpx().__name__])
+            per_size = []
+            for kib in args.read_kib:
+                core.HTTP11Connection.READ_NUM_BYTES = kib * 1024
+                r = range_reads(8, fast_connection=None)
+                r.pop("infos")
+                per_size.append({"read_kib": kib, **r})
+                show(f"httpcore reads of {kib:4d} KiB, 8 in flight", r)
+            core.HTTP11Connection.READ_NUM_BYTES = hub_http.READ_SIZE
+            results["read_sizes"] = per_size
             fetched = per_conc[0]["bytes"]
             attn_bytes = sum(i.nbytes for i in infos)
             results["bytes"] = {
@@ -177,7 +218,7 @@ def main() -> None:
             results["local_sequential_read"] = {"seconds": best, "GBps": total / best / 1e9}
             print(f"  plain sequential local read of the same bytes (page cache): {total / best / 1e9:.2f} GB/s")
 
-            commit = src.commit
+            commit = seen["commit"]
             best = None
             for _ in range(args.repeats):
                 # One request at a time, whole tensor per request: no splitting, no parallelism.

@@ -198,6 +198,75 @@ def test_plan_reads_coalesces_small_gaps_within_budget():
     assert [(b, e) for _, b, e in chunks] == [(0, 4 << 20), (4 << 20, 8 << 20), (8 << 20, 10 << 20)]
 
 
+def test_coalesced_members_are_exact_and_aligned(fake_hub, tmp_path):
+    """Members of one coalesced span come back byte-exact; one at an 8-byte multiple into the span
+    is a view of the span's buffer (no copy), one that is not is an aligned copy."""
+    from svd_probe.hub import http
+    from svd_probe.hub.ranges import HubFiles
+
+    data = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(data.tobytes())
+    fake_hub.add_repo("t/coalesce", tmp_path)
+    files = HubFiles(fake_hub.endpoint, "t/coalesce", fake_hub.repos["t/coalesce"].commit)
+    reqs = [("f.bin", 0, 16), ("f.bin", 16, 40), ("f.bin", 41, 1000), ("f.bin", 50, 50)]
+    spans, _ = plan_reads(reqs[:3], files.max_gap, files.gap_fraction, files.chunk_size)
+    assert len(spans) == 1  # one GET for the three
+    out = files.read_many(reqs)
+    for (_, b, e), buf in zip(reqs, out, strict=True):
+        assert bytes(buf) == data[b:e].tobytes()
+    assert out[1].base is not None and out[1].base is out[0].base  # 16 bytes in: a view of the span
+    assert out[2].base is None  # 41 bytes in: its own copy
+    assert out[1].ctypes.data % 8 == 0 and out[2].ctypes.data % 8 == 0
+    # httpcore reads 1 MiB per recv, not its default 64 KiB (the GIL cost: benchmarks/README.md)
+    core = __import__({"httpx": "httpcore", "httpx2": "httpcore2"}[http.httpx().__name__])
+    assert core.HTTP11Connection.READ_NUM_BYTES == http.READ_SIZE == 1 << 20
+    files.close()
+
+
+@pytest.mark.parametrize("rate", [None, 20e6])
+def test_requests_in_flight_follow_the_link(tmp_path, rate):
+    """Reads start 2 wide. On loopback one connection streams far above 200 MB/s, so they stay
+    2 wide; on a link that gives each connection 20 MB/s, every worker is used once 3 large
+    bodies are timed."""
+    from svd_probe.hub.ranges import FAST_CONNECTION, HubFiles
+    from svd_probe.testing.fake_hub import FakeHub
+
+    data = np.random.default_rng(1).integers(0, 256, 44 << 20, dtype=np.uint8)
+    (tmp_path / "w.bin").write_bytes(data.tobytes())
+    with FakeHub(rate=rate) as hub:
+        hub.add_repo("t/width", tmp_path)
+        files = HubFiles(hub.endpoint, "t/width", hub.repos["t/width"].commit, concurrency=8, chunk_size=4 << 20)
+        assert files.stats.in_flight == 2
+        probe = files.read_many([("w.bin", 0, 12 << 20)])  # three 4 MiB bodies, two at a time
+        assert hub.max_in_flight <= 2 and len(files._probes) == 3
+        assert (max(files._probes) >= FAST_CONNECTION) == (rate is None)
+        hub.reset_records()
+        rest = files.read_many([("w.bin", 12 << 20, 44 << 20)])  # eight 4 MiB bodies
+        assert bytes(probe[0]) + bytes(rest[0]) == data.tobytes()
+        if rate is None:
+            assert files.stats.in_flight == 2 and hub.max_in_flight <= 2
+        else:
+            assert files.stats.in_flight == 8 and hub.max_in_flight >= 4
+        files.close()
+
+
+def test_fixed_width_uses_every_worker(tmp_path):
+    """fast_connection=None: all `concurrency` requests in flight from the start, even on loopback."""
+    from svd_probe.hub.ranges import HubFiles
+    from svd_probe.testing.fake_hub import FakeHub
+
+    data = np.random.default_rng(2).integers(0, 256, 8 << 20, dtype=np.uint8)
+    (tmp_path / "w.bin").write_bytes(data.tobytes())
+    with FakeHub(rate=20e6) as hub:  # slow enough that the eight 1 MiB bodies overlap
+        hub.add_repo("t/fixed", tmp_path)
+        commit = hub.repos["t/fixed"].commit
+        files = HubFiles(hub.endpoint, "t/fixed", commit, concurrency=8, chunk_size=1 << 20, fast_connection=None)
+        assert files.stats.in_flight == 8
+        got = files.read_many([("w.bin", 0, 8 << 20)])
+        assert bytes(got[0]) == data.tobytes() and hub.max_in_flight >= 4
+        files.close()
+
+
 @pytest.mark.slow
 def test_several_requests_in_flight_and_split_tensors(fake_hub, deepseek_ckpt):
     ck = deepseek_ckpt

@@ -55,7 +55,13 @@ def align_cmd(
     mtp: bool = typer.Option(False, "--mtp/--no-mtp", help="Include multi-token-prediction layers (never paired)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto: cuda when available)."),
     force: bool = typer.Option(False, "--force", help="Recompute layers that are already cached."),
-    concurrency: int = typer.Option(8, "--concurrency", min=1, max=64, help="HTTP range requests in flight."),
+    concurrency: int = typer.Option(
+        8,
+        "--concurrency",
+        min=1,
+        max=64,
+        help="HTTP range requests in flight at most (2 while one connection streams >= 200 MB/s).",
+    ),
     out_dir: Path | None = typer.Option(
         None, "--out", help="Folder of the figure (default: plots/<model>/).", show_default=False
     ),

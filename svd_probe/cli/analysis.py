@@ -99,7 +99,13 @@ def analyze_cmd(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto: cuda when available)."),
     force: bool = typer.Option(False, "--force", help="Recompute layers that are already cached."),
-    concurrency: int = typer.Option(8, "--concurrency", min=1, max=64, help="HTTP range requests in flight."),
+    concurrency: int = typer.Option(
+        8,
+        "--concurrency",
+        min=1,
+        max=64,
+        help="HTTP range requests in flight at most (2 while one connection streams >= 200 MB/s).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
     control: Control | None = AnalyzeControlOpt,
     solver: str = typer.Option(

@@ -62,7 +62,13 @@ def diff_cmd(
     mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="Include multi-token-prediction layers held by both."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto: cuda when available)."),
     force: bool = typer.Option(False, "--force", help="Recompute layers that are already cached."),
-    concurrency: int = typer.Option(8, "--concurrency", min=1, max=64, help="HTTP range requests in flight, each."),
+    concurrency: int = typer.Option(
+        8,
+        "--concurrency",
+        min=1,
+        max=64,
+        help="HTTP range requests in flight at most, each (2 while one connection streams >= 200 MB/s).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
 ) -> None:
     """Spectra of the weight difference TUNED − BASE, layer by layer: per head, stacked, per layer.

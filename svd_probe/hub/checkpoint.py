@@ -56,10 +56,11 @@ def open_checkpoint(
         revision: branch, tag or commit (Hub only).
         token: Hub token; None uses HF_TOKEN or the stored login. Sent to the endpoint's host only.
         endpoint: Hub or mirror base URL (default: HF_ENDPOINT, else huggingface.co).
-        concurrency: range requests in flight.
+        concurrency: range requests in flight at most (`HubFiles`: 2 while one connection is fast).
         check_config: called with config.json's object right after it is parsed, before the index
             or any shard header is read; raise (a `SvdProbeError`) to refuse the model early.
-        read_options: range-read tuning for `HubFiles` (max_gap, gap_fraction, chunk_size) and the
+        read_options: range-read tuning for `HubFiles` (max_gap, gap_fraction, chunk_size,
+            fast_connection) and the
             HTTP policy (`svd_probe.hub.http.HttpPolicy`: retries, connect_retries, backoff,
             max_backoff, timeout, deadline, min_rate).
 

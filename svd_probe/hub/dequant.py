@@ -27,7 +27,7 @@ def to_tensor(
     tdt = DTYPES[dtype].torch
     if len(buf) == 0:
         return torch.empty(shape, dtype=tdt, device=device)
-    # frombuffer shares memory with `buf` (a bytearray we own); the reshape keeps it zero-copy.
+    # frombuffer shares memory with `buf` (a buffer we own); the reshape keeps it zero-copy.
     t = torch.frombuffer(buf, dtype=torch.uint8).view(tdt).reshape(shape)
     return t.to(device)
 

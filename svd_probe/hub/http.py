@@ -82,7 +82,33 @@ def session() -> Any:
     """huggingface_hub's shared HTTP client (honours its client factory, proxies and offline mode)."""
     from huggingface_hub.utils import get_session
 
-    return get_session()
+    s = get_session()
+    _widen_reads(type(s).__module__.split(".")[0])
+    return s
+
+
+#: The socket read size of httpcore's HTTP/1.1 connections. httpcore reads a body 64 KiB per
+#: `recv()`, and for each piece h11 and httpx do Python work with the GIL held: 2.5 CPU s per GB
+#: of range bodies on the dev VM, which `analyze` pays on the interpreter that also launches the
+#: GPU work. Range bodies are 16 MiB, so svd-probe raises it to 1 MiB: 0.85 CPU s per GB and 2.3×
+#: the loopback throughput (benchmarks/README.md, "Reading 1 MiB a time"); 4 MiB gains nothing
+#: more. `recv()` returns what the socket holds, so small answers are unaffected. httpcore has no
+#: per-client option for it, only this class attribute (maintainers tuned it from 4 to 64 KiB in
+#: encode/httpcore#136), so it is set once, process-wide, and never lowered.
+READ_SIZE = 1 << 20
+
+_HTTPCORE = {"httpx": "httpcore", "httpx2": "httpcore2"}
+
+
+@functools.cache
+def _widen_reads(httpx_name: str) -> None:
+    try:
+        core = importlib.import_module(_HTTPCORE[httpx_name])
+    except (KeyError, ImportError):  # a client factory's own transport: leave it as it is
+        return
+    conn = getattr(core, "HTTP11Connection", None)
+    if conn is not None and getattr(conn, "READ_NUM_BYTES", READ_SIZE) < READ_SIZE:
+        conn.READ_NUM_BYTES = READ_SIZE
 
 
 # --- policy, retries, deadline -------------------------------------------------------------------

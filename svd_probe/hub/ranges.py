@@ -1,7 +1,7 @@
 """Byte-range reads of checkpoint files: from the Hub (HTTP) or from a local folder (preadv).
 
 Both backends answer the same two questions, so `CheckpointSource` has one code path:
-`size(path)` and `read_many([(path, begin, end), ...]) -> [bytearray, ...]`.
+`size(path)` and `read_many([(path, begin, end), ...]) -> [buffer, ...]` (writable uint8 arrays).
 
 The Hub backend speaks docs/reference.md §5 through the HTTP edge (`svd_probe.hub.http`: the
 session, the retry policy, the deadline, the token rule and the error map) and adds what
@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
@@ -40,6 +41,7 @@ class ReadStats:
     requests: int = 0  # range GETs sent, retries included
     retries: int = 0
     reresolves: int = 0  # signed URLs fetched again after they expired
+    in_flight: int = 0  # range requests allowed in flight now (see HubFiles: narrow or full)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **kw: int) -> None:
@@ -53,6 +55,7 @@ class ReadStats:
             "requests": self.requests,
             "retries": self.retries,
             "reresolves": self.reresolves,
+            "in_flight": self.in_flight,
         }
 
 
@@ -94,14 +97,23 @@ def plan_reads(reqs: list[tuple[str, int, int]], max_gap: int, gap_fraction: flo
     return spans, chunks
 
 
-def _assemble(reqs, spans, span_bufs) -> list[bytearray]:
-    out: list[bytearray | None] = [None] * len(reqs)
-    for (_p, sb, se, members), buf in zip(spans, span_bufs, strict=False):
-        mv = memoryview(buf)
+#: A member of a coalesced span is handed over as a view of the span's buffer when it starts at
+#: a multiple of this many bytes into it (every safetensors tensor whose predecessors' sizes are
+#: multiples of 8); otherwise it is copied, so a tensor never sits at an address its dtype cannot
+#: be read from.
+_ALIGN = 8
+
+
+def _assemble(reqs, spans, span_bufs: list[np.ndarray]) -> list[np.ndarray]:
+    out: list[np.ndarray | None] = [None] * len(reqs)
+    for (_p, sb, _se, members), buf in zip(spans, span_bufs, strict=False):
         for i in members:
             _, b, e = reqs[i]
-            # The common case (a tensor read alone) hands over the span buffer without a copy.
-            out[i] = buf if (b == sb and e == se and len(members) == 1) else bytearray(mv[b - sb : e - sb])
+            # No copy: a view of the span buffer (which it keeps alive). Copying out every member
+            # of a coalesced span held the GIL for 4.4 s of a 62-layer analyze over HTTP, on the
+            # interpreter that launches the GPU work (benchmarks/README.md, "Reading 1 MiB a time").
+            view = buf[b - sb : e - sb]
+            out[i] = view if (b - sb) % _ALIGN == 0 else view.copy()
     return out  # type: ignore[return-value]
 
 
@@ -139,11 +151,34 @@ class _Fill:
                 self._owner = None
 
 
+#: Range requests in flight while the link is fast, or not yet measured (see `HubFiles`).
+NARROW = 2
+#: One connection that streams at least this many bytes a second is not held back by the link's
+#: latency, so more of them cannot make the transfer faster.
+FAST_CONNECTION = 200e6
+#: Only bodies this large say how fast a connection streams (headers and scales are round trips).
+_PROBE_BYTES = 4 * MiB
+#: How many large bodies are timed before the width is chosen (the fastest of them counts).
+_PROBES = 3
+
+
 class HubFiles:
     """Range reads of the files of one Hub repo, pinned to one commit.
 
     `policy` (or its fields by name: retries, backoff, max_backoff, timeout, deadline, min_rate)
     says how hard to try; see `svd_probe.hub.http.HttpPolicy`.
+
+    How many requests run at once. Several connections help where each one is held back by the
+    link's latency (a WAN path to the Hub's CDN gives each tens of MB/s), and hurt where one alone
+    is fast: the client's Python work per byte (httpx, h11, the copy into the buffer) holds the
+    GIL of the interpreter that also launches the GPU work, and every extra reader thread is one
+    more contender for it each time that thread lets go. Analyzing 62 DeepSeek-V3 layers over the
+    loopback stand-in on one H200 took 40.0 s with 8 in flight, 38.9 s with 4 and 35.0 s with 2,
+    while reading alone was 14.2 / 14.7 / 15.9 s (benchmarks/README.md, "Reading 1 MiB a time").
+    So reads start `NARROW` wide; once `_PROBES` bodies of at least `_PROBE_BYTES` are timed, the
+    fastest decides once: at `fast_connection` (default `FAST_CONNECTION`) bytes/s or more the
+    width stays narrow, below it every one of the `concurrency` workers is used from then on.
+    `fast_connection=None` uses all of them from the start.
     """
 
     def __init__(
@@ -157,6 +192,7 @@ class HubFiles:
         max_gap: int = 1 * MiB,
         gap_fraction: float = 0.02,
         chunk_size: int = 16 * MiB,
+        fast_connection: float | None = FAST_CONNECTION,
         revision: str | None = None,
         policy: HttpPolicy | None = None,
         **policy_fields,
@@ -169,6 +205,7 @@ class HubFiles:
         self.max_gap = max_gap
         self.gap_fraction = gap_fraction
         self.chunk_size = chunk_size
+        self.fast_connection = fast_connection
         base, unknown = HttpPolicy.split(policy_fields)
         if unknown:
             raise TypeError(f"unknown read options: {', '.join(sorted(unknown))}")
@@ -181,6 +218,8 @@ class HubFiles:
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="svd-probe-range")
+        self._probes: list[float] = []  # bytes/s of the first large bodies, until the width is chosen
+        self.stats.in_flight = self.concurrency if fast_connection is None else min(NARROW, self.concurrency)
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -197,7 +236,7 @@ class HubFiles:
         return self._sizes.get(path)
 
     def read_many(self, reqs: list[tuple[str, int, int]]) -> list:
-        """Bytes [begin, end) of each (path, begin, end), as writable buffers (bytearray or uint8 array)."""
+        """Bytes [begin, end) of each (path, begin, end), as writable buffers (uint8 arrays, or an empty bytearray)."""
         real = [(i, r) for i, r in enumerate(reqs) if r[2] > r[1]]
         out: list = [bytearray() for _ in reqs]
         if not real:
@@ -208,16 +247,16 @@ class HubFiles:
         # time of a 400 MB read on the benchmark machine; every byte is overwritten anyway.
         bufs = [np.empty(e - b, dtype=np.uint8) for (_, b, e, _) in spans]
         views = [b.data for b in bufs]
-        futs = [
-            self._pool.submit(self._fetch_into, spans[s][0], b, e, views[s][b - spans[s][1] : e - spans[s][1]])
-            for (s, b, e) in chunks
-        ]
-        try:
-            for f in futs:
-                f.result()
-        finally:
-            for f in futs:
-                f.cancel()
+        todo = list(reversed(chunks))
+        running: set = set()
+        while todo or running:
+            while todo and len(running) < self.stats.in_flight:
+                s, b, e = todo.pop()
+                view = views[s][b - spans[s][1] : e - spans[s][1]]
+                running.add(self._pool.submit(self._fetch_into, spans[s][0], b, e, view))
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                f.result()  # a failure ends the read here; what runs still finishes into discarded buffers
         for (i, _), buf in zip(real, _assemble(sub, spans, bufs), strict=False):
             out[i] = buf
         return out
@@ -291,6 +330,7 @@ class HubFiles:
         self.stats.add(requests=1)
         n = end - begin
         got = 0
+        t0 = time.perf_counter()
         try:
             with self._session.stream(
                 "GET", url, headers=headers, follow_redirects=False, timeout=self.policy.client_timeout()
@@ -357,6 +397,17 @@ class HubFiles:
             self.stats.add(bytes_fetched=got)
         if got < n:
             raise Retry(f"short body: {got} of {n} bytes", url=url)
+        if n >= _PROBE_BYTES:
+            self._timed(n / max(time.perf_counter() - t0, 1e-9))
+
+    def _timed(self, rate: float) -> None:
+        """One large body arrived at `rate` bytes/s: choose the width once enough are timed."""
+        with self._lock:
+            if self.fast_connection is None or len(self._probes) >= _PROBES:
+                return
+            self._probes.append(rate)
+            if len(self._probes) == _PROBES and max(self._probes) < self.fast_connection:
+                self.stats.in_flight = self.concurrency
 
 
 class _Redirect(Exception):

@@ -104,6 +104,9 @@ class FakeHub:
     cdn_endpoint: str | None = None
     repos: dict[str, Repo] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
+    # Bytes a second at which each ranged body is sent (None: as fast as the socket takes them):
+    # a stand-in for a WAN link, where every connection is held back by its latency.
+    rate: float | None = None
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -271,6 +274,10 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the Hub; every answer carries Content-Length
+    # TCP_NODELAY, as web servers and CDNs set it: with Nagle's algorithm on, a small body sent
+    # after the headers waited for the client's delayed ACK, 44 ms a 4 KiB range on loopback
+    # (benchmarks/README.md, "Reading 1 MiB a time"), a cost the real Hub does not have.
+    disable_nagle_algorithm = True
     hub: FakeHub
 
     def log_message(self, *args):  # quiet: tests read `hub.records` instead
@@ -528,11 +535,15 @@ class _Handler(BaseHTTPRequestHandler):
                     except OSError:
                         pass
                     send = sent  # nothing more to send: a short body is closed below
+                t0 = time.monotonic()
                 while sent < send:
-                    k = self.connection.sendfile(f, start + sent, send - sent)
+                    piece = send - sent if hub.rate is None else min(send - sent, 256 * 1024)
+                    k = self.connection.sendfile(f, start + sent, piece)
                     if not k:
                         break
                     sent += k
+                    if hub.rate is not None and (ahead := sent / hub.rate - (time.monotonic() - t0)) > 0:
+                        time.sleep(ahead)
         finally:
             with hub._lock:
                 hub.in_flight -= 1
