@@ -84,7 +84,10 @@ def _source(args, http: bool):
 
     if http:
         return open_checkpoint(
-            ModelRef(name="bench", repo_id=REPO), endpoint=args.endpoint, concurrency=args.concurrency
+            ModelRef(name="bench", repo_id=REPO),
+            endpoint=args.endpoint,
+            concurrency=args.concurrency,
+            reader=args.reader,
         )
     return open_checkpoint(resolve_model(str(args.ckpt)))
 
@@ -201,6 +204,7 @@ def phase(args) -> dict:
                     solver=args.solver,
                     inflight=args.inflight,
                     concurrency=args.concurrency,
+                    read_options={"reader": args.reader} if http else {},
                 )
                 t = time.perf_counter()
                 stats = analyze(job).stats
@@ -262,6 +266,9 @@ def main() -> None:
         "--hybrid-rule", default="", help="band-hybrid's rule for sending a matrix to the device (band.HYBRID_RULES)"
     )
     ap.add_argument("--concurrency", type=int, default=8, help="HTTP range requests in flight (analyze's default)")
+    ap.add_argument(
+        "--reader", default="thread", choices=["thread", "process"], help="HTTP reads in threads or in a process"
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase
     ap.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
@@ -307,6 +314,7 @@ def main() -> None:
         "band_workers": args.band_workers,
         "hybrid_rule": args.hybrid_rule or None,
         "concurrency": args.concurrency,
+        "reader": args.reader,
         "phases": {},
     }
     try:
@@ -317,7 +325,7 @@ def main() -> None:
             cmd += ["--device", args.device, "--nproc", str(args.nproc), "--layers", str(args.layers)]
             cmd += ["--solver", args.solver, "--inflight", str(args.inflight), "--band-workers", str(args.band_workers)]
             cmd += ["--hybrid-rule", args.hybrid_rule] if args.hybrid_rule else []
-            cmd += ["--concurrency", str(args.concurrency)]
+            cmd += ["--concurrency", str(args.concurrency), "--reader", args.reader]
             hub_cpu0 = _cpu_seconds_of(hub.pid)
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             hub_cpu = _cpu_seconds_of(hub.pid)

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -190,6 +191,46 @@ def main() -> None:
                 show(f"httpcore reads of {kib:4d} KiB, 8 in flight", r)
             core.HTTP11Connection.READ_NUM_BYTES = hub_http.READ_SIZE
             results["read_sizes"] = per_size
+
+            # -- 3b: what the reads cost a thread that issues many small torch ops, as analyze's
+            # main thread issues GPU launches: its op rate alone, then while the reads run.
+            def small_ops(stop: threading.Event, out: list) -> None:
+                x = torch.zeros(16)
+                n, t = 0, time.perf_counter()
+                while not stop.is_set():
+                    for _ in range(100):
+                        x.add_(1.0)
+                    n += 100
+                out.append(n / (time.perf_counter() - t))
+
+            def beside_ops(fn) -> tuple:
+                stop, out = threading.Event(), []
+                th = threading.Thread(target=small_ops, args=(stop, out))
+                th.start()
+                try:
+                    r = fn() if fn is not None else time.sleep(2.0)
+                finally:
+                    stop.set()
+                    th.join()
+                return r, out[0]
+
+            _, alone = beside_ops(None)
+            contention = {"ops_per_s_alone": alone, "rows": []}
+            print(f"  a thread of small torch ops: {alone:,.0f} ops/s alone")
+            for label, c, opts in (
+                ("8 in flight", 8, {"fast_connection": None}),
+                ("2 in flight", 2, {}),
+                ("default", 8, {}),
+                ("process", 8, {"reader": "process"}),
+            ):
+                r, rate = beside_ops(lambda c=c, opts=opts: range_reads(c, **opts))
+                r.pop("infos")
+                contention["rows"].append({"label": label, "ops_per_s": rate, **r})
+                print(
+                    f"    during reads, {label:11s}: {rate:,.0f} ops/s ({rate / alone:.0%} of alone), "
+                    f"reads {r['GBps']:.2f} GB/s ({r['in_flight']} in flight)"
+                )
+            results["small_ops_beside_reads"] = contention
             fetched = per_conc[0]["bytes"]
             attn_bytes = sum(i.nbytes for i in infos)
             results["bytes"] = {

@@ -22,6 +22,18 @@ class SvdProbeError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n{self.hint}"
 
+    def __reduce__(self):
+        # Subclasses take keyword-only fields (file=, tensor=), which Exception's own pickling
+        # (cls(*args)) drops; the reader process sends its errors to the parent pickled.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[SvdProbeError], args: tuple, state: dict) -> SvdProbeError:
+    e = cls.__new__(cls)
+    e.args = args
+    e.__dict__.update(state)
+    return e
+
 
 # --- Model names and checkpoint access -------------------------------------------------------
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -495,3 +496,22 @@ def test_bad_input_exits_non_zero_with_a_message_and_no_traceback(
         assert needle in err, (needle, err)
     # Nothing half-written is left as a layer file.
     assert not list((tmp_path / "cache").rglob("layer-*.safetensors"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reader process needs memfds (Linux)")
+def test_analyze_with_the_reader_process_matches_float64(fake_hub, deepseek_ckpt, tmp_path):
+    """`read_options={"reader": "process"}`: the HTTP client in a child process, the same spectra."""
+    fake_hub.clear_faults()
+    job = AnalyzeJob(
+        "tiny/deepseek-v3",
+        endpoint=fake_hub.endpoint,
+        cache_dir=tmp_path,
+        device=DEVICE,
+        layers="0-1",
+        read_options={"reader": "process"},
+    )
+    stats = analyze(job).stats
+    assert stats["computed"] == 2 and stats["bytes_fetched"] > 0 and stats["requests_in_flight"] == 2
+    a = load_analysis(CacheQuery("tiny/deepseek-v3", cache_dir=tmp_path))
+    assert a.layers == [0, 1]
+    assert_spectra_match(a, deepseek_ckpt.folder, deepseek_ckpt.config, a.layers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+import sys
 import threading
 import time
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from svd_probe.errors import TransferError
+from svd_probe.errors import CorruptShardError, TransferError
 from svd_probe.hub.checkpoint import open_checkpoint
 from svd_probe.hub.ranges import plan_reads
 from svd_probe.hub.stream import stream_layers
@@ -279,3 +280,65 @@ def test_several_requests_in_flight_and_split_tensors(fake_hub, deepseek_ckpt):
     for n in names:
         assert torch.equal(got[n], expected(ck, n))
     assert fake_hub.max_in_flight >= 2  # ~250 ranges through 4 workers: they overlap on the server
+
+
+# -- the reader process (open_checkpoint(..., reader="process")) ------------------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reader process needs memfds (Linux)")
+def test_reader_process_reads_what_threads_read(fake_hub, deepseek_ckpt):
+    """The same tensors as the `safetensors` library, the same bytes over the wire as the thread
+    reader, errors raised in the parent with their type and fields, and a dead child reported."""
+    ck = deepseek_ckpt
+    fake_hub.clear_faults()
+    names = [n for layer in range(ck.num_layers) for n in ck.attention_weight_names(layer)]
+    threads = hub_src(fake_hub, "tiny/deepseek-v3")
+    threads.read_tensors(names)
+    proc = hub_src(fake_hub, "tiny/deepseek-v3", reader="process", retries=1)
+    try:
+        got = proc.read_tensors(names)
+        for n in names:
+            assert torch.equal(got[n], expected(ck, n))
+        assert proc.bytes_fetched == threads.bytes_fetched > 0
+        assert proc.stats["requests"] == threads.stats["requests"]
+        fake_hub.inject("503", count=1000)
+        with pytest.raises(TransferError) as ei:
+            proc.read_tensors(ck.attention_weight_names(0))
+        assert ei.value.hint and "503" in str(ei.value)
+        fake_hub.clear_faults()
+        shard = ck.weight_map[names[0]]
+        with pytest.raises(CorruptShardError) as ce:  # past the end: a typed error with its fields
+            proc._files.read_many([(shard, 0, (ck.folder / shard).stat().st_size + 10)])
+        assert ce.value.file == shard
+        proc._files._proc.kill()
+        proc._files._proc.join()
+        with pytest.raises(TransferError, match="reader process ended"):
+            proc.read_tensors(ck.attention_weight_names(0))
+    finally:
+        fake_hub.clear_faults()
+        proc.close()
+        threads.close()
+
+
+def test_reader_process_refuses_a_script_that_works_at_import(tmp_path):
+    """A spawned reader imports the main script: one with work at its top level is refused before
+    any request (it would run again in the child), with the fix in the hint."""
+    import subprocess
+    import textwrap
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            from svd_probe.errors import BadOptionError
+            from svd_probe.hub.checkpoint import open_checkpoint
+            try:
+                open_checkpoint("org/x", endpoint="http://127.0.0.1:9", reader="process")
+            except BadOptionError as e:
+                print("refused:", e.hint)
+            """
+        )
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("refused:") and '__name__ == "__main__"' in r.stdout

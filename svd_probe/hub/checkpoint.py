@@ -24,7 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from svd_probe.errors import EntryNotFoundError, MalformedFileError, TransferError, UnsafeShardNameError
+from svd_probe.errors import (
+    BadOptionError,
+    EntryNotFoundError,
+    MalformedFileError,
+    TransferError,
+    UnsafeShardNameError,
+)
 from svd_probe.hub import http
 from svd_probe.hub.http import HttpPolicy
 from svd_probe.hub.ranges import HubFiles, LocalFiles
@@ -60,9 +66,10 @@ def open_checkpoint(
         check_config: called with config.json's object right after it is parsed, before the index
             or any shard header is read; raise (a `SvdProbeError`) to refuse the model early.
         read_options: range-read tuning for `HubFiles` (max_gap, gap_fraction, chunk_size,
-            fast_connection) and the
-            HTTP policy (`svd_probe.hub.http.HttpPolicy`: retries, connect_retries, backoff,
-            max_backoff, timeout, deadline, min_rate).
+            fast_connection), the HTTP policy (`svd_probe.hub.http.HttpPolicy`: retries,
+            connect_retries, backoff, max_backoff, timeout, deadline, min_rate), and `reader`:
+            "thread" (default) or "process" (`svd_probe.hub.reader_process`: the HTTP client in
+            a process of its own, off this interpreter's GIL; Linux).
 
     Returns:
         A `CheckpointSource` (commit, config, tensor_names, read_tensors, ...).
@@ -293,6 +300,21 @@ def _open_hub(
     assert repo_id is not None
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     policy, range_options = HttpPolicy.split(read_options)
+    reader = range_options.pop("reader", "thread")
+    if reader not in ("thread", "process"):
+        raise TypeError(f"reader must be 'thread' or 'process', not {reader!r}")
+    if reader == "process":
+        from svd_probe.hub.reader_process import available
+        from svd_probe.spectra.band import _spawn_safe  # the one check of the main script, shared with band's workers
+
+        if not available():
+            raise BadOptionError("reader='process' needs Linux (memfd_create)", "Use the default reader (threads).")
+        if not _spawn_safe():
+            raise BadOptionError(
+                "reader='process' starts a process that imports this program's main script, "
+                "and this script runs work at import",
+                'Put the script\'s work under `if __name__ == "__main__":`, or use the default reader.',
+            )
     if http.is_offline():  # before any request: huggingface_hub would refuse each one anyway
         raise http.offline_error(endpoint, repo_id)
     common: dict[str, Any] = dict(token=token, endpoint=endpoint, policy=policy, label=revision)
@@ -308,16 +330,30 @@ def _open_hub(
     if check_config is not None:
         check_config(config)
 
-    files = HubFiles(
-        endpoint,
-        repo_id,
-        commit,
-        token=token,
-        concurrency=concurrency,
-        revision=revision,
-        policy=policy,
-        **range_options,
-    )
+    if reader == "process":
+        from svd_probe.hub.reader_process import ProcessFiles
+
+        files: Any = ProcessFiles(
+            endpoint,
+            repo_id,
+            commit,
+            token=token,
+            concurrency=concurrency,
+            revision=revision,
+            policy=policy,
+            **range_options,
+        )
+    else:
+        files = HubFiles(
+            endpoint,
+            repo_id,
+            commit,
+            token=token,
+            concurrency=concurrency,
+            revision=revision,
+            policy=policy,
+            **range_options,
+        )
     index = _fetch_index(repo_id, commit, common)
     if index is not None:
         what = f"{INDEX_FILE} of {repo_id}"

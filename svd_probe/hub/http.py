@@ -88,12 +88,13 @@ def session() -> Any:
 
 
 #: The socket read size of httpcore's HTTP/1.1 connections. httpcore reads a body 64 KiB per
-#: `recv()`, and for each piece h11 and httpx do Python work with the GIL held: 2.5 CPU s per GB
-#: of range bodies on the dev VM, which `analyze` pays on the interpreter that also launches the
-#: GPU work. Range bodies are 16 MiB, so svd-probe raises it to 1 MiB: 0.85 CPU s per GB and 2.3×
-#: the loopback throughput (benchmarks/README.md, "Reading 1 MiB a time"); 4 MiB gains nothing
-#: more. `recv()` returns what the socket holds, so small answers are unaffected. httpcore has no
-#: per-client option for it, only this class attribute (maintainers tuned it from 4 to 64 KiB in
+#: `recv()`, and for each piece h11 and httpx do Python work with the GIL held: 2.5 client CPU s
+#: per GB of range bodies on the dev VM, which `analyze` pays on the interpreter that also
+#: launches the GPU work. Range bodies are 16 MiB, so svd-probe raises it to 1 MiB: 1.0-1.2 CPU s
+#: per GB and 2-2.5× the loopback throughput at 8 in flight; 4 MiB gains nothing more
+#: (benchmarks/README.md, "Read size, width and the stand-in's TCP_NODELAY"). `recv()` returns
+#: what the socket holds, so small answers are unaffected. httpcore has no per-client option for
+#: it, only this class attribute (its maintainers tuned it from 4 to 64 KiB in
 #: encode/httpcore#136), so it is set once, process-wide, and never lowered.
 READ_SIZE = 1 << 20
 

@@ -17,6 +17,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,10 @@ def plan_reads(reqs: list[tuple[str, int, int]], max_gap: int, gap_fraction: flo
             chunks.append((s, pos, end))
             pos = end
     return spans, chunks
+
+
+def _empty(n: int) -> np.ndarray:
+    return np.empty(n, dtype=np.uint8)
 
 
 #: A member of a coalesced span is handed over as a view of the span's buffer when it starts at
@@ -242,10 +247,21 @@ class HubFiles:
         if not real:
             return out
         sub = [r for _, r in real]
-        spans, chunks = plan_reads(sub, self.max_gap, self.gap_fraction, self.chunk_size)
+        spans, bufs = self.read_spans(sub)
+        for (i, _), buf in zip(real, _assemble(sub, spans, bufs), strict=False):
+            out[i] = buf
+        return out
+
+    def read_spans(self, reqs: list[tuple[str, int, int]], alloc: Callable[[int], np.ndarray] | None = None):
+        """The coalesced spans of `reqs` (non-empty ranges) and one buffer of each, filled.
+
+        `alloc(n)` gives each span's buffer (default: `np.empty`); the reader process passes
+        shared memory. `_assemble(reqs, spans, bufs)` hands out each request's bytes.
+        """
+        spans, chunks = plan_reads(reqs, self.max_gap, self.gap_fraction, self.chunk_size)
         # np.empty, not bytearray: a bytearray is zero-filled first, which cost a third of the
         # time of a 400 MB read on the benchmark machine; every byte is overwritten anyway.
-        bufs = [np.empty(e - b, dtype=np.uint8) for (_, b, e, _) in spans]
+        bufs = [(alloc or _empty)(e - b) for (_, b, e, _) in spans]
         views = [b.data for b in bufs]
         todo = list(reversed(chunks))
         running: set = set()
@@ -257,9 +273,7 @@ class HubFiles:
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for f in done:
                 f.result()  # a failure ends the read here; what runs still finishes into discarded buffers
-        for (i, _), buf in zip(real, _assemble(sub, spans, bufs), strict=False):
-            out[i] = buf
-        return out
+        return spans, bufs
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -276,7 +276,8 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the Hub; every answer carries Content-Length
     # TCP_NODELAY, as web servers and CDNs set it: with Nagle's algorithm on, a small body sent
     # after the headers waited for the client's delayed ACK, 44 ms a 4 KiB range on loopback
-    # (benchmarks/README.md, "Reading 1 MiB a time"), a cost the real Hub does not have.
+    # (benchmarks/README.md, "Read size, width and the stand-in's TCP_NODELAY"), a cost the real
+    # Hub does not have.
     disable_nagle_algorithm = True
     hub: FakeHub
 
