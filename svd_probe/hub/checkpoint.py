@@ -333,27 +333,19 @@ def _open_hub(
     if reader == "process":
         from svd_probe.hub.reader_process import ProcessFiles
 
-        files: Any = ProcessFiles(
-            endpoint,
-            repo_id,
-            commit,
-            token=token,
-            concurrency=concurrency,
-            revision=revision,
-            policy=policy,
-            **range_options,
-        )
+        reader_class: Any = ProcessFiles
     else:
-        files = HubFiles(
-            endpoint,
-            repo_id,
-            commit,
-            token=token,
-            concurrency=concurrency,
-            revision=revision,
-            policy=policy,
-            **range_options,
-        )
+        reader_class = HubFiles
+    files = reader_class(
+        endpoint,
+        repo_id,
+        commit,
+        token=token,
+        concurrency=concurrency,
+        revision=revision,
+        policy=policy,
+        **range_options,
+    )
     index = _fetch_index(repo_id, commit, common)
     if index is not None:
         what = f"{INDEX_FILE} of {repo_id}"

@@ -98,6 +98,19 @@ def plan_reads(reqs: list[tuple[str, int, int]], max_gap: int, gap_fraction: flo
     return spans, chunks
 
 
+def read_through(reqs: list[tuple[str, int, int]], read_spans: Callable[[list], tuple[list, list]]) -> list:
+    """`read_many` on top of a `read_spans`: each request's bytes, an empty bytearray for an empty one."""
+    real = [(i, r) for i, r in enumerate(reqs) if r[2] > r[1]]
+    out: list = [bytearray() for _ in reqs]
+    if not real:
+        return out
+    sub = [r for _, r in real]
+    spans, bufs = read_spans(sub)
+    for (i, _), buf in zip(real, _assemble(sub, spans, bufs), strict=False):
+        out[i] = buf
+    return out
+
+
 def _empty(n: int) -> np.ndarray:
     return np.empty(n, dtype=np.uint8)
 
@@ -242,15 +255,7 @@ class HubFiles:
 
     def read_many(self, reqs: list[tuple[str, int, int]]) -> list:
         """Bytes [begin, end) of each (path, begin, end), as writable buffers (uint8 arrays, or an empty bytearray)."""
-        real = [(i, r) for i, r in enumerate(reqs) if r[2] > r[1]]
-        out: list = [bytearray() for _ in reqs]
-        if not real:
-            return out
-        sub = [r for _, r in real]
-        spans, bufs = self.read_spans(sub)
-        for (i, _), buf in zip(real, _assemble(sub, spans, bufs), strict=False):
-            out[i] = buf
-        return out
+        return read_through(reqs, self.read_spans)
 
     def read_spans(self, reqs: list[tuple[str, int, int]], alloc: Callable[[int], np.ndarray] | None = None):
         """The coalesced spans of `reqs` (non-empty ranges) and one buffer of each, filled.

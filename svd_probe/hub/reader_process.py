@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from svd_probe.errors import BadOptionError, TransferError
-from svd_probe.hub.ranges import HubFiles, ReadStats, _assemble
+from svd_probe.hub.ranges import HubFiles, ReadStats, read_through
 
 _DIED = "the reader process ended unexpectedly (killed, or out of memory)"
 _DIED_HINT = "Rerun: finished layers are cached."
@@ -87,12 +87,10 @@ class ProcessFiles:
 
     def read_many(self, reqs: list[tuple[str, int, int]]) -> list:
         """Bytes [begin, end) of each (path, begin, end), as writable buffers (see `HubFiles`)."""
-        real = [(i, r) for i, r in enumerate(reqs) if r[2] > r[1]]
-        out: list = [bytearray() for _ in reqs]
-        if not real:
-            return out
-        sub = [r for _, r in real]
-        spans, fds = self._call("read", sub)
+        return read_through(reqs, self._read_spans)
+
+    def _read_spans(self, reqs: list[tuple[str, int, int]]) -> tuple[list, list]:
+        spans, fds = self._call("read", reqs)
         bufs = []
         for fd, (_p, b, e, _m) in zip(fds, spans, strict=True):
             try:
@@ -100,9 +98,7 @@ class ProcessFiles:
                 bufs.append(np.frombuffer(mmap.mmap(fd, e - b), dtype=np.uint8))
             finally:
                 os.close(fd)
-        for (i, _), buf in zip(real, _assemble(sub, spans, bufs), strict=False):
-            out[i] = buf
-        return out
+        return spans, bufs
 
     def close(self) -> None:
         with self._lock:
