@@ -278,8 +278,8 @@ def main() -> None:
     if args.phase:
         from svd_probe.spectra import band
 
-        # This script is guarded and its top level harmless (a sys.path entry), which band's
-        # source check cannot tell: let the band solvers' stage 2 run on worker processes.
+        # This script is guarded and its top level harmless (a sys.path entry, which band's
+        # source check accepts): stage 2 on worker processes, as auto would choose, said here.
         band.use_stage2_workers("processes")
         print(json.dumps(phase(args)), flush=True)
         return

@@ -457,6 +457,8 @@ def test_dead_worker_process_falls_back_to_threads():
         ("import typer\napp = typer.Typer()\n@app.command()\ndef f():\n    pass\n", False),
         ('if __name__ != "__main__":\n    pass\n', False),
         ('if __name__ == "__main__":\n    pass\nelse:\n    work()\n', False),
+        ("import sys\nfrom pathlib import Path\nsys.path.insert(0, str(Path(__file__).parent))\n", True),
+        ("import sys\nsys.path.append('.')\nsys.exit(main())\n", False),  # the path edit passes, the exit does not
         ("def broken(:\n", False),  # not Python: not safe
     ],
 )  # fmt: skip

@@ -170,7 +170,7 @@ _MAX_MAIN_SOURCE = 4 << 20
 
 def _script_is_spawn_safe(path: str) -> bool:
     """Whether importing the Python file at `path` as a module only defines things: its top level
-    holds imports, definitions, assignments of literals and names, docstrings and
+    holds imports, definitions, assignments of literals and names, docstrings, `sys.path` edits and
     `if __name__ == "__main__":` blocks, nothing that calls or loops. A spawned worker imports the
     main script (multiprocessing's rule); a script failing this check would run its work again
     in every worker."""
@@ -200,6 +200,17 @@ def _script_is_spawn_safe(path: str) -> bool:
             and test.comparators[0].value == "__main__"
         )
 
+    def sys_path_edit(value: ast.expr) -> bool:
+        f = value.func if isinstance(value, ast.Call) else None
+        return (
+            isinstance(f, ast.Attribute)
+            and f.attr in ("insert", "append")
+            and isinstance(f.value, ast.Attribute)
+            and f.value.attr == "path"
+            and isinstance(f.value.value, ast.Name)
+            and f.value.value.id == "sys"
+        )
+
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom, ast.Pass)):
             continue
@@ -209,6 +220,8 @@ def _script_is_spawn_safe(path: str) -> bool:
             return False
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # a docstring
+        if isinstance(node, ast.Expr) and sys_path_edit(node.value):
+            continue  # sys.path.insert(0, ...) / append(...): a script finding its package
         if isinstance(node, (ast.Assign, ast.AnnAssign)) and inert(node.value):
             continue
         if isinstance(node, ast.If) and main_guard(node.test) and not node.orelse:
