@@ -342,3 +342,35 @@ def test_reader_process_refuses_a_script_that_works_at_import(tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("refused:") and '__name__ == "__main__"' in r.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reader process needs memfds (Linux)")
+def test_reader_process_after_ctrl_c(tmp_path):
+    """Ctrl-C during a read through the reader process: the child is stopped (its late answer
+    would land on the next call), and every later call says so instead of returning wrong bytes."""
+    import signal
+
+    from svd_probe.hub.reader_process import ProcessFiles
+    from svd_probe.testing.fake_hub import FakeHub
+
+    (tmp_path / "w.bin").write_bytes(bytes(range(256)) * (16 << 12))  # 16 MiB
+    with FakeHub(rate=4e6) as hub:  # 4 s for the file: the interrupt comes mid-read
+        hub.add_repo("t/ctrl-c", tmp_path)
+        files = ProcessFiles(hub.endpoint, "t/ctrl-c", hub.repos["t/ctrl-c"].commit)
+
+        def interrupt(*_):
+            raise KeyboardInterrupt
+
+        old = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            with pytest.raises(KeyboardInterrupt):
+                files.read_many([("w.bin", 0, 16 << 20)])
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        files._proc.join(timeout=10)
+        assert not files._proc.is_alive()
+        with pytest.raises(TransferError, match="reader process was stopped"):
+            files.read_many([("w.bin", 0, 10)])
+        files.close()
