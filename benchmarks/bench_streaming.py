@@ -33,8 +33,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
 
 class _RemoteStats:
     def __init__(self, endpoint: str):
@@ -61,6 +59,9 @@ def main() -> None:
     )
     args = ap.parse_args()
 
+    # Here, not at the top level: the reader process (reader="process") imports this script, and
+    # band's spawn check accepts only a top level that defines things.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     hf_home = tempfile.mkdtemp(prefix="bench-hf-")
     os.environ["HF_HOME"] = hf_home  # before huggingface_hub is imported
     import torch
@@ -181,7 +182,7 @@ def main() -> None:
             show("svd-probe's default (at most 8)", r)
             from svd_probe.hub import http as hub_http
 
-            core = __import__(hub_http._HTTPCORE[hub_http.httpx().__name__])
+            core = hub_http.httpcore()
             per_size = []
             for kib in args.read_kib:
                 core.HTTP11Connection.READ_NUM_BYTES = kib * 1024

@@ -315,7 +315,7 @@ def _analyze(request: AnalyzeJob, progress, device: torch.device, ranks) -> Anal
     }
     if computed:  # the eigensolver and layers in flight this process computed with
         stats.update(route)
-    if width := getattr(source, "stats", {}).get("in_flight"):  # over HTTP: range requests in flight at the end
+    if width := source.stats.get("in_flight"):  # over HTTP: range requests in flight at the end (a folder: 0)
         stats["requests_in_flight"] = width
     if ranks.active:
         stats["ranks"] = per_rank

@@ -24,13 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from svd_probe.errors import (
-    BadOptionError,
-    EntryNotFoundError,
-    MalformedFileError,
-    TransferError,
-    UnsafeShardNameError,
-)
+from svd_probe.errors import EntryNotFoundError, MalformedFileError, TransferError, UnsafeShardNameError
 from svd_probe.hub import http
 from svd_probe.hub.http import HttpPolicy
 from svd_probe.hub.ranges import HubFiles, LocalFiles
@@ -303,18 +297,10 @@ def _open_hub(
     reader = range_options.pop("reader", "thread")
     if reader not in ("thread", "process"):
         raise TypeError(f"reader must be 'thread' or 'process', not {reader!r}")
-    if reader == "process":
-        from svd_probe.hub.reader_process import available
-        from svd_probe.spectra.band import _spawn_safe  # the one check of the main script, shared with band's workers
+    if reader == "process":  # refused here, before any request, if it cannot run
+        from svd_probe.hub.reader_process import refuse_unusable
 
-        if not available():
-            raise BadOptionError("reader='process' needs Linux (memfd_create)", "Use the default reader (threads).")
-        if not _spawn_safe():
-            raise BadOptionError(
-                "reader='process' starts a process that imports this program's main script, "
-                "and this script runs work at import",
-                'Put the script\'s work under `if __name__ == "__main__":`, or use the default reader.',
-            )
+        refuse_unusable()
     if http.is_offline():  # before any request: huggingface_hub would refuse each one anyway
         raise http.offline_error(endpoint, repo_id)
     common: dict[str, Any] = dict(token=token, endpoint=endpoint, policy=policy, label=revision)

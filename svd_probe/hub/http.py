@@ -101,13 +101,17 @@ READ_SIZE = 1 << 20
 _HTTPCORE = {"httpx": "httpcore", "httpx2": "httpcore2"}
 
 
+def httpcore(httpx_name: str | None = None) -> Any:
+    """The httpcore flavour under an httpx flavour (default: the session's), or None if unknown."""
+    try:
+        return importlib.import_module(_HTTPCORE[httpx_name or httpx().__name__])
+    except (KeyError, ImportError):  # a client factory's own transport
+        return None
+
+
 @functools.cache
 def _widen_reads(httpx_name: str) -> None:
-    try:
-        core = importlib.import_module(_HTTPCORE[httpx_name])
-    except (KeyError, ImportError):  # a client factory's own transport: leave it as it is
-        return
-    conn = getattr(core, "HTTP11Connection", None)
+    conn = getattr(httpcore(httpx_name), "HTTP11Connection", None)  # none known: leave it as it is
     if conn is not None and getattr(conn, "READ_NUM_BYTES", READ_SIZE) < READ_SIZE:
         conn.READ_NUM_BYTES = READ_SIZE
 

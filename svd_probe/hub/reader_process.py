@@ -45,9 +45,20 @@ _DIED = "the reader process ended unexpectedly (killed, or out of memory)"
 _DIED_HINT = "Rerun: finished layers are cached."
 
 
-def available() -> bool:
-    """A reader process needs memfds: Linux."""
-    return sys.platform.startswith("linux") and hasattr(os, "memfd_create")
+def refuse_unusable() -> None:
+    """Raise `BadOptionError` where a reader process cannot run: off Linux (no memfds), or under
+    a main script that runs work at import (the spawned child imports it: band's check, shared
+    with its worker processes)."""
+    from svd_probe.spectra.band import _spawn_safe
+
+    if not (sys.platform.startswith("linux") and hasattr(os, "memfd_create")):
+        raise BadOptionError("reader='process' needs Linux (memfd_create)", "Use the default reader (threads).")
+    if not _spawn_safe():
+        raise BadOptionError(
+            "reader='process' starts a process that imports this program's main script, "
+            "and this script runs work at import",
+            'Put the script\'s work under `if __name__ == "__main__":`, or use the default reader.',
+        )
 
 
 class ProcessFiles:
@@ -56,8 +67,7 @@ class ProcessFiles:
     parallel inside the child."""
 
     def __init__(self, endpoint: str, repo_id: str, commit: str, **options: Any):
-        if not available():
-            raise BadOptionError("a reader process needs Linux (memfd_create)", "Use the default reader (threads).")
+        refuse_unusable()
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
@@ -206,4 +216,4 @@ def _picklable(e: BaseException) -> BaseException:
         pickle.dumps(e)
         return e
     except Exception:
-        return TransferError(f"{type(e).__name__}: {e}", "Rerun; finished layers are cached.")
+        return TransferError(f"{type(e).__name__}: {e}", _DIED_HINT)
