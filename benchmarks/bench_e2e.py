@@ -80,14 +80,16 @@ def _sync(device) -> None:
 
 def _source(args, http: bool):
     from svd_probe.hub.checkpoint import open_checkpoint
+    from svd_probe.hub.reader_process import pick_reader
     from svd_probe.models import ModelRef, resolve_model
+    from svd_probe.options import pick_device
 
-    if http:
+    if http:  # read-http reads with the reader analyze would pick
         return open_checkpoint(
             ModelRef(name="bench", repo_id=REPO),
             endpoint=args.endpoint,
             concurrency=args.concurrency,
-            reader=args.reader,
+            reader=pick_reader(args.reader, pick_device(args.device).type),
         )
     return open_checkpoint(resolve_model(str(args.ckpt)))
 
@@ -204,7 +206,7 @@ def phase(args) -> dict:
                     solver=args.solver,
                     inflight=args.inflight,
                     concurrency=args.concurrency,
-                    read_options={"reader": args.reader} if http else {},
+                    reader=args.reader,
                 )
                 t = time.perf_counter()
                 stats = analyze(job).stats
@@ -267,7 +269,10 @@ def main() -> None:
     )
     ap.add_argument("--concurrency", type=int, default=8, help="HTTP range requests in flight (analyze's default)")
     ap.add_argument(
-        "--reader", default="thread", choices=["thread", "process"], help="HTTP reads in threads or in a process"
+        "--reader",
+        default="auto",
+        choices=["auto", "thread", "process"],
+        help="HTTP reads in threads or in a process (auto: analyze's default, the process on cuda)",
     )
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase

@@ -77,6 +77,10 @@ class AnalyzeJob:
     # "auto": the device's entry in `AUTO_ROUTES`). Every solver meets the same 1e-4·σ₁ contract,
     # so it is not part of the cache key.
     solver: str = "auto"
+    # Where the HTTP client runs: "thread", "process" (a child process of its own, off this
+    # interpreter's GIL) or "auto" (`svd_probe.hub.reader_process.pick_reader`: the process on
+    # CUDA where it can run). Local folders are read in this process either way.
+    reader: str = "auto"
     # Passed to the range reader (retries, backoff, max_gap, chunk_size, timeout).
     read_options: dict = field(default_factory=dict)
 
@@ -209,6 +213,7 @@ def analyze(request: AnalyzeJob, progress=None) -> AnalyzeOutcome:
 
 def _analyze(request: AnalyzeJob, progress, device: torch.device, ranks) -> AnalyzeOutcome:
     from svd_probe.hub.checkpoint import open_checkpoint
+    from svd_probe.hub.reader_process import pick_reader
 
     t_start = time.perf_counter()
     ref = resolve_model(request.model)
@@ -221,6 +226,7 @@ def _analyze(request: AnalyzeJob, progress, device: torch.device, ranks) -> Anal
     root = default_cache_root(request.cache_dir)
     repo = cache_repo(ref)
     notes: list[str] = []
+    reader = pick_reader(request.reader, device.type)
     try:
         source = open_checkpoint(
             ref,
@@ -229,6 +235,7 @@ def _analyze(request: AnalyzeJob, progress, device: torch.device, ranks) -> Anal
             endpoint=request.endpoint,
             concurrency=request.concurrency,
             check_config=_check_request(request, layer_spec),
+            reader=reader,
             **request.read_options,
         )
     except (TransferError, OfflineModeIsEnabled) as e:  # HubUnreachableError is a TransferError
@@ -317,6 +324,8 @@ def _analyze(request: AnalyzeJob, progress, device: torch.device, ranks) -> Anal
         stats.update(route)
     if width := source.stats.get("in_flight"):  # over HTTP: range requests in flight at the end (a folder: 0)
         stats["requests_in_flight"] = width
+    if not ref.is_local:
+        stats["reader"] = reader
     if ranks.active:
         stats["ranks"] = per_rank
     if todo:

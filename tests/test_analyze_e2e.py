@@ -500,18 +500,21 @@ def test_bad_input_exits_non_zero_with_a_message_and_no_traceback(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reader process needs memfds (Linux)")
 def test_analyze_with_the_reader_process_matches_float64(fake_hub, deepseek_ckpt, tmp_path):
-    """`read_options={"reader": "process"}`: the HTTP client in a child process, the same spectra."""
+    """`--reader process`: the HTTP client in a child process, the same spectra; the summary says
+    which reader ran, and on the CPU `auto` (the default) is threads."""
     fake_hub.clear_faults()
-    job = AnalyzeJob(
-        "tiny/deepseek-v3",
-        endpoint=fake_hub.endpoint,
-        cache_dir=tmp_path,
-        device=DEVICE,
-        layers="0-1",
-        read_options={"reader": "process"},
-    )
-    stats = analyze(job).stats
+    args = ["analyze", "tiny/deepseek-v3", "--endpoint", fake_hub.endpoint, "--cache-dir", str(tmp_path)]
+    args += ["--device", DEVICE, "--layers", "0-1", "--json"]
+    r = run_cli(*args, "--reader", "process")
+    assert r.exit_code == 0, r.output
+    stats = json.loads(r.stdout)["stats"]
     assert stats["computed"] == 2 and stats["bytes_fetched"] > 0 and stats["requests_in_flight"] == 2
+    assert stats["reader"] == "process"
     a = load_analysis(CacheQuery("tiny/deepseek-v3", cache_dir=tmp_path))
     assert a.layers == [0, 1]
     assert_spectra_match(a, deepseek_ckpt.folder, deepseek_ckpt.config, a.layers)
+    r = run_cli(*args, "--force")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["stats"]["reader"] == ("process" if DEVICE == "cuda" else "thread")
+    r = run_cli(*args, "--reader", "fork")
+    assert r.exit_code == 2 and "fork" in r.output

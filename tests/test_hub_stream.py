@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,11 +309,16 @@ def test_reader_process_reads_what_threads_read(fake_hub, deepseek_ckpt):
         assert ei.value.hint and "503" in str(ei.value)
         fake_hub.clear_faults()
         shard = ck.weight_map[names[0]]
+        # The child refills one arena each call: what an earlier call returned stays the caller's.
+        raw = (ck.folder / shard).read_bytes()
+        first = proc._files.read_many([(shard, 0, 1000), (shard, 5000, 9000)])
+        second = proc._files.read_many([(shard, 1000, 5000)])
+        assert [bytes(b) for b in first] == [raw[0:1000], raw[5000:9000]] and bytes(second[0]) == raw[1000:5000]
         with pytest.raises(CorruptShardError) as ce:  # past the end: a typed error with its fields
             proc._files.read_many([(shard, 0, (ck.folder / shard).stat().st_size + 10)])
         assert ce.value.file == shard
         proc._files._proc.kill()
-        proc._files._proc.join()
+        proc._files._proc.wait()
         with pytest.raises(TransferError, match="reader process ended"):
             proc.read_tensors(ck.attention_weight_names(0))
     finally:
@@ -320,28 +327,48 @@ def test_reader_process_reads_what_threads_read(fake_hub, deepseek_ckpt):
         threads.close()
 
 
-def test_reader_process_refuses_a_script_that_works_at_import(tmp_path):
-    """A spawned reader imports the main script: one with work at its top level is refused before
-    any request (it would run again in the child), with the fix in the hint."""
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reader process needs memfds (Linux)")
+def test_reader_process_serves_a_script_that_works_at_import(fake_hub, deepseek_ckpt, tmp_path):
+    """The child is a plain subprocess, not multiprocessing's spawn (which imports the main script
+    again): a script that reads at its top level, run from another folder than the repo's, reads
+    through it, and its top level runs once."""
     import subprocess
     import textwrap
 
+    ck = deepseek_ckpt
+    name = ck.attention_weight_names(0)[0]
     script = tmp_path / "unguarded.py"
     script.write_text(
         textwrap.dedent(
-            """
-            from svd_probe.errors import BadOptionError
+            f"""
             from svd_probe.hub.checkpoint import open_checkpoint
-            try:
-                open_checkpoint("org/x", endpoint="http://127.0.0.1:9", reader="process")
-            except BadOptionError as e:
-                print("refused:", e.hint)
+            print("top level ran")
+            src = open_checkpoint("tiny/deepseek-v3", endpoint={fake_hub.endpoint!r}, reader="process")
+            print("read", tuple(src.read_tensors([{name!r}])[{name!r}].shape))
+            src.close()
             """
         )
     )
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
+    )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("refused:") and '__name__ == "__main__"' in r.stdout
+    assert r.stdout.count("top level ran") == 1
+    assert f"read {tuple(expected(ck, name).shape)}" in r.stdout
+
+
+def test_pick_reader_auto_is_the_process_on_cuda_only():
+    """`analyze --reader auto`: the process where the GPU computes and one can run (Linux),
+    threads on the CPU; given ones stand."""
+    from svd_probe.errors import BadOptionError
+    from svd_probe.hub.reader_process import pick_reader
+
+    assert pick_reader("auto", "cuda") == ("process" if sys.platform.startswith("linux") else "thread")
+    assert pick_reader("auto", "cpu") == "thread"
+    assert pick_reader("process", "cpu") == "process" and pick_reader("thread", "cuda") == "thread"
+    with pytest.raises(BadOptionError, match="fork"):
+        pick_reader("fork", "cuda")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reader process needs memfds (Linux)")
@@ -369,8 +396,7 @@ def test_reader_process_after_ctrl_c(tmp_path):
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
-        files._proc.join(timeout=10)
-        assert not files._proc.is_alive()
+        assert files._proc.wait(timeout=10) is not None  # the child is gone
         with pytest.raises(TransferError, match="reader process was stopped"):
             files.read_many([("w.bin", 0, 10)])
         files.close()

@@ -33,6 +33,14 @@ class Control(str, Enum):
     shuffled = "shuffled"
 
 
+class Reader(str, Enum):
+    """`--reader`: where the HTTP client runs (`svd_probe.hub.reader_process.pick_reader`)."""
+
+    auto = "auto"
+    thread = "thread"
+    process = "process"
+
+
 AnalyzeControlOpt = typer.Option(
     None,
     "--control",
@@ -116,6 +124,12 @@ def analyze_cmd(
         "CPU worker is busy), torch-gesvdj, or cupy, cupy-jacobi, jax, jax-jacobi, jax-polar with the "
         "[solvers] extra. The same spectra to 1e-4·σ₁; only the speed differs.",
     ),
+    reader: Reader = typer.Option(
+        Reader.auto,
+        "--reader",
+        help="Where Hub reads run: thread (in this process), process (a child process, off the GPU "
+        "launcher's GIL; Linux), or auto (process with --device cuda, else thread).",
+    ),
 ) -> None:
     """Stream a checkpoint's attention layer by layer, compute every spectrum, cache it, summarize."""
     from svd_probe.analysis import AnalyzeJob, analyze
@@ -139,6 +153,7 @@ def analyze_cmd(
         concurrency=concurrency,
         control=control.value if control else None,
         solver=solver,
+        reader=reader.value,
     )
     # Progress goes to stderr, so it never mixes with --json on stdout.
     with layer_progress(err, enabled=show_progress()) as progress:

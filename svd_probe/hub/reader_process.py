@@ -11,13 +11,20 @@ Here the reads run in a child process with its own GIL.
 How:
 - The child process runs one `HubFiles`, which keeps the same retries, deadlines, token rule and
   width rule.
-- The child fills each span of a `read_many` call into a memfd (anonymous shared memory, Linux).
-  It passes the descriptors over the pipe (SCM_RIGHTS).
-- The parent maps them and hands out views, as `HubFiles` does with its own buffers. The bytes
-  are never copied between the processes, and a mapping lives as long as the arrays that view it.
+- The child fills each call's spans into one memfd (anonymous shared memory, Linux), its arena,
+  grown to the largest call and reused by every later one. It passes the descriptor over the
+  pipe (SCM_RIGHTS) when the arena grows.
+- The parent keeps the arena mapped and copies each span out of it into a buffer of its own
+  before the next call may start, since the caller owns what `read_many` returns for as long as it
+  likes. A fresh memfd per call, handed out as views, was slower: shared memory gets no
+  transparent huge pages by default, so each of its 4 KiB pages costs a fault and zeroing on first
+  write, and the child read at half the threads' speed (0.47 against 0.89 GB/s on one H200,
+  benchmarks/README.md); the copy out of warm pages runs at memory speed, without the GIL.
 - Errors come back pickled and are raised in the parent; `SvdProbeError` pickles its fields.
-- The child ignores Ctrl-C. The parent stops it on `close()`, or when the parent exits (it is a
-  daemon).
+- The child ignores Ctrl-C. The parent stops it on `close()`; when the parent exits, its socket
+  closes and the child ends after the call in hand (its requests are bounded by their deadlines).
+- Memory: the arena holds the largest single call (one layer's attention tensors: 187 MB for
+  DeepSeek-V3), rounded up to 16 MiB, in shared memory beside the parent's own buffers.
 
 No library does this: multiprocessing's shared_memory needs a name in /dev/shm, which containers
 often size at 64 MB, and its lifetime is manual; a memfd has neither limit.
@@ -25,15 +32,17 @@ often size at 64 MB, and its lifetime is manual; a memfd has neither limit.
 
 from __future__ import annotations
 
-import functools
 import mmap
-import multiprocessing
 import os
 import pickle
 import signal
+import socket
+import subprocess
 import sys
 import threading
+from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,19 +55,31 @@ _DIED_HINT = "Rerun: finished layers are cached."
 
 
 def refuse_unusable() -> None:
-    """Raise `BadOptionError` where a reader process cannot run: off Linux (no memfds), or under
-    a main script that runs work at import (the spawned child imports it: band's check, shared
-    with its worker processes)."""
-    from svd_probe.spectra.band import _spawn_safe
-
+    """Raise `BadOptionError` where a reader process cannot run: off Linux (no memfds)."""
     if not (sys.platform.startswith("linux") and hasattr(os, "memfd_create")):
         raise BadOptionError("reader='process' needs Linux (memfd_create)", "Use the default reader (threads).")
-    if not _spawn_safe():
-        raise BadOptionError(
-            "reader='process' starts a process that imports this program's main script, "
-            "and this script runs work at import",
-            'Put the script\'s work under `if __name__ == "__main__":`, or use the default reader.',
-        )
+
+
+def usable() -> bool:
+    """Whether a reader process can run here (`refuse_unusable` raises nothing)."""
+    try:
+        refuse_unusable()
+    except BadOptionError:
+        return False
+    return True
+
+
+def pick_reader(reader: str, device_type: str) -> str:
+    """The reader `analyze` uses: "thread" or "process" as given; "auto" is the process where
+    the GPU computes and a process can run (the reads then leave the GIL to the thread that
+    launches the kernels: over HTTP on one H200, 62 DeepSeek-V3 layers took 36.6 s against
+    40.5 s with threads, benchmarks/README.md), else threads (on the CPU the spectra are LAPACK
+    calls that let go of the GIL anyway, and a process costs ~1 s to start)."""
+    if reader not in ("auto", "thread", "process"):
+        raise BadOptionError(f"unknown reader {reader!r}", "Use auto, thread or process.")
+    if reader == "auto":
+        return "process" if device_type == "cuda" and usable() else "thread"
+    return reader
 
 
 class ProcessFiles:
@@ -68,17 +89,26 @@ class ProcessFiles:
 
     def __init__(self, endpoint: str, repo_id: str, commit: str, **options: Any):
         refuse_unusable()
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(
-            target=_serve,
-            args=(child, os.getpid(), endpoint, repo_id, commit, options),
-            name="svd-probe-reader",
-            daemon=True,
-        )
-        self._proc.start()
-        child.close()
-        self._lock = threading.Lock()
+        # A plain subprocess, not multiprocessing's spawn: spawn imports the parent's main script
+        # in the child (the svd-probe CLI's typer and rich: ~1 s on the dev VM, for nothing) and
+        # runs it again if it works at import. Its own session keeps the terminal's Ctrl-C to the
+        # parent. The options (the token among them) go over the socket, never on a command line.
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        root = str(Path(__file__).resolve().parents[2])  # where this svd_probe is imported from
+        code = f"import sys; sys.path.insert(0, {root!r}); from svd_probe.hub.reader_process import _main; _main({theirs.fileno()})"
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", code],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        self._conn = Connection(mine.detach())
+        self._conn.send((endpoint, repo_id, commit, options))
+        self._lock = threading.RLock()
+        self._arena: mmap.mmap | None = None  # the child's arena, mapped here
         self._broken = False  # the pipe is out of step (an interrupted call) or the child is gone
         self.stats = ReadStats()
         self._sizes: dict[str, int] = {}
@@ -100,28 +130,42 @@ class ProcessFiles:
         return read_through(reqs, self._read_spans)
 
     def _read_spans(self, reqs: list[tuple[str, int, int]]) -> tuple[list, list]:
-        spans, fds = self._call("read", reqs)
-        bufs = []
-        for fd, (_p, b, e, _m) in zip(fds, spans, strict=True):
-            try:
-                # The mapping outlives the descriptor, and lives as long as the arrays viewing it.
-                bufs.append(np.frombuffer(mmap.mmap(fd, e - b), dtype=np.uint8))
-            finally:
-                os.close(fd)
-        return spans, bufs
+        with self._lock:  # the child refills the arena on the next call: copy out first
+            (spans, places), fds = self._call("read", reqs)
+            if fds:  # the arena grew: map it again
+                try:
+                    old, self._arena = self._arena, mmap.mmap(fds[0], os.fstat(fds[0]).st_size)
+                finally:
+                    os.close(fds[0])
+                if old is not None:
+                    old.close()
+            arena = self._arena
+            bufs = []
+            for off, n in places:
+                if arena is None or off + n > len(arena):  # never, unless the child is out of step
+                    self._broken = True
+                    raise TransferError(f"reading from {self.repo_id}: {_DIED}", _DIED_HINT)
+                buf = np.empty(n, dtype=np.uint8)
+                np.copyto(buf, np.frombuffer(arena, dtype=np.uint8, count=n, offset=off))
+                bufs.append(buf)
+            return spans, bufs
 
     def close(self) -> None:
         with self._lock:
-            if self._proc.is_alive():
+            if self._proc.poll() is None:
                 try:
                     self._conn.send(("close", ()))
                 except OSError:
                     pass
-                self._proc.join(timeout=5)
-                if self._proc.is_alive():
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
                     self._proc.kill()
-                    self._proc.join(timeout=5)
+                    self._proc.wait(timeout=5)
             self._conn.close()
+            if self._arena is not None:
+                self._arena.close()
+                self._arena = None
 
     def _call(self, op: str, *args: Any) -> tuple[Any, list[int]]:
         with self._lock:
@@ -147,10 +191,17 @@ class ProcessFiles:
         return payload, fds
 
 
-def _serve(conn, parent: int, endpoint: str, repo_id: str, commit: str, options: dict) -> None:
-    """The child: one HubFiles, answering the parent's calls until "close" or the pipe ends."""
+def _main(fd: int) -> None:
+    """The child: one HubFiles, answering the parent's calls until "close" or the socket ends
+    (the parent closed it, or exited)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    conn = Connection(fd)
+    try:
+        endpoint, repo_id, commit, options = conn.recv()
+    except (EOFError, OSError):
+        return
     files: HubFiles | None = None
+    arena = _Arena()
     try:
         files = HubFiles(endpoint, repo_id, commit, **options)
         setup_error: BaseException | None = None
@@ -163,8 +214,6 @@ def _serve(conn, parent: int, endpoint: str, repo_id: str, commit: str, options:
             break
         if op == "close":
             break
-        fds: list[int] = []
-        maps: list[mmap.mmap] = []
         status: str = "ok"
         payload: Any = None
         try:
@@ -174,41 +223,58 @@ def _serve(conn, parent: int, endpoint: str, repo_id: str, commit: str, options:
             if op == "size":
                 payload = files.size(*args)
             elif op == "read":
-                spans, bufs = files.read_spans(args[0], functools.partial(_memfd, fds, maps))
+                arena.places = []
+                spans, bufs = files.read_spans(args[0], arena.alloc)
                 del bufs
-                payload = spans
+                payload = (spans, arena.places)
         except BaseException as e:
             status, payload = "error", _picklable(e)
-            for fd in fds:
-                os.close(fd)
-            fds = []
+            if op == "read":
+                # A failed read leaves its other requests running into their buffers (`HubFiles`):
+                # the next call gets a fresh arena; this one is freed when they are done with it.
+                arena.retire()
+                arena = _Arena()
         stats = files.stats.as_dict() if files is not None else {}
         sizes = dict(files._sizes) if files is not None else {}
+        grown = status == "ok" and arena.size != arena.shared
         try:
-            conn.send((status, payload, stats, sizes, len(fds)))
-            for fd in fds:
-                send_handle(conn, fd, parent)
+            conn.send((status, payload, stats, sizes, int(grown)))
+            if grown:
+                send_handle(conn, arena.fd, 0)  # the pid is unused on Unix
+                arena.shared = arena.size
         except (EOFError, OSError):
             break
-        finally:
-            for fd in fds:
-                os.close(fd)
-            for m in maps:
-                try:
-                    m.close()
-                except BufferError:  # a view still held here; freed with it
-                    pass
     if files is not None:
         files.close()
 
 
-def _memfd(fds: list[int], maps: list[mmap.mmap], n: int) -> np.ndarray:
-    """A span buffer of `n` bytes in a fresh memfd, its descriptor and mapping kept for the reply."""
-    fd = os.memfd_create("svd-probe-read", os.MFD_CLOEXEC)
-    fds.append(fd)
-    os.ftruncate(fd, n)
-    maps.append(mmap.mmap(fd, n))
-    return np.frombuffer(maps[-1], dtype=np.uint8)
+class _Arena:
+    """The child's one memfd: each call's span buffers are laid out in it from offset 0, 64-byte
+    aligned; it grows (in 16 MiB steps) when a call needs more, and never shrinks. A grown arena
+    is mapped again; views of an earlier mapping stay valid (the same pages)."""
+
+    STEP = 16 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("svd-probe-reads", os.MFD_CLOEXEC)
+        self.size = 0
+        self.shared = 0  # the size the parent has mapped
+        self.map: mmap.mmap | None = None
+        self.places: list[tuple[int, int]] = []  # (offset, length) of this call's buffers
+
+    def alloc(self, n: int) -> np.ndarray:
+        off = -(-(self.places[-1][0] + self.places[-1][1]) // 64) * 64 if self.places else 0
+        if self.map is None or off + n > self.size:
+            self.size = -(-(off + n) // self.STEP) * self.STEP
+            os.ftruncate(self.fd, self.size)
+            self.map = mmap.mmap(self.fd, self.size)
+        self.places.append((off, n))
+        return np.frombuffer(self.map, dtype=np.uint8, count=n, offset=off)
+
+    def retire(self) -> None:
+        """Close the descriptor; the mapping lives on while views of it do."""
+        os.close(self.fd)
+        self.map = None
 
 
 def _picklable(e: BaseException) -> BaseException:
