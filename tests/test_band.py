@@ -491,8 +491,8 @@ def test_unguarded_script_gets_threads_and_finishes(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
 def test_stage1_graphs_match_op_by_op_across_threads():
     """Stage 1 by graph replays, from 6 threads on streams of their own at once: every band has its
-    own input's eigenvalues (numpy float64) and equals the op-by-op band; no capture failed, and
-    the graphs captured stay within the cap."""
+    own input's eigenvalues (numpy float64) and equals the op-by-op band; the graphs captured stay
+    within the cap, and none failed."""
     rng = np.random.default_rng(7)
     n, b = 700, 32
     mats = [planted(rng, n, psd=True) for _ in range(12)]
@@ -512,8 +512,8 @@ def test_stage1_graphs_match_op_by_op_across_threads():
         t.start()
     for t in threads:
         t.join()
-    assert B._stage1_graphs, "a capture failed"
-    assert 1 <= B._graph_count[(n, b, dev)] <= B._MAX_GRAPHS
+    key = (n, b, dev)
+    assert key not in B._graph_failed and 1 <= B._graph_count[key] <= B._MAX_GRAPHS
     for j, (_a, lam) in enumerate(mats):
         assert np.abs(np.linalg.eigvalsh(dense_of_band(got[j])) - lam).max() <= bound(lam)
         assert np.allclose(got[j], eager[j], rtol=0, atol=1e-10)

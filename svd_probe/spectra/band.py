@@ -163,24 +163,23 @@ def _band_eager(a: torch.Tensor, b: int) -> torch.Tensor:
 
 # --- stage 1 as CUDA graphs ------------------------------------------------------------------------
 #
-# At n = 7168, b = 32 the panel loop is about 4,500 small kernels: op by op it took 0.164 s a
-# problem, 0.153 s of it the host queueing them, and as one graph replay 0.098 s with 0.002 s of
-# host time (H200, benchmarks/README.md, "Stage 1 as a CUDA graph"). A graph per (n, b, device),
-# captured once, replays the whole loop as one launch. A graph has one set of buffers, so
-# replays of one instance are ordered by its event: a user waits (on the device, not the host)
-# for the previous user's copy of the band before it overwrites the input. The host holds an
-# instance only while it queues, so one or two serve every thread; a second is captured when the
-# first is held, up to `_MAX_GRAPHS`, past which the reduction runs op by op.
-# Captures run one at a time (several at once, from the solver threads, failed on the H200), and
-# a thread that finds one under way runs op by op. Where a capture fails, graphs are off for the
-# rest of the process, with a warning, and the reduction runs op by op.
+# At n = 7168, b = 32 the panel loop is about 4,500 small kernels, and queueing them took the host
+# 0.11-0.17 s a problem against a few hundredths of GPU time (benchmarks/README.md, "The two-stage
+# band solver"): the launching thread, and the GIL it holds meanwhile, were the stage's cost. A
+# graph per (n, b, device), captured once, replays the whole loop as one launch. A graph has one
+# set of buffers, so replays of one instance are ordered by its event: a user waits (on the device,
+# not the host) for the previous user's copy of the band before it overwrites the input. The
+# host holds an instance only while it queues, so one or two serve every thread; more are
+# captured when all are held, up to `_MAX_GRAPHS`, past which the reduction runs op by op.
+# Where capture fails (a CUDA build or library that cannot be captured), the key falls back to op
+# by op for good, with a warning.
 
-_stage1_graphs = True  # use_stage1_graphs; False after a failed capture
-_MAX_GRAPHS = 2  # per (n, b, device)
+_stage1_graphs = True  # use_stage1_graphs
+_MAX_GRAPHS = 4  # per (n, b, device)
 _graph_lock = threading.Lock()
-_capture_lock = threading.Lock()
 _graph_free: dict[tuple, list[_Stage1Graph]] = {}
 _graph_count: dict[tuple, int] = {}
+_graph_failed: set[tuple] = set()
 
 
 class _Stage1Graph:
@@ -202,26 +201,24 @@ class _Stage1Graph:
 
 def _band_graphed(a: torch.Tensor, b: int) -> torch.Tensor | None:
     """`band_on_device` by a graph replay, or None where none can serve (then op by op)."""
-    global _stage1_graphs
     key = (int(a.shape[-1]), b, a.device)
     with _graph_lock:
+        if key in _graph_failed:
+            return None
         free = _graph_free.setdefault(key, [])
         inst = free.pop() if free else None
+        if inst is None:
+            if _graph_count.get(key, 0) >= _MAX_GRAPHS:
+                return None
+            _graph_count[key] = _graph_count.get(key, 0) + 1
     if inst is None:
-        if not _capture_lock.acquire(blocking=False):
-            return None
         try:
-            with _graph_lock:
-                if _graph_count.get(key, 0) >= _MAX_GRAPHS or not _stage1_graphs:
-                    return None
-                _graph_count[key] = _graph_count.get(key, 0) + 1
             inst = _Stage1Graph(key[0], b, a.device)
-        except Exception as e:  # capture refused: op by op from now on, everywhere
-            _stage1_graphs = False
+        except Exception as e:  # capture is refused by this build: op by op from now on
+            with _graph_lock:
+                _graph_failed.add(key)
             warnings.warn(f"stage 1 of the band solver runs op by op: its CUDA graph failed ({e})", stacklevel=3)
             return None
-        finally:
-            _capture_lock.release()
     try:
         stream = torch.cuda.current_stream(a.device)
         stream.wait_event(inst.done)  # the previous replay's band has been copied out
