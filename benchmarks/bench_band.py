@@ -4,8 +4,7 @@
     PYTHONPATH=. python benchmarks/bench_band.py --device cuda --n 7168 --b 16,32,64,128   # H200: ~1 min
 
 For each n and b: stage 1 (`to_band`: dense → band on the device, the band copied to the host;
-"host": how long the host takes to queue it, which is all of it if stage 1 is launch-bound; on
-CUDA by graph replays and op by op, `--stage1`),
+"host": how long the host takes to queue it, which is all of it if stage 1 is launch-bound),
 stage 2 (`band_eigvals`: LAPACK on one CPU thread), and torch.linalg.eigvalsh of the same matrix
 for scale (cuSOLVER syevd on CUDA), with the largest eigenvalue difference between the two
 relative to |λ|max. The matrix is a float64 Gram X·Xᵀ of a Gaussian X [n, 2n] (as the stacked O
@@ -53,11 +52,6 @@ def main(argv=None) -> int:
     ap.add_argument("--gram", action="store_true", help="a Gram X·Xᵀ also on CPU (slow to form there)")
     ap.add_argument("--parallel", action="store_true", help="stage 2 of one problem per core at once")
     ap.add_argument("--no-eigvalsh", action="store_true", help="skip torch.linalg.eigvalsh (slow on CPU)")
-    ap.add_argument(
-        "--stage1",
-        default="graph,eager",
-        help="stage 1 as CUDA graph replays (graph, CUDA only) and/or op by op (eager)",
-    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -82,26 +76,13 @@ def main(argv=None) -> int:
             ref = ref.cpu().numpy()
         for b in (int(x) for x in args.b.split(",")):
             B.to_band(a[: 4 * b, : 4 * b], b)  # warm-up: geqrf and solver handles
-            modes = [m for m in args.stage1.split(",") if m == "eager" or device.type == "cuda"]
-            stage1 = {}
-            for mode in modes:
-                B.use_stage1_graphs(mode == "graph")
-                if mode == "graph":
-                    t_cap, _ = timed(lambda b=b, a=a: B.to_band(a, b), device, 1)  # the first call captures
-                    print(f"n={n} b={b}: stage 1 graph's first call (capture) {t_cap:.3f} s", flush=True)
-                t1, ab = timed(lambda b=b, a=a: B.to_band(a, b), device, args.repeats)
-                # the host's share of stage 1: until every kernel is queued (≈ t1: launch-bound or a sync)
-                t_host, _ = timed(lambda b=b, a=a: B.band_on_device(a, b), torch.device("cpu"), 1)
-                sync(device)
-                stage1[mode] = (t1, t_host)
-                print(f"n={n} b={b}: stage 1 {mode} {t1:.3f} s (host {t_host:.3f})", flush=True)
-            B.use_stage1_graphs(True)
-            t1, t_host = stage1[modes[-1]]
+            t1, ab = timed(lambda b=b, a=a: B.to_band(a, b), device, args.repeats)
+            # the host's share of stage 1: until every kernel is queued (≈ t1: launch-bound or a sync)
+            t_host, _ = timed(lambda b=b, a=a: B.band_on_device(a, b), torch.device("cpu"), 1)
+            sync(device)
             t2, lam = timed(lambda ab=ab: B.band_eigvals(ab), torch.device("cpu"), args.repeats)
             err = float(np.abs(lam - ref).max() / np.abs(ref).max()) if ref is not None else None
             row = {"n": n, "b": b, "stage1_s": t1, "stage1_host_s": t_host, "stage2_s": t2, "max_err_rel": err}
-            row.update({f"stage1_{m}_s": v[0] for m, v in stage1.items()})
-            row.update({f"stage1_{m}_host_s": v[1] for m, v in stage1.items()})
             if args.parallel:
                 p = B.cores()
                 with ThreadPoolExecutor(p) as ex:

@@ -116,7 +116,6 @@ def phase(args) -> dict:
         band.use_stage2_workers("processes", args.band_workers)  # guarded script: see main
     if args.hybrid_rule:
         band.use_hybrid_rule(args.hybrid_rule)
-    band.use_stage1_graphs(args.stage1 == "graph")
     if args.phase.startswith("read"):
         from svd_probe.hub.stream import stream_layers
 
@@ -268,12 +267,6 @@ def main() -> None:
     ap.add_argument(
         "--hybrid-rule", default="", help="band-hybrid's rule for sending a matrix to the device (band.HYBRID_RULES)"
     )
-    ap.add_argument(
-        "--stage1",
-        default="graph",
-        choices=["graph", "eager"],
-        help="the band solver's stage 1: CUDA graph replays or op by op",
-    )
     ap.add_argument("--concurrency", type=int, default=8, help="HTTP range requests in flight (analyze's default)")
     ap.add_argument(
         "--reader",
@@ -327,7 +320,6 @@ def main() -> None:
         "hybrid_rule": args.hybrid_rule or None,
         "concurrency": args.concurrency,
         "reader": args.reader,
-        "stage1": args.stage1,
         "phases": {},
     }
     try:
@@ -338,7 +330,6 @@ def main() -> None:
             cmd += ["--device", args.device, "--nproc", str(args.nproc), "--layers", str(args.layers)]
             cmd += ["--solver", args.solver, "--inflight", str(args.inflight), "--band-workers", str(args.band_workers)]
             cmd += ["--hybrid-rule", args.hybrid_rule] if args.hybrid_rule else []
-            cmd += ["--stage1", args.stage1]
             cmd += ["--concurrency", str(args.concurrency), "--reader", args.reader]
             hub_cpu0 = _cpu_seconds_of(hub.pid)
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)

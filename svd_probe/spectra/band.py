@@ -70,7 +70,7 @@ from svd_probe.spectra import sturm
 from svd_probe.spectra.band_lapack import band_eigvals, band_tridiagonal, has_band_tridiagonal, stage2_name
 
 __all__ = ["DEFAULT_BAND", "DEFAULT_HYBRID_RULE", "band_eigvals", "band_on_device", "cores", "eigvalsh_band", "stage2_name",
-           "stage2_workers", "to_band", "tridiagonal_on_device", "use_device_tridiagonal", "use_hybrid_rule", "use_stage1_graphs", "use_stage2_workers"]  # fmt: skip
+           "stage2_workers", "to_band", "tridiagonal_on_device", "use_device_tridiagonal", "use_hybrid_rule", "use_stage2_workers"]  # fmt: skip
 
 # Stage 1 costs fewer launches per column with a wider band, stage 2 more CPU time per problem.
 # dsbev_2stage at n = 7168 on one core of the 2-core dev VM: 2.5 s (b = 16), 2.4 (24),
@@ -128,16 +128,6 @@ def band_on_device(a: torch.Tensor, b: int) -> torch.Tensor:
         raise ValueError(f"to_band needs a square matrix, got {tuple(a.shape)}")
     if b < 1:
         raise ValueError(f"band width must be ≥ 1, got {b}")
-    if a.is_cuda and _stage1_graphs:
-        out = _band_graphed(a, b)
-        if out is not None:
-            return out
-    return _band_eager(a, b)
-
-
-def _band_eager(a: torch.Tensor, b: int) -> torch.Tensor:
-    """`band_on_device`'s reduction, op by op (what a stage-1 graph captures)."""
-    n = int(a.shape[-1])
     with torch.no_grad():
         w = _sym_lower(a.to(torch.float64))
         for j0 in range(0, n, b):
@@ -159,83 +149,6 @@ def _band_eager(a: torch.Tensor, b: int) -> torch.Tensor:
         for i in range(min(b, n - 1) + 1):
             ab[i, : n - i] = torch.diagonal(w, -i)
         return ab
-
-
-# --- stage 1 as CUDA graphs ------------------------------------------------------------------------
-#
-# At n = 7168, b = 32 the panel loop is about 4,500 small kernels, and queueing them took the host
-# 0.11-0.17 s a problem against a few hundredths of GPU time (benchmarks/README.md, "The two-stage
-# band solver"): the launching thread, and the GIL it holds meanwhile, were the stage's cost. A
-# graph per (n, b, device), captured once, replays the whole loop as one launch. A graph has one
-# set of buffers, so replays of one instance are ordered by its event: a user waits (on the device,
-# not the host) for the previous user's copy of the band before it overwrites the input. The
-# host holds an instance only while it queues, so one or two serve every thread; more are
-# captured when all are held, up to `_MAX_GRAPHS`, past which the reduction runs op by op.
-# Where capture fails (a CUDA build or library that cannot be captured), the key falls back to op
-# by op for good, with a warning.
-
-_stage1_graphs = True  # use_stage1_graphs
-_MAX_GRAPHS = 4  # per (n, b, device)
-_graph_lock = threading.Lock()
-_graph_free: dict[tuple, list[_Stage1Graph]] = {}
-_graph_count: dict[tuple, int] = {}
-_graph_failed: set[tuple] = set()
-
-
-class _Stage1Graph:
-    """One captured `_band_eager` for an n × n input of width b: its static input and band."""
-
-    def __init__(self, n: int, b: int, device: torch.device):
-        self.a = torch.zeros((n, n), dtype=torch.float64, device=device)
-        self.done = torch.cuda.Event()
-        self.graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            _band_eager(self.a, b)  # warm-up: the libraries' handles and workspaces exist before capture
-        side.synchronize()
-        with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
-            self.ab = _band_eager(self.a, b)
-        self.done.record(side)
-
-
-def _band_graphed(a: torch.Tensor, b: int) -> torch.Tensor | None:
-    """`band_on_device` by a graph replay, or None where none can serve (then op by op)."""
-    key = (int(a.shape[-1]), b, a.device)
-    with _graph_lock:
-        if key in _graph_failed:
-            return None
-        free = _graph_free.setdefault(key, [])
-        inst = free.pop() if free else None
-        if inst is None:
-            if _graph_count.get(key, 0) >= _MAX_GRAPHS:
-                return None
-            _graph_count[key] = _graph_count.get(key, 0) + 1
-    if inst is None:
-        try:
-            inst = _Stage1Graph(key[0], b, a.device)
-        except Exception as e:  # capture is refused by this build: op by op from now on
-            with _graph_lock:
-                _graph_failed.add(key)
-            warnings.warn(f"stage 1 of the band solver runs op by op: its CUDA graph failed ({e})", stacklevel=3)
-            return None
-    try:
-        stream = torch.cuda.current_stream(a.device)
-        stream.wait_event(inst.done)  # the previous replay's band has been copied out
-        inst.a.copy_(a)
-        inst.graph.replay()
-        out = inst.ab.clone()
-        inst.done.record(stream)
-    finally:
-        with _graph_lock:
-            _graph_free[key].append(inst)
-    return out
-
-
-def use_stage1_graphs(on: bool) -> None:
-    """Stage 1 by CUDA graph replays (the default) or op by op: for benchmarks that time both."""
-    global _stage1_graphs
-    _stage1_graphs = bool(on)
 
 
 # --- stage 2: band → eigenvalues on the CPU (band_lapack.py), on worker processes or threads ---------
