@@ -324,8 +324,8 @@ def _analyze(request: AnalyzeJob, progress, device: torch.device, ranks) -> Anal
         stats.update(route)
     if width := source.stats.get("in_flight"):  # over HTTP: range requests in flight at the end (a folder: 0)
         stats["requests_in_flight"] = width
-    if not ref.is_local:
-        stats["reader"] = reader
+    if ran := source.stats.get("reader"):  # over HTTP: the reader that ran ("auto" may fall back)
+        stats["reader"] = ran
     if ranks.active:
         stats["ranks"] = per_rank
     if todo:

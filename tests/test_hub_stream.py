@@ -358,17 +358,18 @@ def test_reader_process_serves_a_script_that_works_at_import(fake_hub, deepseek_
     assert f"read {tuple(expected(ck, name).shape)}" in r.stdout
 
 
-def test_pick_reader_auto_is_the_process_on_cuda_only():
-    """`analyze --reader auto`: the process where the GPU computes and one can run (Linux),
-    threads on the CPU; given ones stand."""
+def test_pick_reader_auto_is_for_cuda_only():
+    """`analyze --reader auto` asks for "auto" (the process where it can run and start, else
+    threads: `open_checkpoint`) where the GPU computes, and for threads on the CPU; given ones
+    stand, and anything else is refused with the choices."""
     from svd_probe.errors import BadOptionError
     from svd_probe.hub.reader_process import pick_reader
 
-    assert pick_reader("auto", "cuda") == ("process" if sys.platform.startswith("linux") else "thread")
-    assert pick_reader("auto", "cpu") == "thread"
+    assert pick_reader("auto", "cuda") == "auto" and pick_reader("auto", "cpu") == "thread"
     assert pick_reader("process", "cpu") == "process" and pick_reader("thread", "cuda") == "thread"
-    with pytest.raises(BadOptionError, match="fork"):
+    with pytest.raises(BadOptionError, match="fork") as ei:
         pick_reader("fork", "cuda")
+    assert "auto, thread or process" in ei.value.hint
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reader process needs memfds (Linux)")
@@ -400,3 +401,31 @@ def test_reader_process_after_ctrl_c(tmp_path):
         with pytest.raises(TransferError, match="reader process was stopped"):
             files.read_many([("w.bin", 0, 10)])
         files.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reader process needs memfds (Linux)")
+def test_reader_auto_reads_in_threads_where_the_process_cannot_start(fake_hub, deepseek_ckpt, monkeypatch):
+    """A Python that cannot run the child (here sys.executable is /bin/false, as in a frozen app
+    or an embedded interpreter): `reader="auto"` warns and reads in threads, the same bytes;
+    `reader="process"` says the child did not start and how to read without it."""
+    from svd_probe.hub.reader_process import ReaderStartError
+
+    ck = deepseek_ckpt
+    fake_hub.clear_faults()
+    names = ck.attention_weight_names(0)
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.warns(UserWarning, match="reading in threads instead"):
+        src = hub_src(fake_hub, "tiny/deepseek-v3", reader="auto")
+    try:
+        assert src.stats["reader"] == "thread"
+        got = src.read_tensors(names)
+        for n in names:
+            assert torch.equal(got[n], expected(ck, n))
+    finally:
+        src.close()
+    with pytest.raises(ReaderStartError, match="did not start") as ei:
+        hub_src(fake_hub, "tiny/deepseek-v3", reader="process")
+    assert "--reader thread" in ei.value.hint
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    with pytest.raises(ReaderStartError, match="did not start"):
+        hub_src(fake_hub, "tiny/deepseek-v3", reader="process")

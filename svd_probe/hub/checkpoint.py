@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,9 @@ def open_checkpoint(
         read_options: range-read tuning for `HubFiles` (max_gap, gap_fraction, chunk_size,
             fast_connection), the HTTP policy (`svd_probe.hub.http.HttpPolicy`: retries,
             connect_retries, backoff, max_backoff, timeout, deadline, min_rate), and `reader`:
-            "thread" (default) or "process" (`svd_probe.hub.reader_process`: the HTTP client in
-            a process of its own, off this interpreter's GIL; Linux).
+            "thread" (default), "process" (`svd_probe.hub.reader_process`: the HTTP client in
+            a process of its own, off this interpreter's GIL; Linux), or "auto" (the process
+            where it can run and starts, else threads).
 
     Returns:
         A `CheckpointSource` (commit, config, tensor_names, read_tensors, ...).
@@ -295,12 +297,15 @@ def _open_hub(
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     policy, range_options = HttpPolicy.split(read_options)
     reader = range_options.pop("reader", "thread")
-    if reader not in ("thread", "process"):
-        raise TypeError(f"reader must be 'thread' or 'process', not {reader!r}")
-    if reader == "process":  # refused here, before any request, if it cannot run
-        from svd_probe.hub.reader_process import refuse_unusable
+    if reader not in ("auto", "thread", "process"):
+        raise TypeError(f"reader must be 'auto', 'thread' or 'process', not {reader!r}")
+    if reader != "thread":  # refused here, before any request, if it cannot run
+        from svd_probe.hub.reader_process import refuse_unusable, usable
 
-        refuse_unusable()
+        if reader == "process":
+            refuse_unusable()
+        elif not usable():
+            reader = "thread"
     if http.is_offline():  # before any request: huggingface_hub would refuse each one anyway
         raise http.offline_error(endpoint, repo_id)
     common: dict[str, Any] = dict(token=token, endpoint=endpoint, policy=policy, label=revision)
@@ -316,22 +321,20 @@ def _open_hub(
     if check_config is not None:
         check_config(config)
 
-    if reader == "process":
-        from svd_probe.hub.reader_process import ProcessFiles
-
-        reader_class: Any = ProcessFiles
+    options: dict[str, Any] = dict(token=token, concurrency=concurrency, revision=revision, policy=policy)
+    options.update(range_options)
+    if reader == "thread":
+        files: Any = HubFiles(endpoint, repo_id, commit, **options)
     else:
-        reader_class = HubFiles
-    files = reader_class(
-        endpoint,
-        repo_id,
-        commit,
-        token=token,
-        concurrency=concurrency,
-        revision=revision,
-        policy=policy,
-        **range_options,
-    )
+        from svd_probe.hub.reader_process import ProcessFiles, ReaderStartError
+
+        try:
+            files = ProcessFiles(endpoint, repo_id, commit, **options)
+        except ReaderStartError as e:
+            if reader == "process":
+                raise
+            warnings.warn(f"{e}; reading in threads instead", stacklevel=3)
+            files = HubFiles(endpoint, repo_id, commit, **options)
     index = _fetch_index(repo_id, commit, common)
     if index is not None:
         what = f"{INDEX_FILE} of {repo_id}"

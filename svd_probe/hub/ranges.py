@@ -199,6 +199,8 @@ class HubFiles:
     `fast_connection=None` uses all of them from the start.
     """
 
+    reader = "thread"  # where the HTTP client runs (`svd_probe.hub.reader_process`: "process")
+
     def __init__(
         self,
         endpoint: str,

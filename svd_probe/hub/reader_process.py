@@ -51,7 +51,15 @@ from svd_probe.errors import BadOptionError, TransferError
 from svd_probe.hub.ranges import HubFiles, ReadStats, read_through
 
 _DIED = "the reader process ended unexpectedly (killed, or out of memory)"
+
+
+class ReaderStartError(TransferError):
+    """The reader process did not come up (no interpreter to run it with, or one that cannot
+    import svd_probe, as in a frozen app): `reader="auto"` reads in threads instead."""
+
+
 _DIED_HINT = "Rerun: finished layers are cached."
+_START_HINT = "Read in threads (--reader thread, or reader='thread')."
 
 
 def refuse_unusable() -> None:
@@ -70,22 +78,23 @@ def usable() -> bool:
 
 
 def pick_reader(reader: str, device_type: str) -> str:
-    """The reader `analyze` uses: "thread" or "process" as given; "auto" is the process where
-    the GPU computes and a process can run (the reads then leave the GIL to the thread that
-    launches the kernels: over HTTP on one H200, 62 DeepSeek-V3 layers took 36.6 s against
-    40.5 s with threads, benchmarks/README.md), else threads (on the CPU the spectra are LAPACK
-    calls that let go of the GIL anyway, and a process costs ~1 s to start)."""
+    """The reader `analyze` asks `open_checkpoint` for: "thread" or "process" as given, and
+    "auto" where the GPU computes: the process where one can run, else threads (the process
+    leaves the GIL to the thread that launches the kernels: over HTTP on one H200, 62
+    DeepSeek-V3 layers took 36.2-36.6 s against 40.5-41.2 s with threads, benchmarks/README.md,
+    "The reader process"). On the CPU "auto" is threads: the spectra are LAPACK calls that let
+    go of the GIL anyway, and a process costs a start."""
     if reader not in ("auto", "thread", "process"):
         raise BadOptionError(f"unknown reader {reader!r}", "Use auto, thread or process.")
-    if reader == "auto":
-        return "process" if device_type == "cuda" and usable() else "thread"
-    return reader
+    return "thread" if reader == "auto" and device_type != "cuda" else reader
 
 
 class ProcessFiles:
     """`HubFiles` in a child process, with the same interface: size, known_size, read_many,
     stats, close. One call runs at a time over the pipe. Each call's requests still go out in
     parallel inside the child."""
+
+    reader = "process"
 
     def __init__(self, endpoint: str, repo_id: str, commit: str, **options: Any):
         refuse_unusable()
@@ -103,10 +112,14 @@ class ProcessFiles:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        except OSError as e:  # no interpreter at sys.executable
+            mine.close()
+            raise ReaderStartError(
+                f"reading from {repo_id}: the reader process did not start ({e})", _START_HINT
+            ) from e
         finally:
             theirs.close()
         self._conn = Connection(mine.detach())
-        self._conn.send((endpoint, repo_id, commit, options))
         self._lock = threading.RLock()
         self._arena: mmap.mmap | None = None  # the child's arena, mapped here
         self._broken = False  # the pipe is out of step (an interrupted call) or the child is gone
@@ -114,7 +127,16 @@ class ProcessFiles:
         self._sizes: dict[str, int] = {}
         self.endpoint, self.repo_id, self.commit = endpoint, repo_id, commit
         try:
+            self._conn.send((endpoint, repo_id, commit, options))
+        except OSError:  # the child is gone already
+            self._broken = True
+        try:
             self._call("hello")  # raises what the child's HubFiles raised, if anything
+        except TransferError as e:
+            self.close()
+            if self._broken:  # the child never answered
+                raise ReaderStartError(f"reading from {repo_id}: the reader process did not start", _START_HINT) from e
+            raise
         except BaseException:
             self.close()
             raise

@@ -142,6 +142,8 @@ class CheckpointSource:
     @property
     def stats(self) -> dict:
         d = self._files.stats.as_dict()
+        if reader := getattr(self._files, "reader", None):  # over HTTP: "thread" or "process"
+            d["reader"] = reader
         d["headers_read"] = len(self._headers)
         d["header_bytes"] = sum(h.header_bytes for h in self._headers.values())
         return d
