@@ -242,123 +242,128 @@ def _analyze(request: AnalyzeJob, progress, device: torch.device, ranks) -> Anal
         if ref.is_local:
             raise
         return _analyze_offline(request, query, ref, layer_spec, e, t_start, device)
-    adapter = adapter_for(source.config, source.tensor_names)
-    dims = adapter.dims()
-    kinds = parse_matrices(request.matrices, adapter.supported_kinds())
-    layers = select_layers(layer_spec, dims, request.include_mtp)
-    # The LayerNorm fold mode matters (and keys the cache) only where a pre-LayerNorm folds.
-    options = dataclasses.replace(
-        options, layernorm_fold=layernorm_fold_option(adapter, request.fold_norms, request.layernorm_fold)
-    )
-    query = dataclasses.replace(query, options=options)
-
-    cache = SpectraCache(root, repo, source.commit, options)
-    wanted_keys = {str(k) for k in spectrum_keys(kinds)}
-    have: dict[int, LayerSpectra] = {}
-    todo: list[int] | None = None
-    manifest: dict = {}
-    if ranks.rank == 0:  # one rank reads the cache and decides what is missing
-        manifest = cache.read_manifest(notes)
-        have, damaged = ({}, {}) if request.force else read_layers(cache, manifest, layers, notes)
-        if damaged:
-            notes.append(f"recomputing damaged layer{'s' if len(damaged) > 1 else ''} {','.join(map(str, damaged))}")
-        todo = [ly for ly in layers if ly not in have or not wanted_keys <= have[ly].kinds()]
-        header = dict(
-            format=1,
-            model=ref.display,
-            name=ref.name,
-            repo_id=ref.repo_id,
-            local_path=str(ref.local_path) if ref.local_path else None,
-            revision=revision,
-            commit=source.commit,
-            options=dataclasses.asdict(options),
-            config=source.config,
-            dims=dataclasses.asdict(dims),
+    with source:  # its reader threads or process, and its open files, end with this job
+        adapter = adapter_for(source.config, source.tensor_names)
+        dims = adapter.dims()
+        kinds = parse_matrices(request.matrices, adapter.supported_kinds())
+        layers = select_layers(layer_spec, dims, request.include_mtp)
+        # The LayerNorm fold mode matters (and keys the cache) only where a pre-LayerNorm folds.
+        options = dataclasses.replace(
+            options, layernorm_fold=layernorm_fold_option(adapter, request.fold_norms, request.layernorm_fold)
         )
-        # Nothing is written when nothing changes, so a read-only cache that holds everything
-        # works; a manifest rebuilt (or written by an older version) lists the layers found whole.
-        unlisted = [have[ly] for ly in have if not cache.expected_keys(manifest, ly)]
-        try:
-            if todo or unlisted or any(k not in manifest for k in header):
-                manifest = cache.update_manifest({**header, "versions": _versions()}, unlisted)
-            SpectraCache.write_ref(root, repo, revision, source.commit)
-        except DiskWriteError as e:
-            if todo:
-                raise
-            notes.append(f"nothing needed computing, but the manifest or refs could not be updated: {e.message}")
-    todo, mine = ranks.share(todo)
-    from_cache = [ly for ly in layers if ly not in todo]
-    if ranks.rank != 0:
-        layers = mine
-    kind_set = set(kinds)
+        query = dataclasses.replace(query, options=options)
 
-    if progress is not None:
-        progress.start(
-            total_layers=len(layers),
-            cached_layers=len(from_cache) if ranks.rank == 0 else 0,
-            bytes_source=lambda: source.bytes_fetched,
-        )
-
-    bytes_before = source.bytes_fetched
-    rank_info = {"rank": ranks.rank, "world_size": ranks.world_size} if ranks.active else {}
-    computed, route = _compute_layers(
-        request, source, adapter, cache, mine, kind_set, options, device, rank_info, progress
-    )
-    have.update(computed)
-    mine_stats = {
-        "rank": ranks.rank,
-        "layers": mine,
-        "bytes_fetched": source.bytes_fetched - bytes_before,
-        "seconds": round(time.perf_counter() - t_start, 3),
-    }
-    per_rank = ranks.gather(mine_stats)  # every rank's layers are on disk past this point
-    stats = {
-        "layers": len(layers),
-        "computed": len(todo) if ranks.rank == 0 else len(mine),
-        "from_cache": len(from_cache) if ranks.rank == 0 else 0,
-        "bytes_fetched": sum(r["bytes_fetched"] for r in per_rank) if ranks.rank == 0 else mine_stats["bytes_fetched"],
-        "seconds": round(time.perf_counter() - t_start, 3),
-        "device": str(device),
-    }
-    if computed:  # the eigensolver and layers in flight this process computed with
-        stats.update(route)
-    if width := source.stats.get("in_flight"):  # over HTTP: range requests in flight at the end (a folder: 0)
-        stats["requests_in_flight"] = width
-    if ran := source.stats.get("reader"):  # over HTTP: the reader that ran ("auto" may fall back)
-        stats["reader"] = ran
-    if ranks.active:
-        stats["ranks"] = per_rank
-    if todo:
-        manifest = cache.read_manifest()
-    others = [ly for ly in layers if ly not in have]
-    if others:  # rank 0: the layers the other ranks computed, from the shared cache
-        got, _ = read_layers(cache, manifest, others, notes)
-        have.update(got)
-        lost = [ly for ly in others if ly not in have]
-        if lost:
-            raise CacheDamagedError(
-                f"layer{'s' if len(lost) > 1 else ''} {','.join(map(str, lost))}, computed by another rank, "
-                f"cannot be read from the cache {cache.dir}",
-                "Every rank must write to the same cache folder: put --cache-dir on a filesystem all hosts "
-                "share, then rerun the same command.",
-                path=str(cache.dir),
+        cache = SpectraCache(root, repo, source.commit, options)
+        wanted_keys = {str(k) for k in spectrum_keys(kinds)}
+        have: dict[int, LayerSpectra] = {}
+        todo: list[int] | None = None
+        manifest: dict = {}
+        if ranks.rank == 0:  # one rank reads the cache and decides what is missing
+            manifest = cache.read_manifest(notes)
+            have, damaged = ({}, {}) if request.force else read_layers(cache, manifest, layers, notes)
+            if damaged:
+                notes.append(
+                    f"recomputing damaged layer{'s' if len(damaged) > 1 else ''} {','.join(map(str, damaged))}"
+                )
+            todo = [ly for ly in layers if ly not in have or not wanted_keys <= have[ly].kinds()]
+            header = dict(
+                format=1,
+                model=ref.display,
+                name=ref.name,
+                repo_id=ref.repo_id,
+                local_path=str(ref.local_path) if ref.local_path else None,
+                revision=revision,
+                commit=source.commit,
+                options=dataclasses.asdict(options),
+                config=source.config,
+                dims=dataclasses.asdict(dims),
             )
-    analysis = Analysis(
-        ref=ref,
-        query=query,
-        commit=source.commit,
-        cache_dir=cache.dir,
-        manifest=manifest,
-        layer_spectra={ly: have[ly] for ly in layers},
-    )
-    return AnalyzeOutcome(
-        analysis=analysis,
-        layers=layers,
-        computed=todo if ranks.rank == 0 else mine,
-        from_cache=from_cache if ranks.rank == 0 else [],
-        stats=stats,
-        notes=notes,
-    )
+            # Nothing is written when nothing changes, so a read-only cache that holds everything
+            # works; a manifest rebuilt (or written by an older version) lists the layers found whole.
+            unlisted = [have[ly] for ly in have if not cache.expected_keys(manifest, ly)]
+            try:
+                if todo or unlisted or any(k not in manifest for k in header):
+                    manifest = cache.update_manifest({**header, "versions": _versions()}, unlisted)
+                SpectraCache.write_ref(root, repo, revision, source.commit)
+            except DiskWriteError as e:
+                if todo:
+                    raise
+                notes.append(f"nothing needed computing, but the manifest or refs could not be updated: {e.message}")
+        todo, mine = ranks.share(todo)
+        from_cache = [ly for ly in layers if ly not in todo]
+        if ranks.rank != 0:
+            layers = mine
+        kind_set = set(kinds)
+
+        if progress is not None:
+            progress.start(
+                total_layers=len(layers),
+                cached_layers=len(from_cache) if ranks.rank == 0 else 0,
+                bytes_source=lambda: source.bytes_fetched,
+            )
+
+        bytes_before = source.bytes_fetched
+        rank_info = {"rank": ranks.rank, "world_size": ranks.world_size} if ranks.active else {}
+        computed, route = _compute_layers(
+            request, source, adapter, cache, mine, kind_set, options, device, rank_info, progress
+        )
+        have.update(computed)
+        mine_stats = {
+            "rank": ranks.rank,
+            "layers": mine,
+            "bytes_fetched": source.bytes_fetched - bytes_before,
+            "seconds": round(time.perf_counter() - t_start, 3),
+        }
+        per_rank = ranks.gather(mine_stats)  # every rank's layers are on disk past this point
+        stats = {
+            "layers": len(layers),
+            "computed": len(todo) if ranks.rank == 0 else len(mine),
+            "from_cache": len(from_cache) if ranks.rank == 0 else 0,
+            "bytes_fetched": sum(r["bytes_fetched"] for r in per_rank)
+            if ranks.rank == 0
+            else mine_stats["bytes_fetched"],
+            "seconds": round(time.perf_counter() - t_start, 3),
+            "device": str(device),
+        }
+        if computed:  # the eigensolver and layers in flight this process computed with
+            stats.update(route)
+        if width := source.stats.get("in_flight"):  # over HTTP: range requests in flight at the end (a folder: 0)
+            stats["requests_in_flight"] = width
+        if ran := source.stats.get("reader"):  # over HTTP: the reader that ran ("auto" may fall back)
+            stats["reader"] = ran
+        if ranks.active:
+            stats["ranks"] = per_rank
+        if todo:
+            manifest = cache.read_manifest()
+        others = [ly for ly in layers if ly not in have]
+        if others:  # rank 0: the layers the other ranks computed, from the shared cache
+            got, _ = read_layers(cache, manifest, others, notes)
+            have.update(got)
+            lost = [ly for ly in others if ly not in have]
+            if lost:
+                raise CacheDamagedError(
+                    f"layer{'s' if len(lost) > 1 else ''} {','.join(map(str, lost))}, computed by another rank, "
+                    f"cannot be read from the cache {cache.dir}",
+                    "Every rank must write to the same cache folder: put --cache-dir on a filesystem all hosts "
+                    "share, then rerun the same command.",
+                    path=str(cache.dir),
+                )
+        analysis = Analysis(
+            ref=ref,
+            query=query,
+            commit=source.commit,
+            cache_dir=cache.dir,
+            manifest=manifest,
+            layer_spectra={ly: have[ly] for ly in layers},
+        )
+        return AnalyzeOutcome(
+            analysis=analysis,
+            layers=layers,
+            computed=todo if ranks.rank == 0 else mine,
+            from_cache=from_cache if ranks.rank == 0 else [],
+            stats=stats,
+            notes=notes,
+        )
 
 
 def _compute_layers(

@@ -518,3 +518,23 @@ def test_analyze_with_the_reader_process_matches_float64(fake_hub, deepseek_ckpt
     assert json.loads(r.stdout)["stats"]["reader"] == ("process" if DEVICE == "cuda" else "thread")
     r = run_cli(*args, "--reader", "fork")
     assert r.exit_code == 2 and "fork" in r.output
+    # analyze ends what it started: no reader process is left, and no shard of a folder stays open.
+    assert not _reader_children()
+    r = run_cli("analyze", str(deepseek_ckpt.folder), "--cache-dir", str(tmp_path / "local"), "--layers", "0")
+    assert r.exit_code == 0, r.output
+    folder = str(deepseek_ckpt.folder.resolve())
+    assert not [f for f in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{f}").startswith(folder)]
+
+
+def _reader_children() -> list[int]:
+    """This process's children running the reader process (Linux /proc)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"reader_process" in cmd:
+            out.append(int(pid))
+    return out

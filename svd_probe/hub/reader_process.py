@@ -51,15 +51,13 @@ from svd_probe.errors import BadOptionError, TransferError
 from svd_probe.hub.ranges import HubFiles, ReadStats, read_through
 
 _DIED = "the reader process ended unexpectedly (killed, or out of memory)"
+_DIED_HINT = "Rerun: finished layers are cached."
+_START_HINT = "Read in threads (--reader thread, or reader='thread')."
 
 
 class ReaderStartError(TransferError):
     """The reader process did not come up (no interpreter to run it with, or one that cannot
     import svd_probe, as in a frozen app): `reader="auto"` reads in threads instead."""
-
-
-_DIED_HINT = "Rerun: finished layers are cached."
-_START_HINT = "Read in threads (--reader thread, or reader='thread')."
 
 
 def refuse_unusable() -> None:
