@@ -42,7 +42,6 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,8 +100,9 @@ class ProcessFiles:
         # runs it again if it works at import. Its own session keeps the terminal's Ctrl-C to the
         # parent. The options (the token among them) go over the socket, never on a command line.
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        root = str(Path(__file__).resolve().parents[2])  # where this svd_probe is imported from
-        code = f"import sys; sys.path.insert(0, {root!r}); from svd_probe.hub.reader_process import _main; _main({theirs.fileno()})"
+        # The child imports from the parent's sys.path (as spawn does), so it runs this same
+        # svd_probe even where a script put it on the path by hand.
+        code = f"import sys; sys.path[:] = {sys.path!r}; from svd_probe.hub.reader_process import _main; _main({theirs.fileno()})"
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-c", code],
