@@ -99,6 +99,28 @@ LayerNormFoldOpt = typer.Option(
     help="How a pre-LayerNorm (GPT-2) folds into q/k/v: exact (W·diag(g)·(I − 11ᵀ/d), as TransformerLens' "
     "fold_ln with centering) or gain (W·diag(g) only, as svd-probe 0.1). RMSNorm models are unaffected.",
 )
+# The figures' choices, shared by `plot` and `report` (one parser, one help text).
+HeadLayerOpt = typer.Option(
+    None,
+    "--layer",
+    min=0,
+    help="Layer of the head-wise figure (default: the middle cached layer).",
+    show_default=False,
+)
+LatentOpt = typer.Option(
+    None,
+    "--latent",
+    min=1,
+    help="Shared output latent width D for the planner (default: 3/7 of d_model capped at 85% of the break-even; 3072 for DeepSeek-V3).",
+    show_default=False,
+)
+RankOpt = typer.Option(
+    None,
+    "--rank",
+    min=1,
+    help="Fixed rank r of the error figure, which draws the relative Frobenius error ‖A − A_r‖_F / ‖A‖_F at rank r (default: 4/7 of the largest possible rank, at most d_model; 4096 for DeepSeek-V3).",
+    show_default=False,
+)
 NormStackedOpt = typer.Option(
     True, "--normalize-stacked/--no-normalize-stacked", help="Divide each head by its largest σ before stacking heads."
 )

@@ -11,9 +11,12 @@ from svd_probe.cli.analysis import cache_query, print_notes
 from svd_probe.cli.app import (
     CacheDirOpt,
     FoldOpt,
+    HeadLayerOpt,
+    LatentOpt,
     LayerNormFold,
     LayerNormFoldOpt,
     NormStackedOpt,
+    RankOpt,
     RevisionOpt,
     app,
     err,
@@ -41,23 +44,9 @@ def report_cmd(
         help="Figures to embed, as `svd-probe plot --kind` (default: all); repeat or comma-separate.",
         show_default=False,
     ),
-    layer: int | None = typer.Option(
-        None,
-        "--layer",
-        min=0,
-        help="Layer of the head-wise figure (default: the middle cached layer).",
-        show_default=False,
-    ),
-    latent: int | None = typer.Option(
-        None,
-        "--latent",
-        min=1,
-        help="Shared output latent width D of the planner (default: 3/7 of d_model).",
-        show_default=False,
-    ),
-    rank: int | None = typer.Option(
-        None, "--rank", min=1, help="Fixed rank r of the error figure (default: 4/7 of d_model).", show_default=False
-    ),
+    layer: int | None = HeadLayerOpt,
+    latent: int | None = LatentOpt,
+    rank: int | None = RankOpt,
     dpi: int = typer.Option(DEFAULT_DPI, "--dpi", min=10, max=1200, help="Resolution of the embedded PNG figures."),
     max_head_rows: int = typer.Option(
         MAX_HEAD_ROWS,
