@@ -9,8 +9,11 @@ import typer
 
 from svd_probe.cli.app import (
     CacheDirOpt,
+    ConcurrencyOpt,
+    DeviceOpt,
     EndpointOpt,
     FoldOpt,
+    ForceOpt,
     LayerNormFold,
     LayerNormFoldOpt,
     NormStackedOpt,
@@ -53,15 +56,9 @@ def align_cmd(
     normalize_stacked: bool = NormStackedOpt,
     layernorm_fold: LayerNormFold = LayerNormFoldOpt,
     mtp: bool = typer.Option(False, "--mtp/--no-mtp", help="Include multi-token-prediction layers (never paired)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto: cuda when available)."),
-    force: bool = typer.Option(False, "--force", help="Recompute layers that are already cached."),
-    concurrency: int = typer.Option(
-        8,
-        "--concurrency",
-        min=1,
-        max=64,
-        help="HTTP range requests in flight at most (2 while one connection streams >= 200 MB/s).",
-    ),
+    device: str = DeviceOpt,
+    force: bool = ForceOpt,
+    concurrency: int = ConcurrencyOpt,
     out_dir: Path | None = typer.Option(
         None, "--out", help="Folder of the figure (default: plots/<model>/).", show_default=False
     ),

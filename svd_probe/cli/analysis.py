@@ -10,8 +10,11 @@ import typer
 
 from svd_probe.cli.app import (
     CacheDirOpt,
+    ConcurrencyOpt,
+    DeviceOpt,
     EndpointOpt,
     FoldOpt,
+    ForceOpt,
     HeadLayerOpt,
     LatentOpt,
     LayerNormFold,
@@ -108,15 +111,9 @@ def analyze_cmd(
         "--mtp/--no-mtp",
         help="Include multi-token-prediction layers (counted only when the checkpoint holds their tensors).",
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto: cuda when available)."),
-    force: bool = typer.Option(False, "--force", help="Recompute layers that are already cached."),
-    concurrency: int = typer.Option(
-        8,
-        "--concurrency",
-        min=1,
-        max=64,
-        help="HTTP range requests in flight at most (2 while one connection streams >= 200 MB/s).",
-    ),
+    device: str = DeviceOpt,
+    force: bool = ForceOpt,
+    concurrency: int = ConcurrencyOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
     control: Control | None = AnalyzeControlOpt,
     solver: str = typer.Option(

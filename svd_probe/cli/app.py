@@ -99,6 +99,17 @@ LayerNormFoldOpt = typer.Option(
     help="How a pre-LayerNorm (GPT-2) folds into q/k/v: exact (W·diag(g)·(I − 11ᵀ/d), as TransformerLens' "
     "fold_ln with centering) or gain (W·diag(g) only, as svd-probe 0.1). RMSNorm models are unaffected.",
 )
+# The compute and read choices, shared by `analyze`, `align`, `diff` and `demo`.
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda (auto: cuda when available).")
+ForceOpt = typer.Option(False, "--force", help="Recompute layers that are already cached.")
+ConcurrencyOpt = typer.Option(
+    8,
+    "--concurrency",
+    min=1,
+    max=64,
+    help="HTTP range requests in flight at most, per checkpoint (2 while one connection streams >= 200 MB/s).",
+)
+
 # The figures' choices, shared by `plot` and `report` (one parser, one help text).
 HeadLayerOpt = typer.Option(
     None,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from svd_probe.cli.app import app, err, out
+from svd_probe.cli.app import DeviceOpt, app, err, out
 
 
 @app.command("demo")
@@ -17,7 +17,7 @@ def demo_cmd(
         help="Folder for the checkpoint, cache, exports and figures; a non-empty folder the demo did not "
         "make is refused. Rerunning reuses it (the analysis then comes from the cache).",
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto: cuda when available)."),
+    device: str = DeviceOpt,
 ) -> None:
     """Try everything offline: build a small DeepSeek-V3-layout checkpoint, serve it on loopback with the
     Hub stand-in, analyze it through the Hub protocol, export and plot; the stand-in stops at the end."""

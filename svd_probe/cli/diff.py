@@ -10,8 +10,11 @@ from rich.table import Table
 
 from svd_probe.cli.app import (
     CacheDirOpt,
+    ConcurrencyOpt,
+    DeviceOpt,
     EndpointOpt,
     FoldOpt,
+    ForceOpt,
     LayerNormFold,
     LayerNormFoldOpt,
     RevisionOpt,
@@ -60,15 +63,9 @@ def diff_cmd(
     ),
     layernorm_fold: LayerNormFold = LayerNormFoldOpt,
     mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="Include multi-token-prediction layers held by both."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto: cuda when available)."),
-    force: bool = typer.Option(False, "--force", help="Recompute layers that are already cached."),
-    concurrency: int = typer.Option(
-        8,
-        "--concurrency",
-        min=1,
-        max=64,
-        help="HTTP range requests in flight at most, each (2 while one connection streams >= 200 MB/s).",
-    ),
+    device: str = DeviceOpt,
+    force: bool = ForceOpt,
+    concurrency: int = ConcurrencyOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
 ) -> None:
     """Spectra of the weight difference TUNED − BASE, layer by layer: per head, stacked, per layer.
