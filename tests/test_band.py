@@ -486,3 +486,46 @@ def test_unguarded_script_gets_threads_and_finishes(tmp_path):
     assert r.returncode == 0, r.stderr
     kind, err = r.stdout.split()
     assert kind == "threads" and float(err) < 1e-9
+
+
+def test_bulge_chasing_kernel_in_the_interpreter(tmp_path):
+    """Stage 2 on the device (`bulge.band_to_tridiagonal`, a Triton kernel), here in Triton's
+    interpreter: the tridiagonals of a batch of three bands of width 5 (the kernel's tile is 8),
+    planted spectra from 1 down to 1e-12 (mixed signs, then PSD) and a random symmetric one, have
+    their bands' eigenvalues (numpy float64) within the Householder bound; and
+    `eigvalsh_band_device` of the dense matrices too (stage 1, the kernel, bisection)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    rng = np.random.default_rng(3)
+    n, b = 45, 5
+    mats = []
+    for psd in (False, True):
+        a, _ = planted(rng, n, psd)
+        mats.append(dense_of_band(B.to_band(torch.from_numpy(a), b)))  # a band of width b
+    x = rng.standard_normal((n, n))
+    mats.append(dense_of_band(B.to_band(torch.from_numpy(x + x.T), b)))
+    np.save(tmp_path / "a.npy", np.stack(mats))
+    code = textwrap.dedent(f"""
+        import numpy as np, torch
+        from svd_probe.spectra import band as B, bulge
+        a = torch.from_numpy(np.load({str(tmp_path / "a.npy")!r}))
+        ab = torch.stack([torch.from_numpy(B.to_band(m, {b})) for m in a])
+        d, e = bulge.band_to_tridiagonal(ab)
+        np.save({str(tmp_path / "d.npy")!r}, d.numpy())
+        np.save({str(tmp_path / "e.npy")!r}, e.numpy())
+        lam = B.eigvalsh_band_device(a[:2], b=4)  # n > 2b: stage 1, the kernel, bisection
+        np.save({str(tmp_path / "lam.npy")!r}, lam.numpy())
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    d, e, lam = (np.load(tmp_path / f"{k}.npy") for k in ("d", "e", "lam"))
+    assert d.shape == (3, n) and e.shape == (3, n - 1)
+    for i, m in enumerate(mats):
+        ref = np.linalg.eigvalsh(m)
+        tri = np.diag(d[i]) + np.diag(e[i], 1) + np.diag(e[i], -1)
+        assert np.abs(np.linalg.eigvalsh(tri) - ref).max() <= bound(ref), i
+        if i < 2:
+            assert np.abs(lam[i] - ref).max() <= bound(ref), i

@@ -121,7 +121,7 @@ def analyze_cmd(
         "--solver",
         help="Eigensolver of the big stacked problems: auto (the device's default), torch, band "
         "(two-stage: GPU, then CPU workers), band-hybrid (band, and the GPU takes problems when every "
-        "CPU worker is busy), torch-gesvdj, or cupy, cupy-jacobi, jax, jax-jacobi, jax-polar with the "
+        "CPU worker is busy), band-device (band with its stage 2 on the GPU too; not yet measured), torch-gesvdj, or cupy, cupy-jacobi, jax, jax-jacobi, jax-polar with the "
         "[solvers] extra. The same spectra to 1e-4·σ₁; only the speed differs.",
     ),
     reader: Reader = typer.Option(

@@ -69,7 +69,7 @@ import torch
 from svd_probe.spectra import sturm
 from svd_probe.spectra.band_lapack import band_eigvals, band_tridiagonal, has_band_tridiagonal, stage2_name
 
-__all__ = ["DEFAULT_BAND", "DEFAULT_HYBRID_RULE", "band_eigvals", "band_on_device", "cores", "eigvalsh_band", "stage2_name",
+__all__ = ["DEFAULT_BAND", "DEFAULT_HYBRID_RULE", "band_eigvals", "band_on_device", "cores", "eigvalsh_band", "eigvalsh_band_device", "stage2_name",
            "stage2_workers", "to_band", "tridiagonal_on_device", "use_device_tridiagonal", "use_hybrid_rule", "use_stage2_workers"]  # fmt: skip
 
 # Stage 1 costs fewer launches per column with a wider band, stage 2 more CPU time per problem.
@@ -515,3 +515,21 @@ def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -
                 ROUTE_COUNTS["band"] += 1
     out = [p if isinstance(p, torch.Tensor) else _eigvals_from(_band_result(*p), x.device) for p in parts]
     return torch.stack(out)
+
+
+def eigvalsh_band_device(x: torch.Tensor, b: int | None = None) -> torch.Tensor:
+    """Eigenvalues, ascending, of each symmetric float64 matrix of the batch x [k, n, n] (lower
+    triangles read), float64 [k, n], every step on x's device: stage 1 (`band_on_device`), the
+    band's bulge chasing (`svd_probe.spectra.bulge`, one Triton program a matrix, the batch's in
+    parallel) and the tridiagonal's Sturm bisection (`svd_probe.spectra.sturm`). No CPU worker
+    takes part. The "band-device" entry of SOLVERS; not yet measured on a GPU."""
+    from svd_probe.spectra import bulge
+
+    b = DEFAULT_BAND if b is None else b
+    if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"eigvalsh_band_device needs a batch [k, n, n], got {tuple(x.shape)}")
+    n = int(x.shape[-1])
+    if n <= 2 * b or x.shape[0] == 0:
+        return torch.linalg.eigvalsh(x)
+    d, e = bulge.band_to_tridiagonal(torch.stack([band_on_device(xi, b) for xi in x]))
+    return sturm.tridiagonal_eigvalsh(d, e)

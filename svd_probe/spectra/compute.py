@@ -175,8 +175,9 @@ AUTO_ROUTES: dict[str, dict] = {
 
 DEFAULT_CONFIG = SpectraConfig()
 
-# The solvers whose CPU stage needs many layers in flight (`band_inflight`).
-BAND_SOLVERS = ("band", "band-hybrid")
+# The solvers whose stage 2 needs many layers in flight (`band_inflight`): on the CPU workers, or
+# (band-device) as one Triton program a matrix, each seconds long, the GPU's SMs shared among them.
+BAND_SOLVERS = ("band", "band-hybrid", "band-device")
 
 
 # Cores from which analyze's auto solver on CUDA is band-hybrid (pipeline_config).

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from svd_probe.spectra.band import eigvalsh_band
+from svd_probe.spectra.band import eigvalsh_band, eigvalsh_band_device
 
 
 def svdvals(a: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ def svdvals(a: torch.Tensor) -> torch.Tensor:
 class Solver:
     """One library's way to solve the big problems (see `SOLVERS`)."""
 
-    library: str  # "torch", "cupy" or "jax": the module that must import
+    library: str  # "torch", "triton", "cupy" or "jax": the module that must import
     eig: Callable[[torch.Tensor], torch.Tensor] | None
     svd: Callable[[torch.Tensor], torch.Tensor] | None
     cuda_only: bool
@@ -80,6 +80,10 @@ def _import(library: str):
         # float64 arrays stay float64 only with x64 on; without it JAX silently computes in float32.
         jax.config.update("jax_enable_x64", True)
         return jax
+    if library == "triton":
+        import triton
+
+        return triton
     raise ValueError(library)
 
 
@@ -164,6 +168,13 @@ SOLVERS: dict[str, Solver] = {
         None,
         False,
         "band, and torch.linalg.eigvalsh on the device for each problem that finds the device free",
+    ),
+    "band-device": Solver(
+        "triton",
+        eigvalsh_band_device,
+        None,
+        True,
+        "band with stage 2 on the device too: bulge chasing by one Triton program a matrix, then Sturm bisection",
     ),
     "torch-gesvdj": Solver("torch", None, _torch_gesvdj, True, "torch.linalg.svdvals(driver='gesvdj')"),
     "cupy": Solver(

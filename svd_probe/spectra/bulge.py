@@ -1,0 +1,120 @@
+"""Symmetric band → tridiagonal by bulge chasing, on the GPU: stage 2 of the band solver without the CPU.
+
+`band_to_tridiagonal(ab)` takes a batch of lower bands (LAPACK storage, [k, b + 1, n], as
+`band.band_on_device` gives them) and returns the diagonal and off-diagonal of an orthogonally
+similar tridiagonal, whose eigenvalues `sturm.tridiagonal_eigvalsh` then finds on the device.
+
+Why hand-written: the band solver's stage 2 (LAPACK dsytrd_sb2st on CPU worker processes, 2.5 s
+a problem on one core of the H200 host, 0.34 s with 16 processes) bounds it at about 0.55 s a
+DeepSeek-V3 layer (benchmarks/README.md, "The reader process"), and no library in reach chases
+bulges on a GPU (cuSOLVER, CuPy, JAX and torch reduce dense matrices straight to tridiagonal).
+
+The method is the one-column-a-sweep Householder schedule of LAPACK's dsb2st kernels (Bischof,
+Lang and Sun's bulge chasing). Sweep k annihilates column k below its subdiagonal with one
+reflector on rows k+1 .. k+b, which fills a b × b block below the band (the bulge). The next
+reflector annihilates the bulge's first column only, on rows k+1+b .. k+2b, and so on down the
+matrix in steps of b. What it leaves of each bulge lies in the columns that the next sweeps'
+reflectors annihilate, so after sweep n-3 the matrix is tridiagonal. Each reflector H = I - τvvᵀ
+touches three b × b blocks of the lower triangle (rows r0 .. r0+b, the reflector's): the block
+left of the diagonal that holds the column being annihilated (L ← H·L), the diagonal block
+(S ← H·S·H) and the block below it (B ← B·H, the next bulge). Bulges reach 2b - 1 below the
+diagonal, so the band is held 2b + 1 diagonals wide while the chase runs.
+
+One Triton program chases one band, transform after transform (each depends on the previous
+one), so the batch's bands run in parallel on the GPU's SMs; a single band is latency-bound.
+On the CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1), which the tests use.
+Not yet measured on a GPU, and no solver route uses it yet (benchmarks/README.md, open
+measurements).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["band_to_tridiagonal"]
+
+
+@functools.cache
+def _kernel():  # noqa: ANN202 - a triton.JITFunction
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def bulge_chase(w_ptr, n, BS: tl.constexpr, WD: tl.constexpr):
+        base = w_ptr + tl.program_id(0) * WD * n
+        for k in range(0, n - 2):
+            # Sweep k: the reflector of column k on rows k+1 .. k+BS, then one per bulge, on rows
+            # r0 = j + BS .. j + 2·BS for the bulge's first column j = k+1, k+1+BS, ...
+            j = k
+            r0 = k + 1
+            while r0 < n - 1:  # two rows or more: something to annihilate
+                i = tl.arange(0, BS)[:, None]
+                c = tl.arange(0, BS)[None, :]
+                ii = tl.arange(0, BS)
+                r1 = tl.minimum(r0 + BS, n)
+                m = r1 - r0  # rows of this reflector (fewer than BS at the end)
+                # L = A[r0 : r1, j : r0], always below the diagonal: A[r, col] = W[r - col, col]
+                dl = r0 + i - j - c
+                ml = (i < m) & (c < r0 - j) & (dl < WD)
+                pl = base + dl * n + j + c
+                lb = tl.load(pl, mask=ml, other=0.0)
+                x = tl.sum(tl.where(c == 0, lb, 0.0), axis=1)
+                alpha = tl.sum(tl.where(ii == 0, x, 0.0), axis=0)
+                sigma = tl.sum(tl.where(ii > 0, x * x, 0.0), axis=0)
+                has = sigma > 0.0
+                norm = tl.sqrt(alpha * alpha + sigma)
+                beta = tl.where(alpha >= 0.0, -norm, norm)
+                denom = tl.where(has, alpha - beta, 1.0)
+                v = tl.where(ii == 0, 1.0, x / denom)
+                v = tl.where(ii < m, v, 0.0)
+                tau = tl.where(has, (beta - alpha) / tl.where(has, beta, 1.0), 0.0)
+                vl = tl.sum(v[:, None] * lb, axis=0)
+                lb = lb - tau * v[:, None] * vl[None, :]
+                first = tl.where(i == 0, beta, 0.0)
+                lb = tl.where(c == 0, tl.where(has, first, lb), lb)
+                # S = A[r0 : r1, r0 : r1], symmetric: its lower triangle is stored
+                up = i < c
+                ds = tl.where(up, c - i, i - c)
+                cs = r0 + tl.where(up, i, c)
+                ms = (i < m) & (c < m)
+                sb = tl.load(base + ds * n + cs, mask=ms, other=0.0)
+                p = tau * tl.sum(sb * v[None, :], axis=1)
+                pv = tl.sum(p * v, axis=0)
+                w = p - 0.5 * tau * pv * v
+                sb = sb - v[:, None] * w[None, :] - w[:, None] * v[None, :]
+                # B = A[r1 : r1+BS, r0 : r1], below the diagonal block: the next bulge
+                db = m + i - c
+                mb = (r1 + i < n) & (c < m) & (db < WD)
+                pb = base + db * n + r0 + c
+                bb = tl.load(pb, mask=mb, other=0.0)
+                bv = tl.sum(bb * v[None, :], axis=1)
+                bb = bb - tau * bv[:, None] * v[None, :]
+                tl.store(pl, lb, mask=ml)
+                tl.store(base + ds * n + cs, sb, mask=ms & (i >= c))
+                tl.store(pb, bb, mask=mb)
+                tl.debug_barrier()  # the next reflector reads what this one wrote, from other threads
+                j = j + BS - (j == k).to(tl.int32) * (BS - 1)  # k+1 after the first, then steps of BS
+                r0 = j + BS
+
+    return bulge_chase
+
+
+def band_to_tridiagonal(ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The diagonal [k, n] and off-diagonal [k, n - 1] of tridiagonals orthogonally similar to the
+    symmetric bands ab [k, b + 1, n] (lower storage: ab[:, i, j] = A[j + i, j]), float64 on ab's
+    device (a CUDA device, or the CPU under TRITON_INTERPRET=1)."""
+    import triton
+
+    if ab.ndim != 3:
+        raise ValueError(f"band_to_tridiagonal needs a batch [k, b + 1, n], got {tuple(ab.shape)}")
+    k, b1, n = (int(s) for s in ab.shape)
+    b = b1 - 1
+    bs = max(2, triton.next_power_of_2(max(b, 1)))  # the tile; a narrower band pads with zeros
+    wd = 2 * bs + 1
+    w = torch.zeros((k, wd, n), dtype=torch.float64, device=ab.device)
+    w[:, :b1] = ab.to(torch.float64)
+    if n > 2 and k:
+        _kernel()[(k,)](w, n, BS=bs, WD=wd, num_warps=4)
+    return w[:, 0].clone(), w[:, 1, : max(n - 1, 0)].clone()
