@@ -43,7 +43,7 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
 
     @triton.jit
     def bulge_chase(w_ptr, n, BS: tl.constexpr, WD: tl.constexpr):
-        base = w_ptr + tl.program_id(0) * WD * n
+        base = w_ptr + tl.program_id(0) * n * WD  # W[col, d] = A[col + d, col] at base + col·WD + d
         for k in range(0, n - 2):
             # Sweep k: the reflector of column k on rows k+1 .. k+BS, then one per bulge, on rows
             # r0 = j + BS .. j + 2·BS for the bulge's first column j = k+1, k+1+BS, ...
@@ -55,10 +55,10 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
                 ii = tl.arange(0, BS)
                 r1 = tl.minimum(r0 + BS, n)
                 m = r1 - r0  # rows of this reflector (fewer than BS at the end)
-                # L = A[r0 : r1, j : r0], always below the diagonal: A[r, col] = W[r - col, col]
+                # L = A[r0 : r1, j : r0], always below the diagonal: A[r, col] = W[col, r - col]
                 dl = r0 + i - j - c
                 ml = (i < m) & (c < r0 - j) & (dl < WD)
-                pl = base + dl * n + j + c
+                pl = base + (j + c) * WD + dl
                 lb = tl.load(pl, mask=ml, other=0.0)
                 x = tl.sum(tl.where(c == 0, lb, 0.0), axis=1)
                 alpha = tl.sum(tl.where(ii == 0, x, 0.0), axis=0)
@@ -74,12 +74,13 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
                 lb = lb - tau * v[:, None] * vl[None, :]
                 first = tl.where(i == 0, beta, 0.0)
                 lb = tl.where(c == 0, tl.where(has, first, lb), lb)
-                # S = A[r0 : r1, r0 : r1], symmetric: its lower triangle is stored
-                up = i < c
-                ds = tl.where(up, c - i, i - c)
-                cs = r0 + tl.where(up, i, c)
-                ms = (i < m) & (c < m)
-                sb = tl.load(base + ds * n + cs, mask=ms, other=0.0)
+                # S = A[r0 : r1, r0 : r1], symmetric: its lower triangle is stored (and loaded: each
+                # of its columns is contiguous), the upper one is its transpose
+                low = i >= c
+                ms = (i < m) & (c < m) & low
+                ps = base + (r0 + c) * WD + tl.where(low, i - c, 0)
+                sb = tl.load(ps, mask=ms, other=0.0)
+                sb = tl.where(low, sb, tl.trans(sb))
                 p = tau * tl.sum(sb * v[None, :], axis=1)
                 pv = tl.sum(p * v, axis=0)
                 w = p - 0.5 * tau * pv * v
@@ -87,12 +88,12 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
                 # B = A[r1 : r1+BS, r0 : r1], below the diagonal block: the next bulge
                 db = m + i - c
                 mb = (r1 + i < n) & (c < m) & (db < WD)
-                pb = base + db * n + r0 + c
+                pb = base + (r0 + c) * WD + db
                 bb = tl.load(pb, mask=mb, other=0.0)
                 bv = tl.sum(bb * v[None, :], axis=1)
                 bb = bb - tau * bv[:, None] * v[None, :]
                 tl.store(pl, lb, mask=ml)
-                tl.store(base + ds * n + cs, sb, mask=ms & (i >= c))
+                tl.store(ps, sb, mask=ms)
                 tl.store(pb, bb, mask=mb)
                 tl.debug_barrier()  # the next reflector reads what this one wrote, from other threads
                 j = j + BS - (j == k).to(tl.int32) * (BS - 1)  # k+1 after the first, then steps of BS
@@ -113,8 +114,10 @@ def band_to_tridiagonal(ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b = b1 - 1
     bs = max(2, triton.next_power_of_2(max(b, 1)))  # the tile; a narrower band pads with zeros
     wd = 2 * bs + 1
-    w = torch.zeros((k, wd, n), dtype=torch.float64, device=ab.device)
-    w[:, :b1] = ab.to(torch.float64)
+    # Column-major, unlike LAPACK's band storage: a column's 2b + 1 entries are contiguous, so
+    # each column of a tile the kernel reads is one run of memory, not BS scattered lines.
+    w = torch.zeros((k, n, wd), dtype=torch.float64, device=ab.device)
+    w[:, :, :b1] = ab.to(torch.float64).transpose(1, 2)
     if n > 2 and k:
         _kernel()[(k,)](w, n, BS=bs, WD=wd, num_warps=4)
-    return w[:, 0].clone(), w[:, 1, : max(n - 1, 0)].clone()
+    return w[:, :, 0].clone(), w[:, : max(n - 1, 0), 1].clone()
