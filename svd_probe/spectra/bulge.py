@@ -96,7 +96,7 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
                 tl.store(ps, sb, mask=ms)
                 tl.store(pb, bb, mask=mb)
                 tl.debug_barrier()  # the next reflector reads what this one wrote, from other threads
-                j = j + BS - (j == k).to(tl.int32) * (BS - 1)  # k+1 after the first, then steps of BS
+                j = j + BS - tl.cast(j == k, tl.int32) * (BS - 1)  # k+1 after the first, then steps of BS
                 r0 = j + BS
 
     return bulge_chase
