@@ -5,7 +5,8 @@
 
 For each n and b: stage 1 (`to_band`: dense → band on the device, the band copied to the host;
 "host": how long the host takes to queue it, which is all of it if stage 1 is launch-bound),
-stage 2 (`band_eigvals`: LAPACK on one CPU thread), and torch.linalg.eigvalsh of the same matrix
+stage 2 (`band_eigvals`: LAPACK on one CPU thread; on CUDA also `bulge.band_to_tridiagonal`, the
+Triton kernel, for batches of `--bulge` copies), and torch.linalg.eigvalsh of the same matrix
 for scale (cuSOLVER syevd on CUDA), with the largest eigenvalue difference between the two
 relative to |λ|max. The matrix is a float64 Gram X·Xᵀ of a Gaussian X [n, 2n] (as the stacked O
 and VO Grams are) where forming it is cheap (CUDA), else a symmetric Gaussian one (`--gram`
@@ -52,6 +53,11 @@ def main(argv=None) -> int:
     ap.add_argument("--gram", action="store_true", help="a Gram X·Xᵀ also on CPU (slow to form there)")
     ap.add_argument("--parallel", action="store_true", help="stage 2 of one problem per core at once")
     ap.add_argument("--no-eigvalsh", action="store_true", help="skip torch.linalg.eigvalsh (slow on CPU)")
+    ap.add_argument(
+        "--bulge",
+        default="1,8,24",
+        help="CUDA: stage 2 on the device (bulge.band_to_tridiagonal) for batches of this many copies of the band ('' skips)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -88,6 +94,22 @@ def main(argv=None) -> int:
                 with ThreadPoolExecutor(p) as ex:
                     tp, _ = timed(lambda ab=ab: list(ex.map(B.band_eigvals, [ab] * p)), torch.device("cpu"), 1)
                 row.update(parallel_problems=p, stage2_parallel_s=tp, stage2_amortized_s=tp / p)
+            if device.type == "cuda" and args.bulge:
+                from svd_probe.spectra import bulge, sturm
+
+                abd = torch.from_numpy(ab).to(device)
+                bulge.band_to_tridiagonal(abd[None, :, : 4 * b].contiguous())  # warm-up: Triton compiles the kernel
+                for k in (int(x) for x in args.bulge.split(",")):
+                    batch = abd.expand(k, -1, -1).contiguous()
+                    tk, (d, e_) = timed(lambda batch=batch: bulge.band_to_tridiagonal(batch), device, 1)
+                    lam_k = sturm.tridiagonal_eigvalsh(d[:1], e_[:1]).cpu().numpy()[0]
+                    err_k = float(np.abs(lam_k - lam).max() / np.abs(lam).max())
+                    row[f"bulge_{k}_s"] = tk
+                    print(
+                        f"n={n} b={b}: stage 2 on the device, {k} band(s) at once {tk:.3f} s "
+                        f"({tk / k:.3f} a band), eigenvalues against stage 2 on the CPU {err_k:.1e}·|λ|max",
+                        flush=True,
+                    )
             rows.append(row)
             e = f", err {err:.1e}·|λ|max" if err is not None else ""
             par = (
