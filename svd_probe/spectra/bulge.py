@@ -23,8 +23,8 @@ diagonal, so the band is held 2b + 1 diagonals wide while the chase runs.
 One Triton program chases one band, transform after transform (each depends on the previous
 one), so the batch's bands run in parallel on the GPU's SMs; a single band is latency-bound.
 On the CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1), which the tests use.
-Not yet measured on a GPU, and no solver route uses it yet (benchmarks/README.md, open
-measurements).
+The solver "band-device" (`band.eigvalsh_band_device`) uses it. It has not yet run on a GPU;
+benchmarks/README.md, "Open measurements", says how to time it.
 """
 
 from __future__ import annotations
