@@ -102,10 +102,15 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
     return bulge_chase
 
 
-def band_to_tridiagonal(ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def band_to_tridiagonal(ab: torch.Tensor, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """The diagonal [k, n] and off-diagonal [k, n - 1] of tridiagonals orthogonally similar to the
     symmetric bands ab [k, b + 1, n] (lower storage: ab[:, i, j] = A[j + i, j]), float64 on ab's
-    device (a CUDA device, or the CPU under TRITON_INTERPRET=1)."""
+    device (a CUDA device, or the CPU under TRITON_INTERPRET=1).
+
+    `num_warps`: the warps of each program. Compiled for sm_90 at b = 32, 4 warps need 18 CTA
+    barriers a reflector (the tiles' reductions cross warps) and 1 warp needs 4, but 1 warp has 4
+    times the arithmetic per thread; which is faster is for `benchmarks/bench_band.py --bulge-warps`
+    to say on a GPU."""
     import triton
 
     if ab.ndim != 3:
@@ -119,5 +124,5 @@ def band_to_tridiagonal(ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = torch.zeros((k, n, wd), dtype=torch.float64, device=ab.device)
     w[:, :, :b1] = ab.to(torch.float64).transpose(1, 2)
     if n > 2 and k:
-        _kernel()[(k,)](w, n, BS=bs, WD=wd, num_warps=4)
+        _kernel()[(k,)](w, n, BS=bs, WD=wd, num_warps=num_warps)
     return w[:, :, 0].clone(), w[:, : max(n - 1, 0), 1].clone()
