@@ -29,6 +29,7 @@ from svd_probe.errors import EntryNotFoundError, MalformedFileError, TransferErr
 from svd_probe.hub import http
 from svd_probe.hub.http import HttpPolicy
 from svd_probe.hub.ranges import HubFiles, LocalFiles
+from svd_probe.hub.reader_process import READERS
 from svd_probe.hub.source import INDEX_FILE, LONE_FILE, CheckpointSource
 from svd_probe.models import ModelRef, is_commit
 
@@ -297,7 +298,7 @@ def _open_hub(
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     policy, range_options = HttpPolicy.split(read_options)
     reader = range_options.pop("reader", "thread")
-    if reader not in ("auto", "thread", "process"):
+    if reader not in READERS:
         raise TypeError(f"reader must be 'auto', 'thread' or 'process', not {reader!r}")
     if reader != "thread":  # refused here, before any request, if it cannot run
         from svd_probe.hub.reader_process import refuse_unusable, usable

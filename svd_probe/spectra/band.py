@@ -485,6 +485,15 @@ def _on_device_if_cpu_full(xi: torch.Tensor) -> torch.Tensor | None:
         return _solve_on_device(xi)
 
 
+def _band_width(x: torch.Tensor, b: int | None, who: str) -> int | None:
+    """The band width for the batch x [k, n, n] (b, or DEFAULT_BAND), or None where the band
+    route has nothing to gain (n ≤ 2b, or an empty batch): then torch.linalg.eigvalsh."""
+    b = DEFAULT_BAND if b is None else b
+    if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"{who} needs a batch [k, n, n], got {tuple(x.shape)}")
+    return None if int(x.shape[-1]) <= 2 * b or x.shape[0] == 0 else b
+
+
 def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -> torch.Tensor:
     """Eigenvalues, ascending, of each symmetric float64 matrix of the batch x [k, n, n] (lower
     triangles read), float64 [k, n] on x's device: stage 1 on x's device (this thread's current
@@ -494,11 +503,8 @@ def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -
     torch.linalg.eigvalsh on x's device instead (cuSOLVER syevd on CUDA), one such solve at a
     time (`_on_device_if_cpu_full`); so the device, idle between stage-1 reductions, takes a share.
     Matrices with n ≤ 2b (nothing to gain) go to torch.linalg.eigvalsh."""
-    b = DEFAULT_BAND if b is None else b
-    if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"eigvalsh_band needs a batch [k, n, n], got {tuple(x.shape)}")
-    n = int(x.shape[-1])
-    if n <= 2 * b or x.shape[0] == 0:
+    b = _band_width(x, b, "eigvalsh_band")
+    if b is None:
         return torch.linalg.eigvalsh(x)
     fn = band_tridiagonal if tridiagonal_on_device(x.device) else band_eigvals
     parts: list[tuple[Future, Callable, np.ndarray] | torch.Tensor] = []
@@ -525,11 +531,8 @@ def eigvalsh_band_device(x: torch.Tensor, b: int | None = None) -> torch.Tensor:
     takes part. The "band-device" entry of SOLVERS; not yet measured on a GPU."""
     from svd_probe.spectra import bulge
 
-    b = DEFAULT_BAND if b is None else b
-    if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"eigvalsh_band_device needs a batch [k, n, n], got {tuple(x.shape)}")
-    n = int(x.shape[-1])
-    if n <= 2 * b or x.shape[0] == 0:
+    b = _band_width(x, b, "eigvalsh_band_device")
+    if b is None:
         return torch.linalg.eigvalsh(x)
     d, e = bulge.band_to_tridiagonal(torch.stack([band_on_device(xi, b) for xi in x]))
     return sturm.tridiagonal_eigvalsh(d, e)
