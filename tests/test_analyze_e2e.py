@@ -520,10 +520,15 @@ def test_analyze_with_the_reader_process_matches_float64(fake_hub, deepseek_ckpt
     assert r.exit_code == 2 and "fork" in r.output
     # analyze ends what it started: no reader process is left, and no shard of a folder stays open.
     assert not _reader_children()
+    folder = str(deepseek_ckpt.folder.resolve())
+
+    def shard_fds() -> set[str]:  # this process's descriptors open on a file of the folder
+        return {f for f in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{f}").startswith(folder)}
+
+    before = shard_fds()  # other tests of this session may hold some: only this call's count
     r = run_cli("analyze", str(deepseek_ckpt.folder), "--cache-dir", str(tmp_path / "local"), "--layers", "0")
     assert r.exit_code == 0, r.output
-    folder = str(deepseek_ckpt.folder.resolve())
-    assert not [f for f in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{f}").startswith(folder)]
+    assert not shard_fds() - before
 
 
 def _reader_children() -> list[int]:
