@@ -55,10 +55,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-eigvalsh", action="store_true", help="skip torch.linalg.eigvalsh (slow on CPU)")
     ap.add_argument(
         "--bulge",
-        default="1,8,24",
+        default="1,4",
         help="CUDA: stage 2 on the device (bulge.band_to_tridiagonal) for batches of this many copies of the band ('' skips)",
     )
-    ap.add_argument("--bulge-warps", default="4,1", help="CUDA: the warps of each bulge-chasing program, each timed")
+    ap.add_argument("--bulge-warps", default="4", help="CUDA: the warps of each bulge-chasing program, each timed")
+    ap.add_argument(
+        "--bulge-slots", default="1,8,16,32,64", help="CUDA: the programs chasing one band at once, each timed"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -99,22 +102,29 @@ def main(argv=None) -> int:
                 from svd_probe.spectra import bulge, sturm
 
                 abd = torch.from_numpy(ab).to(device)
+                first = None
                 for nw in (int(x) for x in args.bulge_warps.split(",")):
-                    # warm-up: Triton compiles the kernel for these warps
-                    bulge.band_to_tridiagonal(abd[None, :, : 4 * b].contiguous(), num_warps=nw)
-                    for k in (int(x) for x in args.bulge.split(",")):
-                        batch = abd.expand(k, -1, -1).contiguous()
-                        tk, (d, e_) = timed(
-                            lambda batch=batch, nw=nw: bulge.band_to_tridiagonal(batch, num_warps=nw), device, 1
-                        )
-                        lam_k = sturm.tridiagonal_eigvalsh(d[:1], e_[:1]).cpu().numpy()[0]
-                        err_k = float(np.abs(lam_k - lam).max() / np.abs(lam).max())
-                        row[f"bulge_{k}x{nw}w_s"] = tk
-                        print(
-                            f"n={n} b={b}: stage 2 on the device, {k} band(s) at once, {nw} warps: {tk:.3f} s "
-                            f"({tk / k:.3f} a band), eigenvalues against stage 2 on the CPU {err_k:.1e}·|λ|max",
-                            flush=True,
-                        )
+                    for slots in (int(x) for x in args.bulge_slots.split(",")):
+                        # warm-up: Triton compiles the kernel for these warps and slots
+                        bulge.band_to_tridiagonal(abd[None, :, : 4 * b].contiguous(), num_warps=nw, slots=slots)
+                        for k in (int(x) for x in args.bulge.split(",")):
+                            batch = abd.expand(k, -1, -1).contiguous()
+                            tk, (d, e_) = timed(
+                                lambda batch=batch, nw=nw, s=slots: bulge.band_to_tridiagonal(batch, nw, s), device, 1
+                            )
+                            first = (d[0], e_[0]) if first is None else first
+                            same = bool(torch.equal(d[0], first[0]) and torch.equal(e_[0], first[1]))
+                            lam_k = sturm.tridiagonal_eigvalsh(d[:1], e_[:1]).cpu().numpy()[0]
+                            err_k = float(np.abs(lam_k - lam).max() / np.abs(lam).max())
+                            row[f"bulge_{k}x{nw}w{slots}s_s"] = tk
+                            row[f"bulge_{k}x{nw}w{slots}s_same"] = same
+                            print(
+                                f"n={n} b={b}: stage 2 on the device, {k} band(s) at once, {nw} warps, {slots} "
+                                f"programs a band: {tk:.3f} s ({tk / k:.3f} a band), eigenvalues against stage 2 on "
+                                f"the CPU {err_k:.1e}·|λ|max, tridiagonal {'equal to' if same else 'NOT EQUAL to'} "
+                                "the first's",
+                                flush=True,
+                            )
             rows.append(row)
             e = f", err {err:.1e}·|λ|max" if err is not None else ""
             par = (

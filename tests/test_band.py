@@ -529,3 +529,107 @@ def test_bulge_chasing_kernel_in_the_interpreter(tmp_path):
         assert np.abs(np.linalg.eigvalsh(tri) - ref).max() <= bound(ref), i
         if i < 2:
             assert np.abs(lam[i] - ref).max() <= bound(ref), i
+
+
+def _chase_task(a: np.ndarray, k: int, t: int, bs: int) -> bool:
+    """Reflector t of sweep k of the bulge chase, on the lower triangle of the dense a, as the
+    kernel of svd_probe.spectra.bulge applies it (its L, S and B tiles); False past the band's end."""
+    n = a.shape[0]
+    j, r0 = (k, k + 1) if t == 0 else (k + 1 + (t - 1) * bs, k + 1 + t * bs)
+    if r0 >= n - 1:
+        return False
+    r1 = min(r0 + bs, n)
+    lb = a[r0:r1, j:r0]
+    x = lb[:, 0].copy()
+    alpha, sigma = x[0], float((x[1:] ** 2).sum())
+    v, tau = np.zeros_like(x), 0.0
+    v[0] = 1.0
+    if sigma > 0:
+        beta = -np.hypot(alpha, np.sqrt(sigma)) if alpha >= 0 else np.hypot(alpha, np.sqrt(sigma))
+        v[1:] = x[1:] / (alpha - beta)
+        tau = (beta - alpha) / beta
+    lb -= tau * np.outer(v, v @ lb)
+    if sigma > 0:
+        lb[:, 0] = 0.0
+        lb[0, 0] = beta
+    s = np.tril(a[r0:r1, r0:r1])
+    s = s + np.tril(s, -1).T
+    p = tau * (s @ v)
+    w = p - 0.5 * tau * (p @ v) * v
+    s -= np.outer(v, w) + np.outer(w, v)
+    a[r0:r1, r0:r1] = np.tril(s) + np.triu(a[r0:r1, r0:r1], 1)
+    bb = a[r1 : r1 + bs, r0:r1]
+    bb -= tau * np.outer(bb @ v, v)
+    return True
+
+
+def _chase(a: np.ndarray, bs: int, lag: int | None) -> np.ndarray:
+    """The chase of a's band in order (lag None), or with every sweep run at once, each `lag`
+    reflectors behind the one before: each round applies every reflector whose sweep's predecessor
+    had gone far enough when the round began, later sweeps first (a reader before its writer)."""
+    a = np.tril(a).copy()
+    n = a.shape[0]
+    if lag is None:
+        for k in range(n - 2):
+            t = 0
+            while _chase_task(a, k, t, bs):
+                t += 1
+        return a
+    done = [0] * (n - 2)
+    finished = [False] * (n - 2)
+    while not all(finished):
+        ready = [
+            k for k in range(n - 2) if not finished[k] and (k == 0 or finished[k - 1] or done[k - 1] >= done[k] + lag)
+        ]
+        for k in reversed(ready):
+            if _chase_task(a, k, done[k], bs):
+                done[k] += 1
+            else:
+                finished[k] = True
+    return a
+
+
+def test_bulge_chasing_schedule_lag():
+    """The bulge kernel's programs chase sweeps at once, sweep k+1 `bulge.LAG` reflectors behind
+    sweep k. Replayed in numpy with every sweep in flight (the most any number of programs can
+    run), the tridiagonal equals the in-order chase's bit for bit, and has the band's
+    eigenvalues; one reflector less of lag changes it."""
+    from svd_probe.spectra import bulge
+
+    rng = np.random.default_rng(5)
+    n, bs = 40, 4
+    x = rng.standard_normal((n, n))
+    dense = dense_of_band(B.to_band(torch.from_numpy(x + x.T), bs))
+    in_order = _chase(dense, bs, None)
+    tri = np.tril(in_order)
+    assert np.abs(np.tril(tri, -2)).max() < 1e-12 * np.abs(dense).max()  # tridiagonal
+    d, e = np.diag(tri), np.diag(tri, -1)
+    ref = np.linalg.eigvalsh(dense)
+    assert np.abs(np.linalg.eigvalsh(np.diag(d) + np.diag(e, 1) + np.diag(e, -1)) - ref).max() <= bound(ref)
+    assert np.array_equal(_chase(dense, bs, bulge.LAG), in_order)
+    assert not np.array_equal(_chase(dense, bs, bulge.LAG - 1), in_order)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bulge kernel with several programs a band runs on CUDA")
+def test_bulge_chasing_kernel_slots_on_cuda():
+    """On a GPU, the chase of several programs a band (each spinning until the program of the sweep
+    before has gone LAG reflectors ahead) gives the one-program result bit for bit, for two bands
+    at once, and the band's eigenvalues (LAPACK's)."""
+    pytest.importorskip("triton")
+    from svd_probe.spectra import bulge
+
+    rng = np.random.default_rng(6)
+    n, b = 1200, 32
+    mats = []
+    for _ in range(2):
+        x = rng.standard_normal((n, n))
+        mats.append(x + x.T)
+    ab = torch.stack([torch.from_numpy(B.to_band(torch.from_numpy(m), b)) for m in mats]).cuda()
+    d1, e1 = bulge.band_to_tridiagonal(ab, slots=1)
+    for slots in (2, 9, None):
+        ds, es = bulge.band_to_tridiagonal(ab, slots=slots)
+        assert torch.equal(ds, d1) and torch.equal(es, e1), slots
+    for i, m in enumerate(mats):
+        ref = np.linalg.eigvalsh(dense_of_band(B.to_band(torch.from_numpy(m), b)))
+        d, e = d1[i].cpu().numpy(), e1[i].cpu().numpy()
+        assert np.abs(np.linalg.eigvalsh(np.diag(d) + np.diag(e, 1) + np.diag(e, -1)) - ref).max() <= bound(ref)

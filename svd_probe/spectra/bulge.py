@@ -30,6 +30,7 @@ benchmarks/README.md, "Open measurements", says how to time it.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -42,14 +43,32 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
     import triton.language as tl
 
     @triton.jit
-    def bulge_chase(w_ptr, n, BS: tl.constexpr, WD: tl.constexpr):
-        base = w_ptr + tl.program_id(0) * n * WD  # W[col, d] = A[col + d, col] at base + col·WD + d
-        for k in range(0, n - 2):
+    def bulge_chase(
+        w_ptr,
+        done_ptr,
+        n,
+        BS: tl.constexpr,
+        WD: tl.constexpr,
+        SLOTS: tl.constexpr,
+        LAG: tl.constexpr,
+        LOAD: tl.constexpr,
+    ):
+        band = tl.program_id(1)
+        base = w_ptr + band * n * WD  # W[col, d] = A[col + d, col] at base + col·WD + d
+        done = done_ptr + band * n  # done[k]: how many reflectors of sweep k are applied (2³⁰: all)
+        for k in range(tl.program_id(0), n - 2, SLOTS):
             # Sweep k: the reflector of column k on rows k+1 .. k+BS, then one per bulge, on rows
             # r0 = j + BS .. j + 2·BS for the bulge's first column j = k+1, k+1+BS, ...
             j = k
             r0 = k + 1
+            t = 0
             while r0 < n - 1:  # two rows or more: something to annihilate
+                if SLOTS > 1:
+                    if k > 0:  # sweep k-1 (another program's) must be LAG reflectors ahead
+                        seen = tl.atomic_add(done + k - 1, 0, sem="acquire")
+                        while seen < t + LAG:
+                            seen = tl.atomic_add(done + k - 1, 0, sem="acquire")
+                        tl.debug_barrier()
                 i = tl.arange(0, BS)[:, None]
                 c = tl.arange(0, BS)[None, :]
                 ii = tl.arange(0, BS)
@@ -59,7 +78,7 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
                 dl = r0 + i - j - c
                 ml = (i < m) & (c < r0 - j) & (dl < WD)
                 pl = base + (j + c) * WD + dl
-                lb = tl.load(pl, mask=ml, other=0.0)
+                lb = tl.load(pl, mask=ml, other=0.0, cache_modifier=LOAD)
                 x = tl.sum(tl.where(c == 0, lb, 0.0), axis=1)
                 alpha = tl.sum(tl.where(ii == 0, x, 0.0), axis=0)
                 sigma = tl.sum(tl.where(ii > 0, x * x, 0.0), axis=0)
@@ -79,7 +98,7 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
                 low = i >= c
                 ms = (i < m) & (c < m) & low
                 ps = base + (r0 + c) * WD + tl.where(low, i - c, 0)
-                sb = tl.load(ps, mask=ms, other=0.0)
+                sb = tl.load(ps, mask=ms, other=0.0, cache_modifier=LOAD)
                 sb = tl.where(low, sb, tl.trans(sb))
                 p = tau * tl.sum(sb * v[None, :], axis=1)
                 pv = tl.sum(p * v, axis=0)
@@ -89,28 +108,68 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
                 db = m + i - c
                 mb = (r1 + i < n) & (c < m) & (db < WD)
                 pb = base + (r0 + c) * WD + db
-                bb = tl.load(pb, mask=mb, other=0.0)
+                bb = tl.load(pb, mask=mb, other=0.0, cache_modifier=LOAD)
                 bv = tl.sum(bb * v[None, :], axis=1)
                 bb = bb - tau * bv[:, None] * v[None, :]
                 tl.store(pl, lb, mask=ml)
                 tl.store(ps, sb, mask=ms)
                 tl.store(pb, bb, mask=mb)
                 tl.debug_barrier()  # the next reflector reads what this one wrote, from other threads
+                t += 1
+                if SLOTS > 1:  # after the barrier: every thread's stores come before the release
+                    tl.atomic_xchg(done + k, t, sem="release")
                 j = j + BS - tl.cast(j == k, tl.int32) * (BS - 1)  # k+1 after the first, then steps of BS
                 r0 = j + BS
+            if SLOTS > 1:
+                tl.atomic_xchg(done + k, 1 << 30, sem="release")  # more than any t + LAG
 
     return bulge_chase
 
 
-def band_to_tridiagonal(ab: torch.Tensor, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+# Sweep k+1's reflector t touches rows and columns that sweep k's reflectors t-2 .. t+2 touch (each
+# spans three tiles of BS rows, one tile further down than the one before) and none that sweep k's
+# reflector t+3 or later touches: so it may run once sweep k has applied t + LAG reflectors, and
+# sweeps k, k+1, ... chase their bulges down the band at once, LAG tiles apart (the pipelined
+# schedule of Haidar, Ltaief and Dongarra's bulge chasing). tests/test_band.py replays the schedule
+# with this lag, bit for bit, and shows that a lag of 2 changes the result.
+LAG = 3
+
+# At most one multi-program launch at a time in this process: a program spins until the program
+# of the sweep before it has gone ahead, so every program of a launch must be resident on the GPU
+# at once. A launch holds at most one program an SM (`_sm_count`), and with this lock no other
+# chase can hold SMs that its programs are waiting for (kernels of other work finish regardless).
+_launch_lock = threading.Lock()
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def default_slots(n: int, b: int, device: torch.device) -> int:
+    """The programs that chase one band's bulges at once: 1 off CUDA (Triton's interpreter runs
+    programs one after another, so a program waiting for another would wait forever); on CUDA
+    about the number of sweeps in flight, n / (4·b) (sweep k has (n - k) / b reflectors and the
+    next one starts LAG reflectors later), at most 32 and at most the SMs."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(32, n // (4 * max(b, 1)), _sm_count(device)))
+
+
+def band_to_tridiagonal(
+    ab: torch.Tensor, num_warps: int = 4, slots: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The diagonal [k, n] and off-diagonal [k, n - 1] of tridiagonals orthogonally similar to the
     symmetric bands ab [k, b + 1, n] (lower storage: ab[:, i, j] = A[j + i, j]), float64 on ab's
     device (a CUDA device, or the CPU under TRITON_INTERPRET=1).
 
     `num_warps`: the warps of each program. Compiled for sm_90 at b = 32, 4 warps need 18 CTA
-    barriers a reflector (the tiles' reductions cross warps) and 1 warp needs 4, but 1 warp has 4
-    times the arithmetic per thread; which is faster is for `benchmarks/bench_band.py --bulge-warps`
-    to say on a GPU."""
+    barriers a reflector (the tiles' reductions cross warps) and 1 warp needs 4; on an H200 4
+    warps chase a 7168-wide band in 1.87 s and 1 warp in 6.80 s (benchmarks/README.md).
+
+    `slots`: the programs a band (None: `default_slots`); program p chases sweeps p, p + slots, ...,
+    each sweep LAG reflectors behind the one before. The result is the same bit for bit for any
+    number of slots. More than 1 only on CUDA."""
     import triton
 
     if ab.ndim != 3:
@@ -119,10 +178,28 @@ def band_to_tridiagonal(ab: torch.Tensor, num_warps: int = 4) -> tuple[torch.Ten
     b = b1 - 1
     bs = max(2, triton.next_power_of_2(max(b, 1)))  # the tile; a narrower band pads with zeros
     wd = 2 * bs + 1
+    slots = default_slots(n, bs, ab.device) if slots is None else int(slots)
+    if slots < 1 or (slots > 1 and ab.device.type != "cuda"):
+        raise ValueError(f"band_to_tridiagonal: slots={slots} needs ≥ 1, and 1 off CUDA")
     # Column-major, unlike LAPACK's band storage: a column's 2b + 1 entries are contiguous, so
     # each column of a tile the kernel reads is one run of memory, not BS scattered lines.
     w = torch.zeros((k, n, wd), dtype=torch.float64, device=ab.device)
     w[:, :, :b1] = ab.to(torch.float64).transpose(1, 2)
     if n > 2 and k:
-        _kernel()[(k,)](w, n, BS=bs, WD=wd, num_warps=num_warps)
+        kernel = _kernel()
+        if slots == 1:
+            kernel[(1, k)](w, w, n, BS=bs, WD=wd, SLOTS=1, LAG=LAG, LOAD="", num_warps=num_warps)
+        else:
+            done = torch.zeros((k, n), dtype=torch.int32, device=ab.device)
+            slots = min(slots, _sm_count(ab.device))
+            per = _sm_count(ab.device) // slots  # bands a launch
+            stream = torch.cuda.current_stream(ab.device)
+            stream.synchronize()  # this band's stage 1: outside the lock
+            with _launch_lock:
+                for c in range(0, k, per):
+                    # Loads bypass L1 (".cg"): the tiles were last written by other SMs.
+                    kernel[(slots, min(per, k - c))](
+                        w[c:], done[c:], n, BS=bs, WD=wd, SLOTS=slots, LAG=LAG, LOAD=".cg", num_warps=num_warps
+                    )
+                stream.synchronize()
     return w[:, :, 0].clone(), w[:, : max(n - 1, 0), 1].clone()
