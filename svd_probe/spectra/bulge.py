@@ -20,11 +20,15 @@ left of the diagonal that holds the column being annihilated (L ← H·L), the d
 (S ← H·S·H) and the block below it (B ← B·H, the next bulge). Bulges reach 2b - 1 below the
 diagonal, so the band is held 2b + 1 diagonals wide while the chase runs.
 
-One Triton program chases one band, transform after transform (each depends on the previous
-one), so the batch's bands run in parallel on the GPU's SMs; a single band is latency-bound.
-On the CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1), which the tests use.
-The solver "band-device" (`band.eigvalsh_band_device`) uses it. It has not yet run on a GPU;
-benchmarks/README.md, "Open measurements", says how to time it.
+Within a sweep each reflector depends on the one before, so one program chasing a whole band is
+latency-bound: 1.87 s at n = 7168, b = 32 on an H200 (2026-12-03, benchmarks/README.md). But a
+sweep's reflector t only needs the sweep before to be LAG reflectors ahead, so `slots` programs
+chase one band at once, program p taking sweeps p, p + slots, ..., each spinning on an
+acquire-load of its predecessor's progress flag (released after each reflector) before it
+starts the next. The batch's bands run side by side as well (grid [slots, bands]).
+On the CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1), one program at a
+time, which the tests use; tests/test_band.py replays the many-program schedule in numpy.
+The solver "band-device" (`band.eigvalsh_band_device`) uses it.
 """
 
 from __future__ import annotations
