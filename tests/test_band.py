@@ -633,3 +633,34 @@ def test_bulge_chasing_kernel_slots_on_cuda():
         ref = np.linalg.eigvalsh(dense_of_band(B.to_band(torch.from_numpy(m), b)))
         d, e = d1[i].cpu().numpy(), e1[i].cpu().numpy()
         assert np.abs(np.linalg.eigvalsh(np.diag(d) + np.diag(e, 1) + np.diag(e, -1)) - ref).max() <= bound(ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the chase-free rule chases bands on CUDA")
+def test_hybrid_chase_free_rule_on_cuda():
+    """band-hybrid's "chase-free" rule: each matrix's stage 2 by the bulge kernel on the device
+    when no other chase runs (ROUTE_COUNTS["chase"]), on a CPU worker while one does (here the
+    test holds the kernel's launch lock); the eigenvalues are numpy's either way."""
+    pytest.importorskip("triton")
+    from svd_probe.spectra import bulge
+
+    rng = np.random.default_rng(7)
+    n = 600
+    mats = []
+    for _ in range(2):
+        x = rng.standard_normal((n, n))
+        mats.append(x + x.T)
+    x = torch.from_numpy(np.stack(mats)).cuda()
+    ref = np.linalg.eigvalsh(np.stack(mats))
+    B.use_hybrid_rule("chase-free")
+    try:
+        before = dict(B.ROUTE_COUNTS)
+        got = B.eigvalsh_band(x, 16, hybrid=True).cpu().numpy()
+        assert B.ROUTE_COUNTS["chase"] - before["chase"] == 2 and B.ROUTE_COUNTS["band"] == before["band"]
+        assert np.abs(got - ref).max() <= bound(ref)
+        before = dict(B.ROUTE_COUNTS)
+        with bulge._launch_lock:  # another chase is running
+            got = B.eigvalsh_band(x, 16, hybrid=True).cpu().numpy()
+        assert B.ROUTE_COUNTS["band"] - before["band"] == 2 and B.ROUTE_COUNTS["chase"] == before["chase"]
+        assert np.abs(got - ref).max() <= bound(ref)
+    finally:
+        B.use_hybrid_rule(B.DEFAULT_HYBRID_RULE)

@@ -322,7 +322,7 @@ def _fall_back_to_threads(why: BaseException) -> None:
 _lock = threading.Lock()
 _queued = 0  # band solves submitted to the pool and not finished
 # How many problems each route took (the hybrid's split; read by benchmarks and tests).
-ROUTE_COUNTS = {"band": 0, "device": 0}
+ROUTE_COUNTS = {"band": 0, "device": 0, "chase": 0}
 # The hybrid's device solves at once: one keeps the GPU's syevd at full speed (two share its
 # memory bandwidth) while the CPU works through the bands.
 _device_slots = threading.BoundedSemaphore(1)
@@ -430,8 +430,10 @@ def _eigvals_from(result, device: torch.device) -> torch.Tensor:  # noqa: ANN001
 # "cpu-full" (only when every CPU worker is busy, waiting for the slot). On an H200 host, 16
 # DeepSeek-V3 layers in flight, two runs each in rotating order: device-free 0.429 / 0.449 s a
 # layer (the device took 14 and 13 of 70 problems), cpu-full 0.552 / 0.523 (it took none),
-# band 0.715 / 0.595 (benchmarks/README.md, "Stage 2's tridiagonal on the GPU"). Set by use_hybrid_rule.
-HYBRID_RULES = ("device-free", "cpu-full")
+# band 0.715 / 0.595 (benchmarks/README.md, "Stage 2's tridiagonal on the GPU"). "chase-free": every
+# matrix's stage 1 on the device, then its stage 2 there too (the bulge kernel, many programs a band,
+# then bisection) if no other chase is running, else on a CPU worker. Set by use_hybrid_rule.
+HYBRID_RULES = ("device-free", "cpu-full", "chase-free")
 DEFAULT_HYBRID_RULE = HYBRID_RULES[0]
 _hybrid_rule = DEFAULT_HYBRID_RULE
 
@@ -485,6 +487,34 @@ def _on_device_if_cpu_full(xi: torch.Tensor) -> torch.Tensor | None:
         return _solve_on_device(xi)
 
 
+def _can_chase(device: torch.device) -> bool:
+    """Whether the bulge kernel can chase bands on `device`: CUDA and an importable Triton."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _chase_if_free(abd: torch.Tensor) -> torch.Tensor | None:
+    """The "chase-free" rule: the eigenvalues of the band abd [b + 1, n] (on the device) by the
+    bulge kernel and bisection there if no other chase is running, else None (a CPU worker's).
+
+    On an H200 the kernel chases a 7168-wide band of width 32 in 0.104 s with 32 programs
+    (1.864 s with one), where a CPU worker takes 2.47 s (benchmarks/README.md, "Stage 2 on the
+    GPU")."""
+    from svd_probe.spectra import bulge
+
+    de = bulge.band_to_tridiagonal(abd[None], wait=False)
+    if de is None:
+        return None
+    with _lock:
+        ROUTE_COUNTS["chase"] += 1
+    return sturm.tridiagonal_eigvalsh(de[0], de[1])[0]
+
+
 def _band_width(x: torch.Tensor, b: int | None, who: str) -> int | None:
     """The band width for the batch x [k, n, n] (b, or DEFAULT_BAND), or None where the band
     route has nothing to gain (n ≤ 2b, or an empty batch): then torch.linalg.eigvalsh."""
@@ -507,15 +537,20 @@ def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -
     if b is None:
         return torch.linalg.eigvalsh(x)
     fn = band_tridiagonal if tridiagonal_on_device(x.device) else band_eigvals
+    chase = hybrid and _hybrid_rule == "chase-free" and _can_chase(x.device)
     parts: list[tuple[Future, Callable, np.ndarray] | torch.Tensor] = []
     for xi in x:
         lam = None
-        if hybrid:
+        abd = None
+        if chase:
+            abd = band_on_device(xi, b)
+            lam = _chase_if_free(abd)
+        elif hybrid:
             lam = _on_device_if_free(xi) if _hybrid_rule == "device-free" else _on_device_if_cpu_full(xi)
         if lam is not None:
             parts.append(lam)
         else:
-            ab = to_band(xi, b)
+            ab = to_band(xi, b) if abd is None else abd.cpu().numpy()
             parts.append((_submit(fn, ab), fn, ab))
             with _lock:
                 ROUTE_COUNTS["band"] += 1
@@ -528,11 +563,12 @@ def eigvalsh_band_device(x: torch.Tensor, b: int | None = None) -> torch.Tensor:
     triangles read), float64 [k, n], every step on x's device: stage 1 (`band_on_device`), the
     band's bulge chasing (`svd_probe.spectra.bulge`, one Triton program a matrix, the batch's in
     parallel) and the tridiagonal's Sturm bisection (`svd_probe.spectra.sturm`). No CPU worker
-    takes part. The "band-device" entry of SOLVERS; not yet measured on a GPU."""
+    takes part. The "band-device" entry of SOLVERS."""
     from svd_probe.spectra import bulge
 
     b = _band_width(x, b, "eigvalsh_band_device")
     if b is None:
         return torch.linalg.eigvalsh(x)
-    d, e = bulge.band_to_tridiagonal(torch.stack([band_on_device(xi, b) for xi in x]))
-    return sturm.tridiagonal_eigvalsh(d, e)
+    de = bulge.band_to_tridiagonal(torch.stack([band_on_device(xi, b) for xi in x]))
+    assert de is not None  # it waits for its turn
+    return sturm.tridiagonal_eigvalsh(*de)

@@ -60,7 +60,8 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
         band = tl.program_id(1)
         base = w_ptr + band * n * WD  # W[col, d] = A[col + d, col] at base + col·WD + d
         done = done_ptr + band * n  # done[k]: how many reflectors of sweep k are applied (2³⁰: all)
-        for k in range(tl.program_id(0), n - 2, SLOTS):
+        for k0 in range(0, n - 2, SLOTS):  # (not range(program_id, ...): Triton 3.6's interpreter refuses it)
+            k = k0 + tl.program_id(0)  # past n - 3 the loop below does nothing
             # Sweep k: the reflector of column k on rows k+1 .. k+BS, then one per bulge, on rows
             # r0 = j + BS .. j + 2·BS for the bulge's first column j = k+1, k+1+BS, ...
             j = k
@@ -125,7 +126,8 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
                 j = j + BS - tl.cast(j == k, tl.int32) * (BS - 1)  # k+1 after the first, then steps of BS
                 r0 = j + BS
             if SLOTS > 1:
-                tl.atomic_xchg(done + k, 1 << 30, sem="release")  # more than any t + LAG
+                if k < n - 2:
+                    tl.atomic_xchg(done + k, 1 << 30, sem="release")  # more than any t + LAG
 
     return bulge_chase
 
@@ -161,8 +163,8 @@ def default_slots(n: int, b: int, device: torch.device) -> int:
 
 
 def band_to_tridiagonal(
-    ab: torch.Tensor, num_warps: int = 4, slots: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    ab: torch.Tensor, num_warps: int = 4, slots: int | None = None, wait: bool = True
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The diagonal [k, n] and off-diagonal [k, n - 1] of tridiagonals orthogonally similar to the
     symmetric bands ab [k, b + 1, n] (lower storage: ab[:, i, j] = A[j + i, j]), float64 on ab's
     device (a CUDA device, or the CPU under TRITON_INTERPRET=1).
@@ -173,7 +175,10 @@ def band_to_tridiagonal(
 
     `slots`: the programs a band (None: `default_slots`); program p chases sweeps p, p + slots, ...,
     each sweep LAG reflectors behind the one before. The result is the same bit for bit for any
-    number of slots. More than 1 only on CUDA."""
+    number of slots. More than 1 only on CUDA.
+
+    `wait`: with False, None at once (nothing done) if another thread's chase of several
+    programs a band is running, rather than waiting for it (band-hybrid's "chase-free" rule)."""
     import triton
 
     if ab.ndim != 3:
@@ -199,11 +204,15 @@ def band_to_tridiagonal(
             per = _sm_count(ab.device) // slots  # bands a launch
             stream = torch.cuda.current_stream(ab.device)
             stream.synchronize()  # this band's stage 1: outside the lock
-            with _launch_lock:
+            if not _launch_lock.acquire(blocking=wait):
+                return None
+            try:
                 for c in range(0, k, per):
                     # Loads bypass L1 (".cg"): the tiles were last written by other SMs.
                     kernel[(slots, min(per, k - c))](
                         w[c:], done[c:], n, BS=bs, WD=wd, SLOTS=slots, LAG=LAG, LOAD=".cg", num_warps=num_warps
                     )
                 stream.synchronize()
+            finally:
+                _launch_lock.release()
     return w[:, :, 0].clone(), w[:, : max(n - 1, 0), 1].clone()
