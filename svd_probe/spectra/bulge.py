@@ -152,6 +152,15 @@ def _sm_count(device: torch.device) -> int:
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
+def _sleep_until_done(stream: torch.cuda.Stream) -> None:
+    """Wait for `stream`'s work asleep (a blocking-sync event), not spinning as
+    stream.synchronize() does: with a dozen solver threads waiting at once, spinning takes the
+    cores that the reader process and the CPU workers need."""
+    ev = torch.cuda.Event(blocking=True)
+    ev.record(stream)
+    ev.synchronize()
+
+
 def default_slots(n: int, b: int, device: torch.device) -> int:
     """The programs that chase one band's bulges at once: 1 off CUDA (Triton's interpreter runs
     programs one after another, so a program waiting for another would wait forever); on CUDA
@@ -203,7 +212,7 @@ def band_to_tridiagonal(
             slots = min(slots, _sm_count(ab.device))
             per = _sm_count(ab.device) // slots  # bands a launch
             stream = torch.cuda.current_stream(ab.device)
-            stream.synchronize()  # this band's stage 1: outside the lock
+            _sleep_until_done(stream)  # this band's stage 1: outside the lock
             if not _launch_lock.acquire(blocking=wait):
                 return None
             try:
@@ -212,7 +221,7 @@ def band_to_tridiagonal(
                     kernel[(slots, min(per, k - c))](
                         w[c:], done[c:], n, BS=bs, WD=wd, SLOTS=slots, LAG=LAG, LOAD=".cg", num_warps=num_warps
                     )
-                stream.synchronize()
+                _sleep_until_done(stream)
             finally:
                 _launch_lock.release()
     return w[:, :, 0].clone(), w[:, : max(n - 1, 0), 1].clone()
