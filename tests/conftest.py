@@ -20,6 +20,24 @@ import pytest  # noqa: E402
 GATED_TOKEN = "hf_test_gated_token_0123456789"
 
 
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ARG001 - pytest's hook
+    """Skip `triton_interpreter` tests where Triton's interpreter is older than 3.9: Triton 3.6's
+    (the one torch 2.11 brings on the GPU machine) refuses range loops with a run-time bound, which
+    the kernels have and which compiled Triton 3.6 runs (checked 2026-12-03)."""
+    try:
+        import triton
+
+        major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    except Exception:  # noqa: BLE001 - no Triton: the tests' importorskip says so
+        return
+    if (major, minor) >= (3, 9):
+        return
+    skip = pytest.mark.skip(reason=f"Triton {triton.__version__}'s interpreter refuses range loops with a run-time bound")
+    for item in items:
+        if "triton_interpreter" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def deepseek_ckpt(tmp_path_factory):
     """Small DeepSeek-V3-layout checkpoint: 3 layers + 1 MTP, FP8 with partial tiles, 5 shards."""

@@ -488,6 +488,7 @@ def test_unguarded_script_gets_threads_and_finishes(tmp_path):
     assert kind == "threads" and float(err) < 1e-9
 
 
+@pytest.mark.triton_interpreter
 def test_bulge_chasing_kernel_in_the_interpreter(tmp_path):
     """Stage 2 on the device (`bulge.band_to_tridiagonal`, a Triton kernel), here in Triton's
     interpreter: the tridiagonals of a batch of three bands of width 5 (the kernel's tile is 8),

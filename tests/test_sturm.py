@@ -45,6 +45,7 @@ def _dense_ref(d: np.ndarray, e: np.ndarray) -> np.ndarray:
     return np.linalg.eigvalsh(np.diag(d) + np.diag(e, -1) + np.diag(e, 1))
 
 
+@pytest.mark.triton_interpreter
 def test_bisection_matches_float64_in_the_interpreter(tmp_path):
     n = 40
     d, e = _tridiagonals(n)

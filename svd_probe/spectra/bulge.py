@@ -60,7 +60,7 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction
         band = tl.program_id(1)
         base = w_ptr + band * n * WD  # W[col, d] = A[col + d, col] at base + col·WD + d
         done = done_ptr + band * n  # done[k]: how many reflectors of sweep k are applied (2³⁰: all)
-        for k0 in range(0, n - 2, SLOTS):  # (not range(program_id, ...): Triton 3.6's interpreter refuses it)
+        for k0 in range(0, n - 2, SLOTS):
             k = k0 + tl.program_id(0)  # past n - 3 the loop below does nothing
             # Sweep k: the reflector of column k on rows k+1 .. k+BS, then one per bulge, on rows
             # r0 = j + BS .. j + 2·BS for the bulge's first column j = k+1, k+1+BS, ...
