@@ -32,7 +32,9 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ARG001 - pyte
         return
     if (major, minor) >= (3, 9):
         return
-    skip = pytest.mark.skip(reason=f"Triton {triton.__version__}'s interpreter refuses range loops with a run-time bound")
+    skip = pytest.mark.skip(
+        reason=f"Triton {triton.__version__}'s interpreter refuses range loops with a run-time bound"
+    )
     for item in items:
         if "triton_interpreter" in item.keywords:
             item.add_marker(skip)
