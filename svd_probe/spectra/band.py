@@ -487,17 +487,6 @@ def _on_device_if_cpu_full(xi: torch.Tensor) -> torch.Tensor | None:
         return _solve_on_device(xi)
 
 
-def _can_chase(device: torch.device) -> bool:
-    """Whether the bulge kernel can chase bands on `device`: CUDA and an importable Triton."""
-    if device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _chase_if_free(abd: torch.Tensor) -> torch.Tensor | None:
     """The "chase-free" rule: the eigenvalues of the band abd [b + 1, n] (on the device) by the
     bulge kernel and bisection there if no other chase is running, else None (a CPU worker's).
@@ -537,7 +526,8 @@ def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -
     if b is None:
         return torch.linalg.eigvalsh(x)
     fn = band_tridiagonal if tridiagonal_on_device(x.device) else band_eigvals
-    chase = hybrid and _hybrid_rule == "chase-free" and _can_chase(x.device)
+    # the chase needs CUDA and Triton, as the tridiagonal's bisection after it does
+    chase = hybrid and _hybrid_rule == "chase-free" and x.device.type == "cuda" and sturm.available()
     parts: list[tuple[Future, Callable, np.ndarray] | torch.Tensor] = []
     for xi in x:
         lam = None
