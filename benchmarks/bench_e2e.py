@@ -116,6 +116,29 @@ def phase(args) -> dict:
         band.use_stage2_workers("processes", args.band_workers)  # guarded script: see main
     if args.hybrid_rule:
         band.use_hybrid_rule(args.hybrid_rule)
+    from svd_probe.spectra import bulge, stagelog
+
+    bulge.use_grouping(args.chase_group == "on")
+    with stagelog.recording() if args.stages else contextlib.nullcontext() as log:
+        out.update(_run_phase(args, device, out))
+    if log is not None:
+        out["stages"] = stagelog.summary(log)
+        out["chase_launches"] = bulge.LAUNCHES[0]
+    cpu = os.times()
+    # Host CPU seconds of this phase's process, all its threads (user + system), children too:
+    # against the wall time it says how much of the host the phase keeps busy (the HTTP reader
+    # threads' parsing, the band solver's worker processes).
+    user = cpu.user - cpu0.user + cpu.children_user - cpu0.children_user
+    system = cpu.system - cpu0.system + cpu.children_system - cpu0.children_system
+    out["cpu_s"], out["cpu_user_s"], out["cpu_system_s"] = round(user + system, 2), round(user, 2), round(system, 2)
+    out["peak_rss_gb"] = _peak_rss_gb()
+    out["peak_gpu_gb"] = _gpu_peak_gb(device)
+    out["device"] = str(device)
+    return out
+
+
+def _run_phase(args, device, out: dict) -> dict:
+    """The phase's own work; its figures go into `out`."""
     if args.phase.startswith("read"):
         from svd_probe.hub.stream import stream_layers
 
@@ -218,16 +241,6 @@ def phase(args) -> dict:
             out["computed"] = stats["computed"]
         finally:
             shutil.rmtree(cache, ignore_errors=True)
-    cpu = os.times()
-    # Host CPU seconds of this phase's process, all its threads (user + system), children too:
-    # against the wall time it says how much of the host the phase keeps busy (the HTTP reader
-    # threads' parsing, the band solver's worker processes).
-    user = cpu.user - cpu0.user + cpu.children_user - cpu0.children_user
-    system = cpu.system - cpu0.system + cpu.children_system - cpu0.children_system
-    out["cpu_s"], out["cpu_user_s"], out["cpu_system_s"] = round(user + system, 2), round(user, 2), round(system, 2)
-    out["peak_rss_gb"] = _peak_rss_gb()
-    out["peak_gpu_gb"] = _gpu_peak_gb(device)
-    out["device"] = str(device)
     return out
 
 
@@ -273,6 +286,15 @@ def main() -> None:
         default="auto",
         choices=["auto", "thread", "process"],
         help="HTTP reads in threads or in a process (auto: analyze's default, the process on cuda)",
+    )
+    ap.add_argument(
+        "--stages", action="store_true", help="log the band solvers' stages (svd_probe.spectra.stagelog) in each phase"
+    )
+    ap.add_argument(
+        "--chase-group",
+        default="on",
+        choices=["on", "off"],
+        help="bulge chases waiting at once share a launch (on, the default) or take one each",
     )
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase
@@ -330,7 +352,8 @@ def main() -> None:
             cmd += ["--device", args.device, "--nproc", str(args.nproc), "--layers", str(args.layers)]
             cmd += ["--solver", args.solver, "--inflight", str(args.inflight), "--band-workers", str(args.band_workers)]
             cmd += ["--hybrid-rule", args.hybrid_rule] if args.hybrid_rule else []
-            cmd += ["--concurrency", str(args.concurrency), "--reader", args.reader]
+            cmd += ["--concurrency", str(args.concurrency), "--reader", args.reader, "--chase-group", args.chase_group]
+            cmd += ["--stages"] if args.stages else []
             hub_cpu0 = _cpu_seconds_of(hub.pid)
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             hub_cpu = _cpu_seconds_of(hub.pid)
@@ -355,6 +378,14 @@ def main() -> None:
                 f"{name:14s} {fig['seconds']:8.2f} s   RSS peak {fig['peak_rss_gb']:.2f} GB{gpu}{start}{cpu}",
                 flush=True,
             )
+            for stage, st in (fig.get("stages") or {}).items():  # --stages: where the host time went
+                print(
+                    f"  {stage:18s} {st['count']:5d} spans  total {st['total_s']:8.2f} s  mean {st['mean_s']:.4f} s"
+                    f"  max {st['max_s']:.3f} s  busy {st['busy_s']:.2f} s",
+                    flush=True,
+                )
+            if "chase_launches" in fig and fig.get("stages", {}).get("chase"):
+                print(f"  bulge-chase launches: {fig['chase_launches']}", flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
     finally:

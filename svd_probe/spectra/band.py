@@ -66,7 +66,7 @@ from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExec
 import numpy as np
 import torch
 
-from svd_probe.spectra import sturm
+from svd_probe.spectra import stagelog, sturm
 from svd_probe.spectra.band_lapack import band_eigvals, band_tridiagonal, has_band_tridiagonal, stage2_name
 
 __all__ = ["DEFAULT_BAND", "DEFAULT_HYBRID_RULE", "band_eigvals", "band_on_device", "cores", "eigvalsh_band", "eigvalsh_band_device", "stage2_name",
@@ -448,9 +448,10 @@ def use_hybrid_rule(rule: str) -> None:
 
 def _solve_on_device(xi: torch.Tensor) -> torch.Tensor:
     """torch.linalg.eigvalsh of xi with the device slot held (the caller holds it)."""
-    lam = torch.linalg.eigvalsh(xi)
-    if lam.is_cuda:  # the slot is taken until the device is done with it
-        torch.cuda.current_stream(lam.device).synchronize()
+    with stagelog.span("device-syevd"):
+        lam = torch.linalg.eigvalsh(xi)
+        if lam.is_cuda:  # the slot is taken until the device is done with it
+            torch.cuda.current_stream(lam.device).synchronize()
     with _lock:
         ROUTE_COUNTS["device"] += 1
     return lam
@@ -533,18 +534,28 @@ def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -
         lam = None
         abd = None
         if chase:
-            abd = band_on_device(xi, b)
+            with stagelog.span("stage1-issue"):
+                abd = band_on_device(xi, b)
             lam = _chase_if_free(abd)
         elif hybrid:
             lam = _on_device_if_free(xi) if _hybrid_rule == "device-free" else _on_device_if_cpu_full(xi)
         if lam is not None:
             parts.append(lam)
         else:
-            ab = to_band(xi, b) if abd is None else abd.cpu().numpy()
+            with stagelog.span("stage1"):  # queued, then the band to the host: stage 1 done
+                ab = to_band(xi, b) if abd is None else abd.cpu().numpy()
             parts.append((_submit(fn, ab), fn, ab))
             with _lock:
                 ROUTE_COUNTS["band"] += 1
-    out = [p if isinstance(p, torch.Tensor) else _eigvals_from(_band_result(*p), x.device) for p in parts]
+    out = []
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            out.append(p)
+            continue
+        with stagelog.span("cpu-stage2-wait"):
+            result = _band_result(*p)
+        with stagelog.span("bisection"):
+            out.append(_eigvals_from(result, x.device))
     return torch.stack(out)
 
 
@@ -559,6 +570,9 @@ def eigvalsh_band_device(x: torch.Tensor, b: int | None = None) -> torch.Tensor:
     b = _band_width(x, b, "eigvalsh_band_device")
     if b is None:
         return torch.linalg.eigvalsh(x)
-    de = bulge.band_to_tridiagonal(torch.stack([band_on_device(xi, b) for xi in x]))
+    with stagelog.span("stage1-issue"):
+        bands = torch.stack([band_on_device(xi, b) for xi in x])
+    de = bulge.band_to_tridiagonal(bands)
     assert de is not None  # it waits for its turn
-    return sturm.tridiagonal_eigvalsh(*de)
+    with stagelog.span("bisection"):
+        return sturm.tridiagonal_eigvalsh(*de)

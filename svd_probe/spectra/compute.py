@@ -68,6 +68,7 @@ import torch
 
 from svd_probe.adapters.base import AttentionFactors
 from svd_probe.kinds import HEAD, JOINT_KINDS, LAYER, SpectrumKey, parse_key, spectrum_keys
+from svd_probe.spectra import stagelog
 from svd_probe.spectra.solvers import SOLVERS, Solver, solver_unavailable, svdvals
 
 __all__ = [
@@ -791,7 +792,7 @@ class SpectraPipeline:
             self._wait_active(cfg.inflight - 1)  # room for this layer's solves
         if cfg.batched and self._building and self._batch_device != device:
             self._launch_batch()
-        with _full_fp32_matmul(), torch.no_grad():
+        with _full_fp32_matmul(), torch.no_grad(), stagelog.span("layer-submit"):
             lay = _LayerProblems(factors, cfg, self.normalize_stacked)
             shapes = {k: lay.shape(k) for k in keys}
             big = [k for k in keys if lay.is_big(k)] if threaded else []
@@ -903,7 +904,7 @@ def _solve_on_worker(jobs: list[_Solve], events: list, device: torch.device) -> 
                 stream.wait_event(ev)
             for job in jobs:
                 job.x.record_stream(stream)  # type: ignore[union-attr] # not reused before we are done
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), stagelog.span("solve"):
                 return [s.to("cpu", torch.float64) for s in _run_solves(jobs)]  # waits for this stream
     finally:
         for job in jobs:
