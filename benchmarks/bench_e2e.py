@@ -116,14 +116,12 @@ def phase(args) -> dict:
         band.use_stage2_workers("processes", args.band_workers)  # guarded script: see main
     if args.hybrid_rule:
         band.use_hybrid_rule(args.hybrid_rule)
-    from svd_probe.spectra import bulge, stagelog
+    from svd_probe.spectra import stagelog
 
-    bulge.use_grouping(args.chase_group == "on")
     with stagelog.recording() if args.stages else contextlib.nullcontext() as log:
         out.update(_run_phase(args, device, out))
     if log is not None:
         out["stages"] = stagelog.summary(log)
-        out["chase_launches"] = bulge.LAUNCHES[0]
     cpu = os.times()
     # Host CPU seconds of this phase's process, all its threads (user + system), children too:
     # against the wall time it says how much of the host the phase keeps busy (the HTTP reader
@@ -290,12 +288,6 @@ def main() -> None:
     ap.add_argument(
         "--stages", action="store_true", help="log the band solvers' stages (svd_probe.spectra.stagelog) in each phase"
     )
-    ap.add_argument(
-        "--chase-group",
-        default="on",
-        choices=["on", "off"],
-        help="bulge chases waiting at once share a launch (on, the default) or take one each",
-    )
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase
     ap.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
@@ -352,7 +344,7 @@ def main() -> None:
             cmd += ["--device", args.device, "--nproc", str(args.nproc), "--layers", str(args.layers)]
             cmd += ["--solver", args.solver, "--inflight", str(args.inflight), "--band-workers", str(args.band_workers)]
             cmd += ["--hybrid-rule", args.hybrid_rule] if args.hybrid_rule else []
-            cmd += ["--concurrency", str(args.concurrency), "--reader", args.reader, "--chase-group", args.chase_group]
+            cmd += ["--concurrency", str(args.concurrency), "--reader", args.reader]
             cmd += ["--stages"] if args.stages else []
             hub_cpu0 = _cpu_seconds_of(hub.pid)
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -384,8 +376,6 @@ def main() -> None:
                     f"  max {st['max_s']:.3f} s  busy {st['busy_s']:.2f} s",
                     flush=True,
                 )
-            if "chase_launches" in fig and fig.get("stages", {}).get("chase"):
-                print(f"  bulge-chase launches: {fig['chase_launches']}", flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
     finally:

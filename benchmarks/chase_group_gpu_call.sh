@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Ran once at commit b5874de (benchmarks/README.md, "band-device as the default"); its --chase-group
+# option (and the grouped launches) went afterwards, so it is a record and does not run as is.
 # Open measurement 1 (eighth session's next step): where band-device's compute time goes
 # (`bench_e2e.py --stages`: host spans of each solver stage), and whether chases that threads
 # bring at once sharing one launch (`--chase-group on`, the default) beat one launch each, end to

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Ran once at commit b5874de (benchmarks/README.md, "band-device as the default"); its --chase-group
+# option (and the grouped launches) went afterwards, so it is a record and does not run as is.
 # Whether band-device (stage 2 as the bulge kernel) should be analyze's default on CUDA: repeated
 # compute phases with chases grouped and one launch each, interleaved, then analyze over HTTP
 # and from a folder with band-device and with today's default (band-hybrid) on the same machine,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import numpy as np
@@ -173,14 +174,28 @@ def test_pipeline_config_picks_solver_and_layers_in_flight(monkeypatch):
     assert pipeline_config(cpu).inflight == 1 and pipeline_config(cpu).solver == "auto"
     assert pipeline_config(cpu).resolved(cpu).solver == AUTO_ROUTES["cpu"]["solver"]
     assert pipeline_config(cuda, "torch").inflight == 2
-    # auto on CUDA: band-hybrid from BAND_MIN_CORES cores, else the AUTO_ROUTES entry (syevd)
+    # auto on CUDA: band-device from BAND_MIN_CORES cores (band-hybrid without Triton), else the
+    # AUTO_ROUTES entry (syevd)
     from svd_probe.spectra import band as B
+    from svd_probe.spectra import solvers
     from svd_probe.spectra.compute import BAND_MIN_CORES
 
-    for n_cores, want in ((BAND_MIN_CORES, "band-hybrid"), (BAND_MIN_CORES - 1, "auto")):
+    have_triton = solvers.solver_unavailable("band-device", cuda) is None
+    for n_cores, want in (
+        (BAND_MIN_CORES, "band-device" if have_triton else "band-hybrid"),
+        (BAND_MIN_CORES - 1, "auto"),
+    ):
         monkeypatch.setattr(B, "cores", lambda n=n_cores: n)
         assert pipeline_config(cuda).solver == want
-    assert pipeline_config(cuda).inflight == 2
+    assert pipeline_config(cuda).inflight == 2  # syevd's
+    monkeypatch.setattr(B, "cores", lambda: BAND_MIN_CORES)
+    monkeypatch.setitem(sys.modules, "triton", None)  # an install without Triton: its import fails
+    solvers._import.cache_clear()
+    try:
+        assert pipeline_config(cuda).solver == "band-hybrid"
+    finally:
+        monkeypatch.undo()
+        solvers._import.cache_clear()
     monkeypatch.undo()
     # band: two problems a layer, one worker per core, four layers more
     assert pipeline_config(cuda, "band-hybrid").inflight == cores() // 2 + 4

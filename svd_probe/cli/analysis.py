@@ -119,10 +119,12 @@ def analyze_cmd(
     solver: str = typer.Option(
         "auto",
         "--solver",
-        help="Eigensolver of the big stacked problems: auto (the device's default), torch, band "
-        "(two-stage: GPU, then CPU workers), band-hybrid (band, and the GPU takes problems when every "
-        "CPU worker is busy), band-device (band with its stage 2 on the GPU too; not yet measured), torch-gesvdj, or cupy, cupy-jacobi, jax, jax-jacobi, jax-polar with the "
-        "[solvers] extra. The same spectra to 1e-4·σ₁; only the speed differs.",
+        help="Eigensolver of the big stacked problems: auto (band-device on a GPU host of 8 or "
+        "more cores, else torch), torch (cuSOLVER syevd; LAPACK on the CPU), band (two-stage: GPU, "
+        "then CPU workers), band-hybrid (band, and the GPU takes problems when it is free), "
+        "band-device (every stage on the GPU, Triton kernels; band-hybrid where they cannot run), "
+        "torch-gesvdj, or cupy, cupy-jacobi, jax, jax-jacobi, jax-polar with the [solvers] extra. "
+        "The same spectra to 1e-4·σ₁; only the speed differs.",
     ),
     reader: Reader = typer.Option(
         Reader.auto,

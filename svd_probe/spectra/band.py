@@ -564,15 +564,36 @@ def eigvalsh_band_device(x: torch.Tensor, b: int | None = None) -> torch.Tensor:
     triangles read), float64 [k, n], every step on x's device: stage 1 (`band_on_device`), the
     band's bulge chasing (`svd_probe.spectra.bulge`, one Triton program a matrix, the batch's in
     parallel) and the tridiagonal's Sturm bisection (`svd_probe.spectra.sturm`). No CPU worker
-    takes part. The "band-device" entry of SOLVERS."""
+    takes part. The "band-device" entry of SOLVERS, and analyze's default on CUDA.
+
+    If the kernels cannot run here (no Triton driver for this device, a Triton that fails to
+    compile for this GPU), this call and every later one are band-hybrid's instead, with one
+    warning: the same eigenvalues to the contract, by the CPU workers."""
+    global _chase_on_device
     from svd_probe.spectra import bulge
 
     b = _band_width(x, b, "eigvalsh_band_device")
     if b is None:
         return torch.linalg.eigvalsh(x)
-    with stagelog.span("stage1-issue"):
-        bands = torch.stack([band_on_device(xi, b) for xi in x])
-    de = bulge.band_to_tridiagonal(bands)
-    assert de is not None  # it waits for its turn
-    with stagelog.span("bisection"):
-        return sturm.tridiagonal_eigvalsh(*de)
+    if _chase_on_device is not False:
+        try:
+            with stagelog.span("stage1-issue"):
+                bands = torch.stack([band_on_device(xi, b) for xi in x])
+            de = bulge.band_to_tridiagonal(bands)
+            assert de is not None  # it waits for its turn
+            with stagelog.span("bisection"):
+                return sturm.tridiagonal_eigvalsh(*de)
+        except Exception as why:  # noqa: BLE001 - any kernel failure: the CPU route still answers
+            with _lock:
+                if _chase_on_device is not False:
+                    warnings.warn(
+                        f"band-device: stage 2 back on the CPU workers, as band-hybrid ({why!s:.120})",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                _chase_on_device = False
+    return eigvalsh_band(x, b, hybrid=True)
+
+
+# False once band-device's kernels have failed here (eigvalsh_band_device falls back for good).
+_chase_on_device: bool | None = None

@@ -40,7 +40,7 @@ import torch
 
 from svd_probe.spectra import stagelog
 
-__all__ = ["band_to_tridiagonal", "use_grouping"]
+__all__ = ["band_to_tridiagonal"]
 
 
 @functools.cache
@@ -146,110 +146,13 @@ LAG = 3
 # of the sweep before it has gone ahead, so every program of a launch must be resident on the GPU
 # at once. A launch holds at most one program an SM (`_sm_count`), and with this lock no other
 # chase can hold SMs that its programs are waiting for (kernels of other work finish regardless).
+#
+# Tried and reverted (2026-12-03): the bands that several threads bring at once in one launch
+# (group commit behind this lock, up to one program an SM). On an H200 it merged only 21 of 248
+# launches, and two of five compute phases of 62 layers ran past their time limit (over 35 s,
+# against 27.7-28.9 s with one launch each): a launch that takes nearly every SM leaves the other
+# threads' kernels a few, while its programs spin (benchmarks/README.md, "band-device as the default").
 _launch_lock = threading.Lock()
-
-# Bands waiting for a launch, from every thread. Whoever takes the launch lock takes the waiting
-# bands with it, as many as the SMs hold (group commit), so a dozen solver threads that each bring
-# one band share a few launches instead of queueing one 32-program launch each behind the lock:
-# on an H200 four bands in one launch took 0.106 s, one band alone 0.104 s (benchmarks/README.md,
-# "Stage 2 on the GPU: the bulge kernel"). `use_grouping(False)`: one request a launch, for benchmarks.
-_waiting_changed = threading.Condition()
-_waiting: list[_Request] = []
-_group = True
-LAUNCHES = [0]  # kernel launches of the grouped path (read by tests and benchmarks)
-
-
-def use_grouping(on: bool) -> None:
-    """Whether chases waiting at the same time share one launch (the default) or take one each."""
-    global _group
-    _group = bool(on)
-
-
-class _Request:
-    """One caller's bands [k, n, WD], already complete on the device, and how they are chased."""
-
-    def __init__(self, w: torch.Tensor, slots: int, num_warps: int, bs: int):
-        self.w, self.slots, self.num_warps, self.bs = w, slots, num_warps, bs
-        self.key = (w.device, int(w.shape[1]), int(w.shape[2]), slots, num_warps, bs)
-        self.done = False
-        self.error: BaseException | None = None
-
-
-def _per_launch(device: torch.device, slots: int) -> int:
-    """Bands one launch may hold: every program resident at once, one an SM (any number off CUDA,
-    where the interpreter runs one program after another and slots is 1)."""
-    return max(1, _sm_count(device) // slots) if device.type == "cuda" else 1 << 30
-
-
-def _take(first: _Request) -> list[_Request]:
-    """`first` and the waiting requests after it that fit beside it in one launch (same shape and
-    schedule), oldest first; removed from the queue. Called with `_waiting_changed` held."""
-    room = _per_launch(first.w.device, first.slots) - int(first.w.shape[0])
-    batch = [first]
-    for r in _waiting[1:] if _group else []:
-        k = int(r.w.shape[0])
-        if r.key == first.key and k <= room:
-            batch.append(r)
-            room -= k
-    for r in batch:
-        _waiting.remove(r)
-    return batch
-
-
-def _launch(batch: list[_Request]) -> None:
-    """Chase every band of the batch, in launches of at most `_per_launch` bands, on this thread's
-    stream; returns when they are done, each request's bands chased in place."""
-    first = batch[0]
-    device, n, wd = first.w.device, int(first.w.shape[1]), int(first.w.shape[2])
-    w = first.w if len(batch) == 1 else torch.cat([r.w for r in batch])
-    done = torch.zeros((int(w.shape[0]), n), dtype=torch.int32, device=device)
-    per = _per_launch(device, first.slots)
-    kernel = _kernel()
-    for c in range(0, int(w.shape[0]), per):
-        # Loads bypass L1 (".cg") when programs share a band: the tiles were last written by other SMs.
-        load = ".cg" if first.slots > 1 else ""
-        kernel[(first.slots, min(per, int(w.shape[0]) - c))](
-            w[c:], done[c:], n, BS=first.bs, WD=wd, SLOTS=first.slots, LAG=LAG, LOAD=load, num_warps=first.num_warps
-        )
-        LAUNCHES[0] += 1
-    if len(batch) > 1:
-        off = 0
-        for r in batch:
-            k = int(r.w.shape[0])
-            r.w.copy_(w[off : off + k])
-            off += k
-    if device.type == "cuda":
-        _sleep_until_done(torch.cuda.current_stream(device))
-
-
-def _chase_grouped(req: _Request, wait: bool) -> bool:
-    """Chase req's bands in a launch of its own or in another thread's (whichever comes first);
-    False at once, nothing done, if `wait` is False and a launch is running."""
-    with _waiting_changed:
-        if not wait and _launch_lock.locked():
-            return False
-        _waiting.append(req)
-    while True:
-        with _waiting_changed:
-            while not req.done and not _launch_lock.acquire(blocking=False):
-                _waiting_changed.wait(0.05)  # woken when a launch ends (the timeout: a lock held elsewhere)
-            if req.done:
-                break
-            batch = _take(_waiting[0])
-        try:
-            _launch(batch)
-        except BaseException as e:  # noqa: BLE001 - handed to every caller of the batch
-            for r in batch:
-                r.error = e
-        finally:
-            with _waiting_changed:
-                for r in batch:
-                    r.done = True
-                _launch_lock.release()
-                _waiting_changed.notify_all()
-    if req.error is not None:
-        raise req.error
-    return True
 
 
 @functools.cache
@@ -277,7 +180,7 @@ def default_slots(n: int, b: int, device: torch.device) -> int:
 
 
 def band_to_tridiagonal(
-    ab: torch.Tensor, num_warps: int = 4, slots: int | None = None, wait: bool = True, group: bool | None = None
+    ab: torch.Tensor, num_warps: int = 4, slots: int | None = None, wait: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The diagonal [k, n] and off-diagonal [k, n - 1] of tridiagonals orthogonally similar to the
     symmetric bands ab [k, b + 1, n] (lower storage: ab[:, i, j] = A[j + i, j]), float64 on ab's
@@ -290,10 +193,6 @@ def band_to_tridiagonal(
     `slots`: the programs a band (None: `default_slots`); program p chases sweeps p, p + slots, ...,
     each sweep LAG reflectors behind the one before. The result is the same bit for bit for any
     number of slots. More than 1 only on CUDA.
-
-    `group`: through the shared launch queue, where bands that other threads bring at the same
-    time ride in the same launch (None: when slots > 1, which needs the queue's one launch at a
-    time anyway; True also with one program a band, as the CPU tests do).
 
     `wait`: with False, None at once (nothing done) if another thread's chase of several
     programs a band is running, rather than waiting for it (band-hybrid's "chase-free" rule)."""
@@ -308,20 +207,32 @@ def band_to_tridiagonal(
     slots = default_slots(n, bs, ab.device) if slots is None else int(slots)
     if slots < 1 or (slots > 1 and ab.device.type != "cuda"):
         raise ValueError(f"band_to_tridiagonal: slots={slots} needs ≥ 1, and 1 off CUDA")
-    if ab.device.type == "cuda":
-        slots = min(slots, _sm_count(ab.device))
     # Column-major, unlike LAPACK's band storage: a column's 2b + 1 entries are contiguous, so
     # each column of a tile the kernel reads is one run of memory, not BS scattered lines.
     w = torch.zeros((k, n, wd), dtype=torch.float64, device=ab.device)
     w[:, :, :b1] = ab.to(torch.float64).transpose(1, 2)
     if n > 2 and k:
-        if slots > 1 or group:
-            if ab.device.type == "cuda":
-                with stagelog.span("chase-wait-input"):
-                    _sleep_until_done(torch.cuda.current_stream(ab.device))  # stage 1: outside the queue
-            with stagelog.span("chase"):
-                if not _chase_grouped(_Request(w, slots, num_warps, bs), wait):
-                    return None
+        kernel = _kernel()
+        if slots == 1:
+            kernel[(1, k)](w, w, n, BS=bs, WD=wd, SLOTS=1, LAG=LAG, LOAD="", num_warps=num_warps)
         else:
-            _kernel()[(1, k)](w, w, n, BS=bs, WD=wd, SLOTS=1, LAG=LAG, LOAD="", num_warps=num_warps)
+            done = torch.zeros((k, n), dtype=torch.int32, device=ab.device)
+            slots = min(slots, _sm_count(ab.device))
+            per = _sm_count(ab.device) // slots  # bands a launch
+            stream = torch.cuda.current_stream(ab.device)
+            with stagelog.span("chase-wait-input"):
+                _sleep_until_done(stream)  # this band's stage 1: outside the lock
+            with stagelog.span("chase-wait-launch"):
+                if not _launch_lock.acquire(blocking=wait):
+                    return None
+            try:
+                with stagelog.span("chase"):
+                    for c in range(0, k, per):
+                        # Loads bypass L1 (".cg"): the tiles were last written by other SMs.
+                        kernel[(slots, min(per, k - c))](
+                            w[c:], done[c:], n, BS=bs, WD=wd, SLOTS=slots, LAG=LAG, LOAD=".cg", num_warps=num_warps
+                        )
+                    _sleep_until_done(stream)
+            finally:
+                _launch_lock.release()
     return w[:, :, 0].clone(), w[:, : max(n - 1, 0), 1].clone()

@@ -181,7 +181,7 @@ DEFAULT_CONFIG = SpectraConfig()
 BAND_SOLVERS = ("band", "band-hybrid", "band-device")
 
 
-# Cores from which analyze's auto solver on CUDA is band-hybrid (pipeline_config).
+# Cores from which analyze's auto solver on CUDA is a band solver (pipeline_config).
 BAND_MIN_CORES = 8
 
 
@@ -190,11 +190,13 @@ def pipeline_config(device: torch.device, solver: str = "auto", inflight: int = 
     SOLVERS) for the big problems, `inflight` layers pending (0: auto), never batched (the writer
     thread collects each layer's σ). Raises BadOptionError for a solver that cannot run here.
 
-    Auto solver: on CUDA with at least `BAND_MIN_CORES` cores, "band-hybrid" (its device-free
-    rule, the tridiagonal on the GPU); 62 DeepSeek-V3 layers on an H200 with 16 cores, same
-    machine: compute 32.2 s against torch's 46.7 s, analyze from the folder 34.2 s, over HTTP
-    51.7 s against 52.0 s (benchmarks/README.md, "Stage 2's tridiagonal on the GPU"). Else the
-    device's `AUTO_ROUTES` entry (torch's syevd on CUDA).
+    Auto solver: on CUDA with at least `BAND_MIN_CORES` cores, "band-device" (every stage on the
+    GPU; it falls back to band-hybrid by itself where its Triton kernels cannot run), or
+    "band-hybrid" where Triton is missing. 62 DeepSeek-V3 layers on two H200s with 16 cores,
+    2026-12-03: compute 27.7-28.9 s against band-hybrid's 32.5-33.7 s on the same machines, analyze
+    from the folder 28.2-29.4 s against 35.2 s, over HTTP 33.2-34.6 s against 36.1 s
+    (benchmarks/README.md, "band-device as the default"). Else the device's `AUTO_ROUTES` entry
+    (torch's syevd on CUDA).
 
     Auto in flight: on CUDA two layers (0.726 s a DeepSeek-V3 layer instead of 0.774 s with one,
     benchmarks/README.md, H200), or for the band solvers enough layers for every core's worker
@@ -204,8 +206,11 @@ def pipeline_config(device: torch.device, solver: str = "auto", inflight: int = 
     if solver == "auto" and device.type == "cuda":
         from svd_probe.spectra.band import cores
 
-        if cores() >= BAND_MIN_CORES and not solver_unavailable("band-hybrid", device):
-            solver = "band-hybrid"
+        if cores() >= BAND_MIN_CORES:
+            for name in ("band-device", "band-hybrid"):
+                if not solver_unavailable(name, device):
+                    solver = name
+                    break
     config = SpectraConfig(solver=solver, inflight=max(0, inflight), batched=False)
     try:
         picked = config.resolved(device).solver
