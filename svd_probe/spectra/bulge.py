@@ -148,10 +148,11 @@ LAG = 3
 # chase can hold SMs that its programs are waiting for (kernels of other work finish regardless).
 #
 # Tried and reverted (2026-12-03): the bands that several threads bring at once in one launch
-# (group commit behind this lock, up to one program an SM). On an H200 it merged only 21 of 248
-# launches, and two of five compute phases of 62 layers ran past their time limit (over 35 s,
-# against 27.7-28.9 s with one launch each): a launch that takes nearly every SM leaves the other
-# threads' kernels a few, while its programs spin (benchmarks/README.md, "band-device as the default").
+# (group commit behind this lock, up to one program an SM). On two H200s it merged only 17-21 of
+# 248 launches, and its compute phases of 62 layers took 29.1-31.7 s, twice more than about 32 s
+# (cut at their limit), against 27.7-28.9 s with one launch each. The likely cause, not profiled:
+# a launch that takes nearly every SM leaves the other threads' stage-1 kernels a few while its
+# programs spin (benchmarks/README.md, "band-device as the default").
 _launch_lock = threading.Lock()
 
 
