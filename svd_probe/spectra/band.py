@@ -562,9 +562,9 @@ def eigvalsh_band(x: torch.Tensor, b: int | None = None, hybrid: bool = False) -
 def eigvalsh_band_device(x: torch.Tensor, b: int | None = None) -> torch.Tensor:
     """Eigenvalues, ascending, of each symmetric float64 matrix of the batch x [k, n, n] (lower
     triangles read), float64 [k, n], every step on x's device: stage 1 (`band_on_device`), the
-    band's bulge chasing (`svd_probe.spectra.bulge`, one Triton program a matrix, the batch's in
-    parallel) and the tridiagonal's Sturm bisection (`svd_probe.spectra.sturm`). No CPU worker
-    takes part. The "band-device" entry of SOLVERS, and analyze's default on CUDA.
+    band's bulge chasing (`svd_probe.spectra.bulge`, several Triton programs a band) and the
+    tridiagonal's Sturm bisection (`svd_probe.spectra.sturm`). No CPU worker takes part. The
+    "band-device" entry of SOLVERS, and analyze's default on a GPU host reading a local folder.
 
     If the kernels cannot run here (no Triton driver for this device, a Triton that fails to
     compile for this GPU), this call and every later one are band-hybrid's instead, with one
