@@ -198,7 +198,6 @@ def test_pipeline_config_picks_solver_and_layers_in_flight(monkeypatch):
     finally:
         monkeypatch.undo()
         solvers._import.cache_clear()
-    monkeypatch.undo()
     # band: two problems a layer, one worker per core, four layers more
     assert pipeline_config(cuda, "band-hybrid").inflight == cores() // 2 + 4
     assert pipeline_config(cpu, "band").inflight == 1

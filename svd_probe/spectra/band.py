@@ -568,7 +568,8 @@ def eigvalsh_band_device(x: torch.Tensor, b: int | None = None) -> torch.Tensor:
 
     If the kernels cannot run here (no Triton driver for this device, a Triton that fails to
     compile for this GPU), this call and every later one are band-hybrid's instead, with one
-    warning: the same eigenvalues to the contract, by the CPU workers."""
+    warning of its own (band-hybrid's bisection on the device, a Triton kernel too, has its own
+    fallback and warning): the same eigenvalues to the contract, by the CPU workers."""
     global _chase_on_device
     from svd_probe.spectra import bulge
 
