@@ -116,6 +116,10 @@ def phase(args) -> dict:
         band.use_stage2_workers("processes", args.band_workers)  # guarded script: see main
     if args.hybrid_rule:
         band.use_hybrid_rule(args.hybrid_rule)
+    if args.chase_launches != 1:
+        from svd_probe.spectra import bulge
+
+        bulge.use_chase_launches(args.chase_launches)
     from svd_probe.spectra import stagelog
 
     with stagelog.recording() if args.stages else contextlib.nullcontext() as log:
@@ -288,6 +292,9 @@ def main() -> None:
     ap.add_argument(
         "--stages", action="store_true", help="log the band solvers' stages (svd_probe.spectra.stagelog) in each phase"
     )
+    ap.add_argument(
+        "--chase-launches", type=int, default=1, help="band-device's bulge-chase launches at once, each on 1/N of the SMs"
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase
     ap.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
@@ -334,6 +341,7 @@ def main() -> None:
         "hybrid_rule": args.hybrid_rule or None,
         "concurrency": args.concurrency,
         "reader": args.reader,
+        "chase_launches": args.chase_launches,
         "phases": {},
     }
     try:
@@ -346,6 +354,7 @@ def main() -> None:
             cmd += ["--hybrid-rule", args.hybrid_rule] if args.hybrid_rule else []
             cmd += ["--concurrency", str(args.concurrency), "--reader", args.reader]
             cmd += ["--stages"] if args.stages else []
+            cmd += ["--chase-launches", str(args.chase_launches)]
             hub_cpu0 = _cpu_seconds_of(hub.pid)
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             hub_cpu = _cpu_seconds_of(hub.pid)

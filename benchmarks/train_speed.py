@@ -86,6 +86,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from svd_probe.train import data as D  # noqa: E402
+from svd_probe.train import kernels  # noqa: E402
 from svd_probe.train.config import TrainConfig, preset  # noqa: E402
 from svd_probe.train.loop import (  # noqa: E402
     STEP_GRAPH_COMPILE,
@@ -181,10 +182,16 @@ class Bench:
         factored: bool,
         inner: str | None = None,
         sdpa: str = "default",
+        fast: frozenset[str] = kernels.ALL,
     ):
         torch.manual_seed(0)
         self.variant, self.mode, self.dev, self.batch, self.sdpa = variant, mode, dev, batch, sdpa
-        self.model = MaskedLM(cfg).to(dev)
+        # The model's modules copy the fast-path set at construction (kernels.ENABLED).
+        saved, kernels.ENABLED = kernels.ENABLED, fast
+        try:
+            self.model = MaskedLM(cfg).to(dev)
+        finally:
+            kernels.ENABLED = saved
         if factored:
             for m in self.model.modules():
                 if hasattr(m, "fuse_shared_output"):
@@ -427,6 +434,12 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--variants", default="mha,mla,mla-o")
     ap.add_argument("--ablation", action="store_true", help="also mla-o with the two-matmul (factored) output")
+    ap.add_argument(
+        "--kernels",
+        default="all",
+        help="fast-path sets to time, each its own row per variant: all (today's step), torch (none), "
+        f"or -NAME for all but one ({', '.join(sorted(kernels.ALL))}); rows other than all are named 'VARIANT SET'",
+    )
     ap.add_argument("--budget", type=float, default=230.0, help="seconds for the whole run, compiles included")
     ap.add_argument("--json", dest="json_path", default=None, help="default: $OUT/train_speed.json when $OUT is set")
     args = ap.parse_args()
@@ -450,9 +463,25 @@ def main() -> None:
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 256)
 
-    cases = [(v, replace(preset(v, args.size), max_seq_len=max(128, seq_len)), False) for v in args.variants.split(",")]
+    fast_sets = {}
+    for name in dict.fromkeys(args.kernels.split(",")):
+        if name == "all":
+            fast_sets[name] = kernels.ALL
+        elif name == "torch":
+            fast_sets[name] = frozenset()
+        elif name.startswith("-") and name[1:] in kernels.ALL:
+            fast_sets[name] = kernels.ALL - {name[1:]}
+        else:
+            sys.exit(
+                f"unknown --kernels {name!r}: all, torch, or -NAME with NAME one of {', '.join(sorted(kernels.ALL))}"
+            )
+    cases = [
+        (v if fs == "all" else f"{v} {fs}", replace(preset(v, args.size), max_seq_len=max(128, seq_len)), False, fast)
+        for v in args.variants.split(",")
+        for fs, fast in fast_sets.items()
+    ]
     if args.ablation:
-        cases.append(("mla-o factored", cases[-1][1], True))
+        cases.append(("mla-o factored", cases[-1][1], True, kernels.ALL))
     path = args.json_path or (os.path.join(os.environ["OUT"], "train_speed.json") if os.environ.get("OUT") else None)
     env = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})",
@@ -466,6 +495,7 @@ def main() -> None:
         "autocast": "bf16" if dev.type == "cuda" else "off",
         "stepgraph_compile": args.stepgraph_compile,
         "sdpa_backends": sdpas,
+        "kernels": {n: sorted(f) for n, f in fast_sets.items()},
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
     if dev.type == "cuda":
@@ -525,11 +555,11 @@ def main() -> None:
             say("skip stepgraph: a CUDA graph needs a CUDA device")
             rows += [
                 {"variant": n, "mode": mode, "source": "device", "sdpa": sd, "skipped": "needs CUDA"}
-                for n, _, _ in cases
+                for n, _, _, _ in cases
                 for sd in sdpas
             ]
             continue
-        for (name, cfg, factored), sdpa in [(c, sd) for c in cases for sd in sdpas]:
+        for (name, cfg, factored, fast), sdpa in [(c, sd) for c in cases for sd in sdpas]:
             label = f"{name} {mode}" + ("" if sdpa == "default" else f" sdpa={sdpa}")
             if (name, sdpa) not in probes:
                 probes[(name, sdpa)] = sdpa_probe(cfg, dev, seq_len, sdpa)
@@ -550,7 +580,7 @@ def main() -> None:
             try:
                 inner = args.stepgraph_compile if mode == "stepgraph" else None
                 with sdpa_context(sdpa):  # built, compiled, warmed and captured under the backend
-                    b = Bench(name, cfg, mode, dev, batch, seq_len, factored, inner, sdpa)
+                    b = Bench(name, cfg, mode, dev, batch, seq_len, factored, inner, sdpa, fast)
                     setup = b.warm(args.warmup)
                 per_step = max((setup - sum(b.first_step_s.values())) / max(1, args.warmup * len(b.steps)), 1e-4)
                 est_step_s[mode] = max(est_step_s.get(mode, 0.0), per_step)
@@ -624,11 +654,11 @@ def main() -> None:
         f"median of {args.rounds} rounds x {args.steps} steps"
     )
     print(
-        f"{'variant':<15} {'mode':<9} {'source':<7} {'sdpa':<9} {'samples/s':>10} {'[min .. max]':>21} {'±':>6} "
+        f"{'variant':<17} {'mode':<9} {'source':<7} {'sdpa':<9} {'samples/s':>10} {'[min .. max]':>21} {'±':>6} "
         f"{'ms/step':>8} {'issue_ms':>8} {'1st step':>8}" + (f" {'gpu_ms':>8}" if args.profile else "")
     )
     for r in rows:
-        head = f"{r['variant']:<15} {r['mode']:<9} {r['source']:<7} {r.get('sdpa', 'default'):<9}"
+        head = f"{r['variant']:<17} {r['mode']:<9} {r['source']:<7} {r.get('sdpa', 'default'):<9}"
         if "samples_per_s" not in r:
             print(f"{head} {str(r.get('skipped') or r.get('error'))[:100]}")  # whole in the JSON
             continue

@@ -153,7 +153,20 @@ LAG = 3
 # (cut at their limit), against 27.7-28.9 s with one launch each. The likely cause, not profiled:
 # a launch that takes nearly every SM leaves the other threads' stage-1 kernels a few while its
 # programs spin (benchmarks/README.md, "band-device as the default").
-_launch_lock = threading.Lock()
+#
+# `use_chase_launches(2)` lets two launches run at once, each held to half the SMs, so that both
+# can be resident together (benchmarks/bench_e2e.py --chase-launches measures it; 1, one at a
+# time, is the measured default).
+_chase_launches = 1
+_launch_lock = threading.BoundedSemaphore(_chase_launches)
+
+
+def use_chase_launches(n: int) -> None:
+    """Multi-program chase launches allowed at once in this process (before any solve starts)."""
+    global _chase_launches, _launch_lock
+    if n < 1:
+        raise ValueError(f"chase launches at once must be ≥ 1, got {n}")
+    _chase_launches, _launch_lock = n, threading.BoundedSemaphore(n)
 
 
 @functools.cache
@@ -218,8 +231,9 @@ def band_to_tridiagonal(
             kernel[(1, k)](w, w, n, BS=bs, WD=wd, SLOTS=1, LAG=LAG, LOAD="", num_warps=num_warps)
         else:
             done = torch.zeros((k, n), dtype=torch.int32, device=ab.device)
-            slots = min(slots, _sm_count(ab.device))
-            per = _sm_count(ab.device) // slots  # bands a launch
+            sms = max(1, _sm_count(ab.device) // _chase_launches)  # the SMs one launch may hold
+            slots = min(slots, sms)
+            per = sms // slots  # bands a launch
             stream = torch.cuda.current_stream(ab.device)
             with stagelog.span("chase-wait-input"):
                 _sleep_until_done(stream)  # this band's stage 1: outside the lock

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svd_probe.train import kernels
 from svd_probe.train.config import ModelConfig
 
 
@@ -133,12 +134,19 @@ class MHA(nn.Module):
         self.o_proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
         self.rope = Rope(cfg.head_dim, cfg.rope_dims, cfg.rope_theta, cfg.max_seq_len)
         self.causal = cfg.objective == "clm"
+        self.fast_attention = kernels.available("attention")  # a plain attribute: dynamo guards on it
 
     def forward(self, x, key_mask=None):
         B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.h, self.d)
+        if self.fast_attention and kernels.attention_applies(qkv[:, :, 0], key_mask, self.rope.rope_dims):
+            rope = self.rope
+            return self.o_proj(
+                kernels.short_attention(qkv, None, rope.cos, rope.sin, self.h, rope.rope_dims, self.causal)
+            )
         # unbind, not slicing: its backward is one stack, where each slice's backward would
         # write a zero-filled full-size gradient and copy into it.
-        q, k, v = self.qkv(x).view(B, T, 3, self.h, self.d).unbind(2)
+        q, k, v = qkv.unbind(2)
         q, k = self.rope(q, k)
         return self.o_proj(_attend(q, k, v, key_mask, self.causal))
 
@@ -172,14 +180,20 @@ class MLA(nn.Module):
             self.o_proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
         self.rope = Rope(cfg.head_dim, cfg.rope_dims, cfg.rope_theta, cfg.max_seq_len)
         self.causal = cfg.objective == "clm"
+        self.fast_attention = kernels.available("attention")
 
     def forward(self, x, key_mask=None):
         B, T, _ = x.shape
         c_q, c_kv = self.down(x).split([self.q_latent, self.down.out_features - self.q_latent], dim=-1)
         q = self.q_up(self.q_norm(c_q)).view(B, T, self.h, self.d)
-        k, v = self.kv_up(self.kv_norm(c_kv)).view(B, T, self.h, 2, self.d).unbind(3)  # per head [key | value]
-        q, k = self.rope(q, k)
-        heads = _attend(q, k, v, key_mask, self.causal)
+        kv = self.kv_up(self.kv_norm(c_kv)).view(B, T, self.h, 2, self.d)  # per head [key | value]
+        if self.fast_attention and kernels.attention_applies(q, key_mask, self.rope.rope_dims):
+            rope = self.rope
+            heads = kernels.short_attention(q, kv, rope.cos, rope.sin, self.h, rope.rope_dims, self.causal)
+        else:
+            k, v = kv.unbind(3)
+            q, k = self.rope(q, k)
+            heads = _attend(q, k, v, key_mask, self.causal)
         if self.shared_output:
             if self.o_norm_kind == "rms":
                 return self.o_up(self.o_norm(self.o_down(heads)))
@@ -205,9 +219,18 @@ class SwiGLU(nn.Module):
         # gate and up fused into one matmul: rows [gate | up].
         self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.ffn_dim, bias=True)
         self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=True)
+        self.fast_swiglu = kernels.available("swiglu")
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        if self.fast_swiglu and x.is_cuda:
+            # The GEMM without its bias; the kernel adds it, and sums its gradient in its backward.
+            y = F.linear(x, self.gate_up.weight)
+            if kernels.swiglu_applies(y):
+                h = kernels.swiglu_bias(y.flatten(0, -2), self.gate_up.bias)
+                return self.down(h.view(*x.shape[:-1], -1))
+            gate, up = (y + self.gate_up.bias.to(y.dtype)).chunk(2, dim=-1)  # fp32 on CUDA
+        else:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 
@@ -270,6 +293,7 @@ class MaskedLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.encoder = Encoder(cfg)
+        self.pad_vocab = "pad-vocab" in kernels.ENABLED  # no kernel: Triton or not
 
     def forward(self, ids, positions, targets, accuracy: bool = True):
         """ids [B, T]; positions, targets [B, k]. Returns (mean loss, number of correct predictions,
@@ -277,7 +301,9 @@ class MaskedLM(nn.Module):
         h = self.encoder(ids)
         picked = torch.gather(h, 1, positions[..., None].expand(-1, -1, h.shape[-1]))
         # B·k masked tokens (4,864 at batch 256): one matmul, no chunking.
-        loss, correct = _head_chunk(picked.flatten(0, 1), self.encoder.embed.weight, targets.flatten(), accuracy)
+        w = self.encoder.embed.weight
+        pad = kernels.vocab_padding(h, w.shape[0]) if self.pad_vocab else 0
+        loss, correct = _head_chunk(picked.flatten(0, 1), w, targets.flatten(), accuracy, pad)
         return loss / targets.numel(), correct
 
 
@@ -289,12 +315,15 @@ class CausalLM(nn.Module):
         if cfg.objective != "clm":
             raise ValueError("CausalLM needs objective='clm' (causal attention)")
         self.encoder = Encoder(cfg)
+        self.pad_vocab = "pad-vocab" in kernels.ENABLED  # no kernel: Triton or not
 
     def forward(self, ids, targets, accuracy: bool = True):
         """ids, targets [B, T] (targets: ids shifted by one). Returns (mean loss, number correct,
         or None with accuracy=False)."""
         h = self.encoder(ids)
-        return lm_head_loss(h.flatten(0, 1), self.encoder.embed.weight, targets.flatten(), accuracy=accuracy)
+        w = self.encoder.embed.weight
+        pad = kernels.vocab_padding(h, w.shape[0]) if self.pad_vocab else 0
+        return lm_head_loss(h.flatten(0, 1), w, targets.flatten(), accuracy=accuracy, pad=pad)
 
 
 # Tokens per chunk of the LM head's loss: 4,096 × a 30,522-word vocabulary is 0.5 GB of float32
@@ -304,15 +333,28 @@ LM_HEAD_CHUNK = 4096
 
 
 def _head_chunk(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, accuracy: bool = True
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, accuracy: bool = True, pad: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logits = h @ weight.T.to(h.dtype)
+    """The summed loss (and number correct) of one chunk; `pad` rows of zeros appended to the
+    weight for the matmul only (kernels.vocab_padding), the same loss and gradients."""
+    w = weight.to(h.dtype)
+    if pad:
+        # 30,522 logits a row are 61,044 bytes, not a multiple of 16: the GEMMs and the softmax
+        # fall back to unaligned kernels. Padded rows are aligned; the slice drops them.
+        logits = (h @ F.pad(w, (0, 0, 0, pad)).T)[:, : w.shape[0]]
+    else:
+        logits = h @ w.T
     loss = F.cross_entropy(_at_least_fp32(logits), targets, reduction="sum")
     return loss, ((logits.argmax(-1) == targets).sum() if accuracy else None)
 
 
 def lm_head_loss(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = LM_HEAD_CHUNK, accuracy: bool = True
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = LM_HEAD_CHUNK,
+    accuracy: bool = True,
+    pad: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean cross-entropy of the tied head `h @ weight.T` against `targets`, and the number correct
     (None with accuracy=False).
@@ -323,7 +365,7 @@ def lm_head_loss(
     for one more head matmul forward.
     """
     if h.shape[0] <= chunk:
-        loss, correct = _head_chunk(h, weight, targets, accuracy)
+        loss, correct = _head_chunk(h, weight, targets, accuracy, pad)
         return loss / h.shape[0], correct
     from torch.utils.checkpoint import checkpoint
 
@@ -331,7 +373,7 @@ def lm_head_loss(
     count = torch.zeros((), dtype=torch.long, device=h.device)
     for i in range(0, h.shape[0], chunk):
         loss_i, correct_i = checkpoint(
-            _head_chunk, h[i : i + chunk], weight, targets[i : i + chunk], accuracy, use_reentrant=False
+            _head_chunk, h[i : i + chunk], weight, targets[i : i + chunk], accuracy, pad, use_reentrant=False
         )
         total = total + loss_i
         if correct_i is not None:

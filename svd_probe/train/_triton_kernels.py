@@ -1,0 +1,140 @@
+"""The Triton kernels behind svd_probe/train/kernels.py (which says why each is hand-written and
+when it runs). Imported only where Triton is: this module imports it at the top, so that the
+kernels can call each other (Triton resolves a kernel's callees from its module's globals)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotated(ptr, d, tmask, perm, sign, cos, sin):
+    """x·cos + rotate_half(x)·sin for one [BT, D] tile (fp32), and the same for its
+    rotate-half partner columns, which the backward's adjoint needs:
+    rot(x)[:, perm j] = x[:, perm j]·cos_j - sign_j·x[:, j]·sin_j (cos, sin equal on partners)."""
+    x = tl.load(ptr + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    xp = tl.load(ptr + perm[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    return x * cos + sign[None, :] * xp * sin, xp * cos - sign[None, :] * x * sin
+
+
+@triton.jit
+def _positions(COS, SIN, T, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr, BT: tl.constexpr):
+    """Token and head-dim indices, the valid tokens, each dim's rotate-half partner and sign, and
+    the cos/sin tables [BT, D] (cos 1, sin 0 past T)."""
+    t = tl.arange(0, BT)
+    d = tl.arange(0, D)
+    tmask = t < T
+    perm = tl.where(d < HALF, d + HALF, tl.where(d < R, d - HALF, d))
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    cs = t[:, None] * D + d[None, :]
+    cos = tl.load(COS + cs, mask=tmask[:, None], other=1.0)
+    sin = tl.load(SIN + cs, mask=tmask[:, None], other=0.0)
+    return t, d, tmask, perm, sign, cos, sin
+
+
+@triton.jit
+def attn_fwd(
+    Q, K, V, OUT, LSE, COS, SIN,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot,
+    T, H, scale_log2,
+    D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b, h = pid // H, pid % H
+    t, d, tmask, perm, sign, cos, sin = _positions(COS, SIN, T, D, HALF, R, BT)
+    qr, _ = _rotated(Q + b * sqb + h * sqh + t[:, None] * sqt, d, tmask, perm, sign, cos, sin)
+    kr, _ = _rotated(K + b * skb + h * skh + t[:, None] * skt, d, tmask, perm, sign, cos, sin)
+    v = tl.load(V + b * svb + h * svh + t[:, None] * svt + d[None, :], mask=tmask[:, None], other=0.0)
+    dt = v.dtype
+    s = tl.dot(qr.to(dt), tl.trans(kr.to(dt))) * scale_log2  # base-2 logits
+    keep = tmask[None, :]
+    if CAUSAL:
+        keep = keep & (t[None, :] <= t[:, None])
+    s = tl.where(keep, s, float("-inf"))
+    m = tl.max(s, 1)
+    p = tl.exp2(s - m[:, None])
+    lsum = tl.sum(p, 1)
+    o = tl.dot(p.to(dt), v) / lsum[:, None]
+    tl.store(OUT + b * sob + t[:, None] * sot + h * D + d[None, :], o.to(dt), mask=tmask[:, None])
+    tl.store(LSE + pid * BT + t, m + tl.log2(lsum))
+
+
+@triton.jit
+def attn_bwd(
+    Q, K, V, OUT, DO, LSE, COS, SIN, DQ, DK, DV,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot,
+    T, H, scale, scale_log2,
+    D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr,
+):  # fmt: skip
+    # DQ, DK, DV have the strides of Q, K, V; DO those of OUT.
+    pid = tl.program_id(0)
+    b, h = pid // H, pid % H
+    t, d, tmask, perm, sign, cos, sin = _positions(COS, SIN, T, D, HALF, R, BT)
+    q_off = b * sqb + h * sqh + t[:, None] * sqt
+    k_off = b * skb + h * skh + t[:, None] * skt
+    v_off = b * svb + h * svh + t[:, None] * svt + d[None, :]
+    o_off = b * sob + t[:, None] * sot + h * D + d[None, :]
+    qr, qpr = _rotated(Q + q_off, d, tmask, perm, sign, cos, sin)
+    kr, kpr = _rotated(K + k_off, d, tmask, perm, sign, cos, sin)
+    v = tl.load(V + v_off, mask=tmask[:, None], other=0.0)
+    dt = v.dtype
+    do = tl.load(DO + o_off, mask=tmask[:, None], other=0.0)
+    o = tl.load(OUT + o_off, mask=tmask[:, None], other=0.0)
+    lse = tl.load(LSE + pid * BT + t)
+    s = tl.dot(qr.to(dt), tl.trans(kr.to(dt))) * scale_log2
+    keep = tmask[None, :] & tmask[:, None]
+    if CAUSAL:
+        keep = keep & (t[None, :] <= t[:, None])
+    p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+    pc = p.to(dt)
+    tl.store(DV + v_off, tl.dot(tl.trans(pc), do).to(dt), mask=tmask[:, None])
+    dp = tl.dot(do, tl.trans(v))
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    ds = (p * (dp - delta[:, None])).to(dt)
+    # The rotation's adjoint: d(x·cos + sign·x_perm·sin) = g·cos - sign·(g_perm)·sin, where
+    # g_perm = ds @ (rotated partner columns): one more small matmul instead of a shuffle.
+    dq = tl.dot(ds, kr.to(dt)) * cos - sign[None, :] * tl.dot(ds, kpr.to(dt)) * sin
+    tl.store(DQ + q_off + d[None, :], (dq * scale).to(dt), mask=tmask[:, None])
+    dst = tl.trans(ds)
+    dk = tl.dot(dst, qr.to(dt)) * cos - sign[None, :] * tl.dot(dst, qpr.to(dt)) * sin
+    tl.store(DK + k_off + d[None, :], (dk * scale).to(dt), mask=tmask[:, None])
+
+
+@triton.jit
+def _gate_up(Y, B, r, c, N, F):
+    """The tile's mask, its rows' offsets in y [N, 2F], and gate + b_g, up + b_u in fp32."""
+    mask = (r[:, None] < N) & (c[None, :] < F)
+    row = r[:, None].to(tl.int64) * (2 * F)
+    g = tl.load(Y + row + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(Y + row + F + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    g += tl.load(B + c, mask=c < F, other=0.0).to(tl.float32)[None, :]
+    u += tl.load(B + F + c, mask=c < F, other=0.0).to(tl.float32)[None, :]
+    return mask, row, g, u
+
+
+@triton.jit
+def swiglu_fwd(Y, B, Hout, N, F, BM: tl.constexpr, BF: tl.constexpr):
+    r = tl.program_id(0) * BM + tl.arange(0, BM)
+    c = tl.program_id(1) * BF + tl.arange(0, BF)
+    mask, row, g, u = _gate_up(Y, B, r, c, N, F)
+    h = g * tl.sigmoid(g) * u
+    tl.store(Hout + r[:, None].to(tl.int64) * F + c[None, :], h.to(Hout.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def swiglu_bwd(DH, Y, B, DY, DB, N, F, BM: tl.constexpr, BF: tl.constexpr):
+    pm = tl.program_id(0)
+    r = pm * BM + tl.arange(0, BM)
+    c = tl.program_id(1) * BF + tl.arange(0, BF)
+    mask, row, g, u = _gate_up(Y, B, r, c, N, F)
+    dh = tl.load(DH + r[:, None].to(tl.int64) * F + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    sg = tl.sigmoid(g)
+    silu = g * sg
+    dg = dh * u * sg * (1.0 + g * (1.0 - sg))  # d silu(g)/dg = σ(g)(1 + g(1 - σ(g)))
+    du = dh * silu
+    dg = tl.where(mask, dg, 0.0)
+    du = tl.where(mask, du, 0.0)
+    tl.store(DY + row + c[None, :], dg.to(DY.dtype.element_ty), mask=mask)
+    tl.store(DY + row + F + c[None, :], du.to(DY.dtype.element_ty), mask=mask)
+    # One row of partial bias-gradient sums per row block, in fp32; summed over blocks after.
+    tl.store(DB + pm * 2 * F + c, tl.sum(dg, 0), mask=c < F)
+    tl.store(DB + pm * 2 * F + F + c, tl.sum(du, 0), mask=c < F)

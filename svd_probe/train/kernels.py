@@ -1,0 +1,282 @@
+"""Hand-written Triton kernels for the training step at the lab's shapes, and when they apply.
+
+Two jobs, each one a forward and a backward kernel behind a `torch.library.custom_op` (so
+torch.compile and the whole-step CUDA graph take them as single opaque calls, autograd through
+`register_autograd`):
+
+- `short_attention`: RoPE + softmax attention for sequences of at most 128 tokens, the whole
+  sequence of one (batch row, head) in one program. Why hand-written: at the lab's shape
+  (128 tokens, head_dim 32, 2,048 sequences a layer) the library kernels are tiled for long
+  sequences. cuDNN's flash backward accumulates dQ in fp32 across key blocks and converts it
+  after (`convert_dq_to_16bits`), runs a separate `dot(dO, O)` pass, and RoPE and the heads'
+  transposes are kernels of their own on each side. Together they took 1.45 ms of the 7.44 ms
+  step (H200, benchmarks/README.md "Where the stepgraph's GPU time goes"). With one program per
+  sequence there is no cross-block reduction at all: the program reads q, k, v straight out of
+  the projection's output (any strides), rotates them in registers, and writes the gradients
+  straight into the projection's gradient layout.
+- `swiglu_bias`: silu(gate + b_g) · (up + b_u) from the bias-free gate_up GEMM, and its backward
+  with the bias gradient summed in the same pass. Why: torch.compile writes the backward as one
+  pointwise kernel over the concatenated [gate | up] gradient, so each half reads its inputs
+  again (2.5 TB/s, 0.13 ms a layer), and the bias gradient as a second full read.
+
+Neither changes the function: the same math in fp32 registers on bf16 inputs, as the compiled
+torch code computes it. `tests/test_train_kernels.py` checks both against float64 references in
+Triton's interpreter, and `benchmarks/train_speed.py --kernels` times them against the torch
+path on the GPU.
+
+Where a kernel does not apply (no CUDA, no Triton, fp32 or fp64 inputs, a key-padding mask,
+more than 128 tokens, a head size that is not 16, 32, 64 or 128) the model runs its torch code,
+so every test that runs the model on the CPU runs that path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+# The fast paths a model built now takes where they apply: "attention" (short_attention),
+# "swiglu" (swiglu_bias) and "pad-vocab" (the tied head's matmul over a vocabulary padded to a
+# multiple of 64, so the logits' rows are 16-byte aligned; the padding is sliced off before the
+# loss). Each module copies its own flag at construction, a plain attribute that torch.compile
+# guards on; benchmarks/train_speed.py --kernels builds models under several sets.
+ALL = frozenset({"attention", "swiglu", "pad-vocab"})
+ENABLED: frozenset[str] = ALL
+VOCAB_ALIGN = 64
+
+MAX_TOKENS = 128
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure to import means "not here"
+        return False
+    return True
+
+
+def _gpu_ok(x: torch.Tensor) -> bool:
+    """Only where the kernels were measured: bf16/fp16 on CUDA (the training step under
+    autocast). Whether Triton imports is asked once, when a module is built (`available`), not
+    here: this runs inside the traced forward."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def available(name: str) -> bool:
+    """Whether a module built now takes fast path `name` (where its inputs allow)."""
+    return name in ENABLED and triton_available()
+
+
+def attention_applies(q: torch.Tensor, key_mask, rope_dims: int) -> bool:
+    """Whether `short_attention` runs for q [B, T, H, D] (key_mask: None or a padding mask)."""
+    T, D = q.shape[1], q.shape[3]
+    return key_mask is None and T <= MAX_TOKENS and D in HEAD_DIMS and rope_dims % 2 == 0 and _gpu_ok(q)
+
+
+def swiglu_applies(y: torch.Tensor) -> bool:
+    """Whether the gate_up GEMM's output y [N, 2F] goes through `swiglu_bias`."""
+    return _gpu_ok(y)
+
+
+def vocab_padding(h: torch.Tensor, vocab_size: int) -> int:
+    """Rows to pad the tied head's weight with before its matmul (0: none)."""
+    return -vocab_size % VOCAB_ALIGN if h.is_cuda else 0
+
+
+# Warps a program, by the padded sequence length (benchmarks/bench_train_kernels.py times the
+# choices): a [128, 128] fp32 score tile is 64 registers a thread at 8 warps.
+ATTENTION_WARPS = {128: 8}
+
+
+def _block_tokens(T: int) -> int:
+    return max(16, 1 << (T - 1).bit_length())
+
+
+@functools.cache
+def _attention_kernels():  # noqa: ANN202 - triton.JITFunctions
+    from svd_probe.train import _triton_kernels as tk
+
+    return tk.attn_fwd, tk.attn_bwd
+
+
+def _qkv_views(q_src: torch.Tensor, kv_src: torch.Tensor, packed: bool, n_heads: int):
+    """(q, k, v) as [B, T, H, D] views: packed, q_src is [B, T, 3, H, D] (mha's qkv) and kv_src
+    is unused; otherwise q_src is [B, T, H, D] and kv_src [B, T, H, 2, D] (mla's per-head
+    [key | value])."""
+    if packed:
+        return q_src[:, :, 0], q_src[:, :, 1], q_src[:, :, 2]
+    return q_src, kv_src[..., 0, :], kv_src[..., 1, :]
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _launch_attention(q, k, v, cos, sin, rope_dims: int, causal: bool, grads=None, o=None, lse=None, do=None):
+    fwd, bwd = _attention_kernels()
+    B, T, H, D = q.shape
+    BT = _block_tokens(T)
+    scale = 1.0 / math.sqrt(D)
+    warps = ATTENTION_WARPS.get(BT, 4)
+    common = dict(D=D, HALF=rope_dims // 2, R=rope_dims, BT=BT, CAUSAL=causal, num_warps=warps)
+    strides = (*_strides(q), *_strides(k), *_strides(v))
+    if grads is None:
+        o = torch.empty((B, T, H * D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B * H, BT), dtype=torch.float32, device=q.device)
+        fwd[(B * H,)](
+            q, k, v, o, lse, cos, sin, *strides, o.stride(0), o.stride(1), T, H, scale / math.log(2), **common
+        )
+        return o, lse
+    dq, dk, dv = grads
+    assert do.stride() == o.stride()
+    bwd[(B * H,)](
+        q, k, v, o, do, lse, cos, sin, dq, dk, dv, *strides, o.stride(0), o.stride(1),
+        T, H, scale, scale / math.log(2), **common,
+    )  # fmt: skip
+    return None
+
+
+def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return cos[:T].float().contiguous(), sin[:T].float().contiguous()
+
+
+@torch.library.custom_op("svd_probe::short_attention", mutates_args=())
+def _short_attention_op(
+    q_src: torch.Tensor, kv_src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    n_heads: int, rope_dims: int, causal: bool, packed: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    q, k, v = _qkv_views(q_src, kv_src, packed, n_heads)
+    return _launch_attention(q, k, v, cos, sin, rope_dims, causal)
+
+
+@_short_attention_op.register_fake
+def _(q_src, kv_src, cos, sin, n_heads, rope_dims, causal, packed):
+    q, _, _ = _qkv_views(q_src, kv_src, packed, n_heads)
+    B, T, H, D = q.shape
+    return q.new_empty((B, T, H * D)), q.new_empty((B * H, _block_tokens(T)), dtype=torch.float32)
+
+
+@torch.library.custom_op("svd_probe::short_attention_backward", mutates_args=())
+def _short_attention_backward_op(
+    do: torch.Tensor, q_src: torch.Tensor, kv_src: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, n_heads: int, rope_dims: int, causal: bool, packed: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    dq_src = torch.empty_like(q_src)
+    dkv_src = torch.empty_like(kv_src) if not packed else q_src.new_empty(0)
+    q, k, v = _qkv_views(q_src, kv_src, packed, n_heads)
+    grads = _qkv_views(dq_src, dkv_src, packed, n_heads)
+    _launch_attention(q, k, v, cos, sin, rope_dims, causal, grads=grads, o=o, lse=lse, do=do.contiguous())
+    return dq_src, dkv_src
+
+
+@_short_attention_backward_op.register_fake
+def _(do, q_src, kv_src, o, lse, cos, sin, n_heads, rope_dims, causal, packed):
+    return torch.empty_like(q_src), (torch.empty_like(kv_src) if not packed else q_src.new_empty(0))
+
+
+def _attention_setup(ctx, inputs, output):
+    q_src, kv_src, cos, sin, n_heads, rope_dims, causal, packed = inputs
+    o, lse = output
+    ctx.save_for_backward(q_src, kv_src, o, lse, cos, sin)
+    ctx.args = (n_heads, rope_dims, causal, packed)
+
+
+def _attention_backward(ctx, do, _dlse):
+    q_src, kv_src, o, lse, cos, sin = ctx.saved_tensors
+    n_heads, rope_dims, causal, packed = ctx.args
+    dq_src, dkv_src = _short_attention_backward_op(do, q_src, kv_src, o, lse, cos, sin, *ctx.args)
+    return dq_src, (None if packed else dkv_src), None, None, None, None, None, None
+
+
+_short_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def short_attention(
+    q_src: torch.Tensor,
+    kv_src: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n_heads: int,
+    rope_dims: int,
+    causal: bool,
+) -> torch.Tensor:
+    """RoPE (on the first rope_dims of each q and k head, rotate-half pairing, tables [≥T, D])
+    and softmax attention with scale 1/√D -> [B, T, H·D].
+
+    kv_src None: q_src is mha's qkv, [B, T, 3, H, D]. Otherwise q_src [B, T, H, D] and kv_src
+    [B, T, H, 2, D] (mla's per-head [key | value]). Gradients come back in those layouts."""
+    packed = kv_src is None
+    T = q_src.shape[1]
+    cos, sin = _rope_tables(cos, sin, T)
+    o, _ = _short_attention_op(
+        q_src, q_src.new_empty(0) if packed else kv_src, cos, sin, n_heads, rope_dims, causal, packed
+    )
+    return o
+
+
+# --- SwiGLU with the bias folded in ----------------------------------------------------------
+
+_SWIGLU_ROWS = 64  # rows a program: each program writes one row of bias-gradient partial sums
+_SWIGLU_COLS = 128
+
+
+@functools.cache
+def _swiglu_kernels():  # noqa: ANN202 - triton.JITFunctions
+    from svd_probe.train import _triton_kernels as tk
+
+    return tk.swiglu_fwd, tk.swiglu_bwd
+
+
+def _swiglu_grid(N: int, F: int) -> tuple[int, int]:
+    return (-(-N // _SWIGLU_ROWS), -(-F // _SWIGLU_COLS))
+
+
+@torch.library.custom_op("svd_probe::swiglu_bias", mutates_args=())
+def _swiglu_op(y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    N, F = y.shape[0], y.shape[1] // 2
+    h = y.new_empty((N, F))
+    fwd, _ = _swiglu_kernels()
+    fwd[_swiglu_grid(N, F)](y, b, h, N, F, BM=_SWIGLU_ROWS, BF=_SWIGLU_COLS, num_warps=8)
+    return h
+
+
+@_swiglu_op.register_fake
+def _(y, b):
+    return y.new_empty((y.shape[0], y.shape[1] // 2))
+
+
+@torch.library.custom_op("svd_probe::swiglu_bias_backward", mutates_args=())
+def _swiglu_backward_op(dh: torch.Tensor, y: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    N, F = y.shape[0], y.shape[1] // 2
+    dy = torch.empty_like(y)
+    grid = _swiglu_grid(N, F)
+    partial = torch.empty((grid[0], 2 * F), dtype=torch.float32, device=y.device)
+    _, bwd = _swiglu_kernels()
+    bwd[grid](dh.contiguous(), y, b, dy, partial, N, F, BM=_SWIGLU_ROWS, BF=_SWIGLU_COLS, num_warps=8)
+    return dy, partial.sum(0).to(b.dtype)
+
+
+@_swiglu_backward_op.register_fake
+def _(dh, y, b):
+    return torch.empty_like(y), torch.empty_like(b)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, dh):
+    y, b = ctx.saved_tensors
+    return _swiglu_backward_op(dh, y, b)
+
+
+_swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+def swiglu_bias(y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(y[:, :F] + b[:F]) · (y[:, F:] + b[F:]) for y [N, 2F] (contiguous), b [2F]."""
+    return _swiglu_op(y.contiguous(), b)
