@@ -180,3 +180,25 @@ def test_a_cuda_step_with_the_fast_paths_matches_the_torch_step(variant, capsys)
         print(json.dumps({"variant": variant, "loss": [lf, lt], "worst_grad_rel": max(worst.values())}))
     assert abs(lf - lt) < 2e-3 * abs(lt)
     assert max(worst.values()) < 3e-2, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+
+
+@pytest.mark.triton_interpreter
+def test_the_self_check_passes_good_kernels_and_turns_a_failing_one_off_with_a_warning():
+    """self_check is what keeps a CUDA run on the torch code where a kernel cannot run: here the
+    real kernels on fp16 inputs pass it, and a kernel that raises is reported and refused. (fp16:
+    Triton 3.9's interpreter multiplies bf16 dot operands as integers, 2e10 off on a 16 x 16
+    product, where compiled Triton uses the tensor cores' bf16.)"""
+    code = textwrap.dedent("""
+        import warnings, torch
+        from svd_probe.train import kernels as K
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ok = [K.self_check(n, "cpu", torch.float16) for n in ("attention", "swiglu", "fused-moe")]
+        print(ok, [str(w.message) for w in seen])
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("[True, True, False]"), run.stdout
+    assert "the fused-moe kernel does not work on this GPU (no kernel named 'fused-moe')" in run.stdout
+    assert run.stdout.count("does not work") == 1

@@ -67,8 +67,67 @@ def _gpu_ok(x: torch.Tensor) -> bool:
 
 
 def available(name: str) -> bool:
-    """Whether a module built now takes fast path `name` (where its inputs allow)."""
-    return name in ENABLED and triton_available()
+    """Whether a module built now takes fast path `name` (where its inputs allow). On a CUDA
+    host a kernel first passes `self_check` once in this process."""
+    if name not in ENABLED:
+        return False
+    if name == "pad-vocab":  # no kernel
+        return True
+    if not triton_available():
+        return False
+    return not torch.cuda.is_available() or self_check(name)
+
+
+@functools.cache
+def self_check(name: str, device: str | None = None, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Run kernel `name` once on `device` (None: the current CUDA device; the CPU only under
+    TRITON_INTERPRET=1) at a small shape against the torch code it replaces (fp32 from the same
+    `dtype` inputs: the training step's bf16). Where it fails to compile or run (another Triton, another GPU) or disagrees,
+    warn once and leave the model on its torch code, so a training run never depends on a
+    kernel this machine cannot run."""
+    import warnings
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    try:
+        dev = torch.device(device) if device else torch.device("cuda", torch.cuda.current_device())
+        if name == "attention":
+            B, T, H, D, R = 2, 40, 2, 32, 16
+            qkv = torch.randn(B, T, 3, H, D, generator=g).to(dev, dtype)
+            half, pos = R // 2, torch.arange(T, dtype=torch.float64)[:, None]
+            ang = pos / 10000.0 ** (torch.arange(half, dtype=torch.float64) * 2 / R)
+            cos, sin = torch.ones(T, D), torch.zeros(T, D)
+            cos[:, :R], sin[:, :R] = ang.cos().repeat(1, 2).float(), ang.sin().repeat(1, 2).float()
+            got = short_attention(qkv, None, cos.to(dev), sin.to(dev), H, R, False).float()
+            q, k, v = qkv.float().unbind(2)
+            c, s_ = cos.to(dev)[None, :, None], sin.to(dev)[None, :, None]
+
+            def rot(x):
+                return x * c + torch.cat([-x[..., half:R], x[..., :half], x[..., R:]], -1) * s_
+
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                rot(q).transpose(1, 2), rot(k).transpose(1, 2), v.transpose(1, 2)
+            )
+            ref = ref.transpose(1, 2).reshape(B, T, H * D)
+        elif name == "swiglu":
+            y = torch.randn(70, 2 * 200, generator=g).to(dev, dtype)
+            b = torch.randn(400, generator=g).to(dev)
+            got = swiglu_bias(y, b).float()
+            gate, up = (y.float() + b).chunk(2, -1)
+            ref = torch.nn.functional.silu(gate) * up
+        else:
+            raise ValueError(f"no kernel named {name!r}")
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        if not err < 2e-2:  # bf16 outputs: about 4e-3 relative
+            raise RuntimeError(f"its output differs from the torch code's by {err:.1e} (relative)")
+    except Exception as e:  # noqa: BLE001 - any failure: the torch code stands in
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        warnings.warn(
+            f"svd-probe: the {name} kernel does not work on this GPU ({first}); training uses the torch code",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 def attention_applies(q: torch.Tensor, key_mask, rope_dims: int) -> bool:
