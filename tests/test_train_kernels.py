@@ -53,6 +53,7 @@ CASES = [
     (2, 33, 2, 32, 16, True, False),
     (1, 16, 2, 16, 0, False, False),
     (1, 128, 2, 32, 32, True, True),
+    (1, 100, 2, 32, 16, False, False),
 ]
 
 
@@ -104,7 +105,7 @@ def test_short_attention_and_its_gradients_match_float64_in_the_interpreter(tmp_
 @pytest.mark.triton_interpreter
 def test_swiglu_bias_and_its_gradients_match_float64_in_the_interpreter(tmp_path):
     torch.manual_seed(1)
-    N, Fd = 70, 200  # neither a multiple of the kernel's 64 x 128 tile: masked edges
+    N, Fd = 300, 200  # neither a multiple of the 16 x 128 tile, and two programs of 256 rows: masked edges
     y, b, dh = torch.randn(N, 2 * Fd), torch.randn(2 * Fd), torch.randn(N, Fd)
     torch.save((y, b, dh), tmp_path / "in.pt")
     code = textwrap.dedent(f"""

@@ -17,18 +17,19 @@ def _rotated(ptr, d, tmask, perm, sign, cos, sin):
 
 
 @triton.jit
-def _positions(COS, SIN, T, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr, BT: tl.constexpr):
-    """Token and head-dim indices, the valid tokens, each dim's rotate-half partner and sign, and
-    the cos/sin tables [BT, D] (cos 1, sin 0 past T)."""
-    t = tl.arange(0, BT)
+def _dims(D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr):
+    """Head-dim indices, each one's rotate-half partner (itself past R) and its sign."""
     d = tl.arange(0, D)
-    tmask = t < T
     perm = tl.where(d < HALF, d + HALF, tl.where(d < R, d - HALF, d))
     sign = tl.where(d < HALF, -1.0, 1.0)
+    return d, perm, sign
+
+
+@triton.jit
+def _tables(COS, SIN, t, tmask, d, D: tl.constexpr):
+    """The cos/sin tables' rows t [BN, D] (cos 1, sin 0 past T)."""
     cs = t[:, None] * D + d[None, :]
-    cos = tl.load(COS + cs, mask=tmask[:, None], other=1.0)
-    sin = tl.load(SIN + cs, mask=tmask[:, None], other=0.0)
-    return t, d, tmask, perm, sign, cos, sin
+    return tl.load(COS + cs, mask=tmask[:, None], other=1.0), tl.load(SIN + cs, mask=tmask[:, None], other=0.0)
 
 
 @triton.jit
@@ -40,7 +41,10 @@ def attn_fwd(
 ):  # fmt: skip
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
-    t, d, tmask, perm, sign, cos, sin = _positions(COS, SIN, T, D, HALF, R, BT)
+    t = tl.arange(0, BT)
+    tmask = t < T
+    d, perm, sign = _dims(D, HALF, R)
+    cos, sin = _tables(COS, SIN, t, tmask, d, D)
     qr, _ = _rotated(Q + b * sqb + h * sqh + t[:, None] * sqt, d, tmask, perm, sign, cos, sin)
     kr, _ = _rotated(K + b * skb + h * skh + t[:, None] * skt, d, tmask, perm, sign, cos, sin)
     v = tl.load(V + b * svb + h * svh + t[:, None] * svt + d[None, :], mask=tmask[:, None], other=0.0)
@@ -64,38 +68,55 @@ def attn_bwd(
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot,
     T, H, scale, scale_log2,
     D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr,
+    BQ: tl.constexpr,
 ):  # fmt: skip
-    # DQ, DK, DV have the strides of Q, K, V; DO those of OUT.
+    # DQ, DK, DV have the strides of Q, K, V; DO those of OUT. Every key of the sequence is in
+    # registers; the queries come BQ at a time (a [BQ, BT] score tile, not [BT, BT], so the
+    # program keeps to its registers), each block's dQ complete at once, dK and dV summed over
+    # the blocks.
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
-    t, d, tmask, perm, sign, cos, sin = _positions(COS, SIN, T, D, HALF, R, BT)
-    q_off = b * sqb + h * sqh + t[:, None] * sqt
+    d, perm, sign = _dims(D, HALF, R)
+    t = tl.arange(0, BT)
+    tmask = t < T
+    cos, sin = _tables(COS, SIN, t, tmask, d, D)
     k_off = b * skb + h * skh + t[:, None] * skt
     v_off = b * svb + h * svh + t[:, None] * svt + d[None, :]
-    o_off = b * sob + t[:, None] * sot + h * D + d[None, :]
-    qr, qpr = _rotated(Q + q_off, d, tmask, perm, sign, cos, sin)
     kr, kpr = _rotated(K + k_off, d, tmask, perm, sign, cos, sin)
     v = tl.load(V + v_off, mask=tmask[:, None], other=0.0)
     dt = v.dtype
-    do = tl.load(DO + o_off, mask=tmask[:, None], other=0.0)
-    o = tl.load(OUT + o_off, mask=tmask[:, None], other=0.0)
-    lse = tl.load(LSE + pid * BT + t)
-    s = tl.dot(qr.to(dt), tl.trans(kr.to(dt))) * scale_log2
-    keep = tmask[None, :] & tmask[:, None]
-    if CAUSAL:
-        keep = keep & (t[None, :] <= t[:, None])
-    p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-    pc = p.to(dt)
-    tl.store(DV + v_off, tl.dot(tl.trans(pc), do).to(dt), mask=tmask[:, None])
-    dp = tl.dot(do, tl.trans(v))
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    ds = (p * (dp - delta[:, None])).to(dt)
-    # The rotation's adjoint: d(x·cos + sign·x_perm·sin) = g·cos - sign·(g_perm)·sin, where
-    # g_perm = ds @ (rotated partner columns): one more small matmul instead of a shuffle.
-    dq = tl.dot(ds, kr.to(dt)) * cos - sign[None, :] * tl.dot(ds, kpr.to(dt)) * sin
-    tl.store(DQ + q_off + d[None, :], (dq * scale).to(dt), mask=tmask[:, None])
-    dst = tl.trans(ds)
-    dk = tl.dot(dst, qr.to(dt)) * cos - sign[None, :] * tl.dot(dst, qpr.to(dt)) * sin
+    kr, kpr = kr.to(dt), kpr.to(dt)
+    dk, dkp = tl.zeros([BT, D], dtype=tl.float32), tl.zeros([BT, D], dtype=tl.float32)
+    dv = tl.zeros([BT, D], dtype=tl.float32)
+    for q0 in range(0, BT, BQ):
+        tq = q0 + tl.arange(0, BQ)
+        qmask = tq < T
+        cq, sq = _tables(COS, SIN, tq, qmask, d, D)
+        q_off = b * sqb + h * sqh + tq[:, None] * sqt
+        o_off = b * sob + tq[:, None] * sot + h * D + d[None, :]
+        qr, qpr = _rotated(Q + q_off, d, qmask, perm, sign, cq, sq)
+        qr, qpr = qr.to(dt), qpr.to(dt)
+        do = tl.load(DO + o_off, mask=qmask[:, None], other=0.0)
+        o = tl.load(OUT + o_off, mask=qmask[:, None], other=0.0)
+        lse = tl.load(LSE + pid * BT + tq)
+        s = tl.dot(qr, tl.trans(kr)) * scale_log2
+        keep = tmask[None, :] & qmask[:, None]
+        if CAUSAL:
+            keep = keep & (t[None, :] <= tq[:, None])
+        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(dt)), do)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        ds = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(dt)
+        # The rotation's adjoint: d(x·cos + sign·x_perm·sin) = g·cos - sign·g_perm·sin, where
+        # g_perm = ds @ (rotated partner columns): one more small matmul instead of a shuffle.
+        dq = tl.dot(ds, kr) * cq - sign[None, :] * tl.dot(ds, kpr) * sq
+        tl.store(DQ + q_off + d[None, :], (dq * scale).to(dt), mask=qmask[:, None])
+        dst = tl.trans(ds)
+        dk += tl.dot(dst, qr)
+        dkp += tl.dot(dst, qpr)
+    tl.store(DV + v_off, dv.to(dt), mask=tmask[:, None])
+    cos, sin = _tables(COS, SIN, t, tmask, d, D)  # loaded again: not live through the loop
+    dk = dk * cos - sign[None, :] * dkp * sin
     tl.store(DK + k_off + d[None, :], (dk * scale).to(dt), mask=tmask[:, None])
 
 
@@ -121,10 +142,24 @@ def swiglu_fwd(Y, B, Hout, N, F, BM: tl.constexpr, BF: tl.constexpr):
 
 
 @triton.jit
-def swiglu_bwd(DH, Y, B, DY, DB, N, F, BM: tl.constexpr, BF: tl.constexpr):
+def swiglu_bwd(DH, Y, B, DY, DB, N, F, BM: tl.constexpr, BF: tl.constexpr, STEPS: tl.constexpr):
+    # STEPS blocks of BM rows a program, their bias-gradient sums kept in registers: one row of
+    # partial sums per BM·STEPS rows.
     pm = tl.program_id(0)
-    r = pm * BM + tl.arange(0, BM)
     c = tl.program_id(1) * BF + tl.arange(0, BF)
+    sum_g = tl.zeros([BF], dtype=tl.float32)
+    sum_u = tl.zeros([BF], dtype=tl.float32)
+    for i in range(STEPS):
+        r = (pm * STEPS + i) * BM + tl.arange(0, BM)
+        dg, du = _swiglu_bwd_block(DH, Y, B, DY, r, c, N, F)
+        sum_g += tl.sum(dg, 0)
+        sum_u += tl.sum(du, 0)
+    tl.store(DB + pm * 2 * F + c, sum_g, mask=c < F)
+    tl.store(DB + pm * 2 * F + F + c, sum_u, mask=c < F)
+
+
+@triton.jit
+def _swiglu_bwd_block(DH, Y, B, DY, r, c, N, F):
     mask, row, g, u = _gate_up(Y, B, r, c, N, F)
     dh = tl.load(DH + r[:, None].to(tl.int64) * F + c[None, :], mask=mask, other=0.0).to(tl.float32)
     sg = tl.sigmoid(g)
@@ -135,6 +170,4 @@ def swiglu_bwd(DH, Y, B, DY, DB, N, F, BM: tl.constexpr, BF: tl.constexpr):
     du = tl.where(mask, du, 0.0)
     tl.store(DY + row + c[None, :], dg.to(DY.dtype.element_ty), mask=mask)
     tl.store(DY + row + F + c[None, :], du.to(DY.dtype.element_ty), mask=mask)
-    # One row of partial bias-gradient sums per row block, in fp32; summed over blocks after.
-    tl.store(DB + pm * 2 * F + c, tl.sum(dg, 0), mask=c < F)
-    tl.store(DB + pm * 2 * F + F + c, tl.sum(du, 0), mask=c < F)
+    return dg, du

@@ -149,6 +149,9 @@ def vocab_padding(h: torch.Tensor, vocab_size: int) -> int:
 # Warps a program, by the padded sequence length (benchmarks/bench_train_kernels.py times the
 # choices): a [128, 128] fp32 score tile is 64 registers a thread at 8 warps.
 ATTENTION_WARPS = {128: 8}
+# Queries a step of the backward kernel: its [64, 128] fp32 tiles fit 8 warps' registers, where the
+# whole [128, 128] spilled (sm_90, Triton 3.9: 255 registers and 528 bytes of stack a thread).
+ATTENTION_QUERY_BLOCK = 64
 
 
 def _block_tokens(T: int) -> int:
@@ -194,7 +197,7 @@ def _launch_attention(q, k, v, cos, sin, rope_dims: int, causal: bool, grads=Non
     assert do.stride() == o.stride()
     bwd[(B * H,)](
         q, k, v, o, do, lse, cos, sin, dq, dk, dv, *strides, o.stride(0), o.stride(1),
-        T, H, scale, scale / math.log(2), **common,
+        T, H, scale, scale / math.log(2), **common, BQ=min(BT, ATTENTION_QUERY_BLOCK),
     )  # fmt: skip
     return None
 
@@ -279,8 +282,12 @@ def short_attention(
 
 # --- SwiGLU with the bias folded in ----------------------------------------------------------
 
-_SWIGLU_ROWS = 64  # rows a program: each program writes one row of bias-gradient partial sums
+# Tiles of 16 rows x 128 columns, 4 warps: 64 registers a thread (sm_90, Triton 3.9), so 8
+# programs an SM keep enough loads in flight; 64 x 128 at 8 warps took 142 and 1 program an SM.
+# The backward walks 16 such row blocks a program and writes one row of partial bias sums.
+_SWIGLU_ROWS = 16
 _SWIGLU_COLS = 128
+_SWIGLU_STEPS = 16
 
 
 @functools.cache
@@ -290,8 +297,8 @@ def _swiglu_kernels():  # noqa: ANN202 - triton.JITFunctions
     return tk.swiglu_fwd, tk.swiglu_bwd
 
 
-def _swiglu_grid(N: int, F: int) -> tuple[int, int]:
-    return (-(-N // _SWIGLU_ROWS), -(-F // _SWIGLU_COLS))
+def _swiglu_grid(N: int, F: int, steps: int = 1) -> tuple[int, int]:
+    return (-(-N // (_SWIGLU_ROWS * steps)), -(-F // _SWIGLU_COLS))
 
 
 @torch.library.custom_op("svd_probe::swiglu_bias", mutates_args=())
@@ -299,7 +306,7 @@ def _swiglu_op(y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     N, F = y.shape[0], y.shape[1] // 2
     h = y.new_empty((N, F))
     fwd, _ = _swiglu_kernels()
-    fwd[_swiglu_grid(N, F)](y, b, h, N, F, BM=_SWIGLU_ROWS, BF=_SWIGLU_COLS, num_warps=8)
+    fwd[_swiglu_grid(N, F)](y, b, h, N, F, BM=_SWIGLU_ROWS, BF=_SWIGLU_COLS, num_warps=4)
     return h
 
 
@@ -312,10 +319,13 @@ def _(y, b):
 def _swiglu_backward_op(dh: torch.Tensor, y: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     N, F = y.shape[0], y.shape[1] // 2
     dy = torch.empty_like(y)
-    grid = _swiglu_grid(N, F)
+    steps = max(1, min(_SWIGLU_STEPS, -(-N // _SWIGLU_ROWS)))
+    grid = _swiglu_grid(N, F, steps)
     partial = torch.empty((grid[0], 2 * F), dtype=torch.float32, device=y.device)
     _, bwd = _swiglu_kernels()
-    bwd[grid](dh.contiguous(), y, b, dy, partial, N, F, BM=_SWIGLU_ROWS, BF=_SWIGLU_COLS, num_warps=8)
+    bwd[grid](
+        dh.contiguous(), y, b, dy, partial, N, F, BM=_SWIGLU_ROWS, BF=_SWIGLU_COLS, STEPS=steps, num_warps=4
+    )
     return dy, partial.sum(0).to(b.dtype)
 
 
