@@ -82,11 +82,11 @@ def attn_bwd(
     cos, sin = _tables(COS, SIN, t, tmask, d, D)
     k_off = b * skb + h * skh + t[:, None] * skt
     v_off = b * svb + h * svh + t[:, None] * svt + d[None, :]
-    kr, kpr = _rotated(K + k_off, d, tmask, perm, sign, cos, sin)
+    kr, _ = _rotated(K + k_off, d, tmask, perm, sign, cos, sin)
     v = tl.load(V + v_off, mask=tmask[:, None], other=0.0)
     dt = v.dtype
-    kr, kpr = kr.to(dt), kpr.to(dt)
-    dk, dkp = tl.zeros([BT, D], dtype=tl.float32), tl.zeros([BT, D], dtype=tl.float32)
+    kr = kr.to(dt)
+    dk = tl.zeros([BT, D], dtype=tl.float32)
     dv = tl.zeros([BT, D], dtype=tl.float32)
     for q0 in range(0, BT, BQ):
         tq = q0 + tl.arange(0, BQ)
@@ -94,8 +94,8 @@ def attn_bwd(
         cq, sq = _tables(COS, SIN, tq, qmask, d, D)
         q_off = b * sqb + h * sqh + tq[:, None] * sqt
         o_off = b * sob + tq[:, None] * sot + h * D + d[None, :]
-        qr, qpr = _rotated(Q + q_off, d, qmask, perm, sign, cq, sq)
-        qr, qpr = qr.to(dt), qpr.to(dt)
+        qr, _qp = _rotated(Q + q_off, d, qmask, perm, sign, cq, sq)
+        qr = qr.to(dt)
         do = tl.load(DO + o_off, mask=qmask[:, None], other=0.0)
         o = tl.load(OUT + o_off, mask=qmask[:, None], other=0.0)
         lse = tl.load(LSE + pid * BT + tq)
@@ -107,17 +107,25 @@ def attn_bwd(
         dv += tl.dot(tl.trans(p.to(dt)), do)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         ds = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(dt)
-        # The rotation's adjoint: d(x·cos + sign·x_perm·sin) = g·cos - sign·g_perm·sin, where
-        # g_perm = ds @ (rotated partner columns): one more small matmul instead of a shuffle.
-        dq = tl.dot(ds, kr) * cq - sign[None, :] * tl.dot(ds, kpr) * sq
-        tl.store(DQ + q_off + d[None, :], (dq * scale).to(dt), mask=qmask[:, None])
-        dst = tl.trans(ds)
-        dk += tl.dot(dst, qr)
-        dkp += tl.dot(dst, qpr)
+        _unrotate(DQ + q_off, tl.dot(ds, kr) * scale, d, qmask, perm, sign, cq, sq)
+        dk += tl.dot(tl.trans(ds), qr)
     tl.store(DV + v_off, dv.to(dt), mask=tmask[:, None])
     cos, sin = _tables(COS, SIN, t, tmask, d, D)  # loaded again: not live through the loop
-    dk = dk * cos - sign[None, :] * dkp * sin
-    tl.store(DK + k_off + d[None, :], (dk * scale).to(dt), mask=tmask[:, None])
+    _unrotate(DK + k_off, dk * scale, d, tmask, perm, sign, cos, sin)
+
+
+@triton.jit
+def _unrotate(ptr, g, d, tmask, perm, sign, cos, sin):
+    """Store the gradient of x for the gradient g [BN, D] of its rotation x·cos + sign·x_perm·sin:
+    g·cos - sign·g_perm·sin (the rotation's adjoint; cos, sin equal on partners). g_perm comes
+    back through memory: g is stored, and read again at the partner columns by the same
+    program (a register tile cannot be permuted), then overwritten."""
+    tl.store(ptr + d[None, :], g.to(ptr.dtype.element_ty), mask=tmask[:, None])
+    tl.debug_barrier()  # every thread's columns are written before any thread reads its partners
+    gp = tl.load(ptr + perm[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    tl.debug_barrier()  # every partner read before any column is overwritten
+    out = g * cos - sign[None, :] * gp * sin
+    tl.store(ptr + d[None, :], out.to(ptr.dtype.element_ty), mask=tmask[:, None])
 
 
 @triton.jit
