@@ -293,7 +293,10 @@ def main() -> None:
         "--stages", action="store_true", help="log the band solvers' stages (svd_probe.spectra.stagelog) in each phase"
     )
     ap.add_argument(
-        "--chase-launches", type=int, default=1, help="band-device's bulge-chase launches at once, each on 1/N of the SMs"
+        "--chase-launches",
+        type=int,
+        default=1,
+        help="band-device's bulge-chase launches at once, each on 1/N of the SMs",
     )
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase

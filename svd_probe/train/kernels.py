@@ -323,9 +323,7 @@ def _swiglu_backward_op(dh: torch.Tensor, y: torch.Tensor, b: torch.Tensor) -> t
     grid = _swiglu_grid(N, F, steps)
     partial = torch.empty((grid[0], 2 * F), dtype=torch.float32, device=y.device)
     _, bwd = _swiglu_kernels()
-    bwd[grid](
-        dh.contiguous(), y, b, dy, partial, N, F, BM=_SWIGLU_ROWS, BF=_SWIGLU_COLS, STEPS=steps, num_warps=4
-    )
+    bwd[grid](dh.contiguous(), y, b, dy, partial, N, F, BM=_SWIGLU_ROWS, BF=_SWIGLU_COLS, STEPS=steps, num_warps=4)
     return dy, partial.sum(0).to(b.dtype)
 
 
