@@ -249,3 +249,37 @@ def test_the_kernels_compile_for_an_h100_or_h200_without_one():
                 pytest.skip(f"Triton has no ptxas here: {e}")
             raise
         assert len(out.asm["cubin"]) > 1000, kernel.fn.__name__
+
+
+@pytest.mark.triton_interpreter
+@pytest.mark.slow  # torch.compile on the CPU: about 20 s
+def test_torch_compile_traces_the_kernels_whole_and_matches_eager(tmp_path):
+    """The training step compiles its model (fullgraph): the custom ops' fake shapes and their
+    autograd must trace. Here both ops, in both attention layouts, under torch.compile with
+    fullgraph=True, give eager's loss and gradients exactly (the same kernels run either way)."""
+    code = textwrap.dedent("""
+        import torch
+        from svd_probe.train import kernels as K
+        from svd_probe.train.model import Rope
+        torch.manual_seed(0)
+        B, T, H, D, R = 2, 40, 2, 16, 16
+        rope = Rope(D, R, 10000.0, 64)
+        def f(qkv, q, kv, y, b):
+            o1 = K.short_attention(qkv, None, rope.cos, rope.sin, H, R, False)
+            o2 = K.short_attention(q, kv, rope.cos, rope.sin, H, R, True)
+            h = K.swiglu_bias(y, b)
+            return o1.sum() + (o2 * o2).sum() + (h * h).sum()
+        args = [torch.randn(B, T, 3, H, D), torch.randn(B, T, H, D), torch.randn(B, T, H, 2, D),
+                torch.randn(50, 64), torch.randn(64)]
+        outs = {}
+        for name, fn in (("eager", f), ("compiled", torch.compile(f, fullgraph=True))):
+            xs = [a.clone().requires_grad_() for a in args]
+            loss = fn(*xs)
+            outs[name] = (loss.detach(), torch.autograd.grad(loss, xs))
+        (le, ge), (lc, gc) = outs["eager"], outs["compiled"]
+        print(abs(le - lc).item(), max((a - b).abs().max().item() for a, b in zip(ge, gc)), le.item() != 0)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["0.0", "0.0", "True"], run.stdout
