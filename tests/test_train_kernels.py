@@ -283,3 +283,21 @@ def test_torch_compile_traces_the_kernels_whole_and_matches_eager(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["0.0", "0.0", "True"], run.stdout
+
+
+def test_train_kernels_choice_reaches_every_module_and_a_bad_one_is_refused():
+    from svd_probe.errors import SvdProbeError
+    from svd_probe.train import kernels
+    from svd_probe.train.config import build_train_config, preset
+    from svd_probe.train.model import MaskedLM
+
+    for choice, want in (("torch", False), ("triton", True)):  # Triton imports here (the skip above)
+        with kernels.enabled(choice):
+            model = MaskedLM(preset("mla-o", "tiny"))
+        flags = [getattr(m, f) for m in model.modules() for f in ("fast_attention", "fast_swiglu") if hasattr(m, f)]
+        assert len(flags) == 2 * model.encoder.cfg.n_layers and set(flags) == {want}
+        assert model.pad_vocab is want
+    assert kernels.ENABLED == kernels.ALL  # the block restores the default
+    assert build_train_config(overrides={"kernels": "torch"}).kernels == "torch"
+    with pytest.raises(SvdProbeError, match="kernels must be triton or torch, got 'cuda'"):
+        build_train_config(overrides={"kernels": "cuda"})

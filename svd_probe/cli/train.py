@@ -303,6 +303,12 @@ def train_cmd(
         help="torch.compile pretraining; on CUDA each step runs as one CUDA graph (forward, backward, clipping, AdamW). Fine-tuning stays eager.",
         rich_help_panel=RUN,
     ),
+    kernels: str = typer.Option(
+        "triton",
+        "--kernels",
+        help="triton: on CUDA, the step's hand-written Triton kernels (RoPE + attention up to 128 tokens, SwiGLU), each checked once on the GPU first; torch: the torch code only. The CPU always runs the torch code.",
+        rich_help_panel=RUN,
+    ),
     progress: bool = typer.Option(
         True,
         "--progress/--no-progress",
@@ -404,6 +410,7 @@ def train_config_from(p: dict[str, Any], file_values: dict[str, Any]) -> TrainCo
     keys = sorted(TRAIN_KEYS | {"log_every", "stop_after", "device"})
     overrides = {k: p[k] for k in keys}
     overrides["compile"] = p["compile_"]
+    overrides["kernels"] = p["kernels"]
     overrides["init_from"] = None if p.get("init_from") is None else str(p["init_from"])
     return build_train_config(file_values, overrides)
 

@@ -148,6 +148,9 @@ class TrainConfig:
     log_every: int = 50
     device: str = "auto"
     compile: bool = False
+    # The training step's hand-written Triton kernels on CUDA ("triton", where they apply and
+    # pass their self-check) or the torch code only ("torch"): train/kernels.py.
+    kernels: str = "triton"
     # Stop a phase after this many steps of it (checkpointed), e.g. to split a run across
     # sessions; the schedule still follows the full step count.
     stop_after: int | None = None
@@ -208,6 +211,8 @@ class TrainConfig:
             bad(f"weight_decay must be a finite number >= 0, got {_short(self.weight_decay)}")
         if not is_num(self.warmup_frac) or not 0 <= self.warmup_frac < 1:
             bad(f"warmup_frac must be in [0, 1), got {_short(self.warmup_frac)}")
+        if self.kernels not in ("triton", "torch"):
+            bad(f"kernels must be triton or torch, got {_short(self.kernels)}", hint="--kernels triton|torch")
 
 
 def check_variant(variant: object) -> str:

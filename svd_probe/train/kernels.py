@@ -31,8 +31,10 @@ so every test that runs the model on the CPU runs that path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -44,6 +46,21 @@ import torch
 ALL = frozenset({"attention", "swiglu", "pad-vocab"})
 ENABLED: frozenset[str] = ALL
 VOCAB_ALIGN = 64
+# `svd-probe train --kernels`: the fast-path sets a run may choose.
+CHOICES = {"triton": ALL, "torch": frozenset()}
+DEFAULT = "triton"
+
+
+@contextlib.contextmanager
+def enabled(choice: str) -> Iterator[None]:
+    """Build models inside this block with the fast paths of `choice` ("triton" or "torch")."""
+    global ENABLED
+    saved, ENABLED = ENABLED, CHOICES[choice]
+    try:
+        yield
+    finally:
+        ENABLED = saved
+
 
 MAX_TOKENS = 128
 HEAD_DIMS = (16, 32, 64, 128)

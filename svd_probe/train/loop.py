@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from svd_probe.errors import TrainingInputError
 from svd_probe.options import pick_device
 from svd_probe.train import data as D
+from svd_probe.train import kernels
 from svd_probe.train.config import ModelConfig, TrainConfig
 from svd_probe.train.init_from import initial_state, load_source
 from svd_probe.train.model import CausalLM, Classifier, MaskedLM, pretraining_model, pretraining_parameters
@@ -1107,7 +1108,8 @@ def _train(
         log(f"pretraining data ({cfg.objective}): {len(train_rows):,} train rows of {tc.seq_len} tokens")
         # Each phase seeds its own initialization, so where a run was interrupted cannot change it.
         torch.manual_seed(tc.seed)
-        lm = pretraining_model(cfg)
+        with kernels.enabled(tc.kernels):
+            lm = pretraining_model(cfg)
         resume = state if state and state["phase"] == "pretrain" else None
         if source is not None and resume is None:
             lm.encoder.load_state_dict(initial_state(cfg, source))
@@ -1140,7 +1142,8 @@ def _train(
         train_ids = D.encode_sentences(tok, train_s, tc.seq_len, causal)
         dev_ids = D.encode_sentences(tok, dev_s, tc.seq_len, causal)
         torch.manual_seed(tc.seed + 1)  # the head's initialization (the encoder is loaded below)
-        clf = Classifier(cfg, n_labels=2).to(dev)
+        with kernels.enabled(tc.kernels):
+            clf = Classifier(cfg, n_labels=2).to(dev)
         phase = finetune_phase(clf, tc, tok, train_ids, torch.tensor(train_y), pre)
         log(
             f"fine-tuning data: {len(train_ids):,} train, {len(dev_ids):,} dev sentences; "
