@@ -9,18 +9,21 @@ without the fast paths under bf16 autocast.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")  # in the test extra on Linux x86_64: CI runs these
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _ref_rope(x: torch.Tensor, r: int, theta: float = 10000.0) -> torch.Tensor:
@@ -205,50 +208,24 @@ def test_the_self_check_passes_good_kernels_and_turns_a_failing_one_off_with_a_w
     assert run.stdout.count("does not work") == 1
 
 
-def _sm90_signature(kernel, pointers_fp32: set[str], floats: set[str], constexprs: dict) -> dict:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in floats:
-            sig[name] = "fp32"
-        elif name in ("T", "H", "N", "F"):  # sizes
-            sig[name] = "i32"
-        elif name.isupper() or name == "Hout":  # the kernels' pointers are named in capitals
-            sig[name] = "*fp32" if name in pointers_fp32 else "*bf16"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
 @pytest.mark.slow  # about 10 s: four kernels through Triton's whole CUDA pipeline and ptxas
 def test_the_kernels_compile_for_an_h100_or_h200_without_one():
     """Compiled Triton checks what the interpreter does not (a loop-carried variable that changes
     shape compiled nowhere, though it ran in the interpreter): each kernel is compiled here for
-    sm_90 at the training step's shapes, bf16, as on the GPU, with the bundled ptxas."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from svd_probe.train import _triton_kernels as tk
-
-    attn = dict(D=32, HALF=8, R=16, BT=128, CAUSAL=True)
-    cases = [
-        (tk.attn_fwd, {"LSE", "COS", "SIN"}, {"scale_log2"}, attn, 8),
-        (tk.attn_bwd, {"LSE", "COS", "SIN"}, {"scale", "scale_log2"}, dict(attn, BQ=64), 8),
-        (tk.swiglu_fwd, {"B"}, set(), dict(BM=16, BF=128), 4),
-        (tk.swiglu_bwd, {"B", "DB"}, set(), dict(BM=16, BF=128, STEPS=16), 4),
-    ]
-    for kernel, fp32, floats, consts, warps in cases:
-        sig = _sm90_signature(kernel, fp32, floats, consts)
+    sm_90 at the training step's shapes, bf16, as on the GPU, with the bundled ptxas
+    (benchmarks/kernel_resources.py, which also reports each one's registers)."""
+    spec = importlib.util.spec_from_file_location("kernel_resources", REPO / "benchmarks" / "kernel_resources.py")
+    kr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kr)
+    for name, kernel, fp32, floats, consts, warps in kr.cases():
         try:
-            out = triton.compile(
-                ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
-            )
-        except RuntimeError as e:  # no CUDA toolchain in this Triton build: nothing to check here
+            cubin = kr.compile_sm90(kernel, fp32, floats, consts, warps)
+        except RuntimeError as e:  # a Triton build without its CUDA toolchain: nothing to check
             if "ptxas" in str(e) and "not found" in str(e):
                 pytest.skip(f"Triton has no ptxas here: {e}")
             raise
-        assert len(out.asm["cubin"]) > 1000, kernel.fn.__name__
+        use = kr.resources(cubin)
+        assert 0 < use["registers"] <= 255, (name, use)
 
 
 @pytest.mark.triton_interpreter
