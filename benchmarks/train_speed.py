@@ -437,7 +437,7 @@ def main() -> None:
     ap.add_argument(
         "--kernels",
         default="all",
-        help="fast-path sets to time, each its own row per variant: all (today's step), torch (none), "
+        help="fast-path sets to time, each its own row per variant: all (svd-probe train --kernels triton), torch (none: --kernels torch), "
         f"or -NAME for all but one ({', '.join(sorted(kernels.ALL))}); rows other than all are named 'VARIANT SET'",
     )
     ap.add_argument("--budget", type=float, default=230.0, help="seconds for the whole run, compiles included")

@@ -274,7 +274,7 @@ def test_train_kernels_choice_reaches_every_module_and_a_bad_one_is_refused():
         flags = [getattr(m, f) for m in model.modules() for f in ("fast_attention", "fast_swiglu") if hasattr(m, f)]
         assert len(flags) == 2 * model.encoder.cfg.n_layers and set(flags) == {want}
         assert model.pad_vocab is want
-    assert kernels.ENABLED == kernels.ALL  # the block restores the default
+    assert kernels.ENABLED == kernels.CHOICES[kernels.DEFAULT]  # the block restores the default
     assert build_train_config(overrides={"kernels": "torch"}).kernels == "torch"
     with pytest.raises(SvdProbeError, match="kernels must be triton or torch, got 'cuda'"):
         build_train_config(overrides={"kernels": "cuda"})

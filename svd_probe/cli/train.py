@@ -13,7 +13,7 @@ from svd_probe.cli.app import (
     out,
     print_json,
 )
-from svd_probe.train.config import ModelConfig, TrainConfig, preset
+from svd_probe.train.config import KERNELS_DEFAULT, ModelConfig, TrainConfig, preset
 
 if TYPE_CHECKING:
     from svd_probe.train.loop import DataSources
@@ -304,9 +304,9 @@ def train_cmd(
         rich_help_panel=RUN,
     ),
     kernels: str = typer.Option(
-        "triton",
+        KERNELS_DEFAULT,
         "--kernels",
-        help="triton: on CUDA, the step's hand-written Triton kernels (RoPE + attention up to 128 tokens, SwiGLU), each checked once on the GPU first; torch: the torch code only. The CPU always runs the torch code.",
+        help="triton: on CUDA, the step's hand-written Triton kernels (RoPE + attention up to 128 tokens, SwiGLU), each checked once on the GPU first (not yet timed on a GPU); torch: the torch code only. The CPU always runs the torch code.",
         rich_help_panel=RUN,
     ),
     progress: bool = typer.Option(

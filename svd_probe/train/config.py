@@ -85,6 +85,12 @@ _TINY: dict[str, dict[str, Any]] = {
     "mla-o": dict(rope_dims=16, q_latent=16, kv_latent=8, o_latent=16),
 }
 
+# `svd-probe train --kernels`: the training step's hand-written Triton kernels on CUDA ("triton")
+# or the torch code only ("torch"); train/kernels.py. The default stays "torch" until the kernels
+# have been timed on a GPU against the torch code (benchmarks/README.md, "Open measurements").
+KERNELS_CHOICES = ("triton", "torch")
+KERNELS_DEFAULT = "torch"
+
 # Recipe fields that must match for a run folder to be resumed (not: how often to log or
 # checkpoint, where to stop, the device).
 RESUME_KEYS = (
@@ -150,7 +156,7 @@ class TrainConfig:
     compile: bool = False
     # The training step's hand-written Triton kernels on CUDA ("triton", where they apply and
     # pass their self-check) or the torch code only ("torch"): train/kernels.py.
-    kernels: str = "triton"
+    kernels: str = KERNELS_DEFAULT
     # Stop a phase after this many steps of it (checkpointed), e.g. to split a run across
     # sessions; the schedule still follows the full step count.
     stop_after: int | None = None
@@ -211,7 +217,7 @@ class TrainConfig:
             bad(f"weight_decay must be a finite number >= 0, got {_short(self.weight_decay)}")
         if not is_num(self.warmup_frac) or not 0 <= self.warmup_frac < 1:
             bad(f"warmup_frac must be in [0, 1), got {_short(self.warmup_frac)}")
-        if self.kernels not in ("triton", "torch"):
+        if self.kernels not in KERNELS_CHOICES:
             bad(f"kernels must be triton or torch, got {_short(self.kernels)}", hint="--kernels triton|torch")
 
 

@@ -38,17 +38,20 @@ from collections.abc import Iterator
 
 import torch
 
+from svd_probe.train.config import KERNELS_DEFAULT
+
 # The fast paths a model built now takes where they apply: "attention" (short_attention),
 # "swiglu" (swiglu_bias) and "pad-vocab" (the tied head's matmul over a vocabulary padded to a
 # multiple of 64, so the logits' rows are 16-byte aligned; the padding is sliced off before the
 # loss). Each module copies its own flag at construction, a plain attribute that torch.compile
 # guards on; benchmarks/train_speed.py --kernels builds models under several sets.
 ALL = frozenset({"attention", "swiglu", "pad-vocab"})
-ENABLED: frozenset[str] = ALL
 VOCAB_ALIGN = 64
-# `svd-probe train --kernels`: the fast-path sets a run may choose.
+# `svd-probe train --kernels`: the fast-path sets a run may choose (config.KERNELS_DEFAULT says
+# which is the default, and why).
 CHOICES = {"triton": ALL, "torch": frozenset()}
-DEFAULT = "triton"
+DEFAULT = KERNELS_DEFAULT
+ENABLED: frozenset[str] = CHOICES[DEFAULT]
 
 
 @contextlib.contextmanager
