@@ -9,7 +9,7 @@ torch.compile and the whole-step CUDA graph take them as single opaque calls, au
   (128 tokens, head_dim 32, 2,048 sequences a layer) the library kernels are tiled for long
   sequences. cuDNN's flash backward accumulates dQ in fp32 across key blocks and converts it
   after (`convert_dq_to_16bits`), runs a separate `dot(dO, O)` pass, and RoPE and the heads'
-  transposes are kernels of their own on each side. Together they took 1.45 ms of the 7.44 ms
+  transposes are kernels of their own on each side. Together they took 1.46 ms of the 7.44 ms
   step (H200, benchmarks/README.md "Where the stepgraph's GPU time goes"). With one program per
   sequence there is no cross-block reduction at all: the program reads q, k, v straight out of
   the projection's output (any strides), rotates them in registers, and writes the gradients
@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -80,7 +80,7 @@ def triton_available() -> bool:
 
 
 def _gpu_ok(x: torch.Tensor) -> bool:
-    """Only where the kernels were measured: bf16/fp16 on CUDA (the training step under
+    """Only where the kernels are meant to run: bf16/fp16 on CUDA (the training step under
     autocast). Whether Triton imports is asked once, when a module is built (`available`), not
     here: this runs inside the traced forward."""
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
@@ -100,45 +100,64 @@ def available(name: str) -> bool:
 
 @functools.cache
 def self_check(name: str, device: str | None = None, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Run kernel `name` once on `device` (None: the current CUDA device; the CPU only under
-    TRITON_INTERPRET=1) at a small shape against the torch code it replaces (fp32 from the same
-    `dtype` inputs: the training step's bf16). Where it fails to compile or run (another Triton, another GPU) or disagrees,
-    warn once and leave the model on its torch code, so a training run never depends on a
-    kernel this machine cannot run."""
+    """Run kernel `name`, forward and backward, once on `device` (None: the current CUDA device;
+    the CPU only under TRITON_INTERPRET=1) at a small shape, against the torch code it replaces
+    in fp32 from the same `dtype` inputs (the training step's bf16). Where it fails to compile or
+    run (another Triton, another GPU) or disagrees, warn once and leave the model on its torch
+    code, so a training run never depends on a kernel this machine cannot run."""
     import warnings
 
     g = torch.Generator(device="cpu").manual_seed(0)
+    kernel: Callable[..., torch.Tensor]
+    reference: Callable[..., torch.Tensor]
+    inputs: tuple[torch.Tensor, ...]
     try:
         dev = torch.device(device) if device else torch.device("cuda", torch.cuda.current_device())
         if name == "attention":
             B, T, H, D, R = 2, 40, 2, 32, 16
-            qkv = torch.randn(B, T, 3, H, D, generator=g).to(dev, dtype)
+            x = torch.randn(B, T, 3, H, D, generator=g).to(dev, dtype).requires_grad_()
             half, pos = R // 2, torch.arange(T, dtype=torch.float64)[:, None]
             ang = pos / 10000.0 ** (torch.arange(half, dtype=torch.float64) * 2 / R)
             cos, sin = torch.ones(T, D), torch.zeros(T, D)
             cos[:, :R], sin[:, :R] = ang.cos().repeat(1, 2).float(), ang.sin().repeat(1, 2).float()
-            got = short_attention(qkv, None, cos.to(dev), sin.to(dev), H, R, False).float()
-            q, k, v = qkv.float().unbind(2)
-            c, s_ = cos.to(dev)[None, :, None], sin.to(dev)[None, :, None]
+            cos, sin = cos.to(dev), sin.to(dev)
+            c, s_ = cos[None, :, None], sin[None, :, None]
 
-            def rot(x):
-                return x * c + torch.cat([-x[..., half:R], x[..., :half], x[..., R:]], -1) * s_
+            def rot(t):
+                return t * c + torch.cat([-t[..., half:R], t[..., :half], t[..., R:]], -1) * s_
 
-            ref = torch.nn.functional.scaled_dot_product_attention(
-                rot(q).transpose(1, 2), rot(k).transpose(1, 2), v.transpose(1, 2)
-            )
-            ref = ref.transpose(1, 2).reshape(B, T, H * D)
+            def attention_kernel(x):
+                return short_attention(x, None, cos, sin, H, R, False)
+
+            def attention_reference(x):
+                q, k, v = x.float().unbind(2)
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    rot(q).transpose(1, 2), rot(k).transpose(1, 2), v.transpose(1, 2)
+                )
+                return o.transpose(1, 2).reshape(B, T, H * D)
+
+            kernel, reference, inputs = attention_kernel, attention_reference, (x,)
         elif name == "swiglu":
-            y = torch.randn(70, 2 * 200, generator=g).to(dev, dtype)
-            b = torch.randn(400, generator=g).to(dev)
-            got = swiglu_bias(y, b).float()
-            gate, up = (y.float() + b).chunk(2, -1)
-            ref = torch.nn.functional.silu(gate) * up
+            y = torch.randn(70, 2 * 200, generator=g).to(dev, dtype).requires_grad_()
+            b = torch.randn(400, generator=g).to(dev).requires_grad_()
+
+            def swiglu_reference(y, b):
+                gate, up = (y.float() + b).chunk(2, -1)
+                return torch.nn.functional.silu(gate) * up
+
+            kernel, reference, inputs = swiglu_bias, swiglu_reference, (y, b)
         else:
             raise ValueError(f"no kernel named {name!r}")
-        err = ((got - ref).abs().max() / ref.abs().max()).item()
-        if not err < 2e-2:  # bf16 outputs: about 4e-3 relative
-            raise RuntimeError(f"its output differs from the torch code's by {err:.1e} (relative)")
+        got, ref = kernel(*inputs), reference(*inputs)
+        dout = torch.randn(ref.shape, generator=g).to(dev)
+        pairs = [(got.float(), ref)]
+        grads = torch.autograd.grad(got, inputs, dout.to(got.dtype))
+        pairs += zip(grads, torch.autograd.grad(ref, inputs, dout), strict=True)
+        for i, (a, r) in enumerate(pairs):
+            err = ((a.float() - r.float()).abs().max() / r.float().abs().max()).item()
+            if not err < 3e-2:  # bf16 results: a few 1e-3 relative
+                what = "output" if i == 0 else f"gradient {i}"
+                raise RuntimeError(f"its {what} differs from the torch code's by {err:.1e} (relative)")
     except Exception as e:  # noqa: BLE001 - any failure: the torch code stands in
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         warnings.warn(
