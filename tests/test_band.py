@@ -714,3 +714,20 @@ def test_band_device_falls_back_to_band_hybrid_where_its_kernels_cannot_run(monk
         warnings.simplefilter("error")  # the second call: no second warning
         again = B.eigvalsh_band_device(x, 16).numpy()
     assert np.abs(again - ref).max() <= bound(ref)
+
+
+def test_use_chase_launches_lets_that_many_chases_hold_the_launch_slot_at_once():
+    from svd_probe.spectra import bulge
+
+    try:
+        bulge.use_chase_launches(2)
+        held = [bulge._launch_lock.acquire(blocking=False) for _ in range(3)]
+        assert held == [True, True, False]  # band-hybrid's chase-free rule sees the third as busy
+        for _ in range(2):
+            bulge._launch_lock.release()
+        with pytest.raises(ValueError, match="must be ≥ 1"):
+            bulge.use_chase_launches(0)
+    finally:
+        bulge.use_chase_launches(1)
+    assert bulge._launch_lock.acquire(blocking=False) and not bulge._launch_lock.acquire(blocking=False)
+    bulge._launch_lock.release()
