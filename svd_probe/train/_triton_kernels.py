@@ -8,12 +8,11 @@ import triton.language as tl
 
 @triton.jit
 def _rotated(ptr, d, tmask, perm, sign, cos, sin):
-    """x·cos + rotate_half(x)·sin for one [BT, D] tile (fp32), and the same for its
-    rotate-half partner columns, which the backward's adjoint needs:
-    rot(x)[:, perm j] = x[:, perm j]·cos_j - sign_j·x[:, j]·sin_j (cos, sin equal on partners)."""
+    """x·cos + rotate_half(x)·sin for one [BN, D] tile, in fp32 (the backward's adjoint is
+    `_unrotate`)."""
     x = tl.load(ptr + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
     xp = tl.load(ptr + perm[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-    return x * cos + sign[None, :] * xp * sin, xp * cos - sign[None, :] * x * sin
+    return x * cos + sign[None, :] * xp * sin
 
 
 @triton.jit
@@ -45,8 +44,8 @@ def attn_fwd(
     tmask = t < T
     d, perm, sign = _dims(D, HALF, R)
     cos, sin = _tables(COS, SIN, t, tmask, d, D)
-    qr, _ = _rotated(Q + b * sqb + h * sqh + t[:, None] * sqt, d, tmask, perm, sign, cos, sin)
-    kr, _ = _rotated(K + b * skb + h * skh + t[:, None] * skt, d, tmask, perm, sign, cos, sin)
+    qr = _rotated(Q + b * sqb + h * sqh + t[:, None] * sqt, d, tmask, perm, sign, cos, sin)
+    kr = _rotated(K + b * skb + h * skh + t[:, None] * skt, d, tmask, perm, sign, cos, sin)
     v = tl.load(V + b * svb + h * svh + t[:, None] * svt + d[None, :], mask=tmask[:, None], other=0.0)
     dt = v.dtype
     s = tl.dot(qr.to(dt), tl.trans(kr.to(dt))) * scale_log2  # base-2 logits
@@ -82,7 +81,7 @@ def attn_bwd(
     cos, sin = _tables(COS, SIN, t, tmask, d, D)
     k_off = b * skb + h * skh + t[:, None] * skt
     v_off = b * svb + h * svh + t[:, None] * svt + d[None, :]
-    kr, _ = _rotated(K + k_off, d, tmask, perm, sign, cos, sin)
+    kr = _rotated(K + k_off, d, tmask, perm, sign, cos, sin)
     v = tl.load(V + v_off, mask=tmask[:, None], other=0.0)
     dt = v.dtype
     kr = kr.to(dt)
@@ -94,7 +93,7 @@ def attn_bwd(
         cq, sq = _tables(COS, SIN, tq, qmask, d, D)
         q_off = b * sqb + h * sqh + tq[:, None] * sqt
         o_off = b * sob + tq[:, None] * sot + h * D + d[None, :]
-        qr, _qp = _rotated(Q + q_off, d, qmask, perm, sign, cq, sq)
+        qr = _rotated(Q + q_off, d, qmask, perm, sign, cq, sq)
         qr = qr.to(dt)
         do = tl.load(DO + o_off, mask=qmask[:, None], other=0.0)
         o = tl.load(OUT + o_off, mask=qmask[:, None], other=0.0)
