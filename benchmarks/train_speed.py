@@ -186,12 +186,8 @@ class Bench:
     ):
         torch.manual_seed(0)
         self.variant, self.mode, self.dev, self.batch, self.sdpa = variant, mode, dev, batch, sdpa
-        # The model's modules copy the fast-path set at construction (kernels.ENABLED).
-        saved, kernels.ENABLED = kernels.ENABLED, fast
-        try:
+        with kernels.enabled(fast):  # the model's modules copy the fast-path set at construction
             self.model = MaskedLM(cfg).to(dev)
-        finally:
-            kernels.ENABLED = saved
         if factored:
             for m in self.model.modules():
                 if hasattr(m, "fuse_shared_output"):

@@ -79,7 +79,7 @@ def test_short_attention_and_its_gradients_match_float64_in_the_interpreter(tmp_
             rope = Rope(D, r, 10000.0, 128)  # the tables only: the kernel does the rotation
             src.requires_grad_()
             leaves = [src] if kv is None else [src, kv.requires_grad_()]
-            o = K.short_attention(src, kv, rope.cos, rope.sin, H, r, causal)
+            o = K.short_attention(src, kv, rope.cos, rope.sin, r, causal)
             out[i] = (o.detach(), torch.autograd.grad(o, leaves, g))
         torch.save(out, {str(tmp_path / "out.pt")!r})
     """)
@@ -164,12 +164,9 @@ def test_a_cuda_step_with_the_fast_paths_matches_the_torch_step(variant, capsys)
     cfg = preset(variant, "small")
     results = {}
     for name, fast in (("fast", kernels.ALL), ("torch", frozenset())):
-        saved, kernels.ENABLED = kernels.ENABLED, fast
-        try:
-            torch.manual_seed(0)
+        torch.manual_seed(0)
+        with kernels.enabled(fast):
             model = MaskedLM(cfg).to(dev)
-        finally:
-            kernels.ENABLED = saved
         g = torch.Generator(device="cpu").manual_seed(1)
         ids = torch.randint(1000, cfg.vocab_size, (16, 128), generator=g).to(dev)
         pos = torch.stack([torch.randperm(128, generator=g)[:19] for _ in range(16)]).to(dev)
@@ -242,8 +239,8 @@ def test_torch_compile_traces_the_kernels_whole_and_matches_eager(tmp_path):
         B, T, H, D, R = 2, 40, 2, 16, 16
         rope = Rope(D, R, 10000.0, 64)
         def f(qkv, q, kv, y, b):
-            o1 = K.short_attention(qkv, None, rope.cos, rope.sin, H, R, False)
-            o2 = K.short_attention(q, kv, rope.cos, rope.sin, H, R, True)
+            o1 = K.short_attention(qkv, None, rope.cos, rope.sin, R, False)
+            o2 = K.short_attention(q, kv, rope.cos, rope.sin, R, True)
             h = K.swiglu_bias(y, b)
             return o1.sum() + (o2 * o2).sum() + (h * h).sum()
         args = [torch.randn(B, T, 3, H, D), torch.randn(B, T, H, D), torch.randn(B, T, H, 2, D),

@@ -55,10 +55,11 @@ ENABLED: frozenset[str] = CHOICES[DEFAULT]
 
 
 @contextlib.contextmanager
-def enabled(choice: str) -> Iterator[None]:
-    """Build models inside this block with the fast paths of `choice` ("triton" or "torch")."""
+def enabled(choice: str | frozenset[str]) -> Iterator[None]:
+    """Build models inside this block with the fast paths of `choice`: "triton" or "torch"
+    (`svd-probe train --kernels`), or a set of names from ALL (benchmarks/train_speed.py)."""
     global ENABLED
-    saved, ENABLED = ENABLED, CHOICES[choice]
+    saved, ENABLED = ENABLED, (CHOICES[choice] if isinstance(choice, str) else frozenset(choice))
     try:
         yield
     finally:
@@ -127,7 +128,7 @@ def self_check(name: str, device: str | None = None, dtype: torch.dtype = torch.
                 return t * c + torch.cat([-t[..., half:R], t[..., :half], t[..., R:]], -1) * s_
 
             def attention_kernel(x):
-                return short_attention(x, None, cos, sin, H, R, False)
+                return short_attention(x, None, cos, sin, R, False)
 
             def attention_reference(x):
                 q, k, v = x.float().unbind(2)
@@ -204,7 +205,7 @@ def _attention_kernels():  # noqa: ANN202 - triton.JITFunctions
     return tk.attn_fwd, tk.attn_bwd
 
 
-def _qkv_views(q_src: torch.Tensor, kv_src: torch.Tensor, packed: bool, n_heads: int):
+def _qkv_views(q_src: torch.Tensor, kv_src: torch.Tensor, packed: bool):
     """(q, k, v) as [B, T, H, D] views: packed, q_src is [B, T, 3, H, D] (mha's qkv) and kv_src
     is unused; otherwise q_src is [B, T, H, D] and kv_src [B, T, H, 2, D] (mla's per-head
     [key | value])."""
@@ -248,15 +249,15 @@ def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, T: int) -> tuple[torch.Te
 @torch.library.custom_op("svd_probe::short_attention", mutates_args=())
 def _short_attention_op(
     q_src: torch.Tensor, kv_src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    n_heads: int, rope_dims: int, causal: bool, packed: bool,
+    rope_dims: int, causal: bool, packed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    q, k, v = _qkv_views(q_src, kv_src, packed, n_heads)
+    q, k, v = _qkv_views(q_src, kv_src, packed)
     return _launch_attention(q, k, v, cos, sin, rope_dims, causal)
 
 
 @_short_attention_op.register_fake
-def _(q_src, kv_src, cos, sin, n_heads, rope_dims, causal, packed):
-    q, _, _ = _qkv_views(q_src, kv_src, packed, n_heads)
+def _(q_src, kv_src, cos, sin, rope_dims, causal, packed):
+    q, _, _ = _qkv_views(q_src, kv_src, packed)
     B, T, H, D = q.shape
     return q.new_empty((B, T, H * D)), q.new_empty((B * H, _block_tokens(T)), dtype=torch.float32)
 
@@ -264,33 +265,33 @@ def _(q_src, kv_src, cos, sin, n_heads, rope_dims, causal, packed):
 @torch.library.custom_op("svd_probe::short_attention_backward", mutates_args=())
 def _short_attention_backward_op(
     do: torch.Tensor, q_src: torch.Tensor, kv_src: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    cos: torch.Tensor, sin: torch.Tensor, n_heads: int, rope_dims: int, causal: bool, packed: bool,
+    cos: torch.Tensor, sin: torch.Tensor, rope_dims: int, causal: bool, packed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     dq_src = torch.empty_like(q_src)
     dkv_src = torch.empty_like(kv_src) if not packed else q_src.new_empty(0)
-    q, k, v = _qkv_views(q_src, kv_src, packed, n_heads)
-    grads = _qkv_views(dq_src, dkv_src, packed, n_heads)
+    q, k, v = _qkv_views(q_src, kv_src, packed)
+    grads = _qkv_views(dq_src, dkv_src, packed)
     _launch_attention(q, k, v, cos, sin, rope_dims, causal, grads=grads, o=o, lse=lse, do=do.contiguous())
     return dq_src, dkv_src
 
 
 @_short_attention_backward_op.register_fake
-def _(do, q_src, kv_src, o, lse, cos, sin, n_heads, rope_dims, causal, packed):
+def _(do, q_src, kv_src, o, lse, cos, sin, rope_dims, causal, packed):
     return torch.empty_like(q_src), (torch.empty_like(kv_src) if not packed else q_src.new_empty(0))
 
 
 def _attention_setup(ctx, inputs, output):
-    q_src, kv_src, cos, sin, n_heads, rope_dims, causal, packed = inputs
+    q_src, kv_src, cos, sin, rope_dims, causal, packed = inputs
     o, lse = output
     ctx.save_for_backward(q_src, kv_src, o, lse, cos, sin)
-    ctx.args = (n_heads, rope_dims, causal, packed)
+    ctx.args = (rope_dims, causal, packed)
 
 
 def _attention_backward(ctx, do, _dlse):
     q_src, kv_src, o, lse, cos, sin = ctx.saved_tensors
-    n_heads, rope_dims, causal, packed = ctx.args
     dq_src, dkv_src = _short_attention_backward_op(do, q_src, kv_src, o, lse, cos, sin, *ctx.args)
-    return dq_src, (None if packed else dkv_src), None, None, None, None, None, None
+    packed = ctx.args[-1]
+    return dq_src, (None if packed else dkv_src), None, None, None, None, None
 
 
 _short_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -301,7 +302,6 @@ def short_attention(
     kv_src: torch.Tensor | None,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    n_heads: int,
     rope_dims: int,
     causal: bool,
 ) -> torch.Tensor:
@@ -313,9 +313,7 @@ def short_attention(
     packed = kv_src is None
     T = q_src.shape[1]
     cos, sin = _rope_tables(cos, sin, T)
-    o, _ = _short_attention_op(
-        q_src, q_src.new_empty(0) if packed else kv_src, cos, sin, n_heads, rope_dims, causal, packed
-    )
+    o, _ = _short_attention_op(q_src, q_src.new_empty(0) if packed else kv_src, cos, sin, rope_dims, causal, packed)
     return o
 
 

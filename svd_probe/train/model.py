@@ -145,9 +145,7 @@ class MHA(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.h, self.d)
         if self.fast_attention and kernels.attention_applies(qkv[:, :, 0], key_mask, self.rope.rope_dims):
             rope = self.rope
-            return self.o_proj(
-                kernels.short_attention(qkv, None, rope.cos, rope.sin, self.h, rope.rope_dims, self.causal)
-            )
+            return self.o_proj(kernels.short_attention(qkv, None, rope.cos, rope.sin, rope.rope_dims, self.causal))
         # unbind, not slicing: its backward is one stack, where each slice's backward would
         # write a zero-filled full-size gradient and copy into it.
         q, k, v = qkv.unbind(2)
@@ -193,7 +191,7 @@ class MLA(nn.Module):
         kv = self.kv_up(self.kv_norm(c_kv)).view(B, T, self.h, 2, self.d)  # per head [key | value]
         if self.fast_attention and kernels.attention_applies(q, key_mask, self.rope.rope_dims):
             rope = self.rope
-            heads = kernels.short_attention(q, kv, rope.cos, rope.sin, self.h, rope.rope_dims, self.causal)
+            heads = kernels.short_attention(q, kv, rope.cos, rope.sin, rope.rope_dims, self.causal)
         else:
             k, v = kv.unbind(3)
             q, k = self.rope(q, k)
@@ -297,7 +295,7 @@ class MaskedLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.encoder = Encoder(cfg)
-        self.pad_vocab = "pad-vocab" in kernels.ENABLED  # no kernel: Triton or not
+        self.pad_vocab = kernels.available("pad-vocab")
 
     def forward(self, ids, positions, targets, accuracy: bool = True):
         """ids [B, T]; positions, targets [B, k]. Returns (mean loss, number of correct predictions,
@@ -319,7 +317,7 @@ class CausalLM(nn.Module):
         if cfg.objective != "clm":
             raise ValueError("CausalLM needs objective='clm' (causal attention)")
         self.encoder = Encoder(cfg)
-        self.pad_vocab = "pad-vocab" in kernels.ENABLED  # no kernel: Triton or not
+        self.pad_vocab = kernels.available("pad-vocab")
 
     def forward(self, ids, targets, accuracy: bool = True):
         """ids, targets [B, T] (targets: ids shifted by one). Returns (mean loss, number correct,
