@@ -115,27 +115,19 @@ def self_check(name: str, device: str | None = None, dtype: torch.dtype = torch.
     try:
         dev = torch.device(device) if device else torch.device("cuda", torch.cuda.current_device())
         if name == "attention":
+            from svd_probe.train.model import Rope, _attend  # the torch code it replaces
+
             B, T, H, D, R = 2, 40, 2, 32, 16
             x = torch.randn(B, T, 3, H, D, generator=g).to(dev, dtype).requires_grad_()
-            half, pos = R // 2, torch.arange(T, dtype=torch.float64)[:, None]
-            ang = pos / 10000.0 ** (torch.arange(half, dtype=torch.float64) * 2 / R)
-            cos, sin = torch.ones(T, D), torch.zeros(T, D)
-            cos[:, :R], sin[:, :R] = ang.cos().repeat(1, 2).float(), ang.sin().repeat(1, 2).float()
-            cos, sin = cos.to(dev), sin.to(dev)
-            c, s_ = cos[None, :, None], sin[None, :, None]
-
-            def rot(t):
-                return t * c + torch.cat([-t[..., half:R], t[..., :half], t[..., R:]], -1) * s_
+            rope = Rope(D, R, 10000.0, T).to(dev)
 
             def attention_kernel(x):
-                return short_attention(x, None, cos, sin, R, False)
+                return short_attention(x, None, rope.cos, rope.sin, R, False)
 
             def attention_reference(x):
                 q, k, v = x.float().unbind(2)
-                o = torch.nn.functional.scaled_dot_product_attention(
-                    rot(q).transpose(1, 2), rot(k).transpose(1, 2), v.transpose(1, 2)
-                )
-                return o.transpose(1, 2).reshape(B, T, H * D)
+                q, k = rope(q, k)
+                return _attend(q, k, v, None, False)
 
             kernel, reference, inputs = attention_kernel, attention_reference, (x,)
         elif name == "swiglu":
