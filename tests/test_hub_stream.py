@@ -226,23 +226,27 @@ def test_coalesced_members_are_exact_and_aligned(fake_hub, tmp_path):
     files.close()
 
 
-@pytest.mark.parametrize("rate", [None, 20e6])
+@pytest.mark.parametrize("rate", [None, 10e6])
 def test_requests_in_flight_follow_the_link(tmp_path, rate):
-    """Reads start 2 wide. On loopback one connection streams far above 200 MB/s, so they stay
-    2 wide; on a link that gives each connection 20 MB/s, every worker is used once 3 large
-    bodies are timed."""
-    from svd_probe.hub.ranges import FAST_CONNECTION, HubFiles
+    """Reads start 2 wide and the 3 large bodies timed first decide the width against
+    `fast_connection`, here 30 MB/s. Unpaced loopback streams several times that even under a full
+    suite on 2 cores (135 MB/s seen at the worst), so reads stay 2 wide; a link pacing each
+    connection at 10 MB/s cannot reach it, so every worker is used. (The default threshold,
+    `FAST_CONNECTION`, is not timed here: the loaded VM's loopback has fallen below it.)"""
+    from svd_probe.hub.ranges import HubFiles
     from svd_probe.testing.fake_hub import FakeHub
 
+    threshold = 30e6
     data = np.random.default_rng(1).integers(0, 256, 44 << 20, dtype=np.uint8)
     (tmp_path / "w.bin").write_bytes(data.tobytes())
     with FakeHub(rate=rate) as hub:
         hub.add_repo("t/width", tmp_path)
-        files = HubFiles(hub.endpoint, "t/width", hub.repos["t/width"].commit, concurrency=8, chunk_size=4 << 20)
+        commit = hub.repos["t/width"].commit
+        files = HubFiles(hub.endpoint, "t/width", commit, concurrency=8, chunk_size=4 << 20, fast_connection=threshold)
         assert files.stats.in_flight == 2
         probe = files.read_many([("w.bin", 0, 12 << 20)])  # three 4 MiB bodies, two at a time
         assert hub.max_in_flight <= 2 and len(files._probes) == 3
-        assert (max(files._probes) >= FAST_CONNECTION) == (rate is None)
+        assert (max(files._probes) >= threshold) == (rate is None)
         hub.reset_records()
         rest = files.read_many([("w.bin", 12 << 20, 44 << 20)])  # eight 4 MiB bodies
         assert bytes(probe[0]) + bytes(rest[0]) == data.tobytes()
