@@ -262,7 +262,7 @@ def test_torch_compile_traces_the_kernels_whole_and_matches_eager(tmp_path):
 def test_train_kernels_choice_reaches_every_module_and_a_bad_one_is_refused():
     from svd_probe.errors import SvdProbeError
     from svd_probe.train import kernels
-    from svd_probe.train.config import build_train_config, preset
+    from svd_probe.train.config import KERNELS_CHOICES, KERNELS_DEFAULT, build_train_config, preset
     from svd_probe.train.model import MaskedLM
 
     for choice, want in (("torch", False), ("triton", True)):  # Triton imports here (the skip above)
@@ -271,7 +271,8 @@ def test_train_kernels_choice_reaches_every_module_and_a_bad_one_is_refused():
         flags = [getattr(m, f) for m in model.modules() for f in ("fast_attention", "fast_swiglu") if hasattr(m, f)]
         assert len(flags) == 2 * model.encoder.cfg.n_layers and set(flags) == {want}
         assert model.pad_vocab is want
-    assert kernels.ENABLED == kernels.CHOICES[kernels.DEFAULT]  # the block restores the default
+    assert kernels.ENABLED == kernels.CHOICES[KERNELS_DEFAULT]  # the block restores the default
+    assert tuple(kernels.CHOICES) == KERNELS_CHOICES  # the config's check and the kernels agree
     assert build_train_config(overrides={"kernels": "torch"}).kernels == "torch"
     with pytest.raises(SvdProbeError, match="kernels must be triton or torch, got 'cuda'"):
         build_train_config(overrides={"kernels": "cuda"})

@@ -50,8 +50,7 @@ VOCAB_ALIGN = 64
 # `svd-probe train --kernels`: the fast-path sets a run may choose (config.KERNELS_DEFAULT says
 # which is the default, and why).
 CHOICES = {"triton": ALL, "torch": frozenset()}
-DEFAULT = KERNELS_DEFAULT
-ENABLED: frozenset[str] = CHOICES[DEFAULT]
+ENABLED: frozenset[str] = CHOICES[KERNELS_DEFAULT]
 
 
 @contextlib.contextmanager
