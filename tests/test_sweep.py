@@ -104,6 +104,10 @@ def test_shards_split_the_grid(monkeypatch, capsys, tmp_path):
         (("--pretrain-step", "4"), "No such option: --pretrain-step"),
         (("--batch-size", "many"), "--batch-size"),
         (("--lr", "-1"), "lr must be a finite positive number"),  # the recipe's own check, per run
+        # a range is not built past the limit (this one once took all the memory it could get)
+        (("--seeds", "0-1000000000000"), "bad --seeds '0-1000000000000': distinct seeds >= 0 (at most 1000)"),
+        (("--seeds", "0-999,0-999,0-999"), "(at most 1000)"),
+        (("--seeds", "0-1000"), "(at most 1000)"),  # 1001 seeds; 0-999 is allowed
     ],
 )
 def test_bad_options_are_refused_before_any_run(monkeypatch, capsys, tmp_path, args, message):

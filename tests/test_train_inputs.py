@@ -252,3 +252,114 @@ def test_compare_reads_bad_metrics_files_as_errors(tmp_path, content, match):
     (tmp_path / "metrics.json").write_bytes(content)
     with pytest.raises(TrainingInputError, match=match):
         load_runs([tmp_path])
+
+
+def test_compare_reads_a_bounded_metrics_file(tmp_path):
+    """A huge metrics.json (sparse: no disk used) or one that is a folder is refused, unread."""
+    from svd_probe.train.compare import MAX_METRICS_BYTES, load_runs
+
+    with open(tmp_path / "metrics.json", "wb") as f:
+        f.truncate(MAX_METRICS_BYTES + 1)
+    with pytest.raises(TrainingInputError, match="over 16 MiB"):
+        load_runs([tmp_path])
+    (tmp_path / "metrics.json").unlink()
+    (tmp_path / "run" / "metrics.json").mkdir(parents=True)
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / "metrics.json").write_text("{}")
+    with pytest.raises(TrainingInputError, match="run2/metrics.json is not a metrics.json"):
+        load_runs([tmp_path])  # the folder named metrics.json is no run: only run2 is read
+
+
+def test_a_vocab_with_repeated_lines_sizes_the_embedding_by_its_largest_id(inputs, tmp_path):
+    """WordPiece gives a repeated line's number to its last copy, so ids run past the count of
+    distinct tokens; the model needs a row for each id up to the largest (it crashed before)."""
+    lines = inputs["vocab"].read_text().splitlines()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(lines + lines[-20:]) + "\n")
+    tok = D.load_tokenizer(str(vocab))
+    assert tok.vocab_size == len(lines) + 20 and tok.tokenizer.get_vocab_size() == len(lines)
+    assert max(max(ids) for ids in tok.encode_batch([" ".join(lines[-20:])])) == len(lines) + 19
+    m = run(
+        preset("mha", "tiny"),
+        small_recipe(pretrain_steps=2),
+        sources(inputs, tokenizer=str(vocab), sst2_dir=None),
+        tmp_path / "o",
+    )
+    assert m["variant"] == "mha"
+
+
+def test_a_tokenizer_with_a_huge_id_is_refused(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    vocab = {t: i for i, t in enumerate(D.SPECIAL_TOKENS)} | {"far": D.MAX_VOCAB}
+    path = tmp_path / "tokenizer.json"
+    Tokenizer(WordLevel(vocab, unk_token="[UNK]")).save(str(path))
+    with pytest.raises(TrainingInputError, match="token ids up to 1,048,576; the lab takes at most 1,048,576"):
+        D.load_tokenizer(str(path))
+    vocab["far"] = D.MAX_VOCAB - 1  # the largest id the limit allows
+    Tokenizer(WordLevel(vocab, unk_token="[UNK]")).save(str(path))
+    assert D.load_tokenizer(str(path)).vocab_size == D.MAX_VOCAB
+
+
+# ---- a damaged checkpoint ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stopped_run(inputs, tmp_path_factory):
+    """A run stopped after 2 of 8 pretraining steps: its checkpoint.pt is the one to damage."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    m = run(preset("mha", "tiny"), small_recipe(stop_after=2), sources(inputs, sst2_dir=None), out)
+    assert m["stopped"] and m["step"] == 2
+    return out
+
+
+def _embed_wrong(ck):
+    ck["model"]["encoder.embed.weight"] = torch.zeros(10, 4)
+
+
+def _one_weight_fewer(ck):
+    del ck["model"][next(iter(ck["model"]))]
+
+
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (lambda ck: ck.pop("model"), "pretrain step 2 without weights"),
+        (lambda ck: ck.pop("rng"), "holds weights but no rng"),
+        (lambda ck: ck.update(rng={}), "does not fit this run's pretrain model"),
+        (_embed_wrong, "does not fit this run's pretrain model: Error.s. in loading state_dict"),
+        (_one_weight_fewer, "does not fit this run's pretrain model"),
+        (lambda ck: ck.update(optimizer={"state": {}, "param_groups": []}), "does not fit this run's pretrain model"),
+        (lambda ck: ck.update(step=10**9), "at pretrain step 1000000000 of 8"),
+        (lambda ck: ck.update(step=-3), "step -3, not a count of steps"),
+        (lambda ck: ck.update(phase="weird"), "phase 'weird', not pretrain or finetune"),
+        (lambda ck: ck.update(format=99), "format 99 is newer than this svd-probe's 2"),
+        (lambda ck: ck.update(format="2"), "format '2', not 1 to 2"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_and_left_alone(stopped_run, inputs, tmp_path, damage, match):
+    """Before, these resumed with a traceback, or silently (exit 0) skipping or redoing work."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    damage(ck)
+    torch.save(ck, out / "checkpoint.pt")
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(TrainingInputError, match=match) as e:
+        run(preset("mha", "tiny"), small_recipe(), sources(inputs, sst2_dir=None), out)
+    assert "--overwrite" in (e.value.hint or "")
+    assert (out / "checkpoint.pt").read_bytes() == before and not (out / "metrics.json").exists()
+
+
+def test_a_damaged_checkpoint_on_the_command_line(inputs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = cli_train_args(inputs, out, steps=(4, 2))
+    code, _, err = cli_main([*args, "--stop-after", "2"], monkeypatch, capsys)
+    assert code == 0, err
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    ck["step"] = 10**9
+    torch.save(ck, out / "checkpoint.pt")
+    code, _, err = cli_main(args, monkeypatch, capsys)
+    assert code == 2 and "at pretrain step 1000000000 of 4" in err and "Traceback" not in err, err
+    assert "--overwrite" in err and not (out / "metrics.json").exists()

@@ -453,3 +453,14 @@ def test_compare_reads_the_first_labs_metrics(tmp_path):
         (d / "metrics.json").write_text(json.dumps(m))
     rows = comparison(load_runs([tmp_path]))["configs"]
     assert [(r["objective"], r["o_norm"], r["n"]) for r in rows] == [("mlm", "none", 2)]
+
+
+def test_compare_refuses_one_run_counted_twice(tmp_path):
+    """A copied run folder is not a second seed: it would give n = 2 and a std of 0."""
+    runs = [_metrics("mha", 0, 0.3, 0.8), _metrics("mha", 1, 0.3, 0.7)]
+    for i, m in enumerate(runs + [runs[0]]):  # the third is a copy of the first
+        (tmp_path / f"run{i}").mkdir()
+        (tmp_path / f"run{i}" / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(TrainingInputError, match=r"two runs of one configuration with seed 0: .*run0 and .*run2"):
+        summarize(load_runs([tmp_path]))
+    assert [r["n"] for r in summarize(load_runs([tmp_path / "run0", tmp_path / "run1"]))] == [2]

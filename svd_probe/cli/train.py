@@ -433,6 +433,9 @@ def _main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+MAX_SEEDS = 1000
+
+
 def parse_seeds(text: str) -> list[int]:
     """`0,1,2`, `0-4` or a mix (`0-2,7`): distinct non-negative integers, in the order given."""
     from svd_probe.errors import TrainingInputError
@@ -442,12 +445,16 @@ def parse_seeds(text: str) -> list[int]:
         part = part.strip()
         lo, sep, hi = part.partition("-")
         try:
-            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
+            first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
         except ValueError:
             raise TrainingInputError(f"bad --seeds {text!r}", hint="e.g. --seeds 0,1,2,3,4 or --seeds 0-4") from None
-    if not seeds or len(seeds) > 1000 or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        seeds += range(first, min(last, first + MAX_SEEDS) + 1)  # past the limit fails below
+        if len(seeds) > MAX_SEEDS:
+            break
+    if not seeds or len(seeds) > MAX_SEEDS or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise TrainingInputError(
-            f"bad --seeds {text!r}: distinct seeds >= 0 (at most 1000)", hint="e.g. --seeds 0,1,2,3,4"
+            f"bad --seeds {text if len(text) <= 60 else text[:60] + '...'!r}: distinct seeds >= 0 (at most {MAX_SEEDS})",
+            hint="e.g. --seeds 0,1,2,3,4",
         )
     return seeds
 

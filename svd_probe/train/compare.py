@@ -36,6 +36,7 @@ PRETRAIN_FIELDS = {
 _EXTRA_FIELDS = {"mlm": ["mlm_loss"], "clm": ["clm_loss", "clm_test_loss"]}
 COMMON_FIELDS = [("sst2_dev_accuracy", "SST-2 %", 100, 2)]
 SPEED_FIELDS = ["pretrain_samples_per_s", "finetune_samples_per_s"]
+MAX_METRICS_BYTES = 16 * 2**20  # a run's metrics.json is a few kB
 
 
 def find_metrics(paths: list[Path]) -> list[Path]:
@@ -47,7 +48,7 @@ def find_metrics(paths: list[Path]) -> list[Path]:
         elif (p / "metrics.json").is_file():
             found.append(p / "metrics.json")
         elif p.is_dir():
-            sub = sorted(set(p.glob("*/metrics.json")) | set(p.glob("*/*/metrics.json")))
+            sub = sorted(f for f in set(p.glob("*/metrics.json")) | set(p.glob("*/*/metrics.json")) if f.is_file())
             if not sub:
                 raise TrainingInputError(
                     f"{p} holds no metrics.json (nor do its subfolders)",
@@ -63,7 +64,17 @@ def load_runs(paths: list[Path]) -> list[dict]:
     runs = []
     for f in find_metrics(paths):
         try:
-            m = json.loads(f.read_bytes().decode("utf-8"))
+            with open(f, "rb") as fh:  # bounded: a symlink to /dev/zero or a huge file is refused
+                data = fh.read(MAX_METRICS_BYTES + 1)
+        except OSError as e:
+            raise TrainingInputError(f"cannot read {f}: {e.strerror}", hint="pass finished run folders") from None
+        if len(data) > MAX_METRICS_BYTES:
+            raise TrainingInputError(
+                f"{f} is over {MAX_METRICS_BYTES // 2**20} MiB, too large to be a metrics.json of svd-probe train",
+                hint="pass finished run folders (svd-probe train --out ...)",
+            )
+        try:
+            m = json.loads(data.decode("utf-8"))
         except RecursionError:
             raise TrainingInputError(f"{f} is nested too deeply to be a metrics.json") from None
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
@@ -169,6 +180,16 @@ def summarize(runs: list[dict]) -> list[dict]:
     labels: dict[tuple[str, str], int] = {}
     for ms in sorted(groups.values(), key=order):
         m = ms[0]
+        seen: dict[int, str] = {}
+        for x in ms:  # a copied run folder would count as a second seed and shrink the intervals
+            seed, where = x.get("seed"), x.get("_path", "?")
+            if isinstance(seed, int) and seed in seen:
+                raise TrainingInputError(
+                    f"two runs of one configuration with seed {seed}: {seen[seed]} and {where}",
+                    hint="pass each run once (a copy of a run folder is not another seed)",
+                )
+            if isinstance(seed, int):
+                seen[seed] = where
         label = config_label(m)
         key = (_objective(m), label)
         labels[key] = labels.get(key, 0) + 1

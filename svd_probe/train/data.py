@@ -18,6 +18,7 @@ import torch
 from svd_probe.errors import TrainingInputError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+MAX_VOCAB = 1 << 20  # token ids, so embedding rows: a tokenizer.json cannot make the model unbounded
 # WikiText's own tokenization: rare words are `<unk>`, and number/hyphen joins are escaped.
 _WIKITEXT_REPLACE = (("<unk>", "[UNK]"), (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 
@@ -81,10 +82,18 @@ def load_tokenizer(spec: str) -> Tok:
             hint="use a BERT-style WordPiece vocabulary",
         )
     found = {t: i for t, i in ids.items() if i is not None}
+    # The embedding needs a row for the largest id, which is more than the count of tokens where
+    # ids have gaps: a vocab.txt with repeated lines gives each line's number to its last copy.
+    size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+    if size > MAX_VOCAB:
+        raise TrainingInputError(
+            f"tokenizer {spec!r} has token ids up to {size - 1:,}; the lab takes at most {MAX_VOCAB:,}",
+            hint="use a vocabulary of at most a million tokens (bert-base-uncased has 30,522)",
+        )
     return Tok(
         tok,
         str(spec),
-        tok.get_vocab_size(),
+        size,
         found["[PAD]"],
         found["[UNK]"],
         found["[CLS]"],

@@ -59,6 +59,8 @@ from svd_probe.train.config import ModelConfig, TrainConfig
 from svd_probe.train.init_from import initial_state, load_source
 from svd_probe.train.model import CausalLM, Classifier, MaskedLM, pretraining_model, pretraining_parameters
 from svd_probe.train.run_dir import (
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
     check_out_dir,
     check_resumable,
     check_same_data,
@@ -86,7 +88,6 @@ __all__ = [
     "save_encoder",
 ]
 
-CHECKPOINT_FORMAT = 2  # 1: the first lab (a LambdaLR state, no data fingerprint); still resumable
 EVAL_MASK_SEED = 1234  # the same valid-set masks for every run, so runs compare on equal terms
 
 
@@ -672,10 +673,22 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
     opt = make_optimizer(model, phase.peak_lr, tc.weight_decay, dev)
     step, samples, seconds = 0, 0, 0.0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        set_rng_state(resume["rng"], dev)
         step, samples, seconds = resume["step"], resume["timed_samples"], resume["timed_seconds"]
+        hint = "start over with --overwrite, or pass a new --out"
+        where = ctx.out / CHECKPOINT
+        if step > phase.steps:
+            raise TrainingInputError(
+                f"the checkpoint {where} is at {phase.name} step {step} of {phase.steps}", hint=hint
+            )
+        try:
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            set_rng_state(resume["rng"], dev)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # torch's words for a state that does not fit
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainingInputError(
+                f"the checkpoint {where} does not fit this run's {phase.name} model: {first}", hint=hint
+            ) from None
     compile_mode, step_graph = compile_mode_for(phase, tc, dev)
     wrapped: torch.nn.Module = model
     if ctx.ddp.world > 1:

@@ -30,6 +30,9 @@ from svd_probe.train import data as D
 from svd_probe.train.config import RESUME_KEYS, ModelConfig, TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 2  # 1: the first lab (a LambdaLR state, no data fingerprint, no "format"); still resumable
+PHASES = ("pretrain", "finetune")
+PHASE_STATE = ("model", "optimizer", "rng", "timed_samples", "timed_seconds")  # a checkpoint with weights
 RUN_FILES = (CHECKPOINT, "model.safetensors", "config.json", "metrics.json", "train.log")
 
 
@@ -76,11 +79,37 @@ def load_checkpoint(out: Path) -> dict | None:
         raise TrainingInputError(
             f"cannot read the checkpoint {path}: {e}", hint="start over with --overwrite, or pass a new --out"
         ) from None
+    hint = "start over with --overwrite, or pass a new --out"
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "phase" not in state:
-        raise TrainingInputError(
-            f"{path} is not a checkpoint of svd-probe train", hint="start over with --overwrite, or pass a new --out"
-        )
+        raise TrainingInputError(f"{path} is not a checkpoint of svd-probe train", hint=hint)
+    problem = _checkpoint_problem(state)
+    if problem:
+        raise TrainingInputError(f"the checkpoint {path} is damaged: {problem}", hint=hint)
     return state
+
+
+def _checkpoint_problem(state: dict) -> str | None:
+    """What makes `state` no checkpoint that `run` writes, or None. The step's upper bound is the
+    phase's length, which run_phase checks (fine-tuning's depends on the data)."""
+    fmt, phase, step = state.get("format", 1), state["phase"], state["step"]
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > CHECKPOINT_FORMAT:
+        return f"format {fmt} is newer than this svd-probe's {CHECKPOINT_FORMAT} (upgrade svd-probe to resume it)"
+    if fmt not in range(1, CHECKPOINT_FORMAT + 1):
+        return f"format {fmt!r}, not 1 to {CHECKPOINT_FORMAT}"
+    if phase not in PHASES:
+        return f"phase {phase!r}, not {' or '.join(PHASES)}"
+    if isinstance(step, bool) or step < 0:
+        return f"step {step!r}, not a count of steps"
+    if "model" in state:
+        missing = [k for k in PHASE_STATE if k not in state]
+        if missing:
+            return f"it holds weights but no {', '.join(missing)}"
+        if not all(isinstance(state[k], dict) for k in ("model", "optimizer", "rng")):
+            return "its model, optimizer or rng state is not a dict"
+    elif phase == "pretrain" or step != 0 or not isinstance(state.get("pretrain_metrics"), dict):
+        # Only the phase boundary {phase: finetune, step: 0, pretrain_metrics} holds no weights.
+        return f"{phase} step {step} without weights"
+    return None
 
 
 def write_json(obj: Any, path: Path) -> None:
