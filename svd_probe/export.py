@@ -28,6 +28,10 @@ def check_output_file(out: str | Path, overwrite: bool, flag: str = "--out") -> 
     out = Path(out)
     if out.is_dir():
         raise OutputExistsError(f"{flag} {out} is a folder", f"Name a file, e.g. {flag} {out / 'spectra.jsonl'}.")
+    if out.exists() and not out.is_file():  # the atomic rename would put a file in its place
+        raise OutputExistsError(
+            f"{flag} {out} is not a regular file (a device, pipe or socket)", f"Name a file for {flag}."
+        )
     if out.exists() and not overwrite:
         raise OutputExistsError(
             f"{flag} {out} exists; svd-probe does not overwrite files", "Pass --overwrite to replace it."

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -188,11 +189,23 @@ def damage(path: Path, how: str) -> None:
         with safe_open(path, framework="numpy") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         save_file(tensors, str(path), metadata={"shapes": "[" * 50_000})
+    elif how in ("head-flattened", "negative"):  # the bytes add up, the shapes or values do not
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if how == "head-flattened":
+            key = next(k for k in tensors if k.startswith("head."))
+            tensors[key] = tensors[key].reshape(-1)
+        else:
+            tensors["stacked.VO"] = -tensors["stacked.VO"]
+        save_file(tensors, str(path), metadata=meta)
     else:
         raise ValueError(how)
 
 
-DAMAGE = ["truncated", "garbage", "empty-but-valid", "lacks-a-key", "bad-metadata"]
+DAMAGE = ["truncated", "garbage", "empty-but-valid", "lacks-a-key", "bad-metadata", "head-flattened", "negative"]
 
 
 @pytest.mark.slow
@@ -386,6 +399,27 @@ def test_export_never_overwrites_a_file_or_writes_into_a_folder(llama, tmp_path,
     )
     assert code == 0, err
     assert mine.read_text().startswith("model,revision,layer")
+
+
+def test_export_refuses_a_device_or_pipe_even_with_overwrite(llama, tmp_path, monkeypatch, capsys):
+    """The atomic rename would put a regular file where the pipe (or /dev/full) was."""
+    analyze(job(llama, tmp_path / "cache", layers="0"))
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, _, err = run_cli(
+        ["export", llama, "--cache-dir", tmp_path / "cache", "--out", fifo, "--overwrite"], monkeypatch, capsys
+    )
+    assert code == 2 and "is not a regular file" in err and "Traceback" not in err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_cache_list_reads_a_deeply_nested_manifest_as_unreadable(llama, tmp_path, monkeypatch, capsys):
+    analyze(job(llama, tmp_path / "cache", layers="0"))
+    (manifest,) = (tmp_path / "cache").rglob("manifest.json")
+    manifest.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    code, out, err = run_cli(["cache", "list", "--cache-dir", tmp_path / "cache"], monkeypatch, capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert "llama" in out
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ def read_refs(repo_dir: Path) -> dict[str, str]:
         if not f.is_file() or f.is_symlink():
             continue
         try:
-            data = f.read_bytes()[:4096]
+            data = _head(f, 4096)
         except OSError:
             continue
         text = data.decode("ascii", "replace").strip()
@@ -92,10 +92,16 @@ def read_refs(repo_dir: Path) -> dict[str, str]:
     return refs
 
 
+def _head(path: Path, n: int) -> bytes:
+    """At most the first `n` bytes: a huge or endless file (a link to /dev/zero) costs no more."""
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
 def _manifest(folder: Path) -> dict:
     try:
-        obj = json.loads((folder / "manifest.json").read_bytes()[: 64 << 20])
-    except (OSError, ValueError):
+        obj = json.loads(_head(folder / "manifest.json", 64 << 20))
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
         return {}
     return obj if isinstance(obj, dict) else {}
 

@@ -49,7 +49,7 @@ from safetensors.numpy import save_file
 
 from svd_probe.atomic import atomic_write, atomic_write_bytes, is_disk_full
 from svd_probe.errors import CacheDamagedError, DiskWriteError
-from svd_probe.kinds import SpectrumKey, parse_key
+from svd_probe.kinds import HEAD, SpectrumKey, parse_key
 from svd_probe.models import is_commit
 
 try:  # POSIX; elsewhere concurrent runs of one model are not guarded.
@@ -397,8 +397,12 @@ class SpectraCache:
             raise self._damaged(layer, f"it lacks {', '.join(missing)}, which the manifest lists")
         shapes: dict[str, tuple[int, int]] = {}
         for key, s in sigma.items():
-            if s.dtype != np.float64 or s.ndim not in (1, 2) or not np.isfinite(s).all():
+            if s.dtype != np.float64 or not np.isfinite(s).all():
                 raise self._damaged(layer, f"{key} is not a finite float64 spectrum")
+            per_head = key.startswith(HEAD + ".")  # [heads, k]; the others one spectrum [k]
+            if s.ndim != (2 if per_head else 1) or (s < 0).any():
+                want = "one row of singular values per head" if per_head else "one row of singular values"
+                raise self._damaged(layer, f"{key} has shape {list(s.shape)}, not {want} (non-negative)")
             shape = raw_shapes.get(key)
             if shape is not None:
                 ok = isinstance(shape, list) and len(shape) == 2 and all(type(x) is int and x >= 0 for x in shape)
