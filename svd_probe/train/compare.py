@@ -183,13 +183,14 @@ def summarize(runs: list[dict]) -> list[dict]:
         seen: dict[int, str] = {}
         for x in ms:  # a copied run folder would count as a second seed and shrink the intervals
             seed, where = x.get("seed"), x.get("_path", "?")
-            if isinstance(seed, int) and seed in seen:
+            if not isinstance(seed, int):
+                continue
+            if seed in seen:
                 raise TrainingInputError(
                     f"two runs of one configuration with seed {seed}: {seen[seed]} and {where}",
                     hint="pass each run once (a copy of a run folder is not another seed)",
                 )
-            if isinstance(seed, int):
-                seen[seed] = where
+            seen[seed] = where
         label = config_label(m)
         key = (_objective(m), label)
         labels[key] = labels.get(key, 0) + 1

@@ -61,6 +61,7 @@ from svd_probe.train.model import CausalLM, Classifier, MaskedLM, pretraining_mo
 from svd_probe.train.run_dir import (
     CHECKPOINT,
     CHECKPOINT_FORMAT,
+    START_OVER,
     check_out_dir,
     check_resumable,
     check_same_data,
@@ -674,11 +675,10 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
     step, samples, seconds = 0, 0, 0.0
     if resume is not None:
         step, samples, seconds = resume["step"], resume["timed_samples"], resume["timed_seconds"]
-        hint = "start over with --overwrite, or pass a new --out"
         where = ctx.out / CHECKPOINT
         if step > phase.steps:
             raise TrainingInputError(
-                f"the checkpoint {where} is at {phase.name} step {step} of {phase.steps}", hint=hint
+                f"the checkpoint {where} is at {phase.name} step {step} of {phase.steps}", hint=START_OVER
             )
         try:
             model.load_state_dict(resume["model"])
@@ -687,7 +687,7 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
         except (RuntimeError, ValueError, KeyError, TypeError) as e:  # torch's words for a state that does not fit
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrainingInputError(
-                f"the checkpoint {where} does not fit this run's {phase.name} model: {first}", hint=hint
+                f"the checkpoint {where} does not fit this run's {phase.name} model: {first}", hint=START_OVER
             ) from None
     compile_mode, step_graph = compile_mode_for(phase, tc, dev)
     wrapped: torch.nn.Module = model
@@ -1144,7 +1144,7 @@ def _train(
     if not (out / "model.safetensors").exists():
         raise TrainingInputError(
             f"{out} has a finished pretraining checkpoint but no model.safetensors",
-            hint="start over with --overwrite, or pass a new --out",
+            hint=START_OVER,
         )
 
     # -- fine-tuning

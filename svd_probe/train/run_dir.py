@@ -33,6 +33,7 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2  # 1: the first lab (a LambdaLR state, no data fingerprint, no "format"); still resumable
 PHASES = ("pretrain", "finetune")
 PHASE_STATE = ("model", "optimizer", "rng", "timed_samples", "timed_seconds")  # a checkpoint with weights
+START_OVER = "start over with --overwrite, or pass a new --out"  # the fix for an unusable run folder
 RUN_FILES = (CHECKPOINT, "model.safetensors", "config.json", "metrics.json", "train.log")
 
 
@@ -76,15 +77,12 @@ def load_checkpoint(out: Path) -> dict | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file: torch raises several types
-        raise TrainingInputError(
-            f"cannot read the checkpoint {path}: {e}", hint="start over with --overwrite, or pass a new --out"
-        ) from None
-    hint = "start over with --overwrite, or pass a new --out"
+        raise TrainingInputError(f"cannot read the checkpoint {path}: {e}", hint=START_OVER) from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "phase" not in state:
-        raise TrainingInputError(f"{path} is not a checkpoint of svd-probe train", hint=hint)
+        raise TrainingInputError(f"{path} is not a checkpoint of svd-probe train", hint=START_OVER)
     problem = _checkpoint_problem(state)
     if problem:
-        raise TrainingInputError(f"the checkpoint {path} is damaged: {problem}", hint=hint)
+        raise TrainingInputError(f"the checkpoint {path} is damaged: {problem}", hint=START_OVER)
     return state
 
 
