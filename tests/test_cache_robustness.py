@@ -417,9 +417,20 @@ def test_cache_list_reads_a_deeply_nested_manifest_as_unreadable(llama, tmp_path
     analyze(job(llama, tmp_path / "cache", layers="0"))
     (manifest,) = (tmp_path / "cache").rglob("manifest.json")
     manifest.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    (ref,) = (tmp_path / "cache").rglob("refs/*")
+    (ref.parent / "deep").write_bytes(b"[" * 4000)  # within the 4096 bytes read of a ref
     code, out, err = run_cli(["cache", "list", "--cache-dir", tmp_path / "cache"], monkeypatch, capsys)
     assert code == 0 and "Traceback" not in err, err
     assert "llama" in out
+
+
+def test_a_huge_manifest_is_read_bounded_and_noted(llama, analyzed, tmp_path):
+    """A sparse manifest past 64 MiB (no disk used) is not read into memory: a note, then {}."""
+    cache = cached(analyzed, tmp_path, llama)
+    with open(cache.manifest_path, "wb") as f:
+        f.truncate((64 << 20) + 1)
+    notes: list[str] = []
+    assert cache.read_manifest(notes) == {} and "is unreadable: it is over 64 MiB" in notes[0]
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ refs that name them. Each path is checked to lie inside the cache root before it
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from svd_probe.cache.store import SpectraCache
+from svd_probe.cache.store import SpectraCache, loads_json, read_head, read_json_object
 from svd_probe.errors import BadOptionError, CacheMissError
 from svd_probe.models import is_commit
 
@@ -74,7 +73,7 @@ def read_refs(repo_dir: Path) -> dict[str, str]:
         if not f.is_file() or f.is_symlink():
             continue
         try:
-            data = _head(f, 4096)
+            data = read_head(f, 4096)
         except OSError:
             continue
         text = data.decode("ascii", "replace").strip()
@@ -84,26 +83,17 @@ def read_refs(repo_dir: Path) -> dict[str, str]:
             refs[unquote(f.name)] = text
             continue
         try:
-            obj = json.loads(data)
-        except ValueError:
+            obj = loads_json(data)
+        except ValueError:  # loads_json's only error, deep nests included
             continue
         if isinstance(obj, dict) and isinstance(obj.get("revision"), str) and is_commit(str(obj.get("commit"))):
             refs[obj["revision"]] = obj["commit"]
     return refs
 
 
-def _head(path: Path, n: int) -> bytes:
-    """At most the first `n` bytes: a huge or endless file (a link to /dev/zero) costs no more."""
-    with open(path, "rb") as f:
-        return f.read(n)
-
-
 def _manifest(folder: Path) -> dict:
-    try:
-        obj = json.loads(_head(folder / "manifest.json", 64 << 20))
-    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
-        return {}
-    return obj if isinstance(obj, dict) else {}
+    obj, _ = read_json_object(folder / "manifest.json")  # SpectraCache.read_manifest's reader
+    return obj or {}
 
 
 def list_cache(root: str | os.PathLike) -> list[CachedAnalysis]:

@@ -65,6 +65,7 @@ ENV_CACHE_DIR = "SVD_PROBE_CACHE"
 _MAX_NAME_BYTES = 120
 # Bounds on what a layer file's metadata can make us parse (ours are a few KB).
 _MAX_META_CHARS = 1 << 20
+_MAX_MANIFEST_BYTES = 64 << 20  # the manifest of a 62-layer model is tens of kB
 
 
 def default_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -217,7 +218,7 @@ def _write_error(path: Path, e: OSError) -> DiskWriteError:
     return DiskWriteError(f"cannot write the spectra cache at {path}: {why or e}", hint)
 
 
-def _loads(text: str | bytes) -> object:
+def loads_json(text: str | bytes) -> object:
     """json.loads that fails only with ValueError (bad JSON, bad UTF-8, 5000-digit ints, deep nests)."""
     try:
         return json.loads(text)
@@ -225,16 +226,24 @@ def _loads(text: str | bytes) -> object:
         raise ValueError("JSON nested too deeply") from e
 
 
-def _read_json_object(path: Path) -> tuple[dict | None, str | None]:
+def read_head(path: Path, n: int) -> bytes:
+    """At most the first `n` bytes: a huge or endless file (a link to /dev/zero) costs no more."""
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def read_json_object(path: Path) -> tuple[dict | None, str | None]:
     """(object, None), (None, None) when absent, or (None, why) when unreadable or not an object."""
     try:
-        data = path.read_bytes()
+        data = read_head(path, _MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         return None, None
     except OSError as e:
         return None, f"cannot read it ({e.strerror or e})"
+    if len(data) > _MAX_MANIFEST_BYTES:
+        return None, f"it is over {_MAX_MANIFEST_BYTES >> 20} MiB"
     try:
-        obj = _loads(data)
+        obj = loads_json(data)
     except ValueError as e:  # includes JSONDecodeError and UnicodeDecodeError
         return None, f"it is not valid JSON ({type(e).__name__})"
     if not isinstance(obj, dict):
@@ -273,7 +282,7 @@ class SpectraCache:
         if is_commit(text):  # the plain format of earlier versions
             return RefEntry(revision, text)
         try:
-            obj = _loads(data)
+            obj = loads_json(data)
         except ValueError:
             return None
         if not isinstance(obj, dict):
@@ -382,7 +391,7 @@ class SpectraCache:
             if len(text) > _MAX_META_CHARS:
                 raise self._damaged(layer, f"its {name} metadata is {len(text)} characters long")
             try:
-                obj = _loads(text)
+                obj = loads_json(text)
             except ValueError:
                 raise self._damaged(layer, f"its {name} metadata is not valid JSON") from None
             if not isinstance(obj, dict):
@@ -446,7 +455,7 @@ class SpectraCache:
 
     def read_manifest(self, notes: list[str] | None = None) -> dict:
         """The manifest, or {} when absent or unreadable (then a note says why, if `notes` is given)."""
-        obj, why = _read_json_object(self.manifest_path)
+        obj, why = read_json_object(self.manifest_path)
         if why and notes is not None:
             notes.append(f"{self.manifest_path} is unreadable: {why}; read as empty; `svd-probe analyze` rebuilds it")
         return obj or {}
