@@ -188,11 +188,13 @@ def test_the_self_check_passes_good_kernels_and_turns_a_failing_one_off_with_a_w
     """self_check is what keeps a CUDA run on the torch code where a kernel cannot run: here the
     real kernels on fp16 inputs pass it, and a kernel that raises is reported and refused. (fp16:
     Triton 3.9's interpreter multiplies bf16 dot operands as integers, 2e10 off on a 16 x 16
-    product, where compiled Triton uses the tensor cores' bf16.)"""
+    product, where compiled Triton uses the tensor cores' bf16.) The checks run under a meta
+    default device, as they do when `svd-probe train` first counts parameters on the meta device:
+    inputs made there have no data, and every kernel failed its check on an H100 that way."""
     code = textwrap.dedent("""
         import warnings, torch
         from svd_probe.train import kernels as K
-        with warnings.catch_warnings(record=True) as seen:
+        with warnings.catch_warnings(record=True) as seen, torch.device("meta"):
             warnings.simplefilter("always")
             ok = [K.self_check(n, "cpu", torch.float16) for n in ("attention", "swiglu", "fused-moe")]
         print(ok, [str(w.message) for w in seen])

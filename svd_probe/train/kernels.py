@@ -107,49 +107,13 @@ def self_check(name: str, device: str | None = None, dtype: torch.dtype = torch.
     code, so a training run never depends on a kernel this machine cannot run."""
     import warnings
 
-    g = torch.Generator(device="cpu").manual_seed(0)
-    kernel: Callable[..., torch.Tensor]
-    reference: Callable[..., torch.Tensor]
-    inputs: tuple[torch.Tensor, ...]
+    # The first module built decides when this runs, and that may be under `with
+    # torch.device("meta")` (model.pretraining_parameters counts parameters that way): inputs made
+    # there have no data, and the cached False would keep the kernel off for the whole process.
+    # The check builds its inputs on the CPU whatever default device the caller set.
     try:
-        dev = torch.device(device) if device else torch.device("cuda", torch.cuda.current_device())
-        if name == "attention":
-            from svd_probe.train.model import Rope, _attend  # the torch code it replaces
-
-            B, T, H, D, R = 2, 40, 2, 32, 16
-            x = torch.randn(B, T, 3, H, D, generator=g).to(dev, dtype).requires_grad_()
-            rope = Rope(D, R, 10000.0, T).to(dev)
-
-            def attention_kernel(x):
-                return short_attention(x, None, rope.cos, rope.sin, R, False)
-
-            def attention_reference(x):
-                q, k, v = x.float().unbind(2)
-                q, k = rope(q, k)
-                return _attend(q, k, v, None, False)
-
-            kernel, reference, inputs = attention_kernel, attention_reference, (x,)
-        elif name == "swiglu":
-            y = torch.randn(70, 2 * 200, generator=g).to(dev, dtype).requires_grad_()
-            b = torch.randn(400, generator=g).to(dev).requires_grad_()
-
-            def swiglu_reference(y, b):
-                gate, up = (y.float() + b).chunk(2, -1)
-                return torch.nn.functional.silu(gate) * up
-
-            kernel, reference, inputs = swiglu_bias, swiglu_reference, (y, b)
-        else:
-            raise ValueError(f"no kernel named {name!r}")
-        got, ref = kernel(*inputs), reference(*inputs)
-        dout = torch.randn(ref.shape, generator=g).to(dev)
-        pairs = [(got.float(), ref)]
-        grads = torch.autograd.grad(got, inputs, dout.to(got.dtype))
-        pairs += zip(grads, torch.autograd.grad(ref, inputs, dout), strict=True)
-        for i, (a, r) in enumerate(pairs):
-            err = ((a.float() - r.float()).abs().max() / r.float().abs().max()).item()
-            if not err < 3e-2:  # bf16 results: a few 1e-3 relative
-                what = "output" if i == 0 else f"gradient {i}"
-                raise RuntimeError(f"its {what} differs from the torch code's by {err:.1e} (relative)")
+        with torch.device("cpu"):
+            return _self_check(name, device, dtype)
     except Exception as e:  # noqa: BLE001 - any failure: the torch code stands in
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         warnings.warn(
@@ -158,6 +122,52 @@ def self_check(name: str, device: str | None = None, dtype: torch.dtype = torch.
             stacklevel=2,
         )
         return False
+
+
+def _self_check(name: str, device: str | None, dtype: torch.dtype) -> bool:
+    """self_check's work: True, or an exception that says what failed."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    kernel: Callable[..., torch.Tensor]
+    reference: Callable[..., torch.Tensor]
+    inputs: tuple[torch.Tensor, ...]
+    dev = torch.device(device) if device else torch.device("cuda", torch.cuda.current_device())
+    if name == "attention":
+        from svd_probe.train.model import Rope, _attend  # the torch code it replaces
+
+        B, T, H, D, R = 2, 40, 2, 32, 16
+        x = torch.randn(B, T, 3, H, D, generator=g).to(dev, dtype).requires_grad_()
+        rope = Rope(D, R, 10000.0, T).to(dev)
+
+        def attention_kernel(x):
+            return short_attention(x, None, rope.cos, rope.sin, R, False)
+
+        def attention_reference(x):
+            q, k, v = x.float().unbind(2)
+            q, k = rope(q, k)
+            return _attend(q, k, v, None, False)
+
+        kernel, reference, inputs = attention_kernel, attention_reference, (x,)
+    elif name == "swiglu":
+        y = torch.randn(70, 2 * 200, generator=g).to(dev, dtype).requires_grad_()
+        b = torch.randn(400, generator=g).to(dev).requires_grad_()
+
+        def swiglu_reference(y, b):
+            gate, up = (y.float() + b).chunk(2, -1)
+            return torch.nn.functional.silu(gate) * up
+
+        kernel, reference, inputs = swiglu_bias, swiglu_reference, (y, b)
+    else:
+        raise ValueError(f"no kernel named {name!r}")
+    got, ref = kernel(*inputs), reference(*inputs)
+    dout = torch.randn(ref.shape, generator=g).to(dev)
+    pairs = [(got.float(), ref)]
+    grads = torch.autograd.grad(got, inputs, dout.to(got.dtype))
+    pairs += zip(grads, torch.autograd.grad(ref, inputs, dout), strict=True)
+    for i, (a, r) in enumerate(pairs):
+        err = ((a.float() - r.float()).abs().max() / r.float().abs().max()).item()
+        if not err < 3e-2:  # bf16 results: a few 1e-3 relative
+            what = "output" if i == 0 else f"gradient {i}"
+            raise RuntimeError(f"its {what} differs from the torch code's by {err:.1e} (relative)")
     return True
 
 
