@@ -432,9 +432,9 @@ def main() -> None:
     ap.add_argument("--ablation", action="store_true", help="also mla-o with the two-matmul (factored) output")
     ap.add_argument(
         "--kernels",
-        default="all",
-        help="fast-path sets to time, each its own row per variant: all (svd-probe train --kernels triton), torch (none: --kernels torch), "
-        f"or -NAME for all but one ({', '.join(sorted(kernels.ALL))}); rows other than all are named 'VARIANT SET'",
+        default="triton",
+        help="fast-path sets to time, each its own row per variant: triton (svd-probe train --kernels triton), torch (none: --kernels torch), "
+        f"all, or -NAME for all but one ({', '.join(sorted(kernels.ALL))}); rows other than triton are named 'VARIANT SET'",
     )
     ap.add_argument("--budget", type=float, default=230.0, help="seconds for the whole run, compiles included")
     ap.add_argument("--json", dest="json_path", default=None, help="default: $OUT/train_speed.json when $OUT is set")
@@ -461,23 +461,28 @@ def main() -> None:
 
     fast_sets = {}
     for name in dict.fromkeys(args.kernels.split(",")):
-        if name == "all":
+        if name in kernels.CHOICES:  # triton, torch: svd-probe train --kernels
+            fast_sets[name] = kernels.CHOICES[name]
+        elif name == "all":
             fast_sets[name] = kernels.ALL
-        elif name == "torch":
-            fast_sets[name] = frozenset()
         elif name.startswith("-") and name[1:] in kernels.ALL:
             fast_sets[name] = kernels.ALL - {name[1:]}
         else:
             sys.exit(
-                f"unknown --kernels {name!r}: all, torch, or -NAME with NAME one of {', '.join(sorted(kernels.ALL))}"
+                f"unknown --kernels {name!r}: triton, torch, all, or -NAME with NAME one of {', '.join(sorted(kernels.ALL))}"
             )
     cases = [
-        (v if fs == "all" else f"{v} {fs}", replace(preset(v, args.size), max_seq_len=max(128, seq_len)), False, fast)
+        (
+            v if fs == "triton" else f"{v} {fs}",
+            replace(preset(v, args.size), max_seq_len=max(128, seq_len)),
+            False,
+            fast,
+        )
         for v in args.variants.split(",")
         for fs, fast in fast_sets.items()
     ]
     if args.ablation:
-        cases.append(("mla-o factored", cases[-1][1], True, kernels.ALL))
+        cases.append(("mla-o factored", cases[-1][1], True, kernels.CHOICES["triton"]))
     path = args.json_path or (os.path.join(os.environ["OUT"], "train_speed.json") if os.environ.get("OUT") else None)
     env = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})",

@@ -30,9 +30,10 @@ whole head, with cos=1, sin=0 beyond rope_dims, so partial RoPE (mla: 16 of 32) 
 (mha, mla-o: 32 of 32) run the same kernels on the same sizes: the RoPE width cannot make one
 variant slower than another.
 
-On CUDA, a model built under `svd-probe train --kernels triton` (train/kernels.py) runs RoPE +
-attention and the SwiGLU through hand-written Triton kernels where they apply, and the tied
-head's matmul over a vocabulary padded to 64; the same functions, the same parameters.
+On CUDA, a model built under `svd-probe train --kernels triton` (the default; train/kernels.py)
+runs RoPE + attention through a hand-written Triton kernel where it applies, and the tied head's
+matmul over a vocabulary padded to 64 (the SwiGLU's kernel, slower than inductor's code, only
+under benchmarks/train_speed.py's sets); the same functions, the same parameters.
 
 Tensor names (the adapter in svd_probe/adapters/svd_probe_train.py depends on them):
 `embed.weight`, `layers.L.{attn_norm,ffn_norm}.weight`, `layers.L.attn.*.weight` (with
