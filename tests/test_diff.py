@@ -370,7 +370,7 @@ def test_export_and_plot_of_a_diff(tmp_path):
     plot_args = ["plot", str(fb), "--cache-dir", str(cache), "--diff", str(ft), "--kind", "delta-rank"]
     r = runner.invoke(app, [*plot_args, "--format", "svg", "--out", str(tmp_path / "p2")])
     assert r.exit_code == 0, r.output
-    assert [p.name for p in (tmp_path / "p2").iterdir()] == ["delta-rank.svg"]
+    assert sorted(p.name for p in (tmp_path / "p2").iterdir()) == [".svd-probe-plot.json", "delta-rank.svg"]
     # The base's own analysis is untouched by the diff.
     assert load_analysis(CacheQuery(str(fb), cache_dir=cache)).layers == [0, 1]
 

@@ -3,7 +3,10 @@ the planted ranks, the planner's arithmetic against DeepSeek-V3's shapes, and th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import sys
 
 import matplotlib
@@ -13,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from svd_probe.cache.store import LayerSpectra, SpectraCache, SpectraOptions
-from svd_probe.errors import BadOptionError, CacheMissError
+from svd_probe.errors import BadOptionError, CacheMissError, OutputExistsError
 from svd_probe.plots import (
     KIND_COLORS,
     break_even_latent,
@@ -24,6 +27,7 @@ from svd_probe.plots import (
     output_params,
     plan_latent,
 )
+from svd_probe.plots.output import RECORD
 from svd_probe.results import CacheQuery, load_analysis
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -415,12 +419,11 @@ def test_cli_plot_writes_files(cache_root, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == [
-        "error-at-rank-22.pdf",
-        "headwise-L001.pdf",
-        "planner-D22.csv",
-        "planner-D22.pdf",
-    ]
+    written = ["error-at-rank-22.pdf", "headwise-L001.pdf", "planner-D22.csv", "planner-D22.pdf"]
+    assert sorted(p.name for p in out.iterdir()) == [RECORD, *written]
+    # The record names each file with the SHA-256 of the bytes on disk.
+    record = json.loads((out / RECORD).read_text())
+    assert record == {"format": 1, "files": {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in written}}
     assert "Shared output latent" in result.output and "planner-D22.csv" in result.output
     csv = pd.read_csv(out / "planner-D22.csv")
     assert list(csv["layer"]) == ["0", "1", "2", "3", "total"]
@@ -454,6 +457,122 @@ def test_cli_nothing_drawable_exits_non_zero_with_note(cache_root, tmp_path):
     assert f"(run: svd-probe analyze acme/tiny-narrow --matrices VO,QK --cache-dir {cache_root})" in " ".join(
         result.output.split()
     )
+
+
+# --- what plot may replace in its folder ----------------------------------------------------------
+
+
+def _plot(cache_root, out, **kw):
+    return make_plots([CacheQuery("acme/tiny-mla", cache_dir=cache_root)], out, kinds="layerwise,error", dpi=DPI, **kw)
+
+
+def _plot_cli(cache_root, out, monkeypatch, capsys, *extra):
+    """`svd-probe plot` through the console-script entry point: (exit code, stderr unwrapped)."""
+    from svd_probe.cli import main
+
+    argv = ["svd-probe", "plot", "acme/tiny-mla", "--cache-dir", str(cache_root), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--kind", "layerwise,error", "--dpi", str(DPI), *extra])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, " ".join(capsys.readouterr().err.split())
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.is_symlink()}
+
+
+def test_plot_redraws_its_own_files_and_refuses_a_users_file_without_writing_anything(
+    cache_root, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "plots"
+    first = _plot(cache_root, out)
+    names = sorted(p.name for p in first.files)
+    assert len(names) == 2 and names[0].startswith("error-at-rank-") and names[1] == "layerwise.png"
+    # A rerun replaces the files it wrote (same cache: a redraw), and says nothing is in the way.
+    again = _plot(cache_root, out, formats="png,svg")
+    assert sorted(p.name for p in again.files) == sorted([*names, *(n.replace(".png", ".svg") for n in names)])
+    # A user's own file under a figure's name: refused, naming it, before anything is written.
+    mine = out / "layerwise.svg"
+    mine.write_bytes(b"<svg>my own drawing</svg>")
+    before = _snapshot(out)
+    with pytest.raises(OutputExistsError) as e:
+        _plot(cache_root, out, formats="png,svg")
+    assert "layerwise.svg" in e.value.message and "--overwrite" in e.value.hint
+    assert _snapshot(out) == before  # not one byte changed, the record included
+    code, err = _plot_cli(cache_root, out, monkeypatch, capsys, "--format", "png,svg")
+    assert code != 0 and "layerwise.svg" in err and "--overwrite" in err and "Traceback" not in err
+    assert _snapshot(out) == before
+    # A figure edited after plot wrote it is the user's now.
+    mine.unlink()
+    _plot(cache_root, out, formats="svg")
+    (out / "layerwise.svg").write_bytes((out / "layerwise.svg").read_bytes() + b"<!-- my note -->")
+    with pytest.raises(OutputExistsError, match="layerwise.svg"):
+        _plot(cache_root, out, formats="svg")
+    # --overwrite replaces it, and the record vouches for the new bytes.
+    code, err = _plot_cli(cache_root, out, monkeypatch, capsys, "--format", "svg", "--overwrite")
+    assert code == 0, err
+    assert b"my note" not in (out / "layerwise.svg").read_bytes()
+    record = json.loads((out / RECORD).read_text())["files"]
+    assert record["layerwise.svg"] == hashlib.sha256((out / "layerwise.svg").read_bytes()).hexdigest()
+    _plot(cache_root, out, formats="svg")  # and a plain rerun redraws it again
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_plot_never_writes_through_a_link_or_onto_a_pipe(cache_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "plots"
+    out.mkdir()
+    target = tmp_path / "elsewhere.txt"
+    target.write_bytes(b"keep me")
+    (out / "layerwise.png").symlink_to(target)
+    with pytest.raises(OutputExistsError, match="layerwise.png"):
+        _plot(cache_root, out)
+    assert not (out / RECORD).exists() and target.read_bytes() == b"keep me"
+    # With --overwrite the link is replaced by the figure, and what it pointed to is untouched.
+    _plot(cache_root, out, overwrite=True)
+    assert not (out / "layerwise.png").is_symlink() and (out / "layerwise.png").read_bytes()[:4] == b"\x89PNG"
+    assert target.read_bytes() == b"keep me"
+    # A pipe under a figure's name is refused even with --overwrite, and stays a pipe.
+    (out / "layerwise.png").unlink()
+    os.mkfifo(out / "layerwise.png")
+    code, err = _plot_cli(cache_root, out, monkeypatch, capsys, "--overwrite")
+    assert code != 0 and "not a regular file" in err and "Traceback" not in err
+    assert (out / "layerwise.png").is_fifo()
+
+
+@pytest.mark.parametrize(
+    "record",
+    [b"[" * 4000, b"\xff\xfe not json", b'{"format": 1, "files": []}', b'{"format": 7, "files": {}}'],
+    ids=["deep", "bytes", "files-a-list", "format-7"],
+)
+def test_a_record_plot_cannot_read_vouches_for_nothing(cache_root, tmp_path, record, monkeypatch, capsys):
+    out = tmp_path / "plots"
+    _plot(cache_root, out)
+    (out / RECORD).write_bytes(record)
+    before = _snapshot(out)
+    code, err = _plot_cli(cache_root, out, monkeypatch, capsys)
+    assert code != 0 and "svd-probe plot's record" in err and "--overwrite" in err and "Traceback" not in err
+    assert _snapshot(out) == before
+    code, err = _plot_cli(cache_root, out, monkeypatch, capsys, "--overwrite")
+    assert code == 0, err
+    assert sorted(json.loads((out / RECORD).read_text())["files"]) == sorted(_snapshot(out).keys() - {RECORD})
+
+
+def test_a_record_entry_outside_the_folder_is_ignored(cache_root, tmp_path):
+    """Names in the record are plain file names in its own folder: an entry that points elsewhere
+    (with the right hash) vouches for nothing, and nothing outside --out is read or written."""
+    out = tmp_path / "plots"
+    _plot(cache_root, out)
+    outside = tmp_path / "layerwise.png"
+    outside.write_bytes(b"a user's file beside the folder")
+    record = json.loads((out / RECORD).read_text())
+    record["files"]["../layerwise.png"] = hashlib.sha256(outside.read_bytes()).hexdigest()
+    (out / RECORD).write_text(json.dumps(record))
+    _plot(cache_root, out)
+    assert outside.read_bytes() == b"a user's file beside the folder"
+    assert "../layerwise.png" not in json.loads((out / RECORD).read_text())["files"]
 
 
 def test_layer_out_of_range_is_a_bad_option(cache_root, tmp_path):

@@ -73,7 +73,11 @@ def align_cmd(
     export_format: str | None = typer.Option(
         None, "--export-format", help="csv or jsonl (default: from the --export suffix).", show_default=False
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --export file if it exists."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace the --export file if it exists, and a file under the figure's name that svd-probe did not write (or that changed since). Figures it wrote are redrawn either way.",
+    ),
     dpi: int = typer.Option(150, "--dpi", min=10, max=1200, help="Resolution of png files."),
     as_json: bool = typer.Option(False, "--json", help="Print the L → L+1 table as JSON instead of a table."),
 ) -> None:
@@ -121,12 +125,15 @@ def align_cmd(
         err.print(f"wrote {n} rows to {export}")
     if not no_figure:
         from svd_probe.plots.alignment import alignment_figure
-        from svd_probe.plots.render import DEFAULT_OUT_ROOT, _save
+        from svd_probe.plots.output import PlotOutput
+        from svd_probe.plots.render import DEFAULT_OUT_ROOT, queue_figure
         from svd_probe.plots.style import model_slug
 
         folder = out_dir or DEFAULT_OUT_ROOT / model_slug(model)
         fig = alignment_figure(result, layer=layer, dpi=dpi)
-        for path in _save(fig, folder, formats, dpi, write_data=False):
+        output = PlotOutput(overwrite)
+        queue_figure(output, fig, folder, formats, dpi, write_data=False)
+        for path in output.write_all():
             out.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 

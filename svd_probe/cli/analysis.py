@@ -341,6 +341,11 @@ def plot_cmd(
     ),
     dpi: int = typer.Option(150, "--dpi", min=10, max=1200, help="Resolution of png files."),
     data: bool = typer.Option(False, "--data", help="Also write each figure's data as CSV beside it."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace files in the output folder that svd-probe plot did not write (or that changed since). Figures it wrote there are redrawn either way; without this, any other file under a figure's name stops the run before anything is written.",
+    ),
     control: Control | None = ReadControlOpt,
     diff: str | None = DiffOpt,
     tuned_revision: str = TunedRevisionOpt,
@@ -373,6 +378,7 @@ def plot_cmd(
         energy=energy,
         kv_dtype=kv_dtype,
         diff=CacheQuery(diff, tuned_revision) if diff else None,
+        overwrite=overwrite,
     )
     if report.plans:
         out.print(planner_rich_table(report.plans))

@@ -22,7 +22,8 @@ from svd_probe.kinds import HEAD, LAYER, STACKED
 from svd_probe.options import parse_choices
 from svd_probe.plots import style
 from svd_probe.plots.figures import RANK_UNIT, FigureResult, _integer_ticks, _kind_cmap, _mark_mtp, _suptitle
-from svd_probe.plots.render import DEFAULT_OUT_ROOT, FORMATS, PlotReport, _save
+from svd_probe.plots.output import PlotOutput
+from svd_probe.plots.render import DEFAULT_OUT_ROOT, FORMATS, PlotReport, queue_figure
 from svd_probe.spectra.metrics import DEFAULT_ERRORS, error_column
 
 DIFF_FIGURE_KINDS = ("delta-rank", "delta-norm")
@@ -206,6 +207,7 @@ def make_diff_plots(
     dpi: float = 150,
     write_data: bool = False,
     keep_figures: bool = False,
+    overwrite: bool = False,
 ) -> PlotReport:
     """Draw the figures of a cached diff TUNED − BASE and write them (`make_plots(..., diff=TUNED)`).
 
@@ -217,7 +219,7 @@ def make_diff_plots(
         formats: png, svg and/or pdf.
         kinds: from DIFF_FIGURE_KINDS (default: both).
         error: the energy error of the delta-rank figure.
-        dpi, write_data, keep_figures: as `make_plots`.
+        dpi, write_data, keep_figures, overwrite: as `make_plots`.
 
     Returns:
         A `PlotReport`.
@@ -236,6 +238,7 @@ def make_diff_plots(
     report = PlotReport(out_dirs={diff_slug(diff): folder})
     report.notes += diff.notes
     metrics = diff.metrics(errors=tuple(sorted({error, *DEFAULT_ERRORS}, reverse=True)))
+    output = PlotOutput(overwrite)
     draw = {
         "delta-rank": lambda: delta_ranks(diff, metrics, error=error, dpi=dpi),
         "delta-norm": lambda: delta_norms(diff, metrics, dpi=dpi),
@@ -247,9 +250,11 @@ def make_diff_plots(
             report.notes.append(f"skipped {kind}: {e}")
             continue
         result.extra["model"] = diff.display
-        report.files += _save(result, folder, formats, dpi, write_data)
+        queue_figure(output, result, folder, formats, dpi, write_data)
         report.notes += result.notes
-        if not keep_figures:
-            result.figure = None
         report.results.append(result)
+    report.files = output.write_all()
+    if not keep_figures:
+        for r in report.results:
+            r.figure = None
     return report

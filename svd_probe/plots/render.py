@@ -7,7 +7,7 @@ are missing is skipped with a note that names the `analyze` command that would a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from svd_probe.errors import BadOptionError
 from svd_probe.options import parse_choices
 from svd_probe.plots import figures
 from svd_probe.plots.kv_planner import DEFAULT_ENERGY, DEFAULT_KV_DTYPE, KVPlan, kv_planner_figure
+from svd_probe.plots.output import PlotOutput
 from svd_probe.plots.planner import PlannerResult
 from svd_probe.plots.style import model_slug, plot_style
 from svd_probe.results import Analysis, CacheQuery, load_analysis
@@ -70,25 +71,34 @@ def output_dirs(analyses: Sequence, out_dir: str | Path | None) -> tuple[dict[st
     return {s: root / s for s in slugs}, compare_dir
 
 
-def _save(
-    result: figures.FigureResult, folder: Path, formats: Sequence[str], dpi: float, write_data: bool
+def queue_figure(
+    output: PlotOutput, result: figures.FigureResult, folder: Path, formats: Sequence[str], dpi: float, write_data: bool
 ) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    """Queue `result`'s files in `output` (one per format, and its data as CSV with
+    `write_data`): written by `output.write_all()`, after every path has been checked."""
+    fig = result.figure
+    if fig is None:
+        raise ValueError(f"the {result.kind} figure was already closed")
+    paths = []
     for fmt in formats:
-        path = folder / f"{result.stem}.{fmt}"
         # No creation date in vector files, so rerunning on the same cache gives the same bytes.
         meta = {"Date": None} if fmt == "svg" else {"CreationDate": None} if fmt == "pdf" else None
-        if result.figure is None:
-            raise ValueError(f"the {result.kind} figure was already closed")
-        with plot_style():  # savefig.* and svg.* settings are read when saving, not drawing
-            result.figure.savefig(path, format=fmt, dpi=dpi, metadata=meta)
-        written.append(path)
+
+        def save(tmp: str, fmt: str = fmt, meta: dict | None = meta) -> None:
+            with plot_style():  # savefig.* and svg.* settings are read when saving, not drawing
+                fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
+
+        paths.append(output.add(folder / f"{result.stem}.{fmt}", save))
     if write_data:
-        path = folder / f"{result.stem}.csv"
-        result.data.to_csv(path, index=False)
-        written.append(path)
-    return written
+        paths.append(output.add(folder / f"{result.stem}.csv", _csv_writer(result.data)))
+    return paths
+
+
+def _csv_writer(table) -> Callable[[str], None]:
+    def write(tmp: str) -> None:
+        table.to_csv(tmp, index=False)
+
+    return write
 
 
 def make_plots(
@@ -109,6 +119,7 @@ def make_plots(
     energy: float = DEFAULT_ENERGY,
     kv_dtype: str = DEFAULT_KV_DTYPE,
     diff: CacheQuery | str | None = None,
+    overwrite: bool = False,
 ) -> PlotReport:
     """Draw the selected figures of one or more cached models and write them to disk.
 
@@ -130,6 +141,9 @@ def make_plots(
         energy, kv_dtype: the kv-planner's energy kept (0.99) and KV-cache dtype (bf16, fp16, fp8, fp32).
         diff: TUNED: draw the figures of the cached diff TUNED − models[0] instead
             (`svd_probe.plots.diff.make_diff_plots`; kinds from its DIFF_FIGURE_KINDS).
+        overwrite: replace files in the output folders that plot did not write (or that changed
+            since it did); without it those raise OutputExistsError before anything is written
+            (`svd_probe.plots.output`). Files plot wrote there before are replaced either way.
 
     Returns:
         A `PlotReport`: files written, notes (figures skipped and why, damaged layers left out),
@@ -155,6 +169,7 @@ def make_plots(
             dpi=dpi,
             write_data=write_data,
             keep_figures=keep_figures,
+            overwrite=overwrite,
         )
     formats = parse_choices(formats, FORMATS, "format")
     kinds_asked = kinds is not None and parse_choices(kinds, FIGURE_KINDS, "figure kind") != list(FIGURE_KINDS)
@@ -172,12 +187,12 @@ def make_plots(
     report.notes += [note for a in analyses for note in a.notes]
     errors = tuple(sorted({0.01, 0.001, error}, reverse=True))
 
+    output = PlotOutput(overwrite)
+
     def emit(result: figures.FigureResult, folder: Path, model: str | None) -> None:
         result.extra["model"] = model
-        report.files += _save(result, folder, formats, dpi, write_data)
+        queue_figure(output, result, folder, formats, dpi, write_data)
         report.notes += result.notes
-        if not keep_figures:
-            result.figure = None
         report.results.append(result)
 
     all_metrics = []
@@ -211,9 +226,7 @@ def make_plots(
             if kind == "planner":
                 plan = result.extra["plan"]
                 report.plans.append(plan)
-                csv = folder / f"planner-D{plan.latent}.csv"
-                plan.to_csv_frame().to_csv(csv, index=False)
-                report.files.append(csv)
+                output.add(folder / f"planner-D{plan.latent}.csv", _csv_writer(plan.to_csv_frame()))
             if kind == "kv-planner":
                 report.kv_plans.append(result.extra["plan"])
 
@@ -226,6 +239,10 @@ def make_plots(
                 emit(figures.compare_models(analyses, all_metrics, error=error, dpi=dpi), compare_dir, None)
             except figures.MissingFigureData as e:
                 report.notes.append(f"skipped compare: {e}")
+    report.files = output.write_all()
+    if not keep_figures:
+        for r in report.results:
+            r.figure = None
     return report
 
 
