@@ -98,8 +98,9 @@ def test_demo_output_matches_readme_and_files_exist(demo_run):
     jsonl = (demo / "spectra.jsonl").read_text().splitlines()
     assert len(jsonl) == 164 and json.loads(jsonl[0])["model"] == "demo/tiny-deepseek-v3"
     assert len((demo / "metrics.csv").read_text().splitlines()) == 164 + 1
-    figures = [p for p in (demo / "plots").rglob("*") if p.is_file()]
+    figures = [p for p in (demo / "plots").rglob("*") if p.is_file() and p.name != ".svd-probe-plot.json"]
     assert len(figures) == 9 and all(p.stat().st_size > 1000 for p in figures if p.suffix == ".png")
+    assert (figures[0].parent / ".svd-probe-plot.json").is_file()  # so a second demo redraws them
 
 
 @pytest.mark.slow
