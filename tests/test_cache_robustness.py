@@ -158,6 +158,58 @@ def test_unreadable_refs_read_as_absent(tmp_path, content):
     assert SpectraCache.read_ref(tmp_path, "models--o--m", "main").commit == COMMIT
 
 
+def test_refs_are_read_bounded_and_never_through_a_link_or_a_pipe(tmp_path):
+    """A refs file is read at most MAX_REF_BYTES + 1 bytes (a sparse 2 GB one cost 2 GB of memory
+    before), and one that is a link (it could point anywhere) or a FIFO (a read would block) reads
+    as absent, by `read_ref` and by `cache list`'s `read_refs` alike."""
+    import tracemalloc
+
+    from svd_probe.cache.listing import read_refs
+    from svd_probe.cache.store import MAX_REF_BYTES
+
+    repo = "models--o--m"
+    refs = tmp_path / repo / "refs"
+    refs.mkdir(parents=True)
+    good = json.dumps({"revision": "main", "commit": COMMIT}).encode()
+    huge = SpectraCache.ref_path(tmp_path, repo, "main")
+    with open(huge, "wb") as f:
+        f.write(good)
+        f.truncate(2 << 30)  # sparse: 2 GB on paper, nothing on disk
+    tracemalloc.start()
+    try:
+        assert SpectraCache.read_ref(tmp_path, repo, "main") is None
+        assert read_refs(tmp_path / repo) == {}
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MAX_REF_BYTES, peak
+    huge.write_bytes(good + b" " * (MAX_REF_BYTES - len(good)))  # at the bound: still read
+    assert SpectraCache.read_ref(tmp_path, repo, "main").commit == COMMIT
+    huge.unlink()
+    outside = tmp_path / "elsewhere.json"
+    outside.write_bytes(good)
+    huge.symlink_to(outside)
+    assert SpectraCache.read_ref(tmp_path, repo, "main") is None and read_refs(tmp_path / repo) == {}
+    huge.unlink()
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(huge)
+        assert SpectraCache.read_ref(tmp_path, repo, "main") is None and read_refs(tmp_path / repo) == {}
+
+
+def test_a_revision_too_long_to_read_back_is_not_recorded(tmp_path):
+    """write_ref records only what read_ref reads back: a revision whose record would pass
+    MAX_REF_BYTES is resolved afresh each time instead; one just under it round-trips."""
+    from svd_probe.cache.store import MAX_REF_BYTES
+
+    long_one = "分" * (MAX_REF_BYTES // 6 + 1)  # JSON writes each as \\uXXXX, six bytes
+    assert not SpectraCache.write_ref(tmp_path, "models--o--m", long_one, COMMIT)
+    assert SpectraCache.read_ref(tmp_path, "models--o--m", long_one) is None
+    assert not (tmp_path / "models--o--m").exists()
+    shorter = "分" * (MAX_REF_BYTES // 6 - 20)
+    assert SpectraCache.write_ref(tmp_path, "models--o--m", shorter, COMMIT)
+    assert SpectraCache.read_ref(tmp_path, "models--o--m", shorter).commit == COMMIT
+
+
 def test_refs_of_earlier_versions_still_read(tmp_path):
     path = tmp_path / "models--o--m" / "refs" / "refs%2Fpr%2F1"
     path.parent.mkdir(parents=True)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from svd_probe.cache.store import SpectraCache, loads_json, read_head, read_json_object
+from svd_probe.cache.store import SpectraCache, read_json_object, read_ref_file
 from svd_probe.errors import BadOptionError, CacheMissError
 from svd_probe.models import is_commit
 
@@ -65,29 +65,17 @@ def _size_and_mtime(folder: Path) -> tuple[int, float]:
 
 def read_refs(repo_dir: Path) -> dict[str, str]:
     """revision → commit, from `refs/` (unreadable entries are skipped)."""
+    from urllib.parse import unquote
+
     refs: dict[str, str] = {}
     folder = repo_dir / "refs"
     if not folder.is_dir() or folder.is_symlink():
         return refs
     for f in sorted(folder.iterdir()):
-        if not f.is_file() or f.is_symlink():
-            continue
-        try:
-            data = read_head(f, 4096)
-        except OSError:
-            continue
-        text = data.decode("ascii", "replace").strip()
-        if is_commit(text):  # the plain format of earlier versions: the name is the revision
-            from urllib.parse import unquote
-
-            refs[unquote(f.name)] = text
-            continue
-        try:
-            obj = loads_json(data)
-        except ValueError:  # loads_json's only error, deep nests included
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("revision"), str) and is_commit(str(obj.get("commit"))):
-            refs[obj["revision"]] = obj["commit"]
+        # A bare commit hash (the earlier format) is named by its file: the name is the revision.
+        entry = read_ref_file(f, unquote(f.name))
+        if entry is not None:
+            refs[entry.revision] = entry.commit
     return refs
 
 

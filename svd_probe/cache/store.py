@@ -37,6 +37,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -232,6 +233,41 @@ def read_head(path: Path, n: int) -> bytes:
         return f.read(n)
 
 
+# A refs file is {"revision", "commit", "since"} (or, from earlier versions, a bare commit hash).
+# Its revision is whatever string the user gave, so there is no natural size; 64 KiB holds a
+# revision of over 10,000 characters even with every one escaped as JSON's \\uXXXX. write_ref
+# records nothing longer, so every ref it writes reads back.
+MAX_REF_BYTES = 64 << 10
+
+
+def read_ref_file(path: Path, plain_revision: str) -> RefEntry | None:
+    """The entry of one refs file, or None where it is absent, a link, over MAX_REF_BYTES, or
+    neither format. `plain_revision`: the revision a bare commit hash (the earlier format) is
+    taken for, since such a file names only its commit. `SpectraCache.read_ref` and `cache list`
+    both read refs through this."""
+    try:
+        if not stat.S_ISREG(path.lstat().st_mode):  # a link could point anywhere, a pipe would block
+            return None
+        data = read_head(path, MAX_REF_BYTES + 1)
+    except OSError:  # absent, a folder, or `refs` is not a folder (left by an older version)
+        return None
+    if len(data) > MAX_REF_BYTES:
+        return None
+    text = data.decode("ascii", "replace").strip()
+    if is_commit(text):
+        return RefEntry(plain_revision, text)
+    try:
+        obj = loads_json(data)
+    except ValueError:  # loads_json's only error, deep nests included
+        return None
+    if not isinstance(obj, dict):
+        return None
+    revision, commit, since = obj.get("revision"), obj.get("commit"), obj.get("since")
+    if not isinstance(revision, str) or not isinstance(commit, str) or not is_commit(commit):
+        return None
+    return RefEntry(revision, commit, since if isinstance(since, str) else None)
+
+
 def read_json_object(path: Path) -> tuple[dict | None, str | None]:
     """(object, None), (None, None) when absent, or (None, why) when unreadable or not an object."""
     try:
@@ -273,25 +309,8 @@ class SpectraCache:
     @staticmethod
     def read_ref(root: str | os.PathLike, repo: str, revision: str) -> RefEntry | None:
         """The commit `revision` last resolved to, or None (never written, or unreadable)."""
-        path = SpectraCache.ref_path(root, repo, revision)
-        try:
-            data = path.read_bytes()
-        except OSError:  # absent, or `refs` is not a folder (left by an older version)
-            return None
-        text = data.decode("ascii", "replace").strip()
-        if is_commit(text):  # the plain format of earlier versions
-            return RefEntry(revision, text)
-        try:
-            obj = loads_json(data)
-        except ValueError:
-            return None
-        if not isinstance(obj, dict):
-            return None
-        commit = obj.get("commit")
-        if not isinstance(commit, str) or not is_commit(commit) or obj.get("revision") != revision:
-            return None
-        since = obj.get("since")
-        return RefEntry(revision, commit, since if isinstance(since, str) else None)
+        entry = read_ref_file(SpectraCache.ref_path(root, repo, revision), revision)
+        return entry if entry is not None and entry.revision == revision else None
 
     @staticmethod
     def write_ref(root: str | os.PathLike, repo: str, revision: str, commit: str) -> bool:
@@ -301,14 +320,18 @@ class SpectraCache:
         old = SpectraCache.read_ref(root, repo, revision)
         if old is not None and old.commit == commit:
             return False
+        body = (json.dumps({"revision": revision, "commit": commit, "since": _now()}) + "\n").encode(
+            "utf-8", "surrogateescape"
+        )
+        if len(body) > MAX_REF_BYTES:  # read_ref would not read it back: resolved afresh each time
+            return False
         path = SpectraCache.ref_path(root, repo, revision)
         refs = path.parent
         try:
             if refs.is_symlink() or (refs.exists() and not refs.is_dir()):
                 # A file named `refs`: what `--revision .` left behind in earlier versions.
                 refs.unlink()
-            body = json.dumps({"revision": revision, "commit": commit, "since": _now()}) + "\n"
-            atomic_write_bytes(path, body.encode("utf-8", "surrogateescape"))
+            atomic_write_bytes(path, body)
         except OSError as e:
             raise _write_error(path, e) from None
         return True
