@@ -189,3 +189,27 @@ def test_a_failed_run_names_its_log(inputs, tmp_path):
     log = out / "logs" / "mha_mlm.seed-0.log"
     assert f"failed: mha_mlm/seed-0 (exit 2); log: {log}" in r.stderr
     assert "wiki.train.tokens" in log.read_text()  # the child's own error, in its log
+
+
+@pytest.mark.parametrize("damage", ["deep", "dev-zero", "fifo", "huge"])
+def test_a_damaged_metrics_json_is_not_a_finished_run(tmp_path, damage):
+    """`sweep` asks each run folder's metrics.json whether the run is finished. It read the file
+    whole (a link to /dev/zero never ended, a FIFO blocked); now the read is bounded
+    (config.read_metrics), and a damaged file means "not finished": the run is trained again."""
+    from svd_probe.train.config import MAX_METRICS_BYTES, build_train_config, preset
+    from svd_probe.train.sweep import is_finished
+
+    metrics = tmp_path / "metrics.json"
+    if damage == "deep":
+        metrics.write_text("[" * 100_000)
+    elif damage == "dev-zero":
+        metrics.symlink_to("/dev/zero")
+    elif damage == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("needs FIFOs")
+        os.mkfifo(metrics)
+    else:
+        with open(metrics, "wb") as f:
+            f.write(b'{"variant": "mha"')
+            f.truncate(MAX_METRICS_BYTES + 1)
+    assert is_finished(tmp_path, preset("mha", "tiny"), build_train_config()) is False

@@ -256,7 +256,8 @@ def test_compare_reads_bad_metrics_files_as_errors(tmp_path, content, match):
 
 def test_compare_reads_a_bounded_metrics_file(tmp_path):
     """A huge metrics.json (sparse: no disk used) or one that is a folder is refused, unread."""
-    from svd_probe.train.compare import MAX_METRICS_BYTES, load_runs
+    from svd_probe.train.compare import load_runs
+    from svd_probe.train.config import MAX_METRICS_BYTES
 
     with open(tmp_path / "metrics.json", "wb") as f:
         f.truncate(MAX_METRICS_BYTES + 1)

@@ -249,6 +249,29 @@ def test_init_from_mla_at_full_rank_is_the_source_model(tmp_path, objective):
         torch.testing.assert_close(new.encoder(ids), src.encoder(ids), rtol=1e-5, atol=1e-6)  # the whole model
 
 
+@pytest.mark.parametrize("damage", ["deep", "dev-zero", "fifo", "steps"])
+def test_a_source_with_a_damaged_metrics_json_loads_without_its_steps(tmp_path, damage):
+    """The source's metrics.json only adds its pretraining steps: damaged, it reads as None.
+    A JSON nest 100,000 deep ended in a RecursionError traceback, and a link to /dev/zero was
+    read forever; now the read is bounded (config.read_metrics) and a pipe is not opened."""
+    import os
+
+    _source_run(tmp_path / "mha", "mha")
+    metrics = tmp_path / "mha" / "metrics.json"
+    if damage == "deep":
+        metrics.write_text("[" * 100_000)
+    elif damage == "dev-zero":
+        metrics.symlink_to("/dev/zero")
+    elif damage == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("needs FIFOs")
+        os.mkfifo(metrics)
+    else:
+        metrics.write_text('{"train_config": {"pretrain_steps": 320}}')
+    source = load_source(tmp_path / "mha")
+    assert source.cfg.variant == "mha" and source.pretrain_steps == (320 if damage == "steps" else None)
+
+
 @pytest.mark.slow
 def test_init_from_mha_factors_every_attention_map(tmp_path):
     src_cfg, src = _source_run(tmp_path / "mha", "mha")

@@ -70,8 +70,9 @@ def train_cmd(
     init_from: Path | None = typer.Option(
         None,
         "--init-from",
-        help="Start mla-o from a finished mha or mla run folder: W_O by truncated SVD into the shared latent, "
-        "the rest copied; shapes come from that run.",
+        help="Start mla-o from an mha or mla run folder whose pretraining finished (its model.safetensors; "
+        "fine-tuning need not have run): W_O by truncated SVD into the shared latent, the rest copied; "
+        "shapes come from that run.",
         show_default=False,
         rich_help_panel=MODEL,
     ),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from svd_probe.errors import TrainingInputError
-from svd_probe.train.config import RESUME_KEYS
+from svd_probe.train.config import RESUME_KEYS, read_metrics
 
 _VARIANT_ORDER = {"mha": 0, "mla": 1, "mla-o": 2}
 _NORM_ORDER = {"none": 0, "rms": 1, "rms-per-head": 2}
@@ -36,7 +36,6 @@ PRETRAIN_FIELDS = {
 _EXTRA_FIELDS = {"mlm": ["mlm_loss"], "clm": ["clm_loss", "clm_test_loss"]}
 COMMON_FIELDS = [("sst2_dev_accuracy", "SST-2 %", 100, 2)]
 SPEED_FIELDS = ["pretrain_samples_per_s", "finetune_samples_per_s"]
-MAX_METRICS_BYTES = 16 * 2**20  # a run's metrics.json is a few kB
 
 
 def find_metrics(paths: list[Path]) -> list[Path]:
@@ -63,23 +62,8 @@ def find_metrics(paths: list[Path]) -> list[Path]:
 def load_runs(paths: list[Path]) -> list[dict]:
     runs = []
     for f in find_metrics(paths):
-        try:
-            with open(f, "rb") as fh:  # bounded: a symlink to /dev/zero or a huge file is refused
-                data = fh.read(MAX_METRICS_BYTES + 1)
-        except OSError as e:
-            raise TrainingInputError(f"cannot read {f}: {e.strerror}", hint="pass finished run folders") from None
-        if len(data) > MAX_METRICS_BYTES:
-            raise TrainingInputError(
-                f"{f} is over {MAX_METRICS_BYTES // 2**20} MiB, too large to be a metrics.json of svd-probe train",
-                hint="pass finished run folders (svd-probe train --out ...)",
-            )
-        try:
-            m = json.loads(data.decode("utf-8"))
-        except RecursionError:
-            raise TrainingInputError(f"{f} is nested too deeply to be a metrics.json") from None
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
-            raise TrainingInputError(f"{f} is not valid JSON: {e}") from None
-        if not isinstance(m, dict) or m.get("variant") not in _VARIANT_ORDER:
+        m = read_metrics(f)
+        if m.get("variant") not in _VARIANT_ORDER:
             raise TrainingInputError(f"{f} is not a metrics.json of svd-probe train")
         m["_path"] = str(f.parent)
         runs.append(m)

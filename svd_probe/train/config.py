@@ -242,6 +242,38 @@ def preset(variant: str, size: str = "small") -> ModelConfig:
     raise TrainingInputError(f"unknown size {size!r}", hint=f"use one of: {', '.join(SIZES)}")
 
 
+MAX_METRICS_BYTES = 16 * 2**20  # a run's metrics.json is a few kB
+
+
+def read_metrics(path: Path) -> dict:
+    """A metrics.json as a JSON object, read bounded (a huge file or a link to /dev/zero costs
+    MAX_METRICS_BYTES at most); TrainingInputError, naming it, where it is not one. `compare`,
+    `sweep` (is a run finished?) and `--init-from` (the source's steps) read it through this
+    (here, beside `read_config_file`, so that `compare` loads without torch)."""
+    path = Path(path)
+    if not path.is_file():  # absent, a folder, a pipe or device (a read could block or never end)
+        raise TrainingInputError(f"{path} is not a file", hint="pass finished run folders (svd-probe train --out ...)")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_METRICS_BYTES + 1)
+    except OSError as e:
+        raise TrainingInputError(f"cannot read {path}: {e.strerror}", hint="pass finished run folders") from None
+    if len(data) > MAX_METRICS_BYTES:
+        raise TrainingInputError(
+            f"{path} is over {MAX_METRICS_BYTES // 2**20} MiB, too large to be a metrics.json of svd-probe train",
+            hint="pass finished run folders (svd-probe train --out ...)",
+        )
+    try:
+        m = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise TrainingInputError(f"{path} is nested too deeply to be a metrics.json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+        raise TrainingInputError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(m, dict):
+        raise TrainingInputError(f"{path} is not a metrics.json of svd-probe train")
+    return m
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """A JSON object of model fields and/or training keys; anything else is an error."""
     path = Path(path)

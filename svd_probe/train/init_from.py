@@ -37,7 +37,15 @@ from pathlib import Path
 import torch
 
 from svd_probe.errors import TrainingInputError
-from svd_probe.train.config import MODEL_TYPE, ModelConfig, build_config, check_size, read_config_file, validate
+from svd_probe.train.config import (
+    MODEL_TYPE,
+    ModelConfig,
+    build_config,
+    check_size,
+    read_config_file,
+    read_metrics,
+    validate,
+)
 
 _SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "ffn_dim", "rope_dims", "objective")
 
@@ -96,11 +104,9 @@ def load_source(run_dir: Path) -> SourceRun:
 
 def _source_steps(metrics: Path) -> int | None:
     """pretrain_steps of the source's metrics.json, if it is there and says so (else None)."""
-    import json
-
     try:
-        steps = json.loads(metrics.read_text())["train_config"]["pretrain_steps"]
-    except (OSError, ValueError, KeyError, TypeError):
+        steps = read_metrics(metrics)["train_config"]["pretrain_steps"]
+    except (TrainingInputError, KeyError, TypeError):
         return None
     return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
 

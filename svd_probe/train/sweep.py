@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
-import json
 import os
 import queue
 import signal
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from svd_probe.errors import TrainingInputError
-from svd_probe.train.config import RESUME_KEYS, ModelConfig, TrainConfig
+from svd_probe.train.config import RESUME_KEYS, ModelConfig, TrainConfig, read_metrics
 
 # Which axes each variant has; the others collapse.
 _HAS = {
@@ -197,10 +196,10 @@ def is_finished(run_dir: Path, cfg: ModelConfig, tc: TrainConfig) -> bool:
 def _recorded_match(run_dir: Path, cfg: ModelConfig, tc: TrainConfig) -> bool | None:
     """None: no complete metrics.json; else whether it records this config and recipe."""
     try:
-        m = json.loads((Path(run_dir) / "metrics.json").read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
+        m = read_metrics(Path(run_dir) / "metrics.json")
+    except TrainingInputError:
         return None
-    if not isinstance(m, dict) or any(k not in m for k in _METRICS_KEYS):
+    if any(k not in m for k in _METRICS_KEYS):
         return None
     recorded, recipe = m["config"], m["train_config"]
     if not isinstance(recorded, dict) or not isinstance(recipe, dict):
