@@ -46,7 +46,7 @@ import torch
 
 from svd_probe.adapters.base import AttentionFactors
 from svd_probe.atomic import atomic_write, atomic_write_json
-from svd_probe.cache.store import SpectraCache, SpectraOptions, default_cache_root
+from svd_probe.cache.store import SpectraCache, SpectraOptions, default_cache_root, read_json_object
 from svd_probe.errors import (
     BadOptionError,
     CacheDamagedError,
@@ -375,12 +375,10 @@ class AlignmentStore:
         return sorted(out)
 
     def read_manifest(self) -> dict:
-        try:
-            text = self.manifest_path.read_text()
-            obj = json.loads(text) if len(text) <= _MAX_META_CHARS else None
-        except (OSError, ValueError, RecursionError):
-            return {}
-        return obj if isinstance(obj, dict) else {}
+        """The manifest, or {} where it is absent or unusable (it is rebuilt from the layer files).
+        Read bounded, as the spectra cache's: a huge file or a link to /dev/zero costs 64 MiB at most."""
+        obj, _ = read_json_object(self.manifest_path)
+        return obj or {}
 
     def write_manifest(self, fields: dict) -> None:
         with self.cache.lock():

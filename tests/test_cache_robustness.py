@@ -485,6 +485,36 @@ def test_a_huge_manifest_is_read_bounded_and_noted(llama, analyzed, tmp_path):
     assert cache.read_manifest(notes) == {} and "is unreadable: it is over 64 MiB" in notes[0]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_manifests_that_are_pipes_or_huge_are_read_as_absent_without_blocking(llama, analyzed, tmp_path):
+    """The spectra manifest and the alignment manifest share one reader: a FIFO in a manifest's
+    place would block a read forever, and a sparse 2 GB alignment manifest was read whole."""
+    import tracemalloc
+
+    from svd_probe.alignment import AlignmentStore
+
+    cache = cached(analyzed, tmp_path, llama)
+    cache.manifest_path.unlink()
+    os.mkfifo(cache.manifest_path)
+    notes: list[str] = []
+    assert cache.read_manifest(notes) == {} and "not a regular file" in notes[0]
+    store = AlignmentStore(cache, "O", 4)
+    store.dir.mkdir()
+    os.mkfifo(store.manifest_path)
+    assert store.read_manifest() == {}
+    store.manifest_path.unlink()
+    with open(store.manifest_path, "wb") as f:
+        f.write(b'{"layers": {}}')
+        f.truncate(2 << 30)
+    tracemalloc.start()
+    try:
+        assert store.read_manifest() == {}
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < (64 << 20) + (8 << 20), peak  # the bound, not 2 GB
+
+
 @pytest.mark.slow
 def test_export_on_a_full_disk_leaves_no_temporary_file(llama, tmp_path):
     analyze(job(llama, tmp_path / "cache"))

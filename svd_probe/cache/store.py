@@ -270,6 +270,8 @@ def read_ref_file(path: Path, plain_revision: str) -> RefEntry | None:
 
 def read_json_object(path: Path) -> tuple[dict | None, str | None]:
     """(object, None), (None, None) when absent, or (None, why) when unreadable or not an object."""
+    if path.exists() and not path.is_file():  # a folder, or a pipe or device a read would block on
+        return None, "it is not a regular file"
     try:
         data = read_head(path, _MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
