@@ -6,6 +6,7 @@
 # then mla and mla-o with the default), each run's warnings kept apart; then train_speed.py for
 # mla and mla-o, stepgraph and eager, with --ablation (mla-o's two-matmul output beside the fused
 # one) under the default kernels.
+# SHORT=1: the CUDA test and the two mha runs only (about 2.5 minutes).
 #     bash benchmarks/selfcheck_gpu_call.sh     # device tool: timeout_s 600, carry .carry
 set -u
 OUT=${OUT:-/tmp/out}
@@ -17,7 +18,9 @@ timeout 60 python3 -m pytest -q -s -p no:cacheprovider tests/test_train_kernels.
 echo "pytest rc=$? $(date -u +%T)" >> "$L"
 common=(--size small --device cuda --pretrain-steps 600 --batch-size 256 --no-progress --compile --json
         --tokenizer "$D/vocab/bert-base-uncased-vocab.txt" --data-dir "$D/wikitext-2")
-for run in mha:triton mha:torch mla:triton mla-o:triton; do
+runs="mha:triton mha:torch mla:triton mla-o:triton"
+[ "${SHORT:-0}" = 1 ] && runs="mha:triton mha:torch"
+for run in $runs; do
   v=${run%%:*}; k=${run##*:}
   timeout 75 python3 -m svd_probe.cli train "${common[@]}" --variant $v --kernels $k --out /tmp/run-$v-$k \
     > "/tmp/train-$v-$k.json" 2> "/tmp/train-$v-$k.err"
@@ -25,6 +28,6 @@ for run in mha:triton mha:torch mla:triton mla-o:triton; do
   python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(sys.argv[2], {k: v for k, v in m.items() if not isinstance(v, (list, dict))})" "/tmp/train-$v-$k.json" $run >> "$L" 2>&1
   echo "train $run rc=$rc warnings: $(grep -c 'does not work' /tmp/train-$v-$k.err) $(grep 'does not work' /tmp/train-$v-$k.err | head -2) $(date -u +%T)" >> "$L"
 done
-timeout 230 python3 benchmarks/train_speed.py --modes stepgraph,eager --profile --variants mla,mla-o --ablation --kernels triton --budget 220 --json "$OUT/ts-ablation.json" 2>&1 | grep -v "^E1\|^  \|AUTOTUNE\|^strides\|^dtypes" >> "$L"
+[ "${SHORT:-0}" = 1 ] || timeout 230 python3 benchmarks/train_speed.py --modes stepgraph,eager --profile --variants mla,mla-o --ablation --kernels triton --budget 220 --json "$OUT/ts-ablation.json" 2>&1 | grep -v "^E1\|^  \|AUTOTUNE\|^strides\|^dtypes" >> "$L"
 echo "train_speed rc=${PIPESTATUS[0]} $(date -u +%T)" >> "$L"
 cat "$L"
