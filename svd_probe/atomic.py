@@ -11,10 +11,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from svd_probe.errors import OutputExistsError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
@@ -58,3 +61,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
     """`atomic_write` of `obj` as JSON (keys sorted, trailing newline)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=True) + "\n").encode())
+
+
+def open_append(path: str | os.PathLike, hint: str = "Remove it, or pick another --out.") -> IO[str]:
+    """Open the log `path` to append text (created if missing), never through a link and never
+    onto a pipe or device: O_NOFOLLOW refuses a link, O_NONBLOCK keeps a FIFO without a reader
+    from blocking the open (a blocked open ignores SIGTERM), and anything but a regular file is
+    closed again. Those end in OutputExistsError naming the path and `hint`.
+
+    Logs are the one kind of file svd-probe appends to rather than replaces (train.log, a
+    sweep's logs/), so they are the one kind `atomic_write`'s rename does not protect.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    refused = OutputExistsError(
+        f"{path} is a link, pipe or device, not a plain file; svd-probe appends its log only to a plain file",
+        hint,
+    )
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EMLINK):  # a link; a FIFO with no reader
+            raise refused from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise refused
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "a")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -213,3 +213,29 @@ def test_a_damaged_metrics_json_is_not_a_finished_run(tmp_path, damage):
             f.write(b'{"variant": "mha"')
             f.truncate(MAX_METRICS_BYTES + 1)
     assert is_finished(tmp_path, preset("mha", "tiny"), build_train_config()) is False
+
+
+@pytest.mark.parametrize("kind", ["log-link", "logs-link", "fifo"])
+def test_a_sweep_never_appends_its_logs_through_a_link_or_to_a_pipe(inputs, tmp_path, monkeypatch, capsys, kind):
+    """A run's log OUT/logs/CONFIG.seed-N.log is appended to: a link there (or a linked logs/)
+    made the sweep write the child's whole output into a file outside --out. Refused before any
+    run starts."""
+    out = tmp_path / "sw"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    user_file = elsewhere / "mha_mlm.seed-0.log"
+    user_file.write_text("USER DATA\n")
+    if kind == "logs-link":
+        out.mkdir()
+        (out / "logs").symlink_to(elsewhere)
+    else:
+        (out / "logs").mkdir(parents=True)
+        if kind == "fifo":
+            os.mkfifo(out / "logs" / "mha_mlm.seed-0.log")
+        else:
+            (out / "logs" / "mha_mlm.seed-0.log").symlink_to(user_file)
+    argv = sweep_argv(inputs, out, "--pretrain-steps", "2", "--seeds", "0")[3:]
+    code, _, err = cli_main(argv, monkeypatch, capsys)
+    err = " ".join(err.split())
+    assert code == 2 and "not a" in err and "Traceback" not in err, err
+    assert user_file.read_text() == "USER DATA\n" and not (out / "mha_mlm").exists()

@@ -364,3 +364,52 @@ def test_a_damaged_checkpoint_on_the_command_line(inputs, tmp_path, monkeypatch,
     code, _, err = cli_main(args, monkeypatch, capsys)
     assert code == 2 and "at pretrain step 1000000000 of 4" in err and "Traceback" not in err, err
     assert "--overwrite" in err and not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_a_train_log_that_is_a_pipe_or_a_link_is_refused(inputs, tmp_path, monkeypatch, capsys, kind):
+    """train.log is appended to, so it is the one run file atomic_write does not guard. A FIFO
+    there blocked `svd-probe train` in its open for good (SIGTERM did not stop it), and a link
+    made it append the log to the file it pointed at, outside --out."""
+    import os
+
+    out = tmp_path / "run"
+    out.mkdir()
+    elsewhere = tmp_path / "notes.txt"
+    elsewhere.write_text("mine\n")
+    if kind == "fifo":
+        os.mkfifo(out / "train.log")
+    else:
+        (out / "train.log").symlink_to(elsewhere)
+    code, _, err = cli_main(cli_train_args(inputs, out), monkeypatch, capsys)
+    err = " ".join(err.split())
+    assert code == 2 and "train.log is a link, pipe or device, not a plain file" in err and "Traceback" not in err
+    assert elsewhere.read_text() == "mine\n" and sorted(p.name for p in out.iterdir()) == ["train.log"]
+
+
+def test_open_append_refuses_links_and_pipes_at_the_open_itself(tmp_path):
+    """The check in check_out_dir runs once; the log is opened at every line, so the open itself
+    refuses too (a link or FIFO swapped in mid-run), without blocking on a FIFO with no reader."""
+    import os
+
+    from svd_probe.atomic import open_append
+    from svd_probe.errors import OutputExistsError
+
+    target = tmp_path / "target.txt"
+    target.write_text("x")
+    (tmp_path / "link.log").symlink_to(target)
+    os.mkfifo(tmp_path / "fifo.log")
+    for name in ("link.log", "fifo.log"):
+        with pytest.raises(OutputExistsError, match="not a plain file"):
+            open_append(tmp_path / name)
+    r = os.open(tmp_path / "fifo.log", os.O_RDONLY | os.O_NONBLOCK)  # a reader: the open succeeds, fstat refuses
+    try:
+        with pytest.raises(OutputExistsError, match="not a plain file"):
+            open_append(tmp_path / "fifo.log")
+    finally:
+        os.close(r)
+    with open_append(tmp_path / "plain.log") as f:
+        f.write("one\n")
+    with open_append(tmp_path / "plain.log") as f:
+        f.write("two\n")
+    assert (tmp_path / "plain.log").read_text() == "one\ntwo\n" and target.read_text() == "x"

@@ -51,6 +51,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from svd_probe.atomic import open_append
 from svd_probe.errors import TrainingInputError
 from svd_probe.options import pick_device
 from svd_probe.train import data as D
@@ -173,7 +174,7 @@ class _RunLog:
         if not self.enabled:
             return
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
-        with open(self.path, "a") as f:
+        with open_append(self.path) as f:
             f.write(line + "\n")
         self.progress.message(line)
 

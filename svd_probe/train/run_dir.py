@@ -45,6 +45,13 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         )
     if not out.is_dir() or overwrite:
         return
+    log = out / "train.log"
+    if log.is_symlink() or (log.exists() and not log.is_file()):
+        # The log is appended to, not replaced: a link would write elsewhere, a FIFO would hang.
+        raise TrainingInputError(
+            f"{log} is a link, pipe or device, not a plain file",
+            hint="remove it, or pass a new --out",
+        )
     names = {p.name for p in out.iterdir()}
     leftovers = {n for n in names if n.startswith(".") and n.endswith(".tmp")}  # atomic_write's, after a kill
     if CHECKPOINT in names or names - leftovers <= {"train.log"}:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from svd_probe.atomic import open_append
 from svd_probe.errors import TrainingInputError
 from svd_probe.train.config import RESUME_KEYS, ModelConfig, TrainConfig, read_metrics
 
@@ -326,7 +327,7 @@ def run_pool(
             if slot is not None:
                 env["CUDA_VISIBLE_DEVICES"] = slot
             run.log.parent.mkdir(parents=True, exist_ok=True)
-            with open(run.log, "a") as log:
+            with open_append(run.log, hint="remove it, or pass another --out") as log:
                 # The log's lock is held by the child too (its stdout is this file): while a
                 # run trains, even if this sweep is killed, no other sweep starts it again.
                 try:
@@ -358,12 +359,29 @@ def run_pool(
             free.put(slot)
 
     todo = [r for r in runs if r.state != "finished"]
+    check_logs(todo)
     with _forward_signals(children), ThreadPoolExecutor(max_workers=max(1, len(slots))) as pool:
         futures = {id(r): pool.submit(one, r) for r in todo}
         while not all(f.done() for f in futures.values()):
             time.sleep(0.1)  # the main thread stays free for the signal handler
     outcomes = [futures[id(r)].result() if id(r) in futures else RunOutcome(r, "skipped") for r in runs]
     return outcomes, children.stop_signal
+
+
+def check_logs(runs: list[SweepRun]) -> None:
+    """Before any run starts: each log folder is a real folder and each log, where it exists, a
+    plain file (logs are appended to: through a link they would grow a file outside --out, and
+    a FIFO would block). `open_append` checks again at the open itself."""
+    for run in runs:
+        folder = run.log.parent
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise TrainingInputError(
+                f"{folder} is a link or a file, not a folder", hint="remove it, or pass another --out"
+            )
+        if run.log.is_symlink() or (run.log.exists() and not run.log.is_file()):
+            raise TrainingInputError(
+                f"{run.log} is a link, pipe or device, not a plain file", hint="remove it, or pass another --out"
+            )
 
 
 class _forward_signals:
