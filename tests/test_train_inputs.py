@@ -413,3 +413,48 @@ def test_open_append_refuses_links_and_pipes_at_the_open_itself(tmp_path):
     with open_append(tmp_path / "plain.log") as f:
         f.write("two\n")
     assert (tmp_path / "plain.log").read_text() == "one\ntwo\n" and target.read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    "target,damage,needle",
+    [
+        ("wiki/wiki.train.tokens", "huge", "more than the 1 GiB a data file"),
+        ("wiki/wiki.test.tokens", "fifo", "wiki.test.tokens is not a regular file"),
+        ("sst2/train.tsv", "fifo", "train.tsv is not a regular file"),
+        ("vocab", "huge", "more than the 0.25 GiB a tokenizer file"),
+        ("vocab", "fifo", "is not a regular file"),
+    ],
+)
+def test_data_files_are_bounded_and_never_a_pipe(inputs, tmp_path, monkeypatch, capsys, target, damage, needle):
+    """Data files were read whole (a sparse 2 GB wiki.train.tokens took 4.7 GB before it was
+    refused for its NUL bytes) and a FIFO was called "missing", or, as the optional test split,
+    skipped in silence. Now each is refused by what it is, before it is read."""
+    import os
+    from pathlib import Path
+
+    if not Path("/proc/self/io").exists():
+        pytest.skip("needs Linux's /proc/self/io")
+    wiki, sst2 = tmp_path / "wiki", tmp_path / "sst2"
+    shutil.copytree(inputs["wiki"], wiki)
+    shutil.copytree(inputs["sst2"], sst2)
+    vocab = tmp_path / "vocab.txt"
+    shutil.copy(inputs["vocab"], vocab)
+    path = vocab if target == "vocab" else tmp_path / target
+    path.unlink(missing_ok=True)
+    if damage == "fifo":
+        os.mkfifo(path)
+    else:
+        with open(path, "wb") as f:
+            f.write(b"the film\n")
+            f.truncate((D.MAX_TEXT_BYTES if target != "vocab" else D.MAX_TOKENIZER_BYTES) + 1)
+    args = cli_train_args({"wiki": wiki, "sst2": sst2, "vocab": vocab}, tmp_path / "run", "--objective", "clm")
+
+    def bytes_read() -> int:  # what this process has read through read(2) so far (Linux)
+        return int(Path("/proc/self/io").read_text().split("rchar:")[1].split()[0])
+
+    before = bytes_read()
+    code, _, err = cli_main(args, monkeypatch, capsys)
+    read = bytes_read() - before
+    flat = "".join(err.split())  # rich wraps long paths anywhere
+    assert code == 2 and "".join(needle.split()) in flat and "Traceback" not in err, err
+    assert read < 64 << 20, read  # the file was not read: the run reads some MB of code and data

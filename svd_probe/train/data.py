@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,8 @@ def load_tokenizer(spec: str) -> Tok:
         else:
             raise TrainingInputError(f"tokenizer folder {path} holds neither tokenizer.json nor vocab.txt", hint=hint)
     try:
-        if path.is_file():
+        if path.exists() and not path.is_dir():
+            check_regular_file(path, MAX_TOKENIZER_BYTES, "tokenizer file")
             if path.suffix == ".json":
                 tok = Tokenizer.from_file(str(path))
             else:
@@ -106,10 +109,42 @@ def looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith((".txt", ".json")) or spec.count("/") > 1
 
 
-def read_text(path: Path) -> str:
-    """A data file's text: strict UTF-8, so a binary or mis-encoded file is an error, not noise."""
+# The largest data file read whole: WikiText-103's wiki.train.tokens is 0.54 GB, SST-2's
+# train.tsv 4 MB. A file past it is refused before it is read (its bytes and its text would
+# both be in memory: a sparse 2 GB file took 4.7 GB before the bound).
+MAX_TEXT_BYTES = 1 << 30
+# A tokenizer file handed to `tokenizers`: bert-base-uncased's vocab.txt is 0.23 MB, large
+# models' tokenizer.json tens of MB.
+MAX_TOKENIZER_BYTES = 256 << 20
+
+
+def check_regular_file(path: Path, limit: int, what: str = "data file") -> None:
+    """TrainingInputError unless `path` is a regular file (not a pipe or device, which a read would
+    block on or never finish) of at most `limit` bytes. A missing file is the caller's to name."""
     try:
-        raw = Path(path).read_bytes()
+        st = os.stat(path)
+    except OSError as e:
+        raise TrainingInputError(f"cannot read {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise TrainingInputError(
+            f"{path} is not a regular file (a pipe, device or folder)", hint=f"pass the {what} itself"
+        )
+    if st.st_size > limit:
+        raise TrainingInputError(
+            f"{path} is {st.st_size / 2**30:.1f} GiB, more than the {limit / 2**30:g} GiB a {what} of svd-probe train may hold",
+            hint=f"pass the {what} itself (WikiText-103's largest split is 0.54 GB)",
+        )
+
+
+def read_text(path: Path) -> str:
+    """A data file's text: strict UTF-8, so a binary or mis-encoded file is an error, not noise;
+    at most MAX_TEXT_BYTES, from a regular file."""
+    check_regular_file(path, MAX_TEXT_BYTES)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TEXT_BYTES + 1)  # the file may have grown since the check
+        if len(raw) > MAX_TEXT_BYTES:
+            raise TrainingInputError(f"{path} grew past {MAX_TEXT_BYTES >> 30} GiB while it was read")
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise TrainingInputError(
@@ -157,7 +192,7 @@ def read_wikitext_dir(data_dir: Path) -> tuple[list[str], list[str]]:
     splits = []
     for name in ("wiki.train.tokens", "wiki.valid.tokens"):
         f = data_dir / name
-        if not f.is_file():
+        if not os.path.lexists(f):  # present but not a file: read_text says what it is
             raise TrainingInputError(
                 f"{f} is missing", hint="--data-dir must hold wiki.train.tokens and wiki.valid.tokens"
             )
@@ -172,7 +207,7 @@ def read_wikitext_dir(data_dir: Path) -> tuple[list[str], list[str]]:
 def read_wikitext_test(data_dir: Path) -> list[str] | None:
     """Lines of wiki.test.tokens when the folder has it (the clm objective reports its perplexity)."""
     f = Path(data_dir) / "wiki.test.tokens"
-    if not f.is_file():
+    if not os.path.lexists(f):  # present but not a file (a pipe, a dangling link): read_text refuses it
         return None
     lines = [ly for ly in (clean_wikitext_line(x) for x in read_text(f).splitlines()) if ly]
     return lines or None
@@ -273,7 +308,7 @@ def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:
     """GLUE SST-2 `sentence<TAB>label` with a header row; labels are 0 or 1 (the task is binary,
     and a label sizes the classifier head, so a stray 100000000 would allocate gigabytes)."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise TrainingInputError(
             f"{path} is missing",
             hint="--sst2-dir must hold GLUE's train.tsv and dev.tsv (GLUE SST-2: README, Training lab)",
