@@ -458,3 +458,20 @@ def test_data_files_are_bounded_and_never_a_pipe(inputs, tmp_path, monkeypatch, 
     flat = "".join(err.split())  # rich wraps long paths anywhere
     assert code == 2 and "".join(needle.split()) in flat and "Traceback" not in err, err
     assert read < 64 << 20, read  # the file was not read: the run reads some MB of code and data
+
+
+@pytest.mark.parametrize("split,objective", [("valid", "mlm"), ("test", "clm")])
+def test_a_split_too_short_for_one_row_is_refused_before_pretraining(
+    inputs, tmp_path, monkeypatch, capsys, split, objective
+):
+    """The valid (and, for clm, test) rows were packed only after pretraining: a two-word
+    wiki.valid.tokens ended the run after its last step, and the rerun with the file fixed was
+    refused (its data no longer matched the checkpoint's). Now no step runs."""
+    wiki = tmp_path / "wiki"
+    shutil.copytree(inputs["wiki"], wiki)
+    (wiki / f"wiki.{split}.tokens").write_text("a b\n")
+    out = tmp_path / "run"
+    args = cli_train_args({**inputs, "wiki": wiki}, out, "--objective", objective, "--checkpoint-every", "1")
+    code, _, err = cli_main(args, monkeypatch, capsys)
+    assert code == 2 and "too little text" in " ".join(err.split()), err
+    assert not (out / "checkpoint.pt").exists() and "step" not in (out / "train.log").read_text()

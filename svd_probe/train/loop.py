@@ -903,13 +903,27 @@ def evaluate_clm(model: CausalLM, rows: torch.Tensor, dev: torch.device, batch: 
     }
 
 
-def evaluate_pretraining(
-    model: torch.nn.Module, cfg: ModelConfig, tok: D.Tok, data: TrainingData, tc: TrainConfig, dev: torch.device
-) -> dict[str, Any]:
-    """The pretraining metrics of metrics.json. mlm: mlm_loss, mlm_accuracy (valid, fixed masks).
-    clm: clm_loss, clm_perplexity, clm_accuracy (valid), clm_test_loss, clm_test_perplexity
-    (None without a test split)."""
+def evaluation_rows(cfg: ModelConfig, tok: D.Tok, data: TrainingData, tc: TrainConfig):
+    """The valid rows, and the test rows of clm (None without a test split or under mlm), packed
+    before pretraining starts: a split too short for one row is refused then, not after every
+    pretraining step has run (the rerun with a fixed file could not resume: its data differ)."""
     valid = pack_rows(cfg, tok, data.valid_lines, tc.seq_len)
+    test = pack_rows(cfg, tok, data.test_lines, tc.seq_len) if data.test_lines and cfg.objective == "clm" else None
+    return valid, test
+
+
+def evaluate_pretraining(
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    valid: torch.Tensor,
+    test: torch.Tensor | None,
+    tok: D.Tok,
+    tc: TrainConfig,
+    dev: torch.device,
+) -> dict[str, Any]:
+    """The pretraining metrics of metrics.json, from `evaluation_rows`. mlm: mlm_loss,
+    mlm_accuracy (valid, fixed masks). clm: clm_loss, clm_perplexity, clm_accuracy (valid),
+    clm_test_loss, clm_test_perplexity (None without a test split)."""
     if cfg.objective == "mlm":
         assert isinstance(model, MaskedLM)
         loss, acc = evaluate_mlm(model, valid, tok, dev, tc.batch_size)
@@ -918,8 +932,8 @@ def evaluate_pretraining(
     v = evaluate_clm(model, valid, dev, tc.batch_size)
     out: dict[str, Any] = {"clm_loss": v["loss"], "clm_perplexity": v["perplexity"], "clm_accuracy": v["accuracy"]}
     out["clm_test_loss"] = out["clm_test_perplexity"] = None
-    if data.test_lines:
-        t = evaluate_clm(model, pack_rows(cfg, tok, data.test_lines, tc.seq_len), dev, tc.batch_size)
+    if test is not None:
+        t = evaluate_clm(model, test, dev, tc.batch_size)
         out["clm_test_loss"], out["clm_test_perplexity"] = t["loss"], t["perplexity"]
     return out
 
@@ -1119,6 +1133,7 @@ def _train(
     pre = state.get("pretrain_metrics") if state else None
     if pre is None:
         train_rows = pack_rows(cfg, tok, data.train_lines, tc.seq_len)
+        valid_rows, test_rows = evaluation_rows(cfg, tok, data, tc)
         log(f"pretraining data ({cfg.objective}): {len(train_rows):,} train rows of {tc.seq_len} tokens")
         # Each phase seeds its own initialization, so where a run was interrupted cannot change it.
         torch.manual_seed(tc.seed)
@@ -1132,7 +1147,10 @@ def _train(
         done = run_phase(phase, ctx, resume)
         if not done.done:
             return stopped("pretrain", done)
-        pre = {**evaluate_pretraining(lm, cfg, tok, data, tc, dev), "pretrain_samples_per_s": done.samples_per_s}
+        pre = {
+            **evaluate_pretraining(lm, cfg, valid_rows, test_rows, tok, tc, dev),
+            "pretrain_samples_per_s": done.samples_per_s,
+        }
         log("pretrain valid: " + " ".join(f"{k} {v}" for k, v in pre.items() if k != "pretrain_samples_per_s"))
         if ddp.main:
             save_encoder(lm, cfg, out)
