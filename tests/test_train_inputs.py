@@ -475,3 +475,17 @@ def test_a_split_too_short_for_one_row_is_refused_before_pretraining(
     code, _, err = cli_main(args, monkeypatch, capsys)
     assert code == 2 and "too little text" in " ".join(err.split()), err
     assert not (out / "checkpoint.pt").exists() and "step" not in (out / "train.log").read_text()
+
+
+def test_a_config_cannot_make_one_step_allocate_without_bound():
+    """seq_len was bounded at 65,536 and batch x seq_len not at all: a config of seq_len 65,536
+    made a tiny model's step take 18.6 GB and minutes on the CPU. The bounds, at their edge."""
+    from svd_probe.train.config import MAX_BATCH_TOKENS, MAX_SEQ_LEN
+
+    with pytest.raises(TrainingInputError, match="seq_len must be at most 8,192"):
+        build_train_config(overrides={"seq_len": 65_536})
+    build_train_config(overrides={"seq_len": MAX_SEQ_LEN, "batch_size": MAX_BATCH_TOKENS // MAX_SEQ_LEN})
+    with pytest.raises(TrainingInputError, match=r"batch_size x seq_len must be at most 524,288 tokens"):
+        build_train_config(overrides={"seq_len": 128, "batch_size": MAX_BATCH_TOKENS // 128 + 1})
+    with pytest.raises(TrainingInputError, match="finetune_batch_size x seq_len"):
+        build_train_config(overrides={"seq_len": 4096, "batch_size": 8, "finetune_batch_size": 1024})

@@ -117,7 +117,13 @@ _MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 # Bounds on what a config can make the program allocate. Far above any model this lab trains
 # (the small preset: 13 M parameters), far below what would exhaust a machine before an error.
 MAX_PARAMETERS = 2_000_000_000
-MAX_SEQ_LEN = 65_536
+# Bounds on what a config file (input svd-probe does not control) can make one training step
+# allocate. The lab trains 128-token rows in batches of 256 (32,768 tokens); the bounds are 64x
+# the row and 16x the batch. They are not a memory estimate: the tied head's logits alone take
+# tokens x vocab floats (under mlm 15% of the tokens), 18.6 GB for a tiny model at 4 x 65,536
+# tokens on the CPU, where MAX_SEQ_LEN was 65,536 and a SIGTERM waited minutes for the step.
+MAX_SEQ_LEN = 8_192
+MAX_BATCH_TOKENS = 1 << 19
 _MAX_DIM = {
     "vocab_size": 1 << 22,
     "d_model": 1 << 16,
@@ -194,6 +200,13 @@ class TrainConfig:
                 bad(f"{name} must be an integer >= {low}, got {_short(v)}")
         if self.seq_len > MAX_SEQ_LEN:
             bad(f"seq_len must be at most {MAX_SEQ_LEN:,}, got {self.seq_len:,}")
+        for name in ("batch_size", "finetune_batch_size"):
+            tokens = getattr(self, name) * self.seq_len
+            if tokens > MAX_BATCH_TOKENS:
+                bad(
+                    f"{name} x seq_len must be at most {MAX_BATCH_TOKENS:,} tokens a step, got "
+                    f"{getattr(self, name):,} x {self.seq_len:,} = {tokens:,}"
+                )
         if self.seed >= 2**31:
             bad(f"seed must be below 2**31, got {self.seed}")
         if self.finetune_steps is not None and (not is_int(self.finetune_steps) or self.finetune_steps < 0):
