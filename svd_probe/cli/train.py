@@ -235,7 +235,8 @@ def train_cmd(
     seq_len: int | None = typer.Option(
         None,
         "--seq-len",
-        help="Pretraining sequence length; fine-tuning truncates to it." + _default(str(_T.seq_len)),
+        help="Pretraining sequence length; fine-tuning truncates to it. At most 8,192, and batch size x seq len at most 524,288 tokens."
+        + _default(str(_T.seq_len)),
         show_default=False,
         rich_help_panel=RECIPE,
     ),
