@@ -391,7 +391,7 @@ def _compute_layers(
     def plan_for_layer(layer: int):
         return adapter.plan(layer, kind_set, request.fold_norms)
 
-    config = pipeline_config(device, request.solver, request.inflight)
+    config = pipeline_config(device, request.solver, request.inflight, over_http=source.local_path is None)
     route = {"solver": config.resolved(device).solver, "inflight": config.inflight}
     clock = [time.perf_counter()]
 

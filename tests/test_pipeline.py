@@ -187,6 +187,8 @@ def test_pipeline_config_picks_solver_and_layers_in_flight(monkeypatch):
     ):
         monkeypatch.setattr(B, "cores", lambda n=n_cores: n)
         assert pipeline_config(cuda).solver == want
+        # over HTTP band-device's wall scattered (benchmarks/README.md): band-hybrid there
+        assert pipeline_config(cuda, over_http=True).solver == ("band-hybrid" if want != "auto" else "auto")
     assert pipeline_config(cuda).inflight == 2  # syevd's
     monkeypatch.setattr(B, "cores", lambda: BAND_MIN_CORES)
     monkeypatch.setitem(sys.modules, "triton", None)  # an install without Triton: its import fails
@@ -238,9 +240,9 @@ def test_analyze_reports_the_solver_it_ran(deepseek_ckpt, tmp_path):
         assert not rerun.computed and "solver" not in rerun.stats
 
 
-def test_a_source_says_whether_it_reads_a_local_folder(fake_hub, deepseek_ckpt):
-    """A source says whether it reads a folder (`local_path`): the
-    stand-in's repo has none, the folder has its own."""
+def test_a_source_says_whether_it_reads_over_http(fake_hub, deepseek_ckpt):
+    """analyze's auto solver over HTTP differs from a folder's (pipeline_config's over_http, which
+    analyze takes from `local_path`): the stand-in's repo has none, the folder has its own."""
     from svd_probe.hub.checkpoint import open_checkpoint
     from svd_probe.models import ModelRef
 

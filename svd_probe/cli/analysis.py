@@ -120,7 +120,7 @@ def analyze_cmd(
         "auto",
         "--solver",
         help="Eigensolver of the big stacked problems: auto (on a GPU host of 8 or more cores "
-        "band-device, or band-hybrid without Triton; else torch), torch (cuSOLVER syevd; LAPACK on the CPU), band (two-stage: GPU, "
+        "band-device from a folder and band-hybrid over HTTP, else torch), torch (cuSOLVER syevd; LAPACK on the CPU), band (two-stage: GPU, "
         "then CPU workers), band-hybrid (band, and the GPU takes problems when it is free), "
         "band-device (every stage on the GPU, Triton kernels; band-hybrid where they cannot run), "
         "torch-gesvdj, or cupy, cupy-jacobi, jax, jax-jacobi, jax-polar with the [solvers] extra. "

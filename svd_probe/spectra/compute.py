@@ -185,19 +185,24 @@ BAND_SOLVERS = ("band", "band-hybrid", "band-device")
 BAND_MIN_CORES = 8
 
 
-def pipeline_config(device: torch.device, solver: str = "auto", inflight: int = 0) -> SpectraConfig:
+def pipeline_config(
+    device: torch.device, solver: str = "auto", inflight: int = 0, over_http: bool = False
+) -> SpectraConfig:
     """The config of `analyze`'s overlap pipeline on `device`: `solver` ("auto" or a name in
     SOLVERS) for the big problems, `inflight` layers pending (0: auto), never batched (the writer
     thread collects each layer's σ). Raises BadOptionError for a solver that cannot run here.
 
-    Auto solver, on CUDA with at least `BAND_MIN_CORES` cores: "band-device" (every stage on the
-    GPU; it falls back to band-hybrid by itself where its Triton kernels cannot run), or
-    "band-hybrid" where Triton is missing, from a folder and over HTTP alike. 62 DeepSeek-V3
-    layers, 16 cores: compute 27.7-28.9 s with band-device against band-hybrid's 32.5-33.7 s on
-    three H200s (2026-12-03), from the folder 27.9-29.4 s against 35.2 s. Over HTTP band-device
-    scattered from 33.2 s to over 50 s then, so band-hybrid was auto there until, on three H100
-    machines (2026-12-07), band-device over HTTP took 27.2-28.9 s in eight runs (0.985-1.032 × its
-    compute phase) against band-hybrid's 32.7 s (benchmarks/README.md, "band-device over HTTP").
+    Auto solver, on CUDA with at least `BAND_MIN_CORES` cores: from a folder (or factors in
+    memory), "band-device" (every stage on the GPU; it falls back to band-hybrid by itself where
+    its Triton kernels cannot run), or "band-hybrid" where Triton is missing; `over_http`,
+    "band-hybrid". 62 DeepSeek-V3 layers on three H200s with 16 cores, 2026-12-03: compute
+    27.7-28.9 s with band-device against band-hybrid's 32.5-33.7 s, from the folder 27.9-29.4 s
+    against 35.2 s; but over HTTP band-device scattered from 33.2 s to over 50 s in five runs,
+    where band-hybrid stays within 36-38 s (benchmarks/README.md, "band-device as the default").
+    On three H100 machines (2026-12-07) band-device over HTTP took 27.2-28.9 s in eight runs
+    against band-hybrid's 32.7 s, but on an H200 the same day 35.8, 56.4 and 43.0 s against
+    band-hybrid's 35.8 s on that machine (benchmarks/README.md, "band-device over HTTP"), so
+    over HTTP auto stays band-hybrid.
     Else the device's `AUTO_ROUTES` entry (torch's syevd on CUDA).
 
     Auto in flight: on CUDA two layers (0.726 s a DeepSeek-V3 layer instead of 0.774 s with one,
@@ -209,7 +214,7 @@ def pipeline_config(device: torch.device, solver: str = "auto", inflight: int = 
         from svd_probe.spectra.band import cores
 
         if cores() >= BAND_MIN_CORES:
-            for name in ("band-device", "band-hybrid"):
+            for name in ("band-hybrid",) if over_http else ("band-device", "band-hybrid"):
                 if not solver_unavailable(name, device):
                     solver = name
                     break
