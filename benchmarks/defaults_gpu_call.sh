@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The two new defaults on one GPU, in one device call of about 7 minutes: `svd-probe train
-# --kernels triton` (attention + pad-vocab, without the swiglu kernel) and `analyze --solver auto`
-# = band-device over HTTP too. The kernels' CUDA test; train_speed.py --kernels triton,torch for
+# Two candidate defaults on one GPU, in one device call of about 7 minutes (a record: it ran on an
+# H100 on 2026-12-07): `svd-probe train --kernels triton` (attention + pad-vocab, without the
+# swiglu kernel; now the default) and `analyze --solver auto` = band-device over HTTP too (as the
+# tree it ran on had it; reverted after an H200 scattered, benchmarks/README.md). The kernels' CUDA test; train_speed.py --kernels triton,torch for
 # mha, mla and mla-o; `svd-probe train` as its user runs it, with the default kernels and with
 # --kernels torch, side by side (MLM loss after 600 steps); then bench_e2e.py with analyze's
 # defaults: compute, analyze over HTTP three times, from the folder once. 62 layers in /tmp/ck62.

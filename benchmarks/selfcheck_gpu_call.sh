@@ -3,9 +3,8 @@
 # first counted parameters there, so every kernel failed its check and training ran the torch
 # code): one device call of about 7 minutes. The kernels' CUDA test; `svd-probe train --compile`
 # as its user runs it, one run at a time, mha with the default kernels and with --kernels torch,
-# each run's warnings kept apart; bench_e2e.py with analyze's defaults (auto = band-device over
-# HTTP too, chosen on H100s: on an H200 it once scattered), compute, HTTP three times, the folder
-# once; then train_speed.py for mla and mla-o (the fused and the two-matmul output) in the
+# each run's warnings kept apart; bench_e2e.py with analyze's defaults (band-device from the
+# folder, band-hybrid over HTTP), compute, HTTP three times, the folder once; then train_speed.py for mla and mla-o (the fused and the two-matmul output) in the
 # stepgraph under the default kernels.
 # SHORT=1: the CUDA test and the two mha runs only (about 2.5 minutes).
 #     bash benchmarks/selfcheck_gpu_call.sh     # device tool: timeout_s 600, carry .carry
