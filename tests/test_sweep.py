@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import cli_main, expected_parameters, inputs_fixture  # noqa: F401
+from train_fixtures import cli_main, damage_json_file, expected_parameters, inputs_fixture  # noqa: F401
 
 from svd_probe.train.sweep import device_slots
 
@@ -200,15 +200,7 @@ def test_a_damaged_metrics_json_is_not_a_finished_run(tmp_path, damage):
     from svd_probe.train.sweep import is_finished
 
     metrics = tmp_path / "metrics.json"
-    if damage == "deep":
-        metrics.write_text("[" * 100_000)
-    elif damage == "dev-zero":
-        metrics.symlink_to("/dev/zero")
-    elif damage == "fifo":
-        if not hasattr(os, "mkfifo"):
-            pytest.skip("needs FIFOs")
-        os.mkfifo(metrics)
-    else:
+    if not damage_json_file(metrics, damage):
         with open(metrics, "wb") as f:
             f.write(b'{"variant": "mha"')
             f.truncate(MAX_METRICS_BYTES + 1)

@@ -254,19 +254,11 @@ def test_a_source_with_a_damaged_metrics_json_loads_without_its_steps(tmp_path, 
     """The source's metrics.json only adds its pretraining steps: damaged, it reads as None.
     A JSON nest 100,000 deep ended in a RecursionError traceback, and a link to /dev/zero was
     read forever; now the read is bounded (config.read_metrics) and a pipe is not opened."""
-    import os
+    from train_fixtures import damage_json_file
 
     _source_run(tmp_path / "mha", "mha")
     metrics = tmp_path / "mha" / "metrics.json"
-    if damage == "deep":
-        metrics.write_text("[" * 100_000)
-    elif damage == "dev-zero":
-        metrics.symlink_to("/dev/zero")
-    elif damage == "fifo":
-        if not hasattr(os, "mkfifo"):
-            pytest.skip("needs FIFOs")
-        os.mkfifo(metrics)
-    else:
+    if not damage_json_file(metrics, damage):
         metrics.write_text('{"train_config": {"pretrain_steps": 320}}')
     source = load_source(tmp_path / "mha")
     assert source.cfg.variant == "mha" and source.pretrain_steps == (320 if damage == "steps" else None)

@@ -7,6 +7,7 @@ become fixtures of every module that imports `inputs_fixture` and `tok_fixture`.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -121,3 +122,20 @@ def expected_parameters(
     if n_labels is not None:
         total += d * n_labels + n_labels  # the classification head
     return total
+
+
+def damage_json_file(path: Path, damage: str) -> bool:
+    """Put a damaged JSON file at `path`: "deep" (a nest 100,000 deep), "dev-zero" (a link to an
+    endless device), "fifo" (a pipe; skips the test where there are none). False for any other
+    `damage`, which the caller writes itself."""
+    if damage == "deep":
+        path.write_text("[" * 100_000)
+    elif damage == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif damage == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("needs FIFOs")
+        os.mkfifo(path)
+    else:
+        return False
+    return True
