@@ -94,8 +94,11 @@ def test_binary_wikitext_file(inputs, tmp_path):
         (b"sentence\tlabel\nbad film\t-1\n", "label must be 0 or 1"),
         (b"sentence\tlabel\nhuge film\t100000000\n", "label must be 0 or 1"),
         (b"sentence\tlabel\nfilm\t" + b"9" * 5000 + b"\n", "label must be 0 or 1"),
+        # A tab inside a sentence: its second half was read as the label, here 0 for the row's 1.
+        (b"sentence\tlabel\nrated\t0\t1\n", "3 fields where the header has 2"),
+        (b"sentence\tlabel\nfilm\n", "1 fields where the header has 2"),
     ],
-    ids=["binary", "nul", "minus-one", "1e8", "5000-digits"],
+    ids=["binary", "nul", "minus-one", "1e8", "5000-digits", "tab-in-sentence", "one-field"],
 )
 def test_bad_sst2_files(tmp_path, content, match):
     d = tmp_path / "sst"

@@ -325,8 +325,10 @@ def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:
             n = reader.line_num
             if not row:
                 continue
-            if len(row) <= max(si, li):
-                raise TrainingInputError(f"{path}:{n}: bad row {_clip(row)}", hint=row_hint)
+            if len(row) != len(header):  # a tab inside a sentence would shift its label
+                raise TrainingInputError(
+                    f"{path}:{n}: {len(row)} fields where the header has {len(header)}: {_clip(row)}", hint=row_hint
+                )
             label = row[li].strip()
             if label not in ("0", "1"):
                 raise TrainingInputError(f"{path}:{n}: label must be 0 or 1, got {_clip(label)}", hint=row_hint)
