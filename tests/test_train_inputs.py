@@ -492,3 +492,14 @@ def test_a_config_cannot_make_one_step_allocate_without_bound():
         build_train_config(overrides={"seq_len": 128, "batch_size": MAX_BATCH_TOKENS // 128 + 1})
     with pytest.raises(TrainingInputError, match="finetune_batch_size x seq_len"):
         build_train_config(overrides={"seq_len": 4096, "batch_size": 8, "finetune_batch_size": 1024})
+
+
+def test_a_vocabulary_that_makes_the_text_unknown_is_refused(inputs, tmp_path, monkeypatch, capsys):
+    """A vocab.txt of the special tokens alone made every token [UNK], and MLM "accuracy" reached
+    1.0 (predicting [UNK] everywhere): a silently wrong result. Refused before the first step."""
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    out = tmp_path / "run"
+    code, _, err = cli_main(cli_train_args({**inputs, "vocab": vocab}, out), monkeypatch, capsys)
+    assert code == 2 and "100% of the training text's tokens to [UNK]" in " ".join(err.split()), err
+    assert not (out / "checkpoint.pt").exists()
