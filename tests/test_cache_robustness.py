@@ -524,3 +524,20 @@ def test_export_on_a_full_disk_leaves_no_temporary_file(llama, tmp_path):
             export(CacheQuery(str(llama), cache_dir=tmp_path / "cache"), format="jsonl", out=disk / "s.jsonl")
         assert info.value.hint == "Free space on that disk, or pick another --out."
         assert list(disk.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("name", ["model.safetensors.index.json", "config.json"])
+def test_a_local_folder_with_a_pipe_for_its_index_or_config_is_refused(llama, tmp_path, name, monkeypatch, capsys):
+    """A FIFO as the index was skipped in silence (the folder analyzed from its shard headers,
+    exit 0), and as config.json reported as missing; each is now named for what it is."""
+    import shutil
+
+    folder = tmp_path / "ck"
+    shutil.copytree(llama, folder)
+    (folder / name).unlink(missing_ok=True)
+    os.mkfifo(folder / name)
+    code, _, err = run_cli(
+        ["analyze", folder, "--cache-dir", tmp_path / "cache", "--device", "cpu"], monkeypatch, capsys
+    )
+    assert code != 0 and "is not a regular file" in err and "Traceback" not in err, err

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -138,7 +140,10 @@ def parse_json_object(data: bytes, what: str, *, unique_keys: bool = False) -> d
 def load_json_file(path: Path, what: str, max_bytes: int, *, unique_keys: bool = False) -> dict:
     """`parse_json_object` of the file at `path`, refused without reading if over `max_bytes`."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a pipe would block the read, a device never end it
+            raise MalformedFileError(f"{what} is not a regular file (a pipe, device or folder)", _HINT, file=what)
+        size = st.st_size
         if size <= max_bytes:
             with open(path, "rb") as f:
                 data = f.read(max_bytes + 1)
@@ -233,7 +238,7 @@ def _open_local(ref: ModelRef, check_config: ConfigCheck | None) -> CheckpointSo
     folder = ref.local_path
     assert folder is not None
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
+    if not os.path.lexists(cfg_path):  # present but not a file: load_json_file says what it is
         raise EntryNotFoundError(
             f"no config.json in {folder}", "Point MODEL at a checkpoint folder (config.json + safetensors)."
         )
@@ -243,7 +248,7 @@ def _open_local(ref: ModelRef, check_config: ConfigCheck | None) -> CheckpointSo
     files = LocalFiles(folder)
     shards = sorted(folder.glob("*.safetensors"))
     index_path = folder / INDEX_FILE
-    if index_path.is_file():
+    if os.path.lexists(index_path):  # a pipe or a broken link there is refused, not skipped
         wm = check_weight_map(
             load_json_file(index_path, str(index_path), MAX_INDEX_BYTES, unique_keys=True), str(index_path)
         )
