@@ -454,3 +454,34 @@ def test_index_not_found_is_still_entry_not_found(hubs, tmp_path):
     hub.add_repo("tiny/nothing", tmp_path / "m")
     with pytest.raises(EntryNotFoundError):
         _open(hub, "tiny/nothing")
+
+
+@pytest.mark.parametrize("location", ["http://127.0.0.1:+8080/x", "https://mirror.example:+8443/x"])
+def test_a_port_urllib_cannot_read_is_no_origin_of_the_endpoints(location):
+    """`:+8080`: urllib refuses the port and took the scheme's default instead, so a redirect
+    from an endpoint on port 80 (or 443) to another port looked like the endpoint's origin and
+    carried the token (found by a helper's audit, with the stand-in as the second server). The
+    HTTP client the requests go through reads the port it will really connect to."""
+    import httpx2
+
+    from svd_probe.hub.http import headers_for
+
+    endpoint = "http://127.0.0.1" if location.startswith("http:") else "https://mirror.example"
+    assert httpx2.URL(location).port not in (None, 80, 443)  # where the client would connect
+    headers = {"authorization": "Bearer secret123", "user-agent": "svd-probe"}
+    assert headers_for(location, headers, endpoint) == {"user-agent": "svd-probe"}
+    assert headers_for(endpoint + "/x", headers, endpoint) == headers  # its own origin keeps it
+
+
+@pytest.mark.parametrize("token", ["hf_secret123\n", "hf_secret123\r\nX-Evil: 1", "hf_secret123é", "hf secret"])
+def test_a_malformed_token_is_refused_without_showing_it(token):
+    """A --token with a line break ended after two retries in "Illegal header value b'Bearer
+    hf_secret123\\n'" (the token on the user's screen), one with a non-ASCII letter in a
+    traceback. Refused at once, and neither the message nor the hint shows it."""
+    from svd_probe.errors import BadOptionError
+    from svd_probe.hub.http import hub_headers
+
+    with pytest.raises(BadOptionError) as e:
+        hub_headers(token)
+    assert "secret" not in e.value.message + (e.value.hint or "")
+    assert hub_headers("hf_secret123")["authorization"] == "Bearer hf_secret123"

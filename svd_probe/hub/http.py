@@ -271,12 +271,15 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def origin(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of `url`, with the scheme's default port."""
+    """(scheme, host, port) of `url`, with the scheme's default port; port -1 (no origin's) where
+    urllib cannot read it. `http://h:+8080/` is one: urllib refuses the port and httpx reads 8080,
+    so taking the default port there made a redirect to another port look like the endpoint's
+    origin, and the token went with it."""
     p = urlsplit(url)
     try:
         port = p.port
     except ValueError:
-        port = None
+        return p.scheme.lower(), (p.hostname or "").lower(), -1
     return p.scheme.lower(), (p.hostname or "").lower(), port or _DEFAULT_PORTS.get(p.scheme.lower(), 0)
 
 
@@ -296,6 +299,15 @@ def hub_headers(token: str | bool | None) -> dict[str, str]:
     or the stored login), and `Accept-Encoding: identity` (byte ranges of the stored file)."""
     from huggingface_hub.utils import build_hf_headers
 
+    from svd_probe.errors import BadOptionError
+
+    if isinstance(token, str) and not (token.isascii() and token.isprintable() and " " not in token):
+        # httpx refuses such a header with the token in its message, which reached the user;
+        # neither the message nor the hint may show it.
+        raise BadOptionError(
+            "--token holds a space, a line break or a character outside printable ASCII",
+            "Pass the token itself (hf_...), without quotes or a trailing newline.",
+        )
     headers = dict(build_hf_headers(token=token))
     headers["Accept-Encoding"] = "identity"
     return headers
