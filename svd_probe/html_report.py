@@ -184,8 +184,10 @@ def _cell(v: object) -> str:
 
 def html_table(frame: pd.DataFrame, name: str, headers: Sequence[str] | None = None) -> str:
     """A DataFrame as an HTML table (`data-table=name`), every header and cell escaped."""
-    heads = list(headers) if headers is not None else [str(c) for c in frame.columns]
-    head = "".join(f"<th>{h}</th>" for h in heads)  # headers are built by this module, escaped there
+    # `headers`: markup built by this module, escaped there; a frame's own column names (a cache
+    # can name them) are escaped here.
+    heads = list(headers) if headers is not None else [esc(str(c)) for c in frame.columns]
+    head = "".join(f"<th>{h}</th>" for h in heads)
     rows = "\n".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in frame.itertuples(index=False))
     return (
         f'<div class="scroll"><table data-table="{esc(name)}"><thead><tr>{head}</tr></thead>'

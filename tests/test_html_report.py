@@ -406,3 +406,15 @@ def test_cli_uncached_model_names_the_analyze_command(tmp_path, monkeypatch, cap
     assert e.value.code == 2
     assert "svd-probe analyze acme/not-cached" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_a_tables_own_column_names_are_escaped():
+    """html_table took a frame's column names as markup when no headers were passed; every caller
+    passed escaped ones, but a column named by a cache would have reached the page as HTML."""
+    import pandas as pd
+
+    from svd_probe.html_report import html_table
+
+    page = html_table(pd.DataFrame({"<img src=x onerror=alert(1)>": ["<b>cell</b>"]}), "t")
+    assert "<img" not in page and "<b>" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page and "&lt;b&gt;cell&lt;/b&gt;" in page
