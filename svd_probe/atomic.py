@@ -9,6 +9,7 @@ nothing) behind, and a crash of the machine cannot leave an empty file under the
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -91,3 +92,21 @@ def open_append(path: str | os.PathLike, hint: str = "Remove it, or pick another
     except BaseException:
         os.close(fd)
         raise
+
+
+def appendable(path: str | os.PathLike) -> bool:
+    """Whether `open_append` would take `path`: absent, or a regular file that is not a link.
+    For the checks that refuse a log before any work starts, with their own message."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return True
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read 1 MiB at a time (hashlib.file_digest is Python 3.11+)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

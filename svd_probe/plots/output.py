@@ -8,7 +8,7 @@ own `layerwise.png`, a figure edited since, a link) is replaced only with `overw
 device, pipe or socket under that name is refused even then, as `export.check_output_file` does.
 
 Every path is checked before anything is written, so a refusal leaves the folder as it was. The
-files are written atomically (`atomic.atomic_write`), so a link under a figure's name is
+files are written atomically (`export.write_output_file`), so a link under a figure's name is
 replaced, never written through. The record is rewritten after the folder's files, on Ctrl-C
 too, and names only what was really written.
 
@@ -20,7 +20,6 @@ folder counts as plot's own.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
@@ -28,8 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from svd_probe.atomic import atomic_write, atomic_write_json, is_disk_full
-from svd_probe.errors import DiskWriteError, OutputExistsError
+from svd_probe.atomic import atomic_write_json, sha256_file
+from svd_probe.errors import OutputExistsError
+from svd_probe.export import write_output_file
 
 RECORD = ".svd-probe-plot.json"
 RECORD_FORMAT = 1
@@ -38,14 +38,6 @@ MAX_RECORDED = 10_000
 # A file larger than this is not hashed: no figure or data table plot writes comes near it.
 MAX_HASHED_BYTES = 256 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _plain_name(name: object) -> bool:
@@ -58,7 +50,7 @@ def read_record(folder: Path) -> tuple[dict[str, str], str | None]:
     from svd_probe.cache.store import read_json_object
 
     path = folder / RECORD
-    if path.is_symlink() or (path.exists() and not path.is_file()):
+    if path.is_symlink():  # read_json_object refuses the rest that is not a regular file
         return {}, "it is not a regular file"
     obj, why = read_json_object(path)
     if obj is None:
@@ -111,12 +103,15 @@ class PlotOutput:
             by_folder.setdefault(path.parent, []).append((path, write))
         return by_folder
 
-    def check(self) -> None:
-        """Raise OutputExistsError if any queued path may not be written (see the module docstring)."""
+    def check(self) -> dict[Path, dict[str, str]]:
+        """Raise OutputExistsError if any queued path may not be written (see the module
+        docstring); else each folder's record ({} where it is absent or unusable)."""
+        records: dict[Path, dict[str, str]] = {}
         for folder, jobs in self._folders().items():
             if folder.exists() and not folder.is_dir():
                 raise OutputExistsError(f"--out {folder} is not a folder", "Pick a folder for --out.")
             record, why = read_record(folder)
+            records[folder] = record
             refused = []
             record_path = folder / RECORD
             _refuse_special(record_path)
@@ -133,7 +128,7 @@ class PlotOutput:
                     stat.S_ISREG(st.st_mode)
                     and path.name in record
                     and st.st_size <= MAX_HASHED_BYTES
-                    and sha256_of(path) == record[path.name]
+                    and sha256_file(path) == record[path.name]
                 )
                 if not ours:
                     refused.append(path.name)
@@ -144,32 +139,23 @@ class PlotOutput:
                     "svd-probe does not overwrite files",
                     "Pass --overwrite to replace them, or pick another --out.",
                 )
+        return records
 
     def write_all(self) -> list[Path]:
         """Check every queued path, then write them in order; returns the paths written."""
-        self.check()
+        records = self.check()
         written: list[Path] = []
         for folder, jobs in self._folders().items():
-            record, why = read_record(folder)
-            if why is not None:
-                record = {}
+            record = records[folder]
             try:
                 for path, write in jobs:
                     digest: list[str] = []
 
                     def write_and_hash(tmp: str, write=write, digest=digest) -> None:
                         write(tmp)
-                        digest.append(sha256_of(Path(tmp)))
+                        digest.append(sha256_file(Path(tmp)))
 
-                    try:
-                        atomic_write(path, write_and_hash)
-                    except OSError as e:
-                        hint = (
-                            "Free space on that disk, or pick another --out."
-                            if is_disk_full(e)
-                            else "Pick a writable --out."
-                        )
-                        raise DiskWriteError(f"cannot write {path}: {e.strerror or e}", hint) from None
+                    write_output_file(path, write_and_hash)
                     record.pop(path.name, None)  # re-inserted last: the newest entries survive MAX_RECORDED
                     record[path.name] = digest[0]
                     written.append(path)

@@ -30,12 +30,12 @@ query and KV latents (`derive_config`).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from svd_probe.atomic import sha256_file
 from svd_probe.errors import TrainingInputError
 from svd_probe.train.config import (
     MODEL_TYPE,
@@ -95,11 +95,7 @@ def load_source(run_dir: Path) -> SourceRun:
     except (SafetensorError, OSError) as e:
         raise TrainingInputError(f"cannot read {weights}: {e}", hint=hint) from None
     _check_tensors(cfg, tensors, weights)
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return SourceRun(run_dir, cfg, tensors, h.hexdigest(), _source_steps(run_dir / "metrics.json"))
+    return SourceRun(run_dir, cfg, tensors, sha256_file(weights), _source_steps(run_dir / "metrics.json"))
 
 
 def _source_steps(metrics: Path) -> int | None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from svd_probe.atomic import atomic_write, atomic_write_json
+from svd_probe.atomic import appendable, atomic_write, atomic_write_json
 from svd_probe.errors import TrainingInputError
 from svd_probe.train import data as D
 from svd_probe.train.config import RESUME_KEYS, ModelConfig, TrainConfig
@@ -46,7 +46,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     if not out.is_dir() or overwrite:
         return
     log = out / "train.log"
-    if log.is_symlink() or (log.exists() and not log.is_file()):
+    if not appendable(log):
         # The log is appended to, not replaced: a link would write elsewhere, a FIFO would hang.
         raise TrainingInputError(
             f"{log} is a link, pipe or device, not a plain file",

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from svd_probe.atomic import open_append
+from svd_probe.atomic import appendable, open_append
 from svd_probe.errors import TrainingInputError
 from svd_probe.train.config import RESUME_KEYS, ModelConfig, TrainConfig, read_metrics
 
@@ -378,7 +378,7 @@ def check_logs(runs: list[SweepRun]) -> None:
             raise TrainingInputError(
                 f"{folder} is a link or a file, not a folder", hint="remove it, or pass another --out"
             )
-        if run.log.is_symlink() or (run.log.exists() and not run.log.is_file()):
+        if not appendable(run.log):
             raise TrainingInputError(
                 f"{run.log} is a link, pipe or device, not a plain file", hint="remove it, or pass another --out"
             )
