@@ -35,6 +35,7 @@ from svd_probe.errors import (
     UnsafeShardNameError,
 )
 from svd_probe.hub.checkpoint import open_checkpoint
+from svd_probe.hub.http import TOKEN_HOME
 from svd_probe.hub.source import INDEX_FILE
 from svd_probe.models import ModelRef, resolve_model
 from svd_probe.testing.fake_hub import FakeHub
@@ -95,6 +96,50 @@ def test_head_redirect_to_another_origin_never_carries_the_token(hubs, where):
     assert hub.faults_fired() == ["redirect"]
     assert all("authorization" not in r.headers for r in other.records), other.records
     assert any("authorization" in r.headers for r in hub.records)  # the Hub itself did get it
+
+
+_OPEN_IN_CHILD = """
+import sys
+from svd_probe.errors import SvdProbeError
+from svd_probe.hub.checkpoint import open_checkpoint
+from svd_probe.models import ModelRef
+endpoint, repo, token = sys.argv[1:4]
+try:
+    open_checkpoint(ModelRef(name=repo, repo_id=repo), endpoint=endpoint, token=token,
+                    backoff=0.01, max_backoff=0.02, retries=1, deadline=5)
+except SvdProbeError as e:
+    print("refused:", e.message)
+"""
+
+
+@pytest.mark.parametrize("request_of", ["file_metadata", "hf_hub_download"])
+def test_a_mirror_redirect_to_hf_endpoint_never_carries_the_mirror_token(hubs, request_of):
+    """huggingface_hub follows a HEAD redirect, with the token, to any origin it counts as a Hub
+    (huggingface.co, hf.co, HF_ENDPOINT): from an `--endpoint` mirror, the mirror's token went to
+    HF_ENDPOINT's host, both from the commit's HEAD (`file_metadata`, of `resolve/main`) and from
+    the HEAD `hf_hub_download` sends before fetching config.json (of `resolve/<commit>`). Here
+    HF_ENDPOINT names the second server, in a child process, so that huggingface_hub reads it at
+    import as it does for a user. (The download's GET itself was safe: httpx strips the token
+    from a redirect to another origin.)"""
+    hub, other = hubs
+    revision = "main" if request_of == "file_metadata" else hub.repos["gated/deepseek-v3"].commit
+    path = f"/gated/deepseek-v3/resolve/{revision}/config.json"
+    hub.misbehave("redirect", match=path, methods=("HEAD",), location=other.endpoint + path)
+    env = {**os.environ, "HF_ENDPOINT": other.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env["HF_HOME"] = str(Path(os.environ.get("HF_HOME", "/tmp")) / f"mirror-redirect-{request_of}")
+    out = subprocess.run(
+        [sys.executable, "-c", _OPEN_IN_CHILD, hub.endpoint, "gated/deepseek-v3", GATED_TOKEN],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert hub.faults_fired() == ["redirect"], (out.stdout, hub.faults_fired())
+    assert other.records, "the redirect was not followed: the test shows nothing"
+    assert all("authorization" not in r.headers for r in other.records), [r.headers for r in other.records]
+    assert all(TOKEN_HOME not in r.headers for r in hub.records + other.records)  # never sent
+    assert any(r.headers.get("authorization") == f"Bearer {GATED_TOKEN}" for r in hub.records)
 
 
 def test_range_reads_on_another_host_never_carry_the_token(hubs, deepseek_ckpt):

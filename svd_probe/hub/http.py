@@ -25,9 +25,16 @@ Owned here, once each:
   two runs each).
 - **The token rule.** The Hub token goes only to the endpoint's own origin (scheme, host, port):
   `headers_for` strips it from a request to any other origin (a signed CDN URL, a mirror's
-  storage). The commit is resolved by huggingface_hub's `get_hf_file_metadata`, which follows
-  same-origin (2.x) or same-host-name (1.x: any port) redirects only, and stops at any other host
-  with the redirect's own headers, so the token never leaves the Hub there either.
+  storage). The commit is resolved by huggingface_hub's `get_hf_file_metadata`, and config.json
+  and the index are fetched by its `hf_hub_download`. Both follow redirects, token included, to
+  the same origin and to every origin huggingface_hub counts as a Hub (huggingface.co, hf.co,
+  HF_ENDPOINT, the staging Hub), so from an `--endpoint` mirror a redirect to one of those took
+  the mirror's token along. Those calls therefore carry `token_home(endpoint)`, a header that a
+  request hook on the shared session (`_keep_token_home`) removes before anything is sent,
+  stripping the token from every request, redirects included, whose origin is not the
+  endpoint's. It is a hook, not a redirect loop of our own, because huggingface_hub's calls (its
+  metadata parsing, its cache, its hooks) are what we want to keep; huggingface_hub adds its own
+  request IDs the same way.
 - **The error map.** huggingface_hub's typed errors (it reads `X-Error-Code` first) become ours in
   `typed_error`; a raw error answer of a range read goes through `hf_raise_for_status` first, so
   both kinds take the same map. Readers above this module never see a status code.
@@ -84,7 +91,34 @@ def session() -> Any:
 
     s = get_session()
     _widen_reads(type(s).__module__.split(".")[0])
+    _guard_token(s)
     return s
+
+
+#: The header that names, on a request huggingface_hub sends for us, the endpoint its token is
+#: meant for. `_keep_token_home` removes it before the request leaves the process.
+TOKEN_HOME = "x-svd-probe-token-home"
+_GUARD_LOCK = threading.Lock()
+
+
+def token_home(endpoint: str) -> dict[str, str]:
+    """Headers for a huggingface_hub call on `endpoint`'s behalf: the token stays on its origin."""
+    return {TOKEN_HOME: endpoint}
+
+
+def _keep_token_home(request: Any) -> None:
+    """A request hook: the token only where the request's origin is its endpoint's (see above)."""
+    home = request.headers.pop(TOKEN_HOME, None)
+    if home is not None and origin(str(request.url)) != origin(home):
+        request.headers.pop("authorization", None)
+
+
+def _guard_token(client: Any) -> None:
+    """Install `_keep_token_home` on `client` once (a client factory may build a new one)."""
+    with _GUARD_LOCK:
+        hooks = client.event_hooks
+        if _keep_token_home not in hooks.get("request", []):
+            client.event_hooks = {**hooks, "request": [*hooks.get("request", []), _keep_token_home]}
 
 
 #: The socket read size of httpcore's HTTP/1.1 connections. httpcore reads a body 64 KiB per
@@ -460,7 +494,10 @@ def file_metadata(
 
     def head() -> Any:
         try:
-            return get_hf_file_metadata(url, token=token, timeout=policy.timeout, endpoint=endpoint)
+            session()  # the token guard on the client huggingface_hub is about to use
+            return get_hf_file_metadata(
+                url, token=token, timeout=policy.timeout, endpoint=endpoint, headers=token_home(endpoint)
+            )
         except HfHubHTTPError as e:
             raise _transient_status(e) or _typed_or_generic(
                 e, repo_id, label or revision, path, endpoint, url
@@ -498,9 +535,16 @@ def download(
     def get() -> Path:
         try:
             # Pinned to the commit: a branch moving during the run cannot mix two checkpoints.
+            session()  # the token guard, as in file_metadata
             return Path(
                 hf_hub_download(
-                    repo_id, path, revision=commit, token=token, endpoint=endpoint, etag_timeout=policy.timeout
+                    repo_id,
+                    path,
+                    revision=commit,
+                    token=token,
+                    endpoint=endpoint,
+                    etag_timeout=policy.timeout,
+                    headers=token_home(endpoint),
                 )
             )
         except hf.LocalEntryNotFoundError as e:
