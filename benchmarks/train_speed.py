@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -401,6 +402,31 @@ def fastest_sdpa(rows: list[dict]) -> list[dict]:
     return out
 
 
+def read_cuts(spec: str) -> dict:
+    """--cuts: NAME -> kernels.AttentionCut, from a JSON object or a file holding one (of cuts by
+    name, or of one cut's fields, named by the file's stem)."""
+    path = Path(spec)
+    raw = json.loads(path.read_text() if path.is_file() else spec)
+    fields = {f.name for f in dataclasses.fields(kernels.AttentionCut)}
+    if raw and set(raw) <= fields:  # one cut's fields
+        raw = {path.stem if path.is_file() else "given": raw}
+    return {name: kernels.AttentionCut(**c) for name, c in raw.items()}
+
+
+@contextlib.contextmanager
+def attention_cut(cut):
+    """kernels.ATTENTION_CUTS[128] set to `cut` (None: unchanged) for the block."""
+    if cut is None:
+        yield
+        return
+    saved = kernels.ATTENTION_CUTS[128]
+    kernels.ATTENTION_CUTS[128] = cut
+    try:
+        yield
+    finally:
+        kernels.ATTENTION_CUTS[128] = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -430,6 +456,13 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--variants", default="mha,mla,mla-o")
     ap.add_argument("--ablation", action="store_true", help="also mla-o with the two-matmul (factored) output")
+    ap.add_argument(
+        "--cuts",
+        default=None,
+        help="stepgraph only: also each variant under other attention cuts (kernels.AttentionCut) at 128 tokens, "
+        "each its own row 'VARIANT cut=NAME' with the triton set: a JSON object NAME -> fields, or a path to one "
+        "(bench_train_kernels.py --best-cut writes one cut's fields: its file's stem names it)",
+    )
     ap.add_argument(
         "--kernels",
         default="triton",
@@ -477,12 +510,27 @@ def main() -> None:
             replace(preset(v, args.size), max_seq_len=max(128, seq_len)),
             False,
             fast,
+            None,
         )
         for v in args.variants.split(",")
         for fs, fast in fast_sets.items()
     ]
+    cuts = read_cuts(args.cuts) if args.cuts else {}
+    if cuts and args.modes != "stepgraph":
+        sys.exit("--cuts needs --modes stepgraph: a cut is fixed when the step graph is captured")
+    cases += [
+        (
+            f"{v} cut={n}",
+            replace(preset(v, args.size), max_seq_len=max(128, seq_len)),
+            False,
+            kernels.CHOICES["triton"],
+            c,
+        )
+        for n, c in cuts.items()
+        for v in args.variants.split(",")
+    ]
     if args.ablation:
-        cases.append(("mla-o factored", cases[-1][1], True, kernels.CHOICES["triton"]))
+        cases.append(("mla-o factored", cases[-1][1], True, kernels.CHOICES["triton"], None))
     path = args.json_path or (os.path.join(os.environ["OUT"], "train_speed.json") if os.environ.get("OUT") else None)
     env = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})",
@@ -556,11 +604,11 @@ def main() -> None:
             say("skip stepgraph: a CUDA graph needs a CUDA device")
             rows += [
                 {"variant": n, "mode": mode, "source": "device", "sdpa": sd, "skipped": "needs CUDA"}
-                for n, _, _, _ in cases
+                for n, _, _, _, _ in cases
                 for sd in sdpas
             ]
             continue
-        for (name, cfg, factored, fast), sdpa in [(c, sd) for c in cases for sd in sdpas]:
+        for (name, cfg, factored, fast, cut), sdpa in [(c, sd) for c in cases for sd in sdpas]:
             label = f"{name} {mode}" + ("" if sdpa == "default" else f" sdpa={sdpa}")
             if (name, sdpa) not in probes:
                 probes[(name, sdpa)] = sdpa_probe(cfg, dev, seq_len, sdpa)
@@ -580,7 +628,8 @@ def main() -> None:
                 continue
             try:
                 inner = args.stepgraph_compile if mode == "stepgraph" else None
-                with sdpa_context(sdpa):  # built, compiled, warmed and captured under the backend
+                # built, compiled, warmed and captured under the backend and the attention cut
+                with sdpa_context(sdpa), attention_cut(cut):
                     b = Bench(name, cfg, mode, dev, batch, seq_len, factored, inner, sdpa, fast)
                     setup = b.warm(args.warmup)
                 per_step = max((setup - sum(b.first_step_s.values())) / max(1, args.warmup * len(b.steps)), 1e-4)

@@ -60,8 +60,20 @@ CASES = [
 ]
 
 
+# The kernels' cuts (kernels.AttentionCut), for every padded length: the defaults; and blocks
+# smaller than the sequence, with the split backward, keys blocks larger than query blocks and
+# smaller, so that each program of the forward sees part of the queries and the split backward's
+# causal bounds (its first query block, its last key block) are crossed.
+CUTS = {
+    "default": None,
+    "split, 16 queries, 32 keys": dict(fwd_queries=16, split=True, bwd_queries=16, bwd_keys=32),
+    "split, 32 queries, 16 keys": dict(fwd_queries=32, split=True, bwd_queries=32, bwd_keys=16, stages=1),
+}
+
+
 @pytest.mark.triton_interpreter
-def test_short_attention_and_its_gradients_match_float64_in_the_interpreter(tmp_path):
+@pytest.mark.parametrize("cut", list(CUTS))
+def test_short_attention_and_its_gradients_match_float64_in_the_interpreter(tmp_path, cut):
     torch.manual_seed(0)
     inputs = {}
     for i, (B, T, H, D, _r, _c, packed) in enumerate(CASES):
@@ -74,6 +86,9 @@ def test_short_attention_and_its_gradients_match_float64_in_the_interpreter(tmp_
         from svd_probe.train import kernels as K
         from svd_probe.train.model import Rope
         cases, inputs, out = {CASES!r}, torch.load({str(tmp_path / "in.pt")!r}), {{}}
+        cut = {CUTS[cut]!r}
+        if cut is not None:
+            K.ATTENTION_CUTS.update({{bt: K.AttentionCut(**cut) for bt in (16, 32, 64, 128)}})
         for i, (B, T, H, D, r, causal, packed) in enumerate(cases):
             src, kv, g = inputs[i]
             rope = Rope(D, r, 10000.0, 128)  # the tables only: the kernel does the rotation

@@ -37,28 +37,137 @@ def attn_fwd(
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot,
     T, H, scale_log2,
     D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr,
+    BQ: tl.constexpr,
 ):  # fmt: skip
+    # One program a (batch row, head, block of BQ queries), every key of the sequence at once.
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
     t = tl.arange(0, BT)
     tmask = t < T
+    tq = tl.program_id(1) * BQ + tl.arange(0, BQ)
+    qmask = tq < T
     d, perm, sign = _dims(D, HALF, R)
     cos, sin = _tables(COS, SIN, t, tmask, d, D)
-    qr = _rotated(Q + b * sqb + h * sqh + t[:, None] * sqt, d, tmask, perm, sign, cos, sin)
+    cq, sq = _tables(COS, SIN, tq, qmask, d, D)
+    qr = _rotated(Q + b * sqb + h * sqh + tq[:, None] * sqt, d, qmask, perm, sign, cq, sq)
     kr = _rotated(K + b * skb + h * skh + t[:, None] * skt, d, tmask, perm, sign, cos, sin)
     v = tl.load(V + b * svb + h * svh + t[:, None] * svt + d[None, :], mask=tmask[:, None], other=0.0)
     dt = v.dtype
     s = tl.dot(qr.to(dt), tl.trans(kr.to(dt))) * scale_log2  # base-2 logits
     keep = tmask[None, :]
     if CAUSAL:
-        keep = keep & (t[None, :] <= t[:, None])
+        keep = keep & (t[None, :] <= tq[:, None])
     s = tl.where(keep, s, float("-inf"))
     m = tl.max(s, 1)
     p = tl.exp2(s - m[:, None])
     lsum = tl.sum(p, 1)
     o = tl.dot(p.to(dt), v) / lsum[:, None]
-    tl.store(OUT + b * sob + t[:, None] * sot + h * D + d[None, :], o.to(dt), mask=tmask[:, None])
-    tl.store(LSE + pid * BT + t, m + tl.log2(lsum))
+    tl.store(OUT + b * sob + tq[:, None] * sot + h * D + d[None, :], o.to(dt), mask=qmask[:, None])
+    tl.store(LSE + pid * BT + tq, m + tl.log2(lsum))
+
+
+@triton.jit
+def _query_block(Q, OUT, DO, LSE_ROW, COS, SIN, b, h, tq, qmask, d, perm, sign, sqb, sqt, sqh, sob, sot,
+                 D: tl.constexpr):  # fmt: skip
+    """What the backward needs of a block of queries tq: their rotated q (in DO's dtype), dO,
+    log-sum-exp (LSE_ROW: this (row, head)'s), delta = rowsum(dO·O), tables and q offsets."""
+    cq, sq = _tables(COS, SIN, tq, qmask, d, D)
+    q_off = b * sqb + h * sqh + tq[:, None] * sqt
+    o_off = b * sob + tq[:, None] * sot + h * D + d[None, :]
+    do = tl.load(DO + o_off, mask=qmask[:, None], other=0.0)
+    qr = _rotated(Q + q_off, d, qmask, perm, sign, cq, sq).to(do.dtype)
+    o = tl.load(OUT + o_off, mask=qmask[:, None], other=0.0)
+    lse = tl.load(LSE_ROW + tq)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    return qr, do, lse, delta, cq, sq, q_off
+
+
+@triton.jit
+def _key_block(K, V, COS, SIN, b, h, tk, kmask, d, perm, sign, skb, skt, skh, svb, svt, svh, D: tl.constexpr):
+    """A block of keys tk: rotated k (in V's dtype), v, tables and offsets."""
+    ck, sk = _tables(COS, SIN, tk, kmask, d, D)
+    k_off = b * skb + h * skh + tk[:, None] * skt
+    v_off = b * svb + h * svh + tk[:, None] * svt + d[None, :]
+    v = tl.load(V + v_off, mask=kmask[:, None], other=0.0)
+    kr = _rotated(K + k_off, d, kmask, perm, sign, ck, sk).to(v.dtype)
+    return kr, v, ck, sk, k_off, v_off
+
+
+@triton.jit
+def _probabilities(qr, kr, lse, tq, qmask, tk, kmask, scale_log2, CAUSAL: tl.constexpr):
+    """softmax(q·kᵀ/√D) [BQ, BK] of the forward, from its log-sum-exp; 0 where masked."""
+    s = tl.dot(qr, tl.trans(kr)) * scale_log2
+    keep = kmask[None, :] & qmask[:, None]
+    if CAUSAL:
+        keep = keep & (tk[None, :] <= tq[:, None])
+    return tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def attn_bwd_dkdv(
+    Q, K, V, OUT, DO, LSE, COS, SIN, DK, DV,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot,
+    T, H, scale, scale_log2,
+    D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    # The split backward, first half: one program a (row, head, block of BK keys), the queries
+    # BQ at a time; dK and dV summed in registers and written once. dQ is attn_bwd_dq's.
+    pid = tl.program_id(0)
+    b, h = pid // H, pid % H
+    d, perm, sign = _dims(D, HALF, R)
+    k0 = tl.program_id(1) * BK
+    tk = k0 + tl.arange(0, BK)
+    kmask = tk < T
+    kr, v, ck, sk, k_off, v_off = _key_block(K, V, COS, SIN, b, h, tk, kmask, d, perm, sign,
+                                             skb, skt, skh, svb, svt, svh, D)  # fmt: skip
+    dt = v.dtype
+    dk = tl.zeros([BK, D], dtype=tl.float32)
+    dv = tl.zeros([BK, D], dtype=tl.float32)
+    lo = (k0 // BQ) * BQ if CAUSAL else 0  # causal: no query before the block's first key
+    for q0 in range(lo, BT, BQ):
+        tq = q0 + tl.arange(0, BQ)
+        qmask = tq < T
+        qr, do, lse, delta, cq, sq, q_off = _query_block(Q, OUT, DO, LSE + pid * BT, COS, SIN, b, h, tq, qmask,
+                                                         d, perm, sign, sqb, sqt, sqh, sob, sot, D)  # fmt: skip
+        p = _probabilities(qr, kr, lse, tq, qmask, tk, kmask, scale_log2, CAUSAL)
+        dv += tl.dot(tl.trans(p.to(dt)), do)
+        ds = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(dt)
+        dk += tl.dot(tl.trans(ds), qr)
+    tl.store(DV + v_off, dv.to(dt), mask=kmask[:, None])
+    _unrotate(DK + k_off, dk * scale, d, kmask, perm, sign, ck, sk)
+
+
+@triton.jit
+def attn_bwd_dq(
+    Q, K, V, OUT, DO, LSE, COS, SIN, DQ,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot,
+    T, H, scale, scale_log2,
+    D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    # The split backward, second half: one program a (row, head, block of BQ queries), the keys
+    # BK at a time, recomputing the probabilities; dQ summed in registers and written once.
+    pid = tl.program_id(0)
+    b, h = pid // H, pid % H
+    d, perm, sign = _dims(D, HALF, R)
+    q0 = tl.program_id(1) * BQ
+    tq = q0 + tl.arange(0, BQ)
+    qmask = tq < T
+    qr, do, lse, delta, cq, sq, q_off = _query_block(Q, OUT, DO, LSE + pid * BT, COS, SIN, b, h, tq, qmask,
+                                                     d, perm, sign, sqb, sqt, sqh, sob, sot, D)  # fmt: skip
+    dt = do.dtype
+    dq = tl.zeros([BQ, D], dtype=tl.float32)
+    hi = q0 + BQ if CAUSAL else BT  # causal: no key after the block's last query
+    for k0 in range(0, hi, BK):
+        tk = k0 + tl.arange(0, BK)
+        kmask = tk < T
+        kr, v, ck, sk, k_off, v_off = _key_block(K, V, COS, SIN, b, h, tk, kmask, d, perm, sign,
+                                                 skb, skt, skh, svb, svt, svh, D)  # fmt: skip
+        p = _probabilities(qr, kr, lse, tq, qmask, tk, kmask, scale_log2, CAUSAL)
+        ds = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(dt)
+        dq += tl.dot(ds, kr)
+    _unrotate(DQ + q_off, dq * scale, d, qmask, perm, sign, cq, sq)
 
 
 @triton.jit

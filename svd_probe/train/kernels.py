@@ -37,6 +37,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -192,12 +193,35 @@ def vocab_padding(h: torch.Tensor, vocab_size: int) -> int:
     return -vocab_size % VOCAB_ALIGN if h.is_cuda else 0
 
 
-# Warps a program, by the padded sequence length (benchmarks/bench_train_kernels.py times the
-# choices): a [128, 128] fp32 score tile is 64 registers a thread at 8 warps.
-ATTENTION_WARPS = {128: 8}
-# Queries a step of the backward kernel: its [64, 128] fp32 tiles fit 8 warps' registers, where the
-# whole [128, 128] spilled (sm_90, Triton 3.9: 255 registers and 528 bytes of stack a thread).
-ATTENTION_QUERY_BLOCK = 64
+@dataclass(frozen=True)
+class AttentionCut:
+    """How the attention kernels cut one (batch row, head) into programs, for one padded length.
+
+    The forward takes `fwd_queries` queries a program against every key. The backward is either
+    `attn_bwd` (`split` False: one program a row and head, every key in registers, the queries
+    `bwd_queries` at a time), or `split`: `attn_bwd_dkdv` (one program a block of `bwd_keys`
+    keys, the queries `bwd_queries` at a time) then `attn_bwd_dq` (one a block of `bwd_queries`
+    queries, the keys `bwd_keys` at a time, the probabilities computed again): 7 matmuls a
+    block pair against 5, for several times the programs and fewer registers each. `stages` is
+    Triton's software pipelining depth of the loops (None: Triton's default). Block sizes are
+    clipped to the padded length. benchmarks/bench_train_kernels.py times the choices."""
+
+    fwd_queries: int = 128
+    fwd_warps: int = 8
+    split: bool = False
+    bwd_queries: int = 64
+    bwd_keys: int = 64
+    bwd_warps: int = 8
+    dq_warps: int = 8
+    stages: int | None = None
+
+
+# By the padded sequence length; other lengths take AttentionCut(fwd_warps=4, bwd_warps=4,
+# dq_warps=4). At 128 tokens a [128, 128] fp32 score tile is 64 registers a thread at 8 warps,
+# and the fused backward's [64, 128] tiles fit 8 warps' registers, where the whole [128, 128]
+# spilled (sm_90, Triton 3.9: 255 registers and 528 bytes of stack a thread).
+ATTENTION_CUTS: dict[int, AttentionCut] = {128: AttentionCut()}
+_SMALL_CUT = AttentionCut(fwd_warps=4, bwd_warps=4, dq_warps=4)
 
 
 def _block_tokens(T: int) -> int:
@@ -208,7 +232,7 @@ def _block_tokens(T: int) -> int:
 def _attention_kernels():  # noqa: ANN202 - triton.JITFunctions
     from svd_probe.train import _triton_kernels as tk
 
-    return tk.attn_fwd, tk.attn_bwd
+    return tk.attn_fwd, tk.attn_bwd, tk.attn_bwd_dkdv, tk.attn_bwd_dq
 
 
 def _qkv_views(q_src: torch.Tensor, kv_src: torch.Tensor, packed: bool):
@@ -225,26 +249,35 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _launch_attention(q, k, v, cos, sin, rope_dims: int, causal: bool, grads=None, o=None, lse=None, do=None):
-    fwd, bwd = _attention_kernels()
+    fwd, bwd, bwd_dkdv, bwd_dq = _attention_kernels()
     B, T, H, D = q.shape
     BT = _block_tokens(T)
+    cut = ATTENTION_CUTS.get(BT, _SMALL_CUT)
     scale = 1.0 / math.sqrt(D)
-    warps = ATTENTION_WARPS.get(BT, 4)
-    common = dict(D=D, HALF=rope_dims // 2, R=rope_dims, BT=BT, CAUSAL=causal, num_warps=warps)
+    common = dict(D=D, HALF=rope_dims // 2, R=rope_dims, BT=BT, CAUSAL=causal)
+    if cut.stages is not None:
+        common["num_stages"] = cut.stages
     strides = (*_strides(q), *_strides(k), *_strides(v))
     if grads is None:
         o = torch.empty((B, T, H * D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B * H, BT), dtype=torch.float32, device=q.device)
-        fwd[(B * H,)](
-            q, k, v, o, lse, cos, sin, *strides, o.stride(0), o.stride(1), T, H, scale / math.log(2), **common
-        )
+        BQ = min(BT, cut.fwd_queries)
+        fwd[(B * H, BT // BQ)](
+            q, k, v, o, lse, cos, sin, *strides, o.stride(0), o.stride(1), T, H, scale / math.log(2),
+            **common, BQ=BQ, num_warps=cut.fwd_warps,
+        )  # fmt: skip
         return o, lse
     dq, dk, dv = grads
     assert do.stride() == o.stride()
-    bwd[(B * H,)](
-        q, k, v, o, do, lse, cos, sin, dq, dk, dv, *strides, o.stride(0), o.stride(1),
-        T, H, scale, scale / math.log(2), **common, BQ=min(BT, ATTENTION_QUERY_BLOCK),
-    )  # fmt: skip
+    args = (*strides, o.stride(0), o.stride(1), T, H, scale, scale / math.log(2))
+    BQ, BK = min(BT, cut.bwd_queries), min(BT, cut.bwd_keys)
+    if not cut.split:
+        bwd[(B * H,)](q, k, v, o, do, lse, cos, sin, dq, dk, dv, *args, **common, BQ=BQ, num_warps=cut.bwd_warps)
+        return None
+    bwd_dkdv[(B * H, BT // BK)](
+        q, k, v, o, do, lse, cos, sin, dk, dv, *args, **common, BQ=BQ, BK=BK, num_warps=cut.bwd_warps
+    )
+    bwd_dq[(B * H, BT // BQ)](q, k, v, o, do, lse, cos, sin, dq, *args, **common, BQ=BQ, BK=BK, num_warps=cut.dq_warps)
     return None
 
 
