@@ -155,6 +155,95 @@ def test_config_file_not_utf8(tmp_path):
         read_config_file(f)
 
 
+def _stat_says_regular(monkeypatch, path, size: int = 2) -> None:
+    """os.stat calls `path` a regular file of `size` bytes: what a check saw before the file grew,
+    or before a pipe was put in its place. The file itself is not touched."""
+    import os
+    import stat
+
+    real = os.stat
+
+    def stat_then(p, *args, **kw):
+        st = real(p, *args, **kw)
+        if isinstance(p, int) or os.fspath(p) != str(path):
+            return st
+        values = list(st[:10])
+        values[stat.ST_MODE], values[stat.ST_SIZE] = stat.S_IFREG | 0o644, size
+        return os.stat_result(values)
+
+    monkeypatch.setattr(os, "stat", stat_then)
+
+
+class _Blocked(BaseException):
+    """Raised by the alarm in a read that blocks (not an OSError: no reader may catch it)."""
+
+
+def _within(seconds: float):
+    """A context in which a blocking call is interrupted after `seconds` (a hang fails the test)."""
+    import contextlib
+    import signal
+
+    def blocked(*_):
+        raise _Blocked(f"blocked for {seconds} s")
+
+    @contextlib.contextmanager
+    def alarm():
+        before = signal.signal(signal.SIGALRM, blocked)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, before)
+
+    return alarm()
+
+
+def test_a_config_file_is_read_bounded_and_a_pipe_never_blocks(tmp_path, monkeypatch):
+    """read_config_file stat()ed the size, then read the file whole: a config that grew after the
+    stat (or was replaced) was read whole, and a FIFO put in its place after the check blocked the
+    read for good. It now reads at most CONFIG_FILE_MAX_BYTES + 1 bytes through a non-blocking
+    open, as read_metrics does (one reader, config._read_json_object). Here the stat is made to
+    say what it saw before the change; the files are real."""
+    import os
+    from pathlib import Path
+
+    from svd_probe.train.config import CONFIG_FILE_MAX_BYTES, read_metrics
+
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:  # sparse: no disk used
+        f.truncate(CONFIG_FILE_MAX_BYTES + 1)
+    with pytest.raises(TrainingInputError, match=r"config file .*big.json is over 1 MiB, too large"):
+        read_config_file(big)
+
+    grown = tmp_path / "grown.json"
+    with open(grown, "wb") as f:
+        f.truncate(64 << 20)
+    io = Path("/proc/self/io")
+    rchar = (lambda: int(io.read_text().split("rchar:")[1].split()[0])) if io.exists() else (lambda: 0)
+    with monkeypatch.context() as m:
+        _stat_says_regular(m, grown)
+        before = rchar()
+        with pytest.raises(TrainingInputError, match="is over 1 MiB"):
+            read_config_file(grown)
+        assert rchar() - before < 4 << 20  # the old reader took all 64 MiB
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    for read, name in ((read_config_file, "config file "), (read_metrics, "")):
+        with _within(5):
+            with pytest.raises(TrainingInputError, match=f"{name}{fifo} is not a regular file"):
+                read(fifo)
+            with monkeypatch.context() as m:  # a pipe swapped in after the stat: the open itself never blocks
+                _stat_says_regular(m, fifo)
+                with pytest.raises(TrainingInputError, match="is not a regular file"):
+                    read(fifo)
+    with pytest.raises(TrainingInputError, match=r"config file .* is not a regular file"):
+        read_config_file(tmp_path)
+    with pytest.raises(TrainingInputError, match="not found"):
+        read_config_file(tmp_path / "missing.json")
+
+
 @pytest.mark.parametrize(
     "field,value",
     [
@@ -304,6 +393,62 @@ def test_a_tokenizer_with_a_huge_id_is_refused(tmp_path):
     vocab["far"] = D.MAX_VOCAB - 1  # the largest id the limit allows
     Tokenizer(WordLevel(vocab, unk_token="[UNK]")).save(str(path))
     assert D.load_tokenizer(str(path)).vocab_size == D.MAX_VOCAB
+
+
+def test_a_vocabulary_past_the_bound_is_refused_before_it_is_loaded(inputs, tmp_path, monkeypatch, capsys):
+    """A vocab.txt's lines are its token ids, so the embedding's rows. One past MAX_VOCAB was
+    handed whole to `tokenizers` and refused only once loaded (a 207 MB file of 25 million lines:
+    9.4 GB and two minutes first); its lines are now counted before, and no tokenizer or model is
+    built. A config's vocab_size (all that --dry-run sizes the model by) has the same bound."""
+    import tokenizers
+
+    from svd_probe.train import loop
+
+    vocab = tmp_path / "vocab.txt"
+    with open(vocab, "w") as f:
+        f.write("\n".join(D.SPECIAL_TOKENS) + "\n")
+        f.writelines(f"t{i:x}\n" for i in range(D.MAX_VOCAB + 1 - len(D.SPECIAL_TOKENS)))
+    built: list[str] = []
+    real_tok, real_model = tokenizers.BertWordPieceTokenizer, loop.pretraining_model
+    monkeypatch.setattr(tokenizers, "BertWordPieceTokenizer", lambda *a, **k: built.append("tok") or real_tok(*a, **k))
+    monkeypatch.setattr(loop, "pretraining_model", lambda *a, **k: built.append("model") or real_model(*a, **k))
+    out = tmp_path / "run"
+    code, _, err = cli_main(cli_train_args({**inputs, "vocab": vocab}, out), monkeypatch, capsys)
+    flat = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{vocab} has 1,048,577 tokens (one a line); the lab takes at most 1,048,576" in flat, err
+    assert "hint: use a vocabulary of at most 1,048,576 tokens" in flat
+    assert built == [] and not out.exists()
+
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"vocab_size": D.MAX_VOCAB + 1}))
+    code, out_text, err = cli_main(["train", "--config", str(config), "--dry-run"], monkeypatch, capsys)
+    assert code == 2 and "vocab_size must be at most 1,048,576, got 1,048,577" in " ".join(err.split()), err
+    assert "Traceback" not in err and "parameters" not in out_text
+
+
+def test_the_vocabulary_bound_counts_what_tokenizers_numbers(inputs, tmp_path, monkeypatch):
+    """The line count is the size `tokenizers` gives a vocab.txt (repeated and blank lines, CRLF,
+    no final newline), so the bound refuses nothing it would take; at the bound a vocabulary is
+    taken, one token past it refused."""
+    from tokenizers import BertWordPieceTokenizer
+
+    lines = inputs["vocab"].read_text().splitlines()
+    path = tmp_path / "vocab.txt"
+    for text in (
+        "\n".join(lines) + "\n",
+        "\n".join(lines),  # the last line has no newline
+        "\r\n".join(lines) + "\r\n",
+        "\n".join(lines + lines[-3:] + ["", "", "x"]) + "\n\n",
+    ):
+        path.write_bytes(text.encode())
+        ids = BertWordPieceTokenizer(str(path)).get_vocab(with_added_tokens=True).values()
+        assert D.count_vocab_lines(path) == max(ids) + 1 == D.load_tokenizer(str(path)).vocab_size
+    monkeypatch.setattr(D, "MAX_VOCAB", len(lines))
+    assert D.load_tokenizer(str(inputs["vocab"])).vocab_size == len(lines)
+    path.write_text("\n".join([*lines, "past"]))
+    with pytest.raises(TrainingInputError, match=f"has {len(lines) + 1:,} tokens \\(one a line\\)"):
+        D.load_tokenizer(str(path))
 
 
 # ---- a damaged checkpoint ------------------------------------------------------------------------

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -334,9 +336,18 @@ def test_init_from_end_to_end_and_its_refusals(inputs, tmp_path, monkeypatch, ca
         (["--init-from", str(mha), "--variant", "mla"], "--init-from builds mla-o"),
         (["--init-from", str(mha), "--o-latent", "65"], "exceeds the rank"),
         (["--init-from", str(tmp_path / "nothing")], "holds no config.json"),
+        (["--init-from", str(_retyped(mha, tmp_path / "bert"))], "is a 'bert' checkpoint, not"),
     ]:
         code, _, err = cli_main(cli_train_args(inputs, tmp_path / "x", *extra), monkeypatch, capsys)
         assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, (extra, err)
+
+
+def _retyped(run: Path, to: Path) -> Path:
+    """A copy of `run` whose config.json says it is another library's model."""
+    shutil.copytree(run, to)
+    cfg = json.loads((to / "config.json").read_text())
+    (to / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+    return to
 
 
 # ---- seeds and compare ---------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,14 @@ _MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 # Bounds on what a config can make the program allocate. Far above any model this lab trains
 # (the small preset: 13 M parameters), far below what would exhaust a machine before an error.
 MAX_PARAMETERS = 2_000_000_000
+# Tokens of a tokenizer (so rows of the tied embedding and columns of the head's logits), bounded
+# on the tokenizer itself (data.load_tokenizer) and on a config's vocab_size (--dry-run). Real
+# vocabularies hold 30,522 (bert-base-uncased) to 256,000 (Gemma) tokens; 2^20 is four times the
+# largest. Past it the vocabulary alone exhausts a machine before a step: `tokenizers` took 6.8 s
+# and 1.1 GB to load 2 million tokens, 123 s and 9.4 GB for 25 million (a 207 MB vocab.txt, under
+# data.MAX_TOKENIZER_BYTES), and at the bound the small preset's embedding is 268 M parameters
+# (1 GiB of float32; 4 GiB with its gradient and AdamW's two moments).
+MAX_VOCAB = 1 << 20
 # Bounds on what a config file (input svd-probe does not control) can make one training step
 # allocate. The lab trains 128-token rows in batches of 256 (32,768 tokens); the bounds are 64x
 # the row and 16x the batch. They are not a memory estimate: the tied head's logits alone take
@@ -125,7 +135,7 @@ MAX_PARAMETERS = 2_000_000_000
 MAX_SEQ_LEN = 8_192
 MAX_BATCH_TOKENS = 1 << 19
 _MAX_DIM = {
-    "vocab_size": 1 << 22,
+    "vocab_size": MAX_VOCAB,
     "d_model": 1 << 16,
     "n_layers": 1024,
     "n_heads": 1024,
@@ -258,65 +268,88 @@ def preset(variant: str, size: str = "small") -> ModelConfig:
 MAX_METRICS_BYTES = 16 * 2**20  # a run's metrics.json is a few kB
 
 
+def _read_json_object(path: Path, limit: int, *, name: str, what: str, hint: str) -> dict[str, Any]:
+    """The JSON object in the regular file `path`, of at most `limit` bytes; else a
+    TrainingInputError that says `name` (how messages name the file) is not `what`, with `hint`.
+
+    A pipe, device or folder is refused by a stat before it is opened (opening some devices does
+    something), and again on the open file: the open is non-blocking, so a FIFO swapped in after the
+    stat cannot block it. At most `limit` + 1 bytes are read whatever the file's size said, so one
+    that grows (or is replaced) after the check, or a link to /dev/zero, costs `limit` at most."""
+    size = f"{limit / 2**20:g} MiB"
+
+    def refuse(message: str) -> TrainingInputError:
+        return TrainingInputError(f"{name} {message}", hint=hint)
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise refuse("is not a regular file (a pipe, device or folder)")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise refuse("not found") from None
+    except OSError as e:
+        raise TrainingInputError(f"cannot read {name}: {e.strerror or e}", hint=hint) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise refuse("is not a regular file (a pipe, device or folder)")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit + 1)
+    except OSError as e:
+        raise TrainingInputError(f"cannot read {name}: {e.strerror or e}", hint=hint) from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise refuse(f"is over {size}, too large to be {what}")
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise refuse(f"is nested too deeply to be {what}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+        raise refuse(f"is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise refuse(f"is not {what}: it must hold a JSON object, not a {type(value).__name__}")
+    return value
+
+
 def read_metrics(path: Path) -> dict:
     """A metrics.json as a JSON object, read bounded (a huge file or a link to /dev/zero costs
     MAX_METRICS_BYTES at most); TrainingInputError, naming it, where it is not one. `compare`,
     `sweep` (is a run finished?) and `--init-from` (the source's steps) read it through this
     (here, beside `read_config_file`, so that `compare` loads without torch)."""
-    path = Path(path)
-    if not path.is_file():  # absent, a folder, a pipe or device (a read could block or never end)
-        raise TrainingInputError(f"{path} is not a file", hint="pass finished run folders (svd-probe train --out ...)")
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_METRICS_BYTES + 1)
-    except OSError as e:
-        raise TrainingInputError(f"cannot read {path}: {e.strerror}", hint="pass finished run folders") from None
-    if len(data) > MAX_METRICS_BYTES:
-        raise TrainingInputError(
-            f"{path} is over {MAX_METRICS_BYTES // 2**20} MiB, too large to be a metrics.json of svd-probe train",
-            hint="pass finished run folders (svd-probe train --out ...)",
-        )
-    try:
-        m = json.loads(data.decode("utf-8"))
-    except RecursionError:
-        raise TrainingInputError(f"{path} is nested too deeply to be a metrics.json") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
-        raise TrainingInputError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(m, dict):
-        raise TrainingInputError(f"{path} is not a metrics.json of svd-probe train")
-    return m
+    return _read_json_object(
+        Path(path),
+        MAX_METRICS_BYTES,
+        name=str(path),
+        what="a metrics.json of svd-probe train",
+        hint="pass finished run folders (svd-probe train --out ...)",
+    )
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A JSON object of model fields and/or training keys; anything else is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingInputError(f"config file not found: {path}", hint="pass --config PATH to a JSON file")
-    if path.stat().st_size > CONFIG_FILE_MAX_BYTES:
-        raise TrainingInputError(
-            f"config file {path} is {path.stat().st_size:,} bytes, more than a config holds",
-            hint="pass a JSON object of model fields and training keys",
-        )
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except RecursionError:
-        raise TrainingInputError(f"config file {path} is nested too deeply", hint="pass a flat JSON object") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
-        raise TrainingInputError(f"config file {path} is not valid JSON: {e}", hint="fix the JSON syntax") from None
-    if not isinstance(data, dict):
-        raise TrainingInputError(f"config file {path} must hold a JSON object, not {type(data).__name__}")
+_RUN_CONFIG_KEYS = {"model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads"}
+
+
+def read_config_file(path: Path, *, keep_model_type: bool = False) -> dict[str, Any]:
+    """A JSON object of model fields and/or training keys, read bounded (CONFIG_FILE_MAX_BYTES);
+    anything else is an error. A run's config.json is one too: its generic keys are dropped,
+    `model_type` kept where `keep_model_type` (--init-from checks it, from the same read)."""
+    data = _read_json_object(
+        Path(path),
+        CONFIG_FILE_MAX_BYTES,
+        name=f"config file {path}",
+        what="a training config",
+        hint="pass --config PATH to a JSON object of model fields and training keys",
+    )
     # A config.json written by a run (model_type, generic names) is accepted as input too.
-    data = {
-        k: v
-        for k, v in data.items()
-        if k not in {"model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads"}
-    }
+    model_type = data.get("model_type")
+    data = {k: v for k, v in data.items() if k not in _RUN_CONFIG_KEYS}
     unknown = sorted(set(data) - _MODEL_KEYS - TRAIN_KEYS)
     if unknown:
         raise TrainingInputError(
             f"config file {path} has unknown keys: {', '.join(unknown)}",
             hint=f"model keys: {', '.join(sorted(_MODEL_KEYS))}; training keys: {', '.join(sorted(TRAIN_KEYS))}",
         )
+    if keep_model_type:
+        data["model_type"] = model_type
     return data
 
 

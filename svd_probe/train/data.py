@@ -18,9 +18,13 @@ import numpy as np
 import torch
 
 from svd_probe.errors import TrainingInputError
+from svd_probe.train.config import MAX_VOCAB  # tokens and token ids: rows of the embedding
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-MAX_VOCAB = 1 << 20  # token ids, so embedding rows: a tokenizer.json cannot make the model unbounded
+_VOCAB_HINT = (
+    f"use a vocabulary of at most {MAX_VOCAB:,} tokens (bert-base-uncased has 30,522, Gemma 256,000): "
+    "its size is the embedding's"
+)
 # WikiText's own tokenization: rare words are `<unk>`, and number/hyphen joins are escaped.
 _WIKITEXT_REPLACE = (("<unk>", "[UNK]"), (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 
@@ -68,6 +72,12 @@ def load_tokenizer(spec: str) -> Tok:
             else:
                 if path.stat().st_size == 0:
                     raise ValueError("empty vocabulary file")
+                lines = count_vocab_lines(path)  # before `tokenizers` holds them all
+                if lines > MAX_VOCAB:
+                    raise TrainingInputError(
+                        f"tokenizer file {path} has {lines:,} tokens (one a line); the lab takes at most {MAX_VOCAB:,}",
+                        hint=_VOCAB_HINT,
+                    )
                 tok = BertWordPieceTokenizer(str(path), lowercase=True)
         elif looks_like_path(spec):
             raise TrainingInputError(f"tokenizer file not found: {spec}", hint=hint)
@@ -87,11 +97,13 @@ def load_tokenizer(spec: str) -> Tok:
     found = {t: i for t, i in ids.items() if i is not None}
     # The embedding needs a row for the largest id, which is more than the count of tokens where
     # ids have gaps: a vocab.txt with repeated lines gives each line's number to its last copy.
+    # Tokens never outnumber ids (a loaded tokenizer keeps one token an id), so this bounds the
+    # tokens too; a tokenizer.json is bounded only here, once read (MAX_TOKENIZER_BYTES bounds that).
     size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
     if size > MAX_VOCAB:
         raise TrainingInputError(
             f"tokenizer {spec!r} has token ids up to {size - 1:,}; the lab takes at most {MAX_VOCAB:,}",
-            hint="use a vocabulary of at most a million tokens (bert-base-uncased has 30,522)",
+            hint=_VOCAB_HINT,
         )
     return Tok(
         tok,
@@ -103,6 +115,24 @@ def load_tokenizer(spec: str) -> Tok:
         found["[SEP]"],
         found["[MASK]"],
     )
+
+
+def count_vocab_lines(path: Path) -> int:
+    """Lines of a WordPiece vocab.txt, which `tokenizers` numbers 0, 1, ... (its ids, so the
+    embedding's rows), counted in 1 MiB chunks: a 207 MB file of 25 million lines took 9.4 GB and
+    two minutes in `tokenizers` before its ids were found too many, here 0.13 s and 1 MiB. Reads
+    at most MAX_TOKENIZER_BYTES + 1 bytes (the file may have grown since its size was checked)."""
+    lines, last, read = 0, b"\n", 0
+    try:
+        with open(path, "rb") as f:
+            while read <= MAX_TOKENIZER_BYTES and (chunk := f.read(1 << 20)):
+                lines += chunk.count(b"\n")
+                last, read = chunk[-1:], read + len(chunk)
+    except OSError as e:
+        raise TrainingInputError(f"cannot read {path}: {e.strerror or e}") from None
+    if read > MAX_TOKENIZER_BYTES:
+        raise TrainingInputError(f"{path} grew past {MAX_TOKENIZER_BYTES >> 20} MiB while it was read")
+    return lines + (last != b"\n")  # a last line without its newline is a token too
 
 
 def looks_like_path(spec: str) -> bool:

@@ -81,8 +81,8 @@ def load_source(run_dir: Path) -> SourceRun:
     config, weights = run_dir / "config.json", run_dir / "model.safetensors"
     if not config.is_file() or not weights.is_file():
         raise TrainingInputError(f"--init-from {run_dir} holds no config.json and model.safetensors", hint=hint)
-    values = read_config_file(config)
-    model_type = _model_type(config)
+    values = read_config_file(config, keep_model_type=True)
+    model_type = values.pop("model_type")
     if model_type != MODEL_TYPE:
         raise TrainingInputError(f"--init-from {run_dir} is a {model_type!r} checkpoint, not {MODEL_TYPE}", hint=hint)
     cfg = build_config(None, "small", values)
@@ -105,12 +105,6 @@ def _source_steps(metrics: Path) -> int | None:
     except (TrainingInputError, KeyError, TypeError):
         return None
     return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
-
-
-def _model_type(config: Path) -> object:
-    import json
-
-    return json.loads(config.read_text()).get("model_type")
 
 
 def _check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], path: Path) -> None:
