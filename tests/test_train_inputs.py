@@ -419,6 +419,10 @@ def test_a_vocabulary_past_the_bound_is_refused_before_it_is_loaded(inputs, tmp_
     assert f"{vocab} has 1,048,577 tokens (one a line); the lab takes at most 1,048,576" in flat, err
     assert "hint: use a vocabulary of at most 1,048,576 tokens" in flat
     assert built == [] and not out.exists()
+    # --dry-run sizes the model by the tokenizer a run would load: refused the same way
+    code, out_text, err = cli_main(["train", "--tokenizer", str(vocab), "--dry-run"], monkeypatch, capsys)
+    assert code == 2 and "has 1,048,577 tokens" in " ".join(err.split()) and "Traceback" not in err, err
+    assert "parameters" not in out_text
 
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({"vocab_size": D.MAX_VOCAB + 1}))
@@ -648,3 +652,24 @@ def test_a_vocabulary_that_makes_the_text_unknown_is_refused(inputs, tmp_path, m
     code, _, err = cli_main(cli_train_args({**inputs, "vocab": vocab}, out), monkeypatch, capsys)
     assert code == 2 and "100% of the training text's tokens to [UNK]" in " ".join(err.split()), err
     assert not (out / "checkpoint.pt").exists()
+
+
+def test_dry_run_counts_the_embedding_of_the_tokenizer_a_run_loads(inputs, tmp_path, monkeypatch, capsys):
+    """A run sizes its embedding by its tokenizer's vocabulary; --dry-run counted the config's
+    vocab_size (30,522) whatever --tokenizer named. The difference to the default count is the
+    vocabulary's rows times d_model, exactly (the head is tied)."""
+    vocab = tmp_path / "vocab.txt"
+    words = [f"w{i}" for i in range(995)]
+    vocab.write_text("\n".join([*D.SPECIAL_TOKENS, *words]) + "\n")
+    counts = {}
+    for spec in ("bert-base-uncased", str(vocab)):  # a Hub name is not fetched: the config's 30,522
+        code, out_text, err = cli_main(
+            ["train", "--size", "tiny", "--tokenizer", spec, "--dry-run", "--json"], monkeypatch, capsys
+        )
+        assert code == 0, err
+        counts[spec] = json.loads(out_text)
+    base, small = counts["bert-base-uncased"], counts[str(vocab)]
+    d = base["config"]["d_model"]
+    assert (base["config"]["vocab_size"], small["config"]["vocab_size"]) == (30_522, 1_000)
+    assert base["parameters"] - small["parameters"] == (30_522 - 1_000) * d
+    assert base["non_embedding_parameters"] == small["non_embedding_parameters"]

@@ -330,13 +330,13 @@ def train_cmd(
     """
     params = dict(locals())  # the parsed options by name, as `sweep` hands them over too
     from svd_probe.errors import TrainingInputError
+    from svd_probe.train.loop import dry_run as dry_run_of
     from svd_probe.train.loop import run, run_seeds
-    from svd_probe.train.model import dry_run_summary
 
     file_values = read_config(params)
     model_cfg = model_config_from(params, file_values)
     if dry_run:
-        summary = dry_run_summary(model_cfg)
+        summary = dry_run_of(model_cfg, tokenizer)
         if as_json:
             print_json(summary)
         else:

@@ -1011,6 +1011,18 @@ def run(
     return train(cfg, tc, load_data(src), out, progress, overwrite)
 
 
+def dry_run(cfg: ModelConfig, tokenizer: str) -> dict:
+    """`--dry-run`: the parameter counts and shapes of the model `run` would build with
+    `tokenizer`. Its vocabulary sizes the embedding, as in `run`, where it is a local file or
+    folder (loaded, so bounded and checked as a run's is); a Hub name is not fetched, and the
+    config's vocab_size stands (bert-base-uncased's 30,522 by default)."""
+    from svd_probe.train.model import dry_run_summary
+
+    if Path(tokenizer).expanduser().exists():
+        cfg = replace(cfg, vocab_size=D.load_tokenizer(tokenizer).vocab_size)
+    return dry_run_summary(cfg)
+
+
 def run_seeds(
     cfg: ModelConfig,
     tc: TrainConfig,
