@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,14 @@ import torch
 
 from svd_probe.adapters.base import AttentionFactors
 from svd_probe.atomic import atomic_write, atomic_write_json
-from svd_probe.cache.store import SpectraCache, SpectraOptions, default_cache_root, read_json_object
+from svd_probe.cache.store import (
+    SpectraCache,
+    SpectraOptions,
+    default_cache_root,
+    read_json_object,
+    recorded_name,
+    unreadable_layer_file,
+)
 from svd_probe.errors import (
     BadOptionError,
     CacheDamagedError,
@@ -55,7 +63,7 @@ from svd_probe.errors import (
     OfflineCacheMissError,
     TransferError,
 )
-from svd_probe.results import CacheQuery, cache_repo, resolve_cached_commit
+from svd_probe.results import CacheQuery, cache_repo, checked_dims, resolve_cached_commit
 
 ALIGN_FORMAT = 1
 WRITE_KINDS = ("O", "VO")
@@ -70,6 +78,13 @@ _SVD_SIDE = 2048
 # 537 MB unchunked).
 _CHUNK_BYTES = 1 << 28
 _MAX_META_CHARS = 1 << 20
+# A run's folder, `alignment-<write>-r<rank>`; the rank in ASCII digits (`str.isdigit` took "r²",
+# which int() refuses).
+_RUN_DIR = re.compile(r"alignment-(O|VO)-r([0-9]{1,9})")
+# The arrays of a layer file: the head-pair statistics, the head-layer cosines, and per target
+# the layer before's cosines (`prev.<target>`, a target named as TARGETS names them).
+_PAIR_STATS = ("mean", "rms", "max", "min")
+_PREV_KEY = re.compile(r"prev\.([A-Za-z][A-Za-z0-9_]{0,31})")
 
 
 # --- principal angles ------------------------------------------------------------------------------
@@ -352,6 +367,21 @@ def _damaged(path: Path, why: str, hint: str) -> CacheDamagedError:
     return CacheDamagedError(f"damaged alignment cache file {path}: {why}", hint, path=str(path))
 
 
+def _size(v: object) -> bool:
+    return type(v) is int and 0 <= v <= MAX_RANK
+
+
+def _ranks_ok(ranks: object) -> bool:
+    """The `ranks` a layer file records are what `layer_alignment` writes: head and layer ranks,
+    prev_write (a rank, or None for a layer compared with none before it) and read (target →
+    rank). `Alignment.records` takes each as an int: a "x" there ended `align`, `plot` and
+    the export in a ValueError."""
+    if not isinstance(ranks, dict) or not _size(ranks.get("head")) or not _size(ranks.get("layer")):
+        return False
+    read, prev = ranks.get("read", {}), ranks.get("prev_write")
+    return (prev is None or _size(prev)) and isinstance(read, dict) and all(_size(r) for r in read.values())
+
+
 class AlignmentStore:
     """The alignment folder beside one cached analysis: a manifest and a file per layer."""
 
@@ -417,13 +447,17 @@ class AlignmentStore:
         from safetensors import safe_open
 
         path = self.layer_path(layer)
-        if not path.is_file():
-            raise FileNotFoundError(path)
         hint = hint or f"Delete {path}, or rerun `svd-probe align` with --force for this layer."
+        why = unreadable_layer_file(path)  # FileNotFoundError when absent; links, pipes, huge files
+        if why is not None:
+            raise _damaged(path, why, hint)
+        known = {*(f"pairs.{k}" for k in _PAIR_STATS), "head_layer"}
         try:
             with safe_open(path, framework="numpy") as fh:
                 meta = fh.metadata() or {}
-                arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+                # Other names are left out (a later version's, or anything): only these are read,
+                # and only these are ever named in a message.
+                arrays = {k: fh.get_tensor(k) for k in fh.keys() if k in known or _PREV_KEY.fullmatch(k)}
         except Exception as e:  # safetensors raises its own types for every kind of damage
             raise _damaged(path, f"not a readable safetensors file ({type(e).__name__})", hint) from None
         text = meta.get("info", "")
@@ -431,13 +465,13 @@ class AlignmentStore:
             info = json.loads(text) if len(text) <= _MAX_META_CHARS else None
         except (ValueError, RecursionError):
             info = None
-        if not isinstance(info, dict) or info.get("layer") != layer or not isinstance(info.get("ranks"), dict):
+        if not isinstance(info, dict) or info.get("layer") != layer or not _ranks_ok(info.get("ranks")):
             raise _damaged(path, "its metadata is missing or malformed", hint)
         for key, a in arrays.items():
             cos_range = a.size == 0 or (-1e-9 <= float(a.min()) and float(a.max()) <= 1 + 1e-9)
             if a.dtype != np.float64 or not np.isfinite(a).all() or not cos_range:
                 raise _damaged(path, f"{key} is not a finite float64 array of cosines", hint)
-        pairs = {k: arrays.get(f"pairs.{k}") for k in ("mean", "rms", "max", "min")}
+        pairs = {k: arrays.get(f"pairs.{k}") for k in _PAIR_STATS}
         head_layer = arrays.get("head_layer")
         if any(p is None or p.ndim != 2 or p.shape[0] != p.shape[1] for p in pairs.values()) or head_layer is None:
             raise _damaged(path, "it lacks the head-pair or head-layer arrays", hint)
@@ -875,9 +909,12 @@ def load_alignment(
     base = SpectraCache(query.root, cache_repo(ref), commit, query.options)
     runs = []
     for d in base.dir.glob("alignment-*-r*") if base.dir.is_dir() else []:
-        _, w, r = d.name.split("-", 2)
-        if w in WRITE_KINDS and r[1:].isdigit() and (rank is None or int(r[1:]) == rank) and (write in (None, w)):
-            store = AlignmentStore(base, w, int(r[1:]))
+        m = _RUN_DIR.fullmatch(d.name)
+        if m is None or d.is_symlink() or not d.is_dir():  # a link could lead out of the cache
+            continue
+        w, r = m.group(1), int(m.group(2))
+        if (rank is None or r == rank) and (write in (None, w)):
+            store = AlignmentStore(base, w, r)
             if store.cached_layers():
                 runs.append((store.manifest_path.stat().st_mtime if store.manifest_path.is_file() else 0.0, store))
     if not runs:
@@ -889,16 +926,14 @@ def load_alignment(
     got = _from_store(store, wanted, notes, hint + " --force")
     if not got:
         raise MissingFigureData(f"{ref.display}: no readable alignment layers cached", hint)
-    raw_dims = manifest.get("dims")
-    dims: dict = raw_dims if isinstance(raw_dims, dict) else {}
     return Alignment(
-        model=str(manifest.get("model") or ref.display),
+        model=recorded_name(manifest.get("model")) or ref.display,
         commit=commit,
         revision=query.revision,
         options=query.options,
         rank=store.rank,
         write=store.write,
-        dims=dims,
+        dims=checked_dims(manifest.get("dims")),
         layers=got,
         cache_dir=store.dir,
         notes=notes,

@@ -47,7 +47,14 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from svd_probe.cache.store import DiffCache, LayerSpectra, SpectraCache, SpectraOptions, default_cache_root
+from svd_probe.cache.store import (
+    DiffCache,
+    LayerSpectra,
+    SpectraCache,
+    SpectraOptions,
+    default_cache_root,
+    recorded_name,
+)
 from svd_probe.errors import (
     CacheDamagedError,
     CacheMissError,
@@ -712,15 +719,18 @@ class DiffAnalysis(Analysis):
     def tuned_ref(self) -> ModelRef:
         return self.tuned_query.ref
 
+    def _side_name(self, side: str) -> str | None:
+        """The name the manifest records for one side, if it is a name (`recorded_name`)."""
+        entry = self.manifest.get(side)
+        return recorded_name(entry.get("model")) if isinstance(entry, dict) else None
+
     @property
     def base_display(self) -> str:
-        side = self.manifest.get("base")
-        return (side.get("model") if isinstance(side, dict) else None) or self.ref.display
+        return self._side_name("base") or self.ref.display
 
     @property
     def tuned_display(self) -> str:
-        side = self.manifest.get("tuned")
-        return (side.get("model") if isinstance(side, dict) else None) or self.tuned_ref.display
+        return self._side_name("tuned") or self.tuned_ref.display
 
     @property
     def display(self) -> str:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -28,6 +29,16 @@ from svd_probe.spectra.metrics import energy_rank, metrics_batch
 if TYPE_CHECKING:
     from svd_probe.analysis import AnalyzeOutcome
     from svd_probe.results import Analysis
+
+
+def terminal_text(value: object) -> Text:
+    """`value` as console text that is only text: never read as rich markup (a model name `[/]`
+    in a manifest ended `cache list` in a MarkupError), and with every control character shown as
+    an escape (`\\x1b`), so no escape sequence from a cache file reaches the terminal."""
+    s = str(value)
+    if not s.isprintable():
+        s = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in s)
+    return Text(s)
 
 
 class _BytesColumn(ProgressColumn):
@@ -234,7 +245,7 @@ def render_summary(outcome: AnalyzeOutcome, rows: list[dict]) -> Table:
         f"{a.display} @ {a.commit[:12]}  ·  {scope} ranks at 1% / 0.1% energy error"
         f"  ·  norms {'folded' if opts.fold_norms else 'not folded'}, heads {'normalized' if opts.normalize_stacked else 'raw'}"
     )
-    table = Table(title=title, title_justify="left")
+    table = Table(title=terminal_text(title), title_justify="left")  # the name is the manifest's
     table.add_column("layer", justify="right")
     for kind in ranked:
         table.add_column(f"{kind} 1%", justify="right")
@@ -262,15 +273,19 @@ def render_summary(outcome: AnalyzeOutcome, rows: list[dict]) -> Table:
 
 
 def summary_footer(outcome: AnalyzeOutcome, rows: list[dict]) -> list[str]:
-    """The lines under the summary table: what was done, the model's notes, the cache folder."""
+    """The lines under the summary table: what was done, the model's notes, the cache folder.
+
+    Lines are console markup (`print_summary` prints them so): the notes, which come from the
+    manifest, and the folder are escaped, so a `[/]` in either prints as itself."""
     s = outcome.stats
     lines = [
         f"{s['computed']} layers computed, {s['from_cache']} from cache · {s['bytes_fetched'] / 1e6:,.1f} MB fetched · "
         f"{s['seconds']:.1f} s on {s['device']}"
     ]
-    lines += [f"note: {n}" for n in (outcome.analysis.manifest.get("dims") or {}).get("notes") or ()]
+    # `Analysis.dims` checks what the manifest holds: a `dims` of [1] ended `analyze` in a traceback.
+    lines += [f"note: {escape(n)}" for n in outcome.analysis.dims.get("notes") or ()]
     ranked, head = summary_columns(rows)
     if rows and not ranked and not head:
         lines.append("nothing to summarise: the kinds computed have no stacked, latent or per-head spectrum")
-    lines.append(f"cache {outcome.cache_dir}")
+    lines.append(f"cache {escape(str(outcome.cache_dir))}")
     return lines

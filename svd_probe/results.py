@@ -22,7 +22,14 @@ from typing import Literal
 
 import numpy as np
 
-from svd_probe.cache.store import LayerSpectra, SpectraCache, SpectraOptions, default_cache_root, repo_key
+from svd_probe.cache.store import (
+    LayerSpectra,
+    SpectraCache,
+    SpectraOptions,
+    default_cache_root,
+    recorded_name,
+    repo_key,
+)
 from svd_probe.errors import BadOptionError, CacheDamagedError, CacheMissError
 from svd_probe.kinds import HEAD, SpectrumKey, canonical_kinds, parse_key, sort_keys
 from svd_probe.models import ModelRef, is_commit, resolve_model
@@ -61,6 +68,39 @@ class CacheQuery:
     @property
     def root(self) -> Path:
         return default_cache_root(self.cache_dir)
+
+
+# The ModelDims fields that are sizes (`svd_probe.adapters.base.ModelDims`); q_latent and
+# kv_latent are None for a model without MLA latents.
+_DIM_SIZES = ("num_layers", "num_mtp_layers", "d_model", "n_heads", "n_kv_groups", "d_qk", "d_rope", "d_v")
+_DIM_OPTIONAL = ("q_latent", "kv_latent")
+_MAX_DIM = 1 << 31
+
+
+def checked_dims(raw: object) -> dict:
+    """The `dims` a manifest records, each field checked, a field of the wrong kind left out
+    (read as unknown, which every reader handles): sizes are ints in [0, 2^31] (q_latent and
+    kv_latent may be None), model_type a name, notes a list of names. A size of "x", -5 or
+    1e400 in a hand-edited manifest ended `plot` and `report` in a traceback."""
+    if not isinstance(raw, dict):
+        return {}
+    out: dict = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            continue
+        if key == "notes":
+            if isinstance(value, list):
+                out[key] = [n for n in value if recorded_name(n) is not None]
+        elif key == "model_type":
+            if recorded_name(value) is not None:
+                out[key] = value
+        elif type(value) is int and 0 <= value <= _MAX_DIM:
+            out[key] = value
+        elif value is None and key not in _DIM_SIZES:
+            out[key] = value
+        elif key not in (*_DIM_SIZES, *_DIM_OPTIONAL) and recorded_name(value, 200) is not None:
+            out[key] = value  # a field of a later version, shown as text in the report
+    return out
 
 
 def as_query(query: CacheQuery | str | ModelRef) -> CacheQuery:
@@ -134,7 +174,8 @@ class Analysis:
 
     @property
     def display(self) -> str:
-        return self.manifest.get("model") or self.ref.display
+        """The model's name as the manifest records it, if it is a name (else the query's)."""
+        return recorded_name(self.manifest.get("model")) or self.ref.display
 
     @property
     def repo_id(self) -> str | None:
@@ -147,8 +188,7 @@ class Analysis:
 
     @property
     def dims(self) -> dict:
-        d = self.manifest.get("dims")
-        return d if isinstance(d, dict) else {}
+        return checked_dims(self.manifest.get("dims"))
 
     @property
     def layers(self) -> list[int]:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from svd_probe.cache.store import SpectraCache, read_json_object, read_ref_file
+from svd_probe.cache.store import SpectraCache, read_json_object, read_ref_file, recorded_name, ref_file_name
 from svd_probe.errors import BadOptionError, CacheMissError
 from svd_probe.models import is_commit
 
@@ -74,9 +74,24 @@ def read_refs(repo_dir: Path) -> dict[str, str]:
     for f in sorted(folder.iterdir()):
         # A bare commit hash (the earlier format) is named by its file: the name is the revision.
         entry = read_ref_file(f, unquote(f.name))
-        if entry is not None:
+        # Only the file a revision's lookup reads speaks for it (`SpectraCache.read_ref`): a file
+        # `x` recording revision main made `cache rm` delete the commit it named, and main's own
+        # ref (to another commit, which was kept).
+        if entry is not None and ref_file_name(entry.revision) == f.name:
             refs[entry.revision] = entry.commit
     return refs
+
+
+def _options(raw: object) -> dict:
+    """The manifest's options, scalars only: anything else says nothing `cache list` shows, and a
+    list nested 600 deep ended `cache list --json` in a RecursionError."""
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        k: v
+        for k, v in raw.items()
+        if isinstance(k, str) and (v is None or isinstance(v, (bool, int, float)) or recorded_name(v, 200) is not None)
+    }
 
 
 def _manifest(folder: Path) -> dict:
@@ -105,9 +120,8 @@ def list_cache(root: str | os.PathLike) -> list[CachedAnalysis]:
                 if not layers and not manifest:
                     continue
                 size, mtime = _size_and_mtime(opts_dir)
-                model = manifest.get("model") if isinstance(manifest.get("model"), str) else None
-                raw_options = manifest.get("options")
-                options: dict = raw_options if isinstance(raw_options, dict) else {}
+                model = recorded_name(manifest.get("model"))
+                options = _options(manifest.get("options"))
                 found.append(
                     CachedAnalysis(
                         model=model or repo_dir.name,
@@ -121,7 +135,7 @@ def list_cache(root: str | os.PathLike) -> list[CachedAnalysis]:
                         if mtime
                         else "",
                         path=str(opts_dir),
-                        repo_id=manifest.get("repo_id") if isinstance(manifest.get("repo_id"), str) else None,
+                        repo_id=recorded_name(manifest.get("repo_id")),
                     )
                 )
     return found

@@ -24,10 +24,11 @@ rename), so a run killed at any moment leaves only whole layers behind.
 
 Everything here is input we wrote but do not trust: a file can be truncated by a full disk, edited,
 or left by an older version. A layer file that does not parse, or lacks keys the manifest says
-it holds, raises `CacheDamagedError` naming it; a manifest or ref that does not parse is read as
-absent. Writers take `.lock` (fcntl.flock) around each read-modify-write of the manifest and of
-a layer file, so concurrent runs of disjoint (or overlapping) layers all end up listed. A
-failed write (disk full, quota, read-only) raises `DiskWriteError` and leaves no temporary file.
+it holds, raises `CacheDamagedError` naming it, as does one that is a link, a pipe or over
+MAX_LAYER_BYTES (it is not opened); a manifest or ref that does not parse is read as absent.
+Writers take `.lock` (fcntl.flock) around each read-modify-write of the manifest and of a layer
+file, so concurrent runs of disjoint (or overlapping) layers all end up listed. A failed write
+(disk full, quota, read-only) raises `DiskWriteError` and leaves no temporary file.
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ _MAX_NAME_BYTES = 120
 # Bounds on what a layer file's metadata can make us parse (ours are a few KB).
 _MAX_META_CHARS = 1 << 20
 _MAX_MANIFEST_BYTES = 64 << 20  # the manifest of a 62-layer model is tens of kB
+# A layer file is read whole into memory (every σ, then checked), so its size is bounded before
+# it is opened: DeepSeek-V3's are a few MB, and a 128-head model with d_model 16384 (head QK and
+# VO spectra of 16,384 values a head) about 35 MB. A sparse file claiming more was read whole
+# (a 2 GiB one took 4.3 GB of memory to be called damaged). `alignment` bounds its files by this too.
+MAX_LAYER_BYTES = 256 << 20
+# Characters of a name (a model) taken from a manifest: a local path is at most 4096 bytes.
+MAX_RECORDED_NAME = 4096
 
 
 def default_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -227,6 +235,37 @@ def loads_json(text: str | bytes) -> object:
         raise ValueError("JSON nested too deeply") from e
 
 
+def recorded_name(value: object, limit: int = MAX_RECORDED_NAME) -> str | None:
+    """`value` if it is a name a manifest may give (a string of at most `limit` printable
+    characters: no escape sequence or line break to print to a terminal), else None, so the caller
+    falls back to the name it knows. Manifests are edited by hand and sent around."""
+    if isinstance(value, str) and value and len(value) <= limit and value.isprintable():
+        return value
+    return None
+
+
+def plain_text(text: str, limit: int = 300) -> str:
+    """Text from a damaged file (a library's error quoting the bytes it choked on) made safe to
+    print in a message: control characters as `?`, square brackets (console markup) as round
+    ones, at most `limit` characters."""
+    out = "".join(ch if ch.isprintable() else "?" for ch in text[:limit]).translate(str.maketrans("[]", "()"))
+    return out + ("…" if len(text) > limit else "")
+
+
+def unreadable_layer_file(path: Path) -> str | None:
+    """Why the layer file `path` is not to be opened, or None when it may be: a link (it could
+    point out of the cache), a pipe or device (a read would block), or over MAX_LAYER_BYTES.
+    FileNotFoundError where there is none (a folder of that name counts as none, as before)."""
+    st = path.lstat()  # FileNotFoundError when absent
+    if stat.S_ISDIR(st.st_mode):
+        raise FileNotFoundError(path)
+    if not stat.S_ISREG(st.st_mode):
+        return "it is a link, pipe or device, not a regular file"
+    if st.st_size > MAX_LAYER_BYTES:
+        return f"it is {st.st_size:,} bytes, over the {MAX_LAYER_BYTES >> 20} MiB a layer file holds"
+    return None
+
+
 def read_head(path: Path, n: int) -> bytes:
     """At most the first `n` bytes: a huge or endless file (a link to /dev/zero) costs no more."""
     with open(path, "rb") as f:
@@ -269,10 +308,15 @@ def read_ref_file(path: Path, plain_revision: str) -> RefEntry | None:
 
 
 def read_json_object(path: Path) -> tuple[dict | None, str | None]:
-    """(object, None), (None, None) when absent, or (None, why) when unreadable or not an object."""
-    if path.exists() and not path.is_file():  # a folder, or a pipe or device a read would block on
-        return None, "it is not a regular file"
+    """(object, None), (None, None) when absent, or (None, why) when unreadable or not an object.
+
+    A link is not followed (it could point out of the cache, at a file of the user's), and a
+    folder, pipe or device is not read (a read of a pipe would block)."""
     try:
+        if path.is_symlink():
+            return None, "it is a link, not a file"
+        if path.exists() and not path.is_file():  # a folder, or a pipe or device a read would block on
+            return None, "it is not a regular file"
         data = read_head(path, _MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         return None, None
@@ -399,17 +443,21 @@ class SpectraCache:
         """Read and check one layer file; `expect` lists keys it must hold (from the manifest).
 
         Keys that name no spectrum of this version (`kinds.parse_key`) are left out.
-        Raises FileNotFoundError when there is no file, `CacheDamagedError` when it is unusable.
+        Raises FileNotFoundError when there is no file, `CacheDamagedError` when it is unusable:
+        also when it is a link, a pipe or over MAX_LAYER_BYTES, checked before it is opened.
         """
         path = self.layer_path(layer)
-        if not path.is_file():
-            raise FileNotFoundError(path)
+        why = unreadable_layer_file(path)  # bounded, and never through a link: before any byte
+        if why is not None:
+            raise self._damaged(layer, why)
         try:
             with safe_open(path, framework="numpy") as f:
                 meta = f.metadata() or {}
                 sigma = {k: f.get_tensor(k) for k in f.keys() if parse_key(k) is not None}
         except Exception as e:  # safetensors raises its own error types for every kind of damage
-            raise self._damaged(layer, f"not a readable safetensors file ({type(e).__name__}: {e})") from None
+            # Its message quotes the header's bytes: made printable, and never taken as markup.
+            why = f"not a readable safetensors file ({type(e).__name__}: {plain_text(str(e))})"
+            raise self._damaged(layer, why) from None
 
         def meta_dict(name: str) -> dict:
             text = meta.get(name, "{}")
@@ -512,11 +560,15 @@ class SpectraCache:
         return new
 
     def expected_keys(self, manifest: dict, layer: int) -> list[str]:
-        """Keys the manifest says layer `layer`'s file holds ([] when it does not say)."""
+        """Keys the manifest says layer `layer`'s file holds ([] when it does not say). Keys that
+        name no spectrum of this version are left out, as `read_layer` leaves them out of a file:
+        the manifest is an index, and one listing `[/]` made a whole layer file damaged."""
         layers = manifest.get("layers")
         entry = layers.get(str(layer)) if isinstance(layers, dict) else None
         keys = entry.get("keys") if isinstance(entry, dict) else None
-        return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+        if not isinstance(keys, list):
+            return []
+        return [k for k in keys if isinstance(k, str) and parse_key(k) is not None]
 
 
 class DiffCache(SpectraCache):

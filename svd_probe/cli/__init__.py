@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from rich.markup import escape
+
 from svd_probe.cli import align as _align  # noqa: F401  (registers align)
 from svd_probe.cli import analysis as _analysis  # noqa: F401  (registers models, analyze, export, plot)
 from svd_probe.cli import cache as _cache  # noqa: F401  (registers cache list, cache rm)
@@ -51,9 +53,11 @@ def _is_network_error(e: BaseException) -> bool:
 
 
 def _fail(message: str, hint: str | None, code: int) -> None:
-    alert.print(f"[bold red]error:[/] {message}", highlight=False)
+    # Messages quote paths and names the user or a file gave: text, never markup (a path with
+    # `[/]` in it ended in rich's MarkupError traceback instead of the message).
+    alert.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     if hint:
-        alert.print(f"[dim]hint:[/] {hint}", highlight=False)
+        alert.print(f"[dim]hint:[/] {escape(hint)}", highlight=False)
     sys.exit(code)
 
 

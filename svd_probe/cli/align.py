@@ -145,11 +145,14 @@ def alignment_table(result):
     from rich.table import Table
 
     from svd_probe.alignment import TARGETS
+    from svd_probe.report import terminal_text
 
     nxt, hl = result.next_frame(), result.head_layer_frame()
     targets = [t for t in TARGETS if len(nxt) and t in set(nxt["target"])]
-    table = Table(
-        title=f"{result.model}: RMS principal cosines at rank {result.rank} ({result.write} output subspaces)",
+    table = Table(  # the model's name can be a cached manifest's: text, never markup
+        title=terminal_text(
+            f"{result.model}: RMS principal cosines at rank {result.rank} ({result.write} output subspaces)"
+        ),
         caption="pairs: two heads · h→L: a head vs its layer's stacked output\n"
         "→Q …: the layer before's output vs this layer's reads · rand: √(r/d)",
         title_justify="left",

@@ -7,6 +7,7 @@ from enum import Enum
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from svd_probe.cli.app import (
     CacheDirOpt,
@@ -214,7 +215,8 @@ def print_summary(outcome, rows: list[dict]) -> None:
 
 def print_notes(notes: list[str]) -> None:
     for note in notes:
-        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)  # unwrapped: commands stay copyable
+        # unwrapped: commands stay copyable; a note quotes names and paths: text, never markup
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def cache_query(

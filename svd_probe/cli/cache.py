@@ -30,6 +30,7 @@ def list_cmd(
     from svd_probe.cache.listing import list_cache, options_text
     from svd_probe.cache.store import default_cache_root
     from svd_probe.options import format_layers
+    from svd_probe.report import terminal_text
 
     root = default_cache_root(cache_dir)
     entries = list_cache(root)
@@ -41,7 +42,9 @@ def list_cmd(
         return
     # The commit is cut to 12 hex; below 100 columns the date goes first (it stays in --json).
     with_date = out.width >= 100
-    table = Table(title=f"cache {root}", title_justify="left")
+    # Names, revisions and folder names come from the cache's files: shown as text, never as
+    # markup, and with no escape sequence reaching the terminal (`report.terminal_text`).
+    table = Table(title=terminal_text(f"cache {root}"), title_justify="left")
     table.add_column("model", overflow="fold", min_width=min(24, max(len(e.model) for e in entries)))
     table.add_column("revision → commit", overflow="fold")
     table.add_column("options", no_wrap=True)
@@ -52,9 +55,9 @@ def list_cmd(
     for e in entries:
         revs = ",".join(e.revisions) or "-"
         table.add_row(
-            e.model,
-            f"{revs} → {e.commit[:12]}",
-            options_text(e.options),
+            terminal_text(e.model),
+            terminal_text(f"{revs} → {e.commit[:12]}"),
+            terminal_text(options_text(e.options)),
             format_layers(e.layers) or "-",
             _size(e.bytes),
             *([e.updated[:10]] if with_date else []),
@@ -81,13 +84,12 @@ def rm_cmd(
     """Remove a model's cached analyses (every option set of the chosen commits); asks first unless --yes."""
     from svd_probe.cache.listing import plan_removal, remove
     from svd_probe.cache.store import default_cache_root
+    from svd_probe.report import terminal_text
 
     plan = plan_removal(default_cache_root(cache_dir), model, revision, everything)
     out.print(f"will delete {_size(plan.bytes)}:", highlight=False)
-    for folder in plan.folders:
-        out.print(f"  {folder}", highlight=False, soft_wrap=True)
-    for ref in plan.refs:
-        out.print(f"  {ref}", highlight=False, soft_wrap=True)
+    for path in (*plan.folders, *plan.refs):  # folder names are the cache's: text, not markup
+        out.print(terminal_text(f"  {path}"), highlight=False, soft_wrap=True)
     if not yes and not typer.confirm("delete these?", default=False):
         err.print("nothing deleted")
         raise typer.Exit(1)

@@ -138,9 +138,11 @@ def diff_summary_rows(analysis) -> list[dict]:
 
 
 def render_diff_summary(outcome, rows: list[dict]) -> Table:
+    from svd_probe.report import terminal_text
+
     a = outcome.analysis
-    table = Table(
-        title=f"{a.display} ({a.commit[:8]}..{a.tuned_commit[:8]})  ·  delta ranks at 1% energy error",
+    table = Table(  # the names are the manifest's: text, never markup
+        title=terminal_text(f"{a.display} ({a.commit[:8]}..{a.tuned_commit[:8]})  ·  delta ranks at 1% energy error"),
         title_justify="left",
     )
     table.add_column("layer", justify="right")
@@ -166,7 +168,7 @@ def render_diff_summary(outcome, rows: list[dict]) -> Table:
             *(cell(row.get(f"head_{k}_median_rel_delta")) for k in _NORM_KINDS),
         )
     s = outcome.stats
-    table.caption = (
+    table.caption = terminal_text(
         f"{s['computed']} layers computed, {s['from_cache']} from cache · {s['bytes_fetched'] / 1e6:,.1f} MB fetched "
         f"from both · {s['seconds']:.1f} s on {s['device']} · cache {a.cache_dir}"
     )
