@@ -69,8 +69,20 @@ BWD_GRID = [dict(split=False, bwd_queries=q, bwd_warps=w) for q in (64, 32) for 
     for st in (None, 1)
 ]
 
+# --grid fine: around the fused backward's best (first run, H100, 2026-12-07: 64 queries at 4
+# warps), and the forward at 2 and 4 warps.
+FINE_FWD_GRID = [dict(fwd_queries=q, fwd_warps=w) for q in (128, 64) for w in (8, 4, 2)]
+FINE_BWD_GRID = [
+    dict(split=False, bwd_queries=q, bwd_warps=w, stages=st)
+    for q in (128, 64, 32, 16)
+    for w in (4, 2)
+    for st in (None, 1, 2)
+]
 
-def sweep_cuts(B: int, T: int, H: int, D: int, launches: int, reps: int, dev=None) -> tuple[list[dict], dict]:
+
+def sweep_cuts(
+    B: int, T: int, H: int, D: int, launches: int, reps: int, dev=None, grids=(FWD_GRID, BWD_GRID)
+) -> tuple[list[dict], dict]:
     """The attention kernels alone under each cut of FWD_GRID and BWD_GRID (mha's packed layout,
     full RoPE): rows, and the best cut's fields. On the CPU (Triton's interpreter, fp32: a smoke
     test of this function) the times are wall times."""
@@ -115,7 +127,7 @@ def sweep_cuts(B: int, T: int, H: int, D: int, launches: int, reps: int, dev=Non
     bt = kernels._block_tokens(T)
     saved = kernels.ATTENTION_CUTS.get(bt)
     try:
-        for fields in FWD_GRID:
+        for fields in grids[0]:
             kernels.ATTENTION_CUTS[bt] = kernels.AttentionCut(**fields)
             row: dict = {"job": "attention forward", "cut": fields}
             try:
@@ -129,7 +141,7 @@ def sweep_cuts(B: int, T: int, H: int, D: int, launches: int, reps: int, dev=Non
         o, lse = kernels._launch_attention(*views, cos, sin, D, False)
         dsrc = torch.empty_like(qkv)
         grads = kernels._qkv_views(dsrc, None, True)
-        for fields in BWD_GRID:
+        for fields in grids[1]:
             kernels.ATTENTION_CUTS[bt] = kernels.AttentionCut(**fields)
             row = {"job": "attention backward", "cut": fields}
 
@@ -168,6 +180,7 @@ def main() -> None:
     ap.add_argument("--json", dest="json_path", default=None)
     ap.add_argument("--cuts", action="store_true", help="also time the attention kernels under a grid of cuts")
     ap.add_argument("--launches", type=int, default=20, help="--cuts: launches between two events")
+    ap.add_argument("--grid", choices=["coarse", "fine"], default="coarse", help="--cuts: which grid of cuts")
     ap.add_argument("--best-cut", default=None, help="--cuts: write the fastest correct cut here (JSON)")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -242,7 +255,8 @@ def main() -> None:
     cut_rows: list[dict] = []
     best: dict = {}
     if args.cuts:
-        cut_rows, best = sweep_cuts(B, T, H, D, args.launches, max(5, args.reps // 5))
+        grids = (FINE_FWD_GRID, FINE_BWD_GRID) if args.grid == "fine" else (FWD_GRID, BWD_GRID)
+        cut_rows, best = sweep_cuts(B, T, H, D, args.launches, max(5, args.reps // 5), grids=grids)
         for r in cut_rows:
             what = ", ".join(f"{k}={v}" for k, v in r["cut"].items())
             fig = f"{r['ms']:.4f} ms, err {r['max_rel_err']:.1e}" if "ms" in r else r["error"]

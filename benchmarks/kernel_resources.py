@@ -44,19 +44,25 @@ def signature(kernel, fp32_pointers: set[str], floats: set[str], constexprs: dic
     return sig
 
 
-def cases(attention_warps: int = 8, query_block: int = 64, key_block: int = 64, fwd_queries: int = 128) -> list[tuple]:
-    """(name, kernel, fp32 pointers, float arguments, constexprs, warps) as the training step launches them."""
+def cases(
+    attention_warps: int | None = None, query_block: int = 64, key_block: int = 64, fwd_queries: int = 128
+) -> list[tuple]:
+    """(name, kernel, fp32 pointers, float arguments, constexprs, warps) as the training step
+    launches them; attention_warps None: each kernel's warps of the default cut at 128 tokens."""
     from svd_probe.train import _triton_kernels as tk
+    from svd_probe.train.kernels import ATTENTION_CUTS
 
+    cut = ATTENTION_CUTS[128]
+    fwd_w, bwd_w, dq_w = (attention_warps,) * 3 if attention_warps else (cut.fwd_warps, cut.bwd_warps, cut.dq_warps)
     attn = dict(D=32, HALF=8, R=16, BT=128, CAUSAL=True)
     lse = {"LSE", "COS", "SIN"}
     scales = {"scale", "scale_log2"}
     split = dict(attn, BQ=query_block, BK=key_block)
     return [
-        ("attention forward", tk.attn_fwd, lse, {"scale_log2"}, dict(attn, BQ=fwd_queries), attention_warps),
-        ("attention backward", tk.attn_bwd, lse, scales, dict(attn, BQ=query_block), attention_warps),
-        ("attention dk dv", tk.attn_bwd_dkdv, lse, scales, split, attention_warps),
-        ("attention dq", tk.attn_bwd_dq, lse, scales, split, attention_warps),
+        ("attention forward", tk.attn_fwd, lse, {"scale_log2"}, dict(attn, BQ=fwd_queries), fwd_w),
+        ("attention backward", tk.attn_bwd, lse, scales, dict(attn, BQ=query_block), bwd_w),
+        ("attention dk dv", tk.attn_bwd_dkdv, lse, scales, split, bwd_w),
+        ("attention dq", tk.attn_bwd_dq, lse, scales, split, dq_w),
         ("swiglu forward", tk.swiglu_fwd, {"B"}, set(), dict(BM=16, BF=128), 4),
         ("swiglu backward", tk.swiglu_bwd, {"B", "DB"}, set(), dict(BM=16, BF=128, STEPS=16), 4),
     ]
@@ -88,7 +94,9 @@ def resources(cubin: bytes) -> dict[str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--warps", default="8", help="attention kernels' warps a program, comma-separated")
+    ap.add_argument(
+        "--warps", default="", help="attention kernels' warps a program, comma-separated (default: the default cut's)"
+    )
     ap.add_argument("--query-block", type=int, default=64, help="the attention backward's queries a step")
     ap.add_argument(
         "--key-block", type=int, default=64, help="the split backward's keys a program (dk dv) or a step (dq)"
@@ -99,7 +107,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     print(f"{'kernel':<20} {'warps':>5} {'registers':>9} {'stack B':>8}")
     seen = set()
-    for w in (int(x) for x in args.warps.split(",")):
+    for w in [int(x) for x in args.warps.split(",") if x] or [None]:
         for name, kernel, fp32, floats, consts, warps in cases(w, args.query_block, args.key_block, args.fwd_queries):
             if (name, warps) in seen:
                 continue

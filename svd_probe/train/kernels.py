@@ -211,15 +211,17 @@ class AttentionCut:
     split: bool = False
     bwd_queries: int = 64
     bwd_keys: int = 64
-    bwd_warps: int = 8
+    bwd_warps: int = 4
     dq_warps: int = 8
     stages: int | None = None
 
 
 # By the padded sequence length; other lengths take AttentionCut(fwd_warps=4, bwd_warps=4,
-# dq_warps=4). At 128 tokens a [128, 128] fp32 score tile is 64 registers a thread at 8 warps,
-# and the fused backward's [64, 128] tiles fit 8 warps' registers, where the whole [128, 128]
-# spilled (sm_90, Triton 3.9: 255 registers and 528 bytes of stack a thread).
+# dq_warps=4). At 128 tokens (benchmarks/README.md, "The attention kernels' cuts", H100,
+# 2026-12-07): the forward whole at 8 warps (0.060-0.067 ms; 64 or 32 queries a program are
+# slower), the fused backward 64 queries a step at 4 warps (0.124-0.128 ms, against 0.179 ms at
+# 8 warps: two programs an SM), every split cut slower (0.20-0.79 ms), pipelining stages
+# indifferent. In the whole step that is +3.4% for mha over the 8-warp backward.
 ATTENTION_CUTS: dict[int, AttentionCut] = {128: AttentionCut()}
 _SMALL_CUT = AttentionCut(fwd_warps=4, bwd_warps=4, dq_warps=4)
 
