@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's svd_probe, as in PYTHONPATH=.
@@ -122,10 +123,13 @@ def phase(args) -> dict:
         bulge.use_chase_launches(args.chase_launches)
     from svd_probe.spectra import stagelog
 
-    with stagelog.recording() if args.stages else contextlib.nullcontext() as log:
+    syncs = _SyncCounter() if args.sync_debug and device.type == "cuda" else None
+    with stagelog.recording() if args.stages else contextlib.nullcontext() as log, syncs or contextlib.nullcontext():
         out.update(_run_phase(args, device, out))
     if log is not None:
         out["stages"] = stagelog.summary(log)
+    if syncs is not None:
+        out["syncs"] = syncs.summary()
     cpu = os.times()
     # Host CPU seconds of this phase's process, all its threads (user + system), children too:
     # against the wall time it says how much of the host the phase keeps busy (the HTTP reader
@@ -137,6 +141,52 @@ def phase(args) -> dict:
     out["peak_gpu_gb"] = _gpu_peak_gb(device)
     out["device"] = str(device)
     return out
+
+
+class _SyncCounter:
+    """--sync-debug: every synchronizing CUDA call of the phase (torch.cuda.set_sync_debug_mode
+    "warn"), counted by thread (the main thread, which submits the layers, or a solver worker)
+    and by the innermost svd_probe frame that made it. A sync on the main thread waits for all
+    the work queued on its stream, behind whatever else holds the GPU (the chases' spinning
+    programs), so these are the suspects for the main thread's 0.42-0.51 s a layer of submits."""
+
+    def __init__(self):
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def __enter__(self):
+        import threading
+        import traceback
+
+        import torch
+
+        self._saved = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message).lower():  # torch: "called a synchronizing CUDA operation"
+                return self._saved(message, category, filename, lineno, file, line)
+            who = "main" if threading.current_thread() is threading.main_thread() else "worker"
+            frames = [f for f in traceback.extract_stack() if "svd_probe" in f.filename]
+            where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
+            self.counts[(who, where)] = self.counts.get((who, where), 0) + 1
+
+        warnings.showwarning = show
+        self._filters = warnings.filters[:]
+        warnings.filterwarnings("always", message="(?i).*synchroniz.*")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = self._saved
+        warnings.filters[:] = self._filters
+
+    def summary(self) -> dict:
+        out: dict = {}
+        for (who, where), n in sorted(self.counts.items(), key=lambda kv: -kv[1]):
+            out.setdefault(who, {})[where] = n
+        return out
 
 
 def _run_phase(args, device, out: dict) -> dict:
@@ -293,6 +343,11 @@ def main() -> None:
         "--stages", action="store_true", help="log the band solvers' stages (svd_probe.spectra.stagelog) in each phase"
     )
     ap.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="count synchronizing CUDA calls per thread and svd_probe call site in each phase (CUDA only)",
+    )
+    ap.add_argument(
         "--chase-launches",
         type=int,
         default=1,
@@ -357,6 +412,7 @@ def main() -> None:
             cmd += ["--hybrid-rule", args.hybrid_rule] if args.hybrid_rule else []
             cmd += ["--concurrency", str(args.concurrency), "--reader", args.reader]
             cmd += ["--stages"] if args.stages else []
+            cmd += ["--sync-debug"] if args.sync_debug else []
             cmd += ["--chase-launches", str(args.chase_launches)]
             hub_cpu0 = _cpu_seconds_of(hub.pid)
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -382,6 +438,10 @@ def main() -> None:
                 f"{name:14s} {fig['seconds']:8.2f} s   RSS peak {fig['peak_rss_gb']:.2f} GB{gpu}{start}{cpu}",
                 flush=True,
             )
+            for who, sites in (fig.get("syncs") or {}).items():  # --sync-debug: who waited for the GPU
+                print(f"  syncs on the {who} thread{'s' if who == 'worker' else ''}: {sum(sites.values())}", flush=True)
+                for where, n in list(sites.items())[:8]:
+                    print(f"    {n:6d}  {where}", flush=True)
             for stage, st in (fig.get("stages") or {}).items():  # --stages: where the host time went
                 print(
                     f"  {stage:18s} {st['count']:5d} spans  total {st['total_s']:8.2f} s  mean {st['mean_s']:.4f} s"
