@@ -13,13 +13,13 @@ import json
 import os
 import shutil
 import struct
-import sys
 import tracemalloc
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from test_cache_robustness import run_cli  # the console entry point, stderr's wraps undone
 
 from svd_probe.alignment import AlignmentStore, align, load_alignment
 from svd_probe.analysis import AnalyzeJob, analyze
@@ -52,20 +52,6 @@ def copy(template: Path, tmp_path: Path, llama: Path) -> SpectraCache:
     shutil.copytree(template, root)
     a = load_analysis(CacheQuery(str(llama), cache_dir=root))
     return SpectraCache(root, cache_repo(a.ref), a.commit, SpectraOptions())
-
-
-def run_cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
-    """Through the console-script entry point: (exit code, stdout, stderr with wraps undone)."""
-    from svd_probe.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["svd-probe", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, " ".join(captured.err.split())
 
 
 def edit_manifest(path: Path, change) -> None:
