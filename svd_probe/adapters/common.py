@@ -163,12 +163,21 @@ class LayerNames:
         return f"{self.prefix}{layer}."
 
 
+# Words that name the towers multimodal releases keep beside the language model (vision_tower,
+# visual, audio_tower, multi_modal_projector, ...): never the decoder itself.
+_OTHER_TOWER = re.compile(r"vision|visual|audio|speech|image|video|projector|adapter|adaptor", re.IGNORECASE)
+
+
 def find_layers(tensor_names: Iterable[str] | None, probe_suffix: str, default: str = "model.layers.") -> LayerNames:
     """Discover where the layers live from the checkpoint's names, and which layers are there.
 
     Some releases put the decoder under another prefix (e.g. `language_model.model.layers.`).
-    We look for `<prefix><L>.<probe_suffix>` and keep the shortest `<prefix>`; names are matched
-    by exact suffix, so stray tensors such as `rotary_emb.inv_freq` never confuse it.
+    We look for `<prefix><L>.<probe_suffix>`; names are matched by exact suffix, so stray tensors
+    such as `rotary_emb.inv_freq` never confuse it. Some multimodal releases have another tower
+    whose layers carry the same names, often under a shorter prefix (GLM-ASR's
+    `audio_tower.layers.L.self_attn.o_proj` beside `language_model.model.layers.`, Fun-ASR-Nano's
+    audio tower and adaptor): a prefix that names such a tower loses to one that does not, and
+    among the rest the shortest wins.
     """
     if tensor_names is None:
         return LayerNames(default, None)
@@ -180,7 +189,7 @@ def find_layers(tensor_names: Iterable[str] | None, probe_suffix: str, default: 
             found.setdefault(m.group(1), set()).add(int(m.group(2)))
     if not found:
         return LayerNames(default, frozenset())
-    base = min(found, key=len)
+    base = min(found, key=lambda prefix: (_OTHER_TOWER.search(prefix) is not None, len(prefix)))
     return LayerNames(base, frozenset(found[base]))
 
 
