@@ -124,6 +124,7 @@ def sweep_cmd(
     for point in points:
         argv = ["train", *_with_seed(passthrough, point.seed), *point.train_args()]
         run_dir = out_dir / point.config_name / f"seed-{point.seed}"
+        S.check_run_dir(out_dir, run_dir)
         argv += ["--out", str(run_dir), "--no-progress"]
         params = _parse_train(argv[1:])
         if file_values is None:

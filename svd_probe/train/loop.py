@@ -662,6 +662,30 @@ class _RunContext:
     ddp: Ddp = field(default_factory=lambda: Ddp(0, 1))
 
 
+_OPT_HYPER = ("weight_decay", "betas", "eps", "amsgrad", "maximize")  # AdamW's, as make_optimizer sets them
+
+
+def _check_optimizer(opt: torch.optim.Optimizer, fresh: list[dict], step: int) -> None:
+    """A loaded optimizer state is this run's: load_state_dict restores the saved groups'
+    hyperparameters and takes any moment tensors, whose shapes torch checks only mid-step."""
+    for i, (group, want) in enumerate(zip(opt.param_groups, fresh, strict=True)):
+        got = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in group.items() if k in _OPT_HYPER}
+        want = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in want.items()}
+        if got != want:
+            raise ValueError(f"optimizer group {i} has {got}, this run {want}")
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = st.get(key)
+                if t is not None and (not isinstance(t, torch.Tensor) or t.shape != p.shape):
+                    shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"optimizer {key} of shape {shape} for a parameter of {tuple(p.shape)}")
+            if "step" in st:
+                s = float(torch.as_tensor(st["step"]).reshape(-1)[0]) if torch.as_tensor(st["step"]).numel() else -1.0
+                if not 0 <= s <= step:
+                    raise ValueError(f"optimizer step {s:g}, not 0 to the checkpoint's step {step}")
+
+
 def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutcome:
     """Train `phase.model` for `phase.steps` optimizer steps (from `resume`'s step, if given).
 
@@ -683,7 +707,9 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
             )
         try:
             model.load_state_dict(resume["model"])
+            fresh = [{k: v for k, v in g.items() if k in _OPT_HYPER} for g in opt.param_groups]
             opt.load_state_dict(resume["optimizer"])
+            _check_optimizer(opt, fresh, step)
             set_rng_state(resume["rng"], dev)
         except (RuntimeError, ValueError, KeyError, TypeError) as e:  # torch's words for a state that does not fit
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -18,6 +18,7 @@ mid-write leaves the previous version, never half of one.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,42 @@ def _checkpoint_problem(state: dict) -> str | None:
             return f"it holds weights but no {', '.join(missing)}"
         if not all(isinstance(state[k], dict) for k in ("model", "optimizer", "rng")):
             return "its model, optimizer or rng state is not a dict"
+        if not _count(state["timed_samples"], integer=True) or not _count(state["timed_seconds"]):
+            return "its timed_samples or timed_seconds is not a count >= 0"
     elif phase == "pretrain" or step != 0 or not isinstance(state.get("pretrain_metrics"), dict):
         # Only the phase boundary {phase: finetune, step: 0, pretrain_metrics} holds no weights.
         return f"{phase} step {step} without weights"
+    return _record_problem(state)
+
+
+def _count(x: Any, integer: bool = False) -> bool:
+    """A finite number >= 0 (an int where `integer`; never a bool)."""
+    typed = isinstance(x, int) if integer else isinstance(x, int | float)
+    return typed and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def _source_record(r: Any) -> bool:
+    """None, or {source, sha256} as data_fingerprint and init_from record them."""
+    return r is None or (isinstance(r, dict) and isinstance(r.get("source"), str) and isinstance(r.get("sha256"), str))
+
+
+def _record_problem(state: dict) -> str | None:
+    """What the resume reads besides the tensors: each of the type that `run` writes."""
+    if "wall_time_s" in state and not _count(state["wall_time_s"]):
+        return f"wall_time_s {state['wall_time_s']!r}, not a number of seconds >= 0"
+    for key in ("model_config", "recipe"):
+        if key in state and not isinstance(state[key], dict):
+            return f"its {key} is not a dict"
+    data = state.get("data")
+    if data is not None and not (
+        isinstance(data, dict) and all(_source_record(data.get(k)) for k in ("tokenizer", "pretrain", "sst2"))
+    ):
+        return "its data fingerprint is not {tokenizer, pretrain, sst2} records of source and sha256"
+    if not _source_record(state.get("init_from")):
+        return "its init_from is not a record of source and sha256"
+    pre = state.get("pretrain_metrics")
+    if pre is not None and not (isinstance(pre, dict) and "pretrain_samples_per_s" in pre):
+        return "its pretrain_metrics are not those of a finished pretraining"
     return None
 
 

@@ -113,8 +113,34 @@ class Grid:
     o_latents: list[int] | None = None
 
 
+MAX_GRID_POINTS = 10_000  # runs of one sweep: past this a grid is a typo, and listing it alone would take hours
+
+
+def grid_size(grid: Grid) -> int:
+    """How many distinct runs `expand` lists, counted without listing them (the lists are distinct)."""
+    sizes = {
+        "o_norm": len(grid.o_norms),
+        "q_latent": len(grid.q_latents or [None]),
+        "kv_latent": len(grid.kv_latents or [None]),
+        "o_latent": len(grid.o_latents or [None]),
+    }
+    per_variant = 0
+    for variant in grid.variants:
+        n = 1
+        for axis in _HAS[variant]:
+            n *= sizes[axis]
+        per_variant += n
+    return len(grid.seeds) * len(grid.objectives) * per_variant
+
+
 def expand(grid: Grid) -> list[GridPoint]:
     """Every distinct run of the grid, in the documented order (collapsed axes listed once)."""
+    n = grid_size(grid)
+    if n > MAX_GRID_POINTS:
+        raise TrainingInputError(
+            f"the grid has {n:,} runs, more than a sweep takes ({MAX_GRID_POINTS:,})",
+            hint="list fewer seeds, latent sizes or norms, or split the grid into several sweeps",
+        )
     axes: list[list[Any]] = [
         grid.seeds,
         grid.variants,
@@ -366,6 +392,20 @@ def run_pool(
             time.sleep(0.1)  # the main thread stays free for the signal handler
     outcomes = [futures[id(r)].result() if id(r) in futures else RunOutcome(r, "skipped") for r in runs]
     return outcomes, children.stop_signal
+
+
+def check_run_dir(out_dir: Path, run_dir: Path) -> None:
+    """The run folder OUT/CONFIG/seed-N is a real folder inside OUT where it exists: a link
+    there (in a sweep folder received or edited) would have `train` read and write elsewhere."""
+    rel = Path(run_dir).relative_to(out_dir)
+    where = Path(out_dir)
+    for part in rel.parts:
+        where = where / part
+        if where.is_symlink() or (where.exists() and not where.is_dir()):
+            raise TrainingInputError(
+                f"{where} is a link or a file, not a folder of this sweep",
+                hint="remove it (a sweep writes its runs only inside --out), or pass another --out",
+            )
 
 
 def check_logs(runs: list[SweepRun]) -> None:
