@@ -66,8 +66,11 @@ def _first_exp_avg(state: dict) -> None:
         lambda s: s.__setitem__("data", "x"),
         lambda s: s.__setitem__("data", {"tokenizer": {"source": "v"}, "pretrain": None, "sst2": None}),
         lambda s: s.__setitem__("init_from", "x"),
+        # fine-tuning's weights without the pretraining's metrics: the run pretrained again from
+        # scratch, silently, and dropped the fine-tuning's state
+        lambda s: s.update(phase="finetune"),
     ],
-    ids=["timed_samples", "wall_time_s", "recipe", "data", "data-sha256", "init_from"],
+    ids=["timed_samples", "wall_time_s", "recipe", "data", "data-sha256", "init_from", "finetune-no-pretrain"],
 )
 def test_a_checkpoint_whose_records_are_of_the_wrong_type_is_refused(inputs, cut_run, tmp_path, monkeypatch, edit):
     run = _edited_copy(cut_run, tmp_path, edit)

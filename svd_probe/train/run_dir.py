@@ -114,6 +114,10 @@ def _checkpoint_problem(state: dict) -> str | None:
             return "its model, optimizer or rng state is not a dict"
         if not _count(state["timed_samples"], integer=True) or not _count(state["timed_seconds"]):
             return "its timed_samples or timed_seconds is not a count >= 0"
+        if phase == "finetune" and not isinstance(state.get("pretrain_metrics"), dict):
+            # `run` pretrains where it finds no pretrain_metrics: it would start over, silently,
+            # and drop the fine-tuning's weights. Every fine-tuning checkpoint run writes has them.
+            return "it holds fine-tuning weights but not the pretraining's metrics"
     elif phase == "pretrain" or step != 0 or not isinstance(state.get("pretrain_metrics"), dict):
         # Only the phase boundary {phase: finetune, step: 0, pretrain_metrics} holds no weights.
         return f"{phase} step {step} without weights"
