@@ -110,3 +110,25 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+class NotRegularFileError(OSError):
+    """`read_head` of a pipe, device or folder: a read would block, never end, or fail."""
+
+
+def read_head(path: str | os.PathLike, n: int) -> bytes:
+    """At most the first `n` bytes of the regular file `path` (links followed): a huge or growing
+    file costs `n` at most. A pipe, device or folder raises NotRegularFileError without a blocking
+    open: refused by a stat first (opening some devices does something), the open is
+    non-blocking, so a FIFO swapped in after the stat cannot block it, and the open file is
+    checked again. Every bounded reader of input files goes through this one."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise NotRegularFileError(errno.EINVAL, "not a regular file (a pipe, device or folder)", str(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(errno.EINVAL, "not a regular file (a pipe, device or folder)", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(n)
+    finally:
+        os.close(fd)

@@ -49,7 +49,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from svd_probe.atomic import atomic_write, atomic_write_bytes, is_disk_full
+from svd_probe.atomic import NotRegularFileError, atomic_write, atomic_write_bytes, is_disk_full, read_head
 from svd_probe.errors import CacheDamagedError, DiskWriteError
 from svd_probe.kinds import HEAD, SpectrumKey, parse_key
 from svd_probe.models import is_commit
@@ -266,12 +266,6 @@ def unreadable_layer_file(path: Path) -> str | None:
     return None
 
 
-def read_head(path: Path, n: int) -> bytes:
-    """At most the first `n` bytes: a huge or endless file (a link to /dev/zero) costs no more."""
-    with open(path, "rb") as f:
-        return f.read(n)
-
-
 # A refs file is {"revision", "commit", "since"} (or, from earlier versions, a bare commit hash).
 # Its revision is whatever string the user gave, so there is no natural size; 64 KiB holds a
 # revision of over 10,000 characters even with every one escaped as JSON's \\uXXXX. write_ref
@@ -315,11 +309,11 @@ def read_json_object(path: Path) -> tuple[dict | None, str | None]:
     try:
         if path.is_symlink():
             return None, "it is a link, not a file"
-        if path.exists() and not path.is_file():  # a folder, or a pipe or device a read would block on
-            return None, "it is not a regular file"
         data = read_head(path, _MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         return None, None
+    except NotRegularFileError:  # a folder, or a pipe or device a read would block on
+        return None, "it is not a regular file"
     except OSError as e:
         return None, f"cannot read it ({e.strerror or e})"
     if len(data) > _MAX_MANIFEST_BYTES:

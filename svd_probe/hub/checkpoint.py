@@ -21,12 +21,12 @@ import hashlib
 import json
 import os
 import re
-import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from svd_probe.atomic import NotRegularFileError, read_head
 from svd_probe.errors import EntryNotFoundError, MalformedFileError, TransferError, UnsafeShardNameError
 from svd_probe.hub import http
 from svd_probe.hub.http import HttpPolicy
@@ -140,14 +140,12 @@ def parse_json_object(data: bytes, what: str, *, unique_keys: bool = False) -> d
 def load_json_file(path: Path, what: str, max_bytes: int, *, unique_keys: bool = False) -> dict:
     """`parse_json_object` of the file at `path`, refused without reading if over `max_bytes`."""
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):  # a pipe would block the read, a device never end it
-            raise MalformedFileError(f"{what} is not a regular file (a pipe, device or folder)", _HINT, file=what)
-        size = st.st_size
+        size = path.stat().st_size
         if size <= max_bytes:
-            with open(path, "rb") as f:
-                data = f.read(max_bytes + 1)
+            data = read_head(path, max_bytes + 1)  # the one bounded reader: never a blocking open
             size = len(data)
+    except NotRegularFileError:  # a pipe would block the read, a device never end it
+        raise MalformedFileError(f"{what} is not a regular file (a pipe, device or folder)", _HINT, file=what) from None
     except OSError as e:
         raise EntryNotFoundError(f"{what} is unreadable: {e.strerror}", "Check the checkpoint files.") from None
     if size > max_bytes:

@@ -202,7 +202,9 @@ def pipeline_config(
     On three H100 machines (2026-12-07) band-device over HTTP took 27.2-28.9 s in eight runs
     against band-hybrid's 32.7 s, but on an H200 the same day 35.8, 56.4 and 43.0 s against
     band-hybrid's 35.8 s on that machine (benchmarks/README.md, "band-device over HTTP"), so
-    over HTTP auto stays band-hybrid.
+    over HTTP auto stays band-hybrid. band-device's compute scatters on one machine too (one
+    H100, 2026-12-07: 26.7-39.4 s in six runs, band-hybrid 36.4 s; "band-device five times on
+    one H100"), so from a folder it is the faster route on the median, not in every run.
     Else the device's `AUTO_ROUTES` entry (torch's syevd on CUDA).
 
     Auto in flight: on CUDA two layers (0.726 s a DeepSeek-V3 layer instead of 0.774 s with one,

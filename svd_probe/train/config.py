@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import stat
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from svd_probe.atomic import NotRegularFileError, read_head
 from svd_probe.errors import TrainingInputError
 
 VARIANTS = ("mha", "mla", "mla-o")
@@ -272,32 +271,22 @@ def _read_json_object(path: Path, limit: int, *, name: str, what: str, hint: str
     """The JSON object in the regular file `path`, of at most `limit` bytes; else a
     TrainingInputError that says `name` (how messages name the file) is not `what`, with `hint`.
 
-    A pipe, device or folder is refused by a stat before it is opened (opening some devices does
-    something), and again on the open file: the open is non-blocking, so a FIFO swapped in after the
-    stat cannot block it. At most `limit` + 1 bytes are read whatever the file's size said, so one
-    that grows (or is replaced) after the check, or a link to /dev/zero, costs `limit` at most."""
+    Read through `atomic.read_head`: a pipe, device or folder is refused without a blocking
+    open, and at most `limit` + 1 bytes are read whatever the file's size said, so one that grows
+    (or is replaced) after the check, or a link to /dev/zero, costs `limit` at most."""
     size = f"{limit / 2**20:g} MiB"
 
     def refuse(message: str) -> TrainingInputError:
         return TrainingInputError(f"{name} {message}", hint=hint)
 
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise refuse("is not a regular file (a pipe, device or folder)")
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        data = read_head(path, limit + 1)
     except FileNotFoundError:
         raise refuse("not found") from None
+    except NotRegularFileError:
+        raise refuse("is not a regular file (a pipe, device or folder)") from None
     except OSError as e:
         raise TrainingInputError(f"cannot read {name}: {e.strerror or e}", hint=hint) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise refuse("is not a regular file (a pipe, device or folder)")
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            data = fh.read(limit + 1)
-    except OSError as e:
-        raise TrainingInputError(f"cannot read {name}: {e.strerror or e}", hint=hint) from None
-    finally:
-        os.close(fd)
     if len(data) > limit:
         raise refuse(f"is over {size}, too large to be {what}")
     try:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from svd_probe.atomic import read_head
 from svd_probe.errors import TrainingInputError
 from svd_probe.train.config import MAX_VOCAB  # tokens and token ids: rows of the embedding
 
@@ -171,8 +172,7 @@ def read_text(path: Path) -> str:
     at most MAX_TEXT_BYTES, from a regular file."""
     check_regular_file(path, MAX_TEXT_BYTES)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_TEXT_BYTES + 1)  # the file may have grown since the check
+        raw = read_head(path, MAX_TEXT_BYTES + 1)  # the file may have grown (or become a pipe) since
         if len(raw) > MAX_TEXT_BYTES:
             raise TrainingInputError(f"{path} grew past {MAX_TEXT_BYTES >> 30} GiB while it was read")
         text = raw.decode("utf-8")

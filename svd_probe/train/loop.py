@@ -681,7 +681,8 @@ def _check_optimizer(opt: torch.optim.Optimizer, fresh: list[dict], step: int) -
                     shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                     raise ValueError(f"optimizer {key} of shape {shape} for a parameter of {tuple(p.shape)}")
             if "step" in st:
-                s = float(torch.as_tensor(st["step"]).reshape(-1)[0]) if torch.as_tensor(st["step"]).numel() else -1.0
+                counter = torch.as_tensor(st["step"]).reshape(-1)
+                s = float(counter[0]) if counter.numel() else -1.0
                 if not 0 <= s <= step:
                     raise ValueError(f"optimizer step {s:g}, not 0 to the checkpoint's step {step}")
 
