@@ -48,12 +48,13 @@ import torch
 from svd_probe.adapters.base import AttentionFactors
 from svd_probe.atomic import atomic_write, atomic_write_json
 from svd_probe.cache.store import (
+    LayerFileRefused,
     SpectraCache,
     SpectraOptions,
     default_cache_root,
     read_json_object,
+    read_layer_file,
     recorded_name,
-    unreadable_layer_file,
 )
 from svd_probe.errors import (
     BadOptionError,
@@ -444,20 +445,18 @@ class AlignmentStore:
 
     def read_layer(self, layer: int, hint: str = "") -> LayerAlignment:
         """One layer's results, checked: FileNotFoundError when absent, CacheDamagedError when unusable."""
-        from safetensors import safe_open
-
         path = self.layer_path(layer)
         hint = hint or f"Delete {path}, or rerun `svd-probe align` with --force for this layer."
-        why = unreadable_layer_file(path)  # FileNotFoundError when absent; links, pipes, huge files
-        if why is not None:
-            raise _damaged(path, why, hint)
         known = {*(f"pairs.{k}" for k in _PAIR_STATS), "head_layer"}
         try:
-            with safe_open(path, framework="numpy") as fh:
-                meta = fh.metadata() or {}
-                # Other names are left out (a later version's, or anything): only these are read,
-                # and only these are ever named in a message.
-                arrays = {k: fh.get_tensor(k) for k in fh.keys() if k in known or _PREV_KEY.fullmatch(k)}
+            # Links, pipes, huge files and files larger than their header refused, on the file
+            # opened (`read_layer_file`). Other names are left out (a later version's, or
+            # anything): only these are kept, and only these are ever named in a message.
+            meta, arrays = read_layer_file(path, lambda k: k in known or _PREV_KEY.fullmatch(k) is not None)
+        except FileNotFoundError:
+            raise
+        except LayerFileRefused as e:
+            raise _damaged(path, str(e), hint) from None
         except Exception as e:  # safetensors raises its own types for every kind of damage
             raise _damaged(path, f"not a readable safetensors file ({type(e).__name__})", hint) from None
         text = meta.get("info", "")

@@ -25,7 +25,10 @@ rename), so a run killed at any moment leaves only whole layers behind.
 Everything here is input we wrote but do not trust: a file can be truncated by a full disk, edited,
 or left by an older version. A layer file that does not parse, or lacks keys the manifest says
 it holds, raises `CacheDamagedError` naming it, as does one that is a link, a pipe or over
-MAX_LAYER_BYTES (it is not opened); a manifest or ref that does not parse is read as absent.
+MAX_LAYER_BYTES, one larger than its own header says it is, and one recording a matrix shape
+that is no size or holds fewer singular values than it stores (`read_layer_file` opens a layer
+file once, never through a link, and reads what it checked); a manifest or ref that does not
+parse is read as absent.
 Writers take `.lock` (fcntl.flock) around each read-modify-write of the manifest and of a layer
 file, so concurrent runs of disjoint (or overlapping) layers all end up listed. A failed write
 (disk full, quota, read-only) raises `DiskWriteError` and leaves no temporary file.
@@ -39,14 +42,14 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import deserialize
 from safetensors.numpy import save_file
 
 from svd_probe.atomic import NotRegularFileError, atomic_write, atomic_write_bytes, is_disk_full, read_head
@@ -73,6 +76,13 @@ _MAX_MANIFEST_BYTES = 64 << 20  # the manifest of a 62-layer model is tens of kB
 # VO spectra of 16,384 values a head) about 35 MB. A sparse file claiming more was read whole
 # (a 2 GiB one took 4.3 GB of memory to be called damaged). `alignment` bounds its files by this too.
 MAX_LAYER_BYTES = 256 << 20
+# A layer file's safetensors header (its JSON: tensor names, shapes, offsets, metadata). Ours are
+# a few kB; the three metadata fields `read_layer` takes are at most _MAX_META_CHARS each (twice
+# that once escaped as JSON), so a longer header is damaged, not read (safetensors reads 100 MB).
+_MAX_HEADER_BYTES = 16 << 20
+# The most a side of a matrix whose spectrum is cached may be (the recorded (m, n)), as
+# `results.checked_dims` bounds the manifest's sizes: DeepSeek-V3's largest is 65,536.
+MAX_MATRIX_SIDE = 1 << 31
 # Characters of a name (a model) taken from a manifest: a local path is at most 4096 bytes.
 MAX_RECORDED_NAME = 4096
 
@@ -252,18 +262,154 @@ def plain_text(text: str, limit: int = 300) -> str:
     return out + ("…" if len(text) > limit else "")
 
 
-def unreadable_layer_file(path: Path) -> str | None:
-    """Why the layer file `path` is not to be opened, or None when it may be: a link (it could
-    point out of the cache), a pipe or device (a read would block), or over MAX_LAYER_BYTES.
-    FileNotFoundError where there is none (a folder of that name counts as none, as before)."""
-    st = path.lstat()  # FileNotFoundError when absent
+_NOT_REGULAR = "it is a link, pipe or device, not a regular file"
+
+
+def _unreadable(st: os.stat_result, path: Path) -> str | None:
     if stat.S_ISDIR(st.st_mode):
-        raise FileNotFoundError(path)
+        raise FileNotFoundError(errno.ENOENT, "a folder, not a layer file", str(path))
     if not stat.S_ISREG(st.st_mode):
-        return "it is a link, pipe or device, not a regular file"
+        return _NOT_REGULAR
     if st.st_size > MAX_LAYER_BYTES:
         return f"it is {st.st_size:,} bytes, over the {MAX_LAYER_BYTES >> 20} MiB a layer file holds"
     return None
+
+
+def unreadable_layer_file(path: Path) -> str | None:
+    """Why the layer file `path` is not to be opened, or None when it may be: a link (it could
+    point out of the cache), a pipe or device (a read would block), or over MAX_LAYER_BYTES.
+    FileNotFoundError where there is none (a folder of that name counts as none, as before).
+    A check of the name only: `read_layer_file` checks the file it opens again."""
+    return _unreadable(path.lstat(), path)  # FileNotFoundError when absent
+
+
+class LayerFileRefused(Exception):
+    """`read_layer_file` did not read a layer file; the text says why (for the damaged-file message)."""
+
+
+# numpy's dtype of each safetensors dtype it has (BF16 and the F8 kinds it has not).
+_NUMPY_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "U64": "<u8",
+    "I32": "<i4",
+    "U32": "<u4",
+    "I16": "<i2",
+    "U16": "<u2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
+}
+
+
+def _parse_header(header: bytes) -> tuple[dict, int] | None:
+    """A safetensors header (the JSON after the 8-byte length) and the end of the data it
+    describes (its tensors' largest end offset), or None where it is not a JSON object of
+    tensors with offsets (safetensors then says what is wrong with it)."""
+    try:
+        obj = loads_json(header)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    end = 0
+    for name, entry in obj.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int and x >= 0 for x in offsets)):
+            return None
+        end = max(end, offsets[1])
+    return obj, end
+
+
+def _read_bounded(f, size: int) -> tuple[bytes, dict]:
+    """The bytes of the open layer file `f` (of `size` bytes when it was checked) and its parsed
+    header: the header, at most _MAX_HEADER_BYTES, then exactly the data it describes (what
+    safetensors' save_file writes: an 8-byte little-endian length, the JSON header padded with
+    spaces, the tensors' bytes back to back). A file larger than that is refused before its data
+    is read, and one that grows or changes while read is caught (one byte more than its size is
+    asked for, and the header read again is compared). A header that does not parse is returned
+    alone, for safetensors to say what is wrong; no read asks for more than the file's size."""
+    head = f.read(8)
+    if len(head) < 8:
+        return head, {}
+    n = int.from_bytes(head, "little")
+    if n > _MAX_HEADER_BYTES:
+        raise LayerFileRefused(
+            f"not a readable safetensors file (its header is {n:,} bytes, over the "
+            f"{_MAX_HEADER_BYTES >> 20} MiB a layer file's header holds)"
+        )
+    header = f.read(min(n, max(size - 8, 0)))
+    parsed = _parse_header(header) if len(header) == n else None
+    if parsed is None:
+        return head + header, {}
+    obj, end = parsed
+    expected = 8 + n + end
+    if expected > MAX_LAYER_BYTES:
+        raise LayerFileRefused(
+            f"its header describes {expected:,} bytes, over the {MAX_LAYER_BYTES >> 20} MiB a layer file holds"
+        )
+    if size > expected:
+        raise LayerFileRefused(f"it is {size:,} bytes, over the {expected:,} bytes its header describes")
+    f.seek(0)  # the whole file in one bytes object, as safetensors takes it (no copy to join)
+    data = f.read(size + 1)
+    if len(data) > size or data[8 : 8 + n] != header:
+        raise LayerFileRefused(f"it changed while it was read (it was {size:,} bytes)")
+    return data, obj
+
+
+def read_layer_file(
+    path: Path, wanted: Callable[[str], bool] = lambda name: True
+) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """(metadata, arrays) of the safetensors layer file `path`: the arrays whose names `wanted`
+    takes, as writable numpy arrays (numpy's dtype of each; another dtype is a ValueError).
+
+    The file is opened once, and only what was opened is checked and read: `unreadable_layer_file`
+    refuses a link, pipe, device or giant by its name first (opening some devices does
+    something), then the open neither follows a link nor blocks on a pipe (O_NOFOLLOW,
+    O_NONBLOCK), and the open file must be a regular file of at most MAX_LAYER_BYTES, and no
+    larger than its header says (`_read_bounded`). A file swapped in after the first check is
+    refused the same way, never read through. Raises FileNotFoundError where there is none (or
+    a folder), LayerFileRefused with the reason where it is refused, and safetensors' own errors
+    (or ValueError) where it does not parse.
+
+    (`atomic.read_head` follows links and reads only a file's head, hence this reader.)
+    """
+    why = unreadable_layer_file(path)
+    if why is not None:
+        raise LayerFileRefused(why)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK):  # a link, swapped in after the check
+            raise LayerFileRefused(_NOT_REGULAR) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        why = _unreadable(st, path)
+        if why is not None:
+            raise LayerFileRefused(why)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data, header = _read_bounded(f, st.st_size)
+    finally:
+        os.close(fd)
+    tensors = deserialize(data)  # SafetensorError where the bytes are no safetensors file
+    del data
+    raw_meta = header.get("__metadata__")  # a map of strings: safetensors took the header
+    meta = {k: v for k, v in raw_meta.items() if isinstance(v, str)} if isinstance(raw_meta, dict) else {}
+    arrays: dict[str, np.ndarray] = {}
+    for name, t in tensors:
+        if not wanted(name):
+            continue
+        dtype = _NUMPY_DTYPES.get(t["dtype"])
+        if dtype is None:
+            raise ValueError(f"{name} is of dtype {t['dtype']}, which numpy has not")
+        arrays[name] = np.frombuffer(t["data"], dtype=dtype).reshape(t["shape"]).copy()
+    return meta, arrays
 
 
 # A refs file is {"revision", "commit", "since"} (or, from earlier versions, a bare commit hash).
@@ -438,16 +584,16 @@ class SpectraCache:
 
         Keys that name no spectrum of this version (`kinds.parse_key`) are left out.
         Raises FileNotFoundError when there is no file, `CacheDamagedError` when it is unusable:
-        also when it is a link, a pipe or over MAX_LAYER_BYTES, checked before it is opened.
+        also when it is a link, a pipe, over MAX_LAYER_BYTES or larger than its header says,
+        checked before its data is read (`read_layer_file`), or records a shape that is no size.
         """
         path = self.layer_path(layer)
-        why = unreadable_layer_file(path)  # bounded, and never through a link: before any byte
-        if why is not None:
-            raise self._damaged(layer, why)
-        try:
-            with safe_open(path, framework="numpy") as f:
-                meta = f.metadata() or {}
-                sigma = {k: f.get_tensor(k) for k in f.keys() if parse_key(k) is not None}
+        try:  # bounded, and never through a link: checked before any byte, on the file read
+            meta, sigma = read_layer_file(path, lambda k: parse_key(k) is not None)
+        except FileNotFoundError:
+            raise
+        except LayerFileRefused as e:
+            raise self._damaged(layer, str(e)) from None
         except Exception as e:  # safetensors raises its own error types for every kind of damage
             # Its message quotes the header's bytes: made printable, and never taken as markup.
             why = f"not a readable safetensors file ({type(e).__name__}: {plain_text(str(e))})"
@@ -481,9 +627,21 @@ class SpectraCache:
                 raise self._damaged(layer, f"{key} has shape {list(s.shape)}, not {want} (non-negative)")
             shape = raw_shapes.get(key)
             if shape is not None:
-                ok = isinstance(shape, list) and len(shape) == 2 and all(type(x) is int and x >= 0 for x in shape)
+                # Two sizes from 1 to MAX_MATRIX_SIDE, of a matrix with at least as many singular
+                # values as are stored (min(m, n): the ones a reduced problem lacks are stored as
+                # zeros). A size of 2^40 or 3 for a 64-value spectrum was exported as it was.
+                ok = isinstance(shape, list) and len(shape) == 2
+                ok = ok and all(type(x) is int and 1 <= x <= MAX_MATRIX_SIDE for x in shape)
                 if not ok:
-                    raise self._damaged(layer, f"the shape recorded for {key} is not two sizes")
+                    raise self._damaged(
+                        layer, f"the shape recorded for {key} is not two sizes from 1 to {MAX_MATRIX_SIDE:,}"
+                    )
+                if s.shape[-1] > min(shape):
+                    raise self._damaged(
+                        layer,
+                        f"{key} holds {s.shape[-1]} singular values, more than the {min(shape)} of "
+                        f"the {shape[0]} × {shape[1]} matrix recorded for it",
+                    )
                 shapes[key] = (shape[0], shape[1])
         return LayerSpectra(
             layer=layer,
