@@ -67,6 +67,7 @@ from svd_probe.train.run_dir import (
     check_resumable,
     check_same_data,
     check_same_init,
+    checkpoint_limit,
     data_fingerprint,
     describe_source,
     load_checkpoint,
@@ -663,18 +664,40 @@ class _RunContext:
 
 
 _OPT_HYPER = ("weight_decay", "betas", "eps", "amsgrad", "maximize")  # AdamW's, as make_optimizer sets them
+_OPT_STATE = ("step", "exp_avg", "exp_avg_sq")  # what AdamW (amsgrad off) keeps per parameter
 
 
-def _check_optimizer(opt: torch.optim.Optimizer, fresh: list[dict], step: int) -> None:
+class _DamagedOptimizer(ValueError):
+    """An optimizer state that no run writes, as opposed to one of another model."""
+
+
+def _check_optimizer(
+    opt: torch.optim.Optimizer, fresh: list[dict], step: int, names: dict[int, str] | None = None
+) -> None:
     """A loaded optimizer state is this run's: load_state_dict restores the saved groups'
-    hyperparameters and takes any moment tensors, whose shapes torch checks only mid-step."""
+    hyperparameters and takes any moment tensors, whose shapes torch checks only mid-step.
+
+    Moments: AdamW creates a parameter's state (step, exp_avg, exp_avg_sq) whole at the first step
+    that parameter has a gradient, so the state is empty exactly until then. Every trainable
+    parameter of the lab's models has a gradient at every step (each one feeds the loss; DDP,
+    which runs without find_unused_parameters, would fail otherwise), so after `step` >= 1 steps
+    each holds the whole state, and at step 0 fresh moments are right. An empty state after a step
+    resumed silently with fresh moments for that parameter; a partial one failed mid-step.
+    `names`: id(parameter) -> its name, for the message."""
     for i, (group, want) in enumerate(zip(opt.param_groups, fresh, strict=True)):
         got = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in group.items() if k in _OPT_HYPER}
         want = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in want.items()}
         if got != want:
             raise ValueError(f"optimizer group {i} has {got}, this run {want}")
-        for p in group["params"]:
+        for j, p in enumerate(group["params"]):
             st = opt.state.get(p, {})
+            missing = [k for k in _OPT_STATE if k not in st]
+            if missing and (st or (step > 0 and p.requires_grad)):
+                name = (names or {}).get(id(p), f"parameter {j} of optimizer group {i}")
+                raise _DamagedOptimizer(
+                    f"its optimizer state for {name} {tuple(p.shape)} has no {', '.join(missing)}"
+                    + (f" after {step} steps" if not st else "")
+                )
             for key in ("exp_avg", "exp_avg_sq"):
                 t = st.get(key)
                 if t is not None and (not isinstance(t, torch.Tensor) or t.shape != p.shape):
@@ -710,8 +733,10 @@ def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutco
             model.load_state_dict(resume["model"])
             fresh = [{k: v for k, v in g.items() if k in _OPT_HYPER} for g in opt.param_groups]
             opt.load_state_dict(resume["optimizer"])
-            _check_optimizer(opt, fresh, step)
+            _check_optimizer(opt, fresh, step, {id(p): n for n, p in model.named_parameters()})
             set_rng_state(resume["rng"], dev)
+        except _DamagedOptimizer as e:
+            raise TrainingInputError(f"the checkpoint {where} is damaged: {e}", hint=START_OVER) from None
         except (RuntimeError, ValueError, KeyError, TypeError) as e:  # torch's words for a state that does not fit
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrainingInputError(
@@ -1145,7 +1170,9 @@ def _train(
         out.mkdir(parents=True, exist_ok=True)
     ddp.barrier()
     log = _RunLog(out / "train.log", progress, enabled=ddp.main)
-    state = load_checkpoint(out)
+    # Bounded by what this run's model and optimizer can fill (cfg is final here: its vocabulary is
+    # the tokenizer's), not by a fixed constant: run_dir.checkpoint_limit says why.
+    state = load_checkpoint(out, checkpoint_limit(cfg))
     fingerprint = dict(data.fingerprint)
     if state is not None:
         check_resumable(state, cfg, tc, out)

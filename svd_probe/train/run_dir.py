@@ -18,8 +18,10 @@ mid-write leaves the previous version, never half of one.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from svd_probe.atomic import appendable, atomic_write, atomic_write_json
 from svd_probe.errors import TrainingInputError
 from svd_probe.train import data as D
 from svd_probe.train.config import RESUME_KEYS, ModelConfig, TrainConfig
+from svd_probe.train.model import Block, pretraining_parameters
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2  # 1: the first lab (a LambdaLR state, no data fingerprint, no "format"); still resumable
@@ -36,6 +39,13 @@ PHASES = ("pretrain", "finetune")
 PHASE_STATE = ("model", "optimizer", "rng", "timed_samples", "timed_seconds")  # a checkpoint with weights
 START_OVER = "start over with --overwrite, or pass a new --out"  # the fix for an unusable run folder
 RUN_FILES = (CHECKPOINT, "model.safetensors", "config.json", "metrics.json", "train.log")
+
+# What bounds a checkpoint.pt (checkpoint_limit): the weights and AdamW's moments of the larger
+# phase's model, and room for the rest.
+ADAMW_MOMENTS = 2  # exp_avg and exp_avg_sq, each the shape of its parameter (amsgrad off: loop.make_optimizer)
+SST2_LABELS = 2  # the fine-tuning head (loop: Classifier(cfg, n_labels=2))
+TENSOR_SLACK = 4096  # bytes per parameter: the zip records and pickle entries of it, its moments and step (~1.4 kB)
+CHECKPOINT_SLACK = 64 * 2**20  # the records (configs, fingerprint, metrics) and the RNG state: a few kB in fact
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -77,15 +87,64 @@ def save_checkpoint(state: dict, out: Path) -> None:
     atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(out: Path) -> dict | None:
-    """The checkpoint dict of `out`, None when there is none; a damaged one is a typed error."""
+def checkpoint_limit(cfg: ModelConfig) -> int:
+    """The most bytes a checkpoint.pt of a run of `cfg` can take: the parameters of its larger
+    phase's model (fine-tuning's classifier: the pretraining model plus the SST-2 head) times
+    1 + ADAMW_MOMENTS, TENSOR_SLACK per parameter tensor, and CHECKPOINT_SLACK for the records.
+
+    Derived from the model, not a fixed constant: `loop._train` loads the checkpoint once the
+    run's config is final (the tokenizer's vocabulary included), so the model is known there, and
+    a constant that let through the 2 B parameters the lab allows (config.MAX_PARAMETERS: 24 GB
+    with the moments) would bound nothing for the small models it mostly trains. A checkpoint of
+    a larger model than the command's is refused here instead of by `check_resumable`."""
+    with torch.device("meta"):  # one block, counted n_layers times (as pretraining_parameters)
+        per_block = len(list(Block(cfg).parameters()))
+    values = pretraining_parameters(cfg) + cfg.d_model * SST2_LABELS + SST2_LABELS
+    tensors = cfg.n_layers * per_block + 3  # the blocks', the embedding, the head's weight and bias
+    itemsize = torch.get_default_dtype().itemsize  # the dtype the parameters are built in
+    return values * itemsize * (1 + ADAMW_MOMENTS) + tensors * TENSOR_SLACK + CHECKPOINT_SLACK
+
+
+def load_checkpoint(out: Path, limit: int) -> dict | None:
+    """The checkpoint dict of `out`, None when there is none; a damaged one is a typed error.
+
+    `limit` (checkpoint_limit) bounds the file before torch reads any of it. The file is opened
+    once, never through a link (O_NOFOLLOW) and without blocking on a FIFO (O_NONBLOCK); its
+    fstat is checked (a plain file of at most `limit` bytes) and torch loads from that same open
+    file, so nothing can swap the file between the check and the load."""
     path = out / CHECKPOINT
-    if not path.exists():
-        return None
+    not_plain = TrainingInputError(
+        f"the checkpoint {path} is a link, pipe, device or folder, not a plain file",
+        hint="remove it, or pass a new --out",
+    )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file: torch raises several types
-        raise TrainingInputError(f"cannot read the checkpoint {path}: {e}", hint=START_OVER) from None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK):  # a link (EMLINK: the BSDs' word for it)
+            raise not_plain from None
+        raise TrainingInputError(f"cannot read the checkpoint {path}: {e.strerror or e}", hint=START_OVER) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise not_plain
+        if info.st_size > limit:
+            raise TrainingInputError(
+                f"the checkpoint {path} is damaged or of another model: {info.st_size:,} bytes, more than "
+                f"this run's model and optimizer state take ({limit:,} bytes at most)",
+                hint="resume with the flags of the run that wrote it, " + START_OVER,
+            )
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or foreign file: torch raises several types
+            raise TrainingInputError(f"cannot read the checkpoint {path}: {e}", hint=START_OVER) from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "phase" not in state:
         raise TrainingInputError(f"{path} is not a checkpoint of svd-probe train", hint=START_OVER)
     problem = _checkpoint_problem(state)
