@@ -121,6 +121,14 @@ def phase(args) -> dict:
         from svd_probe.spectra import bulge
 
         bulge.use_chase_launches(args.chase_launches)
+    if args.big_grams != "caller":
+        from svd_probe.spectra import compute
+
+        compute.use_big_grams(args.big_grams)
+    if args.grouped_heads:
+        from svd_probe.spectra import compute
+
+        compute.use_grouped_heads(True)
     from svd_probe.spectra import stagelog
 
     syncs = _SyncCounter() if args.sync_debug and device.type == "cuda" else None
@@ -353,6 +361,17 @@ def main() -> None:
         default=1,
         help="band-device's bulge-chase launches at once, each on 1/N of the SMs",
     )
+    ap.add_argument(
+        "--big-grams",
+        default="caller",
+        choices=["caller", "solver"],
+        help="where the pipeline forms its big Grams: on the caller's stream, or the solver worker's (compute.use_big_grams)",
+    )
+    ap.add_argument(
+        "--grouped-heads",
+        action="store_true",
+        help="each layer's thin factors and per-head σ in one call per shape (compute.use_grouped_heads)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase
     ap.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
@@ -400,6 +419,8 @@ def main() -> None:
         "concurrency": args.concurrency,
         "reader": args.reader,
         "chase_launches": args.chase_launches,
+        "big_grams": args.big_grams,
+        "grouped_heads": args.grouped_heads,
         "phases": {},
     }
     try:
@@ -413,7 +434,8 @@ def main() -> None:
             cmd += ["--concurrency", str(args.concurrency), "--reader", args.reader]
             cmd += ["--stages"] if args.stages else []
             cmd += ["--sync-debug"] if args.sync_debug else []
-            cmd += ["--chase-launches", str(args.chase_launches)]
+            cmd += ["--chase-launches", str(args.chase_launches), "--big-grams", args.big_grams]
+            cmd += ["--grouped-heads"] if args.grouped_heads else []
             hub_cpu0 = _cpu_seconds_of(hub.pid)
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             hub_cpu = _cpu_seconds_of(hub.pid)
