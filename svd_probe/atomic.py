@@ -8,15 +8,16 @@ nothing) behind, and a crash of the machine cannot leave an empty file under the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from svd_probe.errors import OutputExistsError
 
@@ -113,22 +114,55 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 class NotRegularFileError(OSError):
-    """`read_head` of a pipe, device or folder: a read would block, never end, or fail."""
+    """`open_regular` (or `read_head`) of a pipe, device or folder, or (links not followed) of a
+    link: a read would block, never end, fail or leave the folder it was meant for. `folder`:
+    it is a folder, which some callers count as no file at all."""
+
+    def __init__(self, path: str | os.PathLike, what: str, folder: bool = False):
+        super().__init__(errno.EINVAL, what, str(path))
+        self.folder = folder
+
+
+def _refuse_unless_regular(st: os.stat_result, path: str | os.PathLike, follow_links: bool) -> None:
+    if stat.S_ISREG(st.st_mode):
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise NotRegularFileError(path, "a folder, not a file", folder=True)
+    if stat.S_ISLNK(st.st_mode):
+        raise NotRegularFileError(path, "a link, not a regular file")
+    raise NotRegularFileError(path, "not a regular file (a pipe or device)" if follow_links else "not a regular file")
+
+
+@contextlib.contextmanager
+def open_regular(path: str | os.PathLike, follow_links: bool = True) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+    """The regular file `path` open for reading, with the stat of what was opened: every bounded
+    reader of input files opens through this one, and bounds its reads by that stat.
+
+    A pipe, device or folder (and, with `follow_links` False, a link) raises NotRegularFileError
+    without a blocking open: it is refused by a stat first (opening some devices does
+    something); the open is non-blocking and, links not followed, O_NOFOLLOW, so a FIFO or link
+    swapped in after the stat can neither block it nor lead it elsewhere; and the open file is
+    checked again by fstat, so what is read is what was checked. FileNotFoundError when absent.
+    """
+    _refuse_unless_regular(os.stat(path) if follow_links else os.lstat(path), path, follow_links)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a link swapped in after the lstat
+            raise NotRegularFileError(path, "a link, not a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        _refuse_unless_regular(st, path, follow_links)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            yield f, st
+    finally:
+        os.close(fd)
 
 
 def read_head(path: str | os.PathLike, n: int) -> bytes:
     """At most the first `n` bytes of the regular file `path` (links followed): a huge or growing
-    file costs `n` at most. A pipe, device or folder raises NotRegularFileError without a blocking
-    open: refused by a stat first (opening some devices does something), the open is
-    non-blocking, so a FIFO swapped in after the stat cannot block it, and the open file is
-    checked again. Every bounded reader of input files goes through this one."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise NotRegularFileError(errno.EINVAL, "not a regular file (a pipe, device or folder)", str(path))
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFileError(errno.EINVAL, "not a regular file (a pipe, device or folder)", str(path))
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(n)
-    finally:
-        os.close(fd)
+    file costs `n` at most. A pipe, device or folder raises NotRegularFileError (`open_regular`)."""
+    with open_regular(path) as (f, _):
+        return f.read(n)

@@ -139,17 +139,18 @@ def test_a_layer_file_swapped_right_after_its_check_is_not_read_through(
         else:
             giant(path, "stacked.VO" if which == "spectra" else "head_layer")
 
-    real_lstat = pathlib.Path.lstat
+    # The check's lstat, by either name (os.lstat, or pathlib's, which does not call it).
+    real_lstat, real_path_lstat = os.lstat, pathlib.Path.lstat
     swapped: list[Path] = []
 
-    def lstat(self, *args, **kwargs):
-        st = real_lstat(self, *args, **kwargs)
-        if self == path and not swapped:  # the check saw the cache's own file; now it is gone
-            swapped.append(self)
+    def after(p, st):
+        if Path(p) == path and not swapped:  # the check saw the cache's own file; now it is gone
+            swapped.append(path)
             replace()
         return st
 
-    monkeypatch.setattr(pathlib.Path, "lstat", lstat)
+    monkeypatch.setattr(os, "lstat", lambda p, *a, **k: after(p, real_lstat(p, *a, **k)))
+    monkeypatch.setattr(pathlib.Path, "lstat", lambda self, *a, **k: after(self, real_path_lstat(self, *a, **k)))
     start = time.monotonic()
     with unblocked_after(path, 5.0), pytest.raises(CacheDamagedError) as info:
         got = read()

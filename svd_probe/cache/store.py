@@ -52,7 +52,14 @@ import numpy as np
 from safetensors import deserialize
 from safetensors.numpy import save_file
 
-from svd_probe.atomic import NotRegularFileError, atomic_write, atomic_write_bytes, is_disk_full, read_head
+from svd_probe.atomic import (
+    NotRegularFileError,
+    atomic_write,
+    atomic_write_bytes,
+    is_disk_full,
+    open_regular,
+    read_head,
+)
 from svd_probe.errors import CacheDamagedError, DiskWriteError
 from svd_probe.kinds import HEAD, SpectrumKey, parse_key
 from svd_probe.models import is_commit
@@ -265,24 +272,6 @@ def plain_text(text: str, limit: int = 300) -> str:
 _NOT_REGULAR = "it is a link, pipe or device, not a regular file"
 
 
-def _unreadable(st: os.stat_result, path: Path) -> str | None:
-    if stat.S_ISDIR(st.st_mode):
-        raise FileNotFoundError(errno.ENOENT, "a folder, not a layer file", str(path))
-    if not stat.S_ISREG(st.st_mode):
-        return _NOT_REGULAR
-    if st.st_size > MAX_LAYER_BYTES:
-        return f"it is {st.st_size:,} bytes, over the {MAX_LAYER_BYTES >> 20} MiB a layer file holds"
-    return None
-
-
-def unreadable_layer_file(path: Path) -> str | None:
-    """Why the layer file `path` is not to be opened, or None when it may be: a link (it could
-    point out of the cache), a pipe or device (a read would block), or over MAX_LAYER_BYTES.
-    FileNotFoundError where there is none (a folder of that name counts as none, as before).
-    A check of the name only: `read_layer_file` checks the file it opens again."""
-    return _unreadable(path.lstat(), path)  # FileNotFoundError when absent
-
-
 class LayerFileRefused(Exception):
     """`read_layer_file` did not read a layer file; the text says why (for the damaged-file message)."""
 
@@ -367,36 +356,25 @@ def read_layer_file(
     """(metadata, arrays) of the safetensors layer file `path`: the arrays whose names `wanted`
     takes, as writable numpy arrays (numpy's dtype of each; another dtype is a ValueError).
 
-    The file is opened once, and only what was opened is checked and read: `unreadable_layer_file`
-    refuses a link, pipe, device or giant by its name first (opening some devices does
-    something), then the open neither follows a link nor blocks on a pipe (O_NOFOLLOW,
-    O_NONBLOCK), and the open file must be a regular file of at most MAX_LAYER_BYTES, and no
-    larger than its header says (`_read_bounded`). A file swapped in after the first check is
-    refused the same way, never read through. Raises FileNotFoundError where there is none (or
-    a folder), LayerFileRefused with the reason where it is refused, and safetensors' own errors
-    (or ValueError) where it does not parse.
-
-    (`atomic.read_head` follows links and reads only a file's head, hence this reader.)
+    The file is opened once (`atomic.open_regular`, links not followed: one could point out of
+    the cache), and only what was opened is checked and read: a link, pipe or device is refused,
+    and so is a regular file over MAX_LAYER_BYTES or larger than its header says
+    (`_read_bounded`), so one swapped in after the check is refused the same way, never read
+    through. Raises FileNotFoundError where there is none (or a folder), LayerFileRefused with
+    the reason where it is refused, and safetensors' own errors (or ValueError) where it does
+    not parse.
     """
-    why = unreadable_layer_file(path)
-    if why is not None:
-        raise LayerFileRefused(why)
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.EMLINK):  # a link, swapped in after the check
-            raise LayerFileRefused(_NOT_REGULAR) from None
-        raise
-    try:
-        st = os.fstat(fd)
-        why = _unreadable(st, path)
-        if why is not None:
-            raise LayerFileRefused(why)
-        with os.fdopen(fd, "rb", closefd=False) as f:
+        with open_regular(path, follow_links=False) as (f, st):
+            if st.st_size > MAX_LAYER_BYTES:
+                raise LayerFileRefused(
+                    f"it is {st.st_size:,} bytes, over the {MAX_LAYER_BYTES >> 20} MiB a layer file holds"
+                )
             data, header = _read_bounded(f, st.st_size)
-    finally:
-        os.close(fd)
+    except NotRegularFileError as e:
+        if e.folder:  # a folder of that name counts as no layer file, as before
+            raise FileNotFoundError(errno.ENOENT, "a folder, not a layer file", str(path)) from None
+        raise LayerFileRefused(_NOT_REGULAR) from None
     tensors = deserialize(data)  # SafetensorError where the bytes are no safetensors file
     del data
     raw_meta = header.get("__metadata__")  # a map of strings: safetensors took the header

@@ -18,16 +18,14 @@ mid-write leaves the previous version, never half of one.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from svd_probe.atomic import appendable, atomic_write, atomic_write_json
+from svd_probe.atomic import NotRegularFileError, appendable, atomic_write, atomic_write_json, open_regular
 from svd_probe.errors import TrainingInputError
 from svd_probe.train import data as D
 from svd_probe.train.config import RESUME_KEYS, ModelConfig, TrainConfig
@@ -109,42 +107,32 @@ def load_checkpoint(out: Path, limit: int) -> dict | None:
     """The checkpoint dict of `out`, None when there is none; a damaged one is a typed error.
 
     `limit` (checkpoint_limit) bounds the file before torch reads any of it. The file is opened
-    once, never through a link (O_NOFOLLOW) and without blocking on a FIFO (O_NONBLOCK); its
-    fstat is checked (a plain file of at most `limit` bytes) and torch loads from that same open
-    file, so nothing can swap the file between the check and the load."""
+    once (`atomic.open_regular`: never through a link, never blocking on a FIFO); what was opened
+    is checked (a plain file of at most `limit` bytes) and torch loads from that same open file,
+    so nothing can swap the file between the check and the load."""
     path = out / CHECKPOINT
     not_plain = TrainingInputError(
         f"the checkpoint {path} is a link, pipe, device or folder, not a plain file",
         hint="remove it, or pass a new --out",
     )
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open_regular(path, follow_links=False) as (f, info):
+            if info.st_size > limit:
+                raise TrainingInputError(
+                    f"the checkpoint {path} is damaged or of another model: {info.st_size:,} bytes, more than "
+                    f"this run's model and optimizer state take ({limit:,} bytes at most)",
+                    hint="resume with the flags of the run that wrote it, " + START_OVER,
+                )
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:  # truncated or foreign file: torch raises several types
+                raise TrainingInputError(f"cannot read the checkpoint {path}: {e}", hint=START_OVER) from None
     except FileNotFoundError:
         return None
+    except NotRegularFileError:
+        raise not_plain from None
     except OSError as e:
-        if e.errno in (errno.ELOOP, errno.EMLINK):  # a link (EMLINK: the BSDs' word for it)
-            raise not_plain from None
         raise TrainingInputError(f"cannot read the checkpoint {path}: {e.strerror or e}", hint=START_OVER) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise not_plain
-        if info.st_size > limit:
-            raise TrainingInputError(
-                f"the checkpoint {path} is damaged or of another model: {info.st_size:,} bytes, more than "
-                f"this run's model and optimizer state take ({limit:,} bytes at most)",
-                hint="resume with the flags of the run that wrote it, " + START_OVER,
-            )
-        os.set_blocking(fd, True)
-        f = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-    with f:
-        try:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or foreign file: torch raises several types
-            raise TrainingInputError(f"cannot read the checkpoint {path}: {e}", hint=START_OVER) from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "phase" not in state:
         raise TrainingInputError(f"{path} is not a checkpoint of svd-probe train", hint=START_OVER)
     problem = _checkpoint_problem(state)
