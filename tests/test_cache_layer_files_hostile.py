@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -245,3 +246,22 @@ def test_a_recorded_shape_that_is_no_size_or_too_small_is_damage_not_data(
     # The layer beside it still loads, with a note naming this one.
     skipped = load_analysis(CacheQuery(str(llama), cache_dir=cache.root), on_damaged="skip")
     assert skipped.layers == [0] and any(why in n for n in skipped.notes)
+
+
+@pytest.mark.parametrize(("key", "empty"), [("stacked.VO", (0,)), ("head.VO", (4, 0)), ("head.VO", (0, 64))])
+def test_an_empty_spectrum_is_damage_not_data(llama, template, tmp_path, key, empty, monkeypatch, capsys):
+    """A spectrum of no singular values passed every check of a layer file: export wrote the
+    layer without that spectrum's rows, exit 0 (86-90 rows where 91 belong)."""
+    from test_cache_robustness import run_cli
+
+    cache = copy(template, tmp_path, llama)
+    path = cache.layer_path(1)
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors[key] = np.zeros(empty, dtype=np.float64)
+    save_file(tensors, str(path), metadata=meta)
+    out = tmp_path / "m.csv"
+    code, _, err = run_cli(["export", llama, "--cache-dir", cache.root, "--out", out], monkeypatch, capsys)
+    assert code == 2 and "damaged cache file" in err and key in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -600,7 +600,7 @@ class SpectraCache:
             if s.dtype != np.float64 or not np.isfinite(s).all():
                 raise self._damaged(layer, f"{key} is not a finite float64 spectrum")
             per_head = key.startswith(HEAD + ".")  # [heads, k]; the others one spectrum [k]
-            if s.ndim != (2 if per_head else 1) or (s < 0).any():
+            if s.ndim != (2 if per_head else 1) or s.size == 0 or (s < 0).any():  # metrics read σ₁ of each
                 want = "one row of singular values per head" if per_head else "one row of singular values"
                 raise self._damaged(layer, f"{key} has shape {list(s.shape)}, not {want} (non-negative)")
             shape = raw_shapes.get(key)
