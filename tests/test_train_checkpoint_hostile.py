@@ -126,16 +126,25 @@ def _drop_exp_avg_sq(opt: dict) -> None:
     del next(iter(opt["state"].values()))["exp_avg_sq"]
 
 
+def _step_zero(opt: dict) -> None:
+    """One parameter's counter back to 0 (its bias correction that of a first step)."""
+    st = next(iter(opt["state"].values()))
+    st["step"] = torch.zeros_like(torch.as_tensor(st["step"]))
+
+
 @pytest.mark.parametrize(
     "damage,words",
     [
         (_drop_state, ("has no step, exp_avg, exp_avg_sq after 2 steps",)),
         (_drop_exp_avg_sq, ("has no exp_avg_sq",)),
+        (_step_zero, ("has stepped 0 times, not 2",)),
+        (lambda opt: next(iter(opt["state"].values())).__setitem__("step", torch.tensor(-1e9)), ("-1e+09 times",)),
     ],
-    ids=["no-state", "no-exp_avg_sq"],
+    ids=["no-state", "no-exp_avg_sq", "step-zero", "step-negative"],
 )
 def test_an_optimizer_state_without_moments_is_refused(run_copy, monkeypatch, capsys, damage, words):
-    """Before: no state resumed with fresh moments (exit 0); no exp_avg_sq, a KeyError traceback."""
+    """Before: no state resumed with fresh moments (exit 0); no exp_avg_sq, a KeyError traceback;
+    a counter of 0 at step 2, the wrong bias correction (exit 0)."""
     out, args = run_copy
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     damage(ck["optimizer"])

@@ -704,10 +704,14 @@ def _check_optimizer(
                     shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                     raise ValueError(f"optimizer {key} of shape {shape} for a parameter of {tuple(p.shape)}")
             if "step" in st:
+                # Each step of the loop steps every parameter's AdamW once (no step is skipped: no
+                # GradScaler), so its counter is the checkpoint's step exactly; one of 0 at step 2
+                # resumed with the wrong bias correction for that parameter, silently.
                 counter = torch.as_tensor(st["step"]).reshape(-1)
-                s = float(counter[0]) if counter.numel() else -1.0
-                if not 0 <= s <= step:
-                    raise ValueError(f"optimizer step {s:g}, not 0 to the checkpoint's step {step}")
+                s = float(counter[0]) if counter.numel() == 1 else -1.0
+                if s != step:
+                    name = (names or {}).get(id(p), f"parameter {j} of optimizer group {i}")
+                    raise _DamagedOptimizer(f"its optimizer state for {name} has stepped {s:g} times, not {step}")
 
 
 def run_phase(phase: Phase, ctx: _RunContext, resume: dict | None) -> PhaseOutcome:
