@@ -55,6 +55,7 @@ from svd_probe.cache.store import (
     read_json_object,
     read_layer_file,
     recorded_name,
+    refuse_links_below,
 )
 from svd_probe.errors import (
     BadOptionError,
@@ -390,6 +391,7 @@ class AlignmentStore:
         self.cache = cache
         self.write, self.rank = write, rank
         self.dir = cache.dir / f"alignment-{write}-r{rank}"
+        refuse_links_below(cache.root, self.dir)
 
     @property
     def manifest_path(self) -> Path:

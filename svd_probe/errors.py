@@ -143,6 +143,15 @@ class CacheDamagedError(SvdProbeError):
         self.path = path
 
 
+class CacheLinkError(SvdProbeError):
+    """A folder inside the cache folder is a link: reads and writes through it would leave the
+    folder the user gave (the cache root itself may be a link: the user chose it)."""
+
+    def __init__(self, message: str, hint: str | None = None, *, path: str):
+        super().__init__(message, hint)
+        self.path = path
+
+
 class DiskWriteError(SvdProbeError):
     """A file cannot be written (disk full, quota, read-only): a cache layer or an export is lost
     whole, never left half-written."""

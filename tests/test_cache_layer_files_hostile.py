@@ -265,3 +265,43 @@ def test_an_empty_spectrum_is_damage_not_data(llama, template, tmp_path, key, em
     code, _, err = run_cli(["export", llama, "--cache-dir", cache.root, "--out", out], monkeypatch, capsys)
     assert code == 2 and "damaged cache file" in err and key in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+# --- links inside the cache folder ----------------------------------------------------------------
+
+
+def _tree(folder: Path) -> dict:
+    """Each file under `folder`: its size and mtime (what a write would change)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("where", ["commit", "options", "alignment"])
+def test_a_link_inside_the_cache_is_not_read_or_written_through(llama, template, tmp_path, where, monkeypatch, capsys):
+    """A folder of the cache replaced by a link to a folder elsewhere (a shared cache another
+    user filled). Before: `analyze --force` wrote its layer files and manifest there, `export`
+    read from there, and `align` wrote its alignment there, each with exit 0."""
+    from test_cache_robustness import run_cli
+
+    cache = copy(template, tmp_path, llama)
+    folder = {
+        "commit": cache.dir.parent,
+        "options": cache.dir,
+        "alignment": AlignmentStore(cache, "O", RANK).dir,
+    }[where]
+    outside = tmp_path / "elsewhere"
+    shutil.move(str(folder), str(outside))
+    folder.symlink_to(outside, target_is_directory=True)
+    before = _tree(outside)
+    out = tmp_path / "m.csv"
+    commands = [
+        ["analyze", llama, "--cache-dir", cache.root, "--device", "cpu", "--force"],
+        ["export", llama, "--cache-dir", cache.root, "--out", out],
+        ["align", llama, "--rank", str(RANK), "--cache-dir", cache.root, "--device", "cpu", "--force"],
+    ]
+    for args in commands if where != "alignment" else commands[2:]:  # only align reads its folder
+        code, _, err = run_cli(args, monkeypatch, capsys)
+        text = " ".join(err.split())
+        assert code == 2 and "is a link inside the cache folder" in text and "Traceback" not in err, (args, err)
+        assert "--cache-dir" in text
+    assert _tree(outside) == before  # nothing written there
+    assert not out.exists()

@@ -60,7 +60,7 @@ from svd_probe.atomic import (
     open_regular,
     read_head,
 )
-from svd_probe.errors import CacheDamagedError, DiskWriteError
+from svd_probe.errors import CacheDamagedError, CacheLinkError, DiskWriteError
 from svd_probe.kinds import HEAD, SpectrumKey, parse_key
 from svd_probe.models import is_commit
 
@@ -451,6 +451,33 @@ def read_json_object(path: Path) -> tuple[dict | None, str | None]:
     return obj, None
 
 
+def refuse_links_below(root: Path, path: Path) -> None:
+    """CacheLinkError where a folder or file from below `root` down to `path` is a link.
+
+    The cache is often shared (a filesystem several hosts write, a folder another user filled),
+    and a link planted in it (`models--x/COMMIT -> ~/somewhere`) led `analyze` to write its layer
+    files and manifest there and `export` to read from there. The root is the user's choice and
+    may be a link; what lies below it is checked where each cache object is made, from names
+    alone (a link made after the check is not caught: the threat is a link left in the folder).
+    """
+    cur = root
+    for part in path.relative_to(root).parts:
+        cur = cur / part
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            return
+        except OSError:
+            return  # unreadable: the read or write that follows says so in its own words
+        if stat.S_ISLNK(st.st_mode):
+            raise CacheLinkError(
+                f"{plain_text(str(cur))} is a link inside the cache folder {plain_text(str(root))}: "
+                "reads and writes through it would leave the cache",
+                "Remove the link (or put the folder it points to in its place), or pass another --cache-dir.",
+                path=str(cur),
+            )
+
+
 class SpectraCache:
     """The cache folder of one (repo, commit, options)."""
 
@@ -464,6 +491,7 @@ class SpectraCache:
         self.commit = commit
         self.options = options
         self.dir = self.root / repo / commit / options.key()
+        refuse_links_below(self.root, self.dir)
 
     # --- revision refs: let offline commands find the commit a revision resolved to ----------
     @staticmethod
@@ -472,8 +500,13 @@ class SpectraCache:
 
     @staticmethod
     def read_ref(root: str | os.PathLike, repo: str, revision: str) -> RefEntry | None:
-        """The commit `revision` last resolved to, or None (never written, or unreadable)."""
-        entry = read_ref_file(SpectraCache.ref_path(root, repo, revision), revision)
+        """The commit `revision` last resolved to, or None (never written, or unreadable, or a
+        link: read as absent, as a damaged ref is). CacheLinkError where the repo folder is a link."""
+        path = SpectraCache.ref_path(root, repo, revision)
+        refuse_links_below(Path(root), path.parent.parent)
+        if path.parent.is_symlink() or path.is_symlink():
+            return None
+        entry = read_ref_file(path, revision)
         return entry if entry is not None and entry.revision == revision else None
 
     @staticmethod
