@@ -17,41 +17,17 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from cache_fixtures import RANK, copy, llama_fixture, template_fixture  # noqa: F401 - fixtures
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from test_cache_robustness import run_cli  # the console entry point, stderr's wraps undone
 
-from svd_probe.alignment import AlignmentStore, align, load_alignment
+from svd_probe.alignment import AlignmentStore, load_alignment
 from svd_probe.analysis import AnalyzeJob, analyze
-from svd_probe.cache.store import MAX_LAYER_BYTES, SpectraCache, SpectraOptions
+from svd_probe.cache.store import MAX_LAYER_BYTES
 from svd_probe.errors import CacheDamagedError, CacheMissError
 from svd_probe.export import export
 from svd_probe.results import CacheQuery, cache_repo, load_analysis
-from svd_probe.testing.layouts import write_layout
-
-RANK = 4
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
-    return write_layout(tmp_path_factory.mktemp("ck") / "llama", "llama")
-
-
-@pytest.fixture(scope="module")
-def template(llama, tmp_path_factory) -> Path:
-    """Both layers of `llama` analyzed and aligned (rank 4) once; tests damage copies."""
-    root = tmp_path_factory.mktemp("template") / "cache"
-    analyze(AnalyzeJob(model=str(llama), cache_dir=root, device="cpu"))
-    align(str(llama), rank=RANK, cache_dir=root, device="cpu")
-    return root
-
-
-def copy(template: Path, tmp_path: Path, llama: Path) -> SpectraCache:
-    """A copy of the template cache whose root is tmp_path / "cache"."""
-    root = tmp_path / "cache"
-    shutil.copytree(template, root)
-    a = load_analysis(CacheQuery(str(llama), cache_dir=root))
-    return SpectraCache(root, cache_repo(a.ref), a.commit, SpectraOptions())
 
 
 def edit_manifest(path: Path, change) -> None:
