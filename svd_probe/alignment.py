@@ -48,6 +48,7 @@ import torch
 from svd_probe.adapters.base import AttentionFactors
 from svd_probe.atomic import atomic_write, atomic_write_json
 from svd_probe.cache.store import (
+    MAX_MATRIX_SIDE,
     LayerFileRefused,
     SpectraCache,
     SpectraOptions,
@@ -481,9 +482,14 @@ class AlignmentStore:
             raise _damaged(path, "its arrays disagree on the number of heads", hint)
         prev = {k[5:]: v for k, v in arrays.items() if k.startswith("prev.") and v.ndim == 1}
         prev_layer = info.get("prev_layer")
-        d_model = info.get("d_model")
-        if (prev_layer is not None and type(prev_layer) is not int) or type(d_model) is not int or d_model < 1:
+        if prev_layer is not None and type(prev_layer) is not int:
             raise _damaged(path, "its metadata is malformed", hint)
+        # The width `Alignment.records` compares against (random_rms_cosine): a size of a
+        # matrix side, as the spectra cache bounds the shapes it records.
+        recorded = info.get("d_model")
+        if type(recorded) is not int or not 1 <= recorded <= MAX_MATRIX_SIDE:
+            raise _damaged(path, f"its d_model is not an int from 1 to {MAX_MATRIX_SIDE:,}", hint)
+        d_model: int = recorded
         return LayerAlignment(
             layer=layer,
             pairs=pairs,  # type: ignore[arg-type]

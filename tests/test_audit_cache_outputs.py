@@ -265,6 +265,35 @@ def test_alignment_ranks_of_the_wrong_kind_are_a_damaged_layer(llama, template, 
     assert store.read_layer(1).ranks["head"] == RANK
 
 
+@pytest.mark.parametrize("d_model", [0, 2**31 + 1])
+def test_an_alignment_d_model_out_of_range_is_a_damaged_layer(llama, template, tmp_path, d_model, monkeypatch, capsys):
+    """A layer file's `d_model` is the width its cosines are compared with: 2**31 + 1 was taken
+    as is (0 was refused, as "metadata is malformed", naming no field). Now each is refused by
+    name, and `align` recomputes the layer."""
+    cache = copy(template, tmp_path, llama)
+    store = AlignmentStore(cache, "O", RANK)
+    path = store.layer_path(1)
+    want = store.read_layer(1).d_model
+
+    def change(tensors, meta):
+        info = json.loads(meta["info"])
+        info["d_model"] = d_model
+        meta["info"] = json.dumps(info)
+
+    rewrite_layer(path, change)
+    with pytest.raises(CacheDamagedError, match="its d_model is not an int from 1 to 2,147,483,648") as e:
+        store.read_layer(1)
+    assert str(path) in str(e.value) and "--force" in (e.value.hint or ""), e.value
+    code, out, err = run_cli(
+        ["align", llama, "--rank", RANK, "--cache-dir", cache.root, "--device", "cpu", "--no-figure", "--json"],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 0 and "Traceback" not in err, err
+    assert "recomputing layer 1" in err and json.loads(out)
+    assert store.read_layer(1).d_model == want
+
+
 def test_alignment_arrays_of_unknown_names_are_left_out(llama, template, tmp_path, monkeypatch, capsys):
     """Every array of a layer file was checked and named in the damage note: an array `[/]` made
     the note console markup (MarkupError), and made a sound file "damaged"."""

@@ -202,3 +202,39 @@ def test_a_checkpoint_that_is_a_link_or_a_pipe_is_refused(run_copy, tmp_path, mo
             os.close(os.open(ckpt, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader's open returns
 
     _refused(out, args, monkeypatch, capsys, "is a link, pipe, device or folder, not a plain file", unblock=unblock)
+
+
+# ---- --overwrite ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["folder", "link"])
+def test_overwrite_refuses_a_folder_or_link_at_a_run_files_name(run_copy, tmp_path, monkeypatch, capsys, kind):
+    """--overwrite unlinks the run's files; a folder planted at model.safetensors ended it in an
+    IsADirectoryError traceback, and a link there was removed and the run went on (exit 0). Now
+    refused by name before anything is removed: the folder, its file, the link's target and every
+    other file of the run folder are left as they were."""
+    out, args = run_copy
+    planted = out / "model.safetensors"
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    if kind == "folder":
+        planted.mkdir()
+        (planted / "keep.txt").write_text("a file of the user's\n")
+    else:
+        elsewhere.write_text("a file of the user's\n")
+        planted.symlink_to(elsewhere)
+    (out / "notes.txt").write_text("the user's notes\n")
+    before, log = _snapshot(out), (out / "train.log").read_text()
+    code, stdout, stderr = _cli([*args, "--overwrite"], monkeypatch, capsys)
+    err = " ".join(stderr.split())
+    assert code == 2, stdout + stderr
+    assert "Traceback" not in stderr + stdout, stderr
+    message = err[err.index("error:") :]
+    assert len(message) < 600, message
+    assert str(planted) in "".join(message.split()), message  # rich may break a long path anywhere
+    assert "not a plain file" in message and "move it away" in message, message
+    assert _snapshot(out) == before  # the checkpoint, the notes and the planted entry as they were
+    assert (out / "train.log").read_text() == log
+    if kind == "folder":
+        assert planted.is_dir() and (planted / "keep.txt").read_text() == "a file of the user's\n"
+    else:
+        assert planted.is_symlink() and elsewhere.read_text() == "a file of the user's\n"

@@ -10,7 +10,8 @@ run must find there again.
 Policy: a folder is written only when it is missing, empty, holds a checkpoint (resumed if its
 config, recipe and data match), or holds nothing but a train.log (a run killed before its first
 checkpoint). Anything else, such as another tool's checkpoint, is refused unless the user says
-`--overwrite`, which replaces the five files above and leaves every other file alone.
+`--overwrite`, which replaces the five files above and leaves every other file alone (a folder,
+link, pipe or device in the place of one is refused by name, never deleted or followed).
 
 Every file is written through `svd_probe.atomic` (temporary name, fsync, rename): a run killed
 mid-write leaves the previous version, never half of one.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,10 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise TrainingInputError(
             f"--out {out} is a file, not a folder", hint="pass a folder (it is created if missing)"
         )
-    if not out.is_dir() or overwrite:
+    if not out.is_dir():
+        return
+    if overwrite:
+        refuse_unplain_run_files(out)  # before the data is read, not once the run starts
         return
     log = out / "train.log"
     if not appendable(log):
@@ -75,8 +80,26 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     )
 
 
+def refuse_unplain_run_files(out: Path) -> None:
+    """--overwrite replaces only plain files: a folder, link, pipe or device at a run file's name
+    is refused by name (never emptied, deleted or followed), before any run file goes."""
+    for name in RUN_FILES:
+        path = out / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise TrainingInputError(
+                f"--overwrite replaces the run file {path}, but it is a link, pipe, device or folder, not a plain file",
+                hint="move it away (svd-probe deletes none of these), or pass a new --out",
+            )
+
+
 def remove_run_files(out: Path) -> None:
-    """--overwrite: the run's own files go; nothing else in the folder is touched."""
+    """--overwrite: the run's own files go; nothing else in the folder is touched, and a run
+    file that is no plain file stops it (`refuse_unplain_run_files`) with none removed."""
+    refuse_unplain_run_files(out)
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
 
