@@ -157,9 +157,15 @@ def test_raw_stacks_and_unfolded_norms(tmp_path):
 def test_same_checkpoint_twice_has_zero_deltas(tmp_path):
     folder = write_layout(tmp_path / "m", "llama")
     a = run(folder, folder, tmp_path / "cache", matrices="O,VO", layers="0").analysis
-    for key, s in a.layer_spectra[0].sigma.items():
-        assert not np.any(s), key
+    sigma = a.layer_spectra[0].sigma
+    # Every spectrum asked for is there (the llama layout: 8 heads), and all of it is zero.
+    heads = build_layout("llama").config["num_attention_heads"]
+    assert set(sigma) == {"head.O", "head.VO", "stacked.O", "stacked.VO"}
+    assert sigma["head.O"].shape[0] == sigma["head.VO"].shape[0] == heads
+    for key, s in sigma.items():
+        assert s.size and not np.any(s), key
     m = a.metrics()
+    assert len(m) == 2 * heads + 2  # a row per head of O and VO, one per stack
     assert (m["rel_delta_norm"] == 0).all() and (m["rank_1pct"] == 0).all()
 
 

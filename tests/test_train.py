@@ -25,6 +25,7 @@ from svd_probe.train.compare import load_runs, summarize
 from svd_probe.train.config import build_config, build_train_config, preset, read_config_file
 from svd_probe.train.loop import DataSources, lr_at, make_optimizer, run
 from svd_probe.train.model import Encoder, MaskedLM, num_parameters, pretraining_parameters
+from svd_probe.train.run_dir import save_encoder
 
 # ---- parameter counts ----------------------------------------------------------------------------
 
@@ -231,21 +232,33 @@ def test_run_writes_every_output(finished_run):
     assert "pretrain step 8/8" in (out / "train.log").read_text()
 
 
-def test_checkpoint_round_trips(finished_run):
+def test_checkpoint_round_trips(finished_run, tok, tmp_path):
+    # The run's files: config.json reads back as the config that ran (the preset, with the
+    # tokenizer's vocabulary), and model.safetensors loads strictly into an Encoder of it.
     out, _ = finished_run
-    config = json.loads((out / "config.json").read_text())
     cfg = build_config(None, "tiny", read_config_file(out / "config.json"))
-    assert cfg.variant == "mla-o" and cfg.vocab_size == config["vocab_size"]
-    saved = load_file(str(out / "model.safetensors"))
-    enc = Encoder(cfg)
-    enc.load_state_dict(saved)  # strict: every name and shape matches
-    for name, t in enc.state_dict().items():
-        assert torch.equal(t, saved[name]), name
-    ids = torch.randint(5, cfg.vocab_size, (2, 16))
-    again = Encoder(cfg)
-    again.load_state_dict(load_file(str(out / "model.safetensors")))
+    assert cfg == replace(preset("mla-o", "tiny"), vocab_size=tok.vocab_size)
+    Encoder(cfg).load_state_dict(load_file(str(out / "model.safetensors")))  # strict: every name and shape
+    # The values: a model with known random weights (norm weights off 1), saved as a run saves it,
+    # comes back tensor for tensor, and the encoder read back computes what the original did.
+    torch.manual_seed(3)
+    model = MaskedLM(replace(preset("mla-o", "tiny"), vocab_size=50))
     with torch.no_grad():
-        torch.testing.assert_close(enc(ids), again(ids), rtol=0, atol=0)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    save_encoder(model, model.encoder.cfg, tmp_path)
+    back_cfg = build_config(None, "tiny", read_config_file(tmp_path / "config.json"))
+    assert back_cfg == model.encoder.cfg
+    back = Encoder(back_cfg)
+    back.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    want = model.encoder.state_dict()
+    assert back.state_dict().keys() == want.keys()
+    for name, t in back.state_dict().items():
+        assert torch.equal(t, want[name]), name
+    ids = torch.randint(5, 50, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), model.encoder(ids), rtol=0, atol=0)
 
 
 @pytest.mark.slow
