@@ -17,6 +17,8 @@ and prints the ratio of each `analyze` to the slower of its read-only and comput
 
     PYTHONPATH=. python benchmarks/bench_e2e.py --device cuda --json e2e.json        # 62 layers
     PYTHONPATH=. python benchmarks/bench_e2e.py --layers 2 --device cpu              # a smoke run
+    PYTHONPATH=. python benchmarks/bench_e2e.py --device cuda --phases compute --trace 8 --json e2e.json
+                                        # + a kernel timeline of 8 layers of compute (e2e-compute-trace.json.gz)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import collections
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -32,9 +35,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's svd_probe, as in PYTHONPATH=.
 
@@ -197,6 +202,274 @@ class _SyncCounter:
         return out
 
 
+TRACE_WARMUP = 4  # layers before a --trace window: first launches, cuBLAS/cuSOLVER handles, worker start
+TRACE_MAX_GZ = 15 << 20  # a gzipped chrome trace over this is left out (the JSON's summary stays)
+TRACE_MARK = "bench_e2e: trace window"  # the record_function that spans the window on the main thread
+
+
+def union_seconds(intervals, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """Length of the union of the (start, end) intervals, each clipped to [lo, hi]. By hand:
+    torch.profiler sums kernel times by name, never the wall time a stream or the GPU is busy."""
+    total, cur_start, cur_end = 0.0, 0.0, -math.inf
+    for start, end in sorted((max(s, lo), min(e, hi)) for s, e in intervals):
+        if end <= start:
+            continue
+        if start > cur_end:  # a gap: the run so far is closed
+            total += max(0.0, cur_end - cur_start)
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    return total + max(0.0, cur_end - cur_start)
+
+
+def stream_busy(kernels, lo: float, hi: float) -> dict:
+    """(stream, start_s, end_s) of each kernel -> per stream: the kernels that overlap the window
+    [lo, hi], their union in it (busy_s) and its fraction of the window; and all streams together:
+    the union over streams, its fraction, and idle_s, the window's time with no kernel running."""
+    window = hi - lo
+    by_stream: dict[str, list] = collections.defaultdict(list)
+    for stream, start, end in kernels:
+        if start < hi and end > lo:
+            by_stream[str(stream)].append((start, end))
+
+    def frac(x: float) -> float | None:
+        return round(x / window, 4) if window > 0 else None
+
+    streams: dict[str, dict] = {}
+    for stream, iv in by_stream.items():
+        busy = union_seconds(iv, lo, hi)
+        streams[stream] = {"kernels": len(iv), "busy_s": round(busy, 6), "fraction": frac(busy)}
+    busy = union_seconds([iv for ivs in by_stream.values() for iv in ivs], lo, hi)
+    return {
+        "streams": dict(sorted(streams.items(), key=lambda kv: -kv[1]["busy_s"])),
+        "all": {
+            "kernels": sum(st["kernels"] for st in streams.values()),
+            "busy_s": round(busy, 6),
+            "fraction": frac(busy),
+            "idle_s": round(window - busy, 6),
+        },
+    }
+
+
+def trace_window(n: int, layers: int) -> tuple[int, int] | None:
+    """The layers [first, end) a --trace N window covers: N in the middle of the model, none of
+    the first TRACE_WARMUP; None (the whole run) where the model has too few layers for that."""
+    first = max(TRACE_WARMUP, (layers - n) // 2)
+    return (first, first + n) if first + n <= layers else None
+
+
+class _Trace:
+    """--trace N: torch.profiler (CPU ops of every thread of the phase's process, and on CUDA its
+    kernels and copies on every stream) over N layers of the compute phase: from the submit of
+    layer `first` to the return of layer `end - 1`'s σ, other layers then in flight included; the
+    whole run where the model is too small (trace_window). The band solvers' stage-2 worker
+    processes are not seen (their LAPACK runs in other processes); their waits are, on the
+    threads that wait. Stopping the profiler synchronizes the device (torch does) and parsing its
+    events takes a while: the phase's `seconds` carry that cost, so compare them only untraced."""
+
+    def __init__(self, n: int, layers: int, device, path: Path | None):
+        self.n, self.layers, self.device, self.path = n, layers, device, path
+        self.window = trace_window(n, layers)
+        self.whole = self.window is None
+        self.prof: Any = None  # torch.profiler.profile, once begun
+        self.all_threads = False
+        self.wall_s: float | None = None
+
+    def before_submit(self, i: int) -> None:
+        if self.window and i == self.window[0]:
+            self.begin()
+
+    def after_result(self, i: int) -> None:
+        if self.window and i == self.window[1] - 1:
+            self.end()
+
+    def begin(self) -> None:
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        activities = [ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        config = None
+        try:  # without it only the thread that starts the profiler has its CPU ops recorded
+            from torch.profiler import _ExperimentalConfig
+
+            config = _ExperimentalConfig(profile_all_threads=True)
+            self.all_threads = True
+        except (ImportError, TypeError):  # an older torch: the main thread's ops only
+            pass
+        self.prof = profile(activities=activities, experimental_config=config)
+        self.prof.start()
+        self._mark = record_function(TRACE_MARK)
+        self._mark.__enter__()
+        self._t0 = time.perf_counter()
+
+    def end(self) -> None:
+        self.wall_s = time.perf_counter() - self._t0
+        self._mark.__exit__(None, None, None)
+        assert self.prof is not None
+        self.prof.stop()
+
+    def summary(self) -> dict:
+        out: dict = {"layers": self.layers, "n": self.n, "whole_run": self.whole}
+        out["window_layers"] = list(self.window) if self.window else [0, self.layers]
+        out["wall_s"] = round(self.wall_s, 4) if self.wall_s is not None else None
+        out["all_threads"] = self.all_threads
+        try:
+            out.update(self._tables())
+        except Exception as e:  # noqa: BLE001 - a torch whose events look otherwise: keep the phase's figures
+            out["error"] = f"{type(e).__name__}: {e}"
+        out.update(self._chrome_trace())
+        return out
+
+    def _tables(self) -> dict:
+        from torch.profiler import DeviceType
+
+        assert self.prof is not None
+        events = self.prof.events()
+        cpu = [e for e in events if e.device_type == DeviceType.CPU]
+        # on CUDA the marker has a GPU twin (a gpu_user_annotation over its kernels): the CPU one
+        mark = next((e for e in cpu if e.name == TRACE_MARK), None)
+        if mark is not None:  # the window on the profiler's clock (µs since the trace began)
+            lo, hi = mark.time_range.start / 1e6, mark.time_range.end / 1e6
+        else:
+            lo = min((e.time_range.start / 1e6 for e in events), default=0.0)
+            hi = lo + (self.wall_s or 0.0)
+        out: dict = {}
+        cpu_names = {e.name for e in cpu}
+        kernels: list[tuple] = []
+        copies: list[tuple] = []
+        kinds: collections.Counter[str] = collections.Counter()
+        streams_known = True
+        for e in events:
+            if e.device_type == DeviceType.CPU:
+                continue
+            kind = getattr(e, "activity_type", None)  # "kernel", "gpu_memcpy", "gpu_memset", "gpu_user_annotation"
+            if kind is None:  # a torch without it: told apart by name; a GPU-side record_function
+                if getattr(e, "is_user_annotation", False) or e.name in cpu_names:  # bears its CPU twin's name
+                    kind = "gpu_user_annotation"
+                else:
+                    kind = "gpu_memcpy" if e.name.startswith(("Memcpy", "Memset")) else "kernel"
+            kinds[kind] += 1
+            # Kineto's kernel and copy records carry their CUDA stream in device_resource_id; a
+            # torch without it pools every kernel under stream "?": the per-stream split is lost,
+            # the all-streams union (the GPU's idle time) stays right.
+            stream = getattr(e, "device_resource_id", None)
+            if stream is None:
+                stream, streams_known = "?", False
+            iv = (stream, e.time_range.start / 1e6, e.time_range.end / 1e6, e.name)
+            if kind == "kernel":
+                kernels.append(iv)
+            elif kind in ("gpu_memcpy", "gpu_memset"):
+                copies.append(iv)
+        if self.device.type == "cuda":
+            out["device_events"] = dict(kinds)  # what was counted: kernels, copies; annotations left out
+            out["streams_known"] = streams_known
+            busy = stream_busy([iv[:3] for iv in kernels], lo, hi)
+            out["streams"] = dict(list(busy["streams"].items())[:32])
+            out["gpu"] = busy["all"]
+            cp = stream_busy([iv[:3] for iv in copies], lo, hi)["all"]  # memcpy, memset: all streams
+            out["copies"] = {"count": cp["kernels"], "busy_s": cp["busy_s"], "fraction": cp["fraction"]}
+            names = {iv[3] for iv in kernels + copies}
+            gpu_ops = [a for a in self.prof.key_averages() if a.device_type != DeviceType.CPU and a.key in names]
+            gpu_ops.sort(key=lambda a: -a.device_time_total)
+            out["top_kernels"] = [  # kernels and copies launched in the window, by total GPU time
+                {
+                    "name": a.key[:120],
+                    "count": a.count,
+                    "total_s": round(a.device_time_total / 1e6, 6),
+                    "mean_ms": round(a.device_time_total / 1e3 / max(1, a.count), 4),
+                }
+                for a in gpu_ops[:25]
+            ]
+        # By hand: key_averages groups by name (shapes, stack), never by thread. A CPU op carries
+        # its OS thread id in device_resource_id, `thread` is torch's own number of the thread; a
+        # CUDA runtime call (cudaStreamSynchronize, cudaMemcpyAsync) gets its op's `thread`.
+        main_ids = {threading.main_thread().native_id, threading.main_thread().ident}
+        os_tid: dict[int, int] = {}
+        for e in cpu:
+            if getattr(e, "activity_type", "cpu_op") in ("cpu_op", "user_annotation"):
+                os_tid.setdefault(e.thread, getattr(e, "device_resource_id", None) or e.thread)
+        ops: dict[tuple[str, int], list] = {}
+        for e in cpu:
+            if e.is_async:
+                continue
+            tid = os_tid.get(e.thread) or getattr(e, "device_resource_id", None) or e.thread
+            row = ops.setdefault((e.name, tid), [0, 0.0, 0.0])
+            row[0] += 1
+            row[1] += e.self_cpu_time_total / 1e6
+            row[2] += e.cpu_time_total / 1e6
+        out["threads"] = len({tid for _, tid in ops})
+        out["top_cpu_ops"] = [
+            {
+                "name": name[:120],
+                "thread": tid,
+                "main": tid in main_ids,
+                "count": n,
+                "self_s": round(self_s, 6),
+                "total_s": round(total_s, 6),
+            }
+            for (name, tid), (n, self_s, total_s) in sorted(ops.items(), key=lambda kv: -kv[1][1])[:15]
+        ]
+        return out
+
+    def _chrome_trace(self) -> dict:
+        if self.path is None:
+            return {"chrome_trace": None, "chrome_trace_note": "no --json: not written"}
+        assert self.prof is not None
+        tmp = self.path.with_name(f".{self.path.name}")  # ends in .gz: torch gzips it
+        try:
+            self.prof.export_chrome_trace(str(tmp))
+            size = tmp.stat().st_size
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            return {"chrome_trace": None, "chrome_trace_note": f"not written: {e}"}
+        if size > TRACE_MAX_GZ:
+            tmp.unlink()
+            note = f"left out: {size / 2**20:.1f} MiB gzipped, over {TRACE_MAX_GZ >> 20} MiB"
+            return {"chrome_trace": None, "chrome_trace_note": note}
+        tmp.replace(self.path)
+        return {"chrome_trace": str(self.path), "chrome_trace_mib": round(size / 2**20, 2)}
+
+
+def trace_lines(tr: dict) -> list[str]:
+    """The short, human-readable form of a phase's "trace" entry, printed after its line."""
+    first, end = tr["window_layers"]
+    span = "the whole run" if tr["whole_run"] else f"layers {first}-{end - 1}"
+    wall = f"{tr['wall_s']:.2f} s" if tr.get("wall_s") is not None else "?"
+    threads = "all threads" if tr.get("all_threads") else "main thread only"
+    lines = [f"  trace: {span} of {tr['layers']}, window {wall}, CPU ops of {threads} ({tr.get('threads', '?')} seen)"]
+    if tr.get("error"):
+        lines.append(f"    summary failed: {tr['error']}")
+    gpu = tr.get("gpu")
+    if gpu:
+        lines.append(
+            f"    GPU: {gpu['kernels']} kernels, busy {gpu['busy_s']:.3f} s = {100 * (gpu['fraction'] or 0):.1f}% of the"
+            f" window (no kernel {gpu['idle_s']:.3f} s); copies busy {tr['copies']['busy_s']:.3f} s"
+        )
+        for stream, st in list(tr["streams"].items())[:8]:
+            lines.append(
+                f"    stream {stream:>6s}: {st['kernels']:7d} kernels, busy {st['busy_s']:8.3f} s"
+                f" ({100 * (st['fraction'] or 0):5.1f}%)"
+            )
+        if tr.get("top_kernels"):
+            lines.append("    top kernels, by GPU time:")
+        for k in tr.get("top_kernels", [])[:5]:
+            lines.append(f"    {k['total_s']:8.3f} s {k['count']:7d} x {k['mean_ms']:8.3f} ms  {k['name'][:70]}")
+    elif "top_cpu_ops" in tr:
+        lines.append("    no CUDA activity (CPU only)")
+    if tr.get("top_cpu_ops"):
+        lines.append("    top CPU ops, by self time (thread):")
+    for op in tr.get("top_cpu_ops", [])[:6]:
+        who = "main" if op["main"] else str(op["thread"])
+        name = op["name"][:70] + (" (outside torch ops: Python, waits)" if op["name"] == TRACE_MARK else "")
+        lines.append(f"    {op['self_s']:8.3f} s {op['count']:7d} calls  {who:>8s}  {name}")
+    if tr.get("chrome_trace"):
+        lines.append(f"    chrome trace: {tr['chrome_trace']} ({tr['chrome_trace_mib']:.2f} MiB)")
+    else:
+        lines.append(f"    chrome trace: {tr.get('chrome_trace_note')}")
+    return lines
+
+
 def _run_phase(args, device, out: dict) -> dict:
     """The phase's own work; its figures go into `out`."""
     if args.phase.startswith("read"):
@@ -232,6 +505,9 @@ def _run_phase(args, device, out: dict) -> dict:
         ]
         _sync(device)
         cfg = pipeline_config(device, args.solver, args.inflight)  # as `analyze`
+        trace = _Trace(args.trace, len(layers), device, args.trace_file) if args.trace else None
+        if trace and trace.whole:
+            trace.begin()
         t = time.perf_counter()
         with SpectraPipeline(kinds, config=cfg) as pipe:
             # the σ of each layer to the host, oldest first, with as many layers waiting as
@@ -240,13 +516,25 @@ def _run_phase(args, device, out: dict) -> dict:
             waiting: collections.deque = collections.deque()
             for i in range(len(layers)):
                 layer, tensors = resident[i % len(resident)]
-                waiting.append(pipe.submit(adapter.factors(layer, tensors, kinds, True)))
+                if trace:
+                    trace.before_submit(i)
+                waiting.append((i, pipe.submit(adapter.factors(layer, tensors, kinds, True))))
                 if len(waiting) > depth:
-                    waiting.popleft().result()
+                    j, pending = waiting.popleft()
+                    pending.result()
+                    if trace:
+                        trace.after_result(j)
             while waiting:
-                waiting.popleft().result()
+                j, pending = waiting.popleft()
+                pending.result()
+                if trace:
+                    trace.after_result(j)
         _sync(device)
         out["seconds"] = time.perf_counter() - t
+        if trace:
+            if trace.whole:
+                trace.end()
+            out["trace"] = trace.summary()  # read after the timing: the events are parsed here
         out["resident_layers"] = len(resident)
         out["inflight"] = cfg.inflight
         out["solver"] = cfg.resolved(device).solver
@@ -372,10 +660,22 @@ def main() -> None:
         action="store_true",
         help="each layer's thin factors and per-head σ in one call per shape (compute.use_grouped_heads)",
     )
+    ap.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile N layers in the middle of the compute phase (torch.profiler; the whole run if fewer):"
+        " per-stream kernel busy time, top kernels and CPU ops in its JSON, and a gzipped chrome trace"
+        " next to --json (<stem>-compute-trace.json.gz, if under 15 MiB); its seconds then carry the profiler's cost",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase
+    ap.add_argument("--trace-file", type=Path, default=None, help=argparse.SUPPRESS)  # internal: --trace's file
     ap.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.trace < 0:
+        ap.error("--trace takes a number of layers (0: no trace)")
     if args.ckpt is None:
         args.ckpt = Path(tempfile.gettempdir()) / f"svdp-bench-e2e-{args.layers}"
     if args.phase:
@@ -421,6 +721,7 @@ def main() -> None:
         "chase_launches": args.chase_launches,
         "big_grams": args.big_grams,
         "grouped_heads": args.grouped_heads,
+        "trace": args.trace or None,
         "phases": {},
     }
     try:
@@ -436,6 +737,10 @@ def main() -> None:
             cmd += ["--sync-debug"] if args.sync_debug else []
             cmd += ["--chase-launches", str(args.chase_launches), "--big-grams", args.big_grams]
             cmd += ["--grouped-heads"] if args.grouped_heads else []
+            if args.trace and name == "compute":  # the compute phase only: its layer loop is here
+                cmd += ["--trace", str(args.trace)]
+                if args.json:
+                    cmd += ["--trace-file", str(args.json.with_name(f"{args.json.stem}-{name}-trace.json.gz"))]
             hub_cpu0 = _cpu_seconds_of(hub.pid)
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             hub_cpu = _cpu_seconds_of(hub.pid)
@@ -470,6 +775,9 @@ def main() -> None:
                     f"  max {st['max_s']:.3f} s  busy {st['busy_s']:.2f} s",
                     flush=True,
                 )
+            if fig.get("trace"):  # --trace: what the GPU and the threads did in the window
+                for line in trace_lines(fig["trace"]):
+                    print(line, flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
     finally:
