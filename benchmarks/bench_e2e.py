@@ -126,14 +126,6 @@ def phase(args) -> dict:
         from svd_probe.spectra import bulge
 
         bulge.use_chase_launches(args.chase_launches)
-    if args.big_grams != "caller":
-        from svd_probe.spectra import compute
-
-        compute.use_big_grams(args.big_grams)
-    if args.grouped_heads:
-        from svd_probe.spectra import compute
-
-        compute.use_grouped_heads(True)
     from svd_probe.spectra import stagelog
 
     syncs = _SyncCounter() if args.sync_debug and device.type == "cuda" else None
@@ -650,17 +642,6 @@ def main() -> None:
         help="band-device's bulge-chase launches at once, each on 1/N of the SMs",
     )
     ap.add_argument(
-        "--big-grams",
-        default="caller",
-        choices=["caller", "solver"],
-        help="where the pipeline forms its big Grams: on the caller's stream, or the solver worker's (compute.use_big_grams)",
-    )
-    ap.add_argument(
-        "--grouped-heads",
-        action="store_true",
-        help="each layer's thin factors and per-head σ in one call per shape (compute.use_grouped_heads)",
-    )
-    ap.add_argument(
         "--trace",
         type=int,
         default=0,
@@ -719,8 +700,6 @@ def main() -> None:
         "concurrency": args.concurrency,
         "reader": args.reader,
         "chase_launches": args.chase_launches,
-        "big_grams": args.big_grams,
-        "grouped_heads": args.grouped_heads,
         "trace": args.trace or None,
         "phases": {},
     }
@@ -735,8 +714,7 @@ def main() -> None:
             cmd += ["--concurrency", str(args.concurrency), "--reader", args.reader]
             cmd += ["--stages"] if args.stages else []
             cmd += ["--sync-debug"] if args.sync_debug else []
-            cmd += ["--chase-launches", str(args.chase_launches), "--big-grams", args.big_grams]
-            cmd += ["--grouped-heads"] if args.grouped_heads else []
+            cmd += ["--chase-launches", str(args.chase_launches)]
             if args.trace and name == "compute":  # the compute phase only: its layer loop is here
                 cmd += ["--trace", str(args.trace)]
                 if args.json:

@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# A record: run once, on an H100 in the eighteenth session (2026-12-07, benchmarks/README.md,
+# "The pipeline's two settings, and analyze beside compute"). Both settings were slower and are
+# gone since (bench_e2e.py has no --big-grams or --grouped-heads now); trace_gpu_call.sh is next.
 # Seventeenth session, one device call of at most 10 minutes (issues 11 and 12):
 # 1. On an H200 only, open measurement 2: the training step under the default kernels against the
 #    torch code (train_speed.py --modes stepgraph --kernels triton,torch,all --ablation).

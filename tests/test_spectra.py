@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from svd_probe.adapters.base import AttentionFactors
-from svd_probe.spectra import compute
 from svd_probe.spectra.compute import (
     SOLVERS,
     SpectraConfig,
@@ -291,12 +290,8 @@ def _assert_identical(got, want, rounding=0.0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "inflight,batched,grams",
-    [(1, False, "caller"), (2, False, "caller"), (3, False, "caller"), (2, True, "caller"), (3, True, "caller")]
-    + [(2, False, "solver"), (3, True, "solver"), (2, False, "solver+grouped"), (1, False, "grouped")],
-)
-def test_layers_in_flight_equal_layer_by_layer(inflight, batched, grams):
+@pytest.mark.parametrize("inflight,batched", [(1, False), (2, False), (3, False), (2, True), (3, True)])
+def test_layers_in_flight_equal_layer_by_layer(inflight, batched):
     # Layers of different shapes (GQA groups, a K/V-only layer) mixed in one sequence: every
     # result must be the single-layer path's, and right against numpy. One thread per solve
     # runs the very same calls: bit for bit. A batched call may not: LAPACK's rounding depends
@@ -311,19 +306,7 @@ def test_layers_in_flight_equal_layer_by_layer(inflight, batched, grams):
     ]
     refs = [reference(f) for f in (base, layers[1], base, layers[3])]  # K/V alone: base's K and V
     one = [layer_spectra(f, ALL, config=SpectraConfig(**BIG)) for f in layers]
-    # grams="solver": the big Grams formed on the solve workers (compute.use_big_grams), from
-    # pieces the caller formed: the same calls on another thread, so the same σ bit for bit.
-    # "grouped": each layer's thin factors and per-head σ in one batched call per shape
-    # (compute.use_grouped_heads): each matrix solved on its own, at another batch offset, so
-    # to rounding (as batched below).
-    compute.use_big_grams("solver" if "solver" in grams else "caller")
-    compute.use_grouped_heads("grouped" in grams)
-    try:
-        got = layers_spectra(layers, ALL, config=SpectraConfig(**BIG, inflight=inflight, batched=batched))
-    finally:
-        compute.use_big_grams("caller")
-        compute.use_grouped_heads(False)
-    batched = batched or "grouped" in grams
+    got = layers_spectra(layers, ALL, config=SpectraConfig(**BIG, inflight=inflight, batched=batched))
     assert len(got) == len(layers)
     assert set(got[2]) == {"head.K", "head.V", "stacked.K", "stacked.V"}
     for g, o, ref in zip(got, one, refs, strict=True):

@@ -360,16 +360,6 @@ class _Solve:
     x: torch.Tensor | None
     solver: str
     k: int
-    # Where x is formed later, on the solver's worker and its stream (`use_big_grams("solver")`):
-    # a call that forms it from pieces already computed on the caller's stream.
-    make: Callable[[], torch.Tensor] | None = None
-
-    def formed(self) -> torch.Tensor:
-        """x, formed now on the current stream if it was left to the solver's worker."""
-        if self.x is None:
-            assert self.make is not None
-            self.x, self.make = self.make(), None
-        return self.x
 
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
         """σ, float64, descending, exactly k values, from the solver's answer for this problem."""
@@ -384,8 +374,8 @@ def _run_solves(jobs: Sequence[_Solve]) -> list[torch.Tensor]:
     """σ of each problem; problems of one op, solver, shape and dtype go to the solver as one batch."""
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
-        x = job.formed()
-        groups.setdefault((job.op, job.solver, tuple(x.shape), x.dtype), []).append(i)
+        assert job.x is not None
+        groups.setdefault((job.op, job.solver, tuple(job.x.shape), job.x.dtype), []).append(i)
     out: list[torch.Tensor] = [torch.empty(0)] * len(jobs)
     for (op, solver, _, _), idx in groups.items():
         spec = SOLVERS[solver]
@@ -644,41 +634,6 @@ class _LayerProblems:
         self.joint_parts = {"Qjoint": ((f.q,), f.q_read), "KVjoint": ((f.k, f.v), f.kv_read)}
         self._joint: dict[str, _Stack] = {}
 
-    def prepare(self, keys: Iterable[str]) -> None:
-        """The thin factors and per-head σ that `keys` read, computed now with one solver call
-        (and so one host sync) per shape instead of one per factor and kind: the thin factors'
-        Cholesky (`_factor_from_gram`) of every Gram of one size as one batch, then the per-head
-        SVDs (`svdvals`) of every core of one shape as one batch. The same σ to rounding: each
-        matrix of a batch is solved on its own. What `keys` do not read stays lazy."""
-        names: set[str] = set()
-        for key in keys:
-            k = SpectrumKey.parse(key)
-            if k.scope == HEAD:
-                names.add(k.kind)
-            elif k.scope != LAYER:
-                names.add(_STACKING[k.kind][0])
-        heads = [self.heads[n] for n in sorted(names) if n in self.heads]
-        if self.cfg.factor == "gram":
-            blocks = {id(b): b for h in heads for b in (h.left, h.right) if b is not None and b._thin is None}
-            by_size: dict[tuple, list[_Blocks]] = {}
-            for b in blocks.values():
-                by_size.setdefault((b.dim, b.x.dtype), []).append(b)
-            for same in by_size.values():
-                grams = [_gram(b.x, "rows" if b.inner == 1 else "cols", self.cfg.chunk_bytes) for b in same]
-                thin = _factor_from_gram(torch.cat(grams) if len(grams) > 1 else grams[0])
-                for b, part in zip(same, thin.split([g.shape[0] for g in grams]), strict=True):
-                    b._thin = part
-        todo = [h for h in heads if h._sigma is None]
-        by_shape: dict[tuple, list[tuple[FactoredHeads, torch.Tensor]]] = {}
-        for h in todo:
-            core = h.core()
-            by_shape.setdefault((tuple(core.shape[1:]), core.dtype), []).append((h, core))
-        for group in by_shape.values():
-            cores = [c for _, c in group]
-            sigma = svdvals(torch.cat(cores) if len(cores) > 1 else cores[0])
-            for (h, _), part in zip(group, sigma.split([c.shape[0] for c in cores]), strict=True):
-                h._sigma = _pad(_sorted_desc(part), min(h.shape))
-
     def stack(self, key: str) -> _Stack:
         scope, _, kind = key.partition(".")
         if scope == "stacked":
@@ -719,29 +674,16 @@ class _LayerProblems:
     def head(self, kind: str) -> torch.Tensor:
         return self.heads[kind].sigma
 
-    def solve_for(self, key: str, defer: bool = False) -> _Solve:
+    def solve_for(self, key: str) -> _Solve:
         """The problem for a stacked or layer key, its Gram or reduced matrix formed now (on the
-        caller's stream), to be solved by its route's solver.
-
-        `defer`: formed later by `_Solve.formed` (on a solver worker's stream) instead. Every
-        piece its blocks read (thin factors, per-head σ₁ for the scales) is computed now, on the
-        caller's stream, by forming its first block: the worker only reads them, never fills a
-        cache of this object from another thread."""
+        caller's stream), to be solved by its route's solver."""
         stack = self.stack(key)
         route = self.cfg.route(stack.shape)
         solver = self.cfg.solver if self.cfg.is_big(stack.shape) else "torch"
         k = min(stack.shape)
-        op = "eig" if route == "gram64" else "svd"
-        dtype = torch.float32 if route == "svd32" else torch.float64
-        chunk = self.cfg.chunk_bytes
-
-        def make() -> torch.Tensor:
-            return stack.gram64(chunk) if op == "eig" else stack.materialize(dtype)
-
-        if not defer or op != "eig":  # float64 only: a worker's float32 products could meet TF32
-            return _Solve(op, make(), solver, k)
-        stack.blocks(0, min(1, stack.n), dtype)
-        return _Solve(op, None, solver, k, make)
+        if route == "gram64":
+            return _Solve("eig", stack.gram64(self.cfg.chunk_bytes), solver, k)
+        return _Solve("svd", stack.materialize(torch.float32 if route == "svd32" else torch.float64), solver, k)
 
 
 def _device_of(f: AttentionFactors) -> torch.device:
@@ -866,14 +808,11 @@ class SpectraPipeline:
             self._launch_batch()
         with _full_fp32_matmul(), torch.no_grad(), stagelog.span("layer-submit"):
             lay = _LayerProblems(factors, cfg, self.normalize_stacked)
-            if _grouped_heads:
-                with stagelog.span("submit-prepare"):
-                    lay.prepare(keys)
             shapes = {k: lay.shape(k) for k in keys}
             big = [k for k in keys if lay.is_big(k)] if threaded else []
             # The big problems first, so that their solves run while the rest is computed.
-            with stagelog.span("submit-big"):
-                solves = [lay.solve_for(k, defer=_big_grams == "solver") for k in big]
+            with stagelog.span("submit-big"):  # their Grams or reduced matrices, formed here
+                solves = [lay.solve_for(k) for k in big]
             event = _record(device)
             pending = PendingSpectra(self, keys, shapes, device)
             if solves:
@@ -891,7 +830,7 @@ class SpectraPipeline:
                     self._active.append(group)
                 del solves
             ready: dict[str, torch.Tensor] = {}
-            with stagelog.span("submit-small"):
+            with stagelog.span("submit-small"):  # the per-head σ and the small stacks, solved here
                 for key in keys:
                     if key in big:
                         continue
@@ -960,36 +899,6 @@ class SpectraPipeline:
         return self._copy_streams[device]
 
 
-# Where the pipeline forms its big problems' Grams (DeepSeek-V3: stacked O and VO, two float64
-# GEMMs of 7168² × 16384 a layer): "caller", on the caller's stream inside `submit`, or "solver",
-# on the solve worker's stream just before its solve. With "caller" the main thread's syncs in
-# `submit` (the thin factors' Cholesky checks, the per-head SVDs' error checks) wait for those
-# GEMMs queued before them on its stream; with "solver" they wait only for the small problems.
-# bench_e2e.py --big-grams measures both.
-BIG_GRAMS = ("caller", "solver")
-_big_grams = "caller"
-
-
-# Whether `submit` computes a layer's thin factors and per-head σ grouped by shape first
-# (`_LayerProblems.prepare`: one Cholesky and one SVD call, each a host sync, per shape) or each
-# where it is first read (one per factor and kind). bench_e2e.py --grouped-heads measures it.
-_grouped_heads = False
-
-
-def use_grouped_heads(on: bool) -> None:
-    """Compute each layer's thin factors and per-head σ grouped by shape (`_LayerProblems.prepare`)."""
-    global _grouped_heads
-    _grouped_heads = bool(on)
-
-
-def use_big_grams(where: str) -> None:
-    """Form the pipeline's big Grams on the caller's stream ("caller") or the solver's ("solver")."""
-    global _big_grams
-    if where not in BIG_GRAMS:
-        raise ValueError(f"big Grams on {' or '.join(BIG_GRAMS)}, not {where!r}")
-    _big_grams = where
-
-
 def _record(device: torch.device):
     """An event at this point of the caller's stream (None on CPU, where work is synchronous)."""
     if device.type != "cuda":
@@ -1010,17 +919,12 @@ def _solve_on_worker(jobs: list[_Solve], events: list, device: torch.device) -> 
             for ev in events:
                 stream.wait_event(ev)
             for job in jobs:
-                if job.x is not None:  # formed on the caller's stream: not reused before we are done
-                    job.x.record_stream(stream)
+                job.x.record_stream(stream)  # type: ignore[union-attr] # not reused before we are done
             with torch.cuda.stream(stream), stagelog.span("solve"):
-                if any(job.x is None for job in jobs):
-                    with stagelog.span("solve-gram"):  # the deferred Grams (use_big_grams("solver"))
-                        for job in jobs:
-                            job.formed()
                 return [s.to("cpu", torch.float64) for s in _run_solves(jobs)]  # waits for this stream
     finally:
         for job in jobs:
-            job.x = job.make = None  # the inputs, and the pieces a deferred Gram reads, freed here
+            job.x = None
 
 
 def layer_spectra(
