@@ -104,6 +104,10 @@ def check_finite(t: torch.Tensor, *, file: str = "?", name: str = "?") -> None:
     """
     if t.numel() == 0 or not t.is_floating_point():
         return
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        # torch has no aminmax for float8 (NotImplementedError): an F8 `_scale_inv`, which a header
+        # may declare, is widened first (one byte per value, so the copy is small).
+        t = fp8_to_float32(t)
     lo, hi = torch.aminmax(t)
     if math.isfinite(float(lo)) and math.isfinite(float(hi)):
         return

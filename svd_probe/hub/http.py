@@ -502,6 +502,13 @@ def file_metadata(
             raise _transient_status(e) or _typed_or_generic(
                 e, repo_id, label or revision, path, endpoint, url
             ) from None
+        except (ValueError, httpx().InvalidURL):
+            # huggingface_hub follows the redirects of a HEAD itself: urllib, httpx and the
+            # resolver raise ValueError, InvalidURL or UnicodeError (a ValueError) for a Location
+            # that is no URL one can request (`http://[::1/x`, a 300-letter host name).
+            raise TransferError(
+                f"{redact(url)} answered with a malformed redirect or header", "Check --endpoint / HF_ENDPOINT."
+            ) from None
 
     return with_retries(
         lambda: within_deadline(head, policy.deadline_for(0), url=url),

@@ -31,7 +31,9 @@ from svd_probe.hub.http import HttpPolicy, Retry
 
 MiB = 1024 * 1024
 
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
+# At most 20 digits a number (2**64 has 20): a longer one is no file's offset, and int() of one
+# past 4300 digits raises ValueError instead of telling the header is bad.
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d{1,20})-(\d{1,20})/(\d{1,20}|\*)\s*$")
 _MAX_REDIRECTS = 10  # Hub -> CDN is one hop; more than a few is a loop
 _MAX_RERESOLVES = 3
 
@@ -250,7 +252,13 @@ class HubFiles:
         if path not in self._sizes:
             # The size comes back in every Content-Range; a 1-byte read is the cheapest way to get it.
             self._fetch_into(path, 0, 1, memoryview(bytearray(1)))
-        return self._sizes[path]
+        size = self._sizes.get(path)
+        if size is None:  # the server answered `Content-Range: bytes 0-0/*`
+            raise TransferError(
+                f"the server did not say how large {path} of {self.repo_id} is (Content-Range total '*')",
+                "Use an endpoint that reports file sizes in Content-Range (the Hub and its mirrors do).",
+            )
+        return size
 
     def known_size(self, path: str) -> int | None:
         return self._sizes.get(path)
@@ -358,12 +366,7 @@ class HubFiles:
             ) as r:
                 st = r.status_code
                 if st in (301, 302, 303, 307, 308) and "location" in r.headers:
-                    location = urljoin(url, r.headers["location"])
-                    if urlsplit(location).scheme not in ("http", "https"):
-                        raise TransferError(
-                            f"{http.redact(url)} redirects to a non-HTTP location", "Check --endpoint / HF_ENDPOINT."
-                        )
-                    raise _Redirect(location)
+                    raise _Redirect(self._location(url, r.headers["location"]))
                 if signed and st in (401, 403, 410):
                     raise _Expired()
                 if st in http.RETRY_STATUSES:
@@ -397,14 +400,15 @@ class HubFiles:
                     )
                 if not m or int(m.group(1)) != begin or int(m.group(2)) != end - 1:
                     raise Retry(
-                        f"bad Content-Range {r.headers.get('Content-Range')!r} for bytes {begin}-{end - 1}", url=url
+                        f"bad Content-Range {_show(r.headers.get('Content-Range', ''))} for bytes {begin}-{end - 1}",
+                        url=url,
                     )
                 if m.group(3) != "*":
                     with self._lock:
                         self._sizes[path] = int(m.group(3))
                 cl = r.headers.get("Content-Length")
                 if cl is not None and not (cl.strip().isdigit() and int(cl) == n):
-                    raise Retry(f"Content-Length {cl!r} for a {n}-byte range", url=url)
+                    raise Retry(f"Content-Length {_show(cl)} for a {n}-byte range", url=url)
                 try:
                     for chunk in r.iter_bytes():
                         if got + len(chunk) > n:
@@ -421,6 +425,27 @@ class HubFiles:
         if n >= _PROBE_BYTES:
             self._timed(n / max(time.perf_counter() - t0, 1e-9))
 
+    def _location(self, url: str, location: str) -> str:
+        """The absolute URL a redirect from `url` names, or `TransferError` if it is not one the
+        client can request (another scheme, a malformed URL, a host name that cannot be encoded):
+        urllib, httpx and the resolver raise ValueError, InvalidURL or UnicodeError for those."""
+        try:
+            target = urljoin(url, location)
+            scheme = urlsplit(target).scheme
+            if scheme in ("http", "https"):
+                # The host name as the socket gets it: the resolver encodes it once more.
+                self._hx.URL(target).raw_host.decode("ascii").encode("idna")
+        except (ValueError, self._hx.InvalidURL):  # UnicodeError is a ValueError
+            raise TransferError(
+                f"{http.redact(url)} redirects to a malformed location",  # never shown: it may be signed
+                "Check --endpoint / HF_ENDPOINT.",
+            ) from None
+        if scheme not in ("http", "https"):
+            raise TransferError(
+                f"{http.redact(url)} redirects to a non-HTTP location", "Check --endpoint / HF_ENDPOINT."
+            )
+        return target
+
     def _timed(self, rate: float) -> None:
         """One large body arrived at `rate` bytes/s: choose the width once enough are timed."""
         with self._lock:
@@ -429,6 +454,12 @@ class HubFiles:
             self._probes.append(rate)
             if len(self._probes) == _PROBES and max(self._probes) < self.fast_connection:
                 self.stats.in_flight = self.concurrency
+
+
+def _show(text: str, limit: int = 60) -> str:
+    """A server's header value for a message: repr'd (no control characters) and cut short."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 class _Redirect(Exception):
