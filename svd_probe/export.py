@@ -32,9 +32,12 @@ def check_output_file(out: str | Path, overwrite: bool, flag: str = "--out") -> 
         raise OutputExistsError(
             f"{flag} {out} is not a regular file (a device, pipe or socket)", f"Name a file for {flag}."
         )
-    if out.exists() and not overwrite:
+    # A link counts as the user's file even when it leads nowhere: exists() follows it, and the
+    # atomic rename would silently replace a dangling link.
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        link = " (a link)" if out.is_symlink() else ""
         raise OutputExistsError(
-            f"{flag} {out} exists; svd-probe does not overwrite files", "Pass --overwrite to replace it."
+            f"{flag} {out} exists{link}; svd-probe does not overwrite files", "Pass --overwrite to replace it."
         )
     return out
 

@@ -146,6 +146,9 @@ def _text(value: object, limit: int = MAX_TEXT) -> str:
             s = json.dumps(value, sort_keys=True, default=str)
         except (TypeError, ValueError):
             s = repr(value)
+    # A lone surrogate (JSON's "\\ud800", or a file name's undecodable byte) has no UTF-8: the
+    # page's encode() ended `report` in a UnicodeEncodeError. Shown as its escape instead.
+    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 

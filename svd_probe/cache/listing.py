@@ -11,6 +11,7 @@ refs that name them. Each path is checked to lie inside the cache root before it
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -84,13 +85,20 @@ def read_refs(repo_dir: Path) -> dict[str, str]:
 
 def _options(raw: object) -> dict:
     """The manifest's options, scalars only: anything else says nothing `cache list` shows, and a
-    list nested 600 deep ended `cache list --json` in a RecursionError."""
+    list nested 600 deep ended `cache list --json` in a RecursionError. Floats are finite: a
+    manifest's NaN or Infinity (which Python's json reads) made `--json` print no JSON."""
     if not isinstance(raw, dict):
         return {}
     return {
         k: v
         for k, v in raw.items()
-        if isinstance(k, str) and (v is None or isinstance(v, (bool, int, float)) or recorded_name(v, 200) is not None)
+        if isinstance(k, str)
+        and (
+            v is None
+            or isinstance(v, (bool, int))
+            or (isinstance(v, float) and math.isfinite(v))  # NaN, Infinity: not JSON for `--json`
+            or recorded_name(v, 200) is not None
+        )
     }
 
 

@@ -38,7 +38,7 @@ def list_cmd(
         print_json({"cache": str(root), "analyses": [e.to_json() for e in entries]})
         return
     if not entries:
-        out.print(f"the cache {root} is empty", highlight=False, soft_wrap=True)
+        out.print(terminal_text(f"the cache {root} is empty"), highlight=False, soft_wrap=True)
         return
     # The commit is cut to 12 hex; below 100 columns the date goes first (it stays in --json).
     with_date = out.width >= 100

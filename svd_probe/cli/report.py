@@ -71,9 +71,14 @@ def report_cmd(
             dpi=dpi,
             max_head_rows=max_head_rows,
         )
+    from svd_probe.report import terminal_text
+
     print_notes(page.notes)
+    # The --out path is the user's text, never console markup (`[/]` in it ended in MarkupError).
     out.print(
-        f"wrote {out_file} ({page.size / 1e6:,.2f} MB, {page.images} figures, {len(page.models)} models)",
+        terminal_text(
+            f"wrote {out_file} ({page.size / 1e6:,.2f} MB, {page.images} figures, {len(page.models)} models)"
+        ),
         highlight=False,
         soft_wrap=True,
     )

@@ -64,6 +64,14 @@ def output_dirs(analyses: Sequence, out_dir: str | Path | None) -> tuple[dict[st
     and `DIR/` for the comparison, default `plots/<model>/` and `plots/compare-<a>-vs-<b>/`.
     """
     slugs = [model_slug(a) for a in analyses]
+    # One folder per model: two models of one name (two local folders `ck`, a model named twice)
+    # shared it, and the second one's figures were silently not drawn.
+    for i, slug in enumerate(slugs):
+        if slug in slugs[:i]:
+            raise BadOptionError(
+                f"{getattr(analyses[i], 'display', slug)} is named twice (or two models share the name {slug!r})",
+                "Name each model once; to compare two folders of one name, rename one of them.",
+            )
     if len(analyses) == 1:
         return {slugs[0]: Path(out_dir) if out_dir else DEFAULT_OUT_ROOT / slugs[0]}, None
     root = Path(out_dir) if out_dir else DEFAULT_OUT_ROOT

@@ -183,4 +183,7 @@ def model_slug(analysis_or_name) -> str:
         name += f"-{control}-control" if control else ""  # never the real analysis' folder
     else:
         name = str(analysis_or_name).replace("/", "--")
-    return re.sub(r"[^A-Za-z0-9._\-]+", "_", name)
+    slug = re.sub(r"[^A-Za-z0-9._\-]+", "_", name)
+    # "." or ".." (`align ..`, a checkpoint in the parent folder) would name no folder of its own:
+    # plots/.. is the folder plots/ is in.
+    return slug if slug.strip(".") else slug.replace(".", "_") or "_"
