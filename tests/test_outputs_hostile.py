@@ -129,3 +129,21 @@ def test_a_model_named_dots_gets_a_folder_of_its_own(name):
     assert slug and slug.strip(".")
     folder = (DEFAULT_OUT_ROOT / slug).resolve()
     assert folder.parent == DEFAULT_OUT_ROOT.resolve()
+
+
+def test_export_and_plot_print_the_out_paths_as_text(llama, template, tmp_path, monkeypatch, capsys):
+    """`export --out 'e[/]x.csv'` and `plot --out 'p[/]x'` wrote their files, then ended in rich's
+    MarkupError printing `wrote …`; `[bold]` in a name vanished from what was printed."""
+    cache = copy(template, tmp_path, llama)
+    for name in ("e[/]x.csv", "e[bold]y.csv"):
+        table = tmp_path / name
+        args = ["export", llama, "--cache-dir", cache.root, "--format", "csv", "--out", table]
+        code, out, err = run_cli(args, monkeypatch, capsys)
+        assert code == 0 and "Traceback" not in err, err
+        assert f"to {table}" in " ".join(err.split()) and table.is_file()
+    folder = tmp_path / "p[/]x"
+    args = ["plot", llama, "--cache-dir", cache.root, "--out", folder, "--kind", "layerwise", "--dpi", "10"]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0 and "Traceback" not in err, err
+    drawn = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))  # not its marker
+    assert drawn and all(str(p) in " ".join(out.split()) for p in drawn)

@@ -115,6 +115,8 @@ def align_cmd(
             concurrency=concurrency,
             progress=progress,
         )
+    from svd_probe.report import terminal_text  # paths the user named are text, never markup
+
     print_notes(result.notes)
     if as_json:
         print_json(result.next_frame().to_dict("records"))
@@ -122,7 +124,7 @@ def align_cmd(
         out.print(alignment_table(result))
     if export is not None:
         n = export_alignment(result, export, export_format, overwrite=overwrite)
-        err.print(f"wrote {n} rows to {export}")
+        err.print(terminal_text(f"wrote {n} rows to {export}"), highlight=False, soft_wrap=True)
     if not no_figure:
         from svd_probe.plots.alignment import alignment_figure
         from svd_probe.plots.output import PlotOutput
@@ -134,7 +136,7 @@ def align_cmd(
         output = PlotOutput(overwrite)
         queue_figure(output, fig, folder, formats, dpi, write_data=False)
         for path in output.write_all():
-            out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+            out.print(terminal_text(f"wrote {path}"), highlight=False, soft_wrap=True)
 
 
 def alignment_table(result):

@@ -288,6 +288,8 @@ def _show_plan(runs, cfgs, total: int, as_json: bool) -> None:
 
 
 def _report(outcomes, stop_signal: str | None, out_dir: Path, as_json: bool) -> None:
+    from svd_probe.report import terminal_text  # paths under --out are text, never markup
+
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
@@ -305,7 +307,9 @@ def _report(outcomes, stop_signal: str | None, out_dir: Path, as_json: bool) -> 
     for o in outcomes:
         if o.status == "failed":
             err.print(
-                f"failed: {o.run.point.name} (exit {o.returncode}); log: {o.run.log}", highlight=False, soft_wrap=True
+                terminal_text(f"failed: {o.run.point.name} (exit {o.returncode}); log: {o.run.log}"),
+                highlight=False,
+                soft_wrap=True,
             )
         elif o.status == "busy":
             err.print(f"busy: {o.run.point.name} is being trained by another process", highlight=False, soft_wrap=True)
@@ -318,6 +322,6 @@ def _report(outcomes, stop_signal: str | None, out_dir: Path, as_json: bool) -> 
         )
         raise typer.Exit(143 if stop_signal == "SIGTERM" else 130)
     if counts.get("finished") or counts.get("skipped"):
-        err.print(f"tables: svd-probe compare {out_dir}", highlight=False, soft_wrap=True)
+        err.print(terminal_text(f"tables: svd-probe compare {out_dir}"), highlight=False, soft_wrap=True)
     if counts.get("failed"):
         raise typer.Exit(1)
