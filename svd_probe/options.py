@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from svd_probe.errors import BadOptionError
+from svd_probe.errors import BadOptionError, shown
 from svd_probe.kinds import ALL_KINDS, KINDS_OF_SCOPE, canonical_kinds, scopes_of
 
 if TYPE_CHECKING:
@@ -67,25 +67,37 @@ def parse_layers(spec: str | Sequence[int] | None, flag: str = "--layers") -> li
     wanted: list[int] = []
     example = f"Use e.g. {flag} 0-3,10,60."
     if isinstance(spec, str):
+        # Each layer once, as it first appears: `taken` marks the layers already in `wanted`, so
+        # repeated ranges (`0-100000,0-100000,...`) add nothing and memory stays O(MAX_LAYER).
+        taken = bytearray(MAX_LAYER + 1)
         for part in (p.strip() for p in spec.split(",")):
             if not part:
                 continue
             m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
             if not m:
-                raise BadOptionError(f"bad {flag} value {spec!r}: {part!r} is not a layer or a range", example)
+                raise BadOptionError(
+                    f"bad {flag} value {shown(spec)}: {shown(part)} is not a layer or a range", example
+                )
+            # More digits than any layer number has: beyond any model, and too long for int().
+            if any(len(g) > len(str(MAX_LAYER)) for g in m.groups() if g):
+                raise BadOptionError(f"bad {flag} value {shown(spec)}: {shown(part)} is beyond any model", example)
             lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
             if hi < lo:
                 raise BadOptionError(f"bad {flag} range {part!r}: end before start", f"Use e.g. {flag} 0-3.")
             if hi > MAX_LAYER:
-                raise BadOptionError(f"bad {flag} value {spec!r}: layer {hi} is beyond any model", example)
-            wanted.extend(range(lo, hi + 1))
+                raise BadOptionError(f"bad {flag} value {shown(spec)}: layer {hi} is beyond any model", example)
+            i = taken.find(0, lo, hi + 1)
+            while i != -1:
+                taken[i] = 1
+                wanted.append(i)
+                i = taken.find(0, i + 1, hi + 1)
     else:
         for x in spec:
             if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= MAX_LAYER:
                 raise BadOptionError(f"bad {flag} value {x!r}: a layer is an integer from 0", example)
             wanted.append(int(x))
     if not wanted:
-        raise BadOptionError(f"bad {flag} value {spec!r}: no layer in it", example)
+        raise BadOptionError(f"bad {flag} value {shown(str(spec))}: no layer in it", example)
     return list(dict.fromkeys(wanted))
 
 

@@ -90,6 +90,19 @@ class ConfigFields:
         self.values[key or names[0]] = default
         return default
 
+    def aliased(self, *names: str, key: str, maximum: int = MAX_WIDTH) -> int:
+        """`integer(*names, key=key)` for a field config.json may spell several ways (GPT-2's
+        `n_head` and `num_attention_heads`), refusing spellings that disagree: transformers reads
+        one of them and this would read another, and a head split shapes cannot tell apart."""
+        given = {n: self.integer(n, maximum=maximum) for n in names if self.config.get(n) is not None}
+        if len(set(given.values())) > 1:
+            raise BadConfigError(
+                "config.json: " + " but ".join(f"{n} is {v}" for n, v in given.items()) + ", two names of one field",
+                f"Keep one of them, or make them agree. {_FIX}",
+                field=", ".join(given),
+            )
+        return self.integer(*names, maximum=maximum, key=key)
+
     def optional(self, name: str, *, minimum: int = 1, maximum: int = MAX_WIDTH) -> int | None:
         """The field's value, or None when config.json leaves it out or sets it to null."""
         if self.config.get(name) is None:
@@ -168,6 +181,32 @@ class LayerNames:
 _OTHER_TOWER = re.compile(r"vision|visual|audio|speech|image|video|projector|adapter|adaptor", re.IGNORECASE)
 
 
+_DIGITS = frozenset("0123456789")
+# A layer number longer than this is no layer any model has (MAX_LAYERS has 5 digits).
+_MAX_LAYER_DIGITS = 6
+
+
+def _layer_of(name: str, probe_suffix: str) -> tuple[str, int] | None:
+    """`("model.layers.", 12)` for `model.layers.12.<probe_suffix>`; None for any other name.
+
+    Names come from shard headers and the index, which we do not control: this takes time
+    independent of the name's length (a regex `^(.*?)(\\d+)\\.suffix$` backtracks quadratically
+    over a long run of digits, a minute for a 100,000-digit name) and never converts more than a
+    few digits (`int` refuses more than 4300 with a ValueError).
+    """
+    end = len(name) - len(probe_suffix) - 1
+    if end <= 0 or name[end] != "." or not name.endswith(probe_suffix):
+        return None
+    start = end
+    while start > 0 and name[start - 1] in _DIGITS:
+        start -= 1
+        if end - start > _MAX_LAYER_DIGITS:
+            return None
+    if start == end:
+        return None
+    return name[:start], int(name[start:end])
+
+
 def find_layers(tensor_names: Iterable[str] | None, probe_suffix: str, default: str = "model.layers.") -> LayerNames:
     """Discover where the layers live from the checkpoint's names, and which layers are there.
 
@@ -181,12 +220,11 @@ def find_layers(tensor_names: Iterable[str] | None, probe_suffix: str, default: 
     """
     if tensor_names is None:
         return LayerNames(default, None)
-    pattern = re.compile(r"^(.*?)(\d+)\." + re.escape(probe_suffix) + r"$")
     found: dict[str, set[int]] = {}
     for name in tensor_names:
-        m = pattern.match(name)
-        if m:
-            found.setdefault(m.group(1), set()).add(int(m.group(2)))
+        parsed = _layer_of(name, probe_suffix)
+        if parsed is not None:
+            found.setdefault(parsed[0], set()).add(parsed[1])
     if not found:
         return LayerNames(default, frozenset())
     base = min(found, key=lambda prefix: (_OTHER_TOWER.search(prefix) is not None, len(prefix)))

@@ -53,11 +53,12 @@ class GPT2Adapter(RoleNamedAdapter):
         self._prefix = find_layers(tensor_names, _PROBE, default="h.")
         f = self._fields = ConfigFields(config)
         # config.json spells these n_embd / n_head / n_layer; accept the generic names too.
-        layers = f.integer("n_layer", "num_hidden_layers", maximum=MAX_LAYERS)
+        # Both spellings of one field must agree (transformers takes the generic one).
+        layers = f.aliased("n_layer", "num_hidden_layers", key="n_layer", maximum=MAX_LAYERS)
         layers_field = "n_layer" if config.get("n_layer") is not None else "num_hidden_layers"
         check_layer_count("gpt2", layers_field, layers, self._prefix, _PROBE)
-        d_model = f.integer("n_embd", "hidden_size", key="n_embd")
-        n_heads = f.integer("n_head", "num_attention_heads", maximum=MAX_HEADS, key="n_head")
+        d_model = f.aliased("n_embd", "hidden_size", key="n_embd")
+        n_heads = f.aliased("n_head", "num_attention_heads", maximum=MAX_HEADS, key="n_head")
         self._dims = mha_dims(
             f,
             str(config.get("model_type", "gpt2")),

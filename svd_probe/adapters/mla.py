@@ -71,7 +71,10 @@ class MLAAdapter(RoleNamedAdapter):
         return self._dims
 
     def supported_kinds(self) -> tuple[str, ...]:
-        kinds = ("Q", "Q_pe", "K", "V", "O", "VO", "QK", "KQ", "KVA", "KVA_pe", "Qjoint", "KVjoint")
+        kinds: tuple[str, ...] = ("Q", "Q_pe", "K", "V", "O", "VO", "QK", "KQ", "KVA", "KVA_pe", "Qjoint", "KVjoint")
+        if not self._dims.d_rope:
+            # qk_rope_head_dim 0: no decoupled RoPE rows, so Q_pe and KVA_pe would be empty matrices.
+            kinds = tuple(k for k in kinds if k not in ("Q_pe", "KVA_pe"))
         return kinds + (("QA",) if self.has_q_latent else ())
 
     # --- which tensors -----------------------------------------------------------------------
@@ -148,7 +151,7 @@ class MLAAdapter(RoleNamedAdapter):
             else:
                 w = fold(t["q"], input_norm)
             w = w.reshape(n, d_qk + d_rope, w.shape[1])
-            q, q_pe = w[:, :d_qk], w[:, d_qk:]
+            q, q_pe = w[:, :d_qk], (w[:, d_qk:] if d_rope else None)
         if "kv_b" in t:
             w = fold(t["kv_b"], t.get("kv_a_norm") if fold_norms else None).reshape(n, d_qk + d_v, -1)
             # Rows interleave per head: [key rows | value rows] for head 0, then head 1, ...
@@ -162,7 +165,9 @@ class MLAAdapter(RoleNamedAdapter):
             layer_mats["QA"] = fold(t["q_a"], input_norm)
         if "kv_a" in t:
             w = fold(t["kv_a"], input_norm)
-            layer_mats["KVA"], layer_mats["KVA_pe"] = w[: d.kv_latent], w[d.kv_latent :]
+            layer_mats["KVA"] = w[: d.kv_latent]
+            if d_rope:
+                layer_mats["KVA_pe"] = w[d.kv_latent :]
         # q and k, v read the latents, not the residual stream: the joint maps go through these.
         return AttentionFactors(
             q=q,

@@ -1,0 +1,204 @@
+"""Adapters and option parsers against hostile or inconsistent config.json, tensor names and options.
+
+Each case was a traceback, a silently different result, or an unbounded wait or allocation before:
+- an MLA config with `qk_rope_head_dim: 0` (and tensors to match) ended in an IndexError in the
+  spectra code, on the empty Q_pe and KVA_pe matrices;
+- a GPT-2 config that spells one field two ways with different values (`n_head: 4`,
+  `num_attention_heads: 6`) was split by `n_head`, while transformers runs it with 6 heads;
+- a tensor name with a 5000-digit layer number raised ValueError (int's 4300-digit limit), and
+  one with a long run of digits took the layer-prefix regex quadratic time (a minute for 100k);
+- `--layers` with a 5000-digit number raised ValueError, and a 3 KB `--layers` repeating
+  `0-100000` built a list of 3·10⁷ integers (1.1 GB) before removing the duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from svd_probe.adapters import adapter_for
+from svd_probe.adapters.common import find_layers
+from svd_probe.analysis import AnalyzeJob, analyze
+from svd_probe.errors import BadConfigError, BadOptionError
+from svd_probe.options import MAX_LAYER, parse_layers
+from svd_probe.testing.layouts import build_layout, write_layout
+
+
+def _analyze(folder, cache, **kw):
+    return analyze(AnalyzeJob(model=str(folder), cache_dir=cache, device="cpu", **kw))
+
+
+def _sigma(outcome, layer=0):
+    return {k: np.asarray(v) for k, v in outcome.analysis.layer_spectra[layer].sigma.items()}
+
+
+def _cli(monkeypatch, capsys, *args):
+    from svd_probe.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["svd-probe", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    return e.value.code, capsys.readouterr().err
+
+
+# --- MLA without decoupled RoPE ------------------------------------------------------------------
+
+
+def _without_rope(layout):
+    """The DeepSeek-V3 layout with its RoPE rows removed: q_b_proj keeps each head's no-RoPE rows,
+    kv_a_proj_with_mqa its latent rows; config.json says qk_rope_head_dim 0."""
+    c = layout.config
+    n, nope, rope, kv = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["kv_lora_rank"]
+    for name, w in list(layout.tensors.items()):
+        if name.endswith("self_attn.q_b_proj.weight"):
+            layout.tensors[name] = w.reshape(n, nope + rope, -1)[:, :nope].reshape(n * nope, -1).contiguous()
+        elif name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+            layout.tensors[name] = w[:kv].contiguous()
+    layout.config = layout.text_config = {**c, "qk_rope_head_dim": 0}
+    return layout
+
+
+def test_mla_without_rope_rows_is_analysed_like_the_rows_it_has(tmp_path):
+    """Old: IndexError (`sigma[:, 0]` of an empty Q_pe) with a traceback. Now Q_pe and KVA_pe,
+    which have no rows, are not kinds of the model, and every other spectrum equals the one of
+    the same checkpoint with its RoPE rows (which none of them reads)."""
+    full = write_layout(tmp_path / "full", build_layout("deepseek_v3"))
+    bare = write_layout(tmp_path / "bare", _without_rope(build_layout("deepseek_v3")))
+    want = _sigma(_analyze(full, tmp_path / "c1", layers="0"))
+    got = _sigma(_analyze(bare, tmp_path / "c2", layers="0"))
+    ad = adapter_for(json.loads((bare / "config.json").read_text()))
+    assert "Q_pe" not in ad.supported_kinds() and "KVA_pe" not in ad.supported_kinds()
+    assert set(got) == {k for k in want if not k.endswith(("Q_pe", "KVA_pe"))}
+    for key, sigma in got.items():
+        np.testing.assert_allclose(sigma, want[key], rtol=1e-5, atol=1e-6 * want[key].max(), err_msg=key)
+    with pytest.raises(BadOptionError, match="no Q_pe"):
+        _analyze(bare, tmp_path / "c3", layers="0", matrices="Q_pe")
+
+
+# --- GPT-2's two spellings of a field ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra,fields",
+    [
+        ({"num_attention_heads": 6}, "n_head, num_attention_heads"),
+        ({"hidden_size": 24}, "n_embd, hidden_size"),
+        ({"num_hidden_layers": 1}, "n_layer, num_hidden_layers"),
+    ],
+)
+def test_gpt2_fields_spelled_twice_must_agree(tmp_path, monkeypatch, capsys, extra, fields):
+    """Old: n_head 4 with num_attention_heads 6 gave 4-head spectra (transformers runs 6 heads,
+    and the square c_attn/c_proj shapes cannot tell); hidden_size / num_hidden_layers likewise."""
+    layout = build_layout("gpt2")
+    folder = write_layout(tmp_path / "m", layout, n_shards=1)
+    (folder / "config.json").write_text(json.dumps({**layout.config, **extra}))
+    with pytest.raises(BadConfigError) as e:
+        adapter_for(json.loads((folder / "config.json").read_text()))
+    assert e.value.field == fields and "two names of one field" in e.value.message
+    code, err = _cli(monkeypatch, capsys, "analyze", str(folder), "--device", "cpu", "--cache-dir", str(tmp_path / "c"))
+    assert code not in (0, None) and "Traceback" not in err and fields.split(", ")[1] in err
+    assert not list((tmp_path / "c").rglob("layer-*"))
+
+
+def test_gpt2_fields_spelled_twice_alike_still_work(tmp_path):
+    layout = build_layout("gpt2")
+    c = layout.config
+    base = write_layout(tmp_path / "a", layout, n_shards=1)
+    twice = write_layout(tmp_path / "b", layout, n_shards=1)
+    generic = {"num_attention_heads": c["n_head"], "hidden_size": c["n_embd"], "num_hidden_layers": c["n_layer"]}
+    (twice / "config.json").write_text(json.dumps({**c, **generic}))
+    want, got = _sigma(_analyze(base, tmp_path / "c1")), _sigma(_analyze(twice, tmp_path / "c2"))
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+# --- tensor names with long layer numbers ---------------------------------------------------------
+
+
+def test_a_layer_number_too_long_for_int_is_not_a_layer(tmp_path):
+    """Old: ValueError (int's 4300-digit limit) with a traceback, before any header was read."""
+    layout = build_layout("llama")
+    o = "model.layers.0.self_attn.o_proj.weight"
+    layout.tensors["model.layers." + "7" * 5000 + ".self_attn.o_proj.weight"] = layout.tensors[o].clone()
+    folder = write_layout(tmp_path / "m", layout)
+    clean = write_layout(tmp_path / "clean", build_layout("llama"))
+    got = _sigma(_analyze(folder, tmp_path / "c1", layers="1"), 1)
+    want = _sigma(_analyze(clean, tmp_path / "c2", layers="1"), 1)
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_finding_the_layers_takes_no_time_on_long_digit_runs():
+    """Old: the regex `^(.*?)(\\d+)\\.suffix$` backtracked quadratically: 6 s for this 40k-digit
+    name (a minute at 100k; a header may hold 100 MB of names)."""
+    names = {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(2)}
+    t = time.perf_counter()
+    layers = find_layers(names | {"1" * 40_000 + ".x"}, "self_attn.o_proj.weight")
+    assert time.perf_counter() - t < 1.0
+    assert layers.prefix == "model.layers." and layers.present == {0, 1}
+    long_layer = "model.layers." + "2" * 40_000 + ".self_attn.o_proj.weight"
+    assert find_layers(names | {long_layer}, "self_attn.o_proj.weight").present == {0, 1}
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("model.layers.12.self_attn.o_proj.weight", ("model.layers.", 12)),
+        ("0.self_attn.o_proj.weight", ("", 0)),
+        ("h12.self_attn.o_proj.weight", ("h", 12)),
+        ("model.layers.x.self_attn.o_proj.weight", None),
+        (".self_attn.o_proj.weight", None),
+        ("model.layers.1self_attn.o_proj.weight", None),
+        ("model.layers.1.self_attn.o_proj.weight.extra", None),
+        ("model.layers.1234567.self_attn.o_proj.weight", None),  # more digits than any layer number
+    ],
+)
+def test_layer_names_parse_as_the_regex_did(name, expected):
+    """As `^(.*?)(\\d+)\\.suffix$` parsed them, but for layer numbers beyond any model."""
+    layers = find_layers({name}, "self_attn.o_proj.weight")
+    if expected is None:
+        assert layers.present == frozenset()
+    else:
+        assert (layers.prefix, set(layers.present)) == (expected[0], {expected[1]})
+
+
+# --- --layers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["9" * 5000, "0-" + "9" * 5000, "1" * 7])
+def test_a_layer_number_with_too_many_digits_is_refused(spec):
+    """Old: ValueError from int() (over 4300 digits), a traceback through the CLI."""
+    with pytest.raises(BadOptionError, match="beyond any model") as e:
+        parse_layers(spec)
+    assert len(e.value.message) < 300
+
+
+def test_the_cli_refuses_a_5000_digit_layer_without_a_traceback(tmp_path, monkeypatch, capsys):
+    folder = write_layout(tmp_path / "m", build_layout("llama"))
+    code, err = _cli(monkeypatch, capsys, "analyze", str(folder), "--layers", "9" * 5000, "--device", "cpu")
+    assert code not in (0, None) and "Traceback" not in err and "beyond any model" in err
+
+
+def test_repeated_layer_ranges_take_bounded_memory():
+    """Old: every range was expanded into one list before duplicates were removed: 30 copies of
+    0-100000 (270 bytes) held 3·10⁶ integers (over 100 MB; 1.1 GB for a 3 KB option)."""
+    spec = ",".join([f"0-{MAX_LAYER}"] * 30)
+    tracemalloc.start()
+    try:
+        got = parse_layers(spec)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == list(range(MAX_LAYER + 1))
+    assert peak < 20 * 2**20, peak
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [("0,2-4,2", [0, 2, 3, 4]), ("5-7,0-9", [5, 6, 7, 0, 1, 2, 3, 4, 8, 9]), ("3,3, 3", [3]), ("4 - 6", [4, 5, 6])],
+)
+def test_layers_keep_their_first_order_each_once(spec, expected):
+    assert parse_layers(spec) == expected
