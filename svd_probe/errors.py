@@ -9,6 +9,14 @@ specific subclass they care about.
 from __future__ import annotations
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """`repr(value)` for a message, cut short at `limit` characters: a value from input we do not
+    control (a header, an option, a data file) may be megabytes long, and repr shows no control
+    characters."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 1] + "…"
+
+
 class SvdProbeError(Exception):
     """Base class: a problem the user can fix. `hint` says how."""
 

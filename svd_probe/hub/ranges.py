@@ -25,7 +25,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import numpy as np
 
-from svd_probe.errors import CorruptShardError, EntryNotFoundError, TransferError
+from svd_probe.errors import CorruptShardError, EntryNotFoundError, TransferError, shown
 from svd_probe.hub import http
 from svd_probe.hub.http import HttpPolicy, Retry
 
@@ -400,7 +400,7 @@ class HubFiles:
                     )
                 if not m or int(m.group(1)) != begin or int(m.group(2)) != end - 1:
                     raise Retry(
-                        f"bad Content-Range {_show(r.headers.get('Content-Range', ''))} for bytes {begin}-{end - 1}",
+                        f"bad Content-Range {shown(r.headers.get('Content-Range', ''))} for bytes {begin}-{end - 1}",
                         url=url,
                     )
                 if m.group(3) != "*":
@@ -408,7 +408,7 @@ class HubFiles:
                         self._sizes[path] = int(m.group(3))
                 cl = r.headers.get("Content-Length")
                 if cl is not None and not (cl.strip().isdigit() and int(cl) == n):
-                    raise Retry(f"Content-Length {_show(cl)} for a {n}-byte range", url=url)
+                    raise Retry(f"Content-Length {shown(cl)} for a {n}-byte range", url=url)
                 try:
                     for chunk in r.iter_bytes():
                         if got + len(chunk) > n:
@@ -454,12 +454,6 @@ class HubFiles:
             self._probes.append(rate)
             if len(self._probes) == _PROBES and max(self._probes) < self.fast_connection:
                 self.stats.in_flight = self.concurrency
-
-
-def _show(text: str, limit: int = 60) -> str:
-    """A server's header value for a message: repr'd (no control characters) and cut short."""
-    shown = repr(text)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 class _Redirect(Exception):

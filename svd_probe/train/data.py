@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from svd_probe.atomic import read_head
-from svd_probe.errors import TrainingInputError
+from svd_probe.errors import TrainingInputError, shown
 from svd_probe.train.config import MAX_VOCAB  # tokens and token ids: rows of the embedding
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -357,11 +357,11 @@ def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:
                 continue
             if len(row) != len(header):  # a tab inside a sentence would shift its label
                 raise TrainingInputError(
-                    f"{path}:{n}: {len(row)} fields where the header has {len(header)}: {_clip(row)}", hint=row_hint
+                    f"{path}:{n}: {len(row)} fields where the header has {len(header)}: {shown(row)}", hint=row_hint
                 )
             label = row[li].strip()
             if label not in ("0", "1"):
-                raise TrainingInputError(f"{path}:{n}: label must be 0 or 1, got {_clip(label)}", hint=row_hint)
+                raise TrainingInputError(f"{path}:{n}: label must be 0 or 1, got {shown(label)}", hint=row_hint)
             sentences.append(row[si].strip())
             labels.append(int(label))
     except csv.Error as e:  # NUL bytes, an over-long field
@@ -369,11 +369,6 @@ def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:
     if not sentences:
         raise TrainingInputError(f"{path} holds no rows")
     return sentences, labels
-
-
-def _clip(value: object, limit: int = 60) -> str:
-    r = repr(value)
-    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def read_sst2_dir(sst2_dir: Path):
