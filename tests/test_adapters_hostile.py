@@ -8,7 +8,10 @@ Each case was a traceback, a silently different result, or an unbounded wait or 
 - a tensor name with a 5000-digit layer number raised ValueError (int's 4300-digit limit), and
   one with a long run of digits took the layer-prefix regex quadratic time (a minute for 100k);
 - `--layers` with a 5000-digit number raised ValueError, and a 3 KB `--layers` repeating
-  `0-100000` built a list of 3·10⁷ integers (1.1 GB) before removing the duplicates.
+  `0-100000` built a list of 3·10⁷ integers (1.1 GB) before removing the duplicates;
+- a head split that only tensors not read can refute (a Llama config of 16 heads of 4 for the
+  stored 8 of 8 under `--matrices O`: o_proj is square) gave 16 silently wrong per-head spectra,
+  where the full analysis refused it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from svd_probe.adapters import adapter_for
 from svd_probe.adapters.common import find_layers
 from svd_probe.analysis import AnalyzeJob, analyze
 from svd_probe.errors import BadConfigError, BadOptionError
-from svd_probe.options import MAX_LAYER, parse_layers
+from svd_probe.hub.checkpoint import open_checkpoint
+from svd_probe.options import MAX_LAYER, parse_layers, parse_matrices
 from svd_probe.testing.layouts import build_layout, write_layout
 
 
@@ -202,3 +206,144 @@ def test_repeated_layer_ranges_take_bounded_memory():
 )
 def test_layers_keep_their_first_order_each_once(spec, expected):
     assert parse_layers(spec) == expected
+
+
+# --- a head split that only tensors not read can refute ----------------------------------------------
+#
+# Old: the config-vs-header shape check covered only the tensors read. o_proj [H, n·d] is all that
+# `--matrices O` reads, and 16 heads of 4 fit it as well as the true 8 of 8, so a wrong split gave 16
+# silently wrong per-head spectra; k_proj's rows (g·d) refute it, and the full analysis refused.
+# Now every tensor the full analysis of the layer reads has its header shape checked (LayerPlan.checked).
+
+
+def _refusal(folder, cache, **kw) -> BadConfigError:
+    with pytest.raises(BadConfigError) as e:
+        _analyze(folder, cache, **kw)
+    return e.value
+
+
+def _as_shown(e: BadConfigError) -> tuple:
+    return e.message, e.hint, e.field, e.tensor
+
+
+# (layout, config changes that keep the read tensors' shapes, matrices that read only those)
+_SPLITS_ONLY_UNREAD_TENSORS_REFUTE = [
+    # 16 heads of 4 for 8 of 8: q_proj and o_proj are [64, 64] either way; k_proj [16, 64] is not 2·4 rows.
+    ("llama", {"num_attention_heads": 16, "head_dim": 4}, "O"),
+    ("llama", {"num_attention_heads": 16, "head_dim": 4}, "Q"),
+    # MLA, 8 heads with v_head_dim 3 for 4 of 6: o_proj [64, 24] fits; kv_b_proj [4·(8+6), 16] and
+    # q_b_proj (q_proj without a query latent) [4·(8+4), ·] do not.
+    ("deepseek_v3", {"num_attention_heads": 8, "v_head_dim": 3}, "O"),
+    ("deepseek_v2_lite", {"num_attention_heads": 8, "v_head_dim": 3}, "O"),
+    # A latent split moved by one row: kv_a_proj_with_mqa [16 + 4, 64] fits 17 + 3, so KVA (16
+    # rows read as 17) and KVA_pe would be wrong; kv_a_layernorm [16] and kv_b_proj refute it.
+    ("deepseek_v3", {"kv_lora_rank": 17, "qk_rope_head_dim": 3}, "KVA"),
+]
+
+
+@pytest.mark.parametrize("name,changes,matrices", _SPLITS_ONLY_UNREAD_TENSORS_REFUTE)
+def test_a_split_only_unread_tensors_refute_is_refused_as_the_full_analysis_refuses_it(
+    tmp_path, monkeypatch, capsys, name, changes, matrices
+):
+    layout = build_layout(name)
+    folder = write_layout(tmp_path / "m", layout)
+    (folder / "config.json").write_text(json.dumps({**layout.config, **changes}))
+    # The tensors `matrices` reads do fit the wrong config: only the others can refute it.
+    src = open_checkpoint(str(folder))
+    ad = adapter_for(src.config, src.tensor_names)
+    plan = ad.plan(0, set(parse_matrices(matrices, ad.supported_kinds())), True)
+    assert all(tuple(src.shape(n)) == plan.specs[n].shape for n in plan.tensors)
+    with pytest.raises(BadConfigError) as e:
+        src.read_tensors(plan)
+    assert src.bytes_fetched == src.stats["header_bytes"]  # refused from headers: no tensor byte read
+    # The same refusal, word for word, as the full analysis gives.
+    full = _refusal(folder, tmp_path / "c-full")
+    narrow = _refusal(folder, tmp_path / "c-narrow", matrices=matrices)
+    assert _as_shown(narrow) == _as_shown(full) == _as_shown(e.value)
+    assert narrow.tensor not in plan.tensors and "config.json implies" in narrow.message
+    assert any(f"{k}={v}" in narrow.message for k, v in changes.items())
+    cli_args = ("analyze", str(folder), "--device", "cpu", "--cache-dir", str(tmp_path / "c-cli"))
+    code, err = _cli(monkeypatch, capsys, *cli_args, "--matrices", matrices)
+    full_code, full_err = _cli(monkeypatch, capsys, *cli_args)
+    assert code == full_code and code not in (0, None)
+    assert "Traceback" not in err and narrow.tensor in err and "config.json implies" in err
+    assert err == full_err
+    assert not list(tmp_path.rglob("layer-*"))  # nothing computed, nothing cached
+
+
+def test_the_refuting_tensor_may_lie_in_a_shard_the_read_does_not_need(tmp_path):
+    """k_proj alone in a second shard: its header (only that, no tensor byte) is fetched and
+    refutes the split; with the right config the same read fetches that header and succeeds."""
+    from svd_probe.testing.checkpoints import write_checkpoint
+
+    layout = build_layout("llama")
+    k = "model.layers.0.self_attn.k_proj.weight"
+    where = {n: 0 for n in layout.tensors} | {k: 1}
+    bad = {**layout.config, "num_attention_heads": 16, "head_dim": 4}
+    for folder, config in ((tmp_path / "bad", bad), (tmp_path / "good", layout.config)):
+        write_checkpoint(folder, layout.tensors, config, n_shards=2, shard_of=where)
+    src = open_checkpoint(str(tmp_path / "bad"))
+    assert src.shard_of(k) != src.shard_of("model.layers.0.self_attn.o_proj.weight")
+    ad = adapter_for(src.config, src.tensor_names)
+    with pytest.raises(BadConfigError) as e:
+        src.read_tensors(ad.plan(0, {"O"}, True))
+    assert e.value.tensor == k and src.stats["headers_read"] == 2
+    assert src.bytes_fetched == src.stats["header_bytes"]
+    good = open_checkpoint(str(tmp_path / "good"))
+    lt = good.read_tensors(adapter_for(good.config, good.tensor_names).plan(0, {"O"}, True))
+    o_bytes = 64 * 64 * 2  # o_proj, BF16: the only tensor read
+    assert list(lt) == ["model.layers.0.self_attn.o_proj.weight"]
+    assert good.bytes_fetched == good.stats["header_bytes"] + o_bytes and good.stats["headers_read"] == 2
+
+
+def _trained(folder, variant, o_norm="none"):
+    from dataclasses import replace
+
+    import torch
+
+    from svd_probe.train.config import preset
+    from svd_probe.train.model import pretraining_model
+    from svd_probe.train.run_dir import save_encoder
+
+    torch.manual_seed(0)
+    cfg = replace(preset(variant, "tiny"), vocab_size=40, o_norm=o_norm)
+    model = pretraining_model(cfg)
+    folder.mkdir(parents=True)
+    save_encoder(model, cfg, folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["llama", "qwen3", "qwen2", "gpt2", "bert", "deepseek_v3", "deepseek_v2_lite", "kimi_multimodal", "mha", "mla-o"],
+)
+def test_a_right_config_analysed_for_o_alone_gives_the_full_analysis_o_spectra(tmp_path, name):
+    """Every layer (MTP included), GQA, fused c_attn, MLA with and without a query latent, a
+    `language_model.` decoder and the lab's own encoders: `--matrices O` reads and checks, and
+    its O spectra are those of the full analysis, bit for bit."""
+    if name in ("mha", "mla-o"):
+        folder = _trained(tmp_path / "m", name, o_norm="rms" if name == "mla-o" else "none")
+    else:
+        folder = write_layout(tmp_path / "m", name, n_shards=3)
+    full = _analyze(folder, tmp_path / "c-full")
+    narrow = _analyze(folder, tmp_path / "c-narrow", matrices="O")
+    assert narrow.layers == full.layers and narrow.computed == full.layers
+    for layer in full.layers:
+        got, want = _sigma(narrow, layer), _sigma(full, layer)
+        assert set(got) == {"head.O", "stacked.O"}
+        for key, sigma in got.items():
+            np.testing.assert_array_equal(sigma, want[key], err_msg=f"layer {layer} {key}")
+
+
+def test_tensors_a_checkpoint_lacks_are_not_asked_for_by_the_check(tmp_path):
+    """A checkpoint with no q_proj and k_proj (a K/V-only export) is still read for O and V: the
+    check covers what the checkpoint has, and only the tensors read must be there."""
+    layout = build_layout("llama")
+    clean = write_layout(tmp_path / "clean", layout)
+    for name in [n for n in layout.tensors if n.endswith(("q_proj.weight", "k_proj.weight"))]:
+        del layout.tensors[name]
+    folder = write_layout(tmp_path / "m", layout)
+    got = _sigma(_analyze(folder, tmp_path / "c1", matrices="O,V,VO"))
+    want = _sigma(_analyze(clean, tmp_path / "c2"))
+    assert set(got) == {"head.O", "stacked.O", "head.V", "stacked.V", "head.VO", "stacked.VO"}
+    assert all(np.array_equal(got[k], want[k]) for k in got)

@@ -129,17 +129,35 @@ class LayerPlan:
     for each of them; the reader checks it against the shard header before it reads a byte.
     `kind_tensors`: for each requested matrix kind, the projection weights it is computed from
     (norm weights excluded); their storage dtypes bound that kind's meaningful rank.
+
+    `checked`: the expected shape of every tensor the analysis of all the layer's kinds would read
+    (same `fold_norms`), in that plan's read order: the reader checks each header shape, read or
+    not, before it reads a byte. A head split is often refuted only by a tensor a narrower analysis
+    does not read (o_proj is square: 16 heads of 4 fit it as well as 8 of 8; k_proj's rows do not),
+    so `--matrices O` refuses what the full analysis refuses, with the same message. Of these,
+    only `tensors` must be in the checkpoint; the others are checked where the checkpoint has them
+    (and its header lists them). No byte of them is read; where one lies in a shard none of
+    `tensors` does (the layer's attention spans two shards), that shard's header is fetched in
+    the same parallel round, once per checkpoint, as the full analysis of the layer would.
     """
 
     layer: int
     tensors: tuple[str, ...]
     specs: Mapping[str, TensorSpec]
     kind_tensors: Mapping[str, tuple[str, ...]]
+    checked: Mapping[str, TensorSpec] = field(default_factory=dict)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Expected shape of every tensor in `tensors`."""
         return {n: self.specs[n].shape for n in self.tensors}
+
+    def shape_checks(self) -> list[tuple[str, TensorSpec]]:
+        """(name, expected shape) of each tensor whose header the reader checks, in the order the
+        full analysis checks them (so the first disagreement named is the one it names), then
+        any read tensor `checked` lacks."""
+        out = list(self.checked.items())
+        return out + [(n, self.specs[n]) for n in self.tensors if n not in self.checked]
 
     def storage_dtype(self, kind: str, dtypes: Mapping[str, str]) -> str:
         """The coarsest storage dtype among the weights behind `kind`, from `dtypes` {name: dtype}."""

@@ -319,15 +319,21 @@ class RoleNamedAdapter:
     def _roles(self, kinds: set[str], fold_norms: bool) -> set[str]:
         raise NotImplementedError
 
+    def supported_kinds(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
     def plan(self, layer: int, kinds: set[str], fold_norms: bool) -> LayerPlan:
         names, specs = self._names(layer), self._specs()
         roles = self._roles(kinds, fold_norms)
         tensors = tuple(sorted(names[r] for r in roles))
+        # Every tensor the analysis of all kinds reads has its header shape checked (LayerPlan.checked).
+        whole = self._roles(set(self.supported_kinds()) | set(kinds), fold_norms)
         return LayerPlan(
             layer=layer,
             tensors=tensors,
             specs={names[r]: specs[r] for r in roles},
             kind_tensors={k: tuple(sorted(names[r] for r in self._roles({k}, False))) for k in kinds},
+            checked={n: specs[r] for n, r in sorted((names[r], r) for r in whole)},
         )
 
     def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:

@@ -176,11 +176,14 @@ class SvdProbeTrainAdapter:
         p = self._prefix(layer)
         specs = self._specs()
         short = self._short_names(kinds, fold_norms)
+        # Every tensor the analysis of all kinds reads has its header shape checked (LayerPlan.checked).
+        whole = self._short_names(set(self.supported_kinds()) | set(kinds), fold_norms)
         return LayerPlan(
             layer=layer,
             tensors=tuple(p + n for n in short),
             specs={p + n: specs[n] for n in short},
             kind_tensors={k: tuple(p + n for n in self._short_names({k}, False)) for k in kinds},
+            checked={p + n: specs[n] for n in whole},
         )
 
     def layer_tensor_names(self, layer: int, kinds: set[str], fold_norms: bool) -> list[str]:

@@ -8,8 +8,9 @@ safetensors headers of shards that hold requested tensors and the tensors' own b
 never written to disk. A local folder goes through the same code with parallel `preadv` reads.
 
 `read_tensors` takes the adapter's `LayerPlan` (or bare names) and, before it reads a byte,
-checks every tensor against the plan: the shape config.json implies, a floating-point dtype,
-and for FP8 weights the scale companion and its tile grid. After dequantization it refuses NaN
+checks every tensor against the plan: the shape config.json implies (of the layer's other
+attention tensors too, from their headers: `LayerPlan.checked`), a floating-point dtype, and for
+FP8 weights the scale companion and its tile grid. After dequantization it refuses NaN
 and Inf. It returns a `LayerTensors`: float32 tensors with their storage dtypes.
 
 FP8 weights (docs/reference.md §1): a weight with a `<name>_scale_inv` companion is dequantized
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from svd_probe.adapters.base import LayerPlan
+from svd_probe.adapters.base import LayerPlan, TensorSpec
 from svd_probe.errors import BadConfigError, CorruptShardError, EntryNotFoundError, UnsupportedModelError
 from svd_probe.hub.dequant import check_finite, dequantize_fp8_blocks, scale_grid, to_tensor, widen
 from svd_probe.hub.dtypes import FP8_DTYPES, WEIGHT_DTYPES
@@ -213,7 +214,9 @@ class CheckpointSource:
         Args:
             names: the tensors to read, or the adapter's `LayerPlan` for one layer: then each
                 tensor's shard-header shape is checked against the shape config.json implies
-                (`BadConfigError` naming tensor and fields) before any byte is read.
+                (`BadConfigError` naming tensor and fields) before any byte is read, and so is
+                that of every tensor in `plan.checked` the checkpoint holds (the layer's other
+                attention tensors: headers only, never their bytes).
             device: where the tensors are widened and returned.
         Returns:
             `LayerTensors`: a mapping name → float32 tensor, with `.dtypes` (storage dtypes) and
@@ -225,11 +228,17 @@ class CheckpointSource:
         """
         plan = names if isinstance(names, LayerPlan) else None
         names = list(dict.fromkeys(names.tensors if isinstance(names, LayerPlan) else names))
-        self.headers({self.shard_of(n) for n in names})  # all needed headers in one parallel round
+        # The tensors of the layer's full analysis are checked too, where the checkpoint has
+        # them (`LayerPlan.checked`): their shapes may refute a head split the read ones fit.
+        read = set(names)
+        others = [n for n in plan.checked if n in self.weight_map and n not in read] if plan else []
+        self.headers({self.shard_of(n) for n in names + others})  # all needed headers in one parallel round
         infos = {n: self.tensor_info(n) for n in names}
         if plan is not None:
-            for n in names:
-                self._check_shape(n, infos[n], plan)
+            listed = {n: info for n in others if (info := self._listed_info(n)) is not None}
+            for n, spec in plan.shape_checks():
+                if (info := infos.get(n) or listed.get(n)) is not None:
+                    self._check_shape(n, info, spec)
         scales: dict[str, str] = {}
         for n in names:
             info = infos[n]
@@ -264,8 +273,12 @@ class CheckpointSource:
 
     # -- checks made before reading -------------------------------------------------------------------
 
-    def _check_shape(self, name: str, info: TensorInfo, plan: LayerPlan) -> None:
-        spec = plan.specs[name]
+    def _listed_info(self, name: str) -> TensorInfo | None:
+        """The header entry of a tensor the index lists, None where its header does not list it
+        (for a tensor only checked, not read: its absence is not this read's to refuse)."""
+        return self.headers([self.weight_map[name]])[self.weight_map[name]].tensors.get(name)
+
+    def _check_shape(self, name: str, info: TensorInfo, spec: TensorSpec) -> None:
         if tuple(info.shape) == tuple(spec.shape):
             return
         raise BadConfigError(
