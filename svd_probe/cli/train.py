@@ -385,17 +385,37 @@ def model_config_from(p: dict[str, Any], file_values: dict[str, Any]) -> ModelCo
 
     shapes = {k: p[k] for k in ("d_model", "n_layers", "n_heads", "head_dim", "ffn_dim")}
     if p.get("init_from") is not None:
+        from dataclasses import fields
+
+        from svd_probe.errors import shown
         from svd_probe.train.init_from import derive_config, load_source
 
-        if p["variant"] not in (None, "mla-o"):
-            raise TrainingInputError(f"--init-from builds mla-o, not {p['variant']}", hint="drop --variant")
+        # The --config file's model fields rank under the flags here too (they were ignored: its
+        # o_norm rms trained none, its d_model went unchecked): the latents and o_norm it sets
+        # are this run's, every other field must agree with the source.
+        file_model = {k: v for k, v in file_values.items() if k in {f.name for f in fields(ModelConfig)}}
+        chosen = ("o_latent", "o_norm", "q_latent", "kv_latent")
+        variant = p["variant"] if p["variant"] is not None else file_model.get("variant")
+        if variant not in (None, "mla-o"):
+            where = "--variant" if p["variant"] is not None else f"variant from {p['config']}"
+            raise TrainingInputError(f"--init-from builds mla-o, not {shown(variant)}", hint=f"drop {where}")
         source = load_source(Path(p["init_from"]))
+        for k, v in sorted(file_model.items()):
+            if k in chosen or k == "variant" or p.get(k) is not None:
+                continue
+            if getattr(source.cfg, k) != v:
+                raise TrainingInputError(
+                    f"--init-from takes {k} from the source run ({getattr(source.cfg, k)}), "
+                    f"not {shown(v)} (the --config file's)",
+                    hint=f"drop {k} from {p['config']}, or start from another run",
+                )
+        pick = {k: p[k] if p[k] is not None else file_model.get(k) for k in chosen}
         return derive_config(
             source.cfg,
-            p["o_latent"],
-            p["o_norm"],
-            p["q_latent"],
-            p["kv_latent"],
+            pick["o_latent"],
+            pick["o_norm"],
+            pick["q_latent"],
+            pick["kv_latent"],
             {**shapes, "rope_dims": p["rope_dims"], "objective": p["objective"]},
         )
     overrides = dict(

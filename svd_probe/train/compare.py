@@ -21,8 +21,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from svd_probe.errors import TrainingInputError
-from svd_probe.train.config import RESUME_KEYS, read_metrics
+from svd_probe.errors import TrainingInputError, shown
+from svd_probe.train.config import O_NORMS, OBJECTIVES, RESUME_KEYS, VARIANTS, read_metrics
 
 _VARIANT_ORDER = {"mha": 0, "mla": 1, "mla-o": 2}
 _NORM_ORDER = {"none": 0, "rms": 1, "rms-per-head": 2}
@@ -65,9 +65,76 @@ def load_runs(paths: list[Path]) -> list[dict]:
         m = read_metrics(f)
         if m.get("variant") not in _VARIANT_ORDER:
             raise TrainingInputError(f"{f} is not a metrics.json of svd-probe train")
+        check_run(m, f)
         m["_path"] = str(f.parent)
         runs.append(m)
     return runs
+
+
+# Every metric `summarize` averages; accuracies are fractions. MAX_METRIC is far past any metric
+# of a run (a perplexity is exp of a loss) and keeps sums and differences over any number of
+# seeds finite: 1e308 on two seeds ended `compare` in an OverflowError traceback.
+METRIC_FIELDS = sorted(
+    {f for fs in PRETRAIN_FIELDS.values() for f, *_ in fs}
+    | {f for f, *_ in COMMON_FIELDS}
+    | {f for fs in _EXTRA_FIELDS.values() for f in fs}
+    | set(SPEED_FIELDS)
+)
+_FRACTIONS = {"mlm_accuracy", "sst2_dev_accuracy"}
+MAX_METRIC = 1e100
+_LABEL_SHAPES = ("q_latent", "kv_latent", "o_latent", "rope_dims")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_run(m: dict, f: Path) -> None:
+    """What `summarize` groups, labels and averages, as `svd-probe train` writes it; else a
+    TrainingInputError naming the file and the key. A metrics.json is input we do not control:
+    a seed of 0.0 or none let a copied run count as a second seed, a NaN dropped the run from
+    the mean while `n` still counted it, and a config that was no object (or a string where a
+    latent size goes) ended the table in a traceback."""
+
+    def bad(what: str) -> TrainingInputError:
+        return TrainingInputError(
+            f"{f} is not a metrics.json of svd-probe train: {what}",
+            hint="pass run folders as svd-probe train wrote them (rerun a damaged or hand-edited run)",
+        )
+
+    seed = m.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise bad(f"seed is {shown(seed)}, not an integer >= 0")
+    for key in ("config", "train_config"):
+        if m.get(key) is None:
+            m[key] = {}  # the first lab's runs: grouped as recorded
+        elif not isinstance(m[key], dict):
+            raise bad(f"{key} is a {type(m[key]).__name__}, not an object")
+    init = m.get("init_from")
+    if init is not None and (not isinstance(init, dict) or init.get("variant") not in VARIANTS):
+        raise bad(f"init_from is {shown(init)}, not the record of a source run")
+    c = m["config"]
+    for key, choices in (("variant", VARIANTS), ("objective", OBJECTIVES), ("o_norm", O_NORMS)):
+        top, inner = m.get(key), c.get(key)
+        for v in (top, inner):
+            if v is not None and (not isinstance(v, str) or v not in choices):
+                raise bad(f"{key} is {shown(v)}, not one of {', '.join(choices)}")
+        if top is not None and inner is not None and top != inner:
+            raise bad(f"{key} is {top!r}, its config's {inner!r}")
+    for key in _LABEL_SHAPES:
+        if c.get(key) is not None and (not _is_int(c[key]) or c[key] < 0):
+            raise bad(f"config {key} is {shown(c[key])}, not a size")
+    n = m.get("parameters")
+    if n is not None and (not _is_int(n) or not 0 <= n <= 10**15):
+        raise bad(f"parameters is {shown(n)}, not a count")
+    for key in METRIC_FIELDS:
+        v = m.get(key)
+        if v is None:
+            continue  # not measured (no SST-2, no test split, the other objective)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and -MAX_METRIC <= v <= MAX_METRIC
+        if not ok or (key in _FRACTIONS and not 0 <= v <= 1):
+            want = "a fraction in [0, 1]" if key in _FRACTIONS else "a finite number"
+            raise bad(f"{key} is {shown(v)}, not {want}")
 
 
 def latent_label(m: dict) -> str:
@@ -115,9 +182,11 @@ def _values(ms: list[dict], field: str) -> list[float]:
 
 
 def _stats(xs: list[float]) -> tuple[float | None, float | None]:
+    """(mean, sample std); the std is None below 2 values (one seed has no spread to measure,
+    and 0.0 read as seeds that agreed)."""
     if not xs:
         return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
 def t_interval(diffs: list[float], confidence: float = CONFIDENCE) -> tuple[float, float | None, float | None]:
@@ -194,7 +263,9 @@ def summarize(runs: list[dict]) -> list[dict]:
         fields = [f for f, *_ in PRETRAIN_FIELDS[row["objective"]] + COMMON_FIELDS]
         fields += _EXTRA_FIELDS[row["objective"]] + SPEED_FIELDS
         for field in fields:
-            row[field], row[field + "_std"] = _stats(_values(ms, field))
+            values = _values(ms, field)
+            row[field], row[field + "_std"] = _stats(values)
+            row[field + "_n"] = len(values)  # runs that measured it (no SST-2: fewer than n)
         row["device"] = m.get("device")
         row["_runs"] = {x.get("seed"): x for x in ms}
         rows.append(row)
@@ -248,10 +319,22 @@ def comparison(runs: list[dict]) -> dict:
 # ---- tables (readable at 80 columns) -------------------------------------------------------------
 
 
-def _pm(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 2) -> str:
-    if mean is None or std is None:
+def _pm(
+    mean: float | None,
+    std: float | None,
+    scale: float = 1.0,
+    digits: int = 2,
+    count: int | None = None,
+    n: int | None = None,
+) -> str:
+    """`mean ± std`; `mean (1 seed)` where there is no std; `(k seeds)` after it where only
+    `count` of the row's `n` runs measured the metric."""
+    if mean is None:
         return "—"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    if std is None:
+        return f"{mean * scale:.{digits}f} (1 seed)"
+    text = f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    return text + (f" ({count} seeds)" if count is not None and n is not None and count < n else "")
 
 
 def _signed(x: float, scale: float, digits: int) -> str:
@@ -300,6 +383,7 @@ def pair_rows(comp: dict, objective: str) -> list[tuple[str, str, int, list[str]
 def render_tables(comp: dict) -> list:
     """rich Tables: per objective, the configurations and then their paired differences."""
     from rich.table import Table
+    from rich.text import Text  # labels hold values read from metrics.json: text, never markup
 
     tables = []
     for objective in ("mlm", "clm"):
@@ -310,15 +394,20 @@ def render_tables(comp: dict) -> list:
         name = "MLM (masked LM)" if objective == "mlm" else "CLM (causal LM)"
         # Samples/s are left to --json (and benchmarks/train_speed.py): runs that shared a GPU
         # do not time each other fairly, and the table must fit 80 columns.
-        t = Table(title=f"{name}: mean ± std over seeds", title_justify="left")
+        t = Table(
+            title=f"{name}: mean ± std over seeds",
+            caption="(1 seed): no std; (k seeds): only k of the n runs measured it",
+            title_justify="left",
+            caption_justify="left",
+        )
         t.add_column("config", overflow="fold", ratio=1)
         t.add_column("n", justify="right", no_wrap=True)
         t.add_column("params", justify="right", no_wrap=True)
         for _, header, _, _ in fields:
             t.add_column(header, justify="right", no_wrap=True)
         for r in rows:
-            cells = [_pm(r[f], r[f + "_std"], scale, digits) for f, _, scale, digits in fields]
-            t.add_row(r["label"], str(r["n"]), _params(r["parameters"]), *cells)
+            cells = [_pm(r[f], r[f + "_std"], scale, digits, r.get(f + "_n"), r["n"]) for f, _, scale, digits in fields]
+            t.add_row(Text(r["label"]), str(r["n"]), _params(r["parameters"]), *cells)
         tables.append(t)
         pairs = pair_rows(comp, objective)
         if not pairs:
@@ -335,6 +424,6 @@ def render_tables(comp: dict) -> list:
         for _, header, _, _ in compared_fields(objective):
             d.add_column(f"Δ {header} [95%]", justify="right", no_wrap=True)
         for a, b, n, cells in pairs:
-            d.add_row(f"{a} − {b}", str(n), *cells)
+            d.add_row(Text(f"{a} − {b}"), str(n), *cells)
         tables.append(d)
     return tables

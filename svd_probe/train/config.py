@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from svd_probe.atomic import NotRegularFileError, read_head
-from svd_probe.errors import TrainingInputError
+from svd_probe.errors import TrainingInputError, shown
 
 VARIANTS = ("mha", "mla", "mla-o")
 OBJECTIVES = ("mlm", "clm")  # masked LM (bidirectional encoder) or causal LM (decoder)
@@ -315,6 +315,7 @@ def read_metrics(path: Path) -> dict:
 
 
 _RUN_CONFIG_KEYS = {"model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads"}
+_GENERIC_NAMES = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads"}
 
 
 def read_config_file(path: Path, *, keep_model_type: bool = False) -> dict[str, Any]:
@@ -328,8 +329,17 @@ def read_config_file(path: Path, *, keep_model_type: bool = False) -> dict[str, 
         what="a training config",
         hint="pass --config PATH to a JSON object of model fields and training keys",
     )
-    # A config.json written by a run (model_type, generic names) is accepted as input too.
+    # A config.json written by a run (model_type, generic names) is accepted as input too. The
+    # generic names are read by other tools, so they must say what the lab's fields say: a
+    # {"hidden_size": 512} alone was dropped in silence and the run trained d_model 256.
     model_type = data.get("model_type")
+    for generic, field in _GENERIC_NAMES.items():
+        if generic in data and (field not in data or data[field] != data[generic]):
+            said = f"its {field} {shown(data[field])}" if field in data else f"no {field}"
+            raise TrainingInputError(
+                f"config file {path} has {generic} {shown(data[generic])} but {said}",
+                hint=f"the lab reads {field}: set it (to the same value where both are kept)",
+            )
     data = {k: v for k, v in data.items() if k not in _RUN_CONFIG_KEYS}
     unknown = sorted(set(data) - _MODEL_KEYS - TRAIN_KEYS)
     if unknown:
@@ -350,7 +360,11 @@ def build_config(
 ) -> ModelConfig:
     """Preset, then the config file's model fields, then flags that were given (not None)."""
     file_values = dict(file_values or {})
-    variant = variant or file_values.get("variant") or "mha"
+    # None is "not given"; any other value is checked ("" or false was taken for mha in silence).
+    if variant is None:
+        variant = file_values.get("variant")
+    if variant is None:
+        variant = "mha"
     cfg = preset(variant, size)
     model_vals = {k: v for k, v in file_values.items() if k in _MODEL_KEYS and k != "variant"}
     model_vals.update({k: v for k, v in (overrides or {}).items() if v is not None})

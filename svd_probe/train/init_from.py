@@ -113,15 +113,31 @@ def _check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], path: Pat
     with torch.device("meta"):
         want = {n: tuple(p.shape) for n, p in Encoder(cfg).state_dict().items()}
     got = {n: tuple(t.shape) for n, t in tensors.items()}
+    extra = sorted(set(got) - set(want))[:3]
     if got != want:
         missing = sorted(set(want) - set(got))[:3]
         wrong = sorted(n for n in set(want) & set(got) if want[n] != got[n])[:3]
         raise TrainingInputError(
             f"{path} does not match its config.json"
             + (f"; missing {', '.join(missing)}" if missing else "")
-            + (f"; wrong shape: {', '.join(f'{n} {got[n]} (config: {want[n]})' for n in wrong)}" if wrong else ""),
+            + (f"; wrong shape: {', '.join(f'{n} {got[n]} (config: {want[n]})' for n in wrong)}" if wrong else "")
+            + (f"; not of this model: {', '.join(extra)}" if extra else ""),
             hint="pass --init-from a run folder written by svd-probe train",
         )
+    # The weights are factored by SVD and copied: a NaN or an infinity ended the SVD in a
+    # LinAlgError traceback, and integer weights (no run writes them) trained silently.
+    for n in sorted(tensors):
+        t = tensors[n]
+        if not t.is_floating_point():
+            raise TrainingInputError(
+                f"{path}: {n} holds {str(t.dtype).removeprefix('torch.')} values, not floating-point weights",
+                hint="pass --init-from a run folder written by svd-probe train",
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise TrainingInputError(
+                f"{path}: {n} holds NaN or infinite values",
+                hint="start from a run that trained without diverging",
+            )
 
 
 def derive_config(
@@ -153,14 +169,16 @@ def derive_config(
                     hint=f"drop --{name.replace('_', '-')}",
                 )
         q_latent, kv_latent = source.q_latent, source.kv_latent
+    # None: the default; any value given (0 too, which `or` took for "not given") is validated.
     cfg = replace(
         source,
         variant="mla-o",
-        o_latent=o_latent or max(1, d // 4),
-        o_norm=o_norm or "none",
-        q_latent=q_latent or max(1, d // 4),
-        kv_latent=kv_latent or max(1, d // 8),
+        o_latent=max(1, d // 4) if o_latent is None else o_latent,
+        o_norm="none" if o_norm is None else o_norm,
+        q_latent=max(1, d // 4) if q_latent is None else q_latent,
+        kv_latent=max(1, d // 8) if kv_latent is None else kv_latent,
     )
+    validate(cfg)  # before the rank bounds compare the latents with numbers
     rank = min(d, cfg.attn_dim)
     for name in ("o_latent",) + (("q_latent", "kv_latent") if source.variant == "mha" else ()):
         bound = {"o_latent": rank, "q_latent": rank, "kv_latent": min(d, 2 * cfg.attn_dim)}[name]
@@ -169,7 +187,6 @@ def derive_config(
                 f"--init-from: {name} {getattr(cfg, name)} exceeds the rank of the map it factors ({bound})",
                 hint=f"pass --{name.replace('_', '-')} {bound} or less",
             )
-    validate(cfg)
     check_size(cfg)
     return cfg
 
