@@ -230,6 +230,9 @@ def test_run_writes_every_output(finished_run):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "svd_probe_encoder" and config["variant"] == "mla-o"
     assert "pretrain step 8/8" in (out / "train.log").read_text()
+    # The data it saw, as the checkpoint records it for a resume: compare checks runs agree on it.
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert on_disk["data"] == state["data"] and len(on_disk["data"]["pretrain"]["sha256"]) == 64
 
 
 def test_checkpoint_round_trips(finished_run, tok, tmp_path):

@@ -114,6 +114,47 @@ def test_compare_refuses_a_damaged_metrics_json(tmp_path, monkeypatch, capsys, e
         assert "Traceback" not in err and "hint:" in err
 
 
+def _data(pretrain: str = "a" * 64, sst2: str | None = "c" * 64) -> dict:
+    record = {"tokenizer": {"source": "vocab.txt", "sha256": "t" * 64}}
+    record["pretrain"] = {"source": f"wikitext-{pretrain[0]}", "sha256": pretrain}
+    record["sst2"] = {"source": f"sst2-{sst2[0]}", "sha256": sst2} if sst2 else None
+    return record
+
+
+@pytest.mark.parametrize(
+    "other, part",
+    [(_data(pretrain="b" * 64), "pretrain"), (_data(sst2="d" * 64), "sst2")],
+    ids=["pretrain", "sst2"],
+)
+def test_compare_refuses_runs_trained_on_different_data(tmp_path, monkeypatch, capsys, other, part):
+    """metrics.json recorded no data: runs on WikiText-2 and on WikiText-103 (or two SST-2
+    files) of one recipe were pooled into one mean ± std and paired, exit 0. Now each run
+    records the fingerprint its checkpoint keeps, and compare refuses to set such runs together."""
+    runs = [_metrics("mha", s) | {"data": _data()} for s in range(2)]
+    runs += [_metrics("mha", 2) | {"data": other}]
+    root = _write_runs(tmp_path / "runs", runs)
+    code, out, err = cli_main(["compare", str(root)], monkeypatch, capsys)
+    flat = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err, (out, err)
+    assert f"were trained on different {part} data" in flat and str(root / "run2") in flat, err
+    assert "compare the runs of each dataset separately" in flat
+
+
+def test_compare_pools_runs_that_record_no_data_or_no_sst2(tmp_path, monkeypatch, capsys):
+    """An earlier svd-probe's run (no data record) and a run not fine-tuned (no SST-2) pool with
+    runs on the same data; a data record that is not one train writes is refused."""
+    runs = [_metrics("mha", 0) | {"data": _data()}, _metrics("mha", 1, sst2=None) | {"data": _data(sst2=None)}]
+    runs += [_metrics("mha", 2)]
+    root = _write_runs(tmp_path / "runs", runs)
+    code, out, err = cli_main(["compare", str(root), "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    (row,) = json.loads(out)["configs"]
+    assert row["seeds"] == [0, 1, 2] and row["sst2_dev_accuracy_n"] == 2
+    bad = _write_runs(tmp_path / "bad", [_metrics("mha", 0) | {"data": {"pretrain": "wikitext"}}])
+    code, out, err = cli_main(["compare", str(bad)], monkeypatch, capsys)
+    assert code == 2 and "data is {'pretrain': 'wikitext'}, not the" in " ".join(err.split()), err
+
+
 def test_compare_reports_no_std_for_one_seed_and_counts_each_metric(tmp_path, monkeypatch, capsys):
     """One seed printed "22.73 ± 0.00" (std 0.0 in --json: seeds that agreed), and a metric that
     only some of a configuration's runs measured (SST-2 on one of three) was shown under the

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from svd_probe.errors import TrainingInputError, shown
-from svd_probe.train.config import O_NORMS, OBJECTIVES, RESUME_KEYS, VARIANTS, read_metrics
+from svd_probe.train.config import (
+    DATA_PARTS,
+    O_NORMS,
+    OBJECTIVES,
+    RESUME_KEYS,
+    VARIANTS,
+    is_source_record,
+    read_metrics,
+)
 
 _VARIANT_ORDER = {"mha": 0, "mla": 1, "mla-o": 2}
 _NORM_ORDER = {"none": 0, "rms": 1, "rms-per-head": 2}
@@ -85,6 +93,28 @@ MAX_METRIC = 1e100
 _LABEL_SHAPES = ("q_latent", "kv_latent", "o_latent", "rope_dims")
 
 
+def check_same_data(runs: list[dict]) -> None:
+    """Runs set side by side must have seen the same tokenizer, pretraining text and SST-2 (by
+    sha256, wherever the files lay): a mean over seeds of WikiText-2 and WikiText-103 runs, or a
+    difference paired across them, is no measurement. A run whose metrics.json records no data
+    (an earlier svd-probe) is taken as recorded; a run without SST-2 pairs with any."""
+    for part in DATA_PARTS:
+        first: dict | None = None
+        for m in runs:
+            rec = (m.get("data") or {}).get(part)
+            if rec is None:
+                continue
+            if first is None:
+                first = m
+            elif rec["sha256"] != first["data"][part]["sha256"]:
+                raise TrainingInputError(
+                    f"{first.get('_path', '?')} and {m.get('_path', '?')} were trained on different "
+                    f"{part} data ({shown(first['data'][part]['source'])}, {shown(rec['source'])}): "
+                    "their figures are not comparable",
+                    hint="compare the runs of each dataset separately",
+                )
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -110,6 +140,11 @@ def check_run(m: dict, f: Path) -> None:
             m[key] = {}  # the first lab's runs: grouped as recorded
         elif not isinstance(m[key], dict):
             raise bad(f"{key} is a {type(m[key]).__name__}, not an object")
+    data = m.get("data")
+    if data is not None and not (
+        isinstance(data, dict) and all(is_source_record(data.get(k)) for k in DATA_PARTS) and len(data) <= 8
+    ):
+        raise bad(f"data is {shown(data)}, not the {{tokenizer, pretrain, sst2}} records svd-probe train writes")
     init = m.get("init_from")
     if init is not None and (not isinstance(init, dict) or init.get("variant") not in VARIANTS):
         raise bad(f"init_from is {shown(init)}, not the record of a source run")
@@ -311,6 +346,7 @@ def paired_differences(rows: list[dict]) -> list[dict]:
 
 def comparison(runs: list[dict]) -> dict:
     """What `compare --json` prints: {"configs": rows, "differences": pairs}."""
+    check_same_data(runs)
     rows = summarize(runs)
     pairs = paired_differences(rows)
     return {"configs": [{k: v for k, v in r.items() if k != "_runs"} for r in rows], "differences": pairs}

@@ -314,6 +314,15 @@ def read_metrics(path: Path) -> dict:
     )
 
 
+DATA_PARTS = ("tokenizer", "pretrain", "sst2")  # a run's data fingerprint: a record of each
+
+
+def is_source_record(r: object) -> bool:
+    """None, or {source, sha256} of strings: a data fingerprint's part or an init_from source, as
+    `svd-probe train` records them in its checkpoint and metrics.json."""
+    return r is None or (isinstance(r, dict) and isinstance(r.get("source"), str) and isinstance(r.get("sha256"), str))
+
+
 _RUN_CONFIG_KEYS = {"model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads"}
 _GENERIC_NAMES = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads"}
 

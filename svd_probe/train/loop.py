@@ -1296,6 +1296,7 @@ def _train(
         "variant": cfg.variant,
         "o_norm": cfg.o_norm,
         "init_from": init_record,
+        "data": fingerprint,  # compare refuses to set runs on different data beside each other
         "config": cfg.to_dict(),
         "train_config": {**asdict(tc), "finetune_steps": ft["finetune_steps"]},
         "torch_version": torch.__version__,

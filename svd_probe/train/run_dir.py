@@ -30,7 +30,7 @@ import torch
 from svd_probe.atomic import NotRegularFileError, appendable, atomic_write, atomic_write_json, open_regular
 from svd_probe.errors import TrainingInputError
 from svd_probe.train import data as D
-from svd_probe.train.config import RESUME_KEYS, ModelConfig, TrainConfig
+from svd_probe.train.config import DATA_PARTS, RESUME_KEYS, ModelConfig, TrainConfig, is_source_record
 from svd_probe.train.model import Block, pretraining_parameters
 
 CHECKPOINT = "checkpoint.pt"
@@ -200,11 +200,6 @@ def _count(x: Any, integer: bool = False) -> bool:
     return typed and not isinstance(x, bool) and math.isfinite(x) and x >= 0
 
 
-def _source_record(r: Any) -> bool:
-    """None, or {source, sha256} as data_fingerprint and init_from record them."""
-    return r is None or (isinstance(r, dict) and isinstance(r.get("source"), str) and isinstance(r.get("sha256"), str))
-
-
 def _record_problem(state: dict) -> str | None:
     """What the resume reads besides the tensors: each of the type that `run` writes."""
     if "wall_time_s" in state and not _count(state["wall_time_s"]):
@@ -213,11 +208,9 @@ def _record_problem(state: dict) -> str | None:
         if key in state and not isinstance(state[key], dict):
             return f"its {key} is not a dict"
     data = state.get("data")
-    if data is not None and not (
-        isinstance(data, dict) and all(_source_record(data.get(k)) for k in ("tokenizer", "pretrain", "sst2"))
-    ):
+    if data is not None and not (isinstance(data, dict) and all(is_source_record(data.get(k)) for k in DATA_PARTS)):
         return "its data fingerprint is not {tokenizer, pretrain, sst2} records of source and sha256"
-    if not _source_record(state.get("init_from")):
+    if not is_source_record(state.get("init_from")):
         return "its init_from is not a record of source and sha256"
     pre = state.get("pretrain_metrics")
     if pre is not None and not (isinstance(pre, dict) and "pretrain_samples_per_s" in pre):
