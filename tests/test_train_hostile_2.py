@@ -315,3 +315,40 @@ def test_init_from_refuses_weights_no_run_writes(inputs, mla_source, tmp_path, m
     code, _, err = cli_main(["train", "--init-from", str(source), *args], monkeypatch, capsys)
     assert code == 2 and words in " ".join(err.split()) and "Traceback" not in err, err
     assert not out.exists()
+
+
+# ---- sweep --init-from ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mha_source(inputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("source") / "mha"
+    run(preset("mha", "tiny"), small_recipe(pretrain_steps=2), sources(inputs, sst2_dir=None), out)
+    return out
+
+
+def _sweep_plan(monkeypatch, capsys, inputs, tmp_path, *args: str) -> tuple[int, dict | None, str]:
+    argv = ["sweep", "--size", "tiny", "--variant", "mla-o", "--out", str(tmp_path / "sw"), "--dry-run", "--json"]
+    code, out, err = cli_main([*argv, "--tokenizer", str(inputs["vocab"]), *args], monkeypatch, capsys)
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def test_sweep_names_runs_after_the_init_from_train_takes(
+    inputs, mla_source, mha_source, tmp_path, monkeypatch, capsys
+):
+    """Given twice, --init-from is the last one for train's parser, but the sweep's own scan took
+    the first: the folders said init-mha for runs started from the mla source. And with `{seed}`,
+    the first seed's source named every seed's folder, whatever the others' variants."""
+    args = ("--seeds", "0", "--init-from", str(mha_source), "--init-from", str(mla_source))
+    code, plan, err = _sweep_plan(monkeypatch, capsys, inputs, tmp_path, *args)
+    assert code == 0 and plan is not None, err
+    (r,) = plan["runs"]
+    assert "init-mla" in r["name"] and r["command"][r["command"].index("--init-from") + 3] == str(mla_source)
+    per_seed = tmp_path / "per-seed"
+    shutil.copytree(mla_source, per_seed / "seed-0")
+    shutil.copytree(mha_source, per_seed / "seed-1")
+    args = ("--seeds", "0,1", "--init-from", str(per_seed / "seed-{seed}"))
+    code, plan, err = _sweep_plan(monkeypatch, capsys, inputs, tmp_path, *args)
+    flat = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err, (plan, err)
+    assert "sources of different variants: seed 0: mla, seed 1: mha" in flat, err

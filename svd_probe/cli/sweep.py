@@ -107,13 +107,20 @@ def sweep_cmd(
         kv_latents=None if kv_latent is None else S.parse_int_list(kv_latent, "--kv-latent"),
         o_latents=None if o_latent is None else S.parse_int_list(o_latent, "--o-latent"),
     )
-    if _init_from(passthrough) is not None and grid.variants != ["mla-o"]:
+    init_from = _init_from(passthrough)
+    if init_from is not None and grid.variants != ["mla-o"]:
         raise TrainingInputError("--init-from builds mla-o runs only", hint="add --variant mla-o")
     points = S.expand(grid)
-    init_from = _init_from(passthrough)
     if init_from is not None:
-        init_variant = _source_variant(init_from.replace("{seed}", str(grid.seeds[0])))
-        points = [dataclasses.replace(p, init=init_variant) for p in points]
+        # The folder names say `init-<variant>`: every seed's source (`{seed}`) must be of one.
+        found = {seed: _source_variant(init_from.replace("{seed}", str(seed))) for seed in grid.seeds}
+        if len(set(found.values())) > 1:
+            raise TrainingInputError(
+                "--init-from names sources of different variants: "
+                + ", ".join(f"seed {seed}: {v}" for seed, v in found.items()),
+                hint="start every seed from runs of one variant (one sweep per source variant)",
+            )
+        points = [dataclasses.replace(p, init=found[p.seed]) for p in points]
     total = len(points)
     if shard is not None:
         k, n = S.parse_shard(shard)
@@ -188,12 +195,10 @@ def _passthrough(args: list[str]) -> list[str]:
 
 
 def _init_from(args: list[str]) -> str | None:
-    for i, a in enumerate(args):
-        if a == "--init-from" and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith("--init-from="):
-            return a.split("=", 1)[1]
-    return None
+    """The --init-from the runs get, as train's own parser reads it (the last one given: a scan
+    of our own took the first, and the folder names could name the wrong source)."""
+    value = _parse_train(args).get("init_from")
+    return None if value is None else str(value)
 
 
 def _source_variant(run_dir: str) -> str:
