@@ -19,8 +19,9 @@ Owned here, once each:
   little: bytes already received are kept and the retry asks only for the rest. httpx has no
   total timeout and a blocking socket read cannot be interrupted safely from another thread, so
   `within_deadline` runs the request in a daemon thread and stops waiting for it; the abandoned
-  request may no longer write anything (see `ranges._Fill`) and ends when the server gives up or
-  the process exits. The extra thread per request is lost in the noise: 240 range GETs of 4 KiB
+  request may no longer write anything (see `ranges._Fill`; a small-file download drops its
+  connection at the next bytes that arrive: `_Budget`) and ends when the server gives up or the
+  process exits. The extra thread per request is lost in the noise: 240 range GETs of 4 KiB
   on loopback took 2.89-2.91 s, against 2.78-3.00 s with the former in-thread reads (best of 5,
   two runs each).
 - **The token rule.** The Hub token goes only to the endpoint's own origin (scheme, host, port):
@@ -35,6 +36,12 @@ Owned here, once each:
   endpoint's. It is a hook, not a redirect loop of our own, because huggingface_hub's calls (its
   metadata parsing, its cache, its hooks) are what we want to keep; huggingface_hub adds its own
   request IDs the same way.
+- **The small-file bound.** `hf_hub_download` writes whatever a GET sends into HF_HOME and compares
+  the size with the HEAD's only at the end: a HEAD saying 30 bytes and a GET without end put
+  588 MiB in HF_HOME within a 2 s deadline, and the abandoned thread went on writing (998 MiB 3 s
+  later). `download` therefore gives each attempt a byte budget (`_Budget`, its `max_bytes`) that
+  the hooks on the shared session enforce on every answer to its requests, redirects included:
+  at most `max_bytes` reach huggingface_hub, then `MalformedFileError` (see `_take_budget`).
 - **The error map.** huggingface_hub's typed errors (it reads `X-Error-Code` first) become ours in
   `typed_error`; a raw error answer of a range read goes through `hf_raise_for_status` first, so
   both kinds take the same map. Readers above this module never see a status code.
@@ -52,9 +59,11 @@ import email.utils
 import functools
 import importlib
 import random
+import re
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -64,6 +73,7 @@ from svd_probe.errors import (
     EntryNotFoundError,
     GatedRepoError,
     HubUnreachableError,
+    MalformedFileError,
     RepoNotFoundError,
     RevisionNotFoundError,
     SvdProbeError,
@@ -91,7 +101,7 @@ def session() -> Any:
 
     s = get_session()
     _widen_reads(type(s).__module__.split(".")[0])
-    _guard_token(s)
+    _install_hooks(s)
     return s
 
 
@@ -113,12 +123,137 @@ def _keep_token_home(request: Any) -> None:
         request.headers.pop("authorization", None)
 
 
-def _guard_token(client: Any) -> None:
-    """Install `_keep_token_home` on `client` once (a client factory may build a new one)."""
+def _install_hooks(client: Any) -> None:
+    """Install our hooks on `client` once (a client factory may build a new one): `_keep_token_home`
+    and `_take_budget` on its requests, `_bound_answer` on its answers."""
     with _GUARD_LOCK:
-        hooks = client.event_hooks
-        if _keep_token_home not in hooks.get("request", []):
-            client.event_hooks = {**hooks, "request": [*hooks.get("request", []), _keep_token_home]}
+        hooks = dict(client.event_hooks)
+        for kind, ours in (("request", (_keep_token_home, _take_budget)), ("response", (_bound_answer,))):
+            have = list(hooks.get(kind, []))
+            hooks[kind] = have + [hook for hook in ours if hook not in have]
+        if hooks != client.event_hooks:
+            client.event_hooks = hooks
+
+
+# --- the byte budget of a small-file download -----------------------------------------------------
+#
+# How the bound is enforced, and why so. huggingface_hub offers no size limit for `hf_hub_download`:
+# `http_get` writes each chunk of the body and compares the total with the expected size after
+# the last one. Of the ways in:
+# - a `tqdm_class` whose update() raises past the limit: hf_hub_download has no `tqdm_class` in
+#   huggingface_hub 1.0 (pyproject allows >=1.0); and update() comes per DOWNLOAD_CHUNK_SIZE
+#   (10 MiB) chunk, never for the body of a redirect or an error answer (which httpx and
+#   hf_raise_for_status read whole into memory), nor for hf_xet's downloads.
+# - hooks on the shared session (httpx under huggingface_hub 1.x, httpx2 under 2.x: the same hook
+#   API, and both copy a request's `extensions` to the request of each redirect they follow):
+#   every answer's body, socket read by socket read, before any of it reaches huggingface_hub.
+# So the hooks. Which requests they bound is named by a header that `download` passes to
+#   hf_hub_download (huggingface_hub sends a call's `headers` on its HEAD and its GET, as it does
+#   `token_home`'s): not a URL, which a redirect to a CDN changes and which the user's own calls
+#   may share, and not every GET of the shared session (a global cap), which is also the user's
+#   client for their own huggingface_hub calls: a cap there would break their large downloads.
+#   A Range GET is bounded too: huggingface_hub 1.0 resumes a `.incomplete` file left in the
+#   cache, and 2.x resumes within a call after a dropped connection, with `Range: bytes=N-`.
+# The budget covers one attempt (one hf_hub_download call): all the bytes of all its answers,
+# and for a 206 answer to `Range: bytes=N-`, N + its bytes, so that neither what arrives nor a
+# file in HF_HOME exceeds `max_bytes`. Measured (a HEAD of 30 bytes, a GET without end at
+# 100 MiB/s, 2 s deadline): before, 178 MiB in HF_HOME at the error and 450 MiB 3 s later; now
+# MalformedFileError after 0.2 s (config) / 0.7 s (index), at most 0 / 60 MiB in HF_HOME while it
+# ran (huggingface_hub writes 10 MiB chunks), and 0 after the error under 2.5 (it deletes its
+# temporary file; 1.0 keeps the `.incomplete`, 60 MiB, within the limit), the connection dropped.
+
+#: The header naming, on a request huggingface_hub sends for `download`, the budget of its answers
+#: (a key of `_BUDGETS`); `_take_budget` moves the budget into the request's extensions and removes
+#: the header before the request leaves the process.
+BUDGET = "x-svd-probe-budget"
+_BUDGET_KEY = "svd_probe.budget"
+_BUDGETS: dict[str, _Budget] = {}
+_RANGE_START = re.compile(r"\s*bytes\s*=\s*(\d{1,20})\s*-")
+#: huggingface_hub reads these to send a download to hf_xet, a client of its own (in Rust) that no
+#: hook of ours reaches. config.json and an index are small Git files on the Hub (not LFS, so not
+#: Xet), and the Hub serves a Xet file over plain HTTP too (huggingface_hub's fallback without
+#: hf_xet): a budgeted answer loses them, and the download stays on the session, under the budget.
+_XET_HEADERS = ("X-Xet-Hash", "X-Xet-Refresh-Route")
+
+
+class _Cut(Exception):
+    """Ends the requests of an attempt that `within_deadline` gave up on (nobody reads it)."""
+
+
+@dataclass
+class _Budget:
+    """The bytes that one attempt of `download` may receive (see above)."""
+
+    what: str  # "config.json of org/name"
+    limit: int
+    received: int = 0
+    abandoned: bool = False
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+    def charge(self, n: int, offset: int) -> None:
+        """Count `n` more bytes, which would end at `offset + n` of the file; raise before they
+        are handed on if the attempt was abandoned or they go past the limit."""
+        if self.abandoned:
+            raise _Cut(f"{self.what}: abandoned")
+        self.received += n
+        if self.received > self.limit or offset + n > self.limit:
+            raise MalformedFileError(
+                f"{self.what} is over the {self.limit}-byte ({self.limit >> 20} MiB) limit for it: the server "
+                f"sent more, and the download was stopped there",
+                "The endpoint sends more than the file it announced; check --endpoint / HF_ENDPOINT.",
+                file=self.what,
+            )
+
+
+def _take_budget(request: Any) -> None:
+    """A request hook: a request of `download`'s carries its budget along (redirects included)."""
+    key = request.headers.pop(BUDGET, None)
+    if key is not None:
+        budget = _BUDGETS.get(key)
+        if budget is None:  # its download has returned: nothing more may be asked for it
+            raise _Cut("a request of a finished download")
+        request.extensions = {**request.extensions, _BUDGET_KEY: budget}
+    budget = request.extensions.get(_BUDGET_KEY)
+    if budget is not None and budget.abandoned:  # the abandoned thread sends nothing more
+        raise _Cut(f"{budget.what}: abandoned")
+
+
+def _bound_answer(response: Any) -> None:
+    """A response hook: the body of an answer to a budgeted request is counted as it arrives."""
+    budget = response.request.extensions.get(_BUDGET_KEY)
+    if budget is None:
+        return
+    for name in _XET_HEADERS:
+        response.headers.pop(name, None)
+    m = _RANGE_START.match(response.request.headers.get("Range", ""))
+    offset = int(m.group(1)) if m and response.status_code == 206 else 0  # a 200 starts the file over
+    response.stream = _budgeted_stream(type(response).__module__.split(".")[0])(response.stream, budget, offset)
+
+
+class _BudgetedBody:
+    """A response body that charges each piece to a `_Budget` before handing it on."""
+
+    def __init__(self, inner: Any, budget: _Budget, offset: int) -> None:
+        self._inner = inner
+        self._budget = budget
+        self._offset = offset
+
+    def __iter__(self) -> Iterator[bytes]:
+        for piece in self._inner:
+            self._budget.charge(len(piece), self._offset)
+            self._offset += len(piece)
+            yield piece
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@functools.cache
+def _budgeted_stream(httpx_name: str) -> Any:
+    """`_BudgetedBody` as the flavour's `SyncByteStream` (httpx checks a body is one)."""
+    return type("BudgetedStream", (_BudgetedBody, importlib.import_module(httpx_name).SyncByteStream), {})
 
 
 #: The socket read size of httpcore's HTTP/1.1 connections. httpcore reads a body 64 KiB per
@@ -532,17 +667,21 @@ def download(
     label: str | None = None,
 ) -> Path:
     """huggingface_hub's `hf_hub_download` of a small file pinned to `commit` (cached in HF_HOME
-    as usual), under our retries and a deadline sized for `max_bytes`; errors typed."""
+    as usual), under our retries and a deadline sized for `max_bytes`; errors typed. At most
+    `max_bytes` of its answers are received (`_Budget`): past that, `MalformedFileError`."""
     from huggingface_hub import errors as hf
     from huggingface_hub import hf_hub_download, hf_hub_url
 
     url = hf_hub_url(repo_id, path, revision=commit, endpoint=endpoint)
     hx = httpx()
+    what = f"{path} of {repo_id}"
 
-    def get() -> Path:
+    def get(budget: _Budget) -> Path:
+        key = uuid.uuid4().hex
+        _BUDGETS[key] = budget
         try:
             # Pinned to the commit: a branch moving during the run cannot mix two checkpoints.
-            session()  # the token guard, as in file_metadata
+            session()  # the token guard and the budget's hooks, as in file_metadata
             return Path(
                 hf_hub_download(
                     repo_id,
@@ -551,7 +690,7 @@ def download(
                     token=token,
                     endpoint=endpoint,
                     etag_timeout=policy.timeout,
-                    headers=token_home(endpoint),
+                    headers={**token_home(endpoint), BUDGET: key},
                 )
             )
         except hf.LocalEntryNotFoundError as e:
@@ -571,11 +710,17 @@ def download(
                 f"could not fetch {path} of {repo_id} from {endpoint}: {type(e).__name__}: {e}",
                 "Check the network, --endpoint / HF_ENDPOINT, and that HF_HOME is writable.",
             ) from None
+        finally:
+            _BUDGETS.pop(key, None)
+
+    def attempt() -> Path:
+        budget = _Budget(what, max_bytes)  # one per attempt: an abandoned one ends with its thread
+        return within_deadline(lambda: get(budget), policy.deadline_for(max_bytes), url=url, on_abandon=budget.abandon)
 
     return with_retries(
-        lambda: within_deadline(get, policy.deadline_for(max_bytes), url=url),
+        attempt,
         policy,
-        what=f"fetching {path} of {repo_id}",
+        what=f"fetching {what}",
         url=url,
         give_up=unreachable,
         connect_retries=policy.connect_retries,
