@@ -650,7 +650,7 @@ def export_alignment(alignment: Alignment, out: str | Path, format: str | None =
             df.to_csv(tmp, index=False)
             n = len(df)
 
-    write_output_file(out, write, flag="--export")
+    write_output_file(out, write, flag="--export", overwrite=overwrite)
     return n
 
 

@@ -21,19 +21,28 @@ from typing import IO, Any, BinaryIO
 
 from svd_probe.errors import OutputExistsError
 
+# The temporary file's name is "." + at most this much of the final name + 8 random characters +
+# ".tmp": a final name of up to 255 bytes (the usual limit of a file name) keeps a legal one.
+_TMP_NAME_KEEP = 64
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, exclusive: bool = False) -> None:
     """Call `write(tmp_path)`, fsync the result, then rename it onto `path`.
 
     Args:
         path: the final file name; its folder is created if missing.
         write: writes the whole content to the temporary path it is given.
+        exclusive: never replace anything at `path`: the finished file is linked there, which
+            fails if a file (or a link, or anything) appeared there while it was written
+            (`OutputExistsError`), where a check before the work and a rename after it would
+            replace what appeared in between. On a filesystem without hard links, the check is
+            made again just before the rename.
 
     The temporary file is removed if `write` (or anything after it) fails, even on Ctrl-C.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name[:_TMP_NAME_KEEP], suffix=".tmp")
     os.close(fd)
     # mkstemp makes the file private (0600); the final file gets the mode a plain open() would
     # give it, so exports and reports are readable by whoever the user's umask allows.
@@ -44,10 +53,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _link_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Put the finished `tmp` at `path` only if nothing is there (see `atomic_write`)."""
+    appeared = OutputExistsError(
+        f"{path} appeared while svd-probe wrote it; svd-probe does not overwrite files",
+        "Pass --overwrite to replace it, or pick another name.",
+    )
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise appeared from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(path):  # no hard links here (FAT, some network filesystems)
+            raise appeared from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def is_disk_full(e: OSError) -> bool:

@@ -42,11 +42,12 @@ def check_output_file(out: str | Path, overwrite: bool, flag: str = "--out") -> 
     return out
 
 
-def write_output_file(out: Path, write, flag: str = "--out") -> None:
+def write_output_file(out: Path, write, flag: str = "--out", *, overwrite: bool = True) -> None:
     """`atomic_write(out, write)` of a file the user named with `flag`: an OSError (disk full,
-    quota, read-only folder) becomes a `DiskWriteError` that names the file and the fix."""
+    quota, read-only folder) becomes a `DiskWriteError` that names the file and the fix. Without
+    `overwrite`, a file that appeared at `out` during the work is kept (`OutputExistsError`)."""
     try:
-        atomic_write(out, write)
+        atomic_write(out, write, exclusive=not overwrite)
     except OSError as e:
         raise DiskWriteError(
             f"cannot write {out}: {e.strerror or e}",
@@ -111,5 +112,5 @@ def export(
             df.to_parquet(tmp, index=False)
         n = len(df)
 
-    write_output_file(out, write)
+    write_output_file(out, write, overwrite=overwrite)
     return n

@@ -557,6 +557,6 @@ def write_html_report(
     path = check_output_file(out, overwrite)  # before any work: a refused --out costs nothing
     page = render_html_report(models, **options)
     data = page.html.encode()
-    write_output_file(path, lambda tmp: Path(tmp).write_bytes(data))
+    write_output_file(path, lambda tmp: Path(tmp).write_bytes(data), overwrite=overwrite)
     page.path = path
     return page

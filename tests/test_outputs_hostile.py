@@ -147,3 +147,43 @@ def test_export_and_plot_print_the_out_paths_as_text(llama, template, tmp_path, 
     assert code == 0 and "Traceback" not in err, err
     drawn = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))  # not its marker
     assert drawn and all(str(p) in " ".join(out.split()) for p in drawn)
+
+
+def test_a_file_that_appears_while_an_output_is_written_is_kept(tmp_path):
+    """--out was checked before the work and the result renamed onto it after: a file created
+    there in between (another run, the user) was silently replaced. Without --overwrite the
+    finished file is now linked into place, which fails where anything appeared."""
+    from svd_probe.atomic import atomic_write
+    from svd_probe.errors import OutputExistsError
+
+    out = tmp_path / "table.csv"
+
+    def write_while_someone_creates(tmp: str) -> None:
+        Path(tmp).write_text("ours\n")
+        out.write_text("theirs\n")  # appears during the work
+
+    with pytest.raises(OutputExistsError, match="appeared while svd-probe wrote it"):
+        atomic_write(out, write_while_someone_creates, exclusive=True)
+    assert out.read_text() == "theirs\n" and sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+    out.unlink()
+    (tmp_path / "elsewhere").write_text("keep\n")
+    out.symlink_to(tmp_path / "nowhere")  # a dangling link counts as something there too
+    with pytest.raises(OutputExistsError):
+        atomic_write(out, lambda tmp: Path(tmp).write_text("ours\n"), exclusive=True)
+    assert out.is_symlink()
+    atomic_write(out, lambda tmp: Path(tmp).write_text("ours\n"))  # --overwrite: replaced
+    assert not out.is_symlink() and out.read_text() == "ours\n"
+    atomic_write(tmp_path / "new.csv", lambda tmp: Path(tmp).write_text("x\n"), exclusive=True)
+    assert (tmp_path / "new.csv").read_text() == "x\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "new.csv", "table.csv"]
+
+
+def test_an_out_name_of_250_characters_is_written(llama, template, tmp_path, monkeypatch, capsys):
+    """The temporary file's name was "." + the whole final name + 8 + ".tmp": a legal 250-byte
+    --out failed with "File name too long"."""
+    cache = copy(template, tmp_path, llama)
+    table = tmp_path / ("t" * 246 + ".csv")
+    args = ["export", llama, "--cache-dir", cache.root, "--format", "csv", "--out", table]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert table.is_file() and table.read_text().count("\n") > 1
