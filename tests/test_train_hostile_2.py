@@ -352,3 +352,15 @@ def test_sweep_names_runs_after_the_init_from_train_takes(
     flat = " ".join(err.split())
     assert code == 2 and "Traceback" not in err, (plan, err)
     assert "sources of different variants: seed 0: mla, seed 1: mha" in flat, err
+
+
+def test_a_bad_shard_is_named_in_a_short_message():
+    """`--shard` of 5,000 digits was echoed whole in its refusal (a job array's variable gone
+    wrong fills the terminal); the message shows the start of it."""
+    from svd_probe.errors import TrainingInputError
+    from svd_probe.train.sweep import parse_shard
+
+    with pytest.raises(TrainingInputError) as e:
+        parse_shard("1" * 5000 + "/2")
+    first = str(e.value).splitlines()[0]  # the message; the hint follows
+    assert len(first) < 100 and first.startswith("bad --shard '111")

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from svd_probe.atomic import appendable, open_append
-from svd_probe.errors import TrainingInputError
+from svd_probe.errors import TrainingInputError, shown
 from svd_probe.train.config import RESUME_KEYS, ModelConfig, TrainConfig, read_metrics
 
 # Which axes each variant has; the others collapse.
@@ -175,7 +175,7 @@ def parse_shard(text: str) -> tuple[int, int]:
         k, n = -1, 0
     if not sep or n < 1 or not 0 <= k < n:
         raise TrainingInputError(
-            f"bad --shard {text!r}: K/N with 0 <= K < N",
+            f"bad --shard {shown(text)}: K/N with 0 <= K < N",
             hint="e.g. --shard 0/4 ... --shard 3/4, or --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT "
             "with --array=0-3",
         )
