@@ -347,3 +347,66 @@ def test_tensors_a_checkpoint_lacks_are_not_asked_for_by_the_check(tmp_path):
     want = _sigma(_analyze(clean, tmp_path / "c2"))
     assert set(got) == {"head.O", "stacked.O", "head.V", "stacked.V", "head.VO", "stacked.VO"}
     assert all(np.array_equal(got[k], want[k]) for k in got)
+
+
+# --- a config that declares fewer layers than the checkpoint holds -------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, field, fewer",
+    [
+        ("llama", "num_hidden_layers", {"num_hidden_layers": 1}),
+        ("gpt2", "n_layer", {"n_layer": 1}),
+        ("bert", "num_hidden_layers", {"num_hidden_layers": 1}),
+        # config says no MTP layer: the checkpoint's last layer (its MTP layer) goes unread
+        ("deepseek_v3", "num_hidden_layers", {"num_nextn_predict_layers": 0}),
+    ],
+)
+def test_layers_past_the_config_are_named_in_the_summary(tmp_path, monkeypatch, capsys, name, field, fewer):
+    """Old: a config.json declaring fewer layers than the checkpoint holds analysed those alone,
+    and the summary read as the whole checkpoint's, without a word. Now a note names the layers
+    left out (the analysis itself is what config.json describes)."""
+    layout = build_layout(name)
+    folder = write_layout(tmp_path / "m", layout, n_shards=1)
+    held = max(find_layers(_names(folder), _probe_of(name)).present) + 1
+    config = {**layout.config, **fewer}
+    (folder / "config.json").write_text(json.dumps(config))
+    declared = held - 1
+    dims = adapter_for(config, _names(folder)).dims()
+    assert dims.num_layers == declared
+    from svd_probe.cli import main
+
+    argv = [
+        "svd-probe",
+        "analyze",
+        str(folder),
+        "--device",
+        "cpu",
+        "--matrices",
+        "O",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        main()
+    out, err = capsys.readouterr()
+    flat = " ".join(out.split())  # the model's notes stand under the summary
+    assert e.value.code in (0, None) and "Traceback" not in err, err
+    assert f"attention tensors for layer {declared}, past the {declared} that config.json declares ({field}" in flat
+
+
+def _names(folder) -> set[str]:
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "np") as f:
+            names |= set(f.keys())
+    return names
+
+
+def _probe_of(name: str) -> str:
+    from svd_probe.adapters import bert, gpt2, llama, mla
+
+    return {"llama": llama, "gpt2": gpt2, "bert": bert, "deepseek_v3": mla}[name]._PROBE

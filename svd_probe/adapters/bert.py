@@ -16,6 +16,7 @@ residual stream itself, with no LayerNorm in between whose weight could fold int
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -31,6 +32,7 @@ from svd_probe.adapters.common import (
     find_layers,
     mha_dims,
     projection_roles,
+    unread_layers_note,
 )
 
 _PROBE = "attention.self.query.weight"
@@ -52,6 +54,7 @@ class BertAdapter(RoleNamedAdapter):
             f.integer("hidden_size"),
             f.integer("num_attention_heads", maximum=MAX_HEADS),
         )
+        self._dims = replace(self._dims, notes=unread_layers_note(layers, "num_hidden_layers", self._prefix))
 
     # --- shapes ------------------------------------------------------------------------------
     def dims(self) -> ModelDims:

@@ -252,6 +252,23 @@ def check_layer_count(model_type: str, field: str, num_layers: int, layers: Laye
         )
 
 
+def unread_layers_note(analysed: int, field: str, layers: LayerNames) -> tuple[str, ...]:
+    """A note for the summary where the checkpoint holds attention tensors for layers past the
+    `analysed` ones config.json declares (`field`): those are not analysed, and the summary must
+    not read as the whole checkpoint's (for MLA, the first of them would be taken for the MTP
+    layer where config.json declares one)."""
+    if not layers.present:
+        return ()
+    have = max(layers.present) + 1
+    if have <= analysed:
+        return ()
+    extra = f"layer {analysed}" if have == analysed + 1 else f"layers {analysed}-{have - 1}"
+    return (
+        f"the checkpoint also holds attention tensors for {extra}, past the {analysed} that "
+        f"config.json declares ({field}): not analysed; check that config.json belongs to it",
+    )
+
+
 def count_mtp_layers(declared: int, first: int, layers: LayerNames) -> tuple[int, tuple[str, ...]]:
     """How many of the `declared` MTP layers (numbered from `first`) the checkpoint holds, and a
     note for the summary when that is fewer: transformers' `save_pretrained` keeps

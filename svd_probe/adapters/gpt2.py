@@ -20,6 +20,7 @@ differ from TransformerLens' by up to 1.1e-2·σ₁). See docs/reference.md §3.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -37,6 +38,7 @@ from svd_probe.adapters.common import (
     fold_layernorm,
     mha_dims,
     projection_roles,
+    unread_layers_note,
 )
 
 _PROBE = "attn.c_attn.weight"
@@ -68,6 +70,7 @@ class GPT2Adapter(RoleNamedAdapter):
             heads_field="n_head",
             hidden_field="n_embd",
         )
+        self._dims = replace(self._dims, notes=unread_layers_note(layers, layers_field, self._prefix))
 
     # --- shapes ------------------------------------------------------------------------------
     def dims(self) -> ModelDims:

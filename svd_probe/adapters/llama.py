@@ -17,6 +17,7 @@ position-free bilinear form Q_hᵀ·K_g; the model has no Q_pe, and no MLA layer
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -33,6 +34,7 @@ from svd_probe.adapters.common import (
     fold,
     mha_dims,
     projection_roles,
+    unread_layers_note,
 )
 
 _PROBE = "self_attn.o_proj.weight"
@@ -55,6 +57,7 @@ class LlamaAdapter(RoleNamedAdapter):
         layers = f.integer("num_hidden_layers", maximum=MAX_LAYERS)
         check_layer_count(str(config.get("model_type", "llama")), "num_hidden_layers", layers, self._prefix, _PROBE)
         self._dims = mha_dims(f, str(config.get("model_type", "llama")), layers, d_model, n, g, head_dim)
+        self._dims = replace(self._dims, notes=unread_layers_note(layers, "num_hidden_layers", self._prefix))
 
     # --- shapes ------------------------------------------------------------------------------
     def dims(self) -> ModelDims:

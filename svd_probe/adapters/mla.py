@@ -31,6 +31,7 @@ from svd_probe.adapters.common import (
     count_mtp_layers,
     find_layers,
     fold,
+    unread_layers_note,
 )
 
 _PROBE = "self_attn.o_proj.weight"
@@ -48,6 +49,8 @@ class MLAAdapter(RoleNamedAdapter):
         check_layer_count(model_type, "num_hidden_layers", n_main, self._prefix, _PROBE)
         declared = f.integer("num_nextn_predict_layers", minimum=0, maximum=MAX_LAYERS, default=0)
         n_mtp, notes = count_mtp_layers(declared, n_main, self._prefix)
+        field = "num_hidden_layers" + (" + num_nextn_predict_layers" if declared else "")
+        notes += unread_layers_note(n_main + n_mtp, field, self._prefix)
         q_latent = f.optional("q_lora_rank")
         self.has_q_latent = q_latent is not None
         n = f.integer("num_attention_heads", maximum=MAX_HEADS)

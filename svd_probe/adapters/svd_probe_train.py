@@ -40,7 +40,14 @@ from typing import ClassVar
 import torch
 
 from svd_probe.adapters.base import AttentionFactors, LayerPlan, ModelDims, TensorSpec
-from svd_probe.adapters.common import MAX_HEADS, MAX_LAYERS, ConfigFields, check_layer_count, find_layers
+from svd_probe.adapters.common import (
+    MAX_HEADS,
+    MAX_LAYERS,
+    ConfigFields,
+    check_layer_count,
+    find_layers,
+    unread_layers_note,
+)
 from svd_probe.errors import BadConfigError
 
 _QK_KINDS = {"Q", "Q_pe", "K", "QK", "KQ", "Qjoint"}
@@ -98,6 +105,7 @@ class SvdProbeTrainAdapter:
             d_v=D,
             q_latent=q_latent,
             kv_latent=kv_latent,
+            notes=unread_layers_note(n_layers, "n_layers", self._prefix),
         )
 
     # -- config ------------------------------------------------------------------------------
