@@ -68,6 +68,7 @@ def load_tokenizer(spec: str) -> Tok:
     try:
         if path.exists() and not path.is_dir():
             check_regular_file(path, MAX_TOKENIZER_BYTES, "tokenizer file")
+            refuse_bom(path)
             if path.suffix == ".json":
                 tok = Tokenizer.from_file(str(path))
             else:
@@ -118,15 +119,38 @@ def load_tokenizer(spec: str) -> Tok:
     )
 
 
+def refuse_bom(path: Path) -> None:
+    """TrainingInputError when a tokenizer file starts with a UTF-8 byte-order mark: `tokenizers`
+    glued it to a vocab.txt's first token (bert-base-uncased's [PAD] went missing; a first line
+    `the` became an unknown word, silently [UNK]) and refused a tokenizer.json as "expected value"."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(3)
+    except OSError as e:
+        raise TrainingInputError(f"cannot read {path}: {e.strerror or e}") from None
+    if head == b"\xef\xbb\xbf":
+        raise TrainingInputError(
+            f"tokenizer file {path} starts with a UTF-8 byte-order mark (BOM)",
+            hint="save it as UTF-8 without a BOM, e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' FILE",
+        )
+
+
 def count_vocab_lines(path: Path) -> int:
     """Lines of a WordPiece vocab.txt, which `tokenizers` numbers 0, 1, ... (its ids, so the
     embedding's rows), counted in 1 MiB chunks: a 207 MB file of 25 million lines took 9.4 GB and
     two minutes in `tokenizers` before its ids were found too many, here 0.13 s and 1 MiB. Reads
-    at most MAX_TOKENIZER_BYTES + 1 bytes (the file may have grown since its size was checked)."""
+    at most MAX_TOKENIZER_BYTES + 1 bytes (the file may have grown since its size was checked).
+    A NUL byte is refused: `tokenizers` took `t\\x00he` as a token, so `the` became [UNK]."""
     lines, last, read = 0, b"\n", 0
     try:
         with open(path, "rb") as f:
             while read <= MAX_TOKENIZER_BYTES and (chunk := f.read(1 << 20)):
+                if (nul := chunk.find(b"\x00")) >= 0:
+                    line = lines + chunk.count(b"\n", 0, nul) + 1
+                    raise TrainingInputError(
+                        f"{path} is not a vocabulary: a NUL byte on line {line:,}",
+                        hint="pass the original vocab.txt (one token a line, UTF-8 text), not a binary copy",
+                    )
                 lines += chunk.count(b"\n")
                 last, read = chunk[-1:], read + len(chunk)
     except OSError as e:
@@ -188,7 +212,10 @@ def read_text(path: Path) -> str:
             f"{path} is not UTF-8 text (a NUL byte at {raw.index(0)})",
             hint="pass the original text file (WikiText .tokens, GLUE .tsv), not a binary copy",
         )
-    return text
+    # A byte-order mark (Windows editors write one) is no text: left in, it was glued to the
+    # first line, so an SST-2 header `\ufeffsentence` was "no header" and a WikiText file
+    # gained a line of its own.
+    return text.removeprefix("\ufeff")
 
 
 def fingerprint_lines(*splits: list[str]) -> str:
@@ -229,18 +256,25 @@ def read_wikitext_dir(data_dir: Path) -> tuple[list[str], list[str]]:
         lines = [clean_wikitext_line(ly) for ly in read_text(f).splitlines()]
         lines = [ly for ly in lines if ly]
         if not lines:
-            raise TrainingInputError(f"{f} holds no text")
+            raise TrainingInputError(f"{f} holds no text", hint=_EMPTY_WIKI_HINT)
         splits.append(lines)
     return splits[0], splits[1]
 
 
+_EMPTY_WIKI_HINT = "pass WikiText's own files (README, Training lab, says where to get WikiText-2)"
+
+
 def read_wikitext_test(data_dir: Path) -> list[str] | None:
-    """Lines of wiki.test.tokens when the folder has it (the clm objective reports its perplexity)."""
+    """Lines of wiki.test.tokens when the folder has it (the clm objective reports its perplexity).
+    A file there that holds no text is refused as train and valid are: it was skipped as if absent,
+    and the run reported no test perplexity without a word."""
     f = Path(data_dir) / "wiki.test.tokens"
     if not os.path.lexists(f):  # present but not a file (a pipe, a dangling link): read_text refuses it
         return None
     lines = [ly for ly in (clean_wikitext_line(x) for x in read_text(f).splitlines()) if ly]
-    return lines or None
+    if not lines:
+        raise TrainingInputError(f"{f} holds no text", hint=_EMPTY_WIKI_HINT + ", or remove it")
+    return lines
 
 
 def read_wikitext_hub(name: str, splits: tuple[str, ...] = ("train", "validation")) -> tuple[list[str], ...]:
@@ -350,6 +384,10 @@ def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:
         header = next(reader, None)
         if not header or "sentence" not in header or "label" not in header:
             raise TrainingInputError(f"{path} has no `sentence\\tlabel` header", hint="use GLUE's SST-2 TSV files")
+        if header.count("sentence") > 1 or header.count("label") > 1:  # the first was read, the other ignored
+            raise TrainingInputError(
+                f"{path}: the header names a column twice: {shown(header)}", hint="use GLUE's SST-2 TSV files"
+            )
         si, li = header.index("sentence"), header.index("label")
         for row in reader:
             n = reader.line_num
@@ -362,12 +400,15 @@ def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:
             label = row[li].strip()
             if label not in ("0", "1"):
                 raise TrainingInputError(f"{path}:{n}: label must be 0 or 1, got {shown(label)}", hint=row_hint)
-            sentences.append(row[si].strip())
+            sentence = row[si].strip()
+            if not sentence:  # a row of its label alone was trained on as [CLS] [SEP]
+                raise TrainingInputError(f"{path}:{n}: the sentence is empty: {shown(row)}", hint=row_hint)
+            sentences.append(sentence)
             labels.append(int(label))
     except csv.Error as e:  # NUL bytes, an over-long field
         raise TrainingInputError(f"cannot read {path}:{reader.line_num}: {e}", hint=row_hint) from None
     if not sentences:
-        raise TrainingInputError(f"{path} holds no rows")
+        raise TrainingInputError(f"{path} holds no rows", hint=row_hint)
     return sentences, labels
 
 
