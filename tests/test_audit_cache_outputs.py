@@ -236,6 +236,17 @@ def test_an_alignment_folder_whose_rank_is_no_number_is_left_alone(llama, templa
         load_alignment(CacheQuery(str(llama), cache_dir=cache.root))
 
 
+def _align_recomputes_layer_1(llama, cache, monkeypatch, capsys) -> None:
+    """`svd-probe align` of the damaged cache: exit 0, no traceback, layer 1 recomputed."""
+    code, out, err = run_cli(
+        ["align", llama, "--rank", RANK, "--cache-dir", cache.root, "--device", "cpu", "--no-figure", "--json"],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 0 and "Traceback" not in err, err
+    assert "recomputing layer 1" in err and json.loads(out)
+
+
 @pytest.mark.parametrize(
     "ranks",
     [{"head": "x", "layer": 4}, {"head": 4, "layer": 4, "read": [1]}, {"head": 4, "layer": 4, "prev_write": "x"}],
@@ -255,13 +266,7 @@ def test_alignment_ranks_of_the_wrong_kind_are_a_damaged_layer(llama, template, 
     rewrite_layer(path, change)
     with pytest.raises(CacheDamagedError, match="metadata is missing or malformed"):
         store.read_layer(1)
-    code, out, err = run_cli(
-        ["align", llama, "--rank", RANK, "--cache-dir", cache.root, "--device", "cpu", "--no-figure", "--json"],
-        monkeypatch,
-        capsys,
-    )
-    assert code == 0 and "Traceback" not in err, err
-    assert "recomputing layer 1" in err and json.loads(out)
+    _align_recomputes_layer_1(llama, cache, monkeypatch, capsys)
     assert store.read_layer(1).ranks["head"] == RANK
 
 
@@ -284,13 +289,7 @@ def test_an_alignment_d_model_out_of_range_is_a_damaged_layer(llama, template, t
     with pytest.raises(CacheDamagedError, match="its d_model is not an int from 1 to 2,147,483,648") as e:
         store.read_layer(1)
     assert str(path) in str(e.value) and "--force" in (e.value.hint or ""), e.value
-    code, out, err = run_cli(
-        ["align", llama, "--rank", RANK, "--cache-dir", cache.root, "--device", "cpu", "--no-figure", "--json"],
-        monkeypatch,
-        capsys,
-    )
-    assert code == 0 and "Traceback" not in err, err
-    assert "recomputing layer 1" in err and json.loads(out)
+    _align_recomputes_layer_1(llama, cache, monkeypatch, capsys)
     assert store.read_layer(1).d_model == want
 
 

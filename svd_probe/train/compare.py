@@ -19,7 +19,7 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from svd_probe.errors import TrainingInputError, shown
 from svd_probe.train.config import (
@@ -115,7 +115,7 @@ def check_same_data(runs: list[dict]) -> None:
                 )
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -133,7 +133,7 @@ def check_run(m: dict, f: Path) -> None:
         )
 
     seed = m.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise bad(f"seed is {shown(seed)}, not an integer >= 0")
     for key in ("config", "train_config"):
         if m.get(key) is None:

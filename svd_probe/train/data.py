@@ -124,8 +124,7 @@ def refuse_bom(path: Path) -> None:
     glued it to a vocab.txt's first token (bert-base-uncased's [PAD] went missing; a first line
     `the` became an unknown word, silently [UNK]) and refused a tokenizer.json as "expected value"."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(3)
+        head = read_head(path, 3)
     except OSError as e:
         raise TrainingInputError(f"cannot read {path}: {e.strerror or e}") from None
     if head == b"\xef\xbb\xbf":
