@@ -23,6 +23,7 @@ from svd_probe.cli.app import (
     err,
     out,
     print_json,
+    print_text,
 )
 
 
@@ -115,7 +116,6 @@ def align_cmd(
             concurrency=concurrency,
             progress=progress,
         )
-    from svd_probe.report import terminal_text  # paths the user named are text, never markup
 
     print_notes(result.notes)
     if as_json:
@@ -124,7 +124,7 @@ def align_cmd(
         out.print(alignment_table(result))
     if export is not None:
         n = export_alignment(result, export, export_format, overwrite=overwrite)
-        err.print(terminal_text(f"wrote {n} rows to {export}"), highlight=False, soft_wrap=True)
+        print_text(err, f"wrote {n} rows to {export}")
     if not no_figure:
         from svd_probe.plots.alignment import alignment_figure
         from svd_probe.plots.output import PlotOutput
@@ -136,7 +136,7 @@ def align_cmd(
         output = PlotOutput(overwrite)
         queue_figure(output, fig, folder, formats, dpi, write_data=False)
         for path in output.write_all():
-            out.print(terminal_text(f"wrote {path}"), highlight=False, soft_wrap=True)
+            print_text(out, f"wrote {path}")
 
 
 def alignment_table(result):

@@ -29,6 +29,7 @@ from svd_probe.cli.app import (
     err,
     out,
     print_json,
+    print_text,
     quiet,
 )
 
@@ -273,7 +274,6 @@ def export_cmd(
     """Write cached spectra (jsonl) or their metrics table (csv, parquet); reads the cache only."""
     from svd_probe.export import export
     from svd_probe.options import parse_errors
-    from svd_probe.report import terminal_text  # the --out path is text, never markup
     from svd_probe.results import CacheQuery
 
     n = export(
@@ -285,7 +285,7 @@ def export_cmd(
         overwrite=overwrite,
         diff=CacheQuery(diff, tuned_revision) if diff else None,
     )
-    err.print(terminal_text(f"wrote {n} rows to {out_file}"), highlight=False, soft_wrap=True)
+    print_text(err, f"wrote {n} rows to {out_file}")
 
 
 # ---- plot: options here, work in svd_probe.plots -------------------------------------
@@ -394,8 +394,7 @@ def plot_cmd(
     if not report.files:
         err.print("no figure could be drawn from the cache (see the notes above)")
         raise typer.Exit(1)
-    from svd_probe.report import terminal_text  # paths under --out are text, never markup
 
     out.print(f"wrote {len(report.files)} files:")
     for path in report.files:
-        out.print(terminal_text(f"  {path}"), highlight=False, soft_wrap=True)
+        print_text(out, f"  {path}")

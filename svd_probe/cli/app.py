@@ -137,6 +137,14 @@ NormStackedOpt = typer.Option(
 )
 
 
+def print_text(console: Console, text: str) -> None:
+    """A line holding the user's text (paths, names): never read as markup, unwrapped (commands and
+    paths stay copyable), not highlighted."""
+    from svd_probe.report import terminal_text
+
+    console.print(terminal_text(text), highlight=False, soft_wrap=True)
+
+
 def print_json(obj) -> None:
     # Plain stdout, not rich: machine output must not be wrapped or coloured.
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from svd_probe.cli.app import CacheDirOpt, app, err, out, print_json
+from svd_probe.cli.app import CacheDirOpt, app, err, out, print_json, print_text
 
 cache_app = typer.Typer(help="See what the spectra cache holds, and remove models from it.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
@@ -38,7 +38,7 @@ def list_cmd(
         print_json({"cache": str(root), "analyses": [e.to_json() for e in entries]})
         return
     if not entries:
-        out.print(terminal_text(f"the cache {root} is empty"), highlight=False, soft_wrap=True)
+        print_text(out, f"the cache {root} is empty")
         return
     # The commit is cut to 12 hex; below 100 columns the date goes first (it stays in --json).
     with_date = out.width >= 100
@@ -84,12 +84,11 @@ def rm_cmd(
     """Remove a model's cached analyses (every option set of the chosen commits); asks first unless --yes."""
     from svd_probe.cache.listing import plan_removal, remove
     from svd_probe.cache.store import default_cache_root
-    from svd_probe.report import terminal_text
 
     plan = plan_removal(default_cache_root(cache_dir), model, revision, everything)
     out.print(f"will delete {_size(plan.bytes)}:", highlight=False)
     for path in (*plan.folders, *plan.refs):  # folder names are the cache's: text, not markup
-        out.print(terminal_text(f"  {path}"), highlight=False, soft_wrap=True)
+        print_text(out, f"  {path}")
     if not yes and not typer.confirm("delete these?", default=False):
         err.print("nothing deleted")
         raise typer.Exit(1)

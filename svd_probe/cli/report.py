@@ -21,6 +21,7 @@ from svd_probe.cli.app import (
     app,
     err,
     out,
+    print_text,
 )
 from svd_probe.html_report import DEFAULT_DPI, MAX_HEAD_ROWS
 
@@ -71,17 +72,10 @@ def report_cmd(
             dpi=dpi,
             max_head_rows=max_head_rows,
         )
-    from svd_probe.report import terminal_text
 
     print_notes(page.notes)
     # The --out path is the user's text, never console markup (`[/]` in it ended in MarkupError).
-    out.print(
-        terminal_text(
-            f"wrote {out_file} ({page.size / 1e6:,.2f} MB, {page.images} figures, {len(page.models)} models)"
-        ),
-        highlight=False,
-        soft_wrap=True,
-    )
+    print_text(out, f"wrote {out_file} ({page.size / 1e6:,.2f} MB, {page.images} figures, {len(page.models)} models)")
 
 
 def _nothing():

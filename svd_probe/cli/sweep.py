@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from svd_probe.cli.app import app, err, out, print_json
+from svd_probe.cli.app import app, err, out, print_json, print_text
 
 GRID, POOL = "Grid", "Pool"
 # Train options the sweep sets itself, or that would make every run of the grid the same run.
@@ -293,7 +293,6 @@ def _show_plan(runs, cfgs, total: int, as_json: bool) -> None:
 
 
 def _report(outcomes, stop_signal: str | None, out_dir: Path, as_json: bool) -> None:
-    from svd_probe.report import terminal_text  # paths under --out are text, never markup
 
     counts: dict[str, int] = {}
     for o in outcomes:
@@ -311,11 +310,7 @@ def _report(outcomes, stop_signal: str | None, out_dir: Path, as_json: bool) -> 
     )
     for o in outcomes:
         if o.status == "failed":
-            err.print(
-                terminal_text(f"failed: {o.run.point.name} (exit {o.returncode}); log: {o.run.log}"),
-                highlight=False,
-                soft_wrap=True,
-            )
+            print_text(err, f"failed: {o.run.point.name} (exit {o.returncode}); log: {o.run.log}")
         elif o.status == "busy":
             err.print(f"busy: {o.run.point.name} is being trained by another process", highlight=False, soft_wrap=True)
     if stop_signal is not None:
@@ -327,6 +322,6 @@ def _report(outcomes, stop_signal: str | None, out_dir: Path, as_json: bool) -> 
         )
         raise typer.Exit(143 if stop_signal == "SIGTERM" else 130)
     if counts.get("finished") or counts.get("skipped"):
-        err.print(terminal_text(f"tables: svd-probe compare {out_dir}"), highlight=False, soft_wrap=True)
+        print_text(err, f"tables: svd-probe compare {out_dir}")
     if counts.get("failed"):
         raise typer.Exit(1)
