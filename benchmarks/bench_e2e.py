@@ -266,6 +266,16 @@ class _Trace:
         self.prof: Any = None  # torch.profiler.profile, once begun
         self.all_threads = False
         self.wall_s: float | None = None
+        # SVD_PROBE_TRACE_LOG=FILE: each step of the trace's end, and its tables before the chrome
+        # trace is written, appended as they happen: the phase's stdout comes back only at its end,
+        # and a GPU call's timeout would lose where the time went.
+        self.log = os.environ.get("SVD_PROBE_TRACE_LOG")
+        self._c0 = time.perf_counter()
+
+    def note(self, what: str) -> None:
+        if self.log:
+            with open(self.log, "a") as f:
+                f.write(f"{time.perf_counter() - self._c0:9.2f} s  {what}\n")
 
     def before_submit(self, i: int) -> None:
         if self.window and i == self.window[0]:
@@ -294,12 +304,15 @@ class _Trace:
         self._mark = record_function(TRACE_MARK)
         self._mark.__enter__()
         self._t0 = time.perf_counter()
+        self.note(f"trace: begun (window {self.window})")
 
     def end(self) -> None:
         self.wall_s = time.perf_counter() - self._t0
         self._mark.__exit__(None, None, None)
         assert self.prof is not None
+        self.note(f"trace: window closed after {self.wall_s:.2f} s; stopping the profiler")
         self.prof.stop()
+        self.note("trace: profiler stopped")
 
     def summary(self) -> dict:
         out: dict = {"layers": self.layers, "n": self.n, "whole_run": self.whole}
@@ -310,7 +323,9 @@ class _Trace:
             out.update(self._tables())
         except Exception as e:  # noqa: BLE001 - a torch whose events look otherwise: keep the phase's figures
             out["error"] = f"{type(e).__name__}: {e}"
+        self.note("trace: tables " + json.dumps(out))
         out.update(self._chrome_trace())
+        self.note(f"trace: chrome trace {out.get('chrome_trace_note') or out.get('chrome_trace_mib')}")
         return out
 
     def _tables(self) -> dict:
@@ -318,6 +333,7 @@ class _Trace:
 
         assert self.prof is not None
         events = self.prof.events()
+        self.note(f"trace: {len(events)} events parsed")
         cpu = [e for e in events if e.device_type == DeviceType.CPU]
         # on CUDA the marker has a GPU twin (a gpu_user_annotation over its kernels): the CPU one
         mark = next((e for e in cpu if e.name == TRACE_MARK), None)
@@ -362,6 +378,7 @@ class _Trace:
             cp = stream_busy([iv[:3] for iv in copies], lo, hi)["all"]  # memcpy, memset: all streams
             out["copies"] = {"count": cp["kernels"], "busy_s": cp["busy_s"], "fraction": cp["fraction"]}
             names = {iv[3] for iv in kernels + copies}
+            self.note(f"trace: {len(kernels)} kernels, {len(copies)} copies; averaging")
             gpu_ops = [a for a in self.prof.key_averages() if a.device_type != DeviceType.CPU and a.key in names]
             gpu_ops.sort(key=lambda a: -a.device_time_total)
             out["top_kernels"] = [  # kernels and copies launched in the window, by total GPU time
