@@ -180,9 +180,10 @@ def main() -> None:
             r.pop("infos")
             results["range_reads_default"] = r
             show("svd-probe's default (at most 8)", r)
+            import httpcore2 as core
+
             from svd_probe.hub import http as hub_http
 
-            core = hub_http.httpcore()
             per_size = []
             for kib in args.read_kib:
                 core.HTTP11Connection.READ_NUM_BYTES = kib * 1024

@@ -5,7 +5,7 @@ shard names built from traversal pieces go through `parse_json_object`, `check_w
 whole local `open_checkpoint`. The only exceptions allowed are `SvdProbeError`s. Whatever is
 accepted is checked against independent oracles: the JSON equals `json.loads`' answer, and every
 accepted shard name stays inside its folder (posixpath) and inside its repo's resolve URL (the
-path httpx really requests, after it normalises dot segments).
+path httpx2 really requests, after it normalises dot segments).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import posixpath
 import tempfile
 from pathlib import Path
 
+import httpx2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from svd_probe.errors import MalformedFileError, SvdProbeError, UnsafeShardNameError
-from svd_probe.hub import http
 from svd_probe.hub.checkpoint import check_weight_map, open_checkpoint, parse_json_object
 from svd_probe.hub.ranges import HubFiles
 from svd_probe.models import resolve_model
@@ -97,7 +97,7 @@ def test_check_weight_map_result_or_typed_error(index):
     try:
         for name in set(wm.values()):
             assert isinstance(name, str) and _inside_folder(name), name
-            url = http.httpx().URL(hub.resolve_url(name))
+            url = httpx2.URL(hub.resolve_url(name))
             assert url.host == "hub.example" and url.path.startswith(f"/org/repo/resolve/{'0' * 40}/"), url
     finally:
         hub.close()

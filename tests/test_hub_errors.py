@@ -152,3 +152,17 @@ def test_truncated_shard_over_http(fake_hub, tmp_path, deepseek_ckpt):
     with pytest.raises(CorruptShardError) as ei:
         _open(fake_hub, "tiny/truncated").read_tensors([name])
     assert shard.name in str(ei.value)
+
+
+def test_an_escaped_httpx2_transport_error_is_a_network_error():
+    """huggingface_hub 2.x's client raises httpx2's errors: one that escaped every layer below
+    still ends as the network message (exit 3), not a traceback. (The check used to import
+    httpx, which huggingface_hub 2.x does not install, and so said no to everything.)"""
+    import httpx2
+
+    from svd_probe.cli import _is_network_error
+
+    assert _is_network_error(httpx2.ConnectError("connection refused"))
+    assert _is_network_error(httpx2.ReadTimeout("timed out"))
+    assert not _is_network_error(httpx2.InvalidURL("not a URL"))  # not the network: a bug or bad input
+    assert not _is_network_error(ValueError("x"))

@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import torch
 from conftest import GATED_TOKEN
@@ -70,19 +69,7 @@ def _expected(ck, name):
 # --- the token never leaves its host ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "where",
-    [
-        "host",
-        pytest.param(
-            "port",
-            marks=pytest.mark.skipif(
-                int(huggingface_hub.__version__.split(".")[0]) < 2,
-                reason="huggingface_hub 1.x follows a HEAD redirect to the same host name on any port",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("where", ["host", "port"])
 def test_head_redirect_to_another_origin_never_carries_the_token(hubs, where):
     hub, other = hubs
     path = "/gated/deepseek-v3/resolve/main/config.json"
@@ -119,7 +106,7 @@ def test_a_mirror_redirect_to_hf_endpoint_never_carries_the_mirror_token(hubs, r
     HF_ENDPOINT's host, both from the commit's HEAD (`file_metadata`, of `resolve/main`) and from
     the HEAD `hf_hub_download` sends before fetching config.json (of `resolve/<commit>`). Here
     HF_ENDPOINT names the second server, in a child process, so that huggingface_hub reads it at
-    import as it does for a user. (The download's GET itself was safe: httpx strips the token
+    import as it does for a user. (The download's GET itself was safe: httpx2 strips the token
     from a redirect to another origin.)"""
     hub, other = hubs
     revision = "main" if request_of == "file_metadata" else hub.repos["gated/deepseek-v3"].commit

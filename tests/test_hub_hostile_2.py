@@ -420,10 +420,9 @@ def test_the_cli_says_which_file_went_past_its_limit(tiny, hf_cache, tmp_path, m
 
 
 def test_a_download_resumed_by_huggingface_hub_keeps_one_budget(tiny, hf_cache):
-    """huggingface_hub 2.x resumes a GET cut short (RemoteProtocolError) with `Range: bytes=N-`,
-    and 1.0 resumes a `.incomplete` file: the budget counts N. Here each answer promises 3 MiB,
-    the first stops 1 byte short, the resumed one (206) would take the file to 6 MiB."""
-    import huggingface_hub
+    """huggingface_hub resumes a GET cut short (RemoteProtocolError) with `Range: bytes=N-`: the
+    budget counts N. Here each answer promises 3 MiB, the first stops 1 byte short, the resumed
+    one (206) would take the file to 6 MiB."""
 
     def get(h):
         if not h.path.endswith("/config.json"):
@@ -445,6 +444,5 @@ def test_a_download_resumed_by_huggingface_hub_keeps_one_budget(tiny, hf_cache):
     with pytest.raises(SvdProbeError) as ei:
         open_checkpoint(ModelRef(name=REPO, repo_id=REPO), endpoint=tiny.endpoint, **ONE_TRY)
     assert _bytes_under(hf_cache) <= 4 * MiB + MiB
-    if int(huggingface_hub.__version__.split(".")[0]) >= 2:  # 1.0 does not resume after a cut
-        assert [p.endswith("/config.json") for p in tiny.paths] == [True, True]  # resumed once
-        assert isinstance(ei.value, MalformedFileError) and "4194304-byte" in ei.value.message
+    assert [p.endswith("/config.json") for p in tiny.paths] == [True, True]  # resumed once
+    assert isinstance(ei.value, MalformedFileError) and "4194304-byte" in ei.value.message

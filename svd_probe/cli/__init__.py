@@ -37,19 +37,9 @@ def _is_network_error(e: BaseException) -> bool:
 
     if isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)):
         return True
-    try:
-        import requests
+    import httpx2  # huggingface_hub 2.x's HTTP client (the declared floor)
 
-        if isinstance(e, (requests.ConnectionError, requests.Timeout)):
-            return True
-    except ImportError:  # pragma: no cover - requests comes with huggingface_hub
-        pass
-    try:
-        import httpx
-
-        return isinstance(e, httpx.TransportError)
-    except ImportError:
-        return False
+    return isinstance(e, httpx2.TransportError)
 
 
 def _fail(message: str, hint: str | None, code: int) -> None:

@@ -3,20 +3,20 @@
 Owned here, once each:
 
 - **The client.** huggingface_hub's shared session (`get_session()`), so that a user's
-  `set_client_factory` (proxies, certificates) and `HF_HUB_OFFLINE` apply to us too. Its httpx
-  flavour (`httpx` under huggingface_hub 1.x, `httpx2` under 2.x) is detected once: `httpx()`.
+  `set_client_factory` (proxies, certificates) and `HF_HUB_OFFLINE` apply to us too. From 2.0 on
+  (the floor in pyproject.toml) huggingface_hub builds it on httpx2, which this module imports.
 - **The retry policy.** `HttpPolicy` + `with_retries`: transport errors, 408/429/5xx and stalls
   are retried with capped, jittered exponential backoff (Retry-After honoured, bounded); a
   request that got no answer at all while opening a checkpoint (refused, DNS, a timeout, a
   stall) gets `connect_retries` only, so an unreachable Hub is reported in about a second
   (refused: 1.2 s measured with the defaults), not after minutes of backoff.
-- **The deadline.** httpx's timeouts apply between bytes, so a server that trickles one byte a
+- **The deadline.** httpx2's timeouts apply between bytes, so a server that trickles one byte a
   second (headers or body) would hold a request forever. Every request therefore runs under an
   overall deadline, `max(deadline, bytes / min_rate)`: by default at least 60 s, and one second
   per MB beyond (a 16 MiB chunk: 60 s; a 64 MiB index: 67 s). A HEAD is one round trip and a
   16 MiB chunk takes seconds on any link that can stream a checkpoint at all; a request still
   unfinished after a minute, or going at under 1 MB/s, is stalled, not slow. A stall costs
-  little: bytes already received are kept and the retry asks only for the rest. httpx has no
+  little: bytes already received are kept and the retry asks only for the rest. httpx2 has no
   total timeout and a blocking socket read cannot be interrupted safely from another thread, so
   `within_deadline` runs the request in a daemon thread and stops waiting for it; the abandoned
   request may no longer write anything (see `ranges._Fill`; a small-file download drops its
@@ -57,7 +57,6 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import functools
-import importlib
 import random
 import re
 import threading
@@ -68,6 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+import httpx2
 
 from svd_probe.errors import (
     EntryNotFoundError,
@@ -89,18 +90,12 @@ _ERROR_BODY_LIMIT = 64 * 1024  # an error answer's body is read this far, never 
 _NETWORK_HINT = "Check the network, or set --endpoint / HF_ENDPOINT to a reachable mirror."
 
 
-@functools.cache
-def httpx() -> Any:
-    """The httpx flavour huggingface_hub's session is built on (httpx for hf 1.x, httpx2 for 2.x)."""
-    return importlib.import_module(type(session()).__module__.split(".")[0])
-
-
-def session() -> Any:
+def session() -> httpx2.Client:
     """huggingface_hub's shared HTTP client (honours its client factory, proxies and offline mode)."""
     from huggingface_hub.utils import get_session
 
     s = get_session()
-    _widen_reads(type(s).__module__.split(".")[0])
+    _widen_reads()
     _install_hooks(s)
     return s
 
@@ -140,27 +135,26 @@ def _install_hooks(client: Any) -> None:
 # How the bound is enforced, and why so. huggingface_hub offers no size limit for `hf_hub_download`:
 # `http_get` writes each chunk of the body and compares the total with the expected size after
 # the last one. Of the ways in:
-# - a `tqdm_class` whose update() raises past the limit: hf_hub_download has no `tqdm_class` in
-#   huggingface_hub 1.0 (pyproject allows >=1.0); and update() comes per DOWNLOAD_CHUNK_SIZE
-#   (10 MiB) chunk, never for the body of a redirect or an error answer (which httpx and
+# - a `tqdm_class` whose update() raises past the limit: update() comes per DOWNLOAD_CHUNK_SIZE
+#   (10 MiB) chunk, never for the body of a redirect or an error answer (which httpx2 and
 #   hf_raise_for_status read whole into memory), nor for hf_xet's downloads.
-# - hooks on the shared session (httpx under huggingface_hub 1.x, httpx2 under 2.x: the same hook
-#   API, and both copy a request's `extensions` to the request of each redirect they follow):
-#   every answer's body, socket read by socket read, before any of it reaches huggingface_hub.
+# - hooks on the shared session (httpx2 copies a request's `extensions` to the request of each
+#   redirect it follows): every answer's body, socket read by socket read, before any of it
+#   reaches huggingface_hub.
 # So the hooks. Which requests they bound is named by a header that `download` passes to
 #   hf_hub_download (huggingface_hub sends a call's `headers` on its HEAD and its GET, as it does
 #   `token_home`'s): not a URL, which a redirect to a CDN changes and which the user's own calls
 #   may share, and not every GET of the shared session (a global cap), which is also the user's
 #   client for their own huggingface_hub calls: a cap there would break their large downloads.
-#   A Range GET is bounded too: huggingface_hub 1.0 resumes a `.incomplete` file left in the
-#   cache, and 2.x resumes within a call after a dropped connection, with `Range: bytes=N-`.
+#   A Range GET is bounded too: huggingface_hub resumes within a call after a dropped
+#   connection, with `Range: bytes=N-`.
 # The budget covers one attempt (one hf_hub_download call): all the bytes of all its answers,
 # and for a 206 answer to `Range: bytes=N-`, N + its bytes, so that neither what arrives nor a
 # file in HF_HOME exceeds `max_bytes`. Measured (a HEAD of 30 bytes, a GET without end at
 # 100 MiB/s, 2 s deadline): before, 178 MiB in HF_HOME at the error and 450 MiB 3 s later; now
 # MalformedFileError after 0.2 s (config) / 0.7 s (index), at most 0 / 60 MiB in HF_HOME while it
-# ran (huggingface_hub writes 10 MiB chunks), and 0 after the error under 2.5 (it deletes its
-# temporary file; 1.0 keeps the `.incomplete`, 60 MiB, within the limit), the connection dropped.
+# ran (huggingface_hub writes 10 MiB chunks), and 0 after the error (huggingface_hub 2.5 deletes
+# its temporary file), the connection dropped.
 
 #: The header naming, on a request huggingface_hub sends for `download`, the budget of its answers
 #: (a key of `_BUDGETS`); `_take_budget` moves the budget into the request's extensions and removes
@@ -229,11 +223,12 @@ def _bound_answer(response: Any) -> None:
         response.headers.pop(name, None)
     m = _RANGE_START.match(response.request.headers.get("Range", ""))
     offset = int(m.group(1)) if m and response.status_code == 206 else 0  # a 200 starts the file over
-    response.stream = _budgeted_stream(type(response).__module__.split(".")[0])(response.stream, budget, offset)
+    response.stream = _BudgetedStream(response.stream, budget, offset)
 
 
-class _BudgetedBody:
-    """A response body that charges each piece to a `_Budget` before handing it on."""
+class _BudgetedStream(httpx2.SyncByteStream):
+    """A response body that charges each piece to a `_Budget` before handing it on (a
+    `SyncByteStream`: httpx2 checks a body is one)."""
 
     def __init__(self, inner: Any, budget: _Budget, offset: int) -> None:
         self._inner = inner
@@ -250,39 +245,25 @@ class _BudgetedBody:
         self._inner.close()
 
 
-@functools.cache
-def _budgeted_stream(httpx_name: str) -> Any:
-    """`_BudgetedBody` as the flavour's `SyncByteStream` (httpx checks a body is one)."""
-    return type("BudgetedStream", (_BudgetedBody, importlib.import_module(httpx_name).SyncByteStream), {})
-
-
-#: The socket read size of httpcore's HTTP/1.1 connections. httpcore reads a body 64 KiB per
-#: `recv()`, and for each piece h11 and httpx do Python work with the GIL held: 2.5 client CPU s
+#: The socket read size of httpcore2's HTTP/1.1 connections. httpcore2 reads a body 64 KiB per
+#: `recv()`, and for each piece h11 and httpx2 do Python work with the GIL held: 2.5 client CPU s
 #: per GB of range bodies on the dev VM, which `analyze` pays on the interpreter that also
 #: launches the GPU work. Range bodies are 16 MiB, so svd-probe raises it to 1 MiB: 1.0-1.2 CPU s
 #: per GB and 2-2.5× the loopback throughput at 8 in flight; 4 MiB gains nothing more
 #: (benchmarks/README.md, "Read size, width and the stand-in's TCP_NODELAY"). `recv()` returns
-#: what the socket holds, so small answers are unaffected. httpcore has no per-client option for
-#: it, only this class attribute (its maintainers tuned it from 4 to 64 KiB in
+#: what the socket holds, so small answers are unaffected. httpcore2 has no per-client option for
+#: it, only this class attribute (httpcore's maintainers tuned it from 4 to 64 KiB in
 #: encode/httpcore#136), so it is set once, process-wide, and never lowered.
 READ_SIZE = 1 << 20
 
-_HTTPCORE = {"httpx": "httpcore", "httpx2": "httpcore2"}
-
-
-def httpcore(httpx_name: str | None = None) -> Any:
-    """The httpcore flavour under an httpx flavour (default: the session's), or None if unknown."""
-    try:
-        return importlib.import_module(_HTTPCORE[httpx_name or httpx().__name__])
-    except (KeyError, ImportError):  # a client factory's own transport
-        return None
-
 
 @functools.cache
-def _widen_reads(httpx_name: str) -> None:
-    conn = getattr(httpcore(httpx_name), "HTTP11Connection", None)  # none known: leave it as it is
-    if conn is not None and getattr(conn, "READ_NUM_BYTES", READ_SIZE) < READ_SIZE:
-        conn.READ_NUM_BYTES = READ_SIZE
+def _widen_reads() -> None:
+    # Imported here, with the session: a local checkpoint's reads never load the transport.
+    import httpcore2
+
+    if httpcore2.HTTP11Connection.READ_NUM_BYTES < READ_SIZE:
+        httpcore2.HTTP11Connection.READ_NUM_BYTES = READ_SIZE
 
 
 # --- policy, retries, deadline -------------------------------------------------------------------
@@ -329,7 +310,7 @@ class HttpPolicy:
         return d
 
     def client_timeout(self) -> Any:
-        return httpx().Timeout(self.timeout, connect=min(self.timeout, 10.0))
+        return httpx2.Timeout(self.timeout, connect=min(self.timeout, 10.0))
 
 
 class Retry(Exception):
@@ -355,14 +336,13 @@ def with_retries(
 ) -> T:
     """Call `attempt()` until it returns, retrying transient failures as `policy` says.
 
-    `attempt` raises `Retry` (or lets an httpx transport error through) for what may pass, and a
+    `attempt` raises `Retry` (or lets an httpx2 transport error through) for what may pass, and a
     typed `SvdProbeError` for what will not. After the last retry, `give_up(message, hint)` makes
     the error (default: TransferError). `connect_retries` (when given) bounds the attempts at which
     nothing answered at all. The message names the URL without its query (signatures, tokens).
     """
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    hx = httpx()
     failures = 0
     while True:
         try:
@@ -371,11 +351,11 @@ def with_retries(
             failure = r
         except OfflineModeIsEnabled:
             raise offline_error(url) from None
-        except hx.TooManyRedirects:
+        except httpx2.TooManyRedirects:
             raise TransferError(
                 f"{what}: redirect loop at {redact(url)}", "The endpoint redirects in circles; check --endpoint."
             ) from None
-        except hx.TransportError as e:
+        except httpx2.TransportError as e:
             failure = Retry(
                 f"{type(e).__name__}: {e}",
                 url=_url_of(e) or url,
@@ -441,7 +421,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 def origin(url: str) -> tuple[str, str, int]:
     """(scheme, host, port) of `url`, with the scheme's default port; port -1 (no origin's) where
-    urllib cannot read it. `http://h:+8080/` is one: urllib refuses the port and httpx reads 8080,
+    urllib cannot read it. `http://h:+8080/` is one: urllib refuses the port and httpx2 reads 8080,
     so taking the default port there made a redirect to another port look like the endpoint's
     origin, and the token went with it."""
     p = urlsplit(url)
@@ -471,7 +451,7 @@ def hub_headers(token: str | bool | None) -> dict[str, str]:
     from svd_probe.errors import BadOptionError
 
     if isinstance(token, str) and not (token.isascii() and token.isprintable() and " " not in token):
-        # httpx refuses such a header with the token in its message, which reached the user;
+        # httpx2 refuses such a header with the token in its message, which reached the user;
         # neither the message nor the hint may show it.
         raise BadOptionError(
             "--token holds a space, a line break or a character outside printable ASCII",
@@ -490,11 +470,11 @@ def headers_for(url: str, headers: dict[str, str], endpoint: str) -> dict[str, s
 
 
 def _url_of(e: Exception) -> str | None:
-    """The URL an httpx or huggingface_hub error was about, when it says."""
+    """The URL an httpx2 or huggingface_hub error was about, when it says."""
     for holder in (e, getattr(e, "response", None)):
         try:
             return str(holder.request.url)  # type: ignore[union-attr]
-        except (AttributeError, RuntimeError):  # httpx raises RuntimeError when no request is set
+        except (AttributeError, RuntimeError):  # httpx2 raises RuntimeError when no request is set
             continue
     return None
 
@@ -578,9 +558,9 @@ def error_for_response(
             body += chunk[: _ERROR_BODY_LIMIT - len(body)]
             if len(body) >= _ERROR_BODY_LIMIT:
                 break
-    except httpx().HTTPError:
+    except httpx2.HTTPError:
         pass
-    detached = httpx().Response(
+    detached = httpx2.Response(
         response.status_code,
         headers=[
             (k, v) for k, v in response.headers.items() if k.lower() not in ("content-length", "content-encoding")
@@ -637,8 +617,8 @@ def file_metadata(
             raise _transient_status(e) or _typed_or_generic(
                 e, repo_id, label or revision, path, endpoint, url
             ) from None
-        except (ValueError, httpx().InvalidURL):
-            # huggingface_hub follows the redirects of a HEAD itself: urllib, httpx and the
+        except (ValueError, httpx2.InvalidURL):
+            # huggingface_hub follows the redirects of a HEAD itself: urllib, httpx2 and the
             # resolver raise ValueError, InvalidURL or UnicodeError (a ValueError) for a Location
             # that is no URL one can request (`http://[::1/x`, a 300-letter host name).
             raise TransferError(
@@ -673,7 +653,6 @@ def download(
     from huggingface_hub import hf_hub_download, hf_hub_url
 
     url = hf_hub_url(repo_id, path, revision=commit, endpoint=endpoint)
-    hx = httpx()
     what = f"{path} of {repo_id}"
 
     def get(budget: _Budget) -> Path:
@@ -698,12 +677,12 @@ def download(
             cause = e.__cause__ or e.__context__
             if isinstance(cause, hf.OfflineModeIsEnabled):
                 raise offline_error(url) from None
-            if isinstance(cause, hx.TransportError):
+            if isinstance(cause, httpx2.TransportError):
                 raise Retry(f"{type(cause).__name__}: {cause}", url=url, unanswered=True) from None
             raise TransferError(f"could not fetch {path} of {repo_id} from {endpoint}: {e}", _NETWORK_HINT) from None
         except hf.HfHubHTTPError as e:
             raise _transient_status(e) or _typed_or_generic(e, repo_id, label or commit, path, endpoint, url) from None
-        except (SvdProbeError, Retry, hf.OfflineModeIsEnabled, hx.TransportError, hx.TooManyRedirects):
+        except (SvdProbeError, Retry, hf.OfflineModeIsEnabled, httpx2.TransportError, httpx2.TooManyRedirects):
             raise
         except Exception as e:  # a cache that is not writable, a size mismatch: say so, no traceback
             raise TransferError(

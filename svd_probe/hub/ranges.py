@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
+import httpx2
 import numpy as np
 
 from svd_probe.errors import CorruptShardError, EntryNotFoundError, TransferError, shown
@@ -190,7 +191,7 @@ class HubFiles:
 
     How many requests run at once. Several connections help where each one is held back by the
     link's latency (a WAN path to the Hub's CDN gives each tens of MB/s), and hurt where one alone
-    is fast: the client's Python work per byte (httpx, h11, the copy into the buffer) holds the
+    is fast: the client's Python work per byte (httpx2, h11, the copy into the buffer) holds the
     GIL of the interpreter that also launches the GPU work, and every extra reader thread is one
     more contender for it each time that thread lets go. Analyzing 62 DeepSeek-V3 layers over the
     loopback stand-in on one H200 took 40.0 s with 8 in flight, 38.9 s with 4 and 35.0 s with 2,
@@ -234,7 +235,6 @@ class HubFiles:
         self.policy = policy or base
         self.stats = ReadStats()
         self._session = http.session()
-        self._hx = http.httpx()
         self._headers = http.hub_headers(token)
         self._signed: dict[str, str] = {}
         self._sizes: dict[str, int] = {}
@@ -416,7 +416,7 @@ class HubFiles:
                         if not fill.write(owner, chunk):
                             return  # abandoned after a stall: the retry owns the buffer now
                         got += len(chunk)
-                except self._hx.TransportError as e:
+                except httpx2.TransportError as e:
                     raise Retry(f"connection dropped after {got} of {n} bytes ({type(e).__name__})", url=url) from None
         finally:
             self.stats.add(bytes_fetched=got)
@@ -428,14 +428,14 @@ class HubFiles:
     def _location(self, url: str, location: str) -> str:
         """The absolute URL a redirect from `url` names, or `TransferError` if it is not one the
         client can request (another scheme, a malformed URL, a host name that cannot be encoded):
-        urllib, httpx and the resolver raise ValueError, InvalidURL or UnicodeError for those."""
+        urllib, httpx2 and the resolver raise ValueError, InvalidURL or UnicodeError for those."""
         try:
             target = urljoin(url, location)
             scheme = urlsplit(target).scheme
             if scheme in ("http", "https"):
                 # The host name as the socket gets it: the resolver encodes it once more.
-                self._hx.URL(target).raw_host.decode("ascii").encode("idna")
-        except (ValueError, self._hx.InvalidURL):  # UnicodeError is a ValueError
+                httpx2.URL(target).raw_host.decode("ascii").encode("idna")
+        except (ValueError, httpx2.InvalidURL):  # UnicodeError is a ValueError
             raise TransferError(
                 f"{http.redact(url)} redirects to a malformed location",  # never shown: it may be signed
                 "Check --endpoint / HF_ENDPOINT.",

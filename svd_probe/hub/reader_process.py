@@ -1,6 +1,6 @@
 """Range reads from a Hub in a process of their own (`open_checkpoint(..., reader="process")`).
 
-Why: the HTTP client's Python work (httpx, h11, the copy of each body into its buffer) holds the
+Why: the HTTP client's Python work (httpx2, h11, the copy of each body into its buffer) holds the
 GIL of the process it runs in. `analyze` launches its GPU work from that same interpreter, and
 every reader thread contends with the launching thread each time it lets go of the GIL for a
 kernel. On the dev VM, a thread issuing small torch ops ran at 1-3% of its speed while 8 requests
