@@ -33,7 +33,6 @@ figures draw RMS cosines against it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -53,6 +52,7 @@ from svd_probe.cache.store import (
     SpectraCache,
     SpectraOptions,
     default_cache_root,
+    layer_of_file,
     read_json_object,
     read_layer_file,
     recorded_name,
@@ -65,7 +65,9 @@ from svd_probe.errors import (
     MissingFigureData,
     OfflineCacheMissError,
     TransferError,
+    shown,
 )
+from svd_probe.options import layers_in_model
 from svd_probe.results import CacheQuery, cache_repo, checked_dims, resolve_cached_commit
 
 ALIGN_FORMAT = 1
@@ -402,11 +404,10 @@ class AlignmentStore:
         return self.dir / f"layer-{layer:04d}.safetensors"
 
     def cached_layers(self) -> list[int]:
-        out = []
-        for p in self.dir.glob("layer-*.safetensors") if self.dir.is_dir() else []:
-            with contextlib.suppress(IndexError, ValueError):
-                out.append(int(p.stem.split("-")[1]))
-        return sorted(out)
+        """Layers that have a file, named as `layer_path` names it (`store.layer_of_file`)."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(ly for p in self.dir.iterdir() if (ly := layer_of_file(p.name)) is not None)
 
     def read_manifest(self) -> dict:
         """The manifest, or {} where it is absent or unusable (it is rebuilt from the layer files).
@@ -467,8 +468,12 @@ class AlignmentStore:
             info = json.loads(text) if len(text) <= _MAX_META_CHARS else None
         except (ValueError, RecursionError):
             info = None
-        if not isinstance(info, dict) or info.get("layer") != layer or not _ranks_ok(info.get("ranks")):
+        if not isinstance(info, dict) or not _ranks_ok(info.get("ranks")):
             raise _damaged(path, "its metadata is missing or malformed", hint)
+        if info.get("layer") != layer:  # a file copied or renamed
+            raise _damaged(
+                path, f"it holds the alignment of layer {shown(info.get('layer'))}, not of layer {layer}", hint
+            )
         for key, a in arrays.items():
             cos_range = a.size == 0 or (-1e-9 <= float(a.min()) and float(a.max()) <= 1 + 1e-9)
             if a.dtype != np.float64 or not np.isfinite(a).all() or not cos_range:
@@ -697,7 +702,21 @@ def _pairable(prev: int, layer: int, n_main: int) -> bool:
     return prev == layer - 1 and (layer < n_main or prev >= n_main)
 
 
-def _from_store(store: AlignmentStore, layers: list[int], notes: list[str], hint: str) -> dict[int, LayerAlignment]:
+def _check_rank_fits(rank: int, d_model: int | None) -> None:
+    """A rank-d_model subspace is the whole residual stream: every layer's output subspace would
+    be all of it, and each cosine against it 1 (`--rank 64` of a d_model-64 model printed a
+    table of 1.000s with only a note about d_v)."""
+    if d_model is not None and rank >= d_model:
+        raise BadOptionError(
+            f"--rank {rank} is not below the model's d_model {d_model}: every subspace compared would be "
+            "the whole residual stream, every cosine 1",
+            f"Give --rank from 1 to {d_model - 1}.",
+        )
+
+
+def _from_store(
+    store: AlignmentStore, layers: list[int], notes: list[str], hint: str, recompute: bool = True
+) -> dict[int, LayerAlignment]:
     have = {}
     for ly in layers:
         try:
@@ -705,7 +724,7 @@ def _from_store(store: AlignmentStore, layers: list[int], notes: list[str], hint
         except FileNotFoundError:
             continue
         except CacheDamagedError as e:
-            notes.append(f"recomputing layer {ly}: {e.message}")
+            notes.append(f"recomputing layer {ly}: {e.message}" if recompute else e.message)
     return have
 
 
@@ -735,7 +754,7 @@ def align(
         model: alias, Hub repo id or local folder (as for `analyze`).
         layers: e.g. "0-3,10" (default: every layer; MTP layers only with `include_mtp`). Layer
             L → L+1 is measured for the consecutive pairs among them.
-        rank: r, the dimension of every subspace compared (heads: at most d_v).
+        rank: r, the dimension of every subspace compared: below d_model (heads: at most d_v).
         write: "O" (column spaces of the output projection's head blocks) or "VO" (of O_h·V_h).
         revision, token, endpoint, cache_dir, fold_norms, normalize_stacked, layernorm_fold,
             device, concurrency: as for `analyze`; the results are cached beside the spectra of the
@@ -745,8 +764,8 @@ def align(
     Returns:
         An `Alignment` of the asked layers (computed now or read from the cache).
     Raises:
-        BadOptionError for a bad rank, write kind or layer; OfflineCacheMissError when the Hub
-        cannot be reached and the cache lacks a layer.
+        BadOptionError for a bad rank (one of d_model or more too), write kind or layer;
+        OfflineCacheMissError when the Hub cannot be reached and the cache lacks a layer.
     Example:
         >>> res = align("deepseek-v3", layers="0-3", rank=64)
         >>> res.next_frame()[["layer", "other_layer", "target", "rms_cos", "random_rms_cos"]]
@@ -768,7 +787,9 @@ def align(
     spec_text = layers if isinstance(layers, str) else (",".join(map(str, layers)) if layers else None)
 
     def check(config: dict) -> None:
-        select_layers(layer_spec, adapter_for(config).dims(), include_mtp)
+        dims = adapter_for(config).dims()
+        select_layers(layer_spec, dims, include_mtp)
+        _check_rank_fits(rank, dims.d_model)
 
     try:
         source = open_checkpoint(
@@ -789,11 +810,15 @@ def align(
             cached = load_alignment(query, rank=rank, write=write, layers=layer_spec)
         except MissingFigureData:
             cached = None
+        if cached is not None:
+            _check_rank_fits(rank, cached.dims.get("d_model"))
         n_cached = int((cached.dims.get("num_layers") or 0) - (cached.dims.get("num_mtp_layers") or 0)) if cached else 0
-        need = set(layer_spec) if layer_spec is not None else set(range(n_cached))
-        if cached is None or not need or need - set(cached.layers):
+        # A range, never a list: the manifest's num_layers is bounded by 2^31 only.
+        need = layer_spec if layer_spec is not None else range(n_cached)
+        if cached is None or not need or any(ly not in cached.layers for ly in need):
+            why = f" ({cached.notes[0]})" if cached is not None and cached.notes else ""
             raise OfflineCacheMissError(
-                f"the Hub is unreachable ({getattr(e, 'message', e)}), and the alignment cache lacks layers of {ref.display}",
+                f"the Hub is unreachable ({getattr(e, 'message', e)}), and the alignment cache lacks layers of {ref.display}{why}",
                 "Reconnect (or unset HF_HUB_OFFLINE) and rerun the same command.",
             ) from None
         cached.notes.insert(0, "the Hub is unreachable: alignment read from the cache; nothing was fetched")
@@ -928,11 +953,17 @@ def load_alignment(
         raise MissingFigureData(f"{ref.display}: no alignment cached at {commit[:12]} with these options", hint)
     store = max(runs, key=lambda x: x[0])[1]
     manifest = store.read_manifest()
+    dims = checked_dims(manifest.get("dims"))
     notes: list[str] = []
-    wanted = store.cached_layers() if layers is None else [ly for ly in layers if ly in store.cached_layers()]
-    got = _from_store(store, wanted, notes, hint + " --force")
+    cached = store.cached_layers()
+    wanted = cached if layers is None else sorted(set(layers) & set(cached))
+    wanted, left_out = layers_in_model(wanted, dims.get("num_layers"), store.layer_path)
+    notes += [left_out] if left_out else []
+    got = _from_store(store, wanted, notes, hint + " --force", recompute=False)
     if not got:
-        raise MissingFigureData(f"{ref.display}: no readable alignment layers cached", hint)
+        raise MissingFigureData(
+            f"{ref.display}: no readable alignment layers cached" + (f"; {left_out}" if left_out else ""), hint
+        )
     return Alignment(
         model=recorded_name(manifest.get("model")) or ref.display,
         commit=commit,
@@ -940,7 +971,7 @@ def load_alignment(
         options=query.options,
         rank=store.rank,
         write=store.write,
-        dims=checked_dims(manifest.get("dims")),
+        dims=dims,
         layers=got,
         cache_dir=store.dir,
         notes=notes,

@@ -33,11 +33,12 @@ from svd_probe.errors import (
     OfflineCacheMissError,
     SvdProbeError,
     TransferError,
+    shown,
 )
 from svd_probe.kinds import SpectrumKey, spectrum_keys
 from svd_probe.models import ModelRef, is_commit, resolve_model
 from svd_probe.options import parse_layers, parse_matrices, pick_device, select_layers
-from svd_probe.results import Analysis, CacheQuery, cache_repo, read_layers
+from svd_probe.results import Analysis, CacheQuery, cache_repo, checked_dims, read_layers
 from svd_probe.spectra.controls import CONTROL_SEED, apply_control, check_control
 
 
@@ -485,10 +486,7 @@ def _analyze_offline(
             "Reconnect (or unset HF_HUB_OFFLINE) and rerun the same command.",
         )
     adapter = adapter_for(config)
-    try:
-        dims = ModelDims(**manifest["dims"])
-    except (KeyError, TypeError):  # an older manifest: the config gives the same shapes
-        dims = adapter.dims()
+    dims = cached_dims(manifest, adapter, cache.manifest_path)
     kinds = parse_matrices(request.matrices, adapter.supported_kinds())
     layers = select_layers(layer_spec, dims, request.include_mtp)
     wanted_keys = {str(k) for k in spectrum_keys(kinds)}
@@ -528,6 +526,46 @@ def _analyze_offline(
         layer_spectra={ly: have[ly] for ly in layers},
     )
     return AnalyzeOutcome(analysis=analysis, layers=layers, computed=[], from_cache=layers, stats=stats, notes=notes)
+
+
+def cached_dims(manifest: dict, adapter, where: Path, command: str = "analyze") -> ModelDims:
+    """The dims a cache manifest records, checked against those its config.json gives through the
+    adapter, as the online path reads them (`adapter.dims()`: every field bounded): only the MTP
+    layers may differ, the manifest counting those the checkpoint held (at most those declared).
+    A manifest without dims (an older one) gives the config's; a field of a later version is
+    ignored. A hand-edited num_layers of "x" ended offline `analyze` in a TypeError, -5 in an
+    empty summary (exit 0), 2^31 in a list of 2^31 layers (killed for memory).
+
+    Raises `CacheDamagedError` naming the manifest and the fields that disagree; its hint names
+    `svd-probe <command>`, which writes the manifest anew.
+    """
+    config, raw = adapter.dims(), manifest.get("dims")
+    if raw is None:
+        return config
+    recorded = checked_dims(raw)  # a field of the wrong kind is left out
+    held = recorded.get("num_mtp_layers")
+    if type(held) is int and held <= config.num_mtp_layers:
+        config = dataclasses.replace(
+            config, num_layers=config.num_layers - config.num_mtp_layers + held, num_mtp_layers=held
+        )
+    expected = {k: v for k, v in dataclasses.asdict(config).items() if k != "notes"}
+    if not isinstance(raw, dict):
+        wrong = [f"{shown(raw, 24)}, not a mapping"]
+    else:
+        wrong = [
+            f"{name} {shown(raw[name], 24)}" if name in raw else f"no {name}"
+            for name, value in expected.items()
+            if name not in recorded or recorded[name] != value
+        ]
+    if not wrong:
+        return config
+    more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+    raise CacheDamagedError(
+        f"the cache manifest {where} is damaged: its dims ({', '.join(wrong[:3])}{more}) are not those of "
+        "the config.json it records",
+        f"Delete it and rerun with the Hub reachable: `svd-probe {command}` writes it anew and keeps the cached layers.",
+        path=str(where),
+    )
 
 
 def layernorm_fold_option(adapter, fold_norms: bool, requested: str) -> str:

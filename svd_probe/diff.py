@@ -65,8 +65,16 @@ from svd_probe.errors import (
 )
 from svd_probe.kinds import HEAD, JOINT_KINDS, LAYER, STACKED, SpectrumKey, sort_keys, spectrum_keys
 from svd_probe.models import ModelRef, is_commit, resolve_model
-from svd_probe.options import parse_layers, parse_matrices, pick_device, select_layers
-from svd_probe.results import Analysis, CacheQuery, _folds_layernorm, as_query, cache_repo, read_layers
+from svd_probe.options import layers_in_model, parse_layers, parse_matrices, pick_device, select_layers
+from svd_probe.results import (
+    Analysis,
+    CacheQuery,
+    _folds_layernorm,
+    as_query,
+    cache_repo,
+    checked_dims,
+    read_layers,
+)
 
 if TYPE_CHECKING:  # torch and the adapters load only to compute; loading a cached diff needs neither
     import torch
@@ -612,7 +620,7 @@ def _diff_offline(
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     from svd_probe.adapters import adapter_for
-    from svd_probe.adapters.base import ModelDims
+    from svd_probe.analysis import cached_dims
 
     offline = getattr(error, "offline", False) or isinstance(error, OfflineModeIsEnabled) or constants.is_offline_mode()
     why = "offline mode (HF_HUB_OFFLINE=1)" if offline else "the Hub is unreachable"
@@ -626,10 +634,7 @@ def _diff_offline(
         detail = error.message if isinstance(error, SvdProbeError) else str(error)
         raise OfflineCacheMissError(f"{why}, and {e.message}: {detail}", hint) from None
     adapter = adapter_for(analysis.config)
-    try:
-        dims = ModelDims(**analysis.dims)
-    except TypeError:
-        dims = adapter.dims()
+    dims = cached_dims(analysis.manifest, adapter, analysis.cache_dir / "manifest.json", command="diff")
     kinds = parse_matrices(job.matrices, _diff_kinds(adapter))
     layers = select_layers(layer_spec, dims, job.include_mtp)
     wanted = {str(k) for k in spectrum_keys(kinds)}
@@ -875,6 +880,8 @@ def load_diff(
         )
     notes: list[str] = []
     manifest = cache.read_manifest(notes)
+    wanted, left_out = layers_in_model(wanted, checked_dims(manifest.get("dims")).get("num_layers"), cache.layer_path)
+    notes += [left_out] if left_out else []
     reference = cache.reference()
     good, damaged = read_layers(cache, manifest, wanted, notes)
     good_ref, damaged_ref = read_layers(reference, reference.read_manifest(notes), wanted, notes)
@@ -891,7 +898,8 @@ def load_diff(
         )
     if not good:
         raise CacheMissError(
-            f"no readable cached layers of the diff {diff_display(ref_b.display, ref_t.display)} in {root}",
+            f"no readable cached layers of the diff {diff_display(ref_b.display, ref_t.display)} in {root}"
+            + (f"; {left_out}" if left_out else ""),
             f"Run: {diff_command(bq, tq)}",
         )
     return DiffAnalysis(

@@ -17,6 +17,14 @@ def shown(value: object, limit: int = 60) -> str:
     return r if len(r) <= limit else r[: limit - 1] + "…"
 
 
+def utf8_text(text: str) -> str:
+    """`text` with each character UTF-8 has no bytes for shown as its escape (`\\udcff`): a lone
+    surrogate, which is how Python reads a file name's undecodable byte (a local folder
+    `bad\\xffname` on Linux) and JSON's "\\ud800". Pages, CSV and parquet files are UTF-8, and
+    such a character ended `report` and `export` in a UnicodeEncodeError."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class SvdProbeError(Exception):
     """Base class: a problem the user can fix. `hint` says how."""
 

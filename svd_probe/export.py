@@ -11,6 +11,7 @@ where a missing figure panel is visible (`plot` goes on without the layer, with 
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -55,6 +56,19 @@ def write_output_file(out: Path, write, flag: str = "--out", *, overwrite: bool 
         ) from None
 
 
+def _csv_quoting(df) -> int:
+    """How `export` quotes a metrics table: as little as CSV needs (`QUOTE_MINIMAL`), unless a text
+    cell holds a bare carriage return, which the csv writer of Python 3.10-3.12 leaves unquoted when
+    lines end in \\n (a local folder "Icon\\r" as the model name split each of its rows in two for
+    every CSV reader); then every text cell is quoted (`QUOTE_NONNUMERIC`).
+
+    Cells that start with = + - @ are written as they are, not prefixed with ': the table is data
+    for pandas, R and DuckDB, which would read the prefix as part of the name."""
+    text = df.select_dtypes(exclude="number")
+    has_cr = any(text[c].astype(str).str.contains("\r", regex=False).any() for c in text.columns)
+    return csv.QUOTE_NONNUMERIC if has_cr else csv.QUOTE_MINIMAL
+
+
 def export(
     query: CacheQuery | str | ModelRef,
     *,
@@ -87,6 +101,10 @@ def export(
     fmt = format.lower()
     if fmt not in FORMATS:
         raise BadOptionError(f"unknown --format {format!r}", "Use jsonl, csv or parquet.")
+    if at_rank is not None and at_rank < 0:
+        # The error at a rank below 0 has no meaning; the table filled rel_error_at_-3 with the
+        # error at rank k - 3 (σ[-3:], numpy's slice from the end), exit 0.
+        raise BadOptionError(f"--at-rank must be 0 or more, got {at_rank}", "Pass a rank r >= 0, e.g. --at-rank 64.")
     out = check_output_file(out, overwrite)
     analysis: Analysis
     if diff is not None:
@@ -107,7 +125,7 @@ def export(
             return
         df = analysis.metrics(errors=errors, at_rank=at_rank)
         if fmt == "csv":
-            df.to_csv(tmp, index=False)
+            df.to_csv(tmp, index=False, quoting=_csv_quoting(df))
         else:
             df.to_parquet(tmp, index=False)
         n = len(df)

@@ -17,7 +17,8 @@ cache (`load_analysis`, `make_plots`): no network.
 
 Untrusted text: model names, config values, versions and notes come from the cache manifest, a
 file we wrote but do not trust (a user or another tool can edit it). Every such string is `html.escape`d
-where it is written into the page, and long values are cut to `MAX_TEXT` characters.
+where it is written into the page, long values are cut to `MAX_TEXT` characters, and the
+provenance lists at most `MAX_PROVENANCE_ENTRIES` versions and as many dims.
 
 Page size: the tables grow with layers × kinds, not with heads. The stacked and layer spectra get
 one metrics row each; per-head spectra get one summary row per (layer, kind), with the median,
@@ -49,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from svd_probe.errors import BadOptionError
+from svd_probe.errors import BadOptionError, utf8_text
 from svd_probe.export import check_output_file, write_output_file
 from svd_probe.kinds import HEAD, STACKED
 from svd_probe.results import Analysis, CacheQuery, load_analysis
@@ -59,6 +60,9 @@ from svd_probe.spectra.metrics import DEFAULT_ERRORS, error_column
 MAX_HEAD_ROWS = 1024
 # Characters of one value taken from the manifest (a version, a config field, a note).
 MAX_TEXT = 300
+# Entries of one manifest mapping (versions, dims) the provenance lists. A manifest records about
+# ten of each; a hand-edited one of 9 MB listed 600,000, a provenance table of 27 MB.
+MAX_PROVENANCE_ENTRIES = 64
 DEFAULT_DPI = 100
 # Columns that name a row of the metrics table; every other numeric column is a metric.
 ID_COLUMNS = ("layer", "scope", "matrix", "m", "n")
@@ -148,7 +152,7 @@ def _text(value: object, limit: int = MAX_TEXT) -> str:
             s = repr(value)
     # A lone surrogate (JSON's "\\ud800", or a file name's undecodable byte) has no UTF-8: the
     # page's encode() ended `report` in a UnicodeEncodeError. Shown as its escape instead.
-    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    s = utf8_text(s)
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
@@ -335,18 +339,29 @@ def provenance_pairs(analysis: Analysis) -> list[tuple[str, object]]:
     for key in ("model_type", "architectures", "_name_or_path", "torch_dtype", "dtype", "transformers_version"):
         if key in cfg:
             pairs.append((f"config {key}", cfg[key]))
+    dim_pairs: list[tuple[str, object]] = []
     for key, v in dims.items():
         if key != "notes" and (v is None or isinstance(v, (str, int, float, bool))):
-            pairs.append((f"dims {key}", v))
+            dim_pairs.append((f"dims {key}", v))
+    pairs += _first_entries(dim_pairs, "dims")
     n_layers = dims.get("num_layers")
     pairs.append(("layers cached", f"{_ranges(analysis.layers)} ({len(analysis.layers)} of {_text(n_layers)})"))
     versions = m.get("versions")
     if isinstance(versions, dict):
-        pairs += [(f"computed with {k}", v) for k, v in sorted(versions.items(), key=lambda kv: str(kv[0]))]
+        ordered = sorted(versions.items(), key=lambda kv: str(kv[0]))
+        pairs += _first_entries([(f"computed with {k}", v) for k, v in ordered], "versions")
     else:
         pairs.append(("computed with", "versions not recorded in the manifest"))
     pairs += [("computed", m.get("created")), ("last updated", m.get("updated")), ("cache folder", analysis.cache_dir)]
     return pairs
+
+
+def _first_entries(pairs: list[tuple[str, object]], what: str) -> list[tuple[str, object]]:
+    """At most MAX_PROVENANCE_ENTRIES of `pairs`, then one row that counts the rest."""
+    if len(pairs) <= MAX_PROVENANCE_ENTRIES:
+        return pairs
+    rest = len(pairs) - MAX_PROVENANCE_ENTRIES
+    return [*pairs[:MAX_PROVENANCE_ENTRIES], (f"{what} …", f"{rest:,} more in the cache manifest, not shown")]
 
 
 # --- the page ---------------------------------------------------------------------------------------

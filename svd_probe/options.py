@@ -9,7 +9,7 @@ syntax only, so a bad value is refused before anything is fetched; what depends 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from svd_probe.errors import BadOptionError, shown
@@ -48,21 +48,22 @@ def parse_layers(spec: str | Sequence[int] | None, flag: str = "--layers") -> li
     """`0-3,10,60` → [0, 1, 2, 3, 10, 60]: layers in the order given, each once; None → None (all).
 
     Args:
-        spec: comma-separated layers and inclusive ranges `a-b`, a list of ints, or None / ""
-            / "all" for every layer.
+        spec: comma-separated layers and inclusive ranges `a-b`, a list of ints, or None / "all"
+            for every layer.
         flag: the option's name, for the message.
 
     Returns:
         The layers, or None for "all"; which layers the model has is `select_layers`' business.
 
     Raises `BadOptionError` for a part that is not a layer or a range, a range that ends before it
-    starts, and layers beyond MAX_LAYER.
+    starts, layers beyond MAX_LAYER, and a spec with no layer in it: `--layers ""` (a shell
+    variable left unset) asked for every layer of the model, 61 of DeepSeek-V3 for none.
 
     Example:
         >>> parse_layers("0,2-4,2")
         [0, 2, 3, 4]
     """
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
         return None
     wanted: list[int] = []
     example = f"Use e.g. {flag} 0-3,10,60."
@@ -121,6 +122,25 @@ def select_layers(layers: list[int] | None, dims: ModelDims, include_mtp: bool) 
             f"Pick layers from that range, e.g. --layers 0-{min(3, n_main - 1)}.",
         )
     return sorted(set(layers))
+
+
+def layers_in_model(
+    layers: list[int], num_layers: int | None, path_of: Callable[[int], object]
+) -> tuple[list[int], str]:
+    """The cached `layers` a model of `num_layers` layers has (0 to num_layers - 1, MTP layers
+    included; None: unknown, all kept), and a note naming the files of the others ("" if none):
+    such a file holds nothing of this model (one copied in from a larger model was shown as its).
+    `path_of(layer)` is the file of a layer, for the note."""
+    past = [ly for ly in layers if num_layers is not None and ly >= num_layers]
+    if not past or num_layers is None:
+        return layers, ""
+    more = f" (and {len(past) - 1} more)" if len(past) > 1 else ""
+    note = (
+        f"{path_of(past[0])}{more} left out: the model has layers 0-{num_layers - 1} "
+        "(its manifest says so); delete the file"
+    )
+    gone = set(past)
+    return [ly for ly in layers if ly not in gone], note
 
 
 def parse_matrices(

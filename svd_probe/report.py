@@ -116,6 +116,9 @@ def layer_progress(console: Console, enabled: bool = True):
 _SUMMARY_STACKED = ("O", "VO", "QK", "KQ", "V", "K", "Q", "Q_pe")
 _SUMMARY_HEAD = ("VO", "QK", "O", "V", "K", "Q", "Q_pe")
 _SUMMARY_LAYER = ("QA", "KVA", "KVA_pe", "Qjoint", "KVjoint")
+# The model's notes the summary prints: an adapter writes one or two; a hand-edited manifest with
+# 200,000 made `analyze` print as many lines (10 s).
+MAX_SUMMARY_NOTES = 20
 
 
 class TqdmLayerProgress:
@@ -283,7 +286,10 @@ def summary_footer(outcome: AnalyzeOutcome, rows: list[dict]) -> list[str]:
         f"{s['seconds']:.1f} s on {s['device']}"
     ]
     # `Analysis.dims` checks what the manifest holds: a `dims` of [1] ended `analyze` in a traceback.
-    lines += [f"note: {escape(n)}" for n in outcome.analysis.dims.get("notes") or ()]
+    notes = outcome.analysis.dims.get("notes") or []
+    lines += [f"note: {escape(n)}" for n in notes[:MAX_SUMMARY_NOTES]]
+    if len(notes) > MAX_SUMMARY_NOTES:
+        lines.append(f"note: {len(notes) - MAX_SUMMARY_NOTES:,} more notes in the cache manifest, not shown")
     ranked, head = summary_columns(rows)
     if rows and not ranked and not head:
         lines.append("nothing to summarise: the kinds computed have no stacked, latent or per-head spectrum")

@@ -15,6 +15,7 @@ revision to a commit.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,10 @@ from svd_probe.cache.store import (
     recorded_name,
     repo_key,
 )
-from svd_probe.errors import BadOptionError, CacheDamagedError, CacheMissError
+from svd_probe.errors import BadOptionError, CacheDamagedError, CacheMissError, utf8_text
 from svd_probe.kinds import HEAD, SpectrumKey, canonical_kinds, parse_key, sort_keys
 from svd_probe.models import ModelRef, is_commit, resolve_model
+from svd_probe.options import layers_in_model
 from svd_probe.spectra.metrics import DEFAULT_ERRORS, metrics_batch
 
 
@@ -215,9 +217,19 @@ class Analysis:
         return s[head] if (scope == HEAD and head is not None) else s
 
     def shape(self, layer: int, matrix: str, scope: str = "stacked") -> tuple[int, int]:
-        """(m, n) of the matrix behind one cached spectrum."""
-        m, n = self.layer_spectra[layer].shapes[str(SpectrumKey(scope, matrix))]
-        return int(m), int(n)
+        """(m, n) of the matrix behind one cached spectrum.
+
+        Raises `CacheMissError` (as `sigma` does) when the layer or the spectrum is not cached.
+        """
+        self.sigma(layer, matrix, scope)  # the typed error, with the command, when it is not cached
+        shape = self.layer_spectra[layer].matrix_shape(scope, matrix)
+        if shape is None:  # `SpectraCache.read_layer` calls a file without it damaged
+            raise CacheDamagedError(
+                f"{self.display}: layer {layer} records no matrix shape for its {scope} {matrix} spectrum",
+                f"Recompute it: {self.analyze_command(layers=str(layer))}",
+                path=str(self.cache_dir / f"layer-{layer:04d}.safetensors"),
+            )
+        return shape
 
     def analyze_command(self, layers: str | None = None, matrices: str | None = None) -> str:
         return analyze_command(self.query, layers=layers, matrices=matrices)
@@ -253,13 +265,16 @@ class Analysis:
         """The metrics table: one row per spectrum, one column per metric (pandas DataFrame)."""
         import pandas as pd
 
+        # The name as UTF-8 can hold it: a local folder's undecodable byte (a lone surrogate)
+        # ended csv and parquet exports, `plot` and `report` in pyarrow's UnicodeEncodeError.
+        model = utf8_text(self.display)
         frames = []
         for layer in self.layers:
             ls = self.layer_spectra[layer]
             for text in sort_keys(ls.sigma):
                 key = SpectrumKey.parse(text)
                 s = np.atleast_2d(ls.sigma[text])
-                shape = ls.shapes.get(text, (s.shape[1], s.shape[1]))
+                shape = self.shape(layer, key.kind, key.scope)
                 cols = metrics_batch(
                     s,
                     shape,
@@ -270,7 +285,7 @@ class Analysis:
                 )
                 n = s.shape[0]
                 frame = {
-                    "model": [self.display] * n,
+                    "model": [model] * n,
                     "revision": [self.commit] * n,
                     "layer": np.full(n, layer),
                     "matrix": [key.kind] * n,
@@ -291,8 +306,10 @@ class Analysis:
 
 
 def analyze_command(query: CacheQuery, layers: str | None = None, matrices: str | None = None) -> str:
-    """The `svd-probe analyze` command that would produce this analysis (for hints)."""
-    parts = ["svd-probe analyze", query.name]
+    """The `svd-probe analyze` command that would produce this analysis (for hints), each word
+    shell-quoted where it needs it (`shlex.quote`): a folder `my model` split in two when pasted,
+    and one named `$(...)` ran its command. Plain names stay as they are."""
+    parts = ["svd-probe", "analyze", query.name]
     if query.revision != "main":
         parts += ["--revision", query.revision]
     if not query.options.fold_norms:
@@ -309,7 +326,7 @@ def analyze_command(query: CacheQuery, layers: str | None = None, matrices: str 
         parts += ["--matrices", matrices]
     if query.cache_dir is not None:
         parts += ["--cache-dir", str(query.cache_dir)]
-    return " ".join(parts)
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def cache_repo(ref: ModelRef) -> str:
@@ -339,6 +356,23 @@ def read_layers(
             damaged[ly] = e
             notes.append(e.message)
     return good, damaged
+
+
+def _heads_checked(manifest: dict, layer_spectra: dict[int, LayerSpectra], notes: list[str], where: Path) -> dict:
+    """The manifest, less its dims' head counts where its layer files hold other counts (read as
+    unknown, with a note): figures size themselves by them, and a hand-edited n_heads of 2^31
+    asked numpy for 16 GiB (a traceback), one of 24 drew an 8-head layer as 24 heads."""
+    dims = checked_dims(manifest.get("dims"))
+    wrong = []
+    for i, name in enumerate(("n_heads", "n_kv_groups")):
+        held = {n for ls in layer_spectra.values() if (n := ls.heads()[i]) is not None}
+        if dims.get(name) is not None and held and held != {dims[name]}:
+            wrong.append(name)
+            notes.append(
+                f"{where}: its dims say {name} {dims[name]:,}, but the layer files hold "
+                f"{', '.join(map(str, sorted(held)))}: read as unknown; delete the manifest and `svd-probe analyze` writes it anew"
+            )
+    return {**manifest, "dims": {k: v for k, v in dims.items() if k not in wrong}} if wrong else manifest
 
 
 def _folds_layernorm(config: dict) -> bool:
@@ -403,6 +437,12 @@ def load_analysis(
         )
     notes: list[str] = []
     manifest = cache.read_manifest(notes)
+    # The model's layers are 0 to num_layers - 1 (MTP layers included): a file past them holds
+    # no spectrum of this model (one copied in from a larger model was exported and plotted).
+    n_layers = checked_dims(manifest.get("dims")).get("num_layers")
+    wanted, left_out = layers_in_model(wanted, n_layers, cache.layer_path)
+    if left_out:
+        notes.append(left_out)
     good, damaged = read_layers(cache, manifest, wanted, notes)
     if damaged and on_damaged == "raise":
         first = next(iter(damaged.values()))
@@ -415,7 +455,8 @@ def load_analysis(
         )
     if not good:
         raise CacheMissError(
-            f"no readable cached layers of {ref.display} at {commit[:12]} in {root}",
+            f"no readable cached layers of {ref.display} at {commit[:12]} in {root}"
+            + (f"; {left_out}" if left_out else ""),
             f"Run: {analyze_command(query, layers=asked)}",
         )
     return Analysis(
@@ -423,7 +464,7 @@ def load_analysis(
         query=query,
         commit=commit,
         cache_dir=cache.dir,
-        manifest=manifest,
+        manifest=_heads_checked(manifest, good, notes, cache.manifest_path),
         layer_spectra=good,
         notes=notes,
     )

@@ -235,9 +235,9 @@ def test_layer_lists_keep_their_order_and_are_bounded():
 
     assert parse_layers("5,0-2,1") == [5, 0, 1, 2]
     assert parse_layers([3, 1, 3]) == [3, 1]
-    assert parse_layers("all") is None and parse_layers("") is None
+    assert parse_layers("all") is None and parse_layers(None) is None
     assert parse_layers("0-3,") == [0, 1, 2, 3]
-    for bad in (f"0-{MAX_LAYER + 1}", ",", [-1], [True], ["3"]):
+    for bad in (f"0-{MAX_LAYER + 1}", ",", "", [-1], [True], ["3"]):  # "": no layer in it
         with pytest.raises(BadOptionError):
             parse_layers(bad)
     with pytest.raises(BadOptionError, match="--spectra-layers"):

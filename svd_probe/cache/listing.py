@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from svd_probe.cache.store import SpectraCache, read_json_object, read_ref_file, recorded_name, ref_file_name
+from svd_probe.cache.store import (
+    SpectraCache,
+    layer_of_file,
+    read_json_object,
+    read_ref_file,
+    recorded_name,
+    ref_file_name,
+)
 from svd_probe.errors import BadOptionError, CacheMissError
 from svd_probe.models import is_commit
-
-_LAYER_FILE = re.compile(r"^layer-(\d{4,})\.safetensors$")
 
 
 @dataclass
@@ -62,6 +66,15 @@ def _size_and_mtime(folder: Path) -> tuple[int, float]:
         size += st.st_size
         newest = max(newest, st.st_mtime)
     return size, newest
+
+
+def _utc_text(mtime: float) -> str:
+    """A modification time as ISO text, or "" when none or out of datetime's range: a file of a
+    copied cache dated in the year 33658 (tmpfs keeps it) ended `cache list` in a traceback."""
+    try:
+        return datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds") if mtime else ""
+    except (ValueError, OverflowError, OSError):
+        return ""
 
 
 def read_refs(repo_dir: Path) -> dict[str, str]:
@@ -123,7 +136,7 @@ def list_cache(root: str | os.PathLike) -> list[CachedAnalysis]:
             for opts_dir in sorted(commit_dir.iterdir()):
                 if opts_dir.is_symlink() or not opts_dir.is_dir() or opts_dir.name in ("diff", "alignment"):
                     continue
-                layers = sorted(int(m.group(1)) for p in opts_dir.iterdir() if (m := _LAYER_FILE.match(p.name)))
+                layers = sorted(ly for p in opts_dir.iterdir() if (ly := layer_of_file(p.name)) is not None)
                 manifest = _manifest(opts_dir)
                 if not layers and not manifest:
                     continue
@@ -139,9 +152,7 @@ def list_cache(root: str | os.PathLike) -> list[CachedAnalysis]:
                         options={**options, "key": opts_dir.name},
                         layers=layers,
                         bytes=size,
-                        updated=datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds")
-                        if mtime
-                        else "",
+                        updated=_utc_text(mtime),
                         path=str(opts_dir),
                         repo_id=recorded_name(manifest.get("repo_id")),
                     )

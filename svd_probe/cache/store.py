@@ -25,10 +25,11 @@ rename), so a run killed at any moment leaves only whole layers behind.
 Everything here is input we wrote but do not trust: a file can be truncated by a full disk, edited,
 or left by an older version. A layer file that does not parse, or lacks keys the manifest says
 it holds, raises `CacheDamagedError` naming it, as does one that is a link, a pipe or over
-MAX_LAYER_BYTES, one larger than its own header says it is, and one recording a matrix shape
-that is no size or holds fewer singular values than it stores (`read_layer_file` opens a layer
-file once, never through a link, and reads what it checked); a manifest or ref that does not
-parse is read as absent.
+MAX_LAYER_BYTES, one larger than its own header says it is, one recording no matrix shape for a
+spectrum, or a shape that is no size or holds fewer singular values than it stores, one recording
+another layer than its name, and one whose per-head spectra disagree on the number of heads
+(`read_layer_file` opens a layer file once, never through a link, and reads what it checked); a
+manifest or ref that does not parse is read as absent.
 Writers take `.lock` (fcntl.flock) around each read-modify-write of the manifest and of a layer
 file, so concurrent runs of disjoint (or overlapping) layers all end up listed. A failed write
 (disk full, quota, read-only) raises `DiskWriteError` and leaves no temporary file.
@@ -41,6 +42,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -60,7 +62,7 @@ from svd_probe.atomic import (
     open_regular,
     read_head,
 )
-from svd_probe.errors import CacheDamagedError, CacheLinkError, DiskWriteError
+from svd_probe.errors import CacheDamagedError, CacheLinkError, DiskWriteError, shown
 from svd_probe.kinds import HEAD, SpectrumKey, parse_key
 from svd_probe.models import is_commit
 
@@ -92,6 +94,20 @@ _MAX_HEADER_BYTES = 16 << 20
 MAX_MATRIX_SIDE = 1 << 31
 # Characters of a name (a model) taken from a manifest: a local path is at most 4096 bytes.
 MAX_RECORDED_NAME = 4096
+# Per-head spectra with a row per key/value group (grouped-query attention); the others have a
+# row per query head.
+_GROUP_KEYS = frozenset({"head.K", "head.V"})
+_LAYER_FILE = re.compile(r"layer-(\d{4,})\.safetensors", re.ASCII)
+
+
+def layer_of_file(name: str) -> int | None:
+    """The layer whose spectra the file `name` holds, or None when it is not a layer file's name.
+
+    Only the name `SpectraCache.layer_path` gives counts: `layer-00001` or `layer-1_0` beside
+    `layer-0001` listed a layer twice (or one no file is read for)."""
+    m = _LAYER_FILE.fullmatch(name)
+    layer = int(m.group(1)) if m else None
+    return layer if layer is not None and name == f"layer-{layer:04d}.safetensors" else None
 
 
 def default_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -178,6 +194,13 @@ class SpectraOptions:
         return f"{tag}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
+def _head_rows(sigma: dict[str, np.ndarray]) -> tuple[set[int], set[int]]:
+    """Row counts of the per-head spectra: (of those with a row per query head, of K's and V's,
+    a row per key/value group)."""
+    rows = {key: s.shape[0] for key, s in sigma.items() if key.startswith(HEAD + ".")}
+    return {n for k, n in rows.items() if k not in _GROUP_KEYS}, {n for k, n in rows.items() if k in _GROUP_KEYS}
+
+
 def _key_text(scope: str, kind: str) -> str | None:
     try:
         return str(SpectrumKey(scope, kind))
@@ -208,6 +231,12 @@ class LayerSpectra:
         key = _key_text(scope, kind)
         shape = None if key is None else self.shapes.get(key)
         return None if shape is None else (int(shape[0]), int(shape[1]))
+
+    def heads(self) -> tuple[int | None, int | None]:
+        """(query heads, key/value groups) its per-head spectra have rows for, None for one it has
+        no spectrum of (`read_layer` checked they agree)."""
+        per_query, per_group = _head_rows(self.sigma)
+        return max(per_query, default=None), max(per_group, default=None)
 
     def merged_over(self, old: LayerSpectra) -> LayerSpectra:
         """These spectra, plus the kinds only `old` has (kept from a run with other --matrices)."""
@@ -470,12 +499,16 @@ def refuse_links_below(root: Path, path: Path) -> None:
         except OSError:
             return  # unreadable: the read or write that follows says so in its own words
         if stat.S_ISLNK(st.st_mode):
-            raise CacheLinkError(
-                f"{plain_text(str(cur))} is a link inside the cache folder {plain_text(str(root))}: "
-                "reads and writes through it would leave the cache",
-                "Remove the link (or put the folder it points to in its place), or pass another --cache-dir.",
-                path=str(cur),
-            )
+            raise _link_error(root, cur)
+
+
+def _link_error(root: Path, path: Path) -> CacheLinkError:
+    return CacheLinkError(
+        f"{plain_text(str(path))} is a link inside the cache folder {plain_text(str(root))}: "
+        "reads and writes through it would leave the cache",
+        "Remove the link (or put the folder it points to in its place), or pass another --cache-dir.",
+        path=str(path),
+    )
 
 
 class SpectraCache:
@@ -540,8 +573,11 @@ class SpectraCache:
         path = self.dir / ".lock"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            # Never through a link: O_CREAT created the file a dangling `.lock` link named, out of the cache.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise _link_error(self.root, path) from None
             raise _write_error(self.dir, e) from None
         try:
             if fcntl is not None:
@@ -558,13 +594,7 @@ class SpectraCache:
         """Layers that have a file (whole, thanks to the atomic rename; not yet checked)."""
         if not self.dir.is_dir():
             return []
-        out = []
-        for p in self.dir.glob("layer-*.safetensors"):
-            try:
-                out.append(int(p.stem.split("-")[1]))
-            except (IndexError, ValueError):
-                continue
-        return sorted(out)
+        return sorted(ly for p in self.dir.iterdir() if (ly := layer_of_file(p.name)) is not None)
 
     def write_layer(self, spectra: LayerSpectra) -> Path:
         tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float64)) for k, v in spectra.sigma.items()}
@@ -596,7 +626,9 @@ class SpectraCache:
         Keys that name no spectrum of this version (`kinds.parse_key`) are left out.
         Raises FileNotFoundError when there is no file, `CacheDamagedError` when it is unusable:
         also when it is a link, a pipe, over MAX_LAYER_BYTES or larger than its header says,
-        checked before its data is read (`read_layer_file`), or records a shape that is no size.
+        checked before its data is read (`read_layer_file`), records no shape for a key, a shape
+        that is no size, or another layer than `layer` (a file copied or renamed), or per-head
+        spectra of unequal heads.
         """
         path = self.layer_path(layer)
         try:  # bounded, and never through a link: checked before any byte, on the file read
@@ -623,6 +655,9 @@ class SpectraCache:
             return obj
 
         raw_shapes, storage, info = meta_dict("shapes"), meta_dict("storage_dtypes"), meta_dict("info")
+        recorded = meta.get("layer")
+        if recorded is not None and recorded != str(layer):  # write_layer records it
+            raise self._damaged(layer, f"it holds the spectra of layer {shown(recorded)}, not of layer {layer}")
         if not sigma:
             raise self._damaged(layer, "it holds no spectra")
         missing = sorted(set(expect) - set(sigma))
@@ -637,23 +672,31 @@ class SpectraCache:
                 want = "one row of singular values per head" if per_head else "one row of singular values"
                 raise self._damaged(layer, f"{key} has shape {list(s.shape)}, not {want} (non-negative)")
             shape = raw_shapes.get(key)
-            if shape is not None:
-                # Two sizes from 1 to MAX_MATRIX_SIDE, of a matrix with at least as many singular
-                # values as are stored (min(m, n): the ones a reduced problem lacks are stored as
-                # zeros). A size of 2^40 or 3 for a 64-value spectrum was exported as it was.
-                ok = isinstance(shape, list) and len(shape) == 2
-                ok = ok and all(type(x) is int and 1 <= x <= MAX_MATRIX_SIDE for x in shape)
-                if not ok:
-                    raise self._damaged(
-                        layer, f"the shape recorded for {key} is not two sizes from 1 to {MAX_MATRIX_SIDE:,}"
-                    )
-                if s.shape[-1] > min(shape):
-                    raise self._damaged(
-                        layer,
-                        f"{key} holds {s.shape[-1]} singular values, more than the {min(shape)} of "
-                        f"the {shape[0]} × {shape[1]} matrix recorded for it",
-                    )
-                shapes[key] = (shape[0], shape[1])
+            if shape is None:  # write_layer records every key's; metrics need it (m, n, the rank bound)
+                raise self._damaged(layer, f"it records no matrix shape for {key}")
+            # Two sizes from 1 to MAX_MATRIX_SIDE, of a matrix with at least as many singular
+            # values as are stored (min(m, n): the ones a reduced problem lacks are stored as
+            # zeros). A size of 2^40 or 3 for a 64-value spectrum was exported as it was.
+            ok = isinstance(shape, list) and len(shape) == 2
+            ok = ok and all(type(x) is int and 1 <= x <= MAX_MATRIX_SIDE for x in shape)
+            if not ok:
+                raise self._damaged(
+                    layer, f"the shape recorded for {key} is not two sizes from 1 to {MAX_MATRIX_SIDE:,}"
+                )
+            if s.shape[-1] > min(shape):
+                raise self._damaged(
+                    layer,
+                    f"{key} holds {s.shape[-1]} singular values, more than the {min(shape)} of "
+                    f"the {shape[0]} × {shape[1]} matrix recorded for it",
+                )
+            shapes[key] = (shape[0], shape[1])
+        # One layer's heads: a row per query head in each per-head spectrum, but K and V a row per
+        # key/value group, which divides them. A head.VO of 3 rows beside a head.O of 8 ended `plot`
+        # and `report` in a traceback; one of 24 drew each O row three times as if grouped.
+        per_query, per_group = _head_rows(sigma)
+        if len(per_query) > 1 or len(per_group) > 1 or any(q % g for q in per_query for g in per_group):
+            counts = ", ".join(f"{key} {s.shape[0]}" for key, s in sorted(sigma.items()) if key.startswith(HEAD + "."))
+            raise self._damaged(layer, f"its per-head spectra disagree on the number of heads (rows: {counts})")
         return LayerSpectra(
             layer=layer,
             sigma=sigma,
@@ -762,9 +805,11 @@ class DiffCache(SpectraCache):
         self.tuned_repo = tuned_repo
         self.tuned_commit = tuned_commit
         self.dir = self.root / base_repo / base_commit / "diff" / tuned_repo / tuned_commit / options.key()
+        refuse_links_below(self.root, self.dir)  # a link `diff/` made `diff` write where it pointed
 
     def reference(self) -> SpectraCache:
         """The folder of BASE's reference spectra, inside this one."""
         ref = SpectraCache(self.root, self.repo, self.commit, self.options)
         ref.dir = self.dir / "base"
+        refuse_links_below(self.root, ref.dir)
         return ref

@@ -45,7 +45,9 @@ def align_cmd(
         help="Layers, e.g. 0-3 (default: all but MTP layers); L → L+1 is measured for consecutive ones.",
         show_default=False,
     ),
-    rank: int = typer.Option(64, "--rank", min=1, help="Dimension r of every subspace compared (heads: at most d_v)."),
+    rank: int = typer.Option(
+        64, "--rank", min=1, help="Dimension r of every subspace compared: below d_model (heads: at most d_v)."
+    ),
     write: WriteKind = typer.Option(
         WriteKind.O, "--write", help="A head's output subspace: the column space of O_h or of the fused VO_h."
     ),
@@ -117,9 +119,17 @@ def align_cmd(
             progress=progress,
         )
 
-    print_notes(result.notes)
+    nxt, notes = result.next_frame(), list(result.notes)
+    if nxt.empty:  # `--json` printed `[]` and said nothing
+        from svd_probe.options import format_layers
+
+        notes.append(
+            f"no layer L → L+1 among layers {format_layers(result.layers)}: only consecutive layers are compared "
+            "(never the last layer with an MTP layer), so the L → L+1 table is empty; ask for some, e.g. --layers 0-1"
+        )
+    print_notes(notes)
     if as_json:
-        print_json(result.next_frame().to_dict("records"))
+        print_json(nxt.to_dict("records"))
     else:
         out.print(alignment_table(result))
     if export is not None:

@@ -7,7 +7,6 @@ from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
 from svd_probe.cli.app import (
     CacheDirOpt,
@@ -216,8 +215,9 @@ def print_summary(outcome, rows: list[dict]) -> None:
 
 def print_notes(notes: list[str]) -> None:
     for note in notes:
-        # unwrapped: commands stay copyable; a note quotes names and paths: text, never markup
-        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+        # unwrapped: commands stay copyable; a note quotes names and paths: text, never markup,
+        # and no escape sequence (a folder `x\x1b]0;…\x07` retitled the terminal)
+        print_text(err, note, prefix=("note:", "yellow"))
 
 
 def cache_query(
@@ -262,7 +262,7 @@ def export_cmd(
     normalize_stacked: bool = NormStackedOpt,
     layernorm_fold: LayerNormFold = LayerNormFoldOpt,
     at_rank: int | None = typer.Option(
-        None, "--at-rank", help="Also export the relative error at this fixed rank r.", show_default=False
+        None, "--at-rank", min=0, help="Also export the relative error at this fixed rank r.", show_default=False
     ),
     errors: str = typer.Option(
         "0.01,0.001", "--errors", help="Energy errors for the rank columns, comma-separated (0.01 → rank_1pct)."

@@ -137,12 +137,18 @@ NormStackedOpt = typer.Option(
 )
 
 
-def print_text(console: Console, text: str) -> None:
-    """A line holding the user's text (paths, names): never read as markup, unwrapped (commands and
-    paths stay copyable), not highlighted."""
+def print_text(console: Console, text: str, prefix: tuple[str, str] | None = None) -> None:
+    """A line holding the user's text (paths, names): never read as markup, with control characters
+    shown as escapes (`report.terminal_text`), unwrapped (commands and paths stay copyable), not
+    highlighted. `prefix` is (label, style): a styled label of ours before it, as `note:` in yellow."""
+    from rich.text import Text
+
     from svd_probe.report import terminal_text
 
-    console.print(terminal_text(text), highlight=False, soft_wrap=True)
+    line = terminal_text(text)
+    if prefix is not None:
+        line = Text.assemble(Text(prefix[0], style=prefix[1]), " ", line)
+    console.print(line, highlight=False, soft_wrap=True)
 
 
 def print_json(obj) -> None:

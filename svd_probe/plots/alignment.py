@@ -92,7 +92,7 @@ def alignment_figure(alignment: Alignment, layer: int | None = None, dpi: float 
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax1.yaxis.set_major_locator(MaxNLocator(integer=True))
         what = f"Subspace alignment in the residual stream (d = {d:,}, rank r = {alignment.rank})"
-        fig.suptitle(what + f"\n{alignment.model} ({alignment.commit[:8]}; {_options(alignment)})", ha="left", x=0.01)
+        style.literal_suptitle(fig, what + f"\n{alignment.model} ({alignment.commit[:8]}; {_options(alignment)})")
     heat = pd.DataFrame(
         [
             {"comparison": "head_pair", "layer": layer, "head": i, "other_head": j, "mean_cos": float(mean[i, j])}

@@ -13,7 +13,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.colors import LinearSegmentedColormap, to_rgb
@@ -46,6 +45,11 @@ class FigureResult:
     data: pd.DataFrame
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Names in legends and titles are drawn as they are, never read as mathtext (`style`).
+        if self.figure is not None:
+            style.draw_literally(self.figure)
 
 
 def default_error_rank(d_model: int) -> int:
@@ -118,9 +122,7 @@ def _kind_cmap(kind: str) -> LinearSegmentedColormap:
 
 
 def _suptitle(fig: Figure, text: str) -> None:
-    # Wrapped to the figure's width: a long model line must not run off a narrow figure.
-    size = matplotlib.rcParams["figure.titlesize"]  # points, or a name such as "large"
-    fig.suptitle(style.fit_lines(text, 0.97 * fig.get_figwidth() * 72, size), ha="left", x=0.01)
+    style.literal_suptitle(fig, text, wrap=True)
 
 
 def _integer_ticks(ax, axis: str = "x") -> None:

@@ -243,7 +243,7 @@ def kv_planner_figure(analysis, energy: float = DEFAULT_ENERGY, kv_dtype: str = 
             fontsize=8,
         )
         what = "Input-latent planner: ranks of the joint key-value and query maps"
-        fig.suptitle(style.title(analysis, what, f"energy {energy:g}"), ha="left", x=0.01)
+        style.literal_suptitle(fig, style.title(analysis, what, f"energy {energy:g}"))
     stem = "kv-planner-E" + f"{energy:g}".replace(".", "p")
     return FigureResult("kv-planner", stem, fig, plan.to_csv_frame(), list(plan.notes), {"plan": plan})
 
@@ -253,8 +253,13 @@ def kv_planner_rich_table(plan: KVPlan):
     from rich import box
     from rich.table import Table
 
+    from svd_probe.report import terminal_text
+
     table = Table(
-        title=f"{plan.model}: joint KV / Q latent at {plan.energy:g} energy, KV cache {plan.kv_dtype.upper()}",
+        # The model's name is text, never console markup (`m[/]x` ended `plot` in a MarkupError).
+        title=terminal_text(
+            f"{plan.model}: joint KV / Q latent at {plan.energy:g} energy, KV cache {plan.kv_dtype.upper()}"
+        ),
         caption=f"KV cache per token and layer: {plan.cache_formula()}\n"
         + ("weights ℓ·(R+H) (ℓ: the model's latent) → r·(R+H)" if plan.is_mla else "weights R·H → r·(R+H)"),
         title_justify="left",

@@ -259,10 +259,13 @@ def planner_rich_table(results: list[PlannerResult]):
     """The summary the CLI prints: one column per model, totals over the whole model."""
     from rich.table import Table
 
+    from svd_probe.report import terminal_text
+
     table = Table(title="Shared output latent: output projection n·d_v·H → n·d_v·D + D·H", title_justify="left")
     table.add_column("")
     for r in results:
-        table.add_column(r.model, justify="right", overflow="fold")
+        # The model's name is text, never console markup (`m[/]x` ended `plot` in a MarkupError).
+        table.add_column(terminal_text(r.model), justify="right", overflow="fold")
     totals = [r.totals() for r in results]
     rows = [
         ("n · d_v · H", lambda r, t: f"{r.n_heads} · {r.d_v} · {r.d_model:,}"),

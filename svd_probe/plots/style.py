@@ -4,6 +4,13 @@ Figures are built with `matplotlib.figure.Figure` directly, never through pyplot
 backend is selected or required (so rendering works on a machine without a display, and in a
 notebook whose backend we must not switch), and a figure is freed as soon as it is dropped
 instead of living on in pyplot's figure registry.
+
+Text is drawn as the characters it holds, never as mathtext: titles and legends carry model
+names, folder names and revisions we do not control, and matplotlib reads `$...$` in any text as
+math (a folder `a$\\bad$b` ended `plot` and `report` in its ValueError). The suptitle is made
+literal where it is set (`literal_suptitle`), everything else once the figure is built
+(`draw_literally`, from `FigureResult`). No figure of ours draws math; tick labels, which
+matplotlib writes as mathtext on log axes (10^k), are left to it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from typing import TYPE_CHECKING
 import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
+from matplotlib.legend import Legend
+from matplotlib.text import Text
 from matplotlib.textpath import TextToPath
 
 from svd_probe.kinds import ALL_KINDS
@@ -76,6 +85,53 @@ def plot_style():
 
 def new_figure(width: float, height: float, dpi: float = 100) -> Figure:
     return Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+
+
+def figure_text(text: str) -> str:
+    """`text` as a figure shows it: each line's control characters and lone surrogates (a folder
+    name's undecodable byte) as escapes (`report.terminal_text`). A surrogate ended drawing in
+    FT2Font's TypeError, and an ESC went raw to the terminal in matplotlib's missing-glyph warning."""
+    from svd_probe.report import terminal_text
+
+    return "\n".join(terminal_text(line).plain for line in text.split("\n"))
+
+
+def literal_suptitle(fig: Figure, text: str, wrap: bool = False) -> Text:
+    """The figure's title, drawn as the characters it holds (a model name's `$` is no mathtext);
+    with `wrap`, each line wrapped to the figure's width (`fit_lines`)."""
+    text = figure_text(text)
+    if wrap:  # a long model line must not run off a narrow figure
+        size = matplotlib.rcParams["figure.titlesize"]  # points, or a name such as "large"
+        text = fit_lines(text, 0.97 * fig.get_figwidth() * 72, size)
+    return fig.suptitle(text, ha="left", x=0.01, parse_math=False)
+
+
+def draw_literally(fig: Figure) -> list[Text]:
+    """Every text we put in `fig` made literal (`Text.set_parse_math(False)`, `figure_text`):
+    figure and axes titles, axis and colour-bar labels, `ax.text` and annotations, legend entries
+    and titles. Tick labels are left as they are (they hold no text of ours). Returns the texts.
+
+    Only each artist's direct children are read: walking the whole tree (`findobj`) would create
+    the axes' ticks, outside the rc settings they are drawn with."""
+    texts: list[Text] = []
+
+    def take(artists) -> None:
+        for a in artists:
+            if isinstance(a, Text):
+                texts.append(a)
+            elif isinstance(a, Legend):
+                texts.extend([*a.texts, a.get_title()])
+
+    take(fig.get_children())
+    for ax in fig.axes:
+        take(ax.get_children())  # titles, texts, annotations, the legend; axes, not their ticks
+        texts += [ax.xaxis.label, ax.yaxis.label]
+    for t in texts:
+        t.set_parse_math(False)
+        shown = figure_text(t.get_text())
+        if shown != t.get_text():
+            t.set_text(shown)
+    return texts
 
 
 def pct(error: float) -> str:
