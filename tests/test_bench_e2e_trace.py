@@ -100,11 +100,19 @@ def _traced_loop(e2e, trace, layers: int) -> None:
         trace.end()
 
 
-def test_trace_of_a_cpu_workload_on_two_threads(e2e, tmp_path):
+def test_trace_of_a_cpu_workload_on_two_threads(e2e, tmp_path, monkeypatch):
     path = tmp_path / "e2e-compute-trace.json.gz"
+    steps = tmp_path / "steps.log"
+    monkeypatch.setenv("SVD_PROBE_TRACE_LOG", str(steps))
     trace = e2e._Trace(2, 8, torch.device("cpu"), path)
     _traced_loop(e2e, trace, 8)
     tr = trace.summary()
+    # each step of the trace's end, as it happened, and the tables before the chrome trace
+    logged = [line.split(" s  trace: ", 1)[1] for line in steps.read_text().splitlines()]
+    assert [line.split(" ")[0] for line in logged[:3]] == ["begun", "window", "profiler"]
+    assert logged[3].endswith(" events parsed") and int(logged[3].split(" ")[0]) > 0
+    assert [line.split(" ")[0] for line in logged[4:]] == ["tables", "chrome"]
+    assert json.loads(logged[4].removeprefix("tables "))["window_layers"] == [4, 6]
     json.dumps(tr)  # goes into the phase's JSON as it is
     assert "error" not in tr, tr["error"]
     assert tr["window_layers"] == [4, 6] and not tr["whole_run"] and tr["layers"] == 8
