@@ -37,6 +37,7 @@ import dataclasses
 import json
 import math
 import re
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -663,8 +664,9 @@ def export_alignment(alignment: Alignment, out: str | Path, format: str | None =
 
 
 def align_command(model: str, layers: str | None, rank: int, write: str, options: SpectraOptions, cache_dir) -> str:
-    """The `svd-probe align` command for hints."""
-    parts = ["svd-probe align", model, "--rank", str(rank)]
+    """The `svd-probe align` command for hints, each word shell-quoted where it needs it (as
+    `results.analyze_command`): a folder `my model` or `$(...)` is pasted as one word."""
+    parts = ["svd-probe", "align", str(model), "--rank", str(rank)]
     if write != "O":
         parts += ["--write", write]
     if layers:
@@ -677,7 +679,7 @@ def align_command(model: str, layers: str | None, rank: int, write: str, options
         parts += ["--layernorm-fold", options.layernorm_fold]
     if cache_dir is not None:
         parts += ["--cache-dir", str(cache_dir)]
-    return " ".join(parts)
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _check_args(rank: int, write: str) -> None:
@@ -712,6 +714,39 @@ def _check_rank_fits(rank: int, d_model: int | None) -> None:
             "the whole residual stream, every cosine 1",
             f"Give --rank from 1 to {d_model - 1}.",
         )
+
+
+def _fitting_rank(d_model: int | None) -> int:
+    """The rank a hint suggests: 64, or half of a d_model of 64 or less (which refuses 64)."""
+    return 64 if not d_model or d_model > 64 else max(1, d_model // 2)
+
+
+def _whole_stream_note(store: AlignmentStore, d_model: int, layers: list[int] | None = None) -> str:
+    what = f"layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))} of " if layers else ""
+    return (
+        f"{what}{store.dir} left out: its rank {store.rank} is not below d_model {d_model} (a run from before "
+        "`align` refused such ranks), so every subspace it compared was the whole residual stream and every "
+        "cosine 1; delete the folder"
+    )
+
+
+def _main_layers(dims: dict) -> int | None:
+    n, mtp = dims.get("num_layers"), dims.get("num_mtp_layers") or 0
+    return n - mtp if n is not None else None
+
+
+def _asked_pairs(layers: dict[int, LayerAlignment], asked: set[int], n_main: int | None) -> dict[int, LayerAlignment]:
+    """`layers` with each one's L-1 → L comparison (`prev`) kept only where layer L-1 was asked too
+    and writes what L reads (`_pairable`): a layer file keeps the comparison of the run that wrote
+    it, and `align --layers 1` showed a 0 → 1 row although layer 0 was not asked."""
+    out = {}
+    for ly, la in layers.items():
+        p = la.prev_layer
+        keep = p is not None and p in asked and (_pairable(p, ly, n_main) if n_main is not None else p == ly - 1)
+        if p is not None and not keep:
+            la = dataclasses.replace(la, prev={}, prev_layer=None, ranks={**la.ranks, "prev_write": None})
+        out[ly] = la
+    return out
 
 
 def _from_store(
@@ -909,7 +944,7 @@ def align(
         rank=rank,
         write=write,
         dims=dataclasses.asdict(dims),
-        layers={ly: have[ly] for ly in wanted},
+        layers=_asked_pairs({ly: have[ly] for ly in wanted}, in_set, n_main),
         cache_dir=store.dir,
         notes=notes,
         computed=todo,
@@ -939,6 +974,9 @@ def load_alignment(
     if commit is None:
         raise MissingFigureData(f"{ref.display}: no alignment cached (the revision was never analyzed)", hint)
     base = SpectraCache(query.root, cache_repo(ref), commit, query.options)
+    if rank is None:  # the hint's rank, below the analysis' d_model (--rank 64 of a d_model-64 model is refused)
+        fits = _fitting_rank(checked_dims(base.read_manifest().get("dims")).get("d_model"))
+        hint = align_command(query.name, None, fits, write or "O", query.options, query.cache_dir)
     runs = []
     for d in base.dir.glob("alignment-*-r*") if base.dir.is_dir() else []:
         m = _RUN_DIR.fullmatch(d.name)
@@ -951,19 +989,39 @@ def load_alignment(
                 runs.append((store.manifest_path.stat().st_mtime if store.manifest_path.is_file() else 0.0, store))
     if not runs:
         raise MissingFigureData(f"{ref.display}: no alignment cached at {commit[:12]} with these options", hint)
-    store = max(runs, key=lambda x: x[0])[1]
-    manifest = store.read_manifest()
-    dims = checked_dims(manifest.get("dims"))
     notes: list[str] = []
+    # The most recent run whose rank is below d_model: one at d_model or more (cached before
+    # `align` refused such ranks) compared the whole residual stream with itself, every cosine 1.
+    d_model = 0
+    for _, store in sorted(runs, key=lambda x: x[0], reverse=True):
+        manifest = store.read_manifest()
+        dims = checked_dims(manifest.get("dims"))
+        if not dims.get("d_model") or store.rank < dims["d_model"]:
+            break
+        d_model = dims["d_model"]
+        notes.append(_whole_stream_note(store, d_model))
+    else:
+        if rank is not None:
+            _check_rank_fits(rank, d_model)  # the BadOptionError `align --rank` gives online
+        hint = align_command(query.name, None, _fitting_rank(d_model), write or "O", query.options, query.cache_dir)
+        raise MissingFigureData(f"{ref.display}: no usable alignment cached: {'; '.join(notes)}", hint)
     cached = store.cached_layers()
     wanted = cached if layers is None else sorted(set(layers) & set(cached))
     wanted, left_out = layers_in_model(wanted, dims.get("num_layers"), store.layer_path)
     notes += [left_out] if left_out else []
-    got = _from_store(store, wanted, notes, hint + " --force", recompute=False)
+    # A damaged file is recomputed by rerunning the run it belongs to, at its rank and write kind.
+    rerun = align_command(query.name, None, store.rank, store.write, query.options, query.cache_dir)
+    got = _from_store(store, wanted, notes, rerun + " --force", recompute=False)
+    # A run without a manifest's dims: each layer file records its d_model.
+    whole = [ly for ly, la in got.items() if store.rank >= la.d_model]
+    if whole:
+        notes.append(_whole_stream_note(store, got[whole[0]].d_model, whole))
+        got = {ly: la for ly, la in got.items() if ly not in whole}
     if not got:
         raise MissingFigureData(
-            f"{ref.display}: no readable alignment layers cached" + (f"; {left_out}" if left_out else ""), hint
+            f"{ref.display}: no readable alignment layers cached" + (f"; {'; '.join(notes)}" if notes else ""), hint
         )
+    got = _asked_pairs(got, set(cached if layers is None else layers), _main_layers(dims))
     return Alignment(
         model=recorded_name(manifest.get("model")) or ref.display,
         commit=commit,

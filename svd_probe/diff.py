@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shlex
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ from svd_probe.errors import (
     OfflineCacheMissError,
     SvdProbeError,
     TransferError,
+    utf8_text,
 )
 from svd_probe.kinds import HEAD, JOINT_KINDS, LAYER, STACKED, SpectrumKey, sort_keys, spectrum_keys
 from svd_probe.models import ModelRef, is_commit, resolve_model
@@ -682,8 +684,10 @@ def diff_display(base: str, tuned: str) -> str:
 
 
 def diff_command(base: CacheQuery, tuned: CacheQuery, layers: str | None = None, matrices: str | None = None) -> str:
-    """The `svd-probe diff` command that would compute this diff (for hints)."""
-    parts = ["svd-probe diff", base.name, tuned.name]
+    """The `svd-probe diff` command that would compute this diff (for hints), each word
+    shell-quoted where it needs it, as `results.analyze_command` quotes its own: a folder
+    `my model` split in two when pasted, and one named `$(...)` ran its command."""
+    parts = ["svd-probe", "diff", base.name, tuned.name]
     if base.revision != "main":
         parts += ["--revision", base.revision]
     if tuned.revision != "main":
@@ -701,7 +705,7 @@ def diff_command(base: CacheQuery, tuned: CacheQuery, layers: str | None = None,
         parts += ["--matrices", matrices]
     if base.cache_dir is not None:
         parts += ["--cache-dir", str(base.cache_dir)]
-    return " ".join(parts)
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 @dataclass
@@ -798,7 +802,10 @@ class DiffAnalysis(Analysis):
         if df.empty:
             return df
         for name, value in self._ids().items():
-            df[name] = value
+            # As `Analysis.metrics` writes the model column: a local folder's undecodable byte
+            # (a lone surrogate) in either name ended csv and parquet exports in a
+            # UnicodeEncodeError.
+            df[name] = utf8_text(value) if isinstance(value, str) else value
         base = np.full(len(df), np.nan)
         for (layer, scope, matrix), idx in df.groupby(["layer", "scope", "matrix"], sort=False).indices.items():
             base[idx] = self._base_frobenius(int(layer), scope, matrix, len(idx))

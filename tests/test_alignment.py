@@ -247,9 +247,13 @@ def test_align_resumes_and_repairs(planted):
     repaired = align(str(folder), rank=4, cache_dir=cache, device="cpu", layers="0-2")
     assert repaired.computed == [2] and any("layer 2" in note for note in repaired.notes)
     np.testing.assert_allclose(repaired.layers[2].prev["K"], more.layers[2].prev["K"], atol=1e-12)
-    # Asked alone, a layer whose predecessor is not in the set needs no comparison.
+    # Asked alone, a layer whose predecessor is not in the set needs no comparison, and shows
+    # none (`LayerAlignment.prev` is empty when that layer was not asked), though its file keeps it.
     alone = align(str(folder), rank=4, cache_dir=cache, device="cpu", layers="1")
-    assert alone.computed == [] and alone.layers[1].prev_layer == 0
+    assert alone.computed == [] and alone.layers[1].prev_layer is None and alone.layers[1].prev == {}
+    assert alone.next_frame().empty
+    both = align(str(folder), rank=4, cache_dir=cache, device="cpu", layers="0-1")
+    assert both.computed == [] and both.layers[1].prev_layer == 0
 
 
 # --- an MLA checkpoint against an independent float64 reference ---------------------------------------------
