@@ -490,16 +490,22 @@ def _analyze_offline(
     kinds = parse_matrices(request.matrices, adapter.supported_kinds())
     layers = select_layers(layer_spec, dims, request.include_mtp)
     wanted_keys = {str(k) for k in spectrum_keys(kinds)}
-    have, _ = ({}, {}) if request.force else read_layers(cache, manifest, layers, notes)
+    have, damaged = ({}, {}) if request.force else read_layers(cache, manifest, layers, notes)
     missing = [ly for ly in layers if ly not in have or not wanted_keys <= have[ly].kinds()]
     if missing:
         cached = [ly for ly in layers if ly not in missing]
         pick = (
             f" Layers {','.join(map(str, cached))} are cached: add --layers to summarize only those." if cached else ""
         )
+        # A layer whose file is there but damaged is missing too: say what is wrong with it (the
+        # notes that hold it are not printed when analyze fails), as `load_analysis` does.
+        bad = [damaged[ly] for ly in missing if ly in damaged]
+        damage = f"; {bad[0].message}" if bad else ""
+        if len(bad) > 1:
+            damage += f" (and {len(bad) - 1} more damaged layer files)"
         raise OfflineCacheMissError(
             f"{why}: cannot compute layer{'s' if len(missing) > 1 else ''} {','.join(map(str, missing))} "
-            f"of {ref.display} without it (cache {cache.dir})",
+            f"of {ref.display} without it (cache {cache.dir}){damage}",
             "Reconnect (or unset HF_HUB_OFFLINE) and rerun the same command." + pick,
         )
     since = f", recorded {entry.since}" if entry is not None and entry.since else ""

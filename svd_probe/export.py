@@ -78,6 +78,7 @@ def export(
     errors: tuple[float, ...] = DEFAULT_ERRORS,
     overwrite: bool = False,
     diff: CacheQuery | str | ModelRef | None = None,
+    notes: list[str] | None = None,
 ) -> int:
     """Write one file from the cache; reads no network.
 
@@ -91,6 +92,8 @@ def export(
         diff: TUNED: write the cached diff TUNED − `query` (`svd_probe.diff.load_diff`) instead,
             with the same columns plus base_model, base_revision, tuned_model, tuned_revision
             (and base_frobenius, rel_delta_norm in the metrics).
+        notes: a list to append the loader's notes to (a layer file left out, a damaged one
+            skipped), for a caller that shows them; the file is written either way.
 
     Returns:
         The number of rows written.
@@ -113,6 +116,8 @@ def export(
         analysis = load_diff(query, diff)
     else:
         analysis = load_analysis(query)
+    if notes is not None:
+        notes.extend(analysis.notes)
     n = 0
 
     def write(tmp: str) -> None:

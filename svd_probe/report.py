@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -275,23 +274,26 @@ def render_summary(outcome: AnalyzeOutcome, rows: list[dict]) -> Table:
     return table
 
 
-def summary_footer(outcome: AnalyzeOutcome, rows: list[dict]) -> list[str]:
+def summary_footer(outcome: AnalyzeOutcome, rows: list[dict]) -> list[Text]:
     """The lines under the summary table: what was done, the model's notes, the cache folder.
 
-    Lines are console markup (`print_summary` prints them so): the notes, which come from the
-    manifest, and the folder are escaped, so a `[/]` in either prints as itself."""
+    Lines are text (`terminal_text`), never markup: the notes come from the manifest and the
+    folder from --cache-dir and the model's name, so a `[/]` in either prints as itself, and a
+    control character as its escape (a --cache-dir `c\\x1b]0;…\\x07` retitled the terminal)."""
     s = outcome.stats
     lines = [
-        f"{s['computed']} layers computed, {s['from_cache']} from cache · {s['bytes_fetched'] / 1e6:,.1f} MB fetched · "
-        f"{s['seconds']:.1f} s on {s['device']}"
+        Text(
+            f"{s['computed']} layers computed, {s['from_cache']} from cache · {s['bytes_fetched'] / 1e6:,.1f} MB fetched · "
+            f"{s['seconds']:.1f} s on {s['device']}"
+        )
     ]
     # `Analysis.dims` checks what the manifest holds: a `dims` of [1] ended `analyze` in a traceback.
     notes = outcome.analysis.dims.get("notes") or []
-    lines += [f"note: {escape(n)}" for n in notes[:MAX_SUMMARY_NOTES]]
+    lines += [terminal_text(f"note: {n}") for n in notes[:MAX_SUMMARY_NOTES]]
     if len(notes) > MAX_SUMMARY_NOTES:
-        lines.append(f"note: {len(notes) - MAX_SUMMARY_NOTES:,} more notes in the cache manifest, not shown")
+        lines.append(Text(f"note: {len(notes) - MAX_SUMMARY_NOTES:,} more notes in the cache manifest, not shown"))
     ranked, head = summary_columns(rows)
     if rows and not ranked and not head:
-        lines.append("nothing to summarise: the kinds computed have no stacked, latent or per-head spectrum")
-    lines.append(f"cache {escape(str(outcome.cache_dir))}")
+        lines.append(Text("nothing to summarise: the kinds computed have no stacked, latent or per-head spectrum"))
+    lines.append(terminal_text(f"cache {outcome.cache_dir}"))
     return lines

@@ -217,3 +217,23 @@ def test_manifest_head_counts_that_disagree_with_the_layer_files_are_not_believe
     v = v[(v["layer"] == 1) & (v["scope"] == "head") & (v["matrix"] == "V")].sort_values("head")["rank_1pct"]
     by_head = result.data.sort_values("head")["V"].to_numpy()
     assert list(by_head) == [int(x) for x in np.repeat(v.to_numpy(), 4)]
+
+
+def test_cache_rm_with_no_answer_deletes_nothing_and_says_why(llama, template, tmp_path):
+    """`cache rm` from a script with stdin closed ended in click's bare "Aborted!" (exit 1, no
+    error, no hint); now a usage error naming --yes, and nothing is deleted."""
+    import subprocess
+    import sys
+
+    cache = copy(template, tmp_path, llama)
+    before = sorted(p.relative_to(cache.root) for p in cache.root.rglob("*"))
+    r = subprocess.run(
+        [sys.executable, "-m", "svd_probe.cli", "cache", "rm", "llama", "--all", "--cache-dir", str(cache.root)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "error:" in r.stderr and "--yes" in r.stderr and "Aborted" not in r.stderr
+    assert sorted(p.relative_to(cache.root) for p in cache.root.rglob("*")) == before

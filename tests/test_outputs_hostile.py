@@ -140,7 +140,7 @@ def test_export_and_plot_print_the_out_paths_as_text(llama, template, tmp_path, 
         args = ["export", llama, "--cache-dir", cache.root, "--format", "csv", "--out", table]
         code, out, err = run_cli(args, monkeypatch, capsys)
         assert code == 0 and "Traceback" not in err, err
-        assert f"to {table}" in " ".join(err.split()) and table.is_file()
+        assert f"to {table}" in " ".join(out.split()) and table.is_file()  # a result: on stdout
     folder = tmp_path / "p[/]x"
     args = ["plot", llama, "--cache-dir", cache.root, "--out", folder, "--kind", "layerwise", "--dpi", "10"]
     code, out, err = run_cli(args, monkeypatch, capsys)

@@ -55,7 +55,7 @@ def wide_fixture(monkeypatch) -> None:
     from svd_probe.cli.app import alert, err, out
 
     for console in (alert, err, out):
-        monkeypatch.setattr(console, "width", 10_000)
+        monkeypatch.setattr(console, "_width", 10_000)
 
 
 def svg_text(fig) -> str:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import sys
 
-from rich.markup import escape
-
 from svd_probe.cli import align as _align  # noqa: F401  (registers align)
 from svd_probe.cli import analysis as _analysis  # noqa: F401  (registers models, analyze, export, plot)
 from svd_probe.cli import cache as _cache  # noqa: F401  (registers cache list, cache rm)
@@ -18,7 +16,7 @@ from svd_probe.cli import diff as _diff  # noqa: F401  (registers diff)
 from svd_probe.cli import report as _report  # noqa: F401  (registers report)
 from svd_probe.cli import sweep as _sweep  # noqa: F401  (registers sweep)
 from svd_probe.cli import train as _train  # noqa: F401  (registers train, compare)
-from svd_probe.cli.app import alert, app, err, out
+from svd_probe.cli.app import alert, app, err, out, print_text
 from svd_probe.errors import SvdProbeError
 
 __all__ = ["app", "err", "main", "out"]
@@ -43,11 +41,15 @@ def _is_network_error(e: BaseException) -> bool:
 
 
 def _fail(message: str, hint: str | None, code: int) -> None:
-    # Messages quote paths and names the user or a file gave: text, never markup (a path with
-    # `[/]` in it ended in rich's MarkupError traceback instead of the message).
-    alert.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    # Messages quote paths and names the user or a file gave, so they print as `print_text` prints
+    # them: text, never markup (a path with `[/]` in it ended in rich's MarkupError traceback
+    # instead of the message); control characters as escapes (a local folder `x\x1b]0;…\x07` in
+    # "no cached analysis of …" retitled the terminal); and unwrapped, as the notes are: rich
+    # folded a long path or the hint's `Run: svd-probe analyze …` at 80 columns with a newline
+    # in it, so a copied path or command came out in two pieces. The terminal wraps it instead.
+    print_text(alert, message, prefix=("error:", "bold red"))
     if hint:
-        alert.print(f"[dim]hint:[/] {escape(hint)}", highlight=False)
+        print_text(alert, hint, prefix=("hint:", "dim"))
     sys.exit(code)
 
 

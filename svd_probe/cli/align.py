@@ -134,7 +134,7 @@ def align_cmd(
         out.print(alignment_table(result))
     if export is not None:
         n = export_alignment(result, export, export_format, overwrite=overwrite)
-        print_text(err, f"wrote {n} rows to {export}")
+        print_text(out, f"wrote {n} rows to {export}")  # a result: shown under -q too
     if not no_figure:
         from svd_probe.plots.alignment import alignment_figure
         from svd_probe.plots.output import PlotOutput

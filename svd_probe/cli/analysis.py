@@ -167,16 +167,14 @@ def analyze_cmd(
             from svd_probe.cache.store import default_cache_root
 
             where = default_cache_root(cache_dir)
+            # `where` is the user's --cache-dir: text, never markup, no escape sequence.
             if progress.total is None:  # before the layers were known: nothing of this run is cached
-                alert.print(
-                    f"interrupted before any layer was computed; cache {where}", highlight=False, soft_wrap=True
-                )
+                print_text(alert, f"interrupted before any layer was computed; cache {where}")
             else:
-                alert.print(
+                print_text(
+                    alert,
                     f"interrupted: {progress.done} of {progress.total} layers cached in {where}; "
                     "run the same command to resume",
-                    highlight=False,
-                    soft_wrap=True,
                 )
             raise typer.Exit(130) from None
     if outcome.stats.get("rank", 0) != 0:
@@ -209,7 +207,7 @@ def print_summary(outcome, rows: list[dict]) -> None:
     from svd_probe.report import render_summary, summary_footer
 
     out.print(render_summary(outcome, rows))
-    for line in summary_footer(outcome, rows):
+    for line in summary_footer(outcome, rows):  # text already (`terminal_text`), never markup
         out.print(line, highlight=False, soft_wrap=True)
 
 
@@ -276,16 +274,22 @@ def export_cmd(
     from svd_probe.options import parse_errors
     from svd_probe.results import CacheQuery
 
+    query = cache_query(model, revision, cache_dir, fold_norms, normalize_stacked, layernorm_fold, control)
+    notes: list[str] = []
     n = export(
-        cache_query(model, revision, cache_dir, fold_norms, normalize_stacked, layernorm_fold, control),
+        query,
         format=format,
         out=out_file,
         at_rank=at_rank,
         errors=parse_errors(errors),
         overwrite=overwrite,
         diff=CacheQuery(diff, tuned_revision) if diff else None,
+        notes=notes,
     )
-    print_text(err, f"wrote {n} rows to {out_file}")
+    # What loading left out ("layer-0007.safetensors left out: the model has layers 0-1"), as
+    # `plot` says it: an export silently short of a layer file the cache holds looks whole.
+    print_notes(notes)
+    print_text(out, f"wrote {n} rows to {out_file}")  # a file written: a result, shown under -q too
 
 
 # ---- plot: options here, work in svd_probe.plots -------------------------------------

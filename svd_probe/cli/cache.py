@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from svd_probe.cli.app import CacheDirOpt, app, err, out, print_json, print_text
+from svd_probe.errors import BadOptionError
 
 cache_app = typer.Typer(help="See what the spectra cache holds, and remove models from it.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
@@ -68,6 +69,21 @@ def list_cmd(
     )
 
 
+def _confirmed(question: str) -> bool:
+    """The user's yes; no answer (stdin closed, as in a script or `< /dev/null`, or Ctrl-C at the
+    question: click tells them apart from neither) is a usage error that deletes nothing (it
+    ended in click's bare "Aborted!")."""
+    import click
+
+    try:
+        return typer.confirm(question, default=False)
+    except (typer.Abort, click.Abort):  # typer >= 0.29 raises its own
+        raise BadOptionError(
+            "cache rm asks before deleting and got no answer (stdin closed, or interrupted): nothing deleted",
+            "Pass --yes to delete without asking (scripts), or run it in a terminal.",
+        ) from None
+
+
 @cache_app.command("rm")
 def rm_cmd(
     model: str = typer.Argument(..., metavar="MODEL", help="Model as `cache list` shows it (alias, repo id or name)."),
@@ -89,7 +105,7 @@ def rm_cmd(
     out.print(f"will delete {_size(plan.bytes)}:", highlight=False)
     for path in (*plan.folders, *plan.refs):  # folder names are the cache's: text, not markup
         print_text(out, f"  {path}")
-    if not yes and not typer.confirm("delete these?", default=False):
+    if not yes and not _confirmed("delete these?"):
         err.print("nothing deleted")
         raise typer.Exit(1)
     freed = remove(plan)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import typer
 
-from svd_probe.cli.app import DeviceOpt, app, err, out
+from svd_probe.cli.app import DeviceOpt, app, err, out, print_text
 
 
 @app.command("demo")
@@ -30,18 +31,22 @@ def demo_cmd(
     outcome = result.outcome
     print_summary(outcome, summary_rows(outcome))
     p = result.paths
+    # The folders are the user's --out: text, never markup, no escape sequence (`print_text`);
+    # in a command each one is shell-quoted where it needs it (`shlex.quote`, as
+    # `results.analyze_command` does): an --out `my demo` pasted as two words. Plain paths stay bare.
+    cache, checkpoint = shlex.quote(str(p.cache)), shlex.quote(str(p.checkpoint))
     lines = [
         f"checkpoint  {p.checkpoint}  (served as {DEMO_REPO} on {result.endpoint}, now stopped)",
-        f"cache root  {p.cache}  (pass --cache-dir {p.cache} to export, plot, report)",
+        f"cache root  {p.cache}  (pass --cache-dir {cache} to export, plot, report)",
         *(f"export      {f}  ({n} rows)" for f, n in result.rows.items()),
         f"figures     {p.plots}/  ({len(result.figures)} files)",
     ]
     for line in lines:
-        out.print(line, highlight=False, soft_wrap=True)
+        print_text(out, line)
     for line in (
         "next, offline from the cache:",
-        f"  svd-probe plot {DEMO_REPO} --cache-dir {p.cache} --kind spectra --format svg",
-        f"  svd-probe analyze {p.checkpoint} --matrices QK --cache-dir {p.cache}   # a local folder",
+        f"  svd-probe plot {DEMO_REPO} --cache-dir {cache} --kind spectra --format svg",
+        f"  svd-probe analyze {checkpoint} --matrices QK --cache-dir {cache}   # a local folder",
     ):
-        err.print(line, highlight=False, soft_wrap=True)
+        print_text(err, line)
     print_notes(result.notes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,7 @@ def sweep_cmd(
         line = f"{o.status:<8} {o.run.point.name} in {o.seconds:,.0f} s [{done[0]}/{n_todo}]"
         if o.status == "failed":
             line += f": exit {o.returncode}, see {o.run.log}"
-        err.print(line, highlight=False, markup=False, soft_wrap=True)
+        print_text(err, line)  # the log is under --out: no escape sequence of its name reaches the terminal
 
     outcomes, stop_signal = S.run_pool(runs, slots, on_event)
     _report(outcomes, stop_signal, out_dir, as_json)
@@ -322,6 +323,7 @@ def _report(outcomes, stop_signal: str | None, out_dir: Path, as_json: bool) -> 
         )
         raise typer.Exit(143 if stop_signal == "SIGTERM" else 130)
     if counts.get("finished") or counts.get("skipped"):
-        print_text(err, f"tables: svd-probe compare {out_dir}")
+        # shell-quoted where it needs it, as `results.analyze_command` (an --out `my runs` pasted as two words)
+        print_text(err, f"tables: svd-probe compare {shlex.quote(str(out_dir))}")
     if counts.get("failed"):
         raise typer.Exit(1)
