@@ -18,21 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cache_fixtures import copy, llama_fixture, template_fixture  # noqa: F401 - fixtures
-from safetensors import safe_open
-from safetensors.numpy import save_file
+from test_audit_cache_outputs import rewrite_layer
 from test_cache_robustness import run_cli  # the console entry point, stderr's wraps undone
 
 from svd_probe.cache.store import DiffCache, SpectraOptions
 from svd_probe.results import CacheQuery, load_analysis
-
-
-def rewrite_layer(path: Path, change) -> None:
-    """Read a layer file, let `change(tensors, metadata)` edit both, write it back."""
-    with safe_open(path, framework="numpy") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    change(tensors, meta)
-    save_file(tensors, str(path), metadata=meta)
 
 
 def unwrapped(err: str) -> str:

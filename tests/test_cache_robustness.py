@@ -56,8 +56,8 @@ def cached(analyzed: Path, tmp_path: Path, llama: Path) -> SpectraCache:
     return SpectraCache(tmp_path, cache_repo(a.ref), a.commit, SpectraOptions())
 
 
-def run_cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
-    """Through the console-script entry point: (exit code, stdout, stderr with wraps undone)."""
+def run_raw(args, monkeypatch, capsys) -> tuple[int, str, str]:
+    """Through the console-script entry point: (exit code, stdout, stderr) exactly as written."""
     from svd_probe.cli import main
 
     monkeypatch.setattr(sys, "argv", ["svd-probe", *map(str, args)])
@@ -67,7 +67,13 @@ def run_cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
     except SystemExit as e:
         code = int(e.code or 0)
     captured = capsys.readouterr()
-    return code, captured.out, " ".join(captured.err.split())
+    return code, captured.out, captured.err
+
+
+def run_cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
+    """As `run_raw`, with stderr's wraps undone."""
+    code, out, err = run_raw(args, monkeypatch, capsys)
+    return code, out, " ".join(err.split())
 
 
 def job(folder, cache, **kw) -> AnalyzeJob:

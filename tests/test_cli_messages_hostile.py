@@ -13,11 +13,10 @@ from __future__ import annotations
 import csv
 import shlex
 import shutil
-import sys
 
 import pytest
 from cache_fixtures import copy, llama_fixture, template_fixture  # noqa: F401 - fixtures
-from test_cache_robustness import damage
+from test_cache_robustness import damage, run_raw
 from train_fixtures import inputs_fixture  # noqa: F401 - fixture
 
 from svd_probe.analysis import AnalyzeJob, analyze
@@ -26,20 +25,6 @@ ESC_NAME = "[red]x\x1b]0;pwned\x07y"  # an OSC sequence (it retitles the termina
 ESC_SHOWN = "[red]x\\x1b]0;pwned\\x07y"
 # Long, with spaces and shell syntax: it needs quoting and runs past 80 columns.
 AWKWARD = "a folder with spaces $(touch pwned) it's " + "long-" * 12 + "name"
-
-
-def run_raw(args, monkeypatch, capsys) -> tuple[int, str, str]:
-    """Through the console-script entry point: (exit code, stdout, stderr) exactly as written."""
-    from svd_probe.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["svd-probe", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def controls(text: str) -> list[str]:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 from cache_fixtures import RANK, copy, llama_fixture, template_fixture  # noqa: F401 - fixtures
 from test_align_diff_hostile_2 import HUB, hub_copy, jsonl
-from test_cache_robustness import run_cli
+from test_cache_robustness import run_cli, run_raw
 
 import svd_probe.alignment as alignment_module
 from svd_probe.alignment import AlignmentStore, align
@@ -56,20 +56,6 @@ def wide(monkeypatch):
     """The three consoles at 2000 columns: a hint is printed whole on one line, never wrapped."""
     for console in (out, err, alert):
         monkeypatch.setattr(console, "_width", 2000)
-
-
-def raw_cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
-    """As `run_cli`, but stderr as printed (its lines and spaces kept)."""
-    from svd_probe.cli import main
-
-    monkeypatch.setattr("sys.argv", ["svd-probe", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def shell_words(command: str, cwd: Path) -> list[str]:
@@ -114,7 +100,7 @@ def test_the_suggested_diff_command_names_each_folder_as_one_word(llama, tmp_pat
     cache = tmp_path / "a cache"
     for model in (base, tuned):
         run_cli(["analyze", model, "--cache-dir", cache, "--device", "cpu", "--json"], monkeypatch, capsys)
-    code, _, stderr = raw_cli(
+    code, _, stderr = run_raw(
         ["export", base, "--diff", tuned, "--cache-dir", cache, "--out", tmp_path / "d.csv"], monkeypatch, capsys
     )
     assert code == 2 and "Traceback" not in stderr, stderr
@@ -136,7 +122,7 @@ def test_the_suggested_align_command_names_the_folder_as_one_word(llama, tmp_pat
     model = named(llama, tmp_path / "my $(touch PWNED) model")
     cache = tmp_path / "a cache"
     run_cli(["analyze", model, "--cache-dir", cache, "--device", "cpu", "--json"], monkeypatch, capsys)
-    code, _, stderr = raw_cli(
+    code, _, stderr = run_raw(
         ["plot", model, "--kind", "alignment", "--cache-dir", cache, "--out", tmp_path / "p"], monkeypatch, capsys
     )
     assert code == 1 and "Traceback" not in stderr, stderr  # 1: no figure could be drawn
@@ -248,7 +234,7 @@ def test_diff_and_align_print_hostile_names_as_text(llama, tmp_path, monkeypatch
         ["align", base, "--rank", RANK, "--no-figure", "--layers", "0"],
         ["align", tuned, "--rank", RANK, "--out", tmp_path / "p\x1bq"],
     ):
-        code, stdout, stderr = raw_cli([*args, "--cache-dir", cache, "--device", "cpu"], monkeypatch, capsys)
+        code, stdout, stderr = run_raw([*args, "--cache-dir", cache, "--device", "cpu"], monkeypatch, capsys)
         assert code == 0 and "Traceback" not in stderr, stderr
         printed += stdout + stderr
     assert not CONTROL.search(printed), repr(CONTROL.search(printed))
