@@ -243,8 +243,10 @@ def render_summary(outcome: AnalyzeOutcome, rows: list[dict]) -> Table:
     opts = a.options
     ranked, head = summary_columns(rows)
     scope = "stacked" if any(k in _SUMMARY_STACKED for k in ranked) else "latent"
+    # A control's ranks are a baseline, not the model's: said first, before the model's name.
+    control = f"{opts.control} CONTROL (randomized weights) of " if opts.control else ""
     title = (
-        f"{a.display} @ {a.commit[:12]}  ·  {scope} ranks at 1% / 0.1% energy error"
+        f"{control}{a.display} @ {a.commit[:12]}  ·  {scope} ranks at 1% / 0.1% energy error"
         f"  ·  norms {'folded' if opts.fold_norms else 'not folded'}, heads {'normalized' if opts.normalize_stacked else 'raw'}"
     )
     table = Table(title=terminal_text(title), title_justify="left")  # the name is the manifest's
@@ -274,6 +276,10 @@ def render_summary(outcome: AnalyzeOutcome, rows: list[dict]) -> Table:
     return table
 
 
+# `--control` modes as the summary explains them (`svd_probe.spectra.controls`).
+_CONTROL_WHAT = {"gaussian": "i.i.d. normal", "shuffled": "permuted"}
+
+
 def summary_footer(outcome: AnalyzeOutcome, rows: list[dict]) -> list[Text]:
     """The lines under the summary table: what was done, the model's notes, the cache folder.
 
@@ -281,7 +287,12 @@ def summary_footer(outcome: AnalyzeOutcome, rows: list[dict]) -> list[Text]:
     folder from --cache-dir and the model's name, so a `[/]` in either prints as itself, and a
     control character as its escape (a --cache-dir `c\\x1b]0;…\\x07` retitled the terminal)."""
     s = outcome.stats
-    lines = [
+    control = outcome.analysis.options.control
+    lines: list[Text] = []
+    if control:  # first, and short (< 80 columns): a control's ranks are never read as the model's
+        what = _CONTROL_WHAT.get(control, "randomized")
+        lines.append(Text(f"control: {control} copies of the weights ({what}), not the model's own"))
+    lines += [
         Text(
             f"{s['computed']} layers computed, {s['from_cache']} from cache · {s['bytes_fetched'] / 1e6:,.1f} MB fetched · "
             f"{s['seconds']:.1f} s on {s['device']}"

@@ -294,9 +294,13 @@ def test_help_fits_80_columns_and_never_cuts_an_option():
                 assert param.help and param.help.strip(), (name, param.opts)
 
 
-def test_models_fits_80_columns_and_keeps_names_whole():
+def test_models_fits_80_columns_and_keeps_names_whole(monkeypatch):
+    from svd_probe.cli.app import out
     from svd_probe.models import ALIASES
 
+    # rich reads $COLUMNS once, when the console is made: a COLUMNS=80 in the test's own
+    # environment pinned `out` at 80 and the env below was ignored. Set the width itself.
+    monkeypatch.setattr(out, "_width", 80)
     result = runner.invoke(app, ["models"], env={"COLUMNS": "80"}, terminal_width=80)
     text = result.stdout
     assert result.exit_code == 0
@@ -304,7 +308,9 @@ def test_models_fits_80_columns_and_keeps_names_whole():
     for alias, a in ALIASES.items():
         assert f"│ {alias} " in text and f" {a.repo_id} " in text
     assert "llama-3.1-8b: gated" in text  # the note column became a footnote
+    monkeypatch.setattr(out, "_width", 200)
     wide = runner.invoke(app, ["models"], env={"COLUMNS": "200"}, terminal_width=200).stdout
+    assert max(len(line) for line in wide.splitlines()) > 80  # the wide run was wide
     assert "│ note " in wide or "┃ note " in wide
 
 

@@ -22,6 +22,7 @@ from svd_probe.cli.app import (
     app,
     err,
     out,
+    plural,
     print_json,
     print_text,
 )
@@ -134,7 +135,7 @@ def align_cmd(
         out.print(alignment_table(result))
     if export is not None:
         n = export_alignment(result, export, export_format, overwrite=overwrite)
-        print_text(out, f"wrote {n} rows to {export}")  # a result: shown under -q too
+        print_text(out, f"wrote {plural(n, 'row', 'rows')} to {export}")  # a result: shown under -q too
     if not no_figure:
         from svd_probe.plots.alignment import alignment_figure
         from svd_probe.plots.output import PlotOutput

@@ -27,6 +27,7 @@ from svd_probe.cli.app import (
     app,
     err,
     out,
+    plural,
     print_json,
     print_text,
     quiet,
@@ -289,7 +290,7 @@ def export_cmd(
     # What loading left out ("layer-0007.safetensors left out: the model has layers 0-1"), as
     # `plot` says it: an export silently short of a layer file the cache holds looks whole.
     print_notes(notes)
-    print_text(out, f"wrote {n} rows to {out_file}")  # a file written: a result, shown under -q too
+    print_text(out, f"wrote {plural(n, 'row', 'rows')} to {out_file}")  # a file written: a result, shown under -q too
 
 
 # ---- plot: options here, work in svd_probe.plots -------------------------------------
@@ -399,6 +400,6 @@ def plot_cmd(
         err.print("no figure could be drawn from the cache (see the notes above)")
         raise typer.Exit(1)
 
-    out.print(f"wrote {len(report.files)} files:")
+    out.print(f"wrote {plural(len(report.files), 'file', 'files')}:")
     for path in report.files:
         print_text(out, f"  {path}")

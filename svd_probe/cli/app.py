@@ -137,6 +137,11 @@ NormStackedOpt = typer.Option(
 )
 
 
+def plural(n: int, one: str, many: str) -> str:
+    """`n` and the noun for it: plural(1, "analysis", "analyses") is "1 analysis", 2 gives "2 analyses"."""
+    return f"{n} {one if n == 1 else many}"
+
+
 def print_text(console: Console, text: str, prefix: tuple[str, str] | None = None) -> None:
     """A line holding the user's text (paths, names): never read as markup, with control characters
     shown as escapes (`report.terminal_text`), unwrapped (commands and paths stay copyable), not

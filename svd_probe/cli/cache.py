@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from svd_probe.cli.app import CacheDirOpt, app, err, out, print_json, print_text
+from svd_probe.cli.app import CacheDirOpt, app, err, out, plural, print_json, print_text
 from svd_probe.errors import BadOptionError
 
 cache_app = typer.Typer(help="See what the spectra cache holds, and remove models from it.", no_args_is_help=True)
@@ -65,7 +65,7 @@ def list_cmd(
         )
     out.print(table)
     err.print(
-        f"{len(entries)} analyses, {_size(sum(e.bytes for e in entries))}; `svd-probe cache rm MODEL` removes one"
+        f"{plural(len(entries), 'analysis', 'analyses')}, {_size(sum(e.bytes for e in entries))}; `svd-probe cache rm MODEL` removes one"
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from svd_probe.cli.app import DeviceOpt, app, err, out, print_text
+from svd_probe.cli.app import DeviceOpt, app, err, out, plural, print_text
 
 
 @app.command("demo")
@@ -38,8 +38,8 @@ def demo_cmd(
     lines = [
         f"checkpoint  {p.checkpoint}  (served as {DEMO_REPO} on {result.endpoint}, now stopped)",
         f"cache root  {p.cache}  (pass --cache-dir {cache} to export, plot, report)",
-        *(f"export      {f}  ({n} rows)" for f, n in result.rows.items()),
-        f"figures     {p.plots}/  ({len(result.figures)} files)",
+        *(f"export      {f}  ({plural(n, 'row', 'rows')})" for f, n in result.rows.items()),
+        f"figures     {p.plots}/  ({plural(len(result.figures), 'file', 'files')})",
     ]
     for line in lines:
         print_text(out, line)

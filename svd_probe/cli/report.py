@@ -21,6 +21,7 @@ from svd_probe.cli.app import (
     app,
     err,
     out,
+    plural,
     print_text,
 )
 from svd_probe.html_report import DEFAULT_DPI, MAX_HEAD_ROWS
@@ -75,7 +76,8 @@ def report_cmd(
 
     print_notes(page.notes)
     # The --out path is the user's text, never console markup (`[/]` in it ended in MarkupError).
-    print_text(out, f"wrote {out_file} ({page.size / 1e6:,.2f} MB, {page.images} figures, {len(page.models)} models)")
+    n_figures, n_models = plural(page.images, "figure", "figures"), plural(len(page.models), "model", "models")
+    print_text(out, f"wrote {out_file} ({page.size / 1e6:,.2f} MB, {n_figures}, {n_models})")
 
 
 def _nothing():

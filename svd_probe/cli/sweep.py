@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from svd_probe.cli.app import app, err, out, print_json, print_text
+from svd_probe.cli.app import app, err, out, plural, print_json, print_text
 
 GRID, POOL = "Grid", "Pool"
 # Train options the sweep sets itself, or that would make every run of the grid the same run.
@@ -83,7 +83,10 @@ def sweep_cmd(
         rich_help_panel=POOL,
     ),
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="List the runs (state, parameters, command); train nothing.", rich_help_panel=POOL
+        False,
+        "--dry-run",
+        help="List the runs (state, name, parameters; --json adds each one's command, folder and log); train nothing.",
+        rich_help_panel=POOL,
     ),
     as_json: bool = typer.Option(
         False, "--json", help="Print JSON: the run list (--dry-run) or each run's outcome.", rich_help_panel=POOL
@@ -146,14 +149,14 @@ def sweep_cmd(
         _show_plan(runs, details, total, as_json)
         return
     if not runs:
-        err.print(f"shard {shard} of {total} grid points holds no run")
+        err.print(f"shard {shard} of {plural(total, 'grid point', 'grid points')} holds no run")
         return
     device = str(_parse_train(runs[0].argv[1:])["device"])
     slots = S.device_slots(parallel, device, _gpu_count(device), _visible())
     n_todo = sum(r.state != "finished" for r in runs)
     err.print(
-        f"sweep: {len(runs)} runs"
-        + (f" (shard {shard} of {total} grid points)" if shard else "")
+        f"sweep: {plural(len(runs), 'run', 'runs')}"
+        + (f" (shard {shard} of {plural(total, 'grid point', 'grid points')})" if shard else "")
         + f", {len(runs) - n_todo} finished before, {n_todo} to run, {len(slots)} at a time"
         + (f" on GPUs {','.join(sorted(set(s for s in slots if s is not None)))}" if slots[0] is not None else ""),
         highlight=False,
@@ -290,7 +293,11 @@ def _show_plan(runs, cfgs, total: int, as_json: bool) -> None:
         out.print(
             f"{row['state']:<9} {row['name']:<40} {row['parameters']:>12,} parameters", highlight=False, soft_wrap=True
         )
-    out.print(f"{len(rows)} runs (of {total} grid points)", highlight=False, soft_wrap=True)
+    out.print(
+        f"{plural(len(rows), 'run', 'runs')} (of {plural(total, 'grid point', 'grid points')})",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _report(outcomes, stop_signal: str | None, out_dir: Path, as_json: bool) -> None:
