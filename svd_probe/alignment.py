@@ -53,6 +53,7 @@ from svd_probe.cache.store import (
     SpectraCache,
     SpectraOptions,
     default_cache_root,
+    layer_file_name,
     layer_of_file,
     read_json_object,
     read_layer_file,
@@ -402,7 +403,7 @@ class AlignmentStore:
         return self.dir / "manifest.json"
 
     def layer_path(self, layer: int) -> Path:
-        return self.dir / f"layer-{layer:04d}.safetensors"
+        return self.dir / layer_file_name(layer)
 
     def cached_layers(self) -> list[int]:
         """Layers that have a file, named as `layer_path` names it (`store.layer_of_file`)."""
@@ -679,7 +680,7 @@ def align_command(model: str, layers: str | None, rank: int, write: str, options
         parts += ["--layernorm-fold", options.layernorm_fold]
     if cache_dir is not None:
         parts += ["--cache-dir", str(cache_dir)]
-    return " ".join(shlex.quote(p) for p in parts)
+    return shlex.join(parts)
 
 
 def _check_args(rank: int, write: str) -> None:
@@ -847,7 +848,7 @@ def align(
             cached = None
         if cached is not None:
             _check_rank_fits(rank, cached.dims.get("d_model"))
-        n_cached = int((cached.dims.get("num_layers") or 0) - (cached.dims.get("num_mtp_layers") or 0)) if cached else 0
+        n_cached = (_main_layers(cached.dims) or 0) if cached else 0
         # A range, never a list: the manifest's num_layers is bounded by 2^31 only.
         need = layer_spec if layer_spec is not None else range(n_cached)
         if cached is None or not need or any(ly not in cached.layers for ly in need):

@@ -705,7 +705,7 @@ def diff_command(base: CacheQuery, tuned: CacheQuery, layers: str | None = None,
         parts += ["--matrices", matrices]
     if base.cache_dir is not None:
         parts += ["--cache-dir", str(base.cache_dir)]
-    return " ".join(shlex.quote(p) for p in parts)
+    return shlex.join(parts)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from svd_probe.cache.store import (
     SpectraCache,
     SpectraOptions,
     default_cache_root,
+    layer_file_name,
     recorded_name,
     repo_key,
 )
@@ -227,7 +228,7 @@ class Analysis:
             raise CacheDamagedError(
                 f"{self.display}: layer {layer} records no matrix shape for its {scope} {matrix} spectrum",
                 f"Recompute it: {self.analyze_command(layers=str(layer))}",
-                path=str(self.cache_dir / f"layer-{layer:04d}.safetensors"),
+                path=str(self.cache_dir / layer_file_name(layer)),
             )
         return shape
 
@@ -326,7 +327,7 @@ def analyze_command(query: CacheQuery, layers: str | None = None, matrices: str 
         parts += ["--matrices", matrices]
     if query.cache_dir is not None:
         parts += ["--cache-dir", str(query.cache_dir)]
-    return " ".join(shlex.quote(p) for p in parts)
+    return shlex.join(parts)
 
 
 def cache_repo(ref: ModelRef) -> str:

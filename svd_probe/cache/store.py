@@ -100,6 +100,11 @@ _GROUP_KEYS = frozenset({"head.K", "head.V"})
 _LAYER_FILE = re.compile(r"layer-(\d{4,})\.safetensors", re.ASCII)
 
 
+def layer_file_name(layer: int) -> str:
+    """The name of the file that holds a layer's spectra (or its alignment): `layer-0007.safetensors`."""
+    return f"layer-{layer:04d}.safetensors"
+
+
 def layer_of_file(name: str) -> int | None:
     """The layer whose spectra the file `name` holds, or None when it is not a layer file's name.
 
@@ -107,7 +112,7 @@ def layer_of_file(name: str) -> int | None:
     `layer-0001` listed a layer twice (or one no file is read for)."""
     m = _LAYER_FILE.fullmatch(name)
     layer = int(m.group(1)) if m else None
-    return layer if layer is not None and name == f"layer-{layer:04d}.safetensors" else None
+    return layer if layer is not None and name == layer_file_name(layer) else None
 
 
 def default_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -588,7 +593,7 @@ class SpectraCache:
 
     # --- layers ------------------------------------------------------------------------------
     def layer_path(self, layer: int) -> Path:
-        return self.dir / f"layer-{layer:04d}.safetensors"
+        return self.dir / layer_file_name(layer)
 
     def cached_layers(self) -> list[int]:
         """Layers that have a file (whole, thanks to the atomic rename; not yet checked)."""
